@@ -1,0 +1,43 @@
+"""The exceptions tierstore raises. Every message names the argument, path or limit at fault.
+
+All derive from :class:`TierstoreError`; input problems are also ``ValueError`` and storage
+problems also ``OSError``, so code written against torch's exceptions keeps working.
+"""
+
+from __future__ import annotations
+
+
+class TierstoreError(Exception):
+    """Base class of every error tierstore raises on purpose."""
+
+
+class InvalidInputError(TierstoreError, ValueError):
+    """Indices, offsets, weights or rows that the table cannot accept (nothing was changed)."""
+
+
+class CapacityError(TierstoreError, MemoryError):
+    """A tier is too small for what was asked: host memory for L2, or ``host_rows`` for a batch."""
+
+
+class StorageError(TierstoreError, OSError):
+    """A problem with the SSD tier's LMDB directory; the message names the path."""
+
+
+class NotATableError(StorageError):
+    """The directory exists but holds no tierstore table."""
+
+
+class TableMismatchError(StorageError):
+    """The table on disk was made with another shape, dtype, optimizer or format version."""
+
+
+class CorruptBlockError(StorageError):
+    """A stored block does not decode: a bad zstd frame or the wrong length."""
+
+
+class StorageFullError(StorageError):
+    """The LMDB map or the disk is full; the write was rolled back."""
+
+
+class TableLockedError(StorageError):
+    """Another process holds the table open for writing."""

@@ -1,0 +1,65 @@
+"""Counter-based hashing shared bit for bit by the CPU backend and the CUDA kernels.
+
+Everything here is a pure function of int64 tensors: the 64-bit mixer that places a row in a
+cache set, and the counter-based generator that gives a never-written row its initial value.
+torch has no unsigned 64-bit arithmetic, so the code works on int64 with wrapping multiplies and
+masks the sign bits after each right shift (a logical shift). ``kernels/common.cuh`` holds the
+same functions in CUDA; ``tests/test_hashing.py`` checks both against numpy's uint64.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# splitmix64's finalizer constants, written as the int64 values of the same bit patterns.
+_MIX_A = -4658895280553007687  # 0xbf58476d1ce4e5b9
+_MIX_B = -7723592293110705685  # 0x94d049bb133111eb
+_GOLDEN = -7046029254386353131  # 0x9e3779b97f4a7c15, the Weyl increment of splitmix64
+_LOW32 = 0xFFFFFFFF
+
+
+def _shr(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 ``x`` (torch's ``>>`` is arithmetic)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def mix64(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finalizer: a bijection of 64-bit words with full avalanche (int64 in, out)."""
+    x = x ^ _shr(x, 30)
+    x = x * _MIX_A
+    x = x ^ _shr(x, 27)
+    x = x * _MIX_B
+    return x ^ _shr(x, 31)
+
+
+def reduce_range(h: torch.Tensor, n: int) -> torch.Tensor:
+    """Maps hashes uniformly onto ``[0, n)`` by multiply-shift on their high 32 bits (n < 2**31)."""
+    return (_shr(h, 32) * n) >> 32
+
+
+def set_index(rows: torch.Tensor, sets: int) -> torch.Tensor:
+    """The cache set of each row id: ``((mix64(row) >> 32) * sets) >> 32``."""
+    return reduce_range(mix64(rows), sets)
+
+
+def seed_key(seed: int) -> int:
+    """The per-table key that decorrelates tables with different seeds."""
+    word = (seed * _GOLDEN + 1) & ((1 << 64) - 1)
+    word -= (word >> 63) << 64  # as int64
+    return int(mix64(torch.tensor([word], dtype=torch.int64))[0])
+
+
+def initial_weights(rows: torch.Tensor, dim: int, seed: int, scale: float) -> torch.Tensor:
+    """The value of never-written rows: uniform on ``[-scale, scale)``, a pure function of
+    (seed, row id, column), float32, shape ``(len(rows), dim)``.
+
+    Element ``(r, j)`` is ``(u * 2**-23 - 1) * scale`` with ``u`` the top 24 bits of
+    ``mix64(mix64(r ^ key) + (j + 1) * golden)``; every step but the last multiply is exact in
+    float32, so the CUDA kernel reproduces it bit for bit.
+    """
+    rows = rows.to(torch.int64).reshape(-1, 1)
+    row_key = mix64(rows ^ seed_key(seed))
+    cols = torch.arange(1, dim + 1, dtype=torch.int64, device=rows.device) * _GOLDEN
+    u = _shr(mix64(row_key + cols), 40).to(torch.float32)
+    unit = u * (2.0**-23) - 1.0
+    return unit * torch.tensor(scale, dtype=torch.float32, device=rows.device)

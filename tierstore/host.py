@@ -1,0 +1,105 @@
+"""L2, the host-memory tier: rows in (pinned, when CUDA is there) host DRAM.
+
+Without an SSD tier, L2 is the whole table addressed by row id (:class:`HostTable`). With one,
+L2 is a set-associative cache over L3 (:class:`HostCache`, in ``tierstore/host_cache.py``).
+Both give every row of a batch in flight an *address*, a row index into ``data``, that stays
+valid until the batch is released; the kernels read and update rows there directly.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch
+
+from .errors import CapacityError
+from .progress import progress
+
+_INIT_CHUNK = 1 << 20  # rows initialised per call: bounds the temporaries
+
+
+def available_host_memory() -> int:
+    """Bytes of host memory the kernel reports available (MemAvailable), or physical memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def allocate_rows(rows: int, width: int, pin: bool, what: str) -> torch.Tensor:
+    """An uninitialised ``(rows, width)`` float32 host tensor, pinned if asked; refuses, with a
+    clear error, one that would not fit in the host's available memory."""
+    need = rows * width * 4
+    have = available_host_memory()
+    if need > have:
+        raise CapacityError(
+            f"{what} needs {need / 2**30:.1f} GiB of host memory ({rows} rows x {width} floats) "
+            f"but only {have / 2**30:.1f} GiB is available: give the table a path= (an SSD "
+            "tier) and a smaller host_rows"
+        )
+    return torch.empty((rows, width), dtype=torch.float32, pin_memory=pin)
+
+
+class HostTable:
+    """The whole table in host memory, row ``i`` at address ``i``.
+
+    Args:
+        num_rows: rows in the table.
+        width: floats per row (weights then optimizer state).
+        init_rows: ``ids -> (n, width)`` initial rows; called in chunks at construction.
+        pin: page-lock the memory so that kernels can read it over PCIe (needs CUDA).
+    """
+
+    def __init__(
+        self,
+        num_rows: int,
+        width: int,
+        init_rows: Callable[[torch.Tensor], torch.Tensor],
+        pin: bool = False,
+    ):
+        self.num_rows, self.width = num_rows, width
+        self.data = allocate_rows(num_rows, width, pin, "the host tier (L2)")
+        chunks = range(0, num_rows, _INIT_CHUNK)
+        for lo in progress(chunks, desc="initialising rows", enabled=num_rows > 8 * _INIT_CHUNK):
+            hi = min(lo + _INIT_CHUNK, num_rows)
+            self.data[lo:hi] = init_rows(torch.arange(lo, hi, dtype=torch.int64)).cpu()
+
+    def acquire(self, ids: torch.Tensor) -> torch.Tensor:
+        """L2 addresses of a batch's unique rows (every row has one: its id)."""
+        return ids
+
+    def release(self, addresses: torch.Tensor) -> None:
+        """Nothing to unlock: rows never leave a full table."""
+
+    def read(self, addresses: torch.Tensor) -> torch.Tensor:
+        """Rows at ``addresses``."""
+        return self.data[addresses.cpu()]
+
+    def write(self, addresses: torch.Tensor, rows: torch.Tensor) -> None:
+        """Stores ``rows`` at ``addresses`` (a full table has no tier below: nothing to mark)."""
+        self.data[addresses.cpu()] = rows.cpu()
+
+    def pin(self, addresses: torch.Tensor) -> None:
+        """Rows that entered L1 (an inclusive L2 keeps them); nothing to do for a full table."""
+
+    def unpin(self, addresses: torch.Tensor) -> None:
+        """Rows that left L1; nothing to do for a full table."""
+
+    def peek(self, ids: torch.Tensor) -> torch.Tensor:
+        """Current rows of ``ids`` without touching any cache state."""
+        return self.data[ids.cpu()]
+
+    def poke(self, ids: torch.Tensor, rows: torch.Tensor) -> None:
+        """Overwrites rows of ``ids`` without touching any cache state."""
+        self.data[ids.cpu()] = rows.cpu()
+
+    def flush(self) -> None:
+        """Nothing below a full table."""
+
+    def close(self) -> None:
+        """Nothing to close."""

@@ -1,0 +1,58 @@
+"""Counters of the cache hierarchy, kept on the device as one int64 vector and read on demand."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+# Index of each counter in a cache's device-side int64 vector (same order in the CUDA kernels).
+REQUESTS, UNIQUE, HITS, MISSES, CONFLICTS, EVICTIONS, WRITEBACKS = range(7)
+N_COUNTERS = 7
+
+
+@dataclass
+class CacheStats:
+    """What a table's caches did since creation (or the last ``reset_stats()``).
+
+    Counts are per lookup step: ``requested`` counts every index, ``unique`` the distinct rows
+    of each batch; ``hits + misses == unique``. A conflict miss found no evictable way in its
+    set and was served from L2 for that step. The ``*_bytes`` fields count row bytes moved
+    between tiers (weights and optimizer state).
+    """
+
+    requested: int = 0
+    unique: int = 0
+    hits: int = 0
+    misses: int = 0
+    conflict_misses: int = 0
+    evictions: int = 0
+    writebacks: int = 0
+    l2_hits: int = 0
+    l2_misses: int = 0
+    l2_evictions: int = 0
+    l2_writebacks: int = 0
+    bytes_l2_to_l1: int = 0
+    bytes_l1_to_l2: int = 0
+    bytes_l2_read_direct: int = 0
+    bytes_l3_to_l2: int = 0
+    bytes_l2_to_l3: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        """L1 hits per unique row looked up."""
+        return self.hits / self.unique if self.unique else 0.0
+
+    @property
+    def request_hit_rate(self) -> float:
+        """Share of requested indices whose row was in L1 (repeats of a row count as hits)."""
+        return (self.requested - self.misses) / self.requested if self.requested else 0.0
+
+    def as_dict(self) -> dict[str, int]:
+        """The counters as a plain dict."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def new_counters(device: torch.device | str) -> torch.Tensor:
+    """A zeroed device-side counter vector."""
+    return torch.zeros(N_COUNTERS, dtype=torch.int64, device=device)

@@ -1,0 +1,194 @@
+"""The tiered store: one table's rows across L1 (the cache), L2 (host) and L3 (SSD).
+
+The store chains the tiers and owns the life of a batch: ``lookup`` gives every unique row of a
+batch a place (an L1 slot, or for a conflict miss its L2 address) and locks it there; the
+backend's kernels read and update the rows in place; ``release`` unlocks them. It knows nothing
+of bags, pooling or autograd: that is ``module.py``'s job.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import stats as st
+from .errors import InvalidInputError
+from .hashing import initial_weights
+from .host import HostTable
+from .policy import Policy
+
+
+@dataclass(frozen=True)
+class RowLayout:
+    """How a row is stored in every tier: ``dim`` weights then ``state_width`` optimizer floats."""
+
+    dim: int
+    state_width: int = 0
+    initial_state: float = 0.0
+
+    @property
+    def width(self) -> int:
+        """Floats per stored row."""
+        return self.dim + self.state_width
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes per stored row."""
+        return 4 * self.width
+
+
+@dataclass
+class Batch:
+    """A batch in flight: its unique rows and where each one is until :meth:`TieredStore.release`.
+
+    Shapes: ``n`` indices, ``U`` unique rows.
+    """
+
+    ids: torch.Tensor  # (U,) int64, ascending
+    inverse: torch.Tensor  # (n,) int64: position in ids of each index
+    slots: torch.Tensor  # (U,) int64 L1 slot, -1 for a conflict miss
+    addresses: torch.Tensor  # (U,) int64 L2 address
+    released: bool = False
+
+
+class TieredStore:
+    """The rows of one table across the tiers, and the batch step that moves them.
+
+    Args:
+        num_rows: rows in the table (``None``: any int64 id, needs an SSD tier).
+        layout: row layout (weights and optimizer state).
+        cache_rows, ways, policy: the L1 cache.
+        device: where L1 lives (and the kernels run).
+        seed, init_scale: never-written rows are ``initial_weights(id, dim, seed, init_scale)``.
+        backend: the kernels (``tierstore.cpu`` or ``tierstore.cuda``).
+    """
+
+    def __init__(
+        self,
+        num_rows: int | None,
+        layout: RowLayout,
+        cache_rows: int,
+        ways: int,
+        policy: str | Policy,
+        device: torch.device,
+        seed: int,
+        init_scale: float,
+        backend,
+        host=None,
+    ):
+        self.num_rows, self.layout = num_rows, layout
+        self.device, self.seed, self.init_scale = device, seed, init_scale
+        self.backend = backend
+        self.l1 = backend.new_cache(cache_rows, ways, policy, device)
+        self.l1_data = torch.empty((self.l1.capacity, layout.width), device=device)
+        # L2 address of the row in each L1 slot (L2 is inclusive of L1, so it stays valid while
+        # the row is cached): where a dirty victim is written back.
+        self.l1_home = torch.full((self.l1.capacity,), -1, dtype=torch.int64, device=device)
+        self.host = host or HostTable(
+            num_rows, layout.width, self.init_rows, pin=device.type == "cuda"
+        )
+        self.flushed_rows = 0
+
+    # ------------------------------------------------------------------ rows
+    def init_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Initial rows (weights and optimizer state) of never-written ``ids``."""
+        dev = self.device if self.device.type == "cuda" else ids.device
+        w = initial_weights(ids.to(dev), self.layout.dim, self.seed, self.init_scale)
+        if not self.layout.state_width:
+            return w
+        state = torch.full(
+            (w.shape[0], self.layout.state_width), self.layout.initial_state, device=dev
+        )
+        return torch.cat([w, state], 1)
+
+    def read_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Current rows (weights and state) of ``ids``, wherever they live. Changes nothing."""
+        ids = ids.to(self.device)
+        slots = self.l1.find(ids)
+        rows = self.host.peek(ids).to(self.device)
+        cached = slots >= 0
+        rows[cached] = self.l1_data[slots[cached]]
+        return rows
+
+    def write_rows(self, ids: torch.Tensor, rows: torch.Tensor) -> None:
+        """Overwrites whole rows of unique ``ids`` wherever they live (cached copies marked dirty)."""
+        ids, rows = ids.to(self.device), rows.to(self.device, torch.float32)
+        slots = self.l1.find(ids)
+        cached = slots >= 0
+        self.l1_data[slots[cached]] = rows[cached]
+        self.l1.mark_dirty(slots[cached])
+        self.host.poke(ids[~cached], rows[~cached])
+
+    # ------------------------------------------------------------------ the batch step
+    def lookup(self, indices: torch.Tensor) -> Batch:
+        """Places every row of a batch (flat int64 indices, already validated) and locks it.
+
+        L2 first, so that a batch too large for ``host_rows`` fails before anything changes;
+        then L1: dirty victims go back to L2, missed rows come in from L2 in ascending id order.
+        """
+        ids, inverse, counts = torch.unique(indices, return_inverse=True, return_counts=True)
+        addresses = self.host.acquire(ids)
+        found = self.backend.lookup(self.l1, ids, counts)
+        self.backend.move_rows(self, found, addresses)
+        return Batch(ids, inverse, found.slots, addresses)
+
+    def release(self, batch: Batch) -> None:
+        """Unlocks a batch's rows in L1 and L2 (once)."""
+        if batch.released:
+            return
+        batch.released = True
+        self.l1.release(batch.slots)
+        self.host.release(batch.addresses)
+
+    def flush(self) -> None:
+        """Writes every dirty row down to the lowest tier (one transaction with an SSD tier)."""
+        slots, _ = self.l1.clean()
+        if slots.numel():
+            self.host.write(self.l1_home[slots], self.l1_data[slots])
+            self.flushed_rows += slots.numel()
+        self.host.flush()
+
+    # ------------------------------------------------------------------ stats
+    def stats(self) -> st.CacheStats:
+        """A snapshot of the counters (one device read)."""
+        c = self.l1.counters.tolist()
+        rb = self.layout.row_bytes
+        fills = c[st.MISSES] - c[st.CONFLICTS]
+        out = st.CacheStats(
+            requested=c[st.REQUESTS],
+            unique=c[st.UNIQUE],
+            hits=c[st.HITS],
+            misses=c[st.MISSES],
+            conflict_misses=c[st.CONFLICTS],
+            evictions=c[st.EVICTIONS],
+            writebacks=c[st.WRITEBACKS],
+            bytes_l2_to_l1=fills * rb,
+            bytes_l1_to_l2=(c[st.WRITEBACKS] + self.flushed_rows) * rb,
+            bytes_l2_read_direct=c[st.CONFLICTS] * rb,
+        )
+        host_stats = getattr(self.host, "stats", None)
+        if host_stats is not None:
+            for k, v in host_stats().items():
+                setattr(out, k, v)
+        return out
+
+    def reset_stats(self) -> None:
+        """Zeroes every counter."""
+        self.l1.reset_counters()
+        self.flushed_rows = 0
+        if hasattr(self.host, "reset_stats"):
+            self.host.reset_stats()
+
+    def check_ids(self, ids: torch.Tensor, what: str = "indices") -> None:
+        """Raises :class:`InvalidInputError` if any id is outside the table."""
+        if ids.numel() == 0:
+            return
+        lo, hi = int(ids.min()), int(ids.max())
+        if self.num_rows is not None and (lo < 0 or hi >= self.num_rows):
+            bad = lo if lo < 0 else hi
+            raise InvalidInputError(
+                f"{what} must be in [0, {self.num_rows}) (num_embeddings), found {bad}"
+            )
+        if self.num_rows is None and lo == -(1 << 63):
+            raise InvalidInputError(f"{what}: -2**63 is reserved (the empty-way tag)")
