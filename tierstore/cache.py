@@ -45,6 +45,7 @@ class Lookup:
     fill_slots: torch.Tensor  # (F,) int64
     victim_ids: torch.Tensor  # (F,) int64, EMPTY where the way was empty
     victim_dirty: torch.Tensor  # (F,) bool
+    hit: torch.Tensor  # (U,) bool: the id was cached before this step
 
     @property
     def fill_ids(self) -> torch.Tensor:
@@ -131,6 +132,12 @@ class SetAssociativeCache:
         :meth:`release`. With ``strict``, a conflict miss raises :class:`CapacityError` before
         anything changes (for a tier that must hold every row of a batch).
         """
+        return self.commit(self.plan(ids, strict), counts)
+
+    def plan(self, ids: torch.Tensor, strict: bool = False) -> Lookup:
+        """The decisions of :meth:`lookup` without changing anything: which ids hit, which way
+        each miss takes and what it evicts. Valid until the state next changes; a tier that
+        must do fallible I/O (L2 over SSD) plans, does the I/O, then calls :meth:`commit`."""
         n = ids.numel()
         sets = set_index(ids, self.sets)
         cached = self.find(ids)
@@ -147,46 +154,46 @@ class SetAssociativeCache:
         )
         # Evictable ways of each touched set, best victim first. Hits of this step lock their
         # way, so they are excluded here as "used by step t".
-        hit_slots = cached[hit]
         busy = self.locks.view(-1).clone()
-        busy[hit_slots] += 1
+        busy[cached[hit]] += 1
         busy = busy.view(self.sets, self.ways)[touched] > 0
-        tags = self.tags[touched]
-        key = torch.where(tags == EMPTY, -1, self.stamps[touched])
+        key = torch.where(self.tags[touched] == EMPTY, -1, self.stamps[touched])
         key = torch.where(busy, _NOT_EVICTABLE, key)
         way_order = torch.sort(key, dim=1, stable=True).indices
         n_free = (~busy).sum(1)
         placed = rank < n_free[group]
         if strict and not bool(placed.all()):
-            worst = int((per_set - n_free).max())
+            short = int((per_set - n_free).max())
             raise CapacityError(
                 f"the batch needs {n} unique rows in a cache of {self.capacity} rows "
-                f"({self.sets} sets x {self.ways} ways); {worst} of them find no evictable way "
-                "in their set: make host_rows larger or the batch smaller"
+                f"({self.sets} sets x {self.ways} ways) but up to {short} of them find no "
+                "evictable way in their set: make host_rows larger or the batch smaller"
             )
-
-        # --- from here on the state changes
-        self.step += 1
-        freq = self.sketch.add(ids, counts) if self.sketch is not None else None
-        score = self.policy.score(self.step, freq, n, self.device)
-        flat_stamps, flat_locks = self.stamps.view(-1), self.locks.view(-1)
-        flat_stamps[hit_slots] = score[hit]
-        flat_locks[hit_slots] += 1
-
         fill = miss[placed]
         fill_slots = miss_sets[placed] * self.ways + way_order[group[placed], rank[placed]]
         order = torch.argsort(fill)  # ascending ids: the fast order for reading the tier below
         fill, fill_slots = fill[order], fill_slots[order]
-        flat_tags, flat_dirty = self.tags.view(-1), self.dirty.view(-1)
-        victim_ids = flat_tags[fill_slots]
-        victim_dirty = flat_dirty[fill_slots] & (victim_ids != EMPTY)
-        flat_tags[fill_slots] = ids[fill]
-        flat_stamps[fill_slots] = score[fill]
-        flat_dirty[fill_slots] = False
-        flat_locks[fill_slots] = 1
-
+        victim_ids = self.tags.view(-1)[fill_slots]
+        victim_dirty = self.dirty.view(-1)[fill_slots] & (victim_ids != EMPTY)
         slots = cached.clone()
         slots[fill] = fill_slots
+        return Lookup(ids, slots, fill, fill_slots, victim_ids, victim_dirty, hit)
+
+    def commit(self, plan: Lookup, counts: torch.Tensor) -> Lookup:
+        """Applies a :meth:`plan` made on the current state: scores, locks, tags, counters."""
+        ids, hit, fill, fill_slots = plan.ids, plan.hit, plan.fill_index, plan.fill_slots
+        n = ids.numel()
+        self.step += 1
+        freq = self.sketch.add(ids, counts) if self.sketch is not None else None
+        score = self.policy.score(self.step, freq, n, self.device)
+        hit_slots = plan.slots[hit]
+        flat_stamps, flat_locks = self.stamps.view(-1), self.locks.view(-1)
+        flat_stamps[hit_slots] = score[hit]
+        flat_locks[hit_slots] += 1
+        self.tags.view(-1)[fill_slots] = ids[fill]
+        flat_stamps[fill_slots] = score[fill]
+        self.dirty.view(-1)[fill_slots] = False
+        flat_locks[fill_slots] = 1
         n_hit = int(hit.sum())
         self.counters += torch.tensor(
             [
@@ -194,16 +201,16 @@ class SetAssociativeCache:
                 n,
                 n_hit,
                 n - n_hit,
-                miss.numel() - fill.numel(),
-                int((victim_ids != EMPTY).sum()),
-                int(victim_dirty.sum()),
+                n - n_hit - fill.numel(),
+                int((plan.victim_ids != EMPTY).sum()),
+                int(plan.victim_dirty.sum()),
             ],
             dtype=torch.int64,
             device=self.device,
         )
         if self.sketch is not None and self.sketch.age_if_due():
             self.policy.age(self.stamps)
-        return Lookup(ids, slots, fill, fill_slots, victim_ids, victim_dirty)
+        return plan
 
     def release(self, slots: torch.Tensor) -> None:
         """Unlocks the slots a finished batch held (-1 entries are ignored)."""

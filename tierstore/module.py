@@ -7,6 +7,7 @@ The module only translates the user's calls: validation (``validate.py``), the b
 
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 from collections import deque
@@ -15,11 +16,12 @@ import torch
 from torch import nn
 
 from . import cpu
+from .cache import cache_shape
 from .errors import InvalidInputError
 from .optim import SGD, Optimizer
 from .policy import Policy
 from .stats import CacheStats
-from .store import Batch, RowLayout, TieredStore
+from .store import Batch, RowLayout, TieredStore, initial_rows
 from .validate import normalize_batch
 
 _MODES = ("sum", "mean")
@@ -165,17 +167,23 @@ class TieredEmbeddingBag(nn.Module):
         init_scale = 1.0 / math.sqrt(embedding_dim) if init_scale is None else float(init_scale)
         host = None
         if path is not None:
-            from .host_cache import open_host_cache  # the SSD tier's L2
+            from .host_cache import open_host_cache, table_meta  # the SSD tier and its L2
 
+            sets, l1_ways = cache_shape(cache_rows, ways)
+            meta = table_meta(num_embeddings, layout, seed, init_scale, optimizer)
+            init = functools.partial(
+                initial_rows, layout=layout, seed=seed, init_scale=init_scale, device=device
+            )
             host = open_host_cache(
                 path,
                 num_embeddings,
                 layout,
                 host_rows,
+                sets * l1_ways,
+                policy,
                 device,
-                seed,
-                init_scale,
-                optimizer,
+                init,
+                meta,
                 **ssd_options,
             )
         elif ssd_options or host_rows is not None:
@@ -291,6 +299,28 @@ class TieredEmbeddingBag(nn.Module):
     def reset_stats(self) -> None:
         """Zeroes the counters."""
         self.store.reset_stats()
+
+    def close(self) -> None:
+        """Closes the SSD tier (without flushing: call :meth:`flush` first to keep changes)."""
+        self.store.host.close()
+
+    @classmethod
+    def open(cls, path, **options) -> TieredEmbeddingBag:
+        """Reopens the SSD table at ``path``, taking its shape, optimizer (its hyper-parameters
+        may be overridden with ``optimizer=``), seed and initialisation from its metadata."""
+        from .optim import optimizer_from_dict
+        from .ssd import SSDTier
+
+        meta = SSDTier.read_meta(path)
+        options.setdefault("optimizer", optimizer_from_dict(meta.get("optimizer")))
+        return cls(
+            meta["num_embeddings"],
+            meta["embedding_dim"],
+            path=path,
+            seed=meta["seed"],
+            init_scale=meta["init_scale"],
+            **options,
+        )
 
     @classmethod
     def from_pretrained(cls, weight: torch.Tensor, **options) -> TieredEmbeddingBag:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from . import stats as st
+from .cache import EMPTY
 from .errors import InvalidInputError
 from .hashing import initial_weights
 from .host import HostTable
@@ -36,6 +37,19 @@ class RowLayout:
     def row_bytes(self) -> int:
         """Bytes per stored row."""
         return 4 * self.width
+
+
+def initial_rows(
+    ids: torch.Tensor, layout: RowLayout, seed: int, init_scale: float, device: torch.device
+) -> torch.Tensor:
+    """Initial rows (weights, then the optimizer's initial state) of never-written ``ids``,
+    computed on the GPU when the table has one (the result lands where ``ids`` are)."""
+    dev = device if device.type == "cuda" else ids.device
+    w = initial_weights(ids.to(dev), layout.dim, seed, init_scale)
+    if layout.state_width:
+        state = torch.full((w.shape[0], layout.state_width), layout.initial_state, device=dev)
+        w = torch.cat([w, state], 1)
+    return w.to(ids.device)
 
 
 @dataclass
@@ -88,19 +102,13 @@ class TieredStore:
         self.host = host or HostTable(
             num_rows, layout.width, self.init_rows, pin=device.type == "cuda"
         )
+        self.inclusive_host = not isinstance(self.host, HostTable)
         self.flushed_rows = 0
 
     # ------------------------------------------------------------------ rows
     def init_rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Initial rows (weights and optimizer state) of never-written ``ids``."""
-        dev = self.device if self.device.type == "cuda" else ids.device
-        w = initial_weights(ids.to(dev), self.layout.dim, self.seed, self.init_scale)
-        if not self.layout.state_width:
-            return w
-        state = torch.full(
-            (w.shape[0], self.layout.state_width), self.layout.initial_state, device=dev
-        )
-        return torch.cat([w, state], 1)
+        return initial_rows(ids, self.layout, self.seed, self.init_scale, self.device)
 
     def read_rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Current rows (weights and state) of ``ids``, wherever they live. Changes nothing."""
@@ -130,6 +138,10 @@ class TieredStore:
         ids, inverse, counts = torch.unique(indices, return_inverse=True, return_counts=True)
         addresses = self.host.acquire(ids)
         found = self.backend.lookup(self.l1, ids, counts)
+        if self.inclusive_host:  # L2 keeps what L1 holds: move the pins with the rows
+            evicted = found.victim_ids != EMPTY
+            self.host.unpin(self.l1_home[found.fill_slots[evicted]])
+            self.host.pin(addresses[found.fill_index])
         self.backend.move_rows(self, found, addresses)
         return Batch(ids, inverse, found.slots, addresses)
 
