@@ -1,0 +1,158 @@
+"""The main job: train a tiered table on a synthetic skewed trace at several cache sizes and
+report hit rate and throughput against cache size (``tierstore run``).
+
+It doubles as a check of DESIGN.md's one rule: every configuration trains the same rows, so
+the job ends by comparing a checksum of the trained table across all of them.
+"""
+
+from __future__ import annotations
+
+import math
+import pathlib
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .module import TieredEmbeddingBag
+from .optim import SGD, Adagrad, RowWiseAdagrad
+from .progress import progress
+from .report import format_table, plot_lines, write_csv
+
+OPTIMIZERS = {"sgd": SGD, "adagrad": Adagrad, "rowwise": RowWiseAdagrad}
+COLUMNS = [
+    "policy",
+    "cache_pct",
+    "cache_rows",
+    "hit_rate",
+    "request_hit_rate",
+    "conflicts",
+    "step_ms",
+    "ids_per_s",
+]
+
+
+@dataclass
+class JobConfig:
+    """The synthetic table and trace (defaults fit a laptop CPU in about a minute)."""
+
+    rows: int = 1_000_000
+    dim: int = 64
+    bags: int = 4096  # B
+    pooling: int = 16  # L: ids per bag
+    steps: int = 20
+    zipf: float = 1.05
+    cache_pcts: tuple[float, ...] = (1.0, 5.0, 20.0, 100.0)
+    policies: tuple[str, ...] = ("lru", "lfu")
+    optimizer: str = "rowwise"
+    lr: float = 0.05
+    device: str | None = None
+    ssd: bool = False  # put an SSD tier under L2 (host_rows = 2x the cache)
+    seed: int = 0
+
+
+def zipf_batches(cfg: JobConfig) -> list[torch.Tensor]:
+    """``steps`` batches of ``bags * pooling`` ids, Zipf(``zipf``) over a shuffled id space
+    (so that the hot rows are scattered over the table, as hashed ids are)."""
+    rng = np.random.default_rng(cfg.seed)
+    weights = np.arange(1, cfg.rows + 1, dtype=np.float64) ** -cfg.zipf
+    cdf = np.cumsum(weights)
+    cdf /= cdf[-1]
+    shuffle = rng.permutation(cfg.rows)
+    n = cfg.bags * cfg.pooling
+    ranks = [
+        np.minimum(np.searchsorted(cdf, rng.random(n)), cfg.rows - 1) for _ in range(cfg.steps)
+    ]
+    return [torch.from_numpy(shuffle[r]) for r in ranks]
+
+
+def run_one(cfg: JobConfig, policy: str, cache_rows: int, batches, workdir) -> tuple[dict, float]:
+    """Trains one configuration; returns its result row and a checksum of the trained rows."""
+    options = {}
+    if cfg.ssd:
+        options = {
+            "path": pathlib.Path(workdir) / f"{policy}-{cache_rows}",
+            "host_rows": max(2 * cache_rows, 4 * cfg.bags * cfg.pooling),
+        }
+    emb = TieredEmbeddingBag(
+        cfg.rows,
+        cfg.dim,
+        "sum",
+        cache_rows=cache_rows,
+        policy=policy,
+        optimizer=OPTIMIZERS[cfg.optimizer](lr=cfg.lr),
+        device=cfg.device,
+        seed=cfg.seed,
+        **options,
+    )
+    offsets = torch.arange(0, cfg.bags * cfg.pooling, cfg.pooling, device=emb.device)
+    grad = torch.randn(cfg.bags, cfg.dim, generator=torch.Generator().manual_seed(1)).to(emb.device)
+    times = []
+    for ids in batches:
+        ids = ids.to(emb.device)
+        if emb.device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        emb(ids, offsets).backward(grad)
+        if emb.device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    s = emb.stats()
+    step = statistics.median(times[1:] if len(times) > 1 else times)
+    checksum = float(emb.read_rows(torch.unique(torch.cat(batches))).double().sum())
+    if cfg.ssd:
+        emb.close()
+    row = {
+        "policy": policy,
+        "cache_pct": round(100 * cache_rows / cfg.rows, 3),
+        "cache_rows": cache_rows,
+        "hit_rate": s.hit_rate,
+        "request_hit_rate": s.request_hit_rate,
+        "conflicts": s.conflict_misses,
+        "step_ms": 1e3 * step,
+        "ids_per_s": cfg.bags * cfg.pooling / step,
+    }
+    return row, checksum
+
+
+def run_job(cfg: JobConfig, out: str | pathlib.Path | None = "tierstore-run") -> list[dict]:
+    """Runs every policy and cache size, prints the table, writes ``out.csv`` and ``out.png``."""
+    batches = zipf_batches(cfg)
+    configs = [
+        (p, max(1, math.ceil(cfg.rows * pct / 100))) for p in cfg.policies for pct in cfg.cache_pcts
+    ]
+    rows, sums = [], []
+    with tempfile.TemporaryDirectory(prefix="tierstore-job-") as workdir:
+        for policy, cache_rows in progress(configs, desc="configurations"):
+            row, checksum = run_one(cfg, policy, cache_rows, batches, workdir)
+            rows.append(row)
+            sums.append(checksum)
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    title = (
+        f"tierstore: {cfg.rows} rows x {cfg.dim} fp32, {cfg.bags} bags x {cfg.pooling} ids, "
+        f"Zipf({cfg.zipf}), {cfg.optimizer}, {device}{' +SSD' if cfg.ssd else ''}"
+    )
+    print(format_table(rows, COLUMNS, title))
+    same = all(s == sums[0] for s in sums)
+    print(f"trained rows identical across every cache size and policy: {'yes' if same else 'NO'}")
+    if out is not None:
+        write_csv(rows, COLUMNS, f"{out}.csv")
+        drew = plot_lines(
+            rows,
+            "cache_pct",
+            ["hit_rate", "ids_per_s"],
+            "policy",
+            f"{out}.png",
+            title,
+            "cache size (% of rows)",
+        )
+        print(
+            f"wrote {out}.csv"
+            + (f" and {out}.png" if drew else " (pip install matplotlib for the plot)")
+        )
+    if not same:
+        raise RuntimeError("the trained rows differ between cache configurations")
+    return rows
