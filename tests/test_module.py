@@ -357,3 +357,27 @@ def test_bad_construction_arguments(kwargs, message):
     args = {"cache_rows": 16, "device": "cpu", **kwargs}
     with pytest.raises(ts.InvalidInputError, match=message):
         ts.TieredEmbeddingBag(N, D, **args)
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_pipelined_prefetch_is_transparent(device, depth):
+    """prefetch(t + depth) before forward(t), with a cache so small that rows of one batch are
+    conflict misses while they are filled in for the next: training ends in the same rows."""
+    batches, grads = make_run(17, steps=16)
+    ref = table(device, N, optimizer=ts.Adagrad(0.1))
+    train(ref, batches, grads, device=device)
+    emb = table(device, 6, optimizer=ts.Adagrad(0.1), ways=2)
+    for idx, offs, _ in batches[:depth]:
+        emb.prefetch(idx.to(device), offs.to(device))
+    for t, ((idx, offs, psw), g) in enumerate(zip(batches, grads)):
+        if t + depth < len(batches):
+            emb.prefetch(batches[t + depth][0].to(device), batches[t + depth][1].to(device))
+        emb(idx.to(device), offs.to(device), None if psw is None else psw.to(device)).backward(
+            g.to(device)
+        )
+    assert emb.stats().conflict_misses > 0
+    assert torch.equal(
+        emb.read_rows(torch.arange(N), with_state=True),
+        ref.read_rows(torch.arange(N), with_state=True),
+    )
+    assert int(emb.store.l1.locks.sum()) == 0

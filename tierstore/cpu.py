@@ -59,7 +59,14 @@ def scatter(store, batch, rows: torch.Tensor) -> None:
     store.l1_data[slots] = rows[cached]
     store.l1.mark_dirty(slots)
     if not bool(cached.all()):
-        store.host.write(batch.addresses[~cached], rows[~cached])
+        direct = ~cached
+        store.host.write(batch.addresses[direct], rows[direct])
+        # A conflict miss of this batch may have been filled into L1 since, by a prefetched
+        # batch (it was locked in L2, not in L1): keep that copy equal to L2.
+        now = store.l1.find(batch.ids[direct])
+        refill = now >= 0
+        if bool(refill.any()):
+            store.l1_data[now[refill]] = rows[direct][refill]
 
 
 def forward(
