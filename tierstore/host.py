@@ -90,6 +90,9 @@ class HostTable:
     def unpin(self, addresses: torch.Tensor) -> None:
         """Rows that left L1; nothing to do for a full table."""
 
+    def mark_dirty(self, addresses: torch.Tensor) -> None:
+        """Nothing below a full table to write back to."""
+
     def peek(self, ids: torch.Tensor) -> torch.Tensor:
         """Current rows of ``ids`` without touching any cache state."""
         return self.data[ids.cpu()]

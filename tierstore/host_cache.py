@@ -84,6 +84,10 @@ class HostCache:
         self.data[addresses] = rows.cpu()
         self.cache.mark_dirty(addresses)
 
+    def mark_dirty(self, addresses: torch.Tensor) -> None:
+        """Rows that kernels updated in place at L2 ``addresses`` (they must reach L3)."""
+        self.cache.mark_dirty(addresses.cpu())
+
     # -------------------------------------------------------------- rows by id
     def peek(self, ids: torch.Tensor) -> torch.Tensor:
         """Current rows of ``ids`` (L2 if cached, else L3) without changing any cache state."""

@@ -14,13 +14,13 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from .module import TieredEmbeddingBag
 from .optim import SGD, Adagrad, RowWiseAdagrad
 from .progress import progress
 from .report import format_table, plot_lines, write_csv
+from .trace.generate import zipf_trace
 
 OPTIMIZERS = {"sgd": SGD, "adagrad": Adagrad, "rowwise": RowWiseAdagrad}
 COLUMNS = [
@@ -57,16 +57,9 @@ class JobConfig:
 def zipf_batches(cfg: JobConfig) -> list[torch.Tensor]:
     """``steps`` batches of ``bags * pooling`` ids, Zipf(``zipf``) over a shuffled id space
     (so that the hot rows are scattered over the table, as hashed ids are)."""
-    rng = np.random.default_rng(cfg.seed)
-    weights = np.arange(1, cfg.rows + 1, dtype=np.float64) ** -cfg.zipf
-    cdf = np.cumsum(weights)
-    cdf /= cdf[-1]
-    shuffle = rng.permutation(cfg.rows)
     n = cfg.bags * cfg.pooling
-    ranks = [
-        np.minimum(np.searchsorted(cdf, rng.random(n)), cfg.rows - 1) for _ in range(cfg.steps)
-    ]
-    return [torch.from_numpy(shuffle[r]) for r in ranks]
+    ids = torch.from_numpy(zipf_trace(n * cfg.steps, cfg.rows, cfg.zipf, seed=cfg.seed))
+    return list(ids.split(n))
 
 
 def run_one(cfg: JobConfig, policy: str, cache_rows: int, batches, workdir) -> tuple[dict, float]:

@@ -247,11 +247,10 @@ class TieredEmbeddingBag(nn.Module):
         return batch
 
     def _prepare(self, input, offsets, per_sample_weights):
-        flat, offs, psw = normalize_batch(
-            input, offsets, per_sample_weights, self.mode, self.include_last_offset, self.device
-        )
-        self.store.check_ids(flat)
-        return flat, offs, psw
+        return normalize_batch(
+            input, offsets, per_sample_weights, self.mode, self.include_last_offset,
+            self.device, self.num_embeddings,
+        )  # fmt: skip
 
     # --------------------------------------------------------------- rows and tiers
     def read_rows(self, ids: torch.Tensor, with_state: bool = False) -> torch.Tensor:

@@ -14,10 +14,10 @@ import torch
 
 from . import stats as st
 from .cache import EMPTY
-from .errors import InvalidInputError
 from .hashing import initial_weights
 from .host import HostTable
 from .policy import Policy
+from .validate import check_id_range
 
 
 @dataclass(frozen=True)
@@ -194,13 +194,6 @@ class TieredStore:
 
     def check_ids(self, ids: torch.Tensor, what: str = "indices") -> None:
         """Raises :class:`InvalidInputError` if any id is outside the table."""
-        if ids.numel() == 0:
-            return
-        lo, hi = int(ids.min()), int(ids.max())
-        if self.num_rows is not None and (lo < 0 or hi >= self.num_rows):
-            bad = lo if lo < 0 else hi
-            raise InvalidInputError(
-                f"{what} must be in [0, {self.num_rows}) (num_embeddings), found {bad}"
-            )
-        if self.num_rows is None and lo == -(1 << 63):
-            raise InvalidInputError(f"{what}: -2**63 is reserved (the empty-way tag)")
+        if ids.numel():
+            lo, hi = torch.stack(list(torch.aminmax(ids))).tolist()
+            check_id_range(lo, hi, self.num_rows, what)

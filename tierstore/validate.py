@@ -2,7 +2,9 @@
 
 ``normalize_batch`` turns every form ``torch.nn.EmbeddingBag`` accepts (2-D input; 1-D input
 with offsets, with or without the last offset) into one: flat int64 indices and ``B + 1``
-offsets ending at ``n``. Each problem raises :class:`InvalidInputError` naming it.
+offsets ending at ``n``, on the table's device. Each problem raises
+:class:`InvalidInputError` naming it. The value checks (id range, offsets) are reduced on the
+device and read back together: one device-to-host read per batch, not one per check.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import torch
 from .errors import InvalidInputError
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
+EMPTY_TAG = -(1 << 63)  # reserved: the cache's empty-way tag
 
 
 def _check_index_tensor(t, what: str, ndims: tuple[int, ...]) -> None:
@@ -25,6 +28,33 @@ def _check_index_tensor(t, what: str, ndims: tuple[int, ...]) -> None:
         )
 
 
+def _check_weights(psw, indices: torch.Tensor, mode: str) -> None:
+    if mode != "sum":
+        raise InvalidInputError(
+            f"per_sample_weights are only supported with mode='sum', not {mode!r}"
+        )
+    if not isinstance(psw, torch.Tensor) or not psw.is_floating_point():
+        raise InvalidInputError("per_sample_weights must be a floating-point tensor")
+    if psw.shape != indices.shape:
+        raise InvalidInputError(
+            f"per_sample_weights must have the shape of indices {tuple(indices.shape)}, "
+            f"got {tuple(psw.shape)}"
+        )
+    if psw.dtype != torch.float32:
+        raise InvalidInputError(
+            f"per_sample_weights must be float32 (the table's dtype), got {psw.dtype}"
+        )
+
+
+def check_id_range(lo: int, hi: int, num_rows: int | None, what: str = "indices") -> None:
+    """Raises if ``[lo, hi]`` (the smallest and largest id) leaves the table."""
+    if num_rows is not None and (lo < 0 or hi >= num_rows):
+        bad = lo if lo < 0 else hi
+        raise InvalidInputError(f"{what} must be in [0, {num_rows}) (num_embeddings), found {bad}")
+    if num_rows is None and lo == EMPTY_TAG:
+        raise InvalidInputError(f"{what}: -2**63 is reserved (the cache's empty tag)")
+
+
 def normalize_batch(
     indices: torch.Tensor,
     offsets: torch.Tensor | None,
@@ -32,66 +62,55 @@ def normalize_batch(
     mode: str,
     include_last_offset: bool,
     device: torch.device,
+    num_rows: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``(indices (n,) int64, offsets (B+1,) int64, per_sample_weights (n,) or None)`` on ``device``."""
+    """``(indices (n,) int64, offsets (B+1,) int64, per_sample_weights (n,) or None)`` on
+    ``device``, every id checked against ``num_rows`` (``None``: any int64 id)."""
     _check_index_tensor(indices, "indices", (1, 2))
+    if per_sample_weights is not None:
+        _check_weights(per_sample_weights, indices, mode)
+    flat = indices.reshape(-1).to(device, torch.int64)
+    n = flat.numel()
     if indices.dim() == 2:
         if offsets is not None:
             raise InvalidInputError("offsets must be None when indices is 2-D (B, L)")
         bags, length = indices.shape
-        flat = indices.reshape(-1)
-        offs = torch.arange(bags + 1, dtype=torch.int64) * length
+        offs = torch.arange(bags + 1, dtype=torch.int64, device=device) * length
     else:
         if offsets is None:
             raise InvalidInputError("offsets are required when indices is 1-D")
         _check_index_tensor(offsets, "offsets", (1,))
-        flat = indices
-        offs = offsets.to(torch.int64).cpu()
-        n = flat.numel()
-        if include_last_offset:
-            if offs.numel() == 0:
-                raise InvalidInputError(
-                    "with include_last_offset, offsets needs at least one entry"
-                )
-            if int(offs[-1]) != n:
-                raise InvalidInputError(
-                    f"with include_last_offset, the last offset must equal the number of "
-                    f"indices ({n}), got {int(offs[-1])}"
-                )
-        else:
-            offs = torch.cat([offs, torch.tensor([n])])
-        if offs.numel() > 1 and int(offs[0]) != 0:
-            raise InvalidInputError(f"offsets[0] must be 0, got {int(offs[0])}")
-        if int(offs.max()) > n:
-            raise InvalidInputError(
-                f"offsets must not exceed the number of indices ({n}), got {int(offs.max())}"
-            )
-        steps = offs[1:] - offs[:-1]
-        if steps.numel() and int(steps.min()) < 0:
-            at = int((steps < 0).nonzero()[0, 0])
-            raise InvalidInputError(
-                f"offsets must be non-decreasing: offsets[{at + 1}] = {int(offs[at + 1])} "
-                f"< offsets[{at}] = {int(offs[at])}"
-            )
-    psw = None
-    if per_sample_weights is not None:
-        if mode != "sum":
-            raise InvalidInputError(
-                f"per_sample_weights are only supported with mode='sum', not {mode!r}"
-            )
-        if (
-            not isinstance(per_sample_weights, torch.Tensor)
-            or not per_sample_weights.is_floating_point()
-        ):
-            raise InvalidInputError("per_sample_weights must be a floating-point tensor")
-        if per_sample_weights.shape != indices.shape:
-            raise InvalidInputError(
-                f"per_sample_weights must have the shape of indices {tuple(indices.shape)}, "
-                f"got {tuple(per_sample_weights.shape)}"
-            )
-        if per_sample_weights.dtype != torch.float32:
-            raise InvalidInputError(
-                f"per_sample_weights must be float32 (the table's dtype), got {per_sample_weights.dtype}"
-            )
-        psw = per_sample_weights.reshape(-1).to(device)
-    return flat.to(device, torch.int64), offs.to(device), psw
+        offs = offsets.to(device, torch.int64)
+        if include_last_offset and offs.numel() == 0:
+            raise InvalidInputError("with include_last_offset, offsets needs at least one entry")
+        if not include_last_offset:
+            offs = torch.cat([offs, torch.full((1,), n, dtype=torch.int64, device=device)])
+
+    # Every value fact in one read: id range, first, last and largest offset, smallest step.
+    zero = torch.zeros((), dtype=torch.int64, device=device)
+    lo, hi = torch.aminmax(flat) if n else (zero, zero)
+    steps = offs[1:] - offs[:-1]
+    facts = torch.stack(
+        [lo, hi, offs[0], offs[-1], offs.max(), steps.min() if steps.numel() else zero]
+    ).tolist()
+    lo, hi, first, last, largest, smallest_step = facts
+    if include_last_offset and last != n:
+        raise InvalidInputError(
+            f"with include_last_offset, the last offset must equal the number of indices ({n}), got {last}"
+        )
+    if offs.numel() > 1 and first != 0:
+        raise InvalidInputError(f"offsets[0] must be 0, got {first}")
+    if largest > n:
+        raise InvalidInputError(
+            f"offsets must not exceed the number of indices ({n}), got {largest}"
+        )
+    if smallest_step < 0:
+        at = int((steps < 0).nonzero()[0, 0])
+        raise InvalidInputError(
+            f"offsets must be non-decreasing: offsets[{at + 1}] = {int(offs[at + 1])} "
+            f"< offsets[{at}] = {int(offs[at])}"
+        )
+    if n:
+        check_id_range(lo, hi, num_rows)
+    psw = None if per_sample_weights is None else per_sample_weights.reshape(-1).to(device)
+    return flat, offs, psw

@@ -1,0 +1,358 @@
+"""Benchmarks of the CUDA backend on one GPU, each beside its baseline in the same run.
+
+Table: N rows x D fp32, B bags of L ids, ids uniform or Zipf(1.05) (numpy's, ids >= N dropped,
+hot ranks scattered by a random permutation: ``shared/baseline/torch_step.py``'s trace).
+Times are CUDA-event medians after warm-up. Prints one table per section and writes JSON.
+
+    python bench/bench_cuda.py [--quick] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import tierstore as ts
+from tierstore import cuda
+from tierstore.stats import HITS, UNIQUE
+
+N, D, B, L = 10_000_000, 128, 65536, 32
+
+
+def t_ms(fn, it: int = 20, warm: int = 3) -> float:
+    """Median milliseconds of ``fn`` over ``it`` runs (CUDA events), after ``warm`` runs."""
+    for _ in range(warm):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(it):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e))
+    return float(np.median(times))
+
+
+def trace(dist: str, n: int, rows: int = N, seed: int = 0) -> torch.Tensor:
+    """``n`` ids on the GPU, uniform or Zipf(1.05) as the baseline scripts draw them."""
+    rng = np.random.default_rng(seed)
+    if dist == "uniform":
+        return torch.from_numpy(rng.integers(0, rows, n)).cuda()
+    z = rng.zipf(1.05, 3 * n) - 1
+    z = z[z < rows][:n]
+    # one fixed popularity order for every batch (the hot rows stay hot from batch to batch)
+    perm = torch.randperm(rows, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    return perm[torch.from_numpy(z).cuda()]
+
+
+def free(*objs) -> None:
+    del objs
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def row(name: str, value: float, unit: str, baseline: str = "", target: str = "") -> dict:
+    print(f"| {name:<58} | {value:>10.3f} {unit:<7} | {baseline:<28} | {target:<18} |", flush=True)
+    return {"name": name, "value": value, "unit": unit, "baseline": baseline, "target": target}
+
+
+def header(title: str) -> None:
+    print(f"\n### {title}\n", flush=True)
+    print(f"| {'what':<58} | {'figure':>18} | {'baseline (same run)':<28} | {'target':<18} |")
+    print(f"|{'-' * 60}|{'-' * 20}|{'-' * 30}|{'-' * 20}|", flush=True)
+
+
+def bench_forward_and_step(out: list, quick: bool) -> None:
+    offsets = torch.arange(0, B * L + 1, L, device="cuda")
+    it = 10 if quick else 30
+    header(f"forward and training step, every row in L1: {N:,} x {D} fp32, {B} bags x {L}")
+    weight = torch.randn(N, D, device="cuda")
+    sgd = ts.TieredEmbeddingBag(N, D, cache_rows=N, optimizer=ts.SGD(lr=0.01), device="cuda")
+    rw = ts.TieredEmbeddingBag(
+        N, D, cache_rows=N, optimizer=ts.RowWiseAdagrad(lr=0.01), device="cuda"
+    )
+    g = torch.randn(B, D, device="cuda")
+    for dist in ("uniform", "zipf"):
+        ids = trace(dist, B * L)
+        ref = t_ms(lambda ids=ids: F.embedding_bag(ids, weight, offsets[:-1]), it)
+        out.append(row(f"torch F.embedding_bag fwd, table in HBM, {dist}", ref, "ms"))
+        store = sgd.store
+        store.release(store.lookup(ids))  # brings the rows in
+        batch = store.lookup(ids)
+        c = store.l1.counters.tolist()
+        y = cuda.forward(store, batch, offsets, None, "sum")
+        rows = store.read_rows(batch.ids)[:, :D]
+        want = F.embedding_bag(batch.inverse, rows, offsets, mode="sum", include_last_offset=True)
+        err = ((y - want).norm() / want.norm()).item()
+        print(f"  ({dist}: unique {batch.ids.numel():,}, rel err vs embedding_bag {err:.1e})")
+        t = t_ms(lambda b=batch, s=store: cuda.forward(s, b, offsets, None, "sum"), it)
+        out.append(
+            row(f"tierstore forward, slots known, {dist}", t, "ms", f"{ref:.3f} ms", "<= baseline")
+        )
+        store.release(batch)
+
+        def look_fwd(ids=ids, store=store):
+            b = store.lookup(ids)
+            cuda.forward(store, b, offsets, None, "sum")
+            store.release(b)
+
+        t = t_ms(look_fwd, it)
+        out.append(
+            row(
+                f"tierstore lookup + forward, {dist}",
+                t,
+                "ms",
+                f"{ref:.3f} ms",
+                f"<= {1.5 * ref:.3f} ms",
+            )
+        )
+        before = store.l1.counters.tolist()
+        look_fwd()
+        after = store.l1.counters.tolist()
+        print(
+            f"  (hits in that step: {after[HITS] - before[HITS]:,} of {after[UNIQUE] - before[UNIQUE]:,} unique; earlier counters {c[HITS]:,})"
+        )
+
+        x = ids.view(B, L)
+
+        def train(emb, x=x):
+            def step():
+                emb(x).backward(g)
+
+            return step
+
+        for name, emb in (("SGD", sgd), ("RowWiseAdagrad", rw)):
+            train(emb)()  # rows in
+            t = t_ms(train(emb), it)
+            out.append(
+                row(
+                    f"tierstore train step (lookup, fwd, bwd, fused {name}), {dist}",
+                    t,
+                    "ms",
+                    "",
+                    "<= 1.5 ms" if name == "RowWiseAdagrad" else "",
+                )
+            )
+        for opt_name in ("sgd", "adagrad"):
+            if quick and opt_name == "adagrad" and dist == "zipf":
+                continue
+            emb = torch.nn.EmbeddingBag(N, D, mode="sum", sparse=True).cuda()
+            opt = (torch.optim.SGD if opt_name == "sgd" else torch.optim.Adagrad)(
+                emb.parameters(), lr=0.01
+            )
+
+            def tstep(emb=emb, opt=opt, ids=ids):
+                opt.zero_grad(set_to_none=True)
+                emb(ids, offsets[:-1]).backward(g)
+                opt.step()
+
+            t = t_ms(tstep, 5 if opt_name == "adagrad" else it, warm=2)
+            out.append(row(f"torch EmbeddingBag(sparse)+optim.{opt_name} step, {dist}", t, "ms"))
+            free(emb, opt)
+    free(sgd, rw, weight)
+
+
+def bench_profile(out: list, quick: bool) -> None:
+    """Where a training step's device time goes (torch.profiler, kernels by total time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    emb = ts.TieredEmbeddingBag(
+        N, D, cache_rows=N, optimizer=ts.RowWiseAdagrad(lr=0.01), device="cuda"
+    )
+    g = torch.randn(B, D, device="cuda")
+    for dist in ("uniform", "zipf"):
+        x = trace(dist, B * L).view(B, L)
+        for _ in range(3):
+            emb(x).backward(g)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(5):
+            emb(x).backward(g)
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / 5 * 1e3
+        flat = x.reshape(-1)
+        t_prep = t_ms(lambda x=x: emb._prepare(x, None, None), 10)
+        t_uniq = t_ms(lambda f=flat: torch.unique(f, return_inverse=True, return_counts=True), 10)
+        t_look = t_ms(lambda f=flat: emb.store.release(emb.store.lookup(f)), 10)
+        print(
+            f"\n  {dist}: validation (normalize_batch + check_ids) {t_prep:.3f} ms, "
+            f"torch.unique {t_uniq:.3f} ms, store.lookup + release (unique included) "
+            f"{t_look:.3f} ms (CUDA events)"
+        )
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                emb(x).backward(g)
+            torch.cuda.synchronize()
+        print(
+            f"\n#### RowWiseAdagrad step, {dist}: host wall {wall:.3f} ms per step; kernels (3 steps)"
+        )
+        print(
+            prof.key_averages().table(
+                sort_by="cuda_time_total", row_limit=22, max_name_column_width=48
+            )
+        )
+    free(emb)
+
+
+def bench_lookup(out: list, quick: bool) -> None:
+    header("lookup: unique ids resolved to slots, 32-way cache of 4 M rows (all hits)")
+    cache = cuda.new_cache(1 << 22, 32, "lru", torch.device("cuda"))
+    ids = torch.unique(torch.randint(0, 1 << 40, (3 << 20,), device="cuda"))
+    for lo in range(0, ids.numel(), 1 << 20):
+        part = ids[lo : lo + (1 << 20)]
+        found = cache.lookup(part, torch.ones_like(part))
+        cache.release(found.slots)
+    slots = cache.find(ids)
+    cached = ids[slots >= 0]
+    print(f"  ({cached.numel():,} of {ids.numel():,} ids cached)")
+    for n in (1 << 20, cached.numel()):
+        q = cached[torch.randperm(cached.numel(), device="cuda")[:n]].sort().values
+        ones = torch.ones_like(q)
+        t = t_ms(lambda q=q: cache.find(q), 20 if quick else 50)
+        out.append(
+            row(
+                f"find_slots kernel, {n:,} unique ids",
+                n / t / 1e6,
+                "G ids/s",
+                "HKV find 3.3-3.7 G/s",
+                ">= 4 G ids/s",
+            )
+        )
+
+        def step(q=q, ones=ones):
+            f = cache.lookup(q, ones)
+            cache.release(f.slots)
+
+        t = t_ms(step, 20 if quick else 50)
+        out.append(
+            row(f"whole lookup step + release, {n:,} unique ids (all hits)", n / t / 1e6, "G ids/s")
+        )
+    free(cache)
+
+
+def bench_moves(out: list, quick: bool) -> None:
+    for width_name, opt in (
+        ("128 floats (SGD)", ts.SGD(lr=0.01)),
+        ("129 floats (RowWiseAdagrad)", ts.RowWiseAdagrad(lr=0.01)),
+    ):
+        header(
+            f"rows moved L2 (pinned host) <-> L1, rows of {width_name}, 1 M unique misses per step"
+        )
+        emb = ts.TieredEmbeddingBag(N, D, cache_rows=1 << 20, optimizer=opt, device="cuda")
+        store = emb.store
+        rb = store.layout.row_bytes
+        for dirty in (False, True):
+            fills, times = [], []
+            for k in range(6 if quick else 12):
+                ids = torch.unique(torch.randint(0, N, (1_100_000,), device="cuda"))[: 1 << 20]
+                batch_ids, inverse, counts = torch.unique(
+                    ids, return_inverse=True, return_counts=True
+                )
+                found = cuda.lookup(store.l1, batch_ids, counts)
+                torch.cuda.synchronize()
+                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                s.record()
+                cuda.move_rows(store, found, batch_ids)
+                e.record()
+                torch.cuda.synchronize()
+                f = found.trimmed()
+                wb = int(f.victim_dirty.sum())
+                if k >= 2:
+                    fills.append((f.fill_index.numel(), wb))
+                    times.append(s.elapsed_time(e))
+                store.l1.release(found.slots)
+                if dirty:
+                    store.l1.mark_dirty(found.slots)
+            t = float(np.median(times))
+            nf, nwb = np.median([f for f, _ in fills]), np.median([w for _, w in fills])
+            gbs = (nf + nwb) * rb / (t / 1e3) / 1e9
+            what = "fill + dirty writeback" if dirty else "fill (clean victims)"
+            out.append(
+                row(
+                    f"{what}: {int(nf):,} fills, {int(nwb):,} writebacks",
+                    gbs,
+                    "GB/s",
+                    "zero-copy 16.6, CPU+DMA 22.7",
+                    ">= 30 GB/s",
+                )
+            )
+            print(f"  ({t:.3f} ms per step)")
+        free(emb, store)
+
+
+def bench_sweep(out: list, quick: bool) -> None:
+    header(
+        f"cache size sweep: Zipf(1.05), RowWiseAdagrad train step, {B} x {L} ids, fresh batch each step"
+    )
+    x_all = [trace("zipf", B * L, seed=100 + k).view(B, L) for k in range(8 if quick else 16)]
+    g = torch.randn(B, D, device="cuda")
+    for pct in (1, 5, 20, 100):
+        emb = ts.TieredEmbeddingBag(
+            N, D, cache_rows=N * pct // 100, optimizer=ts.RowWiseAdagrad(lr=0.01), device="cuda"
+        )
+        for x in x_all[: len(x_all) // 2]:  # warm the cache
+            emb(x).backward(g)
+        emb.reset_stats()
+        times = []
+        for x in x_all[len(x_all) // 2 :]:
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            emb(x).backward(g)
+            e.record()
+            torch.cuda.synchronize()
+            times.append(s.elapsed_time(e))
+        st = emb.stats()
+        t = float(np.median(times))
+        out.append(row(f"cache {pct:>3} % of the table: step time", t, "ms"))
+        out.append(row(f"cache {pct:>3} % of the table: hit rate (unique rows)", st.hit_rate, ""))
+        print(
+            f"  (conflict misses {st.conflict_misses:,}, writebacks {st.writebacks:,}, request hit rate {st.request_hit_rate:.3f})"
+        )
+        free(emb)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions")
+    parser.add_argument("--json", default=None, help="write the figures here")
+    parser.add_argument("--only", default="forward,profile,lookup,moves,sweep")
+    args = parser.parse_args()
+    import cupy
+
+    props = torch.cuda.get_device_properties(0)
+    print(
+        f"GPU: {props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}, cupy {cupy.__version__}"
+    )
+    out: list = []
+    t0 = time.time()
+    sections = {
+        "forward": bench_forward_and_step,
+        "profile": bench_profile,
+        "lookup": bench_lookup,
+        "moves": bench_moves,
+        "sweep": bench_sweep,
+    }
+    for name in args.only.split(","):
+        try:
+            sections[name](out, args.quick)
+        except Exception as e:  # keep the other sections' figures
+            import traceback
+
+            traceback.print_exc()
+            print(f"section {name} failed: {e!r}", flush=True)
+    print(f"\nbenchmarks took {time.time() - t0:.0f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"gpu": props.name, "results": out}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,383 @@
+// The backward pass: the gradient of each unique row, summed over the indices that read it in
+// index order, then the fused optimizer applied to the row where it lives (an L1 slot, marked
+// dirty, or for a conflict miss its L2 address in pinned host memory, updated over PCIe).
+//
+// The batch's sparse transpose is its inverse sorted stably: `order` lists the indices grouped
+// by unique row, ascending within a row. The sorted list is cut into chunks of G entries, each
+// worked on by a group of G lanes (a template argument; the warp, G = 32, is what is built),
+// so that a row read by 100 000 indices (Zipf) is summed
+// by many groups: a row whose entries lie in one chunk is finished there (summed in index order,
+// exactly as the CPU backend's index_add_); a row that crosses chunks leaves one partial sum per
+// chunk, and sum_groups and finish_crossing add them in chunk order, in two levels.
+// Deterministic either way.
+//
+// Shapes: B bags, n indices, U unique rows, D = dim, rows of `width` floats, P = ceil(n / G).
+#include "common.cuh"
+
+// The bag of each index. One warp per bag.
+extern "C" __global__ void bag_of_index(const i64* __restrict__ offsets,  // (B + 1,)
+                                        i64 bags, int* __restrict__ bag) {  // (n,) out
+  for (i64 b = ts_global_warp(); b < bags; b += ts_warp_count())
+    for (i64 j = offsets[b] + ts_lane(); j < offsets[b + 1]; j += 32) bag[j] = (int)b;
+}
+
+// The gradient of the per-sample weights: dot(grad_out[bag(j)] (/ len for mean), row(j)[:D]),
+// read before the optimizer changes the rows. One warp per index.
+extern "C" __global__ void weight_grad(const i64* __restrict__ offsets,    // (B + 1,)
+                                       const int* __restrict__ bag,        // (n,)
+                                       const i64* __restrict__ inverse,    // (n,)
+                                       const float* __restrict__ grad_out, // (B, D)
+                                       const i64* __restrict__ slots,      // (U,)
+                                       const i64* __restrict__ addresses,  // (U,)
+                                       const float* __restrict__ l1,       // (C, width)
+                                       const float* __restrict__ l2,       // (L2 rows, width)
+                                       i64 width, i64 dim, i64 n, i64 mean,
+                                       float* __restrict__ out) {          // (n,)
+  for (i64 j = ts_global_warp(); j < n; j += ts_warp_count()) {
+    const i64 b = bag[j];
+    const i64 u = inverse[j];
+    const float* row = ts_row((float*)l1, l2, slots[u], addresses[u], (int)width);
+    const float len = (float)(offsets[b + 1] - offsets[b]);
+    float acc = 0.f;
+    for (i64 c = ts_lane(); c < dim; c += 32) {
+      float g = grad_out[b * dim + c];
+      if (mean) g = __fdiv_rn(g, len);
+      acc = fmaf(g, row[c], acc);
+    }
+    acc = ts_warp_sum(acc);
+    if (ts_lane() == 0) out[j] = acc;
+  }
+}
+
+// ------------------------------------------------------------------- lane groups
+// G lanes of a warp that work on one row together: lane `rank` of the group owns the columns
+// rank + G k. Shuffles and sums stay inside the group (its mask), so the groups of a warp may
+// diverge.
+template <int G>
+struct Group {
+  unsigned mask;
+  int rank;
+  __device__ __forceinline__ Group() {
+    const int lane = ts_lane();
+    rank = lane & (G - 1);
+    mask = G == 32 ? TS_FULL_MASK : (((1u << G) - 1) << (lane & ~(G - 1)));
+  }
+  __device__ __forceinline__ float sum(float v) const {
+#pragma unroll
+    for (int o = G / 2; o > 0; o >>= 1) v += __shfl_xor_sync(mask, v, o, G);
+    return v;
+  }
+  template <class T>
+  __device__ __forceinline__ T shfl(T v, int src) const {
+    return __shfl_sync(mask, v, src, G);
+  }
+};
+
+// ---------------------------------------------------------------- the optimizers
+// Each is a functor applying the update to one row held by a lane group; g[k] is the summed
+// gradient of column rank + G k (0 past dim). Formulas of tierstore/optim.py.
+
+struct SgdUpdate {  // w -= lr * g
+  float lr, eps;
+  template <int G, int K>
+  __device__ void operator()(float* row, const float (&g)[K], int dim, const Group<G>& grp) const {
+    float w[K];
+#pragma unroll
+    for (int k = 0; k < K; k++) {
+      const int c = grp.rank + G * k;
+      if (c < dim) w[k] = row[c];
+    }
+#pragma unroll
+    for (int k = 0; k < K; k++) {
+      const int c = grp.rank + G * k;
+      if (c < dim) row[c] = fmaf(-lr, g[k], w[k]);
+    }
+  }
+};
+
+struct AdagradUpdate {  // s += g*g; w -= lr * g / (sqrt(s) + eps); state: one float per weight
+  float lr, eps;
+  template <int G, int K>
+  __device__ void operator()(float* row, const float (&g)[K], int dim, const Group<G>& grp) const {
+    float w[K], s[K];
+#pragma unroll
+    for (int k = 0; k < K; k++) {
+      const int c = grp.rank + G * k;
+      if (c < dim) {
+        w[k] = row[c];
+        s[k] = row[dim + c];
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < K; k++) {
+      const int c = grp.rank + G * k;
+      if (c >= dim) continue;
+      const float st = __fadd_rn(s[k], __fmul_rn(g[k], g[k]));
+      row[dim + c] = st;
+      row[c] = fmaf(-lr, __fdiv_rn(g[k], __fadd_rn(__fsqrt_rn(st), eps)), w[k]);
+    }
+  }
+};
+
+struct RowWiseAdagradUpdate {  // s += mean(g*g); w -= lr * g / (sqrt(s) + eps); state: 1 float
+  float lr, eps;
+  template <int G, int K>
+  __device__ void operator()(float* row, const float (&g)[K], int dim, const Group<G>& grp) const {
+    float w[K];
+    const float s0 = row[dim];  // loaded with the weights, before the reduction waits
+#pragma unroll
+    for (int k = 0; k < K; k++) {
+      const int c = grp.rank + G * k;
+      if (c < dim) w[k] = row[c];
+    }
+    float sq = 0.f;
+#pragma unroll
+    for (int k = 0; k < K; k++) sq = __fadd_rn(sq, __fmul_rn(g[k], g[k]));  // g is 0 past dim
+    sq = grp.sum(sq);
+    const float s = __fadd_rn(s0, __fdiv_rn(sq, (float)dim));
+    const float denom = __fadd_rn(__fsqrt_rn(s), eps);
+    __syncwarp(grp.mask);  // every lane has read row[dim] before rank 0 stores it
+    if (grp.rank == 0) row[dim] = s;
+#pragma unroll
+    for (int k = 0; k < K; k++) {
+      const int c = grp.rank + G * k;
+      if (c < dim) row[c] = fmaf(-lr, __fdiv_rn(g[k], denom), w[k]);
+    }
+  }
+};
+
+// Everything a group needs to reach and update unique row u.
+struct Rows {
+  const i64* slots;      // (U,)
+  const i64* addresses;  // (U,)
+  float* l1;             // (C, width)
+  float* l2;             // (L2 rows, width), pinned host
+  unsigned char* dirty;  // (C,)
+  i64 width;
+  int dim;
+
+  template <int G, int K, class Opt>
+  __device__ __forceinline__ void update(i64 u, const float (&g)[K], const Opt& opt,
+                                         const Group<G>& grp) const {
+    const i64 s = slots[u];
+    float* row = ts_row(l1, l2, s, addresses[u], (int)width);
+    opt(row, g, dim, grp);
+    if (s >= 0 && grp.rank == 0) dirty[s] = 1;
+  }
+};
+
+// Phase one: a group of G lanes per chunk of G sorted entries.
+template <int G, int K, class Opt>
+__device__ void reduce_chunks(const int* __restrict__ sorted_u,   // (n,) inverse, sorted
+                              const i64* __restrict__ order,      // (n,) index of each entry
+                              const int* __restrict__ bag,        // (n,)
+                              const i64* __restrict__ offsets,    // (B + 1,)
+                              const float* __restrict__ psw,      // (n,) or null
+                              const float* __restrict__ grad_out, // (B, D)
+                              i64 n, i64 mean, const Rows rows, const Opt opt,
+                              float* __restrict__ partial) {      // (P, 2, D) out
+  const Group<G> grp;
+  const int dim = rows.dim;
+  const i64 chunks = (n + G - 1) / G;
+  const i64 stride = ((i64)gridDim.x * blockDim.x) / G;
+  for (i64 ch = ((i64)blockIdx.x * blockDim.x + threadIdx.x) / G; ch < chunks; ch += stride) {
+    const i64 p0 = ch * G;
+    const int cnt = (int)min((i64)G, n - p0);
+    int u = -1, b = 0;
+    float len = 1.f, w = 1.f;
+    if (grp.rank < cnt) {
+      u = sorted_u[p0 + grp.rank];
+      const i64 j = order[p0 + grp.rank];
+      b = bag[j];
+      if (mean) len = (float)(offsets[b + 1] - offsets[b]);
+      if (psw != nullptr) w = psw[j];
+    }
+    const int before = p0 > 0 ? sorted_u[p0 - 1] : -1;       // the row of the entry before
+    const int after = p0 + cnt < n ? sorted_u[p0 + cnt] : -1;  // and after the chunk
+    float acc[K];
+#pragma unroll
+    for (int k = 0; k < K; k++) acc[k] = 0.f;
+    int piece_start = 0;
+    for (int e0 = 0; e0 < cnt; e0 += 2) {
+      float v[2][K];
+      int ue[2];
+#pragma unroll
+      for (int e = 0; e < 2; e++) {
+        const int be = grp.shfl(b, (e0 + e) & (G - 1));
+        ue[e] = grp.shfl(u, (e0 + e) & (G - 1));
+#pragma unroll
+        for (int k = 0; k < K; k++) {
+          const int c = grp.rank + G * k;
+          v[e][k] = (e0 + e < cnt && c < dim) ? grad_out[(i64)be * dim + c] : 0.f;
+        }
+      }
+      const int u_after2 = grp.shfl(u, (e0 + 2) & (G - 1));
+#pragma unroll
+      for (int e = 0; e < 2; e++) {
+        if (e0 + e >= cnt) break;
+        const float le = grp.shfl(len, e0 + e);
+        const float we = grp.shfl(w, e0 + e);
+#pragma unroll
+        for (int k = 0; k < K; k++) {
+          float t = v[e][k];
+          if (mean) t = __fdiv_rn(t, le);
+          if (psw != nullptr) t = __fmul_rn(t, we);
+          acc[k] = __fadd_rn(acc[k], t);
+        }
+        const bool last = e0 + e == cnt - 1;
+        const int nxt = e == 0 ? ue[1] : u_after2;
+        if (last || nxt != ue[e]) {  // the piece of row ue[e] ends here (uniform in the group)
+          const bool from_before = piece_start == 0 && before == ue[e];
+          const bool to_after = last && after == ue[e];
+          if (!from_before && !to_after) {
+            rows.update<G, K>(ue[e], acc, opt, grp);
+          } else {
+            float* dst = partial + (ch * 2 + (from_before ? 0 : 1)) * dim;
+#pragma unroll
+            for (int k = 0; k < K; k++)
+              if (grp.rank + G * k < dim) dst[grp.rank + G * k] = acc[k];
+          }
+#pragma unroll
+          for (int k = 0; k < K; k++) acc[k] = 0.f;
+          piece_start = e0 + e + 1;
+        }
+      }
+    }
+  }
+}
+
+// Where each unique row's entries begin in the sorted list: start[u] (start[U] = n).
+extern "C" __global__ void segment_starts(const int* __restrict__ sorted_u,  // (n,)
+                                          i64 n, i64 unique,
+                                          i64* __restrict__ start) {  // (U + 1,) out
+  for (i64 p = (i64)blockIdx.x * blockDim.x + threadIdx.x; p < n; p += (i64)gridDim.x * blockDim.x)
+    if (p == 0 || sorted_u[p - 1] != sorted_u[p]) start[sorted_u[p]] = p;
+  if (blockIdx.x == 0 && threadIdx.x == 0) start[unique] = n;
+}
+
+// A crossing row has one partial sum in each chunk c_first..c_last: slot 1 of c_first (its
+// first piece), slot 0 of the others. They are added in two levels, each in chunk order, so
+// that a row read 100 000 times is summed by many warps: groups of 32 partials by one warp each
+// (the group's sum replaces its first partial), then the group sums by the row's first chunk.
+// Chunks hold `chunk` entries (the G of reduce_chunks); a full warp works on each here.
+__device__ __forceinline__ const float* ts_piece(const float* partial, i64 c, i64 c_first, int dim) {
+  return partial + (c * 2 + (c == c_first ? 1 : 0)) * dim;
+}
+
+// Level one: the warp of chunk c sums the group of 32 partials that starts at c, for the row
+// continuing into c (if c is a group start) and for the row starting in c and crossing out.
+template <int K>
+__device__ void sum_groups(const int* __restrict__ sorted_u,  // (n,)
+                           const i64* __restrict__ start,      // (U + 1,)
+                           i64 n, i64 chunk, int dim, float* __restrict__ partial) {  // (P, 2, D)
+  const int lane = ts_lane();
+  const i64 chunks = (n + chunk - 1) / chunk;
+  for (i64 ch = ts_global_warp(); ch < chunks; ch += ts_warp_count()) {
+    const i64 p0 = ch * chunk, p1 = min(p0 + chunk, n);
+    const int rows_here[2] = {sorted_u[p0], sorted_u[p1 - 1]};
+    for (int r = 0; r < 2; r++) {
+      const int u = rows_here[r];
+      if (r == 1 && u == rows_here[0]) break;  // one row fills the chunk: done as r = 0
+      const i64 c_first = start[u] / chunk, c_last = (start[u + 1] - 1) / chunk;
+      if (c_first == c_last || (ch - c_first) % 32 != 0) continue;  // not crossing / not a leader
+      const i64 c_end = min(ch + 32, c_last + 1);
+      float acc[K];
+      float* dst = (float*)ts_piece(partial, ch, c_first, dim);
+#pragma unroll
+      for (int k = 0; k < K; k++) acc[k] = lane + 32 * k < dim ? dst[lane + 32 * k] : 0.f;
+#pragma unroll 8
+      for (i64 c = ch + 1; c < c_end; c++) {
+        const float* src = ts_piece(partial, c, c_first, dim);
+#pragma unroll
+        for (int k = 0; k < K; k++)
+          if (lane + 32 * k < dim) acc[k] = __fadd_rn(acc[k], src[lane + 32 * k]);
+      }
+#pragma unroll
+      for (int k = 0; k < K; k++)
+        if (lane + 32 * k < dim) dst[lane + 32 * k] = acc[k];
+    }
+  }
+}
+
+// Level two: the warp of the chunk where a crossing row starts adds the row's group sums in
+// order and applies the optimizer.
+template <int K, class Opt>
+__device__ void finish_crossing(const int* __restrict__ sorted_u,  // (n,)
+                                const i64* __restrict__ start,      // (U + 1,)
+                                i64 n, i64 chunk, const Rows rows, const Opt opt,
+                                const float* __restrict__ partial) {  // (P, 2, D)
+  const Group<32> grp;
+  const int dim = rows.dim;
+  const i64 chunks = (n + chunk - 1) / chunk;
+  for (i64 ch = ts_global_warp(); ch < chunks; ch += ts_warp_count()) {
+    const i64 p1 = min(ch * chunk + chunk, n);
+    const int u = sorted_u[p1 - 1];  // the only row that can start here and cross out
+    const i64 c_first = start[u] / chunk, c_last = (start[u + 1] - 1) / chunk;
+    if (c_first != ch || c_last == ch) continue;
+    float acc[K];
+#pragma unroll
+    for (int k = 0; k < K; k++) acc[k] = 0.f;
+#pragma unroll 8
+    for (i64 c = ch; c <= c_last; c += 32) {
+      const float* src = ts_piece(partial, c, c_first, dim);
+#pragma unroll
+      for (int k = 0; k < K; k++)
+        if (grp.rank + 32 * k < dim) acc[k] = __fadd_rn(acc[k], src[grp.rank + 32 * k]);
+    }
+    rows.update<32, K>(u, acc, opt, grp);
+  }
+}
+
+#define TS_REDUCE(SUFFIX, G, K, OPT)                                                            \
+  extern "C" __global__ void reduce_chunks_##SUFFIX##_g##G##_k##K(                              \
+      const int* sorted_u, const i64* order, const int* bag, const i64* offsets,                \
+      const float* psw, const float* grad_out, i64 n, i64 mean, const i64* slots,               \
+      const i64* addresses, float* l1, float* l2, unsigned char* dirty, i64 width, i64 dim,     \
+      float lr, float eps, float* partial) {                                                    \
+    const Rows rows = {slots, addresses, l1, l2, dirty, width, (int)dim};                       \
+    const OPT opt = {lr, eps};                                                                  \
+    reduce_chunks<G, K, OPT>(sorted_u, order, bag, offsets, psw, grad_out, n, mean, rows, opt,  \
+                             partial);                                                          \
+  }
+
+#define TS_FINISH(SUFFIX, K, OPT)                                                               \
+  extern "C" __global__ void finish_crossing_##SUFFIX##_k##K(                                   \
+      const int* sorted_u, const i64* start, i64 n, i64 chunk, const i64* slots,                \
+      const i64* addresses, float* l1, float* l2, unsigned char* dirty, i64 width, i64 dim,     \
+      float lr, float eps, const float* partial) {                                              \
+    const Rows rows = {slots, addresses, l1, l2, dirty, width, (int)dim};                       \
+    const OPT opt = {lr, eps};                                                                  \
+    finish_crossing<K, OPT>(sorted_u, start, n, chunk, rows, opt, partial);                     \
+  }
+
+#define TS_SUM_GROUPS(K)                                                                        \
+  extern "C" __global__ void sum_groups_k##K(const int* sorted_u, const i64* start, i64 n,      \
+                                             i64 chunk, i64 dim, float* partial) {              \
+    sum_groups<K>(sorted_u, start, n, chunk, (int)dim, partial);                                \
+  }
+TS_SUM_GROUPS(1)
+TS_SUM_GROUPS(2)
+TS_SUM_GROUPS(4)
+TS_SUM_GROUPS(8)
+TS_SUM_GROUPS(16)
+
+// Kernel names: reduce_chunks_<optimizer>_g<G>_k<K> for rows of up to G K weights,
+// finish_crossing_<optimizer>_k<K> for up to 32 K. Only G = 32 is instantiated: measured on the
+// H100 (bench/RESULTS-cuda.md), groups of 8 lanes (four rows in flight per warp) were no faster
+// on uniform ids, where the row updates are bound by HBM bandwidth, and slower on Zipf ids,
+// where a hot row then leaves four times as many partial sums.
+#define TS_BACKWARD_ALL(NAME, OPT) \
+  TS_REDUCE(NAME, 32, 1, OPT)       \
+  TS_REDUCE(NAME, 32, 2, OPT)       \
+  TS_REDUCE(NAME, 32, 4, OPT)       \
+  TS_REDUCE(NAME, 32, 8, OPT)       \
+  TS_REDUCE(NAME, 32, 16, OPT)      \
+  TS_FINISH(NAME, 1, OPT)           \
+  TS_FINISH(NAME, 2, OPT)           \
+  TS_FINISH(NAME, 4, OPT)           \
+  TS_FINISH(NAME, 8, OPT)           \
+  TS_FINISH(NAME, 16, OPT)
+
+TS_BACKWARD_ALL(sgd, SgdUpdate)
+TS_BACKWARD_ALL(adagrad, AdagradUpdate)
+TS_BACKWARD_ALL(rowwise_adagrad, RowWiseAdagradUpdate)

@@ -1,0 +1,183 @@
+// Shared device code of the tierstore kernels: integer types, the hashing of
+// tierstore/hashing.py bit for bit, warp helpers and the row copy loop.
+//
+// NVRTC-compilable: no host headers. Every kernel file includes this one.
+#pragma once
+
+typedef long long i64;
+typedef unsigned long long u64;
+typedef unsigned int u32;
+
+#define TS_EMPTY ((i64)0x8000000000000000ULL)  // tag of an empty way (cache.py EMPTY)
+#define TS_FULL_MASK 0xffffffffu
+
+// Counter indices of the device-side stats vector (tierstore/stats.py).
+#define TS_REQUESTS 0
+#define TS_UNIQUE 1
+#define TS_HITS 2
+#define TS_MISSES 3
+#define TS_CONFLICTS 4
+#define TS_EVICTIONS 5
+#define TS_WRITEBACKS 6
+
+// splitmix64's finalizer (hashing.mix64): unsigned arithmetic gives the logical shifts and
+// wrapping multiplies that the torch version emulates on int64.
+__device__ __forceinline__ u64 ts_mix64(u64 x) {
+  x ^= x >> 30;
+  x *= 0xbf58476d1ce4e5b9ULL;
+  x ^= x >> 27;
+  x *= 0x94d049bb133111ebULL;
+  return x ^ (x >> 31);
+}
+
+// hashing.reduce_range: multiply-shift of the hash's high 32 bits onto [0, n), n < 2**31.
+__device__ __forceinline__ i64 ts_reduce_range(u64 h, i64 n) {
+  return (i64)(((h >> 32) * (u64)n) >> 32);
+}
+
+// hashing.set_index: the cache set of a row id.
+__device__ __forceinline__ i64 ts_set_index(i64 row, i64 sets) {
+  return ts_reduce_range(ts_mix64((u64)row), sets);
+}
+
+// hashing.initial_weights, element (row, col): the top 24 bits of a counter-based hash mapped
+// to [-1, 1) exactly in float32, then one rounding multiply by the scale.
+__device__ __forceinline__ float ts_initial_value(u64 row_key, int col, float scale) {
+  const u64 golden = 0x9e3779b97f4a7c15ULL;
+  u64 u = ts_mix64(row_key + (u64)(col + 1) * golden) >> 40;
+  float unit = (float)u * 1.1920928955078125e-07f - 1.0f;  // u * 2**-23 - 1, exact
+  return unit * scale;
+}
+
+// The per-row key of initial_weights: mix64(row ^ seed_key).
+__device__ __forceinline__ u64 ts_row_key(i64 row, i64 seed_key) {
+  return ts_mix64((u64)row ^ (u64)seed_key);
+}
+
+__device__ __forceinline__ i64 ts_global_warp() {
+  return ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+}
+
+__device__ __forceinline__ i64 ts_warp_count() {
+  return ((i64)gridDim.x * blockDim.x) >> 5;
+}
+
+__device__ __forceinline__ int ts_lane() { return threadIdx.x & 31; }
+
+__device__ __forceinline__ float ts_warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(TS_FULL_MASK, v, o);
+  return v;
+}
+
+__device__ __forceinline__ int ts_warp_sum_int(int v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(TS_FULL_MASK, v, o);
+  return v;
+}
+
+// Adds a warp's total to a device counter with one atomic (lane 0).
+__device__ __forceinline__ void ts_count(i64* counter, int v) {
+  int total = ts_warp_sum_int(v);
+  if (ts_lane() == 0 && total != 0) atomicAdd((u64*)counter, (u64)(i64)total);
+}
+
+// A row's address in the tier that holds it: its L1 slot when >= 0, else its L2 address in
+// host memory (read over PCIe, zero-copy).
+__device__ __forceinline__ float* ts_row(float* l1, const float* l2, i64 slot, i64 addr, int width) {
+  return slot >= 0 ? l1 + slot * (i64)width : (float*)l2 + addr * (i64)width;
+}
+
+// Copies one row of `width` floats with a warp: every lane issues all its loads before its
+// first store, so that a row's bytes are in flight at once (PCIe reads are latency bound).
+// `vec4` when both rows are 16-byte aligned and width % 4 == 0.
+template <int MAX_PER_LANE>
+__device__ __forceinline__ void ts_copy_row(float* __restrict__ dst, const float* __restrict__ src,
+                                            int width, bool vec4) {
+  const int lane = ts_lane();
+  if (vec4) {
+    const int n4 = width >> 2;
+    const float4* s4 = (const float4*)src;
+    float4* d4 = (float4*)dst;
+    float4 v[MAX_PER_LANE];
+#pragma unroll
+    for (int k = 0; k < MAX_PER_LANE; k++)
+      if (lane + 32 * k < n4) v[k] = s4[lane + 32 * k];
+#pragma unroll
+    for (int k = 0; k < MAX_PER_LANE; k++)
+      if (lane + 32 * k < n4) d4[lane + 32 * k] = v[k];
+    for (int c = lane + 32 * MAX_PER_LANE; c < n4; c += 32) d4[c] = s4[c];
+    return;
+  }
+  float v[MAX_PER_LANE];
+#pragma unroll
+  for (int k = 0; k < MAX_PER_LANE; k++)
+    if (lane + 32 * k < width) v[k] = src[lane + 32 * k];
+#pragma unroll
+  for (int k = 0; k < MAX_PER_LANE; k++)
+    if (lane + 32 * k < width) dst[lane + 32 * k] = v[k];
+  for (int c = lane + 32 * MAX_PER_LANE; c < width; c += 32) dst[c] = src[c];
+}
+
+__device__ __forceinline__ i64 ts_warp_sum_i64(i64 v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(TS_FULL_MASK, v, o);
+  return v;
+}
+
+// Adds the block's total of `v` to `*counter` with one atomic. Every thread of the block must
+// call it (it synchronises the block); a grid-stride kernel calls it once, after its loop, so
+// that a step costs a few thousand atomics on the counters, not one per id.
+__device__ __forceinline__ void ts_block_count(i64* counter, i64 v) {
+  __shared__ i64 partial[32];
+  v = ts_warp_sum_i64(v);
+  __syncthreads();  // partial may still be read by a previous call
+  if (ts_lane() == 0) partial[threadIdx.x >> 5] = v;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    i64 t = threadIdx.x < (blockDim.x >> 5) ? partial[threadIdx.x] : 0;
+    t = ts_warp_sum_i64(t);
+    if (threadIdx.x == 0 && t != 0) atomicAdd((u64*)counter, (u64)t);
+  }
+}
+
+// Resolves the ids of a batch 32 at a time: lane l holds id base + l; the warp compares the
+// ways of each id's set in turn, four sets' tags in flight at once, and lane l ends with the way
+// of its own id (-1: not cached). Then each lane does its own id's bookkeeping, in parallel.
+struct Probe32 {
+  i64 row;  // this lane's id (valid when `valid`)
+  i64 set;
+  int way;
+  bool valid;
+};
+
+__device__ __forceinline__ Probe32 ts_probe32(const i64* __restrict__ ids, i64 base, i64 n,
+                                               const i64* __restrict__ tags, i64 sets, int ways) {
+  const int lane = ts_lane();
+  Probe32 p;
+  p.valid = base + lane < n;
+  p.row = p.valid ? ids[base + lane] : 0;
+  p.set = ts_set_index(p.row, sets);
+  p.way = -1;
+  const int m = (int)min((i64)32, n - base);
+  for (int e0 = 0; e0 < m; e0 += 4) {
+    i64 t0[4], t1[4], r[4];
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+      r[e] = __shfl_sync(TS_FULL_MASK, p.row, (e0 + e) & 31);
+      const i64 s = __shfl_sync(TS_FULL_MASK, p.set, (e0 + e) & 31);
+      const bool live = e0 + e < m;
+      t0[e] = live && lane < ways ? tags[s * ways + lane] : TS_EMPTY;
+      t1[e] = live && lane + 32 < ways ? tags[s * ways + lane + 32] : TS_EMPTY;
+    }
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+      // an empty way never matches: EMPTY is not a valid row id
+      const u32 b0 = __ballot_sync(TS_FULL_MASK, t0[e] == r[e] && t0[e] != TS_EMPTY);
+      const u32 b1 = __ballot_sync(TS_FULL_MASK, t1[e] == r[e] && t1[e] != TS_EMPTY);
+      const int w = b0 ? __ffs(b0) - 1 : (b1 ? 31 + __ffs(b1) : -1);
+      if (lane == e0 + e) p.way = w;
+    }
+  }
+  return p;
+}

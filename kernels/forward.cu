@@ -1,0 +1,116 @@
+// The forward pass: pooled bags in one launch. Each bag's rows are read where they live (an L1
+// slot, or for a conflict miss its L2 address over PCIe), scaled by the per-sample weights,
+// summed in fp32 in index order (as torch's embedding_bag) and, for "mean", divided by the
+// bag's length.
+//
+// Shapes: B bags, n indices, U unique rows, D = dim weights in a row of `width` floats.
+#include "common.cuh"
+
+// One warp per bag. The warp first reads 32 entries' row addresses and weights (one per lane),
+// then walks them with shuffles, four rows' loads in flight at a time. A lane owns K elements
+// (floats, or float4 with VEC4) of each chunk of columns.
+template <int K, bool VEC4>
+__device__ void pool(const i64* __restrict__ offsets,    // (B + 1,)
+                     const i64* __restrict__ inverse,    // (n,) unique position of each index
+                     const float* __restrict__ psw,      // (n,) or null
+                     const i64* __restrict__ slots,      // (U,) L1 slot, -1 = conflict miss
+                     const i64* __restrict__ addresses,  // (U,) L2 address
+                     const float* __restrict__ l1,       // (C, width)
+                     const float* __restrict__ l2,       // (L2 rows, width), pinned host
+                     i64 width, i64 dim, i64 bags, i64 mean,
+                     float* __restrict__ out) {          // (B, D)
+  const int lane = ts_lane();
+  const int per = VEC4 ? (int)(dim >> 2) : (int)dim;
+  for (i64 b = ts_global_warp(); b < bags; b += ts_warp_count()) {
+    const i64 start = offsets[b], end = offsets[b + 1];
+    for (int c0 = 0; c0 < per; c0 += 32 * K) {
+      float acc[K][VEC4 ? 4 : 1];
+#pragma unroll
+      for (int k = 0; k < K; k++)
+#pragma unroll
+        for (int q = 0; q < (VEC4 ? 4 : 1); q++) acc[k][q] = 0.f;
+      for (i64 j0 = start; j0 < end; j0 += 32) {
+        const i64 j = j0 + lane;
+        const float* row = nullptr;
+        float w = 1.f;
+        if (j < end) {
+          const i64 u = inverse[j];
+          const i64 s = slots[u];
+          row = s >= 0 ? l1 + s * width : l2 + addresses[u] * width;
+          if (psw != nullptr) w = psw[j];
+        }
+        const int cnt = (int)min((i64)32, end - j0);
+        for (int e0 = 0; e0 < cnt; e0 += 4) {
+          const float* r[4];
+          float we[4];
+#pragma unroll
+          for (int e = 0; e < 4; e++) {
+            r[e] = (const float*)__shfl_sync(TS_FULL_MASK, (u64)row, e0 + e);
+            we[e] = __shfl_sync(TS_FULL_MASK, w, e0 + e);
+          }
+          if (VEC4) {
+            float4 v[4][K];
+#pragma unroll
+            for (int e = 0; e < 4; e++)
+#pragma unroll
+              for (int k = 0; k < K; k++) {
+                const int c = c0 + lane + 32 * k;
+                if (e0 + e < cnt && c < per) v[e][k] = ((const float4*)r[e])[c];
+              }
+#pragma unroll
+            for (int e = 0; e < 4; e++)
+#pragma unroll
+              for (int k = 0; k < K; k++)
+                if (e0 + e < cnt) {
+                  acc[k][0] = fmaf(we[e], v[e][k].x, acc[k][0]);
+                  acc[k][1] = fmaf(we[e], v[e][k].y, acc[k][1]);
+                  acc[k][2] = fmaf(we[e], v[e][k].z, acc[k][2]);
+                  acc[k][3] = fmaf(we[e], v[e][k].w, acc[k][3]);
+                }
+          } else {
+            float v[4][K];
+#pragma unroll
+            for (int e = 0; e < 4; e++)
+#pragma unroll
+              for (int k = 0; k < K; k++) {
+                const int c = c0 + lane + 32 * k;
+                if (e0 + e < cnt && c < per) v[e][k] = r[e][c];
+              }
+#pragma unroll
+            for (int e = 0; e < 4; e++)
+#pragma unroll
+              for (int k = 0; k < K; k++)
+                if (e0 + e < cnt) acc[k][0] = fmaf(we[e], v[e][k], acc[k][0]);
+          }
+        }
+      }
+      const float len = (float)(end - start);
+#pragma unroll
+      for (int k = 0; k < K; k++) {
+        const int c = c0 + lane + 32 * k;
+        if (c >= per) continue;
+        if (VEC4) {
+          float4 o = make_float4(acc[k][0], acc[k][1], acc[k][2], acc[k][3]);
+          if (mean && end > start) {
+            o.x /= len; o.y /= len; o.z /= len; o.w /= len;
+          }
+          ((float4*)(out + b * dim))[c] = o;
+        } else {
+          float o = acc[k][0];
+          if (mean && end > start) o /= len;
+          out[b * dim + c] = o;
+        }
+      }
+    }
+  }
+}
+
+#define TS_POOL(NAME, K, VEC4)                                                                  \
+  extern "C" __global__ void NAME(const i64* offsets, const i64* inverse, const float* psw,     \
+                                  const i64* slots, const i64* addresses, const float* l1,      \
+                                  const float* l2, i64 width, i64 dim, i64 bags, i64 mean,      \
+                                  float* out) {                                                 \
+    pool<K, VEC4>(offsets, inverse, psw, slots, addresses, l1, l2, width, dim, bags, mean, out); \
+  }
+TS_POOL(forward_vec4, 1, true)   // width % 4 == 0 and dim % 4 == 0: 128 columns per chunk
+TS_POOL(forward_scalar, 4, false)  // any layout: 128 columns per chunk

@@ -1,0 +1,323 @@
+// The second half of a cache step: misses are grouped by set, each touched set chooses its
+// victims, the fills are listed in ascending id order, and the rows move: a dirty victim goes
+// back to L2, then the missed row comes in from L2 (ascending ids, so ascending host
+// addresses: DESIGN.md's lesson on zero-copy reads over PCIe).
+//
+// Grouping without a sort: probe counted the misses of each set (set_misses) and listed the
+// touched sets; reserve_segments gives each touched set a contiguous segment of a buffer,
+// scatter_misses drops each miss's position in its set's segment (in any order) and returns
+// set_misses to zero for the next step; choose_victims then takes, per set, the misses in
+// ascending position (= ascending id) order, so the result is deterministic.
+//
+// Shapes: U unique ids, S sets, W ways, C = S * W slots, T touched sets, F fills, D row width.
+#include "common.cuh"
+#include "policy.cuh"
+
+// Gives each touched set a segment of `k` entries (k = its misses). A warp scans 32 sets and
+// takes the room for all of them with one atomic.
+extern "C" __global__ void reserve_segments(const int* __restrict__ touched,   // (T,)
+                                            const int* __restrict__ n_touched,  // (1,)
+                                            const int* __restrict__ set_misses, // (S,)
+                                            int* __restrict__ cursor,           // (1,) zero on entry
+                                            int* __restrict__ seg_start,        // (S,) out
+                                            int* __restrict__ touched_k,        // (T,) out
+                                            int* __restrict__ touched_off) {    // (T,) out
+  const int nt = *n_touched;
+  const int lane = ts_lane();
+  for (i64 base = ts_global_warp() * 32; base < nt; base += ts_warp_count() * 32) {
+    const i64 t = base + lane;
+    const int set = t < nt ? touched[t] : 0;
+    const int k = t < nt ? set_misses[set] : 0;
+    int scan = k;  // inclusive prefix sum over the warp
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int v = __shfl_up_sync(TS_FULL_MASK, scan, o);
+      if (lane >= o) scan += v;
+    }
+    const int total = __shfl_sync(TS_FULL_MASK, scan, 31);
+    int first = 0;
+    if (lane == 0) first = atomicAdd(cursor, total);
+    first = __shfl_sync(TS_FULL_MASK, first, 0);
+    if (t < nt) {
+      const int off = first + scan - k;
+      seg_start[set] = off;
+      touched_k[t] = k;
+      touched_off[t] = off;
+    }
+  }
+}
+
+// Puts the position of each miss into its set's segment, counting set_misses back to zero.
+extern "C" __global__ void scatter_misses(const i64* __restrict__ ids,     // (U,)
+                                          const i64* __restrict__ slots,   // (U,) -1 = miss
+                                          i64 n, i64 sets,
+                                          int* __restrict__ set_misses,      // (S,)
+                                          const int* __restrict__ seg_start, // (S,)
+                                          int* __restrict__ segments) {      // (misses,) out
+  for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+    if (slots[i] >= 0) continue;
+    const i64 set = ts_set_index(ids[i], sets);
+    const int k = atomicSub(&set_misses[set], 1) - 1;
+    segments[seg_start[set] + k] = (int)i;
+  }
+}
+
+// One warp per touched set. The set's evictable ways (unlocked: this step's hits hold a lock
+// already) are ranked by key (empty = -1, else the stamp), ties by way index; the r-th miss of
+// the set in ascending id order takes the way of rank r. Misses beyond the evictable ways are
+// conflict misses (their slot stays -1). Writes the new tag, score, clean bit and one lock,
+// and records, by position in the batch, the victim and whether it was dirty.
+template <class Policy>
+__device__ void choose_victims(const int* __restrict__ touched,      // (T,)
+                               const int* __restrict__ n_touched,    // (1,)
+                               const int* __restrict__ touched_k,    // (T,)
+                               const int* __restrict__ touched_off,  // (T,)
+                               const int* __restrict__ segments,     // (misses,)
+                               const i64* __restrict__ ids,          // (U,)
+                               const i64* __restrict__ score,        // (U,)
+                               i64* __restrict__ tags,               // (S, W)
+                               i64* __restrict__ stamps,             // (S, W)
+                               unsigned char* __restrict__ dirty,    // (S, W)
+                               int* __restrict__ locks,              // (S, W)
+                               i64 ways,
+                               i64* __restrict__ slots,              // (U,)
+                               int* __restrict__ filled,             // (U,) 1 where a fill, zeroed
+                               i64* __restrict__ victim_by_pos,      // (U,)
+                               unsigned char* __restrict__ victim_dirty_by_pos,  // (U,)
+                               i64* __restrict__ counters) {         // (N_COUNTERS,)
+  const int lane = ts_lane();
+  const int W = (int)ways;
+  const i64 NOT_EVICTABLE = 0x7fffffffffffffffLL;
+  i64 conflicts = 0, evictions = 0, writebacks = 0;
+  const int nt = *n_touched;
+  for (i64 t = ts_global_warp(); t < nt; t += ts_warp_count()) {
+    const i64 set = touched[t];
+    const int k = touched_k[t];
+    const int off = touched_off[t];
+    // this lane's ways: lane and lane + 32
+    i64 tag[2], key[2];
+    bool ev[2], dty[2];
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+      const int w = lane + 32 * h;
+      const i64 slot = set * W + w;
+      ev[h] = false;
+      key[h] = NOT_EVICTABLE;
+      tag[h] = TS_EMPTY;
+      dty[h] = false;
+      if (w < W) {
+        tag[h] = tags[slot];
+        dty[h] = dirty[slot] != 0;
+        ev[h] = locks[slot] == 0;
+        if (ev[h]) key[h] = tag[h] == TS_EMPTY ? -1 : stamps[slot];
+      }
+    }
+    // rank of each evictable way among the evictable ways: (key, way) ascending
+    int rank[2] = {0, 0};
+    for (int v = 0; v < W; v++) {
+      const i64 kv = __shfl_sync(TS_FULL_MASK, v < 32 ? key[0] : key[1], v & 31);
+#pragma unroll
+      for (int h = 0; h < 2; h++) {
+        const int w = lane + 32 * h;
+        if (kv < key[h] || (kv == key[h] && v < w)) rank[h]++;
+      }
+    }
+    const int n_free = __popc(__ballot_sync(TS_FULL_MASK, ev[0])) +
+                       __popc(__ballot_sync(TS_FULL_MASK, ev[1]));
+    const int m = min(k, n_free);
+    // the r-th smallest miss position of the segment goes to the way of rank r
+    int prev = -1;
+    for (int r = 0; r < m; r++) {
+      int best = 0x7fffffff;
+      for (int j = lane; j < k; j += 32) {
+        const int p = segments[off + j];
+        if (p > prev && p < best) best = p;
+      }
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) best = min(best, __shfl_xor_sync(TS_FULL_MASK, best, o));
+#pragma unroll
+      for (int h = 0; h < 2; h++) {
+        if (ev[h] && rank[h] == r) {
+          const i64 slot = set * W + lane + 32 * h;
+          const bool was = tag[h] != TS_EMPTY;
+          const bool wb = was && dty[h];
+          tags[slot] = ids[best];
+          stamps[slot] = score[best];
+          dirty[slot] = 0;
+          locks[slot] = 1;
+          slots[best] = slot;
+          filled[best] = 1;
+          victim_by_pos[best] = tag[h];
+          victim_dirty_by_pos[best] = wb ? 1 : 0;
+          evictions += was;
+          writebacks += wb;
+        }
+      }
+      prev = best;
+    }
+    if (lane == 0) conflicts += k - m;
+  }
+  ts_block_count(counters + TS_CONFLICTS, conflicts);
+  ts_block_count(counters + TS_EVICTIONS, evictions);
+  ts_block_count(counters + TS_WRITEBACKS, writebacks);
+}
+
+#define TS_CHOOSE(NAME, POLICY)                                                                 \
+  extern "C" __global__ void NAME(const int* touched, const int* n_touched, const int* touched_k, \
+                                  const int* touched_off, const int* segments, const i64* ids,   \
+                                  const i64* score, i64* tags, i64* stamps,                      \
+                                  unsigned char* dirty, int* locks, i64 ways, i64* slots,        \
+                                  int* filled, i64* victim_by_pos,                               \
+                                  unsigned char* victim_dirty_by_pos, i64* counters) {           \
+    choose_victims<POLICY>(touched, n_touched, touched_k, touched_off, segments, ids, score,     \
+                           tags, stamps, dirty, locks, ways, slots, filled, victim_by_pos,       \
+                           victim_dirty_by_pos, counters);                                       \
+  }
+TS_CHOOSE(choose_victims_lru, LruPolicy)
+TS_CHOOSE(choose_victims_lfu, LfuPolicy)
+
+// Lists the fills in ascending position (= ascending id): `rank` is the inclusive prefix sum
+// of `filled`, so fill p sits at rank - 1.
+extern "C" __global__ void compact_fills(const int* __restrict__ filled,  // (U,)
+                                         const int* __restrict__ rank,    // (U,) inclusive cumsum
+                                         i64 n,
+                                         const i64* __restrict__ slots,                   // (U,)
+                                         const i64* __restrict__ victim_by_pos,           // (U,)
+                                         const unsigned char* __restrict__ victim_dirty_by_pos,  // (U,)
+                                         i64* __restrict__ fill_index,          // (U,) out, F used
+                                         i64* __restrict__ fill_slots,          // (U,) out
+                                         i64* __restrict__ victim_ids,          // (U,) out
+                                         unsigned char* __restrict__ victim_dirty) {  // (U,) out
+  for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+    if (!filled[i]) continue;
+    const i64 p = rank[i] - 1;
+    fill_index[p] = i;
+    fill_slots[p] = slots[i];
+    victim_ids[p] = victim_by_pos[i];
+    victim_dirty[p] = victim_dirty_by_pos[i];
+  }
+}
+
+// Moves the rows of the fills: for fill f (ascending ids), a dirty victim's row goes from its
+// slot back to its L2 address l1_home[slot], then the missed row comes in from L2 and the slot
+// records its L2 address. A warp moves ROWS fills at once, K elements (float or float4) per lane and row per pass, all their loads in flight before
+// the first store. Victims and fills never share an L2 row (a victim is cached and not in the
+// batch, a fill is in the batch), and each slot belongs to one fill: no ordering across warps.
+template <int ROWS, int K, bool VEC4>
+__device__ void move_rows(const i64* __restrict__ fill_index,   // (F,) positions in the batch
+                          const i64* __restrict__ fill_slots,   // (F,)
+                          const unsigned char* __restrict__ victim_dirty,  // (F,)
+                          const int* __restrict__ n_fill,       // (1,) F
+                          const i64* __restrict__ addresses,    // (U,) L2 address of each id
+                          float* __restrict__ l1,               // (C, D)
+                          i64* __restrict__ l1_home,            // (C,)
+                          float* __restrict__ l2,               // (L2 rows, D), pinned host
+                          i64 width) {
+  const int lane = ts_lane();
+  const int F = *n_fill;
+  const int per = VEC4 ? (int)(width >> 2) : (int)width;  // elements of a row
+  for (i64 f0 = ts_global_warp() * ROWS; f0 < F; f0 += ts_warp_count() * ROWS) {
+    i64 slot[ROWS], home[ROWS];
+    bool wb[ROWS];
+#pragma unroll
+    for (int r = 0; r < ROWS; r++) {
+      const i64 f = f0 + r;
+      slot[r] = f < F ? fill_slots[f] : -1;
+      home[r] = f < F ? addresses[fill_index[f]] : -1;
+      wb[r] = f < F && victim_dirty[f];
+    }
+    for (int c0 = 0; c0 < per; c0 += 32 * K) {
+      // writebacks first: the slot's old row goes home before the new one lands
+      bool any_wb = false;
+#pragma unroll
+      for (int r = 0; r < ROWS; r++) any_wb |= wb[r];
+      if (any_wb) {
+        i64 old_home[ROWS];
+#pragma unroll
+        for (int r = 0; r < ROWS; r++) old_home[r] = wb[r] ? l1_home[slot[r]] : -1;
+        if (VEC4) {
+          float4 v[ROWS][K];
+#pragma unroll
+          for (int r = 0; r < ROWS; r++)
+#pragma unroll
+            for (int k = 0; k < K; k++) {
+              const int c = c0 + lane + 32 * k;
+              if (wb[r] && c < per) v[r][k] = ((const float4*)(l1 + slot[r] * width))[c];
+            }
+#pragma unroll
+          for (int r = 0; r < ROWS; r++)
+#pragma unroll
+            for (int k = 0; k < K; k++) {
+              const int c = c0 + lane + 32 * k;
+              if (wb[r] && c < per) ((float4*)(l2 + old_home[r] * width))[c] = v[r][k];
+            }
+        } else {
+          float v[ROWS][K];
+#pragma unroll
+          for (int r = 0; r < ROWS; r++)
+#pragma unroll
+            for (int k = 0; k < K; k++) {
+              const int c = c0 + lane + 32 * k;
+              if (wb[r] && c < per) v[r][k] = l1[slot[r] * width + c];
+            }
+#pragma unroll
+          for (int r = 0; r < ROWS; r++)
+#pragma unroll
+            for (int k = 0; k < K; k++) {
+              const int c = c0 + lane + 32 * k;
+              if (wb[r] && c < per) l2[old_home[r] * width + c] = v[r][k];
+            }
+        }
+      }
+      if (VEC4) {
+        float4 v[ROWS][K];
+#pragma unroll
+        for (int r = 0; r < ROWS; r++)
+#pragma unroll
+          for (int k = 0; k < K; k++) {
+            const int c = c0 + lane + 32 * k;
+            if (slot[r] >= 0 && c < per) v[r][k] = ((const float4*)(l2 + home[r] * width))[c];
+          }
+#pragma unroll
+        for (int r = 0; r < ROWS; r++)
+#pragma unroll
+          for (int k = 0; k < K; k++) {
+            const int c = c0 + lane + 32 * k;
+            if (slot[r] >= 0 && c < per) ((float4*)(l1 + slot[r] * width))[c] = v[r][k];
+          }
+      } else {
+        float v[ROWS][K];
+#pragma unroll
+        for (int r = 0; r < ROWS; r++)
+#pragma unroll
+          for (int k = 0; k < K; k++) {
+            const int c = c0 + lane + 32 * k;
+            if (slot[r] >= 0 && c < per) v[r][k] = l2[home[r] * width + c];
+          }
+#pragma unroll
+        for (int r = 0; r < ROWS; r++)
+#pragma unroll
+          for (int k = 0; k < K; k++) {
+            const int c = c0 + lane + 32 * k;
+            if (slot[r] >= 0 && c < per) l1[slot[r] * width + c] = v[r][k];
+          }
+      }
+    }
+    if (lane == 0) {
+#pragma unroll
+      for (int r = 0; r < ROWS; r++)
+        if (slot[r] >= 0) l1_home[slot[r]] = home[r];
+    }
+  }
+}
+
+#define TS_MOVE(NAME, ROWS, K, VEC4)                                                               \
+  extern "C" __global__ void NAME(const i64* fill_index, const i64* fill_slots,                 \
+                                  const unsigned char* victim_dirty, const int* n_fill,         \
+                                  const i64* addresses, float* l1, i64* l1_home, float* l2,     \
+                                  i64 width) {                                                  \
+    move_rows<ROWS, K, VEC4>(fill_index, fill_slots, victim_dirty, n_fill, addresses, l1,          \
+                          l1_home, l2, width);                                                  \
+  }
+TS_MOVE(move_rows_vec4, 8, 1, true)
+TS_MOVE(move_rows_scalar, 4, 4, false)

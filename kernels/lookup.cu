@@ -1,0 +1,97 @@
+// The first half of a cache step (cache.py SetAssociativeCache.lookup): each unique id of a
+// batch is compared with the ways of its set by a whole warp at once (a ballot over up to 64
+// ways), four sets in flight per warp.
+// Hits take the policy's score and a lock; misses are counted per set, and each set touched by
+// a miss is listed once, for insert.cu. Also the small state kernels: find, release, mark dirty.
+//
+// Shapes: U unique ids of the batch, S sets, W ways (W <= 64), C = S * W slots.
+#include "common.cuh"
+#include "policy.cuh"
+
+// Slot of each id, or -1 where it is not cached. Changes nothing. A warp per 32 ids.
+extern "C" __global__ void find_slots(const i64* __restrict__ ids,  // (U,)
+                                      i64 n,
+                                      const i64* __restrict__ tags,  // (S, W)
+                                      i64 sets, i64 ways,
+                                      i64* __restrict__ slots) {  // (U,) out
+  for (i64 base = ts_global_warp() * 32; base < n; base += ts_warp_count() * 32) {
+    const Probe32 p = ts_probe32(ids, base, n, tags, sets, (int)ways);
+    if (p.valid) slots[base + ts_lane()] = p.way >= 0 ? p.set * ways + p.way : -1;
+  }
+}
+
+// The probe of step `step`: for a hit, the way takes the policy's score and one more lock
+// (a locked way is not evictable, which is how "used by this step" is told to insert.cu);
+// slots[i] is the hit's slot or -1. For a miss, set_misses[set] counts it and the first miss
+// of a set appends the set to `touched`. score[i] is every id's score, for the fills.
+// The sketch has already counted this batch (sketch_add), so LFU estimates are final.
+// A warp per 32 ids (ts_probe32), then a lane per id.
+template <class Policy>
+__device__ void probe(const i64* __restrict__ ids,     // (U,) ascending
+                      const i64* __restrict__ counts,  // (U,) occurrences in the batch
+                      i64 n, const i64* __restrict__ tags,  // (S, W)
+                      i64* __restrict__ stamps,             // (S, W)
+                      int* __restrict__ locks,              // (S, W)
+                      i64 sets, i64 ways, i64 step, const Sketch sketch,
+                      i64* __restrict__ slots,       // (U,) out
+                      i64* __restrict__ score,       // (U,) out
+                      int* __restrict__ set_misses,  // (S,) zero on entry
+                      int* __restrict__ touched,     // (U,) out: sets with a miss
+                      int* __restrict__ n_touched,   // (1,) zero on entry
+                      i64* __restrict__ counters) {  // (N_COUNTERS,)
+  i64 requests = 0, unique = 0, hits = 0;
+  for (i64 base = ts_global_warp() * 32; base < n; base += ts_warp_count() * 32) {
+    const Probe32 p = ts_probe32(ids, base, n, tags, sets, (int)ways);
+    if (!p.valid) continue;
+    const i64 i = base + ts_lane();
+    const i64 s = Policy::score(step, sketch, p.row);
+    score[i] = s;
+    requests += counts[i];
+    unique += 1;
+    if (p.way >= 0) {
+      const i64 slot = p.set * ways + p.way;
+      stamps[slot] = s;
+      atomicAdd(&locks[slot], 1);  // ids are unique: no contention; a fire-and-forget add
+      slots[i] = slot;
+      hits += 1;
+    } else {
+      slots[i] = -1;
+      if (atomicAdd(&set_misses[p.set], 1) == 0) touched[atomicAdd(n_touched, 1)] = (int)p.set;
+    }
+  }
+  ts_block_count(counters + TS_REQUESTS, requests);
+  ts_block_count(counters + TS_UNIQUE, unique);
+  ts_block_count(counters + TS_HITS, hits);
+  ts_block_count(counters + TS_MISSES, unique - hits);
+}
+
+#define TS_PROBE(NAME, POLICY)                                                                   \
+  extern "C" __global__ void NAME(                                                               \
+      const i64* ids, const i64* counts, i64 n, const i64* tags, i64* stamps, int* locks,       \
+      i64 sets, i64 ways, i64 step, int* sk_counters, const i64* sk_salts, i64* sk_additions,    \
+      i64 sk_depth, i64 sk_width, i64 sk_sample, i64* slots, i64* score, int* set_misses,        \
+      int* touched, int* n_touched, i64* counters) {                                             \
+    const Sketch sketch = {sk_counters, sk_salts, sk_additions, sk_depth, sk_width, sk_sample};  \
+    probe<POLICY>(ids, counts, n, tags, stamps, locks, sets, ways, step, sketch, slots, score,   \
+                  set_misses, touched, n_touched, counters);                                     \
+  }
+TS_PROBE(probe_lru, LruPolicy)
+TS_PROBE(probe_lfu, LfuPolicy)
+
+// Unlocks the slots a finished batch held (-1 entries ignored; a batch's slots are distinct).
+extern "C" __global__ void release_slots(const i64* __restrict__ slots,  // (U,)
+                                         i64 n, int* __restrict__ locks) {  // (C,)
+  for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+    const i64 s = slots[i];
+    if (s >= 0) atomicSub(&locks[s], 1);
+  }
+}
+
+// Marks slots as written (-1 entries ignored).
+extern "C" __global__ void mark_dirty_slots(const i64* __restrict__ slots,  // (U,)
+                                            i64 n, unsigned char* __restrict__ dirty) {  // (C,)
+  for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+    const i64 s = slots[i];
+    if (s >= 0) dirty[s] = 1;
+  }
+}

@@ -1,0 +1,65 @@
+// Whole rows of a batch read from, or written to, where they live: the L1 slot, or for a
+// conflict miss the L2 address (pinned host memory, over PCIe). The backend's gather/scatter.
+//
+// Shapes: U unique rows, rows of `width` floats, `cols` <= width of them copied.
+#include "common.cuh"
+
+// out[i, :cols] = row of unique i. One warp per row.
+extern "C" __global__ void gather_rows(const i64* __restrict__ slots,      // (U,)
+                                       const i64* __restrict__ addresses,  // (U,)
+                                       i64 n, const float* __restrict__ l1,  // (C, width)
+                                       const float* __restrict__ l2,         // (L2 rows, width)
+                                       i64 width, i64 cols,
+                                       float* __restrict__ out) {  // (U, cols)
+  for (i64 i = ts_global_warp(); i < n; i += ts_warp_count()) {
+    const float* row = ts_row((float*)l1, l2, slots[i], addresses[i], (int)width);
+    for (i64 c = ts_lane(); c < cols; c += 32) out[i * cols + c] = row[c];
+  }
+}
+
+// Row of unique i = rows[i]; a row in L1 becomes dirty. One warp per row.
+extern "C" __global__ void scatter_rows(const i64* __restrict__ slots,      // (U,)
+                                        const i64* __restrict__ addresses,  // (U,)
+                                        i64 n, float* __restrict__ l1,      // (C, width)
+                                        float* __restrict__ l2,             // (L2 rows, width)
+                                        unsigned char* __restrict__ dirty,  // (C,)
+                                        i64 width,
+                                        const float* __restrict__ rows) {  // (U, width)
+  for (i64 i = ts_global_warp(); i < n; i += ts_warp_count()) {
+    const i64 s = slots[i];
+    float* row = ts_row(l1, l2, s, addresses[i], (int)width);
+    for (i64 c = ts_lane(); c < width; c += 32) row[c] = rows[i * width + c];
+    if (s >= 0 && ts_lane() == 0) dirty[s] = 1;
+  }
+}
+
+// After a batch's optimizer step: a conflict miss of the batch (updated in L2) may have been
+// filled into L1 since by a prefetched batch, from the L2 row as it was then; copy the updated
+// L2 row over that L1 copy (clean: it equals L2 again). A warp per 32 ids; groups with no
+// conflict miss cost one read of their slots.
+extern "C" __global__ void refresh_conflict_rows(const i64* __restrict__ ids,        // (U,)
+                                                 const i64* __restrict__ slots,      // (U,)
+                                                 const i64* __restrict__ addresses,  // (U,)
+                                                 i64 n, const i64* __restrict__ tags,  // (S, W)
+                                                 i64 sets, i64 ways,
+                                                 float* __restrict__ l1,        // (C, width)
+                                                 const float* __restrict__ l2,  // (L2 rows, width)
+                                                 i64 width) {
+  const int lane = ts_lane();
+  for (i64 base = ts_global_warp() * 32; base < n; base += ts_warp_count() * 32) {
+    const i64 i = base + lane;
+    const bool conflict = i < n && slots[i] < 0;
+    if (!__any_sync(TS_FULL_MASK, conflict)) continue;
+    const Probe32 p = ts_probe32(ids, base, n, tags, sets, (int)ways);
+    const i64 now = p.way >= 0 ? p.set * ways + p.way : -1;
+    const i64 addr = conflict ? addresses[i] : 0;
+    u32 todo = __ballot_sync(TS_FULL_MASK, conflict && now >= 0);
+    while (todo) {
+      const int e = __ffs(todo) - 1;
+      todo &= todo - 1;
+      const i64 slot = __shfl_sync(TS_FULL_MASK, now, e);
+      const i64 src = __shfl_sync(TS_FULL_MASK, addr, e);
+      for (i64 c = lane; c < width; c += 32) l1[slot * width + c] = l2[src * width + c];
+    }
+  }
+}

@@ -1,0 +1,261 @@
+"""The CUDA backend against the CPU backend, step for step, on fresh random traces.
+
+Every test here needs a CUDA device and CuPy (the ``gpu`` marker). The cache state (tags,
+stamps, dirty bits, locks, counters, sketch) must be identical after every step; pooled outputs
+and trained rows equal within 1e-6 relative.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+
+import numpy as np
+import pytest
+import torch
+
+import tierstore as ts
+from tierstore import hashing
+from tierstore.cache import SetAssociativeCache
+from tierstore.policy import FrequencySketch
+
+pytestmark = pytest.mark.gpu
+
+
+def _cuda():
+    from tierstore import cuda
+
+    return cuda
+
+
+def _trace(rng: np.random.Generator, dist: str, rows: int, n: int) -> torch.Tensor:
+    """``n`` row ids in ``[0, rows)``: uniform, or Zipf(1.05) over a random permutation."""
+    if dist == "uniform":
+        ids = rng.integers(0, rows, n)
+    else:
+        ids = (rng.zipf(1.05, n) - 1) % rows
+        ids = rng.permutation(rows)[ids] if rows <= 1 << 20 else ids
+    return torch.from_numpy(ids.astype(np.int64))
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().cpu(), b.double().cpu()
+    assert a.shape == b.shape
+    assert torch.isfinite(a).all()
+    den = b.norm().item()
+    return (a - b).norm().item() / den if den else (a - b).norm().item()
+
+
+# ----------------------------------------------------------------------------- hashing
+def test_hashing_bit_identical():
+    cuda = _cuda()
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(-(1 << 62), 1 << 62, (100_000,), generator=gen)
+    ids[:4] = torch.tensor([0, 1, -1, (1 << 63) - 1])
+    for sets in (1, 3, 1000, (1 << 31) - 1):
+        mixed, set_of = cuda.hash_ids(ids.cuda(), sets)
+        assert torch.equal(mixed.cpu(), hashing.mix64(ids))
+        assert torch.equal(set_of.cpu(), hashing.set_index(ids, sets))
+
+
+@pytest.mark.parametrize(
+    "dim,state,seed,scale", [(128, 1, 0, 0.088), (7, 7, 3, 1.0), (33, 0, -5, 0.5)]
+)
+def test_initial_rows_bit_identical(dim, state, seed, scale):
+    cuda = _cuda()
+    ids = torch.randint(0, 1 << 40, (5000,))
+    got = cuda.initial_rows(ids.cuda(), dim, dim + state, seed, scale, 0.25).cpu()
+    want = hashing.initial_weights(ids, dim, seed, scale)
+    assert torch.equal(got[:, :dim], want)
+    assert (got[:, dim:] == 0.25).all()
+
+
+def test_sketch_kernels_match():
+    cuda = _cuda()
+    cpu_sk = FrequencySketch(256, 500)
+    gpu_sk = FrequencySketch(256, 500, "cuda")
+    rng = np.random.default_rng(2)
+    for _ in range(30):
+        ids, counts = torch.unique(_trace(rng, "zipf", 5000, 300), return_counts=True)
+        want = cpu_sk.add(ids, counts)
+        cuda.sketch_add(gpu_sk, ids.cuda(), counts.cuda())
+        assert torch.equal(cuda.sketch_estimate(gpu_sk, ids.cuda()).cpu(), want)
+        aged = bool(cpu_sk.age_if_due())
+        assert bool(cuda.sketch_age_if_due(gpu_sk).item()) == aged
+        assert torch.equal(gpu_sk.counters.cpu(), cpu_sk.counters)
+        assert int(gpu_sk.additions) == int(cpu_sk.additions)
+
+
+# ------------------------------------------------------------------------ the cache step
+def _same_cache(g: SetAssociativeCache, c: SetAssociativeCache) -> None:
+    assert torch.equal(g.tags.cpu(), c.tags)
+    assert torch.equal(g.stamps.cpu(), c.stamps)
+    assert torch.equal(g.dirty.cpu(), c.dirty)
+    assert torch.equal(g.locks.cpu(), c.locks)
+    assert torch.equal(g.counters.cpu(), c.counters)
+    assert g.step == c.step
+    if c.sketch is not None:
+        assert torch.equal(g.sketch.counters.cpu(), c.sketch.counters)
+        assert int(g.sketch.additions) == int(c.sketch.additions)
+
+
+CACHES = [(1, 32), (5, 4), (64, 8), (100, 32), (1000, 32), (4096, 64), (20_000, 16)]
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+@pytest.mark.parametrize("dist", ["uniform", "zipf"])
+@pytest.mark.parametrize("rows,ways", CACHES)
+def test_cache_step_matches_cpu(policy, dist, rows, ways):
+    cuda = _cuda()
+    seed = hash((policy, dist, rows, ways)) % 1000
+    rng, prng = np.random.default_rng(seed), random.Random(seed)
+    cpu_cache = SetAssociativeCache(rows, ways, policy, "cpu")
+    gpu_cache = cuda.new_cache(rows, ways, policy, torch.device("cuda"))
+    if policy == "lfu":  # a small sketch that halves often, so aging is exercised
+        cpu_cache.sketch = FrequencySketch(128, 3 * rows + 50)
+        gpu_cache.sketch = FrequencySketch(128, 3 * rows + 50, "cuda")
+    table = max(4 * rows, 50)
+    in_flight = prng.choice([0, 1, 2])
+    pending = deque()
+    for step in range(25):
+        n = prng.choice([1, 7, 64, 500, 3 * rows])
+        ids, counts = torch.unique(_trace(rng, dist, table, n), return_counts=True)
+        want = cpu_cache.lookup(ids, counts)
+        got = gpu_cache.lookup(ids.cuda(), counts.cuda())
+        assert torch.equal(got.slots.cpu(), want.slots), f"step {step}"
+        t = got.trimmed()
+        for field in ("fill_index", "fill_slots", "victim_ids", "victim_dirty", "hit"):
+            assert torch.equal(getattr(t, field).cpu(), getattr(want, field)), (step, field)
+        _same_cache(gpu_cache, cpu_cache)
+        placed = want.slots[want.slots >= 0]
+        dirty = placed[torch.randperm(placed.numel())[: placed.numel() // 2]]
+        cpu_cache.mark_dirty(dirty)
+        gpu_cache.mark_dirty(dirty.cuda())
+        pending.append((want.slots, got.slots))
+        while len(pending) > in_flight:
+            cs, gs = pending.popleft()
+            cpu_cache.release(cs)
+            gpu_cache.release(gs)
+        _same_cache(gpu_cache, cpu_cache)
+        assert torch.equal(gpu_cache.find(ids.cuda()).cpu(), cpu_cache.find(ids))
+
+
+def test_cache_step_large_batch():
+    """A batch far larger than the cache's sets, every miss landing on few sets."""
+    cuda = _cuda()
+    rng = np.random.default_rng(5)
+    for rows, ways in [(64, 32), (4096, 32)]:
+        cpu_cache = SetAssociativeCache(rows, ways, "lru", "cpu")
+        gpu_cache = cuda.new_cache(rows, ways, "lru", torch.device("cuda"))
+        for _ in range(3):
+            ids, counts = torch.unique(_trace(rng, "uniform", 1 << 20, 200_000), return_counts=True)
+            want = cpu_cache.lookup(ids, counts)
+            got = gpu_cache.lookup(ids.cuda(), counts.cuda())
+            assert torch.equal(got.slots.cpu(), want.slots)
+            _same_cache(gpu_cache, cpu_cache)
+            cpu_cache.release(want.slots)
+            gpu_cache.release(got.slots)
+
+
+# ----------------------------------------------------------------- the module, end to end
+OPTIMIZERS = [None, ts.SGD(lr=0.1), ts.Adagrad(lr=0.1), ts.RowWiseAdagrad(lr=0.1)]
+
+
+def _pair(num, dim, **kw):
+    return (
+        ts.TieredEmbeddingBag(num, dim, device="cpu", **kw),
+        ts.TieredEmbeddingBag(num, dim, device="cuda", **kw),
+    )
+
+
+def _check_rows(cpu_emb, gpu_emb, num):
+    ids = torch.arange(num)
+    want = cpu_emb.read_rows(ids, with_state=True)
+    got = gpu_emb.read_rows(ids.cuda(), with_state=True)
+    assert _rel(got, want) <= 1e-6
+
+
+@pytest.mark.parametrize("opt", OPTIMIZERS, ids=lambda o: o.name if o else "none")
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+@pytest.mark.parametrize("cache_rows", [1, 40, 1000])
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+def test_module_matches_cpu(opt, mode, cache_rows, policy):
+    num, dim = 700, 24
+    cpu_emb, gpu_emb = _pair(num, dim, mode=mode, cache_rows=cache_rows, ways=8, policy=policy,
+                             optimizer=opt)  # fmt: skip
+    assert gpu_emb.store.backend.name == "cuda"
+    rng = np.random.default_rng(cache_rows + len(mode))
+    for step in range(12):
+        bags, length = int(rng.integers(1, 40)), int(rng.integers(1, 9))
+        dist = "zipf" if step % 2 else "uniform"
+        x = _trace(rng, dist, num, bags * length).view(bags, length)
+        use_psw = mode == "sum" and step % 3 == 0
+        psw = torch.rand(bags, length) if use_psw else None
+        y_cpu = cpu_emb(x, per_sample_weights=psw)
+        y_gpu = gpu_emb(x.cuda(), per_sample_weights=psw.cuda() if use_psw else None)
+        assert _rel(y_gpu, y_cpu) <= 1e-6, step
+        if opt is not None:
+            g = torch.randn_like(y_cpu)
+            y_cpu.backward(g)
+            y_gpu.backward(g.cuda())
+        _check_rows(cpu_emb, gpu_emb, num)
+        assert gpu_emb.stats() == cpu_emb.stats()
+        _same_cache(gpu_emb.store.l1, cpu_emb.store.l1)
+
+
+@pytest.mark.parametrize("dim", [1, 31, 128, 129, 300])
+def test_module_dims_and_offsets(dim):
+    """Ragged bags given by offsets (empty bags too), odd dims, psw gradients."""
+    num = 500
+    opt = ts.RowWiseAdagrad(lr=0.05) if dim % 2 else ts.Adagrad(lr=0.05)
+    cpu_emb, gpu_emb = _pair(num, dim, cache_rows=64, ways=4, optimizer=opt)
+    rng = np.random.default_rng(dim)
+    for _ in range(6):
+        n = int(rng.integers(1, 300))
+        idx = _trace(rng, "zipf", num, n)
+        cuts = np.sort(rng.integers(0, n + 1, int(rng.integers(1, 20))))
+        offsets = torch.from_numpy(np.concatenate([[0], cuts]).astype(np.int64))
+        psw = torch.rand(n, requires_grad=True)
+        psw_g = psw.detach().cuda().requires_grad_()
+        y_cpu = cpu_emb(idx, offsets, per_sample_weights=psw)
+        y_gpu = gpu_emb(idx.cuda(), offsets.cuda(), per_sample_weights=psw_g)
+        assert _rel(y_gpu, y_cpu) <= 1e-6
+        g = torch.randn_like(y_cpu)
+        y_cpu.backward(g)
+        y_gpu.backward(g.cuda())
+        assert _rel(psw_g.grad, psw.grad) <= 1e-6
+        _check_rows(cpu_emb, gpu_emb, num)
+    assert gpu_emb.stats() == cpu_emb.stats()
+
+
+def test_flush_writes_every_row_back():
+    num, dim = 3000, 16
+    cpu_emb, gpu_emb = _pair(num, dim, cache_rows=200, optimizer=ts.SGD(lr=0.5))
+    rng = np.random.default_rng(9)
+    for _ in range(10):
+        x = _trace(rng, "zipf", num, 64 * 8).view(64, 8)
+        cpu_emb(x).sum().backward()
+        gpu_emb(x.cuda()).sum().backward()
+    cpu_emb.flush()
+    gpu_emb.flush()
+    assert int(gpu_emb.store.l1.dirty.sum()) == 0
+    assert _rel(gpu_emb.store.host.data, cpu_emb.store.host.data) <= 1e-6
+    assert gpu_emb.stats() == cpu_emb.stats()
+
+
+def test_gather_scatter_and_prefetch():
+    cuda = _cuda()
+    num, dim = 400, 12
+    cpu_emb, gpu_emb = _pair(num, dim, cache_rows=16, ways=4, optimizer=ts.Adagrad(lr=0.1))
+    x = torch.randint(0, num, (50, 4))
+    gpu_emb.prefetch(x.cuda())
+    cpu_emb.prefetch(x)
+    y_gpu, y_cpu = gpu_emb(x.cuda()), cpu_emb(x)
+    assert _rel(y_gpu, y_cpu) <= 1e-6
+    store = gpu_emb.store
+    batch = store.lookup(x.reshape(-1).cuda())
+    rows = cuda.gather(store, batch)
+    assert torch.equal(rows.cpu(), store.read_rows(batch.ids).cpu())
+    cuda.scatter(store, batch, rows * 2)
+    assert torch.equal(store.read_rows(batch.ids).cpu(), (rows * 2).cpu())
+    store.release(batch)

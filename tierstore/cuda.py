@@ -1,0 +1,480 @@
+"""The CUDA backend: the engine's steps as CuPy raw kernels (``kernels/*.cu``).
+
+The same functions as :mod:`tierstore.cpu`, with the same meaning, and the same cache state
+(tags, stamps, dirty bits, locks, counters, sketch) kept in HBM. Every kernel runs on torch's
+current stream on torch tensors passed by pointer (:mod:`tierstore.interop`); L2 rows are read
+and written in pinned host memory directly over PCIe (zero-copy). The step adds no host
+synchronisation of its own: counts that decide the work (misses, touched sets, fills) stay on
+the device and the kernels loop over them; launches are sized by the batch's unique count.
+
+Shapes: ``n`` indices, ``B`` bags, ``U`` unique rows, ``D`` embedding dim, rows of ``width``
+floats, ``C`` L1 slots, ``S`` sets of ``W`` ways.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import cpu, interop, kernel_loader
+from .cache import Lookup, SetAssociativeCache
+from .hashing import seed_key
+from .host import HostTable
+from .optim import Optimizer
+
+name = "cuda"
+
+_KERNEL_POLICIES = ("lru", "lfu")  # policies with score functors in kernels/policy.cuh
+_KERNEL_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad")  # functors in kernels/backward.cu
+_REGISTER_COLUMNS = (1, 2, 4, 8, 16)  # backward kernels hold G * K weights of a row per G lanes
+_MOVE_ROWS = {True: 8, False: 4}  # fills per warp of move_rows_vec4 / move_rows_scalar
+
+
+def available() -> bool:
+    """Whether the kernels can run: a CUDA device that torch and CuPy both see."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+def _device(device: torch.device | str) -> torch.device:
+    device = torch.device(device)
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _run(file: str, function: str, device: torch.device, items: int, args, per_warp: bool):
+    kernel = kernel_loader.kernel(file, function, device.index)
+    interop.launch(kernel, device, items, args, per_warp)
+
+
+def _i64(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return t.to(device=device, dtype=torch.int64).contiguous()
+
+
+# ---------------------------------------------------------------------------- the cache
+class DeviceLookup:
+    """What one step decided, as :class:`~tierstore.cache.Lookup`, but with the fill lists in
+    buffers of ``U`` entries of which the first ``n_fill`` (a device scalar) are used, so that
+    nobody waits for the count. The ``fill_*`` / ``victim_*`` properties return the trimmed
+    lists (one device read); :meth:`trimmed` gives the whole ``Lookup``.
+    """
+
+    def __init__(
+        self, ids, slots, filled, fill_index, fill_slots, victim_ids, victim_dirty, n_fill
+    ):
+        self.ids = ids  # (U,) int64, ascending
+        self.slots = slots  # (U,) int64, -1 = conflict miss
+        self.filled = filled  # (U,) int32, 1 where the id was inserted this step
+        self.fill_index_buffer = fill_index  # (U,) int64, first n_fill used
+        self.fill_slots_buffer = fill_slots  # (U,) int64
+        self.victim_ids_buffer = victim_ids  # (U,) int64
+        self.victim_dirty_buffer = victim_dirty  # (U,) bool
+        self.n_fill = n_fill  # (1,) int32 on the device
+        self._trimmed: Lookup | None = None
+
+    def trimmed(self) -> Lookup:
+        """The step as a plain :class:`Lookup` (reads ``n_fill`` from the device once)."""
+        if self._trimmed is None:
+            f = int(self.n_fill[0]) if self.n_fill.numel() else 0
+            self._trimmed = Lookup(
+                self.ids,
+                self.slots,
+                self.fill_index_buffer[:f],
+                self.fill_slots_buffer[:f],
+                self.victim_ids_buffer[:f],
+                self.victim_dirty_buffer[:f],
+                self.hit,
+            )
+        return self._trimmed
+
+    @property
+    def hit(self) -> torch.Tensor:
+        """(U,) bool: the id was cached before this step."""
+        return (self.slots >= 0) & (self.filled == 0)
+
+    @property
+    def fill_index(self) -> torch.Tensor:
+        """(F,) positions in ``ids`` of the inserted rows, ascending."""
+        return self.trimmed().fill_index
+
+    @property
+    def fill_slots(self) -> torch.Tensor:
+        """(F,) slots of the inserted rows."""
+        return self.trimmed().fill_slots
+
+    @property
+    def victim_ids(self) -> torch.Tensor:
+        """(F,) rows evicted by the fills (``EMPTY`` where the way was empty)."""
+        return self.trimmed().victim_ids
+
+    @property
+    def victim_dirty(self) -> torch.Tensor:
+        """(F,) whether each victim was dirty (written back)."""
+        return self.trimmed().victim_dirty
+
+    @property
+    def fill_ids(self) -> torch.Tensor:
+        """Ids of the inserted rows, ascending."""
+        return self.trimmed().fill_ids
+
+    @property
+    def conflicts(self) -> torch.Tensor:
+        """Positions in ``ids`` of the conflict misses."""
+        return self.trimmed().conflicts
+
+
+class CudaCache(SetAssociativeCache):
+    """:class:`~tierstore.cache.SetAssociativeCache` whose step runs as kernels.
+
+    Same state, same results; the step is ``probe`` (lookup.cu), then the grouping of misses by
+    set, the victims and the fill list (insert.cu), and for LFU the sketch (sketch.cu). A
+    policy without a kernel functor, and ``strict`` lookups, use the torch version.
+    """
+
+    def __init__(self, rows: int, ways: int, policy, device: torch.device | str):
+        super().__init__(rows, ways, policy, _device(device))
+        # misses per set during a step; the step leaves it at zero again
+        self._set_misses = torch.zeros(self.sets, dtype=torch.int32, device=self.device)
+        self._seg_start = torch.empty(self.sets, dtype=torch.int32, device=self.device)
+
+    def find(self, ids: torch.Tensor) -> torch.Tensor:
+        """Slot of each id, or -1 where it is not cached. Changes nothing."""
+        ids = _i64(ids, self.device)
+        slots = torch.empty_like(ids)
+        args = (ids, ids.numel(), self.tags, self.sets, self.ways, slots)
+        _run("lookup.cu", "find_slots", self.device, ids.numel(), args, per_warp=True)
+        return slots
+
+    def lookup(self, ids: torch.Tensor, counts: torch.Tensor, strict: bool = False):
+        """One step (see :meth:`SetAssociativeCache.lookup`); returns a :class:`DeviceLookup`."""
+        policy = self.policy.name
+        if strict or policy not in _KERNEL_POLICIES:
+            return super().lookup(ids, counts, strict)
+        dev = self.device
+        ids, counts = _i64(ids, dev), _i64(counts, dev)
+        n = ids.numel()
+        self.step += 1
+        i32, i64 = torch.int32, torch.int64
+        slots = torch.empty(n, dtype=i64, device=dev)
+        score = torch.empty(n, dtype=i64, device=dev)
+        meta = torch.zeros(2, dtype=i32, device=dev)  # touched sets, segment cursor
+        touched = torch.empty((3, n), dtype=i32, device=dev)  # set, misses, segment start
+        segments = torch.empty(n, dtype=i32, device=dev)
+        filled = torch.zeros(n, dtype=i32, device=dev)
+        victim_by_pos = torch.empty(n, dtype=i64, device=dev)
+        victim_dirty_by_pos = torch.empty(n, dtype=torch.uint8, device=dev)
+        sk = self.sketch
+        if sk is not None:
+            sk_args = (sk.counters, sk.salts, sk.additions, sk.depth, sk.width, sk.sample_size)
+            args = (ids, counts, n, *sk_args[:3], sk.depth, sk.width)
+            _run("sketch.cu", "sketch_add", dev, n, args, per_warp=False)
+        else:
+            sk_args = (None, None, None, 0, 1, 0)
+        args = (ids, counts, n, self.tags, self.stamps, self.locks, self.sets, self.ways,
+                self.step, *sk_args, slots, score, self._set_misses, touched[0], meta[0:1],
+                self.counters)  # fmt: skip
+        _run("lookup.cu", f"probe_{policy}", dev, n, args, per_warp=True)
+        args = (touched[0], meta[0:1], self._set_misses, meta[1:2], self._seg_start,
+                touched[1], touched[2])  # fmt: skip
+        _run("insert.cu", "reserve_segments", dev, (n + 31) // 32, args, per_warp=True)
+        args = (ids, slots, n, self.sets, self._set_misses, self._seg_start, segments)
+        _run("insert.cu", "scatter_misses", dev, n, args, per_warp=False)
+        args = (touched[0], meta[0:1], touched[1], touched[2], segments, ids, score, self.tags,
+                self.stamps, self.dirty, self.locks, self.ways, slots, filled, victim_by_pos,
+                victim_dirty_by_pos, self.counters)  # fmt: skip
+        _run("insert.cu", f"choose_victims_{policy}", dev, min(n, self.sets), args, True)
+        # the fills in ascending id order: a prefix sum over the batch, then a compaction
+        rank = torch.cumsum(filled, 0, dtype=i32)
+        fill_index = torch.empty(n, dtype=i64, device=dev)
+        fill_slots = torch.empty(n, dtype=i64, device=dev)
+        victim_ids = torch.empty(n, dtype=i64, device=dev)
+        victim_dirty = torch.empty(n, dtype=torch.bool, device=dev)
+        args = (filled, rank, n, slots, victim_by_pos, victim_dirty_by_pos, fill_index,
+                fill_slots, victim_ids, victim_dirty)  # fmt: skip
+        _run("insert.cu", "compact_fills", dev, n, args, per_warp=False)
+        n_fill = rank[-1:] if n else torch.zeros(1, dtype=i32, device=dev)
+        if sk is not None:
+            self._age(sk)
+        return DeviceLookup(
+            ids, slots, filled, fill_index, fill_slots, victim_ids, victim_dirty, n_fill
+        )
+
+    def _age(self, sk) -> None:
+        """Halves the sketch and the scores once ``sample_size`` additions have accumulated,
+        deciding on the device (policy.FrequencySketch.age_if_due)."""
+        dev = self.device
+        items = max(sk.counters.numel(), self.stamps.numel())
+        args = (sk.counters, sk.counters.numel(), sk.additions, sk.sample_size, self.stamps,
+                self.stamps.numel())  # fmt: skip
+        _run("sketch.cu", f"sketch_age_{self.policy.name}", dev, items, args, per_warp=False)
+        args = (sk.additions, sk.sample_size, None)
+        _run("sketch.cu", "sketch_age_reset", dev, 1, args, per_warp=False)
+
+    def release(self, slots: torch.Tensor) -> None:
+        """Unlocks the slots a finished batch held (-1 entries are ignored)."""
+        slots = _i64(slots, self.device)
+        args = (slots, slots.numel(), self.locks)
+        _run("lookup.cu", "release_slots", self.device, slots.numel(), args, per_warp=False)
+
+    def mark_dirty(self, slots: torch.Tensor) -> None:
+        """Marks slots as written (-1 entries are ignored)."""
+        slots = _i64(slots, self.device)
+        args = (slots, slots.numel(), self.dirty)
+        _run("lookup.cu", "mark_dirty_slots", self.device, slots.numel(), args, per_warp=False)
+
+
+def new_cache(rows: int, ways: int, policy, device: torch.device) -> CudaCache:
+    """The L1 cache state in HBM."""
+    return CudaCache(rows, ways, policy, device)
+
+
+def lookup(cache: SetAssociativeCache, ids: torch.Tensor, counts: torch.Tensor):
+    """One cache step (see :meth:`SetAssociativeCache.lookup`)."""
+    return cache.lookup(ids, counts)
+
+
+# ------------------------------------------------------------------------------ moving rows
+def _l2(store):
+    """The device address of L2's rows (pinned host memory), or None if the device can't reach it."""
+    data = getattr(store.host, "data", None)
+    if data is None or data.dtype != torch.float32 or not data.is_contiguous():
+        return None
+    return interop.device_pointer(data)
+
+
+def _l2_written(store, addresses: torch.Tensor, where: torch.Tensor | None = None) -> None:
+    """Tells an L2 that tracks dirty rows (the SSD tier's host cache) that kernels wrote the rows
+    at ``addresses[where]``; the full host table tracks nothing. (The CPU backend does this
+    through ``host.write``.) Reads the addresses to the host: only on the SSD tier's path."""
+    host = store.host
+    if isinstance(host, HostTable):
+        return
+    if where is not None:
+        addresses = addresses[where]
+    host.mark_dirty(addresses)
+
+
+def _refresh_conflicts(store, batch, l2) -> None:
+    """A conflict miss of ``batch`` was updated in L2; if a prefetched batch has filled it into
+    L1 since (from the L2 row as it was then), copy the updated row over that L1 copy, as the
+    CPU backend's ``scatter`` does. No host read: the kernel finds the rows itself."""
+    dev = store.l1_data.device
+    n = batch.ids.numel()
+    l1 = store.l1
+    args = (batch.ids, batch.slots, _i64(batch.addresses, dev), n, l1.tags, l1.sets, l1.ways,
+            store.l1_data, l2, store.layout.width)  # fmt: skip
+    _run("rows.cu", "refresh_conflict_rows", dev, (n + 31) // 32, args, per_warp=True)
+
+
+def move_rows(store, found, addresses: torch.Tensor) -> None:
+    """Writes dirty victims back to their L2 address, then copies the filled rows in from L2
+    (ascending ids) and records their L2 address; one kernel, zero-copy over PCIe."""
+    l2 = _l2(store)
+    if not isinstance(found, DeviceLookup) or l2 is None:
+        found = found.trimmed() if isinstance(found, DeviceLookup) else found
+        return cpu.move_rows(store, found, addresses)
+    dev = store.l1_data.device
+    n = found.ids.numel()
+    if not isinstance(store.host, HostTable):  # dirty victims dirty their L2 rows
+        t = found.trimmed()
+        _l2_written(store, store.l1_home[t.fill_slots[t.victim_dirty]])
+    width = store.layout.width
+    vec4 = width % 4 == 0
+    args = (found.fill_index_buffer, found.fill_slots_buffer, found.victim_dirty_buffer,
+            found.n_fill, _i64(addresses, dev), store.l1_data, store.l1_home, l2, width)  # fmt: skip
+    rows = _MOVE_ROWS[vec4]
+    fn = "move_rows_vec4" if vec4 else "move_rows_scalar"
+    _run("insert.cu", fn, dev, (n + rows - 1) // rows, args, per_warp=True)
+
+
+def gather(store, batch, cols: int | None = None) -> torch.Tensor:
+    """Rows ``(U, cols)`` of a batch from where they live: L1 slots, else L2 addresses."""
+    cols = store.layout.width if cols is None else cols
+    l2 = _l2(store)
+    if l2 is None:
+        return cpu.gather(store, batch, cols)
+    dev = store.l1_data.device
+    n = batch.ids.numel()
+    out = torch.empty((n, cols), device=dev)
+    args = (batch.slots, _i64(batch.addresses, dev), n, store.l1_data, l2, store.layout.width,
+            cols, out)  # fmt: skip
+    _run("rows.cu", "gather_rows", dev, n, args, per_warp=True)
+    return out
+
+
+def scatter(store, batch, rows: torch.Tensor) -> None:
+    """Stores updated rows where they live; cached ones become dirty."""
+    l2 = _l2(store)
+    if l2 is None:
+        return cpu.scatter(store, batch, rows)
+    dev = store.l1_data.device
+    n = batch.ids.numel()
+    rows = rows.to(dev, torch.float32).contiguous()
+    args = (batch.slots, _i64(batch.addresses, dev), n, store.l1_data, l2, store.l1.dirty,
+            store.layout.width, rows)  # fmt: skip
+    _run("rows.cu", "scatter_rows", dev, n, args, per_warp=True)
+    _refresh_conflicts(store, batch, l2)
+    if n:
+        _l2_written(store, batch.addresses, batch.slots < 0)
+
+
+# ------------------------------------------------------------------------ forward, backward
+def forward(
+    store,
+    batch,
+    offsets: torch.Tensor,
+    per_sample_weights: torch.Tensor | None,
+    mode: str,
+) -> torch.Tensor:
+    """Pooled bags ``(B, D)`` in one launch; ``offsets`` has ``B + 1`` entries, the last ``n``."""
+    l2 = _l2(store)
+    if l2 is None:
+        return cpu.forward(store, batch, offsets, per_sample_weights, mode)
+    dev = store.l1_data.device
+    dim, width = store.layout.dim, store.layout.width
+    bags = offsets.numel() - 1
+    out = torch.empty((max(bags, 0), dim), device=dev)
+    psw = None
+    if per_sample_weights is not None:
+        psw = per_sample_weights.to(dev, torch.float32).contiguous()
+    vec4 = dim % 4 == 0 and width % 4 == 0
+    args = (_i64(offsets, dev), _i64(batch.inverse, dev), psw, batch.slots,
+            _i64(batch.addresses, dev), store.l1_data, l2, width, dim, bags,
+            mode == "mean", out)  # fmt: skip
+    _run("forward.cu", "forward_vec4" if vec4 else "forward_scalar", dev, bags, args, True)
+    return out
+
+
+def backward(
+    store,
+    batch,
+    grad_out: torch.Tensor,
+    offsets: torch.Tensor,
+    per_sample_weights: torch.Tensor | None,
+    mode: str,
+    optimizer: Optimizer | None,
+    want_weight_grad: bool,
+) -> torch.Tensor | None:
+    """Reduces the gradient per unique row (the batch's inverse sorted stably: index order
+    within a row, deterministic), applies the fused optimizer where each row lives (marking L1
+    rows dirty), and returns the gradient of the per-sample weights if asked."""
+    dim = store.layout.dim
+    k = next((k for k in _REGISTER_COLUMNS if 32 * k >= dim), None)  # a warp per row
+    group = 32  # lanes per chunk of sorted entries (kernels/backward.cu says why not 8)
+    l2 = _l2(store)
+    opt_name = optimizer.name if optimizer is not None else None
+    if l2 is None or k is None or (optimizer is not None and opt_name not in _KERNEL_OPTIMIZERS):
+        return cpu.backward(
+            store, batch, grad_out, offsets, per_sample_weights, mode, optimizer, want_weight_grad
+        )
+    dev = store.l1_data.device
+    n = batch.inverse.numel()
+    bags = offsets.numel() - 1
+    width = store.layout.width
+    offsets = _i64(offsets, dev)
+    inverse = _i64(batch.inverse, dev)
+    addresses = _i64(batch.addresses, dev)
+    grad_out = grad_out.to(dev, torch.float32).contiguous()
+    psw = None
+    if per_sample_weights is not None:
+        psw = per_sample_weights.to(dev, torch.float32).contiguous()
+    mean = mode == "mean"
+    bag = torch.empty(n, dtype=torch.int32, device=dev)
+    _run("backward.cu", "bag_of_index", dev, bags, (offsets, bags, bag), per_warp=True)
+    weight_grad = None
+    if want_weight_grad:
+        weight_grad = torch.empty(n, device=dev)
+        args = (offsets, bag, inverse, grad_out, batch.slots, addresses, store.l1_data, l2,
+                width, dim, n, mean, weight_grad)  # fmt: skip
+        _run("backward.cu", "weight_grad", dev, n, args, per_warp=True)
+    if optimizer is not None and n:
+        # the sparse transpose: indices grouped by unique row, in index order within a row
+        sorted_u, order = torch.sort(inverse.to(torch.int32), stable=True)
+        chunks = (n + group - 1) // group
+        partial = torch.empty((chunks * 2, dim), device=dev)
+        lr, eps = float(optimizer.lr), float(getattr(optimizer, "eps", 0.0))
+        rows = (batch.slots, addresses, store.l1_data, l2, store.l1.dirty, width, dim)
+        args = (sorted_u, order, bag, offsets, psw, grad_out, n, mean, *rows, lr, eps, partial)
+        fn = f"reduce_chunks_{opt_name}_g{group}_k{k}"
+        _run("backward.cu", fn, dev, (chunks * group + 31) // 32, args, per_warp=True)
+        # rows whose entries cross chunks: their partial sums, added in chunk order
+        unique = batch.ids.numel()
+        start = torch.empty(unique + 1, dtype=torch.int64, device=dev)
+        _run("backward.cu", "segment_starts", dev, n, (sorted_u, n, unique, start), False)
+        args = (sorted_u, start, n, group, dim, partial)
+        _run("backward.cu", f"sum_groups_k{k}", dev, chunks, args, per_warp=True)
+        args = (sorted_u, start, n, group, *rows, lr, eps, partial)
+        _run("backward.cu", f"finish_crossing_{opt_name}_k{k}", dev, chunks, args, per_warp=True)
+        _refresh_conflicts(store, batch, l2)
+        if batch.slots.numel():
+            _l2_written(store, addresses, batch.slots < 0)
+    return weight_grad
+
+
+# ------------------------------------------------------------------ initial rows, hashing
+def initial_rows(
+    ids: torch.Tensor,
+    dim: int,
+    width: int,
+    seed: int,
+    scale: float,
+    initial_state: float = 0.0,
+) -> torch.Tensor:
+    """Rows ``(n, width)`` of never-written ``ids`` on their (CUDA) device:
+    ``hashing.initial_weights`` bit for bit, then the optimizer state at ``initial_state``."""
+    dev = _device(ids.device)
+    ids = _i64(ids, dev)
+    out = torch.empty((ids.numel(), width), device=dev)
+    args = (ids, ids.numel(), dim, width, seed_key(seed), float(scale), float(initial_state), out)
+    _run("init.cu", "initial_rows", dev, ids.numel(), args, per_warp=True)
+    return out
+
+
+def hash_ids(ids: torch.Tensor, sets: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mix64(ids), set_index(ids, sets))`` computed by the kernels' ``common.cuh``."""
+    dev = _device(ids.device)
+    ids = _i64(ids, dev)
+    mixed, set_of = torch.empty_like(ids), torch.empty_like(ids)
+    args = (ids, ids.numel(), sets, mixed, set_of)
+    _run("init.cu", "hash_ids", dev, ids.numel(), args, per_warp=False)
+    return mixed, set_of
+
+
+def sketch_add(sketch, ids: torch.Tensor, counts: torch.Tensor) -> None:
+    """Adds ``counts`` accesses of (unique) ``ids`` to a device-resident
+    :class:`~tierstore.policy.FrequencySketch` (its ``add`` without the estimates)."""
+    dev = _device(sketch.counters.device)
+    ids, counts = _i64(ids, dev), _i64(counts, dev)
+    args = (ids, counts, ids.numel(), sketch.counters, sketch.salts, sketch.additions,
+            sketch.depth, sketch.width)  # fmt: skip
+    _run("sketch.cu", "sketch_add", dev, ids.numel(), args, per_warp=False)
+
+
+def sketch_estimate(sketch, ids: torch.Tensor) -> torch.Tensor:
+    """The sketch's estimates of ``ids`` (int32), as :meth:`FrequencySketch.estimate`."""
+    dev = _device(sketch.counters.device)
+    ids = _i64(ids, dev)
+    out = torch.empty(ids.numel(), dtype=torch.int32, device=dev)
+    args = (ids, ids.numel(), sketch.counters, sketch.salts, sketch.depth, sketch.width, out)
+    _run("sketch.cu", "sketch_estimate", dev, ids.numel(), args, per_warp=False)
+    return out
+
+
+def sketch_age_if_due(sketch) -> torch.Tensor:
+    """Halves the sketch once ``sample_size`` additions have accumulated, deciding on the
+    device; returns a device flag (int32, 1 if it halved)."""
+    dev = _device(sketch.counters.device)
+    aged = torch.zeros(1, dtype=torch.int32, device=dev)
+    n = sketch.counters.numel()
+    args = (sketch.counters, n, sketch.additions, sketch.sample_size, None, 0)
+    _run("sketch.cu", "sketch_age_lru", dev, n, args, per_warp=False)  # LRU: no scores to age
+    _run(
+        "sketch.cu", "sketch_age_reset", dev, 1, (sketch.additions, sketch.sample_size, aged), False
+    )
+    return aged
