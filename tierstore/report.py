@@ -52,6 +52,7 @@ def plot_lines(
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return False
     fig, axes = plt.subplots(1, len(ys), figsize=(5.5 * len(ys), 4), squeeze=False)
@@ -61,6 +62,7 @@ def plot_lines(
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=str(name))
         if logx:
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel(xlabel or x)
         ax.set_ylabel(y)
         ax.grid(True, alpha=0.3)
