@@ -1,0 +1,243 @@
+"""Benchmarks of the SSD tier (L3, tierstore/ssd.py).
+
+As a script, the full matrix behind bench/RESULTS-ssd.md (a few minutes, ~1.2 GB of disk at
+a time in a temporary directory)::
+
+    python bench/bench_ssd.py                      # 2 M rows, block_rows 1 4 16 64, levels 0 3
+    python bench/bench_ssd.py --rows 262144 --block-rows 1 --levels 3
+    python bench/bench_ssd.py --compare --block-rows 1 2 4 --levels 3   # reads only, interleaved
+
+As a pytest-benchmark suite (small tables, for regressions)::
+
+    python -m pytest bench/bench_ssd.py --benchmark-only
+
+Rows are "trained-like" fp32: dim 128 weights ~ normal(0, 0.01), then one positive row-wise
+AdaGrad state (row_width 129). Reads are batches of 64K unique ids, sorted as the engine
+sends them, with the page cache warm (the table has just been written and read once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import wait
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from tierstore.hashing import initial_weights  # noqa: E402
+from tierstore.ssd import SSDTier  # noqa: E402
+
+DIM, WIDTH = 128, 129
+BATCH = 1 << 16
+
+
+def init_rows(ids: torch.Tensor) -> torch.Tensor:
+    return initial_weights(ids, WIDTH, 7, 0.05)
+
+
+def trained_rows(rng: np.random.Generator, n: int) -> torch.Tensor:
+    rows = np.empty((n, WIDTH), np.float32)
+    rows[:, :DIM] = rng.normal(0, 0.01, (n, DIM))
+    rows[:, DIM] = np.abs(rng.normal(0, 0.05, n))  # AdaGrad's sum of squared gradients
+    return torch.from_numpy(rows)
+
+
+def random_batch(rng: np.random.Generator, ids: np.ndarray, n: int = BATCH) -> torch.Tensor:
+    return torch.from_numpy(np.sort(rng.choice(ids, n, replace=False)))
+
+
+def rate(rows: int, seconds: float) -> float:
+    return rows / seconds / 1e6
+
+
+def timed(fn, repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def build(path, ids: np.ndarray, block_rows: int, level: int, rng) -> tuple[SSDTier, float]:
+    """Creates a table holding ``ids`` (sorted) in one flush; returns it and the flush time."""
+    tier = SSDTier.create(
+        path,
+        {"row_width": WIDTH},
+        init_rows,
+        block_rows=block_rows,
+        compression_level=level,
+        io_threads=2,
+    )
+    spent = 0.0
+    writer = tier.flush_begin()
+    for start in range(0, len(ids), BATCH):
+        chunk = torch.from_numpy(ids[start : start + BATCH])
+        rows = trained_rows(rng, len(chunk))  # generated outside the timed part
+        t0 = time.perf_counter()
+        writer.write(chunk, rows)
+        spent += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    writer.commit()
+    return tier, spent + time.perf_counter() - t0
+
+
+def measure(workdir: str, rows: int, block_rows: int, level: int, sparse: bool, reads: int):
+    """All figures for one configuration, as a dict."""
+    rng = np.random.default_rng(block_rows * 10 + level)
+    if sparse:  # hashed feature ids: anywhere in int64
+        ids = np.unique(rng.integers(-(2**63), 2**63 - 1, rows, dtype=np.int64))
+    else:
+        ids = np.arange(rows, dtype=np.int64)
+    path = os.path.join(workdir, f"t{block_rows}_{level}_{int(sparse)}")
+    tier, flush_s = build(path, ids, block_rows, level, rng)
+    out = {
+        "ids": "hashed" if sparse else "dense",
+        "block_rows": block_rows,
+        "level": level,
+        "rows": len(ids),
+        "bulk_flush": rate(len(ids), flush_s),
+        "ratio": len(ids) * WIDTH * 4 / tier.stats["bytes_written"],
+        "disk_per_row": tier.disk_bytes() / len(ids),
+    }
+    t0 = time.perf_counter()  # warms the page cache and the map's page tables
+    for start in range(0, len(ids), BATCH):
+        tier.read(torch.from_numpy(ids[start : start + BATCH]))
+    out["seq_read"] = rate(len(ids), time.perf_counter() - t0)
+    batches = [random_batch(rng, ids) for _ in range(reads)]
+    it = iter(batches)
+    out["rand_read"] = rate(BATCH, statistics.median(timed(lambda: tier.read(next(it)), reads)))
+    t0 = time.perf_counter()  # two batches in flight at a time, as the prefetch pipeline does
+    wait([tier.read_async(b) for b in batches])
+    out["rand_read_async"] = rate(BATCH * reads, time.perf_counter() - t0)
+    dirty = [(random_batch(rng, ids), trained_rows(rng, BATCH)) for _ in range(6)]
+    it = iter(dirty)
+    out["rand_flush"] = rate(BATCH, statistics.median(timed(lambda: tier.flush(*next(it)), 3)))
+    out["rand_write"] = rate(BATCH, statistics.median(timed(lambda: tier.write(*next(it)), 3)))
+    t0 = time.perf_counter()
+    tier.flush(dirty[0][0][:0], dirty[0][1][:0])  # merges the 3 x 64K staged rows
+    out["staged_flush"] = rate(3 * BATCH, time.perf_counter() - t0)
+    tier.close()
+    shutil.rmtree(path)
+    return out
+
+
+def compare_reads(workdir: str, rows: int, configs: list[tuple[int, int]], rounds: int = 9):
+    """Random-read rows/s of several tables, measured in interleaved rounds so that the load
+    of a shared machine hits every configuration alike: {(block_rows, level): (median, best)}."""
+    rng = np.random.default_rng(0)
+    ids = np.arange(rows, dtype=np.int64)
+    tiers = {}
+    for block_rows, level in configs:
+        path = os.path.join(workdir, f"cmp{block_rows}_{level}")
+        tiers[block_rows, level], _ = build(path, ids, block_rows, level, rng)
+        for start in range(0, rows, BATCH):
+            tiers[block_rows, level].read(torch.from_numpy(ids[start : start + BATCH]))
+    times = {config: [] for config in configs}
+    for _ in range(rounds):
+        for config in configs:
+            batch = random_batch(rng, ids)
+            times[config] += timed(lambda: tiers[config].read(batch), 1)  # noqa: B023
+    for tier in tiers.values():
+        tier.close()
+    return {c: (rate(BATCH, statistics.median(t)), rate(BATCH, min(t))) for c, t in times.items()}
+
+
+COLUMNS = [
+    ("ids", "ids", "{}"),
+    ("block_rows", "block_rows", "{}"),
+    ("level", "zstd level", "{}"),
+    ("rand_read", "random read, M rows/s", "{:.3f}"),
+    ("rand_read_async", "random read, 2 threads", "{:.3f}"),
+    ("seq_read", "sequential read", "{:.3f}"),
+    ("bulk_flush", "bulk flush (ids in order)", "{:.3f}"),
+    ("rand_flush", "random flush (RMW)", "{:.3f}"),
+    ("rand_write", "random write() (staged)", "{:.3f}"),
+    ("staged_flush", "flush of staged rows", "{:.3f}"),
+    ("ratio", "compression ratio (values)", "{:.3f}"),
+    ("disk_per_row", "disk bytes/row", "{:.0f}"),
+]
+
+
+def markdown(results: list[dict]) -> str:
+    lines = ["| " + " | ".join(title for _, title, _ in COLUMNS) + " |"]
+    lines.append("|" + "---|" * len(COLUMNS))
+    for r in results:
+        lines.append("| " + " | ".join(fmt.format(r[key]) for key, _, fmt in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=1 << 21)
+    parser.add_argument("--block-rows", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--levels", type=int, nargs="+", default=[0, 3])
+    parser.add_argument("--reads", type=int, default=7, help="random batches per figure")
+    parser.add_argument("--hashed", action="store_true", help="add hashed-id tables")
+    parser.add_argument("--dir", default=None, help="where to put the tables (default: /tmp)")
+    parser.add_argument(
+        "--compare", action="store_true", help="only random reads, interleaved across configs"
+    )
+    args = parser.parse_args()
+    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
+          f"{torch.__version__}, load average before: {os.getloadavg()}", flush=True)  # fmt: skip
+    if args.compare:
+        configs = [(s, lv) for lv in args.levels for s in args.block_rows]
+        with tempfile.TemporaryDirectory(dir=args.dir) as workdir:
+            found = compare_reads(workdir, args.rows, configs)
+        print(f"load average after: {os.getloadavg()}")
+        print(
+            "| block_rows | zstd level | random read, M rows/s (median) | best |\n|---|---|---|---|"
+        )
+        for (block_rows, level), (median, best) in found.items():
+            print(f"| {block_rows} | {level} | {median:.3f} | {best:.3f} |")
+        return
+    results = []
+    with tempfile.TemporaryDirectory(dir=args.dir) as workdir:
+        configs = [(s, lv, False) for s in args.block_rows for lv in args.levels]
+        if args.hashed:
+            configs += [(s, lv, True) for s in args.block_rows[:1] for lv in args.levels]
+        for block_rows, level, sparse in configs:
+            r = measure(workdir, args.rows, block_rows, level, sparse, args.reads)
+            results.append(r)
+            print(r, f"load {os.getloadavg()[0]:.1f}", flush=True)
+    print(markdown(results))
+
+
+# ------------------------------------------------------------------ pytest-benchmark suite
+
+
+@pytest.fixture(scope="module", params=[0, 3], ids=["level0", "level3"])
+def small_table(request, tmp_path_factory):
+    rng = np.random.default_rng(0)
+    ids = np.arange(1 << 18, dtype=np.int64)
+    tier, _ = build(tmp_path_factory.mktemp("ssd") / "t", ids, 1, request.param, rng)
+    tier.read(torch.from_numpy(ids))
+    yield tier, ids, rng
+    tier.close()
+
+
+def test_read_random_64k(benchmark, small_table):
+    tier, ids, rng = small_table
+    batches = iter([random_batch(rng, ids) for _ in range(40)])
+    benchmark.pedantic(lambda: tier.read(next(batches)), rounds=20, warmup_rounds=1)
+
+
+def test_flush_random_64k(benchmark, small_table):
+    tier, ids, rng = small_table
+    dirty = iter([(random_batch(rng, ids), trained_rows(rng, BATCH)) for _ in range(6)])
+    benchmark.pedantic(lambda: tier.flush(*next(dirty)), rounds=5, warmup_rounds=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,973 @@
+"""L3, the SSD tier: every row ever written, in one LMDB environment (a directory).
+
+Layout of the directory::
+
+    data.mdb, lock.mdb   the table: named databases ``meta`` (JSON metadata, flush counter)
+                         and ``blocks`` (one entry per block of consecutive ids)
+    staged/              a scratch LMDB environment for rows written between flushes;
+                         never synced, wiped on every open for writing
+    writer.lock          flock'ed by the one process that has the table open for writing
+
+Rows are grouped into blocks of ``block_rows`` consecutive ids. The key of a block is the
+8-byte big-endian ``(id XOR 2**63) >> log2(block_rows)``: flipping the sign bit maps signed
+ids onto unsigned ones in the same order, so LMDB's byte order is the ids' order. A block
+stores only the rows that were written (``n`` of them)::
+
+    level 0:   n x uint16 offsets of the rows in the block, ascending | the n rows, raw
+    level > 0: uint32 len(F) | F = zstd(offsets + plane 0) | planes 1, 2, 3, raw
+
+where plane ``p`` holds byte ``3 - p`` of every float of the block's rows (the rows
+byte-shuffled, sign/exponent byte first). Only plane 0 goes through zstd: for trained fp32
+rows it is the only plane that compresses (its entropy is ~2.7 bits a byte, the mantissa
+planes' ~8), zstd builds one Huffman table per block so mixing the planes in one frame loses
+most of the gain, and each extra frame costs microseconds; raw planes are also gathered
+straight from the value without a copy.
+
+Every batch is handled in bulk: block keys are computed with numpy, blocks are fetched with
+one ``getmulti`` and (de)compressed with zstandard's multi-frame calls, and rows are
+(un)shuffled by fancy indexing across all blocks at once. No Python code runs per row.
+
+Durability: ``write()`` goes to the staged environment, which ``read()`` consults first; a
+flush merges staged rows and the dirty rows into ``blocks`` in one LMDB write transaction
+that LMDB fsyncs on commit. A process killed at any moment leaves the table exactly as of
+the last completed flush: the staged environment is discarded on the next open.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import fcntl
+import json
+import os
+import pathlib
+import shutil
+import threading
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import lmdb
+import numpy as np
+import torch
+import zstandard
+
+from tierstore.errors import (
+    CorruptBlockError,
+    InvalidInputError,
+    NotATableError,
+    StorageError,
+    StorageFullError,
+    TableLockedError,
+    TableMismatchError,
+)
+
+InitRows = Callable[[torch.Tensor], torch.Tensor]
+
+_SIGN = np.uint64(1 << 63)
+_META_KEY = b"meta"
+_FLUSH_KEY = b"flush_count"
+_LOCK_FILE = "writer.lock"
+_STAGED_DIR = "staged"
+# Rows per chunk when merging staged rows into the flush transaction (bounds memory).
+_MERGE_CHUNK_ROWS = 1 << 16
+# Below this many frames, zstandard's worker threads cost more than they save.
+_MIN_FRAMES_FOR_THREADS = 64
+
+# Tables open in this process, by resolved path: LMDB forbids opening one environment twice
+# in a process (closing either handle would drop the other's POSIX locks).
+_OPEN_TABLES: weakref.WeakValueDictionary[str, SSDTier] = weakref.WeakValueDictionary()
+_OPEN_TABLES_LOCK = threading.Lock()
+
+
+class _BadBlock(Exception):
+    """Raised by the codec for the ``index``-th block of a batch; the tier names the path."""
+
+    def __init__(self, index: int, problem: str) -> None:
+        super().__init__(problem)
+        self.index = index
+        self.problem = problem
+
+
+def _windows(buf: np.ndarray, width: int) -> np.ndarray:
+    """All ``width``-byte windows of ``buf`` as rows of a 2-D view (no copy): indexing it with
+    start offsets gathers (or, assigned to, scatters) many byte runs in one numpy call."""
+    return np.lib.stride_tricks.as_strided(buf, (len(buf) - width + 1, width), (1, 1))
+
+
+def _ragged(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For groups of ``counts`` items: each item's group and its index inside the group."""
+    total = int(counts.sum())
+    group = np.repeat(np.arange(len(counts)), counts)
+    firsts = np.cumsum(counts) - counts
+    return group, np.arange(total) - firsts[group]
+
+
+class _Decoded:
+    """The entries (present rows) of a batch of decoded blocks; rows are unshuffled on demand.
+
+    ``heads`` holds, per block, its offsets and then its first plane (level 0: the rows);
+    ``tails`` (level > 0 only) holds its three raw mantissa planes.
+    """
+
+    def __init__(
+        self,
+        codec: _Codec,
+        count: np.ndarray,
+        heads: np.ndarray,
+        head_base: np.ndarray,
+        tails: np.ndarray | None = None,
+        tail_base: np.ndarray | None = None,
+    ) -> None:
+        self.codec, self.count = codec, count
+        self.heads, self.head_base = heads, head_base
+        self.tails, self.tail_base = tails, tail_base
+        self.block, self.slot = _ragged(count)  # per entry: its block, its index in the block
+        pos = head_base[self.block] + 2 * self.slot
+        self.offset = heads[pos].astype(np.int64) | (heads[pos + 1].astype(np.int64) << 8)
+        # Entries sorted by (block, offset): the key that lookups search.
+        self.key = self.block * codec.block_rows + self.offset
+        bad = self.offset >= codec.block_rows
+        bad[1:] |= (self.key[1:] <= self.key[:-1]) & (self.block[1:] == self.block[:-1])
+        if bad.any():
+            raise _BadBlock(int(self.block[np.argmax(bad)]), "row offsets out of order or range")
+
+    def rows(self, entries: np.ndarray) -> np.ndarray:
+        """The rows of the given entries, (len(entries), row_width) float32."""
+        w = self.codec.row_width
+        block, slot = self.block[entries], self.slot[entries]
+        n = self.count[block]
+        first = self.head_base[block] + 2 * n  # where the block's first plane (or rows) begins
+        if self.tails is None:
+            runs = _windows(self.heads, 4 * w)[first + slot * 4 * w]
+            return runs.view(np.float32).reshape(len(entries), w)
+        out = np.empty((len(entries), w, 4), np.uint8)
+        out[:, :, 3] = _windows(self.heads, w)[first + slot * w]
+        tails = _windows(self.tails, w)
+        for plane in (1, 2, 3):
+            out[:, :, 3 - plane] = tails[self.tail_base[block] + ((plane - 1) * n + slot) * w]
+        return out.view(np.float32).reshape(len(entries), w)
+
+
+class _Codec:
+    """Turns sorted (id, row) batches into block keys and values and back, in bulk."""
+
+    def __init__(self, row_width: int, block_rows: int, level: int, threads: int) -> None:
+        self.row_width = row_width
+        self.block_rows = block_rows
+        self.shift = np.uint64(block_rows.bit_length() - 1)
+        self.level = level
+        self.threads = min(threads, os.cpu_count() or 1)
+        self._compressor = zstandard.ZstdCompressor(level=level) if level else None
+        self._local = threading.local()  # a decompressor per thread: they are not thread-safe
+
+    def _zstd_threads(self, frames: int) -> int:
+        return self.threads if frames >= _MIN_FRAMES_FOR_THREADS and self.threads > 1 else 0
+
+    def blocks(self, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Block numbers of sorted unsigned ids ``u``: (first index of each block, block number)."""
+        blk = u >> self.shift
+        first = np.flatnonzero(np.concatenate(([True], blk[1:] != blk[:-1])))
+        return first, blk[first]
+
+    def first_id(self, block: int) -> int:
+        """The signed id of the first row of a block."""
+        u = np.uint64(block) << self.shift
+        return int(np.array([u ^ _SIGN], np.uint64).view(np.int64)[0])
+
+    @staticmethod
+    def keys(blocks: np.ndarray) -> list[bytes]:
+        """LMDB keys of block numbers: big-endian, so that byte order is numeric order."""
+        return blocks.astype(">u8").view("V8").tolist()
+
+    def encode(self, u: np.ndarray, rows: np.ndarray) -> tuple[list[bytes], list[bytes], int]:
+        """Blocks holding exactly the rows ``rows`` of sorted unique ``u``: keys, values, bytes."""
+        w = self.row_width
+        first, blocks = self.blocks(u)
+        count = np.diff(np.append(first, len(u)))
+        block, slot = _ragged(count)
+        n = count[block]
+        as_bytes = rows.view(np.uint8).reshape(-1, w, 4)
+        # Heads: offsets, then level 0: the rows; level > 0: the sign/exponent plane.
+        head_size = count * (2 + (4 * w if self.level == 0 else w))
+        head_base = np.cumsum(head_size) - head_size
+        heads = np.empty(int(head_size.sum()), np.uint8)
+        pos = head_base[block] + 2 * slot
+        offset = u & np.uint64(self.block_rows - 1)
+        heads[pos], heads[pos + 1] = offset & np.uint64(0xFF), offset >> np.uint64(8)
+        first_row = pos + 2 * (n - slot)  # where the block's rows (or first plane) begin
+        if self.level == 0:
+            _windows(heads, 4 * w)[first_row + slot * 4 * w] = as_bytes.reshape(-1, 4 * w)
+            return self.keys(blocks), _slices(heads, head_base, head_size), len(heads)
+        _windows(heads, w)[first_row + slot * w] = as_bytes[:, :, 3]
+        segments = np.stack((head_base, head_size), axis=1).astype(np.uint64)
+        frames = self._compressor.multi_compress_to_buffer(
+            zstandard.BufferWithSegments(heads, segments.tobytes()),
+            threads=self._zstd_threads(len(blocks)),
+        )
+        frame_len = np.fromiter(map(len, frames), np.int64, len(frames))
+        # Value: uint32 frame length | frame | mantissa planes, raw (they do not compress).
+        value_size = 4 + frame_len + 3 * w * count
+        value_base = np.cumsum(value_size) - value_size
+        values = np.empty(int(value_size.sum()), np.uint8)
+        header = frame_len.astype("<u4").view(np.uint8).reshape(-1, 4)
+        values[value_base[:, None] + np.arange(4)] = header
+        frame_block, frame_pos = _ragged(frame_len)
+        compressed = np.frombuffer(b"".join(frames), np.uint8)
+        values[value_base[frame_block] + 4 + frame_pos] = compressed
+        tails = _windows(values, w)
+        tail_base = value_base + 4 + frame_len
+        for plane in (1, 2, 3):
+            tails[tail_base[block] + ((plane - 1) * n + slot) * w] = as_bytes[:, :, 3 - plane]
+        return self.keys(blocks), _slices(values, value_base, value_size), len(values)
+
+    def decode(self, values: list[bytes]) -> _Decoded:
+        """Decodes stored block values (any order); raises _BadBlock for the first bad one."""
+        w = self.row_width
+        joined = np.frombuffer(b"".join(values), np.uint8)
+        value_size = np.fromiter(map(len, values), np.int64, len(values))
+        value_base = np.cumsum(value_size) - value_size
+        if self.level == 0:
+            count = value_size // (2 + 4 * w)
+            self._check_counts(count, value_size == count * (2 + 4 * w))
+            return _Decoded(self, count, joined, value_base)
+        short = value_size < 4
+        if short.any():
+            raise _BadBlock(int(np.argmax(short)), "value shorter than its header")
+        frame_len = joined[value_base[:, None] + np.arange(4)].view("<u4")[:, 0].astype(np.int64)
+        over = frame_len > value_size - 4
+        if over.any():
+            raise _BadBlock(int(np.argmax(over)), "frame length past the end of the value")
+        segments = np.stack((value_base + 4, frame_len), axis=1).astype(np.uint64)
+        try:
+            frames = self._decompressor().multi_decompress_to_buffer(
+                zstandard.BufferWithSegments(joined, segments.tobytes()),
+                threads=self._zstd_threads(len(values)),
+            )
+        except (zstandard.ZstdError, ValueError) as exc:
+            raise self._find_bad_frame(joined, segments, exc) from exc
+        head_size = np.fromiter(map(len, frames), np.int64, len(frames))
+        count = head_size // (2 + w)
+        ok = (head_size == count * (2 + w)) & (value_size == 4 + frame_len + 3 * w * count)
+        self._check_counts(count, ok)
+        heads = np.frombuffer(b"".join(frames), np.uint8)
+        head_base = np.cumsum(head_size) - head_size
+        return _Decoded(self, count, heads, head_base, joined, value_base + 4 + frame_len)
+
+    def _check_counts(self, count: np.ndarray, ok: np.ndarray) -> None:
+        ok = ok & (count >= 1) & (count <= self.block_rows)
+        if not ok.all():
+            raise _BadBlock(int(np.argmin(ok)), "decompressed length does not match the layout")
+
+    def _decompressor(self) -> zstandard.ZstdDecompressor:
+        if not hasattr(self._local, "d"):
+            self._local.d = zstandard.ZstdDecompressor()
+        return self._local.d
+
+    @staticmethod
+    def _find_bad_frame(joined: np.ndarray, segments: np.ndarray, exc: Exception) -> _BadBlock:
+        """Error path only: decompresses frame by frame to name the block that fails."""
+        d = zstandard.ZstdDecompressor()
+        for i, (start, length) in enumerate(segments.tolist()):
+            try:
+                d.decompress(joined[start : start + length])
+            except (zstandard.ZstdError, ValueError) as frame_exc:
+                return _BadBlock(i, f"bad zstd frame ({frame_exc})")
+        return _BadBlock(0, f"bad zstd frame ({exc})")
+
+
+def _slices(buf: np.ndarray, base: np.ndarray, size: np.ndarray) -> list[bytes]:
+    """Consecutive byte ranges of ``buf`` as bytes. Not memoryviews: the garbage collector
+    tracks those, and tens of thousands of them trigger full collections (5x slower)."""
+    data = buf.tobytes()
+    return [data[s:e] for s, e in zip(base.tolist(), (base + size).tolist())]
+
+
+def _as_ids(ids: torch.Tensor, what: str = "ids") -> np.ndarray:
+    """Validates a 1-D sorted unique integer id tensor; returns its int64 numpy array."""
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 1:
+        raise InvalidInputError(f"{what} must be a 1-D integer tensor, got {type(ids).__name__}")
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise InvalidInputError(f"{what} must be int64 or int32, got {ids.dtype}")
+    arr = ids.detach().cpu().to(torch.int64).numpy()
+    if len(arr) > 1 and not (arr[1:] > arr[:-1]).all():
+        raise InvalidInputError(f"{what} must be sorted ascending and unique")
+    return arr
+
+
+def _as_rows(rows: torch.Tensor, n: int, width: int) -> np.ndarray:
+    """Validates a (n, width) float32 row tensor; returns a C-contiguous numpy array."""
+    if not isinstance(rows, torch.Tensor) or rows.dtype != torch.float32:
+        raise InvalidInputError(
+            f"rows must be a float32 tensor, got {getattr(rows, 'dtype', rows)}"
+        )
+    if tuple(rows.shape) != (n, width):
+        raise InvalidInputError(f"rows must have shape ({n}, {width}), got {tuple(rows.shape)}")
+    return np.ascontiguousarray(rows.detach().cpu().numpy())
+
+
+# py-lmdb's getmulti releases and retakes the GIL around every key: two threads running it
+# at once ping-pong the GIL and take twice as long as one after the other (measured).
+_GETMULTI_LOCK = threading.Lock()
+
+
+def _getmulti(cursor: lmdb.Cursor, keys: list[bytes]) -> list[tuple[bytes, bytes]]:
+    """``cursor.getmulti(keys)``, one thread of the process at a time."""
+    with _GETMULTI_LOCK:
+        return cursor.getmulti(keys)
+
+
+def _fsync_dir(path: pathlib.Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _allocated_bytes(path: pathlib.Path) -> int:
+    """Bytes the files under ``path`` occupy on disk (sparse files count what is allocated)."""
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.stat(os.path.join(root, name)).st_blocks * 512
+            except FileNotFoundError:
+                pass
+    return total
+
+
+class FlushWriter:
+    """One flush: a single LMDB write transaction that first merges the staged rows, then the
+    dirty rows sent with :meth:`write`, and becomes durable on :meth:`commit`.
+
+    Use it from the thread that called :meth:`SSDTier.flush_begin` (LMDB write transactions
+    belong to their thread). As a context manager it commits on normal exit, aborts on error.
+    """
+
+    def __init__(self, tier: SSDTier, txn: lmdb.Transaction) -> None:
+        self._tier = tier
+        self._thread = threading.get_ident()
+        self._txn: lmdb.Transaction | None = txn
+
+    def write(self, ids: torch.Tensor, rows: torch.Tensor) -> None:
+        """Adds a chunk of dirty rows (ids sorted ascending, unique) to the flush."""
+        self._check_open()
+        tier = self._tier
+        u, rows_np = tier._prepare(ids, rows)
+        try:
+            with tier._storage_errors("flush"):
+                tier._merge(self._txn, tier._blocks, u, rows_np)
+        except BaseException:
+            self._end(commit=False)  # LMDB needs the failed transaction aborted
+            raise
+        tier._count(rows_written=len(u))
+
+    def commit(self) -> None:
+        """Commits the flush; when this returns, the rows survive a crash (LMDB fsyncs)."""
+        self._check_open()
+        self._end(commit=True)
+
+    def abort(self) -> None:
+        """Rolls the flush back: the table, staged rows included, is as before flush_begin."""
+        if self._txn is not None:
+            self._end(commit=False)
+
+    def __enter__(self) -> FlushWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+    def _check_open(self) -> None:
+        if self._txn is None:
+            raise RuntimeError(f"{self._tier.path}: this flush was already committed or aborted")
+        if threading.get_ident() != self._thread:
+            raise RuntimeError(
+                f"{self._tier.path}: a flush must be used by the thread that began it"
+            )
+
+    def _end(self, commit: bool) -> None:
+        txn, self._txn = self._txn, None
+        tier = self._tier
+        try:
+            if commit:
+                count = tier._flush_count + 1
+                with tier._storage_errors("flush"):
+                    try:
+                        txn.put(_FLUSH_KEY, str(count).encode(), db=tier._meta_db)
+                        txn.commit()
+                    except BaseException:
+                        txn.abort()
+                        raise
+                tier._flush_count = count
+                tier._clear_staged()
+            else:
+                txn.abort()
+        finally:
+            tier._writer = None
+            tier._write_mutex.release()
+
+
+class SSDTier:
+    """L3: every row ever written, in one LMDB environment, as zstd-compressed blocks of
+    consecutive ids.
+
+    Thread safety: :meth:`read` and :meth:`read_async` may run from any threads at once (the
+    LMDB lookups themselves take turns: see ``_GETMULTI_LOCK``); :meth:`write` and flushes are
+    serialised (a :meth:`write` waits for a flush open on another thread, and is refused on the
+    thread that holds one). :meth:`close` waits for pending :meth:`read_async` calls; commit or
+    abort an open flush first. One process may open a table once (LMDB's rule); other
+    processes may open it ``readonly`` while one writes.
+    """
+
+    FORMAT_VERSION: int = 1
+
+    meta: dict
+    row_width: int
+    path: pathlib.Path
+    stats: dict
+
+    def __init__(self) -> None:
+        raise TypeError("use SSDTier.create() or SSDTier.open()")
+
+    # ----------------------------------------------------------------- creating and opening
+
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike,
+        meta: dict,
+        init_rows: InitRows,
+        *,
+        block_rows: int = 1,
+        compression_level: int = 3,
+        map_size: int = 1 << 40,
+        io_threads: int = 4,
+    ) -> SSDTier:
+        """Creates an empty table at ``path`` (a new or empty directory) and opens it for writing.
+
+        ``meta`` must be JSON-serialisable and hold ``row_width``; ``format_version``,
+        ``block_rows`` and ``compression_level`` (0 = stored raw) are added. Nothing is
+        written per row, so the size of the id space costs nothing.
+        """
+        path = pathlib.Path(path)
+        row_width = meta.get("row_width") if isinstance(meta, dict) else None
+        if not isinstance(row_width, int) or row_width <= 0:
+            raise InvalidInputError(f"{path}: meta must hold a positive int 'row_width'")
+        if not (1 <= block_rows <= 1 << 16) or block_rows & (block_rows - 1):
+            raise InvalidInputError(f"{path}: block_rows must be a power of two in [1, 65536]")
+        if not -7 <= compression_level <= 22:
+            raise InvalidInputError(f"{path}: compression_level must be in [-7, 22] (0 = none)")
+        meta = dict(meta)
+        meta.update(
+            format_version=cls.FORMAT_VERSION,
+            block_rows=block_rows,
+            compression_level=compression_level,
+        )
+        try:
+            meta_json = json.dumps(meta, sort_keys=True).encode()
+        except (TypeError, ValueError) as exc:
+            raise InvalidInputError(f"{path}: meta is not JSON-serialisable ({exc})") from exc
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise StorageError(f"{path}: already exists and is not an empty directory")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"{path}: cannot create the table directory ({exc})") from exc
+        self = cls._new(path, readonly=False)
+        try:
+            self._lock_for_writing()
+            self._env = self._open_env(map_size, readonly=False, create=True)
+            with self._storage_errors("create"), self._env.begin(write=True) as txn:
+                self._meta_db = self._env.open_db(b"meta", txn=txn)
+                self._blocks = self._env.open_db(b"blocks", txn=txn)
+                txn.put(_META_KEY, meta_json, db=self._meta_db)
+                txn.put(_FLUSH_KEY, b"0", db=self._meta_db)
+            self._flush_count = 0
+            self._finish_open(meta, init_rows, map_size, io_threads)
+            _fsync_dir(path)  # make the new files' directory entries durable too
+        except BaseException:
+            self._release()
+            raise
+        return self
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike,
+        init_rows: InitRows,
+        *,
+        expect: dict | None = None,
+        readonly: bool = False,
+        map_size: int | None = None,
+        io_threads: int = 4,
+    ) -> SSDTier:
+        """Opens an existing table. Every key of ``expect`` must equal the stored metadata's
+        (TableMismatchError otherwise). Opening for writing takes the table's writer lock and
+        discards rows staged by a previous process that did not flush them."""
+        path = pathlib.Path(path)
+        if not path.exists():
+            raise NotATableError(f"{path}: no such table (the path does not exist)")
+        if not path.is_dir() or not (path / "data.mdb").is_file():
+            raise NotATableError(f"{path}: not a tierstore table (no LMDB data.mdb)")
+        if not readonly and not os.access(path, os.W_OK):
+            raise StorageError(f"{path}: directory is read-only; open it with readonly=True")
+        map_size = map_size or 1 << 40
+        self = cls._new(path, readonly)
+        try:
+            if not readonly:
+                self._lock_for_writing()
+            self._env = self._open_env(map_size, readonly, create=False)
+            meta = self._load_meta()
+            # Compare as JSON would store them (a tuple is stored as a list).
+            expect = json.loads(json.dumps(expect or {}))
+            wrong = [f"{k}={meta.get(k)!r} (expected {v!r})" for k, v in expect.items()
+                     if meta.get(k) != v]  # fmt: skip
+            if wrong:
+                raise TableMismatchError(f"{path}: table was made with " + ", ".join(wrong))
+            self._finish_open(meta, init_rows, map_size, io_threads)
+        except BaseException:
+            self._release()
+            raise
+        return self
+
+    @staticmethod
+    def read_meta(path: str | os.PathLike) -> dict:
+        """The stored metadata of the table at ``path`` (to reopen a table by path alone)."""
+        path = pathlib.Path(path)
+        with _OPEN_TABLES_LOCK:
+            table = _OPEN_TABLES.get(str(path.resolve()))
+        if table is not None:
+            return dict(table.meta)
+        if not path.exists():
+            raise NotATableError(f"{path}: no such table (the path does not exist)")
+        if not path.is_dir() or not (path / "data.mdb").is_file():
+            raise NotATableError(f"{path}: not a tierstore table (no LMDB data.mdb)")
+        self = SSDTier._new(path, readonly=True)
+        try:
+            self._env = self._open_env(1 << 40, readonly=True, create=False)
+            return self._load_meta()
+        finally:
+            self._release()
+
+    @classmethod
+    def _new(cls, path: pathlib.Path, readonly: bool) -> SSDTier:
+        self = object.__new__(cls)
+        self.path = path
+        self.readonly = readonly
+        self._key = str(path.resolve())
+        self._registered = False
+        self._lock_fd: int | None = None
+        self._env: lmdb.Environment | None = None
+        self._staged_env: lmdb.Environment | None = None
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._writer: FlushWriter | None = None
+        self._write_mutex = threading.Lock()
+        self._stats_lock = threading.Lock()
+        self.stats = dict.fromkeys(
+            ("rows_read", "rows_written", "bytes_read", "bytes_written", "blocks_read",
+             "blocks_written"),
+            0,
+        )  # fmt: skip
+        return self
+
+    def _lock_for_writing(self) -> None:
+        """Registers the table in this process and takes its writer lock (non-blocking)."""
+        with _OPEN_TABLES_LOCK:
+            if self._key in _OPEN_TABLES:
+                raise TableLockedError(f"{self.path}: table is already open in this process")
+            _OPEN_TABLES[self._key] = self
+            self._registered = True
+        try:
+            fd = os.open(self.path / _LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise StorageError(f"{self.path}: cannot create the writer lock file ({exc})") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            raise TableLockedError(
+                f"{self.path}: table is open for writing by another process"
+            ) from exc
+        self._lock_fd = fd
+
+    def _open_env(self, map_size: int, readonly: bool, create: bool) -> lmdb.Environment:
+        if readonly:
+            with _OPEN_TABLES_LOCK:
+                if self._key in _OPEN_TABLES:
+                    raise TableLockedError(f"{self.path}: table is already open in this process")
+                _OPEN_TABLES[self._key] = self
+                self._registered = True
+        kwargs = dict(
+            map_size=map_size, readonly=readonly, create=create, max_dbs=4, readahead=False,
+            meminit=False,
+        )  # fmt: skip
+        try:
+            return lmdb.open(str(self.path), **kwargs)
+        except lmdb.InvalidError as exc:
+            raise NotATableError(f"{self.path}: not a tierstore table ({exc})") from exc
+        except lmdb.Error as exc:
+            if readonly and getattr(exc, "code", None) in (13, 30):  # EACCES, EROFS
+                # A read-only directory or lock file: read without LMDB's reader table.
+                try:
+                    return lmdb.open(str(self.path), lock=False, **kwargs)
+                except lmdb.Error as exc2:
+                    exc = exc2
+            raise StorageError(f"{self.path}: cannot open the LMDB environment ({exc})") from exc
+
+    def _load_meta(self) -> dict:
+        """Reads and checks the metadata; opens the named databases."""
+        try:
+            self._meta_db = self._env.open_db(b"meta", create=False)
+            self._blocks = self._env.open_db(b"blocks", create=False)
+            with self._env.begin(db=self._meta_db) as txn:
+                raw = txn.get(_META_KEY)
+                flushes = txn.get(_FLUSH_KEY)
+        except lmdb.Error as exc:
+            raise NotATableError(
+                f"{self.path}: LMDB environment without tierstore metadata"
+            ) from exc
+        try:
+            meta = json.loads(raw)
+            version = meta["format_version"]
+            self._flush_count = int(flushes)
+        except (TypeError, ValueError, KeyError) as exc:
+            raise NotATableError(f"{self.path}: unreadable tierstore metadata ({exc})") from exc
+        if version != self.FORMAT_VERSION:
+            raise TableMismatchError(
+                f"{self.path}: table has format_version={version}, this code reads "
+                f"{self.FORMAT_VERSION}"
+            )
+        return meta
+
+    def _finish_open(self, meta: dict, init_rows: InitRows, map_size: int, threads: int) -> None:
+        self.meta = meta
+        self.row_width = int(meta["row_width"])
+        self.block_rows = int(meta["block_rows"])
+        self.compression_level = int(meta["compression_level"])
+        self._init_rows = init_rows
+        self._codec = _Codec(self.row_width, self.block_rows, self.compression_level, threads)
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=max(1, threads), thread_name_prefix="tierstore-ssd"
+        )
+        if not self.readonly:
+            self._reset_staged(map_size)
+
+    def _reset_staged(self, map_size: int) -> None:
+        """A fresh, empty staged environment: rows staged by a dead process are discarded."""
+        staged = self.path / _STAGED_DIR
+        try:
+            if staged.exists():
+                shutil.rmtree(staged)
+            staged.mkdir()
+            # No fsync ever: nothing in it needs to survive a crash.
+            self._staged_env = lmdb.open(
+                str(staged), map_size=map_size, max_dbs=2, sync=False, metasync=False,
+                readahead=False, meminit=False,
+            )  # fmt: skip
+            self._staged_rows = self._staged_env.open_db(b"blocks")
+            self._staged_info = self._staged_env.open_db(b"info")
+        except (OSError, lmdb.Error) as exc:
+            raise StorageError(f"{self.path}: cannot reset the staged rows ({exc})") from exc
+        self._clear_staged()
+
+    def close(self) -> None:
+        """Waits for pending reads, rolls back an open flush and closes the table (rows
+        written since the last flush are dropped). Releases the writer lock. Idempotent."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        writer = self._writer
+        if writer is not None and writer._thread == threading.get_ident():
+            writer.abort()
+        self._release()
+
+    def _release(self) -> None:
+        for env in (self._staged_env, self._env):
+            if env is not None:
+                env.close()
+        self._staged_env = self._env = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
+        if self._registered:
+            with _OPEN_TABLES_LOCK:
+                if _OPEN_TABLES.get(self._key) is self:
+                    del _OPEN_TABLES[self._key]
+            self._registered = False
+
+    def __enter__(self) -> SSDTier:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # A table dropped without close() must not keep its writer lock until process exit.
+        try:
+            self._release()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        mode = "readonly" if self.readonly else "writable"
+        state = mode if self._env is not None else "closed"
+        return f"SSDTier({str(self.path)!r}, row_width={getattr(self, 'row_width', '?')}, {state})"
+
+    # ----------------------------------------------------------------------------- reading
+
+    def read(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows of ``ids`` (1-D, sorted ascending, unique, any int64), as a (len(ids),
+        row_width) float32 tensor: staged rows first, then flushed rows, then ``init_rows``."""
+        self._check_usable()
+        ids_np = _as_ids(ids)
+        u = ids_np.view(np.uint64) ^ _SIGN
+        out: np.ndarray | None = None  # allocated unless one database holds every row
+        todo = np.arange(len(u))
+        with self._storage_errors("read"):
+            # Staged before main: a flush committing in between makes main newer, not older.
+            staged_txn = self._staged_env.begin() if self._staged_env is not None else None
+            main_txn = self._env.begin()
+            try:
+                sources = []
+                if staged_txn is not None:
+                    base = int(staged_txn.get(_FLUSH_KEY, db=self._staged_info))
+                    # A flush committed after our staged snapshot has merged all of it.
+                    current = base == int(main_txn.get(_FLUSH_KEY, db=self._meta_db))
+                    if current and staged_txn.stat(self._staged_rows)["entries"]:
+                        sources.append((staged_txn, self._staged_rows))
+                sources.append((main_txn, self._blocks))
+                for txn, db in sources:
+                    if len(todo) == 0:
+                        break
+                    found, rows = self._lookup(txn, db, u[todo])
+                    if not found.any():
+                        continue
+                    if out is None and found.all():  # todo is still every id
+                        out = rows
+                    else:
+                        if out is None:
+                            out = np.empty((len(u), self.row_width), np.float32)
+                        out[todo[found]] = rows
+                    todo = todo[~found]
+            finally:
+                main_txn.abort()
+                if staged_txn is not None:
+                    staged_txn.abort()
+        if out is None:
+            out = np.empty((len(u), self.row_width), np.float32)
+        if len(todo):
+            out[todo] = self._initial(ids_np[todo])
+        self._count(rows_read=len(u))
+        return torch.from_numpy(out)
+
+    def read_async(self, ids: torch.Tensor) -> concurrent.futures.Future:
+        """:meth:`read` on the tier's background I/O thread pool."""
+        self._check_usable()
+        return self._executor.submit(self.read, ids)
+
+    def _initial(self, ids: np.ndarray) -> np.ndarray:
+        rows = self._init_rows(torch.from_numpy(ids))
+        if not isinstance(rows, torch.Tensor) or tuple(rows.shape) != (len(ids), self.row_width):
+            raise InvalidInputError(
+                f"{self.path}: init_rows returned {getattr(rows, 'shape', type(rows))}, "
+                f"expected ({len(ids)}, {self.row_width})"
+            )
+        return rows.detach().cpu().to(torch.float32).numpy()
+
+    def _lookup(
+        self, txn: lmdb.Transaction, db: Any, u: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Looks sorted unsigned ids up in one database: (found mask, rows of the found ids)."""
+        codec = self._codec
+        first, blocks = codec.blocks(u)
+        pairs = _getmulti(txn.cursor(db), codec.keys(blocks))
+        if not pairs:
+            return np.zeros(len(u), bool), np.empty((0, self.row_width), np.float32)
+        values = [v for _, v in pairs]
+        if len(pairs) == len(blocks):
+            found_blocks = blocks
+        else:
+            found_blocks = np.frombuffer(b"".join([k for k, _ in pairs]), ">u8").astype(np.uint64)
+        decoded = self._decode(values, found_blocks)
+        self._count(blocks_read=len(values), bytes_read=sum(map(len, values)))
+        # For every id: the position of its block among the found ones, then its entry.
+        count = np.diff(np.append(first, len(u)))
+        block_of = np.repeat(np.arange(len(blocks)), count)
+        pos = np.searchsorted(found_blocks, blocks)
+        block_found = pos < len(found_blocks)
+        block_found[block_found] = found_blocks[pos[block_found]] == blocks[block_found]
+        offset = (u & np.uint64(self.block_rows - 1)).astype(np.int64)
+        want = pos[block_of] * self.block_rows + offset
+        entry = np.searchsorted(decoded.key, want)
+        entry = np.minimum(entry, len(decoded.key) - 1)
+        hit = block_found[block_of] & (decoded.key[entry] == want)
+        return hit, decoded.rows(entry[hit])
+
+    def _decode(self, values: list[bytes], blocks: np.ndarray) -> _Decoded:
+        try:
+            return self._codec.decode(values)
+        except _BadBlock as bad:
+            first = self._codec.first_id(int(blocks[bad.index]))
+            raise CorruptBlockError(
+                f"{self.path}: corrupt block starting at id {first}: {bad.problem}"
+            ) from None
+
+    # ----------------------------------------------------------------------------- writing
+
+    def write(self, ids: torch.Tensor, rows: torch.Tensor) -> None:
+        """Stages rows (ids sorted ascending, unique): :meth:`read` returns them at once, the
+        next flush makes them durable, a crash before it loses them."""
+        self._check_writable()
+        writer = self._writer
+        if writer is not None and writer._thread == threading.get_ident():
+            raise RuntimeError(f"{self.path}: write() while this thread has a flush open")
+        u, rows_np = self._prepare(ids, rows)
+        with self._write_mutex, self._storage_errors("write"):
+            with self._staged_env.begin(write=True) as txn:
+                if int(txn.get(_FLUSH_KEY, db=self._staged_info)) != self._flush_count:
+                    # A flush merged these staged rows but failed to clear them: do it now.
+                    self._clear_staged(txn)
+                self._merge(txn, self._staged_rows, u, rows_np)
+        self._count(rows_written=len(u))
+
+    def flush_begin(self) -> FlushWriter:
+        """Starts a flush (one LMDB write transaction, staged rows merged into it first).
+        Send the dirty rows in chunks with ``writer.write``, then ``writer.commit()``."""
+        self._check_writable()
+        if self._writer is not None and self._writer._thread == threading.get_ident():
+            raise RuntimeError(f"{self.path}: a flush is already open on this thread")
+        self._write_mutex.acquire()
+        try:
+            with self._storage_errors("flush"):
+                txn = self._env.begin(write=True)
+        except BaseException:
+            self._write_mutex.release()
+            raise
+        writer = self._writer = FlushWriter(self, txn)
+        try:
+            with self._storage_errors("flush"):
+                self._merge_staged(txn)
+        except BaseException:
+            writer.abort()
+            raise
+        return writer
+
+    def flush(self, ids: torch.Tensor, rows: torch.Tensor) -> None:
+        """A whole flush in one call: staged rows plus these rows, committed durably."""
+        with self.flush_begin() as writer:
+            writer.write(ids, rows)
+
+    def _prepare(self, ids: torch.Tensor, rows: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        ids_np = _as_ids(ids)
+        rows_np = _as_rows(rows, len(ids_np), self.row_width)
+        return ids_np.view(np.uint64) ^ _SIGN, rows_np
+
+    def _merge(self, txn: lmdb.Transaction, db: Any, u: np.ndarray, rows: np.ndarray) -> None:
+        """Read-modify-write of every block the rows touch, in one batch: existing rows of
+        those blocks are kept unless overwritten."""
+        if len(u) == 0:
+            return
+        codec = self._codec
+        first, blocks = codec.blocks(u)
+        cursor = txn.cursor(db)
+        # Blocks whose every row is rewritten need not be read (with block_rows=1: none).
+        partial = np.diff(np.append(first, len(u))) < self.block_rows
+        pairs = _getmulti(cursor, codec.keys(blocks[partial])) if partial.any() else []
+        if pairs:
+            old_blocks = np.frombuffer(b"".join([k for k, _ in pairs]), ">u8").astype(np.uint64)
+            decoded = self._decode([v for _, v in pairs], old_blocks)
+            old_u = (old_blocks[decoded.block] << codec.shift) | decoded.offset.astype(np.uint64)
+            pos = np.minimum(np.searchsorted(u, old_u), len(u) - 1)
+            keep = np.flatnonzero(u[pos] != old_u)
+            if len(keep):
+                u = np.concatenate((u, old_u[keep]))
+                order = np.argsort(u, kind="stable")
+                u = u[order]
+                rows = np.concatenate((rows, decoded.rows(keep)))[order]
+        keys, values, nbytes = codec.encode(u, rows)
+        # Past the last key (a bulk load in id order), LMDB's append mode fills pages full
+        # instead of splitting them in half.
+        append = not pairs and (not cursor.last() or cursor.key() < keys[0])
+        cursor.putmulti(list(zip(keys, values)), append=append)
+        self._count(blocks_written=len(keys), bytes_written=nbytes)
+
+    def _merge_staged(self, txn: lmdb.Transaction) -> None:
+        """Copies the staged rows into a flush transaction, a bounded chunk at a time."""
+        chunk_blocks = max(1, _MERGE_CHUNK_ROWS // self.block_rows)
+        with self._staged_env.begin(db=self._staged_rows) as staged:
+            pairs: list[tuple[bytes, bytes]] = []
+            for pair in staged.cursor():
+                pairs.append(pair)
+                if len(pairs) == chunk_blocks:
+                    self._merge_pairs(txn, pairs)
+                    pairs = []
+            self._merge_pairs(txn, pairs)
+
+    def _merge_pairs(self, txn: lmdb.Transaction, pairs: list[tuple[bytes, bytes]]) -> None:
+        if not pairs:
+            return
+        blocks = np.frombuffer(b"".join([k for k, _ in pairs]), ">u8").astype(np.uint64)
+        decoded = self._decode([v for _, v in pairs], blocks)
+        u = (blocks[decoded.block] << self._codec.shift) | decoded.offset.astype(np.uint64)
+        self._merge(txn, self._blocks, u, decoded.rows(np.arange(len(u))))
+
+    def _clear_staged(self, txn: lmdb.Transaction | None = None) -> None:
+        """Empties the staged rows and records the flush they now build on."""
+        if txn is None:
+            with self._storage_errors("clear staged rows"), self._staged_env.begin(write=True) as t:
+                self._clear_staged(t)
+            return
+        txn.drop(self._staged_rows, delete=False)
+        txn.put(_FLUSH_KEY, str(self._flush_count).encode(), db=self._staged_info)
+
+    # ------------------------------------------------------------------------------ misc
+
+    def disk_bytes(self) -> int:
+        """Bytes the table's directory occupies on disk (allocated blocks of every file)."""
+        return _allocated_bytes(self.path)
+
+    def _count(self, **deltas: int) -> None:
+        with self._stats_lock:
+            for key, value in deltas.items():
+                self.stats[key] += value
+
+    def _check_usable(self) -> None:
+        if self._env is None:
+            raise StorageError(f"{self.path}: table is closed")
+
+    def _check_writable(self) -> None:
+        self._check_usable()
+        if self.readonly:
+            raise StorageError(f"{self.path}: table was opened readonly")
+
+    def _storage_errors(self, doing: str) -> _StorageErrors:
+        return _StorageErrors(self.path, doing)
+
+
+class _StorageErrors:
+    """Context manager turning LMDB and OS errors into tierstore errors naming the path."""
+
+    def __init__(self, path: pathlib.Path, doing: str) -> None:
+        self.path, self.doing = path, doing
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        if exc is None or not isinstance(exc, (lmdb.Error, OSError)):
+            return False
+        if isinstance(exc, StorageError):
+            return False
+        code = getattr(exc, "code", None) or getattr(exc, "errno", None)
+        if isinstance(exc, lmdb.MapFullError) or code == 28:  # ENOSPC
+            raise StorageFullError(
+                f"{self.path}: {self.doing} failed, the LMDB map or the disk is full "
+                f"(rolled back; reopen with a larger map_size): {exc}"
+            ) from exc
+        if isinstance(exc, (lmdb.CorruptedError, lmdb.PageNotFoundError)):
+            raise CorruptBlockError(f"{self.path}: {self.doing}: LMDB corruption ({exc})") from exc
+        raise StorageError(f"{self.path}: {self.doing} failed: {exc}") from exc

@@ -1,0 +1,204 @@
+"""``tierstore trace``: convert, stats and generate.
+
+``add_trace_commands(subparsers)`` registers the ``trace`` command on an argparse subparsers
+object (the ``tierstore`` CLI calls it); ``main(argv)`` runs it standalone
+(``python -m tierstore.trace.cli stats t.tst``). Each subcommand sets ``func``, which takes the
+parsed arguments and returns an exit status (1 on a trace or input error, with the message on
+stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import numpy as np
+
+from ..errors import TierstoreError
+from ..progress import progress
+from .formats import FORMATS, WRITABLE, Trace, read_trace, write_trace
+
+
+def _reader_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("input")
+    g.add_argument("--from", dest="fmt", choices=FORMATS, help="input format (default: detect)")
+    g.add_argument("--id-col", help="csv: id column (header name or 0-based index)")
+    g.add_argument("--table-col", help="csv: table column (optional)")
+    g.add_argument("--sort-col", help="csv: order requests by this numeric column (optional)")
+    g.add_argument("--delimiter", help="csv: field separator (default: tab for .tsv, else ,)")
+    g.add_argument(
+        "--header",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="csv: the first row is a header (default: guess)",
+    )
+    g.add_argument("--chunk", type=int, default=1 << 20, help="ids or rows read at a time")
+
+
+def _open(args):
+    opts = {}
+    for key in ("id_col", "table_col", "sort_col", "delimiter", "header"):
+        value = getattr(args, key, None)
+        if value is not None:
+            opts[key] = value
+    return read_trace(args.input, args.fmt, chunk_size=args.chunk, **opts)
+
+
+class _Shown:
+    """Wraps a reader so that reading shows a progress bar (and keeps ``table_names``)."""
+
+    def __init__(self, reader, desc: str):
+        self.reader, self.desc = reader, desc
+
+    @property
+    def table_names(self):
+        return self.reader.table_names
+
+    def __iter__(self):
+        return iter(progress(self.reader, self.desc))
+
+
+def _convert(args) -> int:
+    reader = _open(args)
+    t0 = time.perf_counter()
+    counts = write_trace(
+        args.output, _Shown(reader, "converting"), args.to, dtype=args.dtype, level=args.level
+    )
+    print(
+        f"{args.output}: {sum(counts)} ids in {len(counts)} table(s) "
+        f"({time.perf_counter() - t0:.1f} s)"
+    )
+    return 0
+
+
+def _stats(args) -> int:
+    from .analyze import format_stats, trace_stats
+
+    data = _load_shown(_open(args))
+    if args.table:
+        keep = [i for i, n in enumerate(data.names) if n in args.table]
+        if not keep:
+            raise TierstoreError(f"no table named {args.table}; tables: {data.names}")
+        data.tables = [data.tables[i] for i in keep]
+        data.names = [data.names[i] for i in keep]
+    per_table, total = trace_stats(data)
+    if args.json:
+        print(json.dumps({"tables": [s.to_dict() for s in per_table], "all": total.to_dict()}))
+    else:
+        print(format_stats(per_table, total))
+    return 0
+
+
+def _load_shown(reader) -> Trace:
+    """The whole trace in memory, with a progress bar while reading on a terminal."""
+    parts: dict[int, list[np.ndarray]] = {}
+    for chunk in progress(reader, "reading"):
+        parts.setdefault(chunk.table, []).append(chunk.ids)
+    names = list(reader.table_names)
+    empty = np.empty(0, np.int64)
+    return Trace(
+        [np.concatenate(parts[t]) if t in parts else empty for t in range(len(names))], names
+    )
+
+
+def _generate(args) -> int:
+    from .generate import generate_trace
+
+    params = {}
+    if args.kind == "drift":
+        params = {"period": args.period, "step": args.step}
+    elif args.kind == "scan-mix":
+        params = {"scan_fraction": args.scan_fraction, "scan_length": args.scan_length}
+    trace = generate_trace(
+        args.kind,
+        args.requests,
+        args.universe,
+        args.alpha,
+        seed=args.seed,
+        tables=args.tables,
+        **params,
+    )
+    counts = write_trace(args.output, trace, args.to, dtype=args.dtype, level=args.level)
+    print(f"{args.output}: {sum(counts)} ids ({args.kind}, alpha {args.alpha}, seed {args.seed})")
+    return 0
+
+
+def _guarded(func):
+    def run(args) -> int:
+        try:
+            return func(args)
+        except (TierstoreError, OSError) as e:
+            print(f"tierstore trace: error: {e}", file=sys.stderr)
+            return 1
+
+    return run
+
+
+def _output_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("output")
+    g.add_argument("--to", choices=WRITABLE, help="output format (default: from the extension)")
+    g.add_argument(
+        "--dtype",
+        choices=("auto", "int32", "int64", "uint64"),
+        default="auto",
+        help="id width in .tst files (auto: int32 when every id fits)",
+    )
+    g.add_argument("--level", type=int, default=3, help="zstd level for .tst.zst")
+
+
+def add_trace_commands(subparsers) -> argparse.ArgumentParser:
+    """Registers ``trace`` (with ``convert``, ``stats``, ``generate``) on ``subparsers``."""
+    trace = subparsers.add_parser(
+        "trace",
+        help="convert, inspect and generate access traces",
+        description="Access traces: convert between formats, print statistics, generate.",
+    )
+    sub = trace.add_subparsers(dest="trace_command", required=True)
+
+    p = sub.add_parser("convert", help="convert a trace between formats (streamed)")
+    p.add_argument("input")
+    p.add_argument("output")
+    _reader_options(p)
+    _output_options(p)
+    p.set_defaults(func=_guarded(_convert))
+
+    p = sub.add_parser("stats", help="distinct ids, skew and reuse distances of a trace")
+    p.add_argument("input")
+    _reader_options(p)
+    p.add_argument("--table", action="append", help="only this table (repeatable)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_guarded(_stats))
+
+    p = sub.add_parser("generate", help="write a seeded synthetic trace")
+    p.add_argument("output")
+    p.add_argument("--kind", choices=("zipf", "drift", "scan-mix"), default="zipf")
+    p.add_argument("--requests", type=int, default=1_000_000, help="requests per table")
+    p.add_argument("--universe", type=int, default=1_000_000, help="ids to draw from")
+    p.add_argument("--alpha", type=float, default=1.0, help="Zipf exponent (0: uniform)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tables", type=int, default=1)
+    p.add_argument("--period", type=int, default=100_000, help="drift: requests per shift")
+    p.add_argument("--step", type=int, default=1000, help="drift: ids the ranks move per shift")
+    p.add_argument("--scan-fraction", type=float, default=0.1, help="scan-mix: share of scans")
+    p.add_argument("--scan-length", type=int, default=10_000, help="scan-mix: ids per scan")
+    _output_options(p)
+    p.set_defaults(func=_guarded(_generate))
+    return trace
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``tierstore trace ...`` on its own: ``main(["stats", "t.tst"])``."""
+    parser = argparse.ArgumentParser(prog="tierstore")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_trace_commands(sub)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] != "trace":
+        argv = ["trace", *argv]
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
