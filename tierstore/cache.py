@@ -104,9 +104,10 @@ class SetAssociativeCache:
         self.step = 0
 
     # ----------------------------------------------------------------- queries (no change)
-    def find(self, ids: torch.Tensor) -> torch.Tensor:
-        """Slot of each id, or -1 where it is not cached. Changes nothing."""
-        sets = set_index(ids, self.sets)
+    def find(self, ids: torch.Tensor, sets: torch.Tensor | None = None) -> torch.Tensor:
+        """Slot of each id, or -1 where it is not cached (``sets``: their sets, if known).
+        Changes nothing."""
+        sets = set_index(ids, self.sets) if sets is None else sets
         slots = torch.full_like(ids, -1)
         for lo in range(0, ids.numel(), _LOOKUP_CHUNK):  # chunks bound the (n, W) temporary
             hi = lo + _LOOKUP_CHUNK
@@ -140,7 +141,7 @@ class SetAssociativeCache:
         must do fallible I/O (L2 over SSD) plans, does the I/O, then calls :meth:`commit`."""
         n = ids.numel()
         sets = set_index(ids, self.sets)
-        cached = self.find(ids)
+        cached = self.find(ids, sets)
         hit = cached >= 0
         miss = (~hit).nonzero().squeeze(1)
         # Group misses by set; the stable sort keeps ascending ids within a set.
@@ -169,14 +170,14 @@ class SetAssociativeCache:
                 f"({self.sets} sets x {self.ways} ways) but up to {short} of them find no "
                 "evictable way in their set: make host_rows larger or the batch smaller"
             )
-        fill = miss[placed]
-        fill_slots = miss_sets[placed] * self.ways + way_order[group[placed], rank[placed]]
-        order = torch.argsort(fill)  # ascending ids: the fast order for reading the tier below
-        fill, fill_slots = fill[order], fill_slots[order]
+        slots = cached.clone()
+        slots[miss[placed]] = miss_sets[placed] * self.ways + way_order[group[placed], rank[placed]]
+        # The fills in ascending id order (the fast order for reading the tier below): the
+        # newly placed positions, in position order.
+        fill = ((slots >= 0) & ~hit).nonzero().squeeze(1)
+        fill_slots = slots[fill]
         victim_ids = self.tags.view(-1)[fill_slots]
         victim_dirty = self.dirty.view(-1)[fill_slots] & (victim_ids != EMPTY)
-        slots = cached.clone()
-        slots[fill] = fill_slots
         return Lookup(ids, slots, fill, fill_slots, victim_ids, victim_dirty, hit)
 
     def commit(self, plan: Lookup, counts: torch.Tensor) -> Lookup:
