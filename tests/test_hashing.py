@@ -65,3 +65,11 @@ def test_initial_weights_depend_on_seed_and_look_uniform():
     assert torch.equal(a, initial_weights(ids, 16, seed=1, scale=1.0))
     assert not torch.equal(a, initial_weights(ids, 16, seed=2, scale=1.0))
     assert abs(float(a.mean())) < 0.01 and abs(float(a.var()) - 1 / 3) < 0.01
+
+
+@given(st.lists(ids64, min_size=1, max_size=50))
+def test_numpy_mix64_matches(xs):
+    from tierstore.hashing import mix64_np
+
+    got = mix64_np(np.array(xs, dtype=np.int64).view(np.uint64)).tolist()
+    assert got == [py_mix64(x) for x in xs]

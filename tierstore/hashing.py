@@ -9,6 +9,7 @@ same functions in CUDA; ``tests/test_hashing.py`` checks both against numpy's ui
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 # splitmix64's finalizer constants, written as the int64 values of the same bit patterns.
@@ -30,6 +31,17 @@ def mix64(x: torch.Tensor) -> torch.Tensor:
     x = x ^ _shr(x, 27)
     x = x * _MIX_B
     return x ^ _shr(x, 31)
+
+
+def mix64_np(z: np.ndarray) -> np.ndarray:
+    """:func:`mix64` on a numpy ``uint64`` array (wrapping arithmetic), for the trace tools."""
+    u = np.uint64
+    with np.errstate(over="ignore"):
+        z = z ^ (z >> u(30))
+        z = z * u(0xBF58476D1CE4E5B9)
+        z = z ^ (z >> u(27))
+        z = z * u(0x94D049BB133111EB)
+        return z ^ (z >> u(31))
 
 
 def reduce_range(h: torch.Tensor, n: int) -> torch.Tensor:

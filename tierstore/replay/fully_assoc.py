@@ -27,20 +27,9 @@ import numpy as np
 
 from ..errors import InvalidInputError
 from ..progress import progress
+from ..trace.formats import as_id_array
 
 _CHUNK = 1 << 20  # repeats per wavelet tree: its arrays stay in cache
-
-
-def as_id_array(ids, what: str = "ids") -> np.ndarray:
-    """``ids`` as a 1-D int64 array (uint64 keeps its bits), or a clear error."""
-    a = np.asarray(ids)
-    if a.ndim != 1:
-        raise InvalidInputError(f"{what} must be 1-D, got shape {a.shape}")
-    if a.size and not np.issubdtype(a.dtype, np.integer):
-        raise InvalidInputError(f"{what} must be integers, got dtype {a.dtype}")
-    if a.dtype == np.uint64:
-        return a.view(np.int64)
-    return a.astype(np.int64, copy=False)
 
 
 def as_sizes(cache_sizes: Sequence[int] | int) -> np.ndarray:

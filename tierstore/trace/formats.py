@@ -115,7 +115,7 @@ class Trace:
     names: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.tables = [_as_ids(t, "trace table") for t in self.tables]
+        self.tables = [as_id_array(t, "trace table") for t in self.tables]
         if not self.names:
             self.names = [str(i) for i in range(len(self.tables))]
         if len(self.names) != len(self.tables):
@@ -135,12 +135,13 @@ class Trace:
                 yield TraceChunk(t, ids[a : a + chunk_size])
 
 
-def _as_ids(a, what: str) -> np.ndarray:
-    a = np.asarray(a)
+def as_id_array(ids, what: str = "ids") -> np.ndarray:
+    """``ids`` as a 1-D int64 array (uint64 keeps its bits), or a clear error."""
+    a = np.asarray(ids)
     if a.ndim != 1:
-        raise InvalidInputError(f"{what}: ids must be 1-D, got shape {a.shape}")
+        raise InvalidInputError(f"{what} must be 1-D, got shape {a.shape}")
     if a.size and not np.issubdtype(a.dtype, np.integer):
-        raise InvalidInputError(f"{what}: ids must be integers, got dtype {a.dtype}")
+        raise InvalidInputError(f"{what} must be integers, got dtype {a.dtype}")
     if a.dtype == np.uint64:
         return a.view(np.int64)
     return a.astype(np.int64, copy=False)
@@ -393,7 +394,9 @@ class NpyReader(TraceReader):
         cols = [a] if a.ndim == 1 else [a[:, j] for j in range(a.shape[1])]
         for start in range(0, a.shape[0], self.chunk_size):
             for t, col in enumerate(cols):
-                yield TraceChunk(t, _as_ids(np.asarray(col[start : start + self.chunk_size]), ""))
+                yield TraceChunk(
+                    t, as_id_array(np.asarray(col[start : start + self.chunk_size]), "")
+                )
 
 
 class TextReader(TraceReader):

@@ -20,19 +20,10 @@ from collections.abc import Callable
 import numpy as np
 
 from ..errors import InvalidInputError
+from ..hashing import mix64_np
 from .formats import Trace
 
 _U64 = np.uint64
-
-
-def _mix64(z: np.ndarray) -> np.ndarray:
-    """splitmix64's finalizer on uint64 (wrapping arithmetic)."""
-    with np.errstate(over="ignore"):
-        z = z ^ (z >> _U64(30))
-        z = z * _U64(0xBF58476D1CE4E5B9)
-        z = z ^ (z >> _U64(27))
-        z = z * _U64(0x94D049BB133111EB)
-        return z ^ (z >> _U64(31))
 
 
 def permute(x: np.ndarray, universe: int, key: int) -> np.ndarray:
@@ -43,12 +34,12 @@ def permute(x: np.ndarray, universe: int, key: int) -> np.ndarray:
     bits += bits & 1
     half = bits // 2
     mask = _U64((1 << half) - 1)
-    keys = [_U64(k) for k in _mix64(np.arange(4, dtype=_U64) + _U64(key & (2**64 - 1)))]
+    keys = [_U64(k) for k in mix64_np(np.arange(4, dtype=_U64) + _U64(key & (2**64 - 1)))]
 
     def encrypt(v: np.ndarray) -> np.ndarray:
         left, right = v >> _U64(half), v & mask
         for k in keys:
-            left, right = right, left ^ (_mix64(right ^ k) & mask)
+            left, right = right, left ^ (mix64_np(right ^ k) & mask)
         return (left << _U64(half)) | right
 
     # Cycle walking: the network permutes range(2**bits); re-encrypt until inside the universe.

@@ -26,6 +26,7 @@ from collections import OrderedDict
 
 import numpy as np
 
+from ...hashing import mix64_np
 from .base import ReferencePolicy
 
 _DEPTH = 4
@@ -34,21 +35,12 @@ _INC = [min(v + 1, 15) for v in range(16)]
 _SEEDS = (0x9E3779B97F4A7C15, 0xD1B54A32D192ED03)
 
 
-def _mix64(z: np.ndarray) -> np.ndarray:
-    """splitmix64's finalizer on uint64."""
-    z = z ^ (z >> np.uint64(30))
-    z = z * np.uint64(0xBF58476D1CE4E5B9)
-    z = z ^ (z >> np.uint64(27))
-    z = z * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
-
-
 def sketch_slots(keys: np.ndarray, width: int) -> np.ndarray:
     """The 4 counter slots of every key, shape ``(4, len(keys))``: row ``j`` of the sketch
     at offset ``j * width``, indexed by 32 bits of ``mix64(key + seed)``."""
     u = keys.astype(np.int64).view(np.uint64)
     with np.errstate(over="ignore"):
-        words = [_mix64(u + np.uint64(s)) for s in _SEEDS]
+        words = [mix64_np(u + np.uint64(s)) for s in _SEEDS]
     mask = np.uint64(width - 1)
     rows = [(words[j // 2] >> np.uint64(32 * (j % 2))) & mask for j in range(_DEPTH)]
     return np.stack([r.astype(np.int64) + j * width for j, r in enumerate(rows)])
