@@ -230,3 +230,45 @@ def test_kill_9_during_training_keeps_the_last_flush(tmp_path):
         assert ok, f"kill {kill}: the table is not as of a completed flush"
         done += 1
     assert done == 5
+
+
+def test_a_full_map_fails_the_flush_and_loses_nothing(tmp_path):
+    """A flush that does not fit in the LMDB map raises StorageFullError; the table keeps its
+    rows in memory, and what was flushed before is intact on disk."""
+    path = tmp_path / "t"
+    emb = ts.TieredEmbeddingBag(
+        20_000, 64, cache_rows=64, host_rows=40_000, path=path, optimizer=ts.SGD(0.1),
+        map_size=2 << 20, compression_level=0,
+    )  # fmt: skip
+    ids = torch.arange(200)
+    emb(ids, torch.tensor([0])).sum().backward()
+    emb.flush()
+    flushed = rows_of(emb, torch.arange(20_000))
+    big = torch.arange(20_000)
+    emb(big, torch.arange(0, 20_000, 100)).sum().backward()  # 20 000 dirty rows: ~5 MB
+    trained = rows_of(emb, torch.arange(20_000))
+    with pytest.raises(ts.StorageFullError, match=str(path)):
+        emb.flush()
+    assert torch.equal(rows_of(emb, torch.arange(20_000)), trained)
+    emb.close()
+    again = ts.TieredEmbeddingBag.open(path, cache_rows=64, host_rows=40_000)
+    assert torch.equal(rows_of(again, torch.arange(20_000)), flushed)
+
+
+def test_a_corrupt_block_is_named(tmp_path):
+    import lmdb
+
+    path = tmp_path / "t"
+    emb = ts.TieredEmbeddingBag(N, D, cache_rows=8, host_rows=64, path=path, optimizer=ts.SGD(0.1))
+    train(emb, batches(7, 2))
+    emb.flush()
+    emb.close()
+    env = lmdb.open(str(path), max_dbs=8)
+    with env.begin(write=True) as txn:
+        db = env.open_db(b"blocks", txn=txn)
+        key, value = next(iter(txn.cursor(db)))
+        txn.put(key, value[: len(value) // 2], db=db)
+    env.close()
+    again = ts.TieredEmbeddingBag.open(path, cache_rows=8, host_rows=64)
+    with pytest.raises(ts.CorruptBlockError, match=str(path)):
+        again.read_rows(torch.arange(N))
