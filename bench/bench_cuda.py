@@ -160,6 +160,73 @@ def bench_forward_and_step(out: list, quick: bool) -> None:
     free(sgd, rw, weight)
 
 
+def bench_ab(out: list, quick: bool) -> None:
+    """The step's fast paths switched on one at a time, same table, same ids, same process:
+    the 'before' row is the previous code path (torch.unique, a second sort in backward,
+    launches inside a CuPy stream context)."""
+    from tierstore import interop
+
+    it = 10 if quick else 30
+    offsets = torch.arange(0, B * L + 1, L, device="cuda")
+    header("same-run comparison of the fast paths (RowWiseAdagrad, every row in L1)")
+    emb = ts.TieredEmbeddingBag(
+        N, D, cache_rows=N, optimizer=ts.RowWiseAdagrad(lr=0.01), device="cuda"
+    )
+    store = emb.store
+    g = torch.randn(B, D, device="cuda")
+    weight = torch.randn(N, D, device="cuda")
+    configs = (
+        ("before", False, False),
+        ("fast unique", True, False),
+        ("fast unique + direct launch", True, True),
+    )
+    try:
+        for dist in ("uniform", "zipf"):
+            x = trace(dist, B * L).view(B, L)
+            flat = x.reshape(-1)
+            emb(x).backward(g)  # rows in
+            ref = t_ms(lambda f=flat: F.embedding_bag(f, weight, offsets[:-1]), it)
+            out.append(row(f"torch F.embedding_bag fwd, table in HBM, {dist}", ref, "ms"))
+            for rep in range(2):
+                for name, fast, direct in configs:
+                    cuda.FAST_UNIQUE = fast
+                    interop._direct_call[0] = direct
+
+                    def step(x=x):
+                        emb(x).backward(g)
+
+                    def look_fwd(f=flat):
+                        b = store.lookup(f)
+                        cuda.forward(store, b, offsets, None, "sum")
+                        store.release(b)
+
+                    step()
+                    t = t_ms(step, it)
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    for _ in range(it):
+                        step()
+                    torch.cuda.synchronize()
+                    wall = (time.perf_counter() - t0) / it * 1e3
+                    tl = t_ms(look_fwd, it)
+                    out.append(
+                        row(f"[{rep}] {name}: train step, {dist}", t, "ms", f"wall {wall:.3f} ms")
+                    )
+                    out.append(
+                        row(
+                            f"[{rep}] {name}: lookup + forward, {dist}",
+                            tl,
+                            "ms",
+                            f"{ref:.3f} ms",
+                            f"<= {1.5 * ref:.3f} ms",
+                        )
+                    )
+    finally:
+        cuda.FAST_UNIQUE = True
+        interop._direct_call[0] = True
+    free(emb, store, weight)
+
+
 def bench_profile(out: list, quick: bool) -> None:
     """Where a training step's device time goes (torch.profiler, kernels by total time)."""
     from torch.profiler import ProfilerActivity, profile
@@ -323,7 +390,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
     parser.add_argument("--json", default=None, help="write the figures here")
-    parser.add_argument("--only", default="forward,profile,lookup,moves,sweep")
+    parser.add_argument("--only", default="ab,forward,profile,lookup,moves,sweep")
     args = parser.parse_args()
     import cupy
 
@@ -334,6 +401,7 @@ def main() -> None:
     out: list = []
     t0 = time.time()
     sections = {
+        "ab": bench_ab,
         "forward": bench_forward_and_step,
         "profile": bench_profile,
         "lookup": bench_lookup,

@@ -259,3 +259,46 @@ def test_gather_scatter_and_prefetch():
     cuda.scatter(store, batch, rows * 2)
     assert torch.equal(store.read_rows(batch.ids).cpu(), (rows * 2).cpu())
     store.release(batch)
+
+
+# ------------------------------------------------------------------------- the unique step
+@pytest.mark.parametrize("num_rows", [1000, 1 << 31, None])
+@pytest.mark.parametrize("n", [1, 7, 5000, 300_000])
+def test_unique_matches_torch(num_rows, n):
+    """cuda.unique is torch.unique (sorted, inverse, counts) bit for bit, and its transpose is
+    the stable sort of the inverse that backward would otherwise make."""
+    cuda = _cuda()
+    rng = np.random.default_rng(n)
+    hi = num_rows or 1 << 40
+    idx = torch.from_numpy(rng.zipf(1.2, n) * 7919 % hi).cuda()
+    if num_rows is None:
+        idx = idx - (1 << 39)  # negative ids too (an SSD table takes any int64 id)
+    ids, inverse, counts, tr = cuda.unique(idx, num_rows)
+    want = torch.unique(idx, return_inverse=True, return_counts=True)
+    for got, w in zip((ids, inverse, counts), want):
+        assert got.dtype == w.dtype and torch.equal(got, w)
+    assert tr is not None
+    sorted_u, order = torch.sort(want[1].to(torch.int32), stable=True)
+    assert torch.equal(tr.sorted_u, sorted_u) and torch.equal(tr.order, order)
+    starts = torch.cat([torch.zeros(1, dtype=torch.int64, device="cuda"), want[2].cumsum(0)])
+    assert torch.equal(tr.start, starts)
+
+
+def test_step_same_with_and_without_fast_paths():
+    """The unique step's transpose (no second sort) changes no bit of a training run."""
+    cuda = _cuda()
+    results = []
+    for fast in (False, True):
+        cuda.FAST_UNIQUE = fast
+        try:
+            emb = ts.TieredEmbeddingBag(
+                5000, 129, cache_rows=300, optimizer=ts.RowWiseAdagrad(lr=0.1), device="cuda"
+            )
+            gen = np.random.default_rng(6)
+            for _ in range(4):
+                x = _trace(gen, "zipf", 5000, 64 * 20).view(64, 20).cuda()
+                emb(x).backward(torch.from_numpy(gen.standard_normal((64, 129))).float().cuda())
+            results.append(emb.read_rows(torch.arange(5000), with_state=True).cpu())
+        finally:
+            cuda.FAST_UNIQUE = True
+    assert torch.equal(results[0], results[1])

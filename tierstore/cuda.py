@@ -27,6 +27,9 @@ _KERNEL_POLICIES = ("lru", "lfu")  # policies with score functors in kernels/pol
 _KERNEL_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad")  # functors in kernels/backward.cu
 _REGISTER_COLUMNS = (1, 2, 4, 8, 16)  # backward kernels hold G * K weights of a row per G lanes
 _MOVE_ROWS = {True: 8, False: 4}  # fills per warp of move_rows_vec4 / move_rows_scalar
+# The unique step as sort + two kernels, its sort reused as the backward's transpose; False
+# gives torch.unique and a second sort in backward (the benchmark's same-run comparison).
+FAST_UNIQUE = True
 
 
 def available() -> bool:
@@ -55,6 +58,48 @@ def _run(file: str, function: str, device: torch.device, items: int, args, per_w
 
 def _i64(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.to(device=device, dtype=torch.int64).contiguous()
+
+
+# ---------------------------------------------------------------------------- the unique step
+class Transpose:
+    """A batch's sparse transpose, a by-product of its unique step (kernels/unique.cu): the
+    indices grouped by unique row, ascending within a row, exactly what backward would get by
+    sorting the inverse stably."""
+
+    def __init__(self, sorted_u: torch.Tensor, order: torch.Tensor, start: torch.Tensor):
+        self.sorted_u = sorted_u  # (n,) int32: unique row of each sorted entry
+        self.order = order  # (n,) int64: index of each sorted entry
+        self.start = start  # (U + 1,) int64: first sorted entry of each row; start[U] = n
+
+
+def unique(indices: torch.Tensor, num_rows: int | None):
+    """``torch.unique(indices, sorted=True, return_inverse=True, return_counts=True)`` plus the
+    batch's :class:`Transpose` (``None`` when torch.unique was used): one stable radix sort of
+    the ids (int32 keys when the table has at most 2**31 rows: half the passes), a flag kernel,
+    a prefix sum and a scatter kernel; the one host read is the unique count."""
+    n = indices.numel()
+    dev = indices.device
+    if not FAST_UNIQUE or dev.type != "cuda" or n == 0 or n >= 1 << 31:
+        ids, inverse, counts = torch.unique(indices, return_inverse=True, return_counts=True)
+        return ids, inverse, counts, None
+    dev = _device(dev)
+    narrow = num_rows is not None and num_rows <= 1 << 31  # ids validated in [0, num_rows)
+    keys = indices.to(torch.int32) if narrow else indices.to(torch.int64)
+    suffix = "i32" if narrow else "i64"
+    sorted_keys, order = torch.sort(keys, stable=True)
+    flag = torch.empty(n, dtype=torch.int32, device=dev)
+    _run("unique.cu", f"unique_flags_{suffix}", dev, n, (sorted_keys, n, flag), per_warp=False)
+    rank = torch.cumsum(flag, 0, dtype=torch.int32)
+    ids = torch.empty(n, dtype=torch.int64, device=dev)
+    inverse = torch.empty(n, dtype=torch.int64, device=dev)
+    sorted_u = flag  # reused: each entry reads only its own flag's prefix sum
+    start = torch.empty(n + 1, dtype=torch.int64, device=dev)
+    args = (sorted_keys, order, rank, n, ids, inverse, sorted_u, start)
+    _run("unique.cu", f"unique_scatter_{suffix}", dev, n, args, per_warp=False)
+    u = int(rank[-1])  # the step's one read: the unique count sizes everything after
+    ids, start = ids[:u], start[: u + 1]
+    counts = start[1:] - start[:-1]
+    return ids, inverse, counts, Transpose(sorted_u, order, start)
 
 
 # ---------------------------------------------------------------------------- the cache
@@ -320,7 +365,7 @@ def scatter(store, batch, rows: torch.Tensor) -> None:
             store.layout.width, rows)  # fmt: skip
     _run("rows.cu", "scatter_rows", dev, n, args, per_warp=True)
     _refresh_conflicts(store, batch, l2)
-    if n:
+    if n and not isinstance(store.host, HostTable):
         _l2_written(store, batch.addresses, batch.slots < 0)
 
 
@@ -395,7 +440,12 @@ def backward(
         _run("backward.cu", "weight_grad", dev, n, args, per_warp=True)
     if optimizer is not None and n:
         # the sparse transpose: indices grouped by unique row, in index order within a row
-        sorted_u, order = torch.sort(inverse.to(torch.int32), stable=True)
+        transpose = getattr(batch, "transpose", None)
+        if transpose is not None:  # the unique step's sort (kernels/unique.cu)
+            sorted_u, order, start = transpose.sorted_u, transpose.order, transpose.start
+        else:
+            sorted_u, order = torch.sort(inverse.to(torch.int32), stable=True)
+            start = None
         chunks = (n + group - 1) // group
         partial = torch.empty((chunks * 2, dim), device=dev)
         lr, eps = float(optimizer.lr), float(getattr(optimizer, "eps", 0.0))
@@ -404,15 +454,16 @@ def backward(
         fn = f"reduce_chunks_{opt_name}_g{group}_k{k}"
         _run("backward.cu", fn, dev, (chunks * group + 31) // 32, args, per_warp=True)
         # rows whose entries cross chunks: their partial sums, added in chunk order
-        unique = batch.ids.numel()
-        start = torch.empty(unique + 1, dtype=torch.int64, device=dev)
-        _run("backward.cu", "segment_starts", dev, n, (sorted_u, n, unique, start), False)
+        if start is None:
+            unique = batch.ids.numel()
+            start = torch.empty(unique + 1, dtype=torch.int64, device=dev)
+            _run("backward.cu", "segment_starts", dev, n, (sorted_u, n, unique, start), False)
         args = (sorted_u, start, n, group, dim, partial)
         _run("backward.cu", f"sum_groups_k{k}", dev, chunks, args, per_warp=True)
         args = (sorted_u, start, n, group, *rows, lr, eps, partial)
         _run("backward.cu", f"finish_crossing_{opt_name}_k{k}", dev, chunks, args, per_warp=True)
         _refresh_conflicts(store, batch, l2)
-        if batch.slots.numel():
+        if batch.slots.numel() and not isinstance(store.host, HostTable):
             _l2_written(store, addresses, batch.slots < 0)
     return weight_grad
 

@@ -26,10 +26,35 @@ def _external_stream(ptr: int, device_index: int):
         return cupy.cuda.ExternalStream(ptr, device_index)
 
 
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # no Stream object built
+
+
 def current_stream(device: torch.device):
     """torch's current stream on ``device`` as a CuPy stream."""
+    if _raw_stream is not None and device.index is not None:
+        return _external_stream(_raw_stream(device.index), device.index)
     s = torch.cuda.current_stream(device)
     return _external_stream(s.cuda_stream, s.device.index)
+
+
+_functions: dict = {}  # (id(kernel), device index) -> (kernel, its cupy.cuda.Function or None)
+_direct_call = [True]  # Function.__call__ takes stream=: launch without a stream context
+
+
+def _function(kernel, device_index: int):
+    """The ``cupy.cuda.function.Function`` behind a ``RawKernel`` on a device (cached)."""
+    key = (id(kernel), device_index)
+    hit = _functions.get(key)
+    if hit is None:
+        import cupy
+
+        with cupy.cuda.Device(device_index):
+            try:
+                fn = kernel.kernel
+            except AttributeError:
+                fn = None
+        hit = _functions[key] = (kernel, fn)  # the kernel kept alive: its id stays unique
+    return hit[1]
 
 
 @functools.cache
@@ -47,6 +72,13 @@ def sm_count(device_index: int) -> int:
 def kernel_arg(x):
     """One kernel argument: a tensor's pointer (``None``: a null pointer; a ``numpy.uint64``: a
     raw pointer), an int as ``i64``, a float as ``float``, a bool as ``i64`` 0 or 1."""
+    t = type(x)  # the common exact types first: a launch converts ~20 arguments
+    if t is torch.Tensor:
+        return np.uint64(x.data_ptr())
+    if t is int:
+        return np.int64(x)
+    if t is float:
+        return np.float32(x)
     if isinstance(x, torch.Tensor):
         return np.uint64(x.data_ptr())
     if x is None:
@@ -70,9 +102,18 @@ def launch(kernel, device: torch.device, items: int, args, per_warp: bool, max_w
         return
     threads = items * 32 if per_warp else items
     blocks = min((threads + _BLOCK - 1) // _BLOCK, sm_count(device.index) * max_waves)
-    args = tuple(kernel_arg(a) for a in args)
+    args = tuple([kernel_arg(a) for a in args])
     if _single_device():
-        with current_stream(device):
+        stream = current_stream(device)
+        if _direct_call[0]:
+            fn = _function(kernel, device.index)
+            if fn is not None:
+                try:
+                    fn((max(blocks, 1), 1, 1), (_BLOCK, 1, 1), args, shared_mem=0, stream=stream)
+                    return
+                except TypeError:  # a CuPy whose Function takes no stream=: the context path
+                    _direct_call[0] = False
+        with stream:
             kernel((max(blocks, 1),), (_BLOCK,), args)
         return
     import cupy

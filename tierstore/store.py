@@ -64,6 +64,7 @@ class Batch:
     slots: torch.Tensor  # (U,) int64 L1 slot, -1 for a conflict miss
     addresses: torch.Tensor  # (U,) int64 L2 address
     released: bool = False
+    transpose: object | None = None  # the backend's sparse transpose, if its unique made one
 
 
 class TieredStore:
@@ -135,7 +136,12 @@ class TieredStore:
         L2 first, so that a batch too large for ``host_rows`` fails before anything changes;
         then L1: dirty victims go back to L2, missed rows come in from L2 in ascending id order.
         """
-        ids, inverse, counts = torch.unique(indices, return_inverse=True, return_counts=True)
+        unique = getattr(self.backend, "unique", None)  # the CUDA backend's: no second sort
+        if unique is None:
+            ids, inverse, counts = torch.unique(indices, return_inverse=True, return_counts=True)
+            transpose = None
+        else:
+            ids, inverse, counts, transpose = unique(indices, self.num_rows)
         addresses = self.host.acquire(ids)
         found = self.backend.lookup(self.l1, ids, counts)
         if self.inclusive_host:  # L2 keeps what L1 holds: move the pins with the rows
@@ -143,7 +149,7 @@ class TieredStore:
             self.host.unpin(self.l1_home[found.fill_slots[evicted]])
             self.host.pin(addresses[found.fill_index])
         self.backend.move_rows(self, found, addresses)
-        return Batch(ids, inverse, found.slots, addresses)
+        return Batch(ids, inverse, found.slots, addresses, transpose=transpose)
 
     def release(self, batch: Batch) -> None:
         """Unlocks a batch's rows in L1 and L2 (once)."""

@@ -9,6 +9,7 @@ device and read back together: one device-to-host read per batch, not one per ch
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .errors import InvalidInputError
@@ -114,3 +115,15 @@ def normalize_batch(
         check_id_range(lo, hi, num_rows)
     psw = None if per_sample_weights is None else per_sample_weights.reshape(-1).to(device)
     return flat, offs, psw
+
+
+def as_id_array(ids, what: str = "ids") -> np.ndarray:
+    """``ids`` as a 1-D int64 array (uint64 keeps its bits), or a clear error."""
+    a = np.asarray(ids)
+    if a.ndim != 1:
+        raise InvalidInputError(f"{what} must be 1-D, got shape {a.shape}")
+    if a.size and not np.issubdtype(a.dtype, np.integer):
+        raise InvalidInputError(f"{what} must be integers, got dtype {a.dtype}")
+    if a.dtype == np.uint64:
+        return a.view(np.int64)
+    return a.astype(np.int64, copy=False)

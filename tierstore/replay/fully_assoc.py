@@ -27,7 +27,7 @@ import numpy as np
 
 from ..errors import InvalidInputError
 from ..progress import progress
-from ..trace.formats import as_id_array
+from ..validate import as_id_array
 
 _CHUNK = 1 << 20  # repeats per wavelet tree: its arrays stay in cache
 

@@ -73,6 +73,7 @@ from typing import BinaryIO, NamedTuple
 import numpy as np
 
 from ..errors import InvalidInputError
+from ..validate import as_id_array
 
 MAGIC = b"TSTRACE\x00"
 VERSION = 1
@@ -133,18 +134,6 @@ class Trace:
         for t, ids in enumerate(self.tables):
             for a in range(0, ids.size, chunk_size):
                 yield TraceChunk(t, ids[a : a + chunk_size])
-
-
-def as_id_array(ids, what: str = "ids") -> np.ndarray:
-    """``ids`` as a 1-D int64 array (uint64 keeps its bits), or a clear error."""
-    a = np.asarray(ids)
-    if a.ndim != 1:
-        raise InvalidInputError(f"{what} must be 1-D, got shape {a.shape}")
-    if a.size and not np.issubdtype(a.dtype, np.integer):
-        raise InvalidInputError(f"{what} must be integers, got dtype {a.dtype}")
-    if a.dtype == np.uint64:
-        return a.view(np.int64)
-    return a.astype(np.int64, copy=False)
 
 
 # ---------------------------------------------------------------------------------------------
