@@ -52,6 +52,17 @@ def initial_rows(
     return w.to(ids.device)
 
 
+def batch_unique(backend, indices: torch.Tensor, num_rows: int | None):
+    """``(ids, inverse, counts, transpose)`` of a batch: its unique ids ascending, as
+    ``torch.unique``, by the backend's own unique when it has one (the CUDA backend's also
+    returns the sparse transpose that backward reuses; else ``transpose`` is ``None``)."""
+    unique = getattr(backend, "unique", None)
+    if unique is None:
+        ids, inverse, counts = torch.unique(indices, return_inverse=True, return_counts=True)
+        return ids, inverse, counts, None
+    return unique(indices, num_rows)
+
+
 @dataclass
 class Batch:
     """A batch in flight: its unique rows and where each one is until :meth:`TieredStore.release`.
@@ -136,12 +147,7 @@ class TieredStore:
         L2 first, so that a batch too large for ``host_rows`` fails before anything changes;
         then L1: dirty victims go back to L2, missed rows come in from L2 in ascending id order.
         """
-        unique = getattr(self.backend, "unique", None)  # the CUDA backend's: no second sort
-        if unique is None:
-            ids, inverse, counts = torch.unique(indices, return_inverse=True, return_counts=True)
-            transpose = None
-        else:
-            ids, inverse, counts, transpose = unique(indices, self.num_rows)
+        ids, inverse, counts, transpose = batch_unique(self.backend, indices, self.num_rows)
         addresses = self.host.acquire(ids)
         found = self.backend.lookup(self.l1, ids, counts)
         if self.inclusive_host:  # L2 keeps what L1 holds: move the pins with the rows
