@@ -86,7 +86,7 @@ def replay_engine(
     t0 = time.perf_counter()
     for batch in batches:
         ids = torch.as_tensor(batch, dtype=torch.int64).to(dev)
-        # no inverse needed: torch.unique without it beats the training path's unique here
+        # the replay needs no inverse (nor the transpose the training path builds)
         uniq, counts = torch.unique(ids, return_counts=True)
         l2_slots = None
         if l2 is not None:
