@@ -1,6 +1,6 @@
 """Speed and hit ratios of the fully associative references: OPT, LRU, S3-FIFO, W-TinyLFU.
 
-    python bench/bench_replay_bounds.py                 # 10 M requests, as in RESULTS-replay.md
+    python bench/bench_replay_bounds.py                 # 10 M requests, as in bench/RESULTS.md
     python bench/bench_replay_bounds.py --requests 1000000 --alphas 1.0
 
 For each Zipf exponent it generates a seeded trace (``--universe`` ids, shuffled), takes cache

@@ -1,6 +1,6 @@
 """Benchmarks of the SSD tier (L3, tierstore/ssd.py).
 
-As a script, the full matrix behind bench/RESULTS-ssd.md (a few minutes, ~1.2 GB of disk at
+As a script, the full matrix behind bench/RESULTS.md (a few minutes, ~1.2 GB of disk at
 a time in a temporary directory)::
 
     python bench/bench_ssd.py                      # 2 M rows, block_rows 1 4 16 64, levels 0 3

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU test and a short benchmark, in one device call (see bench/RESULTS-cuda.md).
+# Every GPU test and a short benchmark, in one device call (see bench/RESULTS.md).
 #   from the repo root, on the GPU machine:  bash bench/gpu_all.sh [pytest args...]
 # BENCH_ARGS="" runs the full benchmark (default: --quick). Logs go to $OUT (the device tool's output folder) when set, else to ./out.
 set -uo pipefail
