@@ -19,8 +19,8 @@ from tierstore.trace.formats import (
     load_trace,
     parse_hex,
     read_trace,
-    write_trace,
 )
+from tierstore.trace.writers import write_trace
 
 DATA = Path(__file__).parent / "data"
 GOLDEN = DATA / "golden_v1.tst"

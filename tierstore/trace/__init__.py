@@ -17,9 +17,9 @@ from .formats import (
     detect_format,
     load_trace,
     read_trace,
-    write_trace,
 )
 from .generate import GENERATORS, drift_trace, generate_trace, scan_mix_trace, zipf_trace
+from .writers import write_trace
 
 __all__ = [
     "FORMATS",

@@ -18,7 +18,8 @@ import numpy as np
 
 from ..errors import TierstoreError
 from ..progress import progress
-from .formats import FORMATS, WRITABLE, Trace, read_trace, write_trace
+from .formats import FORMATS, WRITABLE, Trace, read_trace
+from .writers import write_trace
 
 
 def _reader_options(p: argparse.ArgumentParser) -> None:
