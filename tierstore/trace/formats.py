@@ -1,10 +1,11 @@
-"""Reading and writing access traces: streams of embedding row ids, one stream per table.
+"""Trace formats and their readers: streams of embedding row ids, one stream per table.
 
 A trace is a sequence of row ids for each of one or more tables (each table its own id space).
 Readers stream it as :class:`TraceChunk` s: ``(table, ids)`` with ``ids`` a 1-D ``int64``
 array, at most ``chunk_size`` ids (or rows, for row formats) at a time, so that a trace far
 larger than memory can be converted or scanned. :func:`read_trace` picks the reader from the
-file's magic bytes or its extension; :func:`load_trace` gathers a whole trace in memory.
+file's magic bytes or its extension; :func:`load_trace` gathers a whole trace in memory;
+:mod:`tierstore.trace.writers` writes every writable format.
 
 Formats (``fmt`` names):
 
