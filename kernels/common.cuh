@@ -88,35 +88,31 @@ __device__ __forceinline__ float* ts_row(float* l1, const float* l2, i64 slot, i
   return slot >= 0 ? l1 + slot * (i64)width : (float*)l2 + addr * (i64)width;
 }
 
-// Copies one row of `width` floats with a warp: every lane issues all its loads before its
-// first store, so that a row's bytes are in flight at once (PCIe reads are latency bound).
-// `vec4` when both rows are 16-byte aligned and width % 4 == 0.
+// Copies one row of `n` elements of type T (float or float4) with a warp: every lane issues
+// all its loads before its first store, so that a row's bytes are in flight at once (PCIe
+// reads are latency bound).
+template <typename T, int MAX_PER_LANE>
+__device__ __forceinline__ void ts_copy_row_as(T* __restrict__ dst, const T* __restrict__ src, int n) {
+  const int lane = ts_lane();
+  T v[MAX_PER_LANE];
+#pragma unroll
+  for (int k = 0; k < MAX_PER_LANE; k++)
+    if (lane + 32 * k < n) v[k] = src[lane + 32 * k];
+#pragma unroll
+  for (int k = 0; k < MAX_PER_LANE; k++)
+    if (lane + 32 * k < n) dst[lane + 32 * k] = v[k];
+  for (int c = lane + 32 * MAX_PER_LANE; c < n; c += 32) dst[c] = src[c];
+}
+
+// Copies one row of `width` floats with a warp, as float4 when `vec4` (both rows 16-byte
+// aligned and width % 4 == 0).
 template <int MAX_PER_LANE>
 __device__ __forceinline__ void ts_copy_row(float* __restrict__ dst, const float* __restrict__ src,
                                             int width, bool vec4) {
-  const int lane = ts_lane();
-  if (vec4) {
-    const int n4 = width >> 2;
-    const float4* s4 = (const float4*)src;
-    float4* d4 = (float4*)dst;
-    float4 v[MAX_PER_LANE];
-#pragma unroll
-    for (int k = 0; k < MAX_PER_LANE; k++)
-      if (lane + 32 * k < n4) v[k] = s4[lane + 32 * k];
-#pragma unroll
-    for (int k = 0; k < MAX_PER_LANE; k++)
-      if (lane + 32 * k < n4) d4[lane + 32 * k] = v[k];
-    for (int c = lane + 32 * MAX_PER_LANE; c < n4; c += 32) d4[c] = s4[c];
-    return;
-  }
-  float v[MAX_PER_LANE];
-#pragma unroll
-  for (int k = 0; k < MAX_PER_LANE; k++)
-    if (lane + 32 * k < width) v[k] = src[lane + 32 * k];
-#pragma unroll
-  for (int k = 0; k < MAX_PER_LANE; k++)
-    if (lane + 32 * k < width) dst[lane + 32 * k] = v[k];
-  for (int c = lane + 32 * MAX_PER_LANE; c < width; c += 32) dst[c] = src[c];
+  if (vec4)
+    ts_copy_row_as<float4, MAX_PER_LANE>((float4*)dst, (const float4*)src, width >> 2);
+  else
+    ts_copy_row_as<float, MAX_PER_LANE>(dst, src, width);
 }
 
 __device__ __forceinline__ i64 ts_warp_sum_i64(i64 v) {

@@ -198,12 +198,36 @@ extern "C" __global__ void compact_fills(const int* __restrict__ filled,  // (U,
   }
 }
 
+// One pass of a warp over ROWS rows at once: elements c0 + lane + 32 k (k < K) of row r go
+// from src[r] to dst[r] where go[r]; every load is in flight before the first store.
+template <typename T, int ROWS, int K>
+__device__ __forceinline__ void copy_pass(T* const (&dst)[ROWS], const T* const (&src)[ROWS],
+                                          const bool (&go)[ROWS], int c0, int per) {
+  const int lane = ts_lane();
+  T v[ROWS][K];
+#pragma unroll
+  for (int r = 0; r < ROWS; r++)
+#pragma unroll
+    for (int k = 0; k < K; k++) {
+      const int c = c0 + lane + 32 * k;
+      if (go[r] && c < per) v[r][k] = src[r][c];
+    }
+#pragma unroll
+  for (int r = 0; r < ROWS; r++)
+#pragma unroll
+    for (int k = 0; k < K; k++) {
+      const int c = c0 + lane + 32 * k;
+      if (go[r] && c < per) dst[r][c] = v[r][k];
+    }
+}
+
 // Moves the rows of the fills: for fill f (ascending ids), a dirty victim's row goes from its
 // slot back to its L2 address l1_home[slot], then the missed row comes in from L2 and the slot
-// records its L2 address. A warp moves ROWS fills at once, K elements (float or float4) per lane and row per pass, all their loads in flight before
-// the first store. Victims and fills never share an L2 row (a victim is cached and not in the
-// batch, a fill is in the batch), and each slot belongs to one fill: no ordering across warps.
-template <int ROWS, int K, bool VEC4>
+// records its L2 address. A warp moves ROWS fills at once, K elements of type T (float, or
+// float4 when rows are 16-byte aligned) per lane and row per pass. Victims and fills never
+// share an L2 row (a victim is cached and not in the batch, a fill is in the batch), and each
+// slot belongs to one fill: no ordering across warps.
+template <int ROWS, int K, typename T>
 __device__ void move_rows(const i64* __restrict__ fill_index,   // (F,) positions in the batch
                           const i64* __restrict__ fill_slots,   // (F,)
                           const unsigned char* __restrict__ victim_dirty,  // (F,)
@@ -215,109 +239,53 @@ __device__ void move_rows(const i64* __restrict__ fill_index,   // (F,) position
                           i64 width) {
   const int lane = ts_lane();
   const int F = *n_fill;
-  const int per = VEC4 ? (int)(width >> 2) : (int)width;  // elements of a row
+  const int per = (int)(width * (i64)sizeof(float) / (i64)sizeof(T));  // elements of a row
   for (i64 f0 = ts_global_warp() * ROWS; f0 < F; f0 += ts_warp_count() * ROWS) {
-    i64 slot[ROWS], home[ROWS];
-    bool wb[ROWS];
+    i64 slot[ROWS], home[ROWS], old_home[ROWS];
+    bool wb[ROWS], in[ROWS];
+    bool any_wb = false;
 #pragma unroll
     for (int r = 0; r < ROWS; r++) {
       const i64 f = f0 + r;
       slot[r] = f < F ? fill_slots[f] : -1;
       home[r] = f < F ? addresses[fill_index[f]] : -1;
       wb[r] = f < F && victim_dirty[f];
+      in[r] = slot[r] >= 0;
+      old_home[r] = wb[r] ? l1_home[slot[r]] : 0;
+      any_wb |= wb[r];
+    }
+    // Row pointers of both moves (row 0 stands in for rows a move skips: never dereferenced).
+    T* back_dst[ROWS];
+    const T* back_src[ROWS];
+    T* fill_dst[ROWS];
+    const T* fill_src[ROWS];
+#pragma unroll
+    for (int r = 0; r < ROWS; r++) {
+      back_src[r] = (const T*)(l1 + (wb[r] ? slot[r] : 0) * width);
+      back_dst[r] = (T*)(l2 + old_home[r] * width);
+      fill_src[r] = (const T*)(l2 + (in[r] ? home[r] : 0) * width);
+      fill_dst[r] = (T*)(l1 + (in[r] ? slot[r] : 0) * width);
     }
     for (int c0 = 0; c0 < per; c0 += 32 * K) {
       // writebacks first: the slot's old row goes home before the new one lands
-      bool any_wb = false;
-#pragma unroll
-      for (int r = 0; r < ROWS; r++) any_wb |= wb[r];
-      if (any_wb) {
-        i64 old_home[ROWS];
-#pragma unroll
-        for (int r = 0; r < ROWS; r++) old_home[r] = wb[r] ? l1_home[slot[r]] : -1;
-        if (VEC4) {
-          float4 v[ROWS][K];
-#pragma unroll
-          for (int r = 0; r < ROWS; r++)
-#pragma unroll
-            for (int k = 0; k < K; k++) {
-              const int c = c0 + lane + 32 * k;
-              if (wb[r] && c < per) v[r][k] = ((const float4*)(l1 + slot[r] * width))[c];
-            }
-#pragma unroll
-          for (int r = 0; r < ROWS; r++)
-#pragma unroll
-            for (int k = 0; k < K; k++) {
-              const int c = c0 + lane + 32 * k;
-              if (wb[r] && c < per) ((float4*)(l2 + old_home[r] * width))[c] = v[r][k];
-            }
-        } else {
-          float v[ROWS][K];
-#pragma unroll
-          for (int r = 0; r < ROWS; r++)
-#pragma unroll
-            for (int k = 0; k < K; k++) {
-              const int c = c0 + lane + 32 * k;
-              if (wb[r] && c < per) v[r][k] = l1[slot[r] * width + c];
-            }
-#pragma unroll
-          for (int r = 0; r < ROWS; r++)
-#pragma unroll
-            for (int k = 0; k < K; k++) {
-              const int c = c0 + lane + 32 * k;
-              if (wb[r] && c < per) l2[old_home[r] * width + c] = v[r][k];
-            }
-        }
-      }
-      if (VEC4) {
-        float4 v[ROWS][K];
-#pragma unroll
-        for (int r = 0; r < ROWS; r++)
-#pragma unroll
-          for (int k = 0; k < K; k++) {
-            const int c = c0 + lane + 32 * k;
-            if (slot[r] >= 0 && c < per) v[r][k] = ((const float4*)(l2 + home[r] * width))[c];
-          }
-#pragma unroll
-        for (int r = 0; r < ROWS; r++)
-#pragma unroll
-          for (int k = 0; k < K; k++) {
-            const int c = c0 + lane + 32 * k;
-            if (slot[r] >= 0 && c < per) ((float4*)(l1 + slot[r] * width))[c] = v[r][k];
-          }
-      } else {
-        float v[ROWS][K];
-#pragma unroll
-        for (int r = 0; r < ROWS; r++)
-#pragma unroll
-          for (int k = 0; k < K; k++) {
-            const int c = c0 + lane + 32 * k;
-            if (slot[r] >= 0 && c < per) v[r][k] = l2[home[r] * width + c];
-          }
-#pragma unroll
-        for (int r = 0; r < ROWS; r++)
-#pragma unroll
-          for (int k = 0; k < K; k++) {
-            const int c = c0 + lane + 32 * k;
-            if (slot[r] >= 0 && c < per) l1[slot[r] * width + c] = v[r][k];
-          }
-      }
+      if (any_wb) copy_pass<T, ROWS, K>(back_dst, back_src, wb, c0, per);
+      copy_pass<T, ROWS, K>(fill_dst, fill_src, in, c0, per);
     }
     if (lane == 0) {
 #pragma unroll
       for (int r = 0; r < ROWS; r++)
-        if (slot[r] >= 0) l1_home[slot[r]] = home[r];
+        if (in[r]) l1_home[slot[r]] = home[r];
     }
   }
 }
 
-#define TS_MOVE(NAME, ROWS, K, VEC4)                                                               \
+#define TS_MOVE(NAME, ROWS, K, T)                                                               \
   extern "C" __global__ void NAME(const i64* fill_index, const i64* fill_slots,                 \
                                   const unsigned char* victim_dirty, const int* n_fill,         \
                                   const i64* addresses, float* l1, i64* l1_home, float* l2,     \
                                   i64 width) {                                                  \
-    move_rows<ROWS, K, VEC4>(fill_index, fill_slots, victim_dirty, n_fill, addresses, l1,          \
+    move_rows<ROWS, K, T>(fill_index, fill_slots, victim_dirty, n_fill, addresses, l1,          \
                           l1_home, l2, width);                                                  \
   }
-TS_MOVE(move_rows_vec4, 8, 1, true)
-TS_MOVE(move_rows_scalar, 4, 4, false)
+TS_MOVE(move_rows_vec4, 8, 1, float4)
+TS_MOVE(move_rows_scalar, 4, 4, float)
