@@ -52,11 +52,6 @@ class Lookup:
         """Ids of the inserted rows, ascending."""
         return self.ids[self.fill_index]
 
-    @property
-    def conflicts(self) -> torch.Tensor:
-        """Positions in ``ids`` of the conflict misses."""
-        return (self.slots < 0).nonzero().squeeze(1)
-
 
 def cache_shape(rows: int, ways: int) -> tuple[int, int]:
     """``(sets, ways)`` of a cache of ``rows`` rows: ``ceil(rows / ways)`` sets, and no more ways
@@ -116,11 +111,6 @@ class SetAssociativeCache:
             way = match.to(torch.uint8).argmax(1)
             slots[lo:hi] = torch.where(hit, sets[lo:hi] * self.ways + way, -1)
         return slots
-
-    def resident(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(slots, ids)`` of every occupied way."""
-        slots = (self.tags.view(-1) != EMPTY).nonzero().squeeze(1)
-        return slots, self.tags.view(-1)[slots]
 
     # ------------------------------------------------------------------------ the step
     def lookup(self, ids: torch.Tensor, counts: torch.Tensor, strict: bool = False) -> Lookup:

@@ -168,11 +168,6 @@ class DeviceLookup:
         """Ids of the inserted rows, ascending."""
         return self.trimmed().fill_ids
 
-    @property
-    def conflicts(self) -> torch.Tensor:
-        """Positions in ``ids`` of the conflict misses."""
-        return self.trimmed().conflicts
-
 
 class CudaCache(SetAssociativeCache):
     """:class:`~tierstore.cache.SetAssociativeCache` whose step runs as kernels.
