@@ -52,11 +52,13 @@ class HostCache:
         cpu_ids = ids.cpu()
         plan = self.cache.plan(cpu_ids, strict=True)
         fill_ids = plan.fill_ids
-        rows = self.ssd.read(fill_ids) if fill_ids.numel() else None
+        # The misses are read on L3's I/O thread while this one stages the dirty victims.
+        reading = self.ssd.read_async(fill_ids) if fill_ids.numel() else None
         dirty = plan.victim_dirty
         if bool(dirty.any()):
             victims, order = torch.sort(plan.victim_ids[dirty])
             self.ssd.write(victims, self.data[plan.fill_slots[dirty][order]])
+        rows = reading.result() if reading is not None else None
         self.cache.commit(plan, torch.ones_like(cpu_ids))
         if rows is not None:
             self.data[plan.fill_slots] = rows
