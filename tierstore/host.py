@@ -94,12 +94,12 @@ class HostTable:
         """Nothing below a full table to write back to."""
 
     def peek(self, ids: torch.Tensor) -> torch.Tensor:
-        """Current rows of ``ids`` without touching any cache state."""
-        return self.data[ids.cpu()]
+        """Current rows of ``ids`` without touching any cache state (a row's address is its id)."""
+        return self.read(ids)
 
     def poke(self, ids: torch.Tensor, rows: torch.Tensor) -> None:
         """Overwrites rows of ``ids`` without touching any cache state."""
-        self.data[ids.cpu()] = rows.cpu()
+        self.write(ids, rows)
 
     def flush(self) -> None:
         """Nothing below a full table."""

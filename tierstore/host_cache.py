@@ -84,7 +84,7 @@ class HostCache:
         """Stores rows at L2 ``addresses`` and marks them dirty."""
         addresses = addresses.cpu()
         self.data[addresses] = rows.cpu()
-        self.cache.mark_dirty(addresses)
+        self.mark_dirty(addresses)
 
     def mark_dirty(self, addresses: torch.Tensor) -> None:
         """Rows that kernels updated in place at L2 ``addresses`` (they must reach L3)."""

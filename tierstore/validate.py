@@ -12,10 +12,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .cache import EMPTY
 from .errors import InvalidInputError
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
-EMPTY_TAG = -(1 << 63)  # reserved: the cache's empty-way tag
 
 
 def _check_index_tensor(t, what: str, ndims: tuple[int, ...]) -> None:
@@ -52,7 +52,7 @@ def check_id_range(lo: int, hi: int, num_rows: int | None, what: str = "indices"
     if num_rows is not None and (lo < 0 or hi >= num_rows):
         bad = lo if lo < 0 else hi
         raise InvalidInputError(f"{what} must be in [0, {num_rows}) (num_embeddings), found {bad}")
-    if num_rows is None and lo == EMPTY_TAG:
+    if num_rows is None and lo == EMPTY:
         raise InvalidInputError(f"{what}: -2**63 is reserved (the cache's empty tag)")
 
 
