@@ -88,7 +88,6 @@ def replay_engine(
         ids = torch.as_tensor(batch, dtype=torch.int64).to(dev)
         # the replay needs no inverse (nor the transpose the training path builds)
         uniq, counts = torch.unique(ids, return_counts=True)
-        l2_slots = None
         if l2 is not None:
             cpu_uniq = uniq.cpu()
             before = l2.counters.clone()
@@ -99,7 +98,7 @@ def replay_engine(
         if l2 is not None:
             fill_slots = found.fill_slots.cpu()
             evicted = (found.victim_ids != EMPTY).cpu()
-            missed = (found.slots < 0).cpu() | ~found.hit.cpu()
+            missed = ~found.hit.cpu()  # conflict misses included
             in_l2 = found2.hit[missed]  # L1 misses that L2 already held
             res.l2_hits += int(in_l2.sum())
             res.l3_reads += int((~in_l2).sum())
