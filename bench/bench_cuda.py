@@ -89,10 +89,11 @@ def bench_forward_and_step(out: list, quick: bool) -> None:
         batch = store.lookup(ids)
         c = store.l1.counters.tolist()
         y = cuda.forward(store, batch, offsets, None, "sum")
-        rows = store.read_rows(batch.ids)[:, :D]
+        unique_ids = batch.trimmed().ids
+        rows = store.read_rows(unique_ids)[:, :D]
         want = F.embedding_bag(batch.inverse, rows, offsets, mode="sum", include_last_offset=True)
         err = ((y - want).norm() / want.norm()).item()
-        print(f"  ({dist}: unique {batch.ids.numel():,}, rel err vs embedding_bag {err:.1e})")
+        print(f"  ({dist}: unique {unique_ids.numel():,}, rel err vs embedding_bag {err:.1e})")
         t = t_ms(lambda b=batch, s=store: cuda.forward(s, b, offsets, None, "sum"), it)
         out.append(
             row(f"tierstore forward, slots known, {dist}", t, "ms", f"{ref:.3f} ms", "<= baseline")
@@ -161,11 +162,10 @@ def bench_forward_and_step(out: list, quick: bool) -> None:
 
 
 def bench_ab(out: list, quick: bool) -> None:
-    """The step's fast paths switched on one at a time, same table, same ids, same process:
-    the 'before' row is the previous code path (torch.unique, a second sort in backward,
-    launches inside a CuPy stream context)."""
-    from tierstore import interop
-
+    """The step with and without its fast paths, same table, same ids, same process: the
+    'before' row is torch.unique (the host reads the unique count: a second sync in the step)
+    and a second sort in backward; 'sync-free' is the unique step of kernels/unique.cu with the
+    count left on the device and its sort reused as the backward's transpose."""
     it = 10 if quick else 30
     offsets = torch.arange(0, B * L + 1, L, device="cuda")
     header("same-run comparison of the fast paths (RowWiseAdagrad, every row in L1)")
@@ -175,11 +175,7 @@ def bench_ab(out: list, quick: bool) -> None:
     store = emb.store
     g = torch.randn(B, D, device="cuda")
     weight = torch.randn(N, D, device="cuda")
-    configs = (
-        ("before", False, False),
-        ("fast unique", True, False),
-        ("fast unique + direct launch", True, True),
-    )
+    configs = (("before", False), ("sync-free", True))
     try:
         for dist in ("uniform", "zipf"):
             x = trace(dist, B * L).view(B, L)
@@ -188,9 +184,8 @@ def bench_ab(out: list, quick: bool) -> None:
             ref = t_ms(lambda f=flat: F.embedding_bag(f, weight, offsets[:-1]), it)
             out.append(row(f"torch F.embedding_bag fwd, table in HBM, {dist}", ref, "ms"))
             for rep in range(2):
-                for name, fast, direct in configs:
+                for name, fast in configs:
                     cuda.FAST_UNIQUE = fast
-                    interop._direct_call[0] = direct
 
                     def step(x=x):
                         emb(x).backward(g)
@@ -223,7 +218,6 @@ def bench_ab(out: list, quick: bool) -> None:
                     )
     finally:
         cuda.FAST_UNIQUE = True
-        interop._direct_call[0] = True
     free(emb, store, weight)
 
 
@@ -246,7 +240,7 @@ def bench_profile(out: list, quick: bool) -> None:
         torch.cuda.synchronize()
         wall = (time.perf_counter() - t0) / 5 * 1e3
         flat = x.reshape(-1)
-        t_prep = t_ms(lambda x=x: emb._prepare(x, None, None), 10)
+        t_prep = t_ms(lambda x=x: emb._prepare(x, None, None)[3].wait(), 10)
         t_uniq = t_ms(lambda f=flat: torch.unique(f, return_inverse=True, return_counts=True), 10)
         t_look = t_ms(lambda f=flat: emb.store.release(emb.store.lookup(f)), 10)
         print(

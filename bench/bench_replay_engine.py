@@ -43,7 +43,14 @@ def main() -> None:
             for pct in map(float, args.pcts.split(",")):
                 size = max(1, int(np.ceil(distinct * pct / 100)))
                 runs = [
-                    replay_engine(batches, size, policy, args.ways, device=args.device)
+                    replay_engine(
+                        batches,
+                        size,
+                        policy,
+                        args.ways,
+                        device=args.device,
+                        num_rows=args.universe,
+                    )  # fmt: skip
                     for _ in range(args.repeat)
                 ]
                 best = min(runs, key=lambda r: r.seconds)

@@ -9,6 +9,8 @@
 // by many groups: a row whose entries lie in one chunk is finished there (summed in index order,
 // exactly as the CPU backend's index_add_); a row that crosses chunks leaves one partial sum per
 // chunk, and sum_groups and finish_crossing add them in chunk order, in two levels.
+// A row read by one index only (most rows of a uniform batch) is left out of the chunks and
+// updated by update_singles, bag by bag, so that each bag's gradient row is read once.
 // Deterministic either way.
 //
 // Shapes: B bags, n indices, U unique rows, D = dim, rows of `width` floats, P = ceil(n / G).
@@ -74,23 +76,42 @@ struct Group {
 };
 
 // ---------------------------------------------------------------- the optimizers
-// Each is a functor applying the update to one row held by a lane group; g[k] is the summed
-// gradient of column rank + G k (0 past dim). Formulas of tierstore/optim.py.
+// Each is a functor in two halves, so that a row's loads can be in flight while its gradient is
+// still being summed: `load` reads what the update needs of the row (weights, state) into a
+// RowState, `apply` writes the updated row; g[k] is the summed gradient of column rank + G k
+// (0 past dim). Formulas of tierstore/optim.py.
+
+template <int K>
+struct RowState {
+  float w[K];  // weights of the lane's columns
+  float s[K];  // per-weight state (Adagrad) or, in s[0], the row's one state (row-wise)
+};
+
+// The weights of a lane's columns.
+template <int G, int K>
+__device__ __forceinline__ void ts_load_weights(const float* row, RowState<K>& st, int dim,
+                                                const Group<G>& grp) {
+#pragma unroll
+  for (int k = 0; k < K; k++) {
+    const int c = grp.rank + G * k;
+    if (c < dim) st.w[k] = row[c];
+  }
+}
 
 struct SgdUpdate {  // w -= lr * g
   float lr, eps;
   template <int G, int K>
-  __device__ void operator()(float* row, const float (&g)[K], int dim, const Group<G>& grp) const {
-    float w[K];
+  __device__ __forceinline__ void load(const float* row, RowState<K>& st, int dim,
+                                       const Group<G>& grp) const {
+    ts_load_weights<G, K>(row, st, dim, grp);
+  }
+  template <int G, int K>
+  __device__ __forceinline__ void apply(float* row, const RowState<K>& st, const float (&g)[K], int dim,
+                        const Group<G>& grp) const {
 #pragma unroll
     for (int k = 0; k < K; k++) {
       const int c = grp.rank + G * k;
-      if (c < dim) w[k] = row[c];
-    }
-#pragma unroll
-    for (int k = 0; k < K; k++) {
-      const int c = grp.rank + G * k;
-      if (c < dim) row[c] = fmaf(-lr, g[k], w[k]);
+      if (c < dim) row[c] = fmaf(-lr, g[k], st.w[k]);
     }
   }
 };
@@ -98,23 +119,25 @@ struct SgdUpdate {  // w -= lr * g
 struct AdagradUpdate {  // s += g*g; w -= lr * g / (sqrt(s) + eps); state: one float per weight
   float lr, eps;
   template <int G, int K>
-  __device__ void operator()(float* row, const float (&g)[K], int dim, const Group<G>& grp) const {
-    float w[K], s[K];
+  __device__ __forceinline__ void load(const float* row, RowState<K>& st, int dim,
+                                       const Group<G>& grp) const {
+    ts_load_weights<G, K>(row, st, dim, grp);
 #pragma unroll
     for (int k = 0; k < K; k++) {
       const int c = grp.rank + G * k;
-      if (c < dim) {
-        w[k] = row[c];
-        s[k] = row[dim + c];
-      }
+      if (c < dim) st.s[k] = row[dim + c];
     }
+  }
+  template <int G, int K>
+  __device__ __forceinline__ void apply(float* row, const RowState<K>& st, const float (&g)[K], int dim,
+                        const Group<G>& grp) const {
 #pragma unroll
     for (int k = 0; k < K; k++) {
       const int c = grp.rank + G * k;
       if (c >= dim) continue;
-      const float st = __fadd_rn(s[k], __fmul_rn(g[k], g[k]));
-      row[dim + c] = st;
-      row[c] = fmaf(-lr, __fdiv_rn(g[k], __fadd_rn(__fsqrt_rn(st), eps)), w[k]);
+      const float s = __fadd_rn(st.s[k], __fmul_rn(g[k], g[k]));
+      row[dim + c] = s;
+      row[c] = fmaf(-lr, __fdiv_rn(g[k], __fadd_rn(__fsqrt_rn(s), eps)), st.w[k]);
     }
   }
 };
@@ -122,26 +145,26 @@ struct AdagradUpdate {  // s += g*g; w -= lr * g / (sqrt(s) + eps); state: one f
 struct RowWiseAdagradUpdate {  // s += mean(g*g); w -= lr * g / (sqrt(s) + eps); state: 1 float
   float lr, eps;
   template <int G, int K>
-  __device__ void operator()(float* row, const float (&g)[K], int dim, const Group<G>& grp) const {
-    float w[K];
-    const float s0 = row[dim];  // loaded with the weights, before the reduction waits
-#pragma unroll
-    for (int k = 0; k < K; k++) {
-      const int c = grp.rank + G * k;
-      if (c < dim) w[k] = row[c];
-    }
+  __device__ __forceinline__ void load(const float* row, RowState<K>& st, int dim,
+                                       const Group<G>& grp) const {
+    st.s[0] = row[dim];
+    ts_load_weights<G, K>(row, st, dim, grp);
+  }
+  template <int G, int K>
+  __device__ __forceinline__ void apply(float* row, const RowState<K>& st, const float (&g)[K], int dim,
+                        const Group<G>& grp) const {
     float sq = 0.f;
 #pragma unroll
     for (int k = 0; k < K; k++) sq = __fadd_rn(sq, __fmul_rn(g[k], g[k]));  // g is 0 past dim
     sq = grp.sum(sq);
-    const float s = __fadd_rn(s0, __fdiv_rn(sq, (float)dim));
+    const float s = __fadd_rn(st.s[0], __fdiv_rn(sq, (float)dim));
     const float denom = __fadd_rn(__fsqrt_rn(s), eps);
     __syncwarp(grp.mask);  // every lane has read row[dim] before rank 0 stores it
     if (grp.rank == 0) row[dim] = s;
 #pragma unroll
     for (int k = 0; k < K; k++) {
       const int c = grp.rank + G * k;
-      if (c < dim) row[c] = fmaf(-lr, __fdiv_rn(g[k], denom), w[k]);
+      if (c < dim) row[c] = fmaf(-lr, __fdiv_rn(g[k], denom), st.w[k]);
     }
   }
 };
@@ -156,17 +179,109 @@ struct Rows {
   i64 width;
   int dim;
 
+  // Applies the optimizer to row u (the row read now: no loads to overlap).
   template <int G, int K, class Opt>
   __device__ __forceinline__ void update(i64 u, const float (&g)[K], const Opt& opt,
                                          const Group<G>& grp) const {
     const i64 s = slots[u];
     float* row = ts_row(l1, l2, s, addresses[u], (int)width);
-    opt(row, g, dim, grp);
+    RowState<K> st;
+    opt.template load<G, K>(row, st, dim, grp);
+    opt.template apply<G, K>(row, st, g, dim, grp);
     if (s >= 0 && grp.rank == 0) dirty[s] = 1;
   }
 };
 
-// Phase one: a group of G lanes per chunk of G sorted entries.
+// Rows read by one index of the batch (most rows of a uniform batch): their gradient is one
+// bag's, so they are updated bag by bag, a warp per bag reading the bag's gradient row once,
+// instead of once per index (a 32-index bag re-reads it 32 times from all over the table's
+// traffic, and those reads miss L2). Each lane first finds whether its index's row is such a
+// single (its sorted entry differs from both neighbours) and where the row lives, all lanes in
+// parallel; then the warp updates the singles a few at a time, their rows' loads in flight
+// together. The arithmetic is reduce_chunks' for a one-entry row, so results are bit for bit the
+// same as summing it there.
+template <int K, class Opt>
+__device__ void update_singles(const i64* __restrict__ offsets,    // (B + 1,)
+                               i64 bags,
+                               const i64* __restrict__ inverse,    // (n,)
+                               const i64* __restrict__ start,      // (U + 1,)
+                               const float* __restrict__ psw,      // (n,) or null
+                               const float* __restrict__ grad_out, // (B, D)
+                               i64 mean, const Rows rows, const Opt opt) {
+  // Rows in flight at once. Two (56 registers at K = 4) ran as fast as four (84) on the
+  // H200, and 15 % faster with Zipf ids (bench/RESULTS.md).
+  constexpr int ROWS = K <= 8 ? 2 : 1;
+  const Group<32> grp;
+  const int lane = ts_lane();
+  const int dim = rows.dim;
+  for (i64 b = ts_global_warp(); b < bags; b += ts_warp_count()) {
+    const i64 first = offsets[b], last = offsets[b + 1];
+    if (first == last) continue;
+    float g[K];
+#pragma unroll
+    for (int k = 0; k < K; k++) {
+      const int c = lane + 32 * k;
+      g[k] = c < dim ? grad_out[b * dim + c] : 0.f;
+      if (mean) g[k] = __fdiv_rn(g[k], (float)(last - first));
+    }
+    for (i64 j0 = first; j0 < last; j0 += 32) {
+      const i64 j = j0 + lane;
+      i64 slot = -1, addr = 0;
+      float w = 1.f;
+      bool single = false;
+      if (j < last) {
+        const i64 u = inverse[j];
+        single = start[u + 1] - start[u] == 1;
+        if (single) {
+          slot = rows.slots[u];
+          addr = rows.addresses[u];
+          if (psw != nullptr) w = psw[j];
+        }
+      }
+      unsigned todo = __ballot_sync(TS_FULL_MASK, single);
+      while (todo) {
+        int e[ROWS];  // the next ROWS singles (lane numbers), -1 past the last
+#pragma unroll
+        for (int q = 0; q < ROWS; q++) {
+          e[q] = todo ? __ffs(todo) - 1 : -1;
+          todo &= todo - 1;
+        }
+        float* row[ROWS];
+        i64 s[ROWS];
+        RowState<K> st[ROWS];
+#pragma unroll
+        for (int q = 0; q < ROWS; q++) {
+          const int src = e[q] < 0 ? e[0] : e[q];
+          s[q] = grp.shfl(slot, src);
+          row[q] = ts_row(rows.l1, rows.l2, s[q], grp.shfl(addr, src), (int)rows.width);
+          if (e[q] >= 0) opt.template load<32, K>(row[q], st[q], dim, grp);
+        }
+#pragma unroll
+        for (int q = 0; q < ROWS; q++) {
+          const float we = grp.shfl(w, e[q] < 0 ? e[0] : e[q]);
+          if (e[q] < 0) break;
+          float acc[K];
+#pragma unroll
+          for (int k = 0; k < K; k++) {
+            float t = g[k];
+            if (psw != nullptr) t = __fmul_rn(t, we);
+            acc[k] = __fadd_rn(0.f, t);
+          }
+          opt.template apply<32, K>(row[q], st[q], acc, dim, grp);
+          if (s[q] >= 0 && lane == 0) rows.dirty[s[q]] = 1;
+        }
+      }
+    }
+  }
+}
+
+// Phase one for the other rows: a group of G lanes per chunk of G sorted entries, walked piece
+// by piece (a piece: the chunk's entries of one row). Each lane first reads its own entry's
+// row place (slot, L2 address), bag and weight, all in parallel; then for each piece the group
+// issues the row's loads (weights, state) and, while they are in flight, the gradient rows of
+// the piece's entries, two at a time, summed in index order. A row that is all in this chunk
+// is updated here (a one-entry row is update_singles' and skipped); the piece of a row that
+// crosses into the chunk before or after is left as a partial sum in slot 0 / 1 of the chunk.
 template <int G, int K, class Opt>
 __device__ void reduce_chunks(const int* __restrict__ sorted_u,   // (n,) inverse, sorted
                               const i64* __restrict__ order,      // (n,) index of each entry
@@ -176,72 +291,89 @@ __device__ void reduce_chunks(const int* __restrict__ sorted_u,   // (n,) invers
                               const float* __restrict__ grad_out, // (B, D)
                               i64 n, i64 mean, const Rows rows, const Opt opt,
                               float* __restrict__ partial) {      // (P, 2, D) out
+  // Gradient rows loaded at once. Two keeps the K = 4 kernel at 64 registers (32 warps per
+  // multiprocessor); four took 72 and ran 20 % slower on the H100 (bench/RESULTS.md).
+  constexpr int IN_FLIGHT = K <= 4 ? 2 : 1;
   const Group<G> grp;
   const int dim = rows.dim;
   const i64 chunks = (n + G - 1) / G;
   const i64 stride = ((i64)gridDim.x * blockDim.x) / G;
+  const int group_base = ts_lane() & ~(G - 1);
   for (i64 ch = ((i64)blockIdx.x * blockDim.x + threadIdx.x) / G; ch < chunks; ch += stride) {
     const i64 p0 = ch * G;
     const int cnt = (int)min((i64)G, n - p0);
     int u = -1, b = 0;
     float len = 1.f, w = 1.f;
-    if (grp.rank < cnt) {
-      u = sorted_u[p0 + grp.rank];
+    i64 slot = -1, addr = 0;
+    if (grp.rank < cnt) u = sorted_u[p0 + grp.rank];
+    const int before = p0 > 0 ? sorted_u[p0 - 1] : -1;       // the row of the entry before
+    const int after = p0 + cnt < n ? sorted_u[p0 + cnt] : -1;  // and after the chunk
+    const int up = grp.shfl(u, grp.rank > 0 ? grp.rank - 1 : 0);
+    const int down = grp.shfl(u, grp.rank + 1 < G ? grp.rank + 1 : grp.rank);
+    const bool single = u != (grp.rank > 0 ? up : before) &&
+                        u != (grp.rank + 1 < cnt ? down : after);  // update_singles' row
+    if (grp.rank < cnt && !single) {
       const i64 j = order[p0 + grp.rank];
       b = bag[j];
+      slot = rows.slots[u];
+      addr = rows.addresses[u];
       if (mean) len = (float)(offsets[b + 1] - offsets[b]);
       if (psw != nullptr) w = psw[j];
     }
-    const int before = p0 > 0 ? sorted_u[p0 - 1] : -1;       // the row of the entry before
-    const int after = p0 + cnt < n ? sorted_u[p0 + cnt] : -1;  // and after the chunk
-    float acc[K];
-#pragma unroll
-    for (int k = 0; k < K; k++) acc[k] = 0.f;
-    int piece_start = 0;
-    for (int e0 = 0; e0 < cnt; e0 += 2) {
-      float v[2][K];
-      int ue[2];
-#pragma unroll
-      for (int e = 0; e < 2; e++) {
-        const int be = grp.shfl(b, (e0 + e) & (G - 1));
-        ue[e] = grp.shfl(u, (e0 + e) & (G - 1));
-#pragma unroll
-        for (int k = 0; k < K; k++) {
-          const int c = grp.rank + G * k;
-          v[e][k] = (e0 + e < cnt && c < dim) ? grad_out[(i64)be * dim + c] : 0.f;
-        }
+    for (int e = 0; e < cnt;) {
+      const int uc = grp.shfl(u, e);
+      // the piece's entries: the group's lanes holding row uc (contiguous: the list is sorted)
+      const unsigned same = (__ballot_sync(grp.mask, u == uc) >> group_base);
+      const int end = e + __popc(same >> e);
+      const bool from_before = e == 0 && before == uc;
+      const bool to_after = end == cnt && after == uc;
+      const bool owner = !from_before && !to_after;  // the row is finished in this chunk
+      if (owner && end - e == 1) {  // a one-entry row: update_singles did it
+        e = end;
+        continue;
       }
-      const int u_after2 = grp.shfl(u, (e0 + 2) & (G - 1));
+      const i64 s = grp.shfl(slot, e);
+      float* row = ts_row(rows.l1, rows.l2, s, grp.shfl(addr, e), (int)rows.width);
+      RowState<K> st;
+      if (owner) opt.template load<G, K>(row, st, dim, grp);
+      float acc[K];
 #pragma unroll
-      for (int e = 0; e < 2; e++) {
-        if (e0 + e >= cnt) break;
-        const float le = grp.shfl(len, e0 + e);
-        const float we = grp.shfl(w, e0 + e);
+      for (int k = 0; k < K; k++) acc[k] = 0.f;
+      for (int e0 = e; e0 < end; e0 += IN_FLIGHT) {
+        float v[IN_FLIGHT][K];
 #pragma unroll
-        for (int k = 0; k < K; k++) {
-          float t = v[e][k];
-          if (mean) t = __fdiv_rn(t, le);
-          if (psw != nullptr) t = __fmul_rn(t, we);
-          acc[k] = __fadd_rn(acc[k], t);
-        }
-        const bool last = e0 + e == cnt - 1;
-        const int nxt = e == 0 ? ue[1] : u_after2;
-        if (last || nxt != ue[e]) {  // the piece of row ue[e] ends here (uniform in the group)
-          const bool from_before = piece_start == 0 && before == ue[e];
-          const bool to_after = last && after == ue[e];
-          if (!from_before && !to_after) {
-            rows.update<G, K>(ue[e], acc, opt, grp);
-          } else {
-            float* dst = partial + (ch * 2 + (from_before ? 0 : 1)) * dim;
+        for (int q = 0; q < IN_FLIGHT; q++) {
+          const int bq = grp.shfl(b, (e0 + q) & (G - 1));
 #pragma unroll
-            for (int k = 0; k < K; k++)
-              if (grp.rank + G * k < dim) dst[grp.rank + G * k] = acc[k];
+          for (int k = 0; k < K; k++) {
+            const int c = grp.rank + G * k;
+            v[q][k] = (e0 + q < end && c < dim) ? grad_out[(i64)bq * dim + c] : 0.f;
           }
+        }
 #pragma unroll
-          for (int k = 0; k < K; k++) acc[k] = 0.f;
-          piece_start = e0 + e + 1;
+        for (int q = 0; q < IN_FLIGHT; q++) {
+          const float le = grp.shfl(len, (e0 + q) & (G - 1));
+          const float we = grp.shfl(w, (e0 + q) & (G - 1));
+          if (e0 + q >= end) break;
+#pragma unroll
+          for (int k = 0; k < K; k++) {
+            float t = v[q][k];
+            if (mean) t = __fdiv_rn(t, le);
+            if (psw != nullptr) t = __fmul_rn(t, we);
+            acc[k] = __fadd_rn(acc[k], t);
+          }
         }
       }
+      if (owner) {
+        opt.template apply<G, K>(row, st, acc, dim, grp);
+        if (s >= 0 && grp.rank == 0) rows.dirty[s] = 1;
+      } else {
+        float* dst = partial + (ch * 2 + (from_before ? 0 : 1)) * dim;
+#pragma unroll
+        for (int k = 0; k < K; k++)
+          if (grp.rank + G * k < dim) dst[grp.rank + G * k] = acc[k];
+      }
+      e = end;
     }
   }
 }
@@ -329,7 +461,7 @@ __device__ void finish_crossing(const int* __restrict__ sorted_u,  // (n,)
 }
 
 #define TS_REDUCE(SUFFIX, G, K, OPT)                                                            \
-  extern "C" __global__ void reduce_chunks_##SUFFIX##_g##G##_k##K(                              \
+  extern "C" __global__ void reduce_chunks_##SUFFIX##_g##G##_k##K(                            \
       const int* sorted_u, const i64* order, const int* bag, const i64* offsets,                \
       const float* psw, const float* grad_out, i64 n, i64 mean, const i64* slots,               \
       const i64* addresses, float* l1, float* l2, unsigned char* dirty, i64 width, i64 dim,     \
@@ -350,6 +482,16 @@ __device__ void finish_crossing(const int* __restrict__ sorted_u,  // (n,)
     finish_crossing<K, OPT>(sorted_u, start, n, chunk, rows, opt, partial);                     \
   }
 
+#define TS_SINGLES(SUFFIX, K, OPT)                                                              \
+  extern "C" __global__ void update_singles_##SUFFIX##_k##K(                                    \
+      const i64* offsets, i64 bags, const i64* inverse, const i64* start, const float* psw,     \
+      const float* grad_out, i64 mean, const i64* slots, const i64* addresses, float* l1,       \
+      float* l2, unsigned char* dirty, i64 width, i64 dim, float lr, float eps) {               \
+    const Rows rows = {slots, addresses, l1, l2, dirty, width, (int)dim};                       \
+    const OPT opt = {lr, eps};                                                                  \
+    update_singles<K, OPT>(offsets, bags, inverse, start, psw, grad_out, mean, rows, opt);      \
+  }
+
 #define TS_SUM_GROUPS(K)                                                                        \
   extern "C" __global__ void sum_groups_k##K(const int* sorted_u, const i64* start, i64 n,      \
                                              i64 chunk, i64 dim, float* partial) {              \
@@ -363,7 +505,7 @@ TS_SUM_GROUPS(16)
 
 // Kernel names: reduce_chunks_<optimizer>_g<G>_k<K> for rows of up to G K weights,
 // finish_crossing_<optimizer>_k<K> for up to 32 K. Only G = 32 is instantiated: measured on the
-// H100 (bench/RESULTS-cuda.md), groups of 8 lanes (four rows in flight per warp) were no faster
+// H100 (bench/RESULTS.md), groups of 8 lanes (four rows in flight per warp) were no faster
 // on uniform ids, where the row updates are bound by HBM bandwidth, and slower on Zipf ids,
 // where a hot row then leaves four times as many partial sums.
 #define TS_BACKWARD_ALL(NAME, OPT) \
@@ -376,7 +518,12 @@ TS_SUM_GROUPS(16)
   TS_FINISH(NAME, 2, OPT)           \
   TS_FINISH(NAME, 4, OPT)           \
   TS_FINISH(NAME, 8, OPT)           \
-  TS_FINISH(NAME, 16, OPT)
+  TS_FINISH(NAME, 16, OPT)          \
+  TS_SINGLES(NAME, 1, OPT)          \
+  TS_SINGLES(NAME, 2, OPT)          \
+  TS_SINGLES(NAME, 4, OPT)          \
+  TS_SINGLES(NAME, 8, OPT)          \
+  TS_SINGLES(NAME, 16, OPT)
 
 TS_BACKWARD_ALL(sgd, SgdUpdate)
 TS_BACKWARD_ALL(adagrad, AdagradUpdate)

@@ -64,6 +64,12 @@ __device__ __forceinline__ i64 ts_warp_count() {
 
 __device__ __forceinline__ int ts_lane() { return threadIdx.x & 31; }
 
+// The items a launch works on: `n`, the length of its buffers, or in a sync-free step (the
+// host never read the batch's unique count) the count the device holds, at most `n`.
+__device__ __forceinline__ i64 ts_items(i64 n, const int* count) {
+  return count != nullptr ? min(n, (i64)*count) : n;
+}
+
 __device__ __forceinline__ float ts_warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(TS_FULL_MASK, v, o);
@@ -138,7 +144,7 @@ __device__ __forceinline__ void ts_block_count(i64* counter, i64 v) {
 }
 
 // Resolves the ids of a batch 32 at a time: lane l holds id base + l; the warp compares the
-// ways of each id's set in turn, four sets' tags in flight at once, and lane l ends with the way
+// ways of each id's set in turn, SETS sets' tags in flight at once, and lane l ends with the way
 // of its own id (-1: not cached). Then each lane does its own id's bookkeeping, in parallel.
 struct Probe32 {
   i64 row;  // this lane's id (valid when `valid`)
@@ -147,6 +153,7 @@ struct Probe32 {
   bool valid;
 };
 
+template <int SETS = 4>
 __device__ __forceinline__ Probe32 ts_probe32(const i64* __restrict__ ids, i64 base, i64 n,
                                                const i64* __restrict__ tags, i64 sets, int ways) {
   const int lane = ts_lane();
@@ -156,10 +163,10 @@ __device__ __forceinline__ Probe32 ts_probe32(const i64* __restrict__ ids, i64 b
   p.set = ts_set_index(p.row, sets);
   p.way = -1;
   const int m = (int)min((i64)32, n - base);
-  for (int e0 = 0; e0 < m; e0 += 4) {
-    i64 t0[4], t1[4], r[4];
+  for (int e0 = 0; e0 < m; e0 += SETS) {
+    i64 t0[SETS], t1[SETS], r[SETS];
 #pragma unroll
-    for (int e = 0; e < 4; e++) {
+    for (int e = 0; e < SETS; e++) {
       r[e] = __shfl_sync(TS_FULL_MASK, p.row, (e0 + e) & 31);
       const i64 s = __shfl_sync(TS_FULL_MASK, p.set, (e0 + e) & 31);
       const bool live = e0 + e < m;
@@ -167,7 +174,7 @@ __device__ __forceinline__ Probe32 ts_probe32(const i64* __restrict__ ids, i64 b
       t1[e] = live && lane + 32 < ways ? tags[s * ways + lane + 32] : TS_EMPTY;
     }
 #pragma unroll
-    for (int e = 0; e < 4; e++) {
+    for (int e = 0; e < SETS; e++) {
       // an empty way never matches: EMPTY is not a valid row id
       const u32 b0 = __ballot_sync(TS_FULL_MASK, t0[e] == r[e] && t0[e] != TS_EMPTY);
       const u32 b1 = __ballot_sync(TS_FULL_MASK, t1[e] == r[e] && t1[e] != TS_EMPTY);

@@ -50,10 +50,12 @@ extern "C" __global__ void reserve_segments(const int* __restrict__ touched,   /
 // Puts the position of each miss into its set's segment, counting set_misses back to zero.
 extern "C" __global__ void scatter_misses(const i64* __restrict__ ids,     // (U,)
                                           const i64* __restrict__ slots,   // (U,) -1 = miss
-                                          i64 n, i64 sets,
+                                          i64 n, const int* __restrict__ count,  // ts_items
+                                          i64 sets,
                                           int* __restrict__ set_misses,      // (S,)
                                           const int* __restrict__ seg_start, // (S,)
                                           int* __restrict__ segments) {      // (misses,) out
+  n = ts_items(n, count);
   for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
     if (slots[i] >= 0) continue;
     const i64 set = ts_set_index(ids[i], sets);
@@ -177,7 +179,8 @@ TS_CHOOSE(choose_victims_lru, LruPolicy)
 TS_CHOOSE(choose_victims_lfu, LfuPolicy)
 
 // Lists the fills in ascending position (= ascending id): `rank` is the inclusive prefix sum
-// of `filled`, so fill p sits at rank - 1.
+// of `filled`, so fill p sits at rank - 1. The last kernel of a step: it also advances the
+// device's step clock (read by the next step's probe).
 extern "C" __global__ void compact_fills(const int* __restrict__ filled,  // (U,)
                                          const int* __restrict__ rank,    // (U,) inclusive cumsum
                                          i64 n,
@@ -187,7 +190,9 @@ extern "C" __global__ void compact_fills(const int* __restrict__ filled,  // (U,
                                          i64* __restrict__ fill_index,          // (U,) out, F used
                                          i64* __restrict__ fill_slots,          // (U,) out
                                          i64* __restrict__ victim_ids,          // (U,) out
-                                         unsigned char* __restrict__ victim_dirty) {  // (U,) out
+                                         unsigned char* __restrict__ victim_dirty,    // (U,) out
+                                         i64* __restrict__ step) {              // (1,)
+  if (blockIdx.x == 0 && threadIdx.x == 0) *step += 1;  // nothing else in this launch reads it
   for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
     if (!filled[i]) continue;
     const i64 p = rank[i] - 1;

@@ -8,6 +8,10 @@
 #include "common.cuh"
 #include "policy.cuh"
 
+#ifndef TS_PROBE_SETS
+#define TS_PROBE_SETS 4  // sets whose tags a warp has in flight at once (ts_probe32)
+#endif
+
 // Slot of each id, or -1 where it is not cached. Changes nothing. A warp per 32 ids.
 extern "C" __global__ void find_slots(const i64* __restrict__ ids,  // (U,)
                                       i64 n,
@@ -15,12 +19,13 @@ extern "C" __global__ void find_slots(const i64* __restrict__ ids,  // (U,)
                                       i64 sets, i64 ways,
                                       i64* __restrict__ slots) {  // (U,) out
   for (i64 base = ts_global_warp() * 32; base < n; base += ts_warp_count() * 32) {
-    const Probe32 p = ts_probe32(ids, base, n, tags, sets, (int)ways);
+    const Probe32 p = ts_probe32<TS_PROBE_SETS>(ids, base, n, tags, sets, (int)ways);
     if (p.valid) slots[base + ts_lane()] = p.way >= 0 ? p.set * ways + p.way : -1;
   }
 }
 
-// The probe of step `step`: for a hit, the way takes the policy's score and one more lock
+// The probe of step `*step` (the step number lives on the device, so that a captured CUDA graph
+// of the step replays with the clock moving; compact_fills advances it): for a hit, the way takes the policy's score and one more lock
 // (a locked way is not evictable, which is how "used by this step" is told to insert.cu);
 // slots[i] is the hit's slot or -1. For a miss, set_misses[set] counts it and the first miss
 // of a set appends the set to `touched`. score[i] is every id's score, for the fills.
@@ -29,10 +34,11 @@ extern "C" __global__ void find_slots(const i64* __restrict__ ids,  // (U,)
 template <class Policy>
 __device__ void probe(const i64* __restrict__ ids,     // (U,) ascending
                       const i64* __restrict__ counts,  // (U,) occurrences in the batch
-                      i64 n, const i64* __restrict__ tags,  // (S, W)
+                      i64 n, const int* __restrict__ count,  // U = ts_items(n, count)
+                      const i64* __restrict__ tags,          // (S, W)
                       i64* __restrict__ stamps,             // (S, W)
                       int* __restrict__ locks,              // (S, W)
-                      i64 sets, i64 ways, i64 step, const Sketch sketch,
+                      i64 sets, i64 ways, const i64* __restrict__ step, const Sketch sketch,
                       i64* __restrict__ slots,       // (U,) out
                       i64* __restrict__ score,       // (U,) out
                       int* __restrict__ set_misses,  // (S,) zero on entry
@@ -40,11 +46,13 @@ __device__ void probe(const i64* __restrict__ ids,     // (U,) ascending
                       int* __restrict__ n_touched,   // (1,) zero on entry
                       i64* __restrict__ counters) {  // (N_COUNTERS,)
   i64 requests = 0, unique = 0, hits = 0;
+  n = ts_items(n, count);
+  const i64 now = *step;
   for (i64 base = ts_global_warp() * 32; base < n; base += ts_warp_count() * 32) {
-    const Probe32 p = ts_probe32(ids, base, n, tags, sets, (int)ways);
+    const Probe32 p = ts_probe32<TS_PROBE_SETS>(ids, base, n, tags, sets, (int)ways);
     if (!p.valid) continue;
     const i64 i = base + ts_lane();
-    const i64 s = Policy::score(step, sketch, p.row);
+    const i64 s = Policy::score(now, sketch, p.row);
     score[i] = s;
     requests += counts[i];
     unique += 1;
@@ -67,12 +75,13 @@ __device__ void probe(const i64* __restrict__ ids,     // (U,) ascending
 
 #define TS_PROBE(NAME, POLICY)                                                                   \
   extern "C" __global__ void NAME(                                                               \
-      const i64* ids, const i64* counts, i64 n, const i64* tags, i64* stamps, int* locks,       \
-      i64 sets, i64 ways, i64 step, int* sk_counters, const i64* sk_salts, i64* sk_additions,    \
+      const i64* ids, const i64* counts, i64 n, const int* count, const i64* tags, i64* stamps,  \
+      int* locks,                                                                                \
+      i64 sets, i64 ways, const i64* step, int* sk_counters, const i64* sk_salts, i64* sk_additions,    \
       i64 sk_depth, i64 sk_width, i64 sk_sample, i64* slots, i64* score, int* set_misses,        \
       int* touched, int* n_touched, i64* counters) {                                             \
     const Sketch sketch = {sk_counters, sk_salts, sk_additions, sk_depth, sk_width, sk_sample};  \
-    probe<POLICY>(ids, counts, n, tags, stamps, locks, sets, ways, step, sketch, slots, score,   \
+    probe<POLICY>(ids, counts, n, count, tags, stamps, locks, sets, ways, step, sketch, slots, score,   \
                   set_misses, touched, n_touched, counters);                                     \
   }
 TS_PROBE(probe_lru, LruPolicy)
@@ -80,7 +89,9 @@ TS_PROBE(probe_lfu, LfuPolicy)
 
 // Unlocks the slots a finished batch held (-1 entries ignored; a batch's slots are distinct).
 extern "C" __global__ void release_slots(const i64* __restrict__ slots,  // (U,)
-                                         i64 n, int* __restrict__ locks) {  // (C,)
+                                         i64 n, const int* __restrict__ count,  // ts_items
+                                         int* __restrict__ locks) {  // (C,)
+  n = ts_items(n, count);
   for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
     const i64 s = slots[i];
     if (s >= 0) atomicSub(&locks[s], 1);

@@ -40,12 +40,14 @@ extern "C" __global__ void scatter_rows(const i64* __restrict__ slots,      // (
 extern "C" __global__ void refresh_conflict_rows(const i64* __restrict__ ids,        // (U,)
                                                  const i64* __restrict__ slots,      // (U,)
                                                  const i64* __restrict__ addresses,  // (U,)
-                                                 i64 n, const i64* __restrict__ tags,  // (S, W)
+                                                 i64 n, const int* __restrict__ count,  // ts_items
+                                                 const i64* __restrict__ tags,  // (S, W)
                                                  i64 sets, i64 ways,
                                                  float* __restrict__ l1,        // (C, width)
                                                  const float* __restrict__ l2,  // (L2 rows, width)
                                                  i64 width) {
   const int lane = ts_lane();
+  n = ts_items(n, count);
   for (i64 base = ts_global_warp() * 32; base < n; base += ts_warp_count() * 32) {
     const i64 i = base + lane;
     const bool conflict = i < n && slots[i] < 0;

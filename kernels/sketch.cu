@@ -9,12 +9,14 @@
 // to `additions`. One thread per id.
 extern "C" __global__ void sketch_add(const i64* __restrict__ ids,     // (U,)
                                       const i64* __restrict__ counts,  // (U,)
-                                      i64 n, int* counters,            // (depth, width)
+                                      i64 n, const int* count,         // ts_items
+                                      int* counters,                   // (depth, width)
                                       const i64* salts,                // (depth,)
                                       i64* additions,                  // (1,)
                                       i64 depth, i64 width) {
   const Sketch sketch = {counters, salts, additions, depth, width, 0};
   i64 total = 0;
+  n = ts_items(n, count);
   for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
     const int c = (int)counts[i];  // the CPU version adds counts.to(int32)
     for (int d = 0; d < depth; d++) atomicAdd(&counters[sketch.position(ids[i], d)], c);

@@ -102,12 +102,24 @@ def _same_cache(g: SetAssociativeCache, c: SetAssociativeCache) -> None:
 CACHES = [(1, 32), (5, 4), (64, 8), (100, 32), (1000, 32), (4096, 64), (20_000, 16)]
 
 
+def _padded(ids: torch.Tensor, counts: torch.Tensor, rng) -> tuple:
+    """A sync-free step's inputs: the batch in buffers with junk after it, U on the device."""
+    junk = int(rng.integers(0, 2 * ids.numel() + 2))
+    ids = torch.cat([ids, torch.from_numpy(rng.integers(-5, 10**9, junk))])
+    counts = torch.cat([counts, torch.from_numpy(rng.integers(-3, 99, junk))])
+    count = torch.tensor([ids.numel() - junk], dtype=torch.int32, device="cuda")
+    return ids.cuda(), counts.cuda(), count
+
+
 @pytest.mark.parametrize("policy", ["lru", "lfu"])
 @pytest.mark.parametrize("dist", ["uniform", "zipf"])
 @pytest.mark.parametrize("rows,ways", CACHES)
-def test_cache_step_matches_cpu(policy, dist, rows, ways):
+@pytest.mark.parametrize("sync_free", [False, True])
+def test_cache_step_matches_cpu(policy, dist, rows, ways, sync_free):
+    """Every step of the kernels' cache equals the CPU's, field for field; ``sync_free``: the
+    unique count given as a device scalar, the ids in longer buffers (store.lookup's way)."""
     cuda = _cuda()
-    seed = hash((policy, dist, rows, ways)) % 1000
+    seed = hash((policy, dist, rows, ways, sync_free)) % 1000
     rng, prng = np.random.default_rng(seed), random.Random(seed)
     cpu_cache = SetAssociativeCache(rows, ways, policy, "cpu")
     gpu_cache = cuda.new_cache(rows, ways, policy, torch.device("cuda"))
@@ -121,21 +133,26 @@ def test_cache_step_matches_cpu(policy, dist, rows, ways):
         n = prng.choice([1, 7, 64, 500, 3 * rows])
         ids, counts = torch.unique(_trace(rng, dist, table, n), return_counts=True)
         want = cpu_cache.lookup(ids, counts)
-        got = gpu_cache.lookup(ids.cuda(), counts.cuda())
-        assert torch.equal(got.slots.cpu(), want.slots), f"step {step}"
+        count = None
+        if sync_free:
+            ids_buffer, counts_buffer, count = _padded(ids, counts, rng)
+            got = gpu_cache.lookup(ids_buffer, counts_buffer, count=count)
+        else:
+            got = gpu_cache.lookup(ids.cuda(), counts.cuda())
         t = got.trimmed()
-        for field in ("fill_index", "fill_slots", "victim_ids", "victim_dirty", "hit"):
+        assert torch.equal(t.slots.cpu(), want.slots), f"step {step}"
+        for field in ("ids", "fill_index", "fill_slots", "victim_ids", "victim_dirty", "hit"):
             assert torch.equal(getattr(t, field).cpu(), getattr(want, field)), (step, field)
         _same_cache(gpu_cache, cpu_cache)
         placed = want.slots[want.slots >= 0]
         dirty = placed[torch.randperm(placed.numel())[: placed.numel() // 2]]
         cpu_cache.mark_dirty(dirty)
         gpu_cache.mark_dirty(dirty.cuda())
-        pending.append((want.slots, got.slots))
+        pending.append((want.slots, got.slots, count))
         while len(pending) > in_flight:
-            cs, gs = pending.popleft()
+            cs, gs, gc = pending.popleft()
             cpu_cache.release(cs)
-            gpu_cache.release(gs)
+            gpu_cache.release(gs, gc)
         _same_cache(gpu_cache, cpu_cache)
         assert torch.equal(gpu_cache.find(ids.cuda()).cpu(), cpu_cache.find(ids))
 
@@ -254,10 +271,13 @@ def test_gather_scatter_and_prefetch():
     assert _rel(y_gpu, y_cpu) <= 1e-6
     store = gpu_emb.store
     batch = store.lookup(x.reshape(-1).cuda())
+    assert batch.count is not None  # the sync-free step: buffers of n, U on the device
+    ids = batch.trimmed().ids
+    assert torch.equal(ids.cpu(), torch.unique(x))
     rows = cuda.gather(store, batch)
-    assert torch.equal(rows.cpu(), store.read_rows(batch.ids).cpu())
+    assert torch.equal(rows.cpu(), store.read_rows(ids).cpu())
     cuda.scatter(store, batch, rows * 2)
-    assert torch.equal(store.read_rows(batch.ids).cpu(), (rows * 2).cpu())
+    assert torch.equal(store.read_rows(ids).cpu(), (rows * 2).cpu())
     store.release(batch)
 
 
@@ -273,11 +293,18 @@ def test_unique_matches_torch(num_rows, n):
     idx = torch.from_numpy(rng.zipf(1.2, n) * 7919 % hi).cuda()
     if num_rows is None:
         idx = idx - (1 << 39)  # negative ids too (an SSD table takes any int64 id)
-    ids, inverse, counts, tr = cuda.unique(idx, num_rows)
+    ids, inverse, counts, tr, count = cuda.unique(idx, num_rows)
     want = torch.unique(idx, return_inverse=True, return_counts=True)
     for got, w in zip((ids, inverse, counts), want):
         assert got.dtype == w.dtype and torch.equal(got, w)
-    assert tr is not None
+    assert tr is not None and count is None
+    # the sync-free form: the same in the first U entries of n-long buffers, U on the device
+    p_ids, p_inverse, p_counts, p_tr, p_count = cuda.unique(idx, num_rows, padded=True)
+    u = want[0].numel()
+    assert p_count.dtype == torch.int32 and p_count.tolist() == [u]
+    assert p_ids.numel() == n and torch.equal(p_ids[:u], want[0])
+    assert torch.equal(p_inverse, want[1]) and torch.equal(p_counts[:u], want[2])
+    assert torch.equal(p_tr.start[: u + 1], tr.start)
     sorted_u, order = torch.sort(want[1].to(torch.int32), stable=True)
     assert torch.equal(tr.sorted_u, sorted_u) and torch.equal(tr.order, order)
     starts = torch.cat([torch.zeros(1, dtype=torch.int64, device="cuda"), want[2].cumsum(0)])

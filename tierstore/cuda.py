@@ -72,18 +72,25 @@ class Transpose:
         self.start = start  # (U + 1,) int64: first sorted entry of each row; start[U] = n
 
 
-def unique(indices: torch.Tensor, num_rows: int | None):
+def unique(indices: torch.Tensor, num_rows: int | None, padded: bool = False):
     """``torch.unique(indices, sorted=True, return_inverse=True, return_counts=True)`` plus the
-    batch's :class:`Transpose` (``None`` when torch.unique was used): one stable radix sort of
-    the ids (int32 keys when the table has at most 2**31 rows: half the passes), a flag kernel,
-    a prefix sum and a scatter kernel; the one host read is the unique count."""
+    batch's :class:`Transpose` (``None`` when torch.unique was used) and the unique count: one
+    stable radix sort of the ids (int32 keys when the table has at most 2**31 rows: half the
+    passes), a flag kernel, a prefix sum and a scatter kernel.
+
+    Returns ``(ids, inverse, counts, transpose, count)``. Without ``padded`` the host reads the
+    unique count ``U`` (the one device read) and ``ids``/``counts`` have ``U`` entries;
+    ``count`` is ``None``. With ``padded`` nothing is read: ``ids`` and ``counts`` are buffers
+    of ``n`` entries of which the first ``U`` are used, and ``count`` is ``U`` as a (1,) int32
+    device tensor, which the cache kernels read themselves (a sync-free step)."""
     n = indices.numel()
     dev = indices.device
     if not FAST_UNIQUE or dev.type != "cuda" or n == 0 or n >= 1 << 31:
         ids, inverse, counts = torch.unique(indices, return_inverse=True, return_counts=True)
-        return ids, inverse, counts, None
+        return ids, inverse, counts, None, None
     dev = _device(dev)
-    narrow = num_rows is not None and num_rows <= 1 << 31  # ids validated in [0, num_rows)
+    # ids in [0, num_rows) (bad ones, checked before any result is used, sort as garbage)
+    narrow = num_rows is not None and num_rows <= 1 << 31
     keys = indices.to(torch.int32) if narrow else indices.to(torch.int64)
     suffix = "i32" if narrow else "i64"
     sorted_keys, order = torch.sort(keys, stable=True)
@@ -96,23 +103,28 @@ def unique(indices: torch.Tensor, num_rows: int | None):
     start = torch.empty(n + 1, dtype=torch.int64, device=dev)
     args = (sorted_keys, order, rank, n, ids, inverse, sorted_u, start)
     _run("unique.cu", f"unique_scatter_{suffix}", dev, n, args, per_warp=False)
-    u = int(rank[-1])  # the step's one read: the unique count sizes everything after
+    if padded:  # start[U] = n; the entries past it are never read
+        counts = start[1:] - start[:-1]
+        return ids, inverse, counts, Transpose(sorted_u, order, start), rank[-1:]
+    u = int(rank[-1])  # the one read: the unique count sizes everything after
     ids, start = ids[:u], start[: u + 1]
     counts = start[1:] - start[:-1]
-    return ids, inverse, counts, Transpose(sorted_u, order, start)
+    return ids, inverse, counts, Transpose(sorted_u, order, start), None
 
 
 # ---------------------------------------------------------------------------- the cache
 class DeviceLookup:
     """What one step decided, as :class:`~tierstore.cache.Lookup`, but with the fill lists in
-    buffers of ``U`` entries of which the first ``n_fill`` (a device scalar) are used, so that
-    nobody waits for the count. The ``fill_*`` / ``victim_*`` properties return the trimmed
-    lists (one device read); :meth:`trimmed` gives the whole ``Lookup``.
+    buffers of which the first ``n_fill`` (a device scalar) are used, so that nobody waits for
+    the count. In a sync-free step (``count`` given) ``ids``, ``slots`` and ``filled`` are
+    buffers too, their first ``count`` entries used. The ``fill_*`` / ``victim_*`` properties
+    return the trimmed lists (one device read); :meth:`trimmed` gives the whole ``Lookup``.
     """
 
     def __init__(
-        self, ids, slots, filled, fill_index, fill_slots, victim_ids, victim_dirty, n_fill
-    ):
+        self, ids, slots, filled, fill_index, fill_slots, victim_ids, victim_dirty, n_fill,
+        count=None,
+    ):  # fmt: skip
         self.ids = ids  # (U,) int64, ascending
         self.slots = slots  # (U,) int64, -1 = conflict miss
         self.filled = filled  # (U,) int32, 1 where the id was inserted this step
@@ -121,27 +133,31 @@ class DeviceLookup:
         self.victim_ids_buffer = victim_ids  # (U,) int64
         self.victim_dirty_buffer = victim_dirty  # (U,) bool
         self.n_fill = n_fill  # (1,) int32 on the device
+        self.count = count  # (1,) int32 on the device: used entries of ids, or None (all)
         self._trimmed: Lookup | None = None
 
     def trimmed(self) -> Lookup:
-        """The step as a plain :class:`Lookup` (reads ``n_fill`` from the device once)."""
+        """The step as a plain :class:`Lookup` (reads the counts from the device once)."""
         if self._trimmed is None:
-            f = int(self.n_fill[0]) if self.n_fill.numel() else 0
+            counts = [self.n_fill] if self.count is None else [self.n_fill, self.count]
+            counts = torch.cat(counts).tolist() if self.n_fill.numel() else [0, 0]
+            f = counts[0]
+            u = counts[1] if self.count is not None else self.ids.numel()
             self._trimmed = Lookup(
-                self.ids,
-                self.slots,
+                self.ids[:u],
+                self.slots[:u],
                 self.fill_index_buffer[:f],
                 self.fill_slots_buffer[:f],
                 self.victim_ids_buffer[:f],
                 self.victim_dirty_buffer[:f],
-                self.hit,
+                ((self.slots >= 0) & (self.filled == 0))[:u],
             )
         return self._trimmed
 
     @property
     def hit(self) -> torch.Tensor:
         """(U,) bool: the id was cached before this step."""
-        return (self.slots >= 0) & (self.filled == 0)
+        return self.trimmed().hit
 
     @property
     def fill_index(self) -> torch.Tensor:
@@ -179,6 +195,11 @@ class CudaCache(SetAssociativeCache):
 
     def __init__(self, rows: int, ways: int, policy, device: torch.device | str):
         super().__init__(rows, ways, policy, _device(device))
+        # whether lookup can take the unique count as a device tensor (kernels for the policy)
+        self.sync_free = self.policy.name in _KERNEL_POLICIES
+        # the next step's number, on the device: the kernels read and advance it themselves,
+        # so a step captured in a CUDA graph replays correctly (``step`` mirrors it on the host)
+        self.next_step = torch.ones(1, dtype=torch.int64, device=self.device)
         # misses per set during a step; the step leaves it at zero again
         self._set_misses = torch.zeros(self.sets, dtype=torch.int32, device=self.device)
         self._seg_start = torch.empty(self.sets, dtype=torch.int32, device=self.device)
@@ -191,11 +212,24 @@ class CudaCache(SetAssociativeCache):
         _run("lookup.cu", "find_slots", self.device, ids.numel(), args, per_warp=True)
         return slots
 
-    def lookup(self, ids: torch.Tensor, counts: torch.Tensor, strict: bool = False):
-        """One step (see :meth:`SetAssociativeCache.lookup`); returns a :class:`DeviceLookup`."""
+    def lookup(
+        self,
+        ids: torch.Tensor,
+        counts: torch.Tensor,
+        strict: bool = False,
+        count: torch.Tensor | None = None,
+    ):
+        """One step (see :meth:`SetAssociativeCache.lookup`); returns a :class:`DeviceLookup`.
+        With ``count`` (a (1,) int32 device tensor) only the first ``count`` entries of ``ids``
+        and ``counts`` are the batch's, and the host never reads how many (a sync-free step)."""
         policy = self.policy.name
         if strict or policy not in _KERNEL_POLICIES:
-            return super().lookup(ids, counts, strict)
+            if count is not None:
+                u = int(count[0])
+                ids, counts = ids[:u], counts[:u]
+            found = super().lookup(ids, counts, strict)
+            self.next_step.fill_(self.step + 1)
+            return found
         dev = self.device
         ids, counts = _i64(ids, dev), _i64(counts, dev)
         n = ids.numel()
@@ -212,18 +246,18 @@ class CudaCache(SetAssociativeCache):
         sk = self.sketch
         if sk is not None:
             sk_args = (sk.counters, sk.salts, sk.additions, sk.depth, sk.width, sk.sample_size)
-            args = (ids, counts, n, *sk_args[:3], sk.depth, sk.width)
+            args = (ids, counts, n, count, *sk_args[:3], sk.depth, sk.width)
             _run("sketch.cu", "sketch_add", dev, n, args, per_warp=False)
         else:
             sk_args = (None, None, None, 0, 1, 0)
-        args = (ids, counts, n, self.tags, self.stamps, self.locks, self.sets, self.ways,
-                self.step, *sk_args, slots, score, self._set_misses, touched[0], meta[0:1],
+        args = (ids, counts, n, count, self.tags, self.stamps, self.locks, self.sets, self.ways,
+                self.next_step, *sk_args, slots, score, self._set_misses, touched[0], meta[0:1],
                 self.counters)  # fmt: skip
         _run("lookup.cu", f"probe_{policy}", dev, n, args, per_warp=True)
         args = (touched[0], meta[0:1], self._set_misses, meta[1:2], self._seg_start,
                 touched[1], touched[2])  # fmt: skip
         _run("insert.cu", "reserve_segments", dev, (n + 31) // 32, args, per_warp=True)
-        args = (ids, slots, n, self.sets, self._set_misses, self._seg_start, segments)
+        args = (ids, slots, n, count, self.sets, self._set_misses, self._seg_start, segments)
         _run("insert.cu", "scatter_misses", dev, n, args, per_warp=False)
         args = (touched[0], meta[0:1], touched[1], touched[2], segments, ids, score, self.tags,
                 self.stamps, self.dirty, self.locks, self.ways, slots, filled, victim_by_pos,
@@ -236,13 +270,15 @@ class CudaCache(SetAssociativeCache):
         victim_ids = torch.empty(n, dtype=i64, device=dev)
         victim_dirty = torch.empty(n, dtype=torch.bool, device=dev)
         args = (filled, rank, n, slots, victim_by_pos, victim_dirty_by_pos, fill_index,
-                fill_slots, victim_ids, victim_dirty)  # fmt: skip
-        _run("insert.cu", "compact_fills", dev, n, args, per_warp=False)
+                fill_slots, victim_ids, victim_dirty, self.next_step)  # fmt: skip
+        _run("insert.cu", "compact_fills", dev, n, args, per_warp=False)  # advances next_step
+        if n == 0:  # nothing was launched, and an empty step is a step too
+            self.next_step.add_(1)
         n_fill = rank[-1:] if n else torch.zeros(1, dtype=i32, device=dev)
         if sk is not None:
             self._age(sk)
         return DeviceLookup(
-            ids, slots, filled, fill_index, fill_slots, victim_ids, victim_dirty, n_fill
+            ids, slots, filled, fill_index, fill_slots, victim_ids, victim_dirty, n_fill, count
         )
 
     def _age(self, sk) -> None:
@@ -256,10 +292,11 @@ class CudaCache(SetAssociativeCache):
         args = (sk.additions, sk.sample_size, None)
         _run("sketch.cu", "sketch_age_reset", dev, 1, args, per_warp=False)
 
-    def release(self, slots: torch.Tensor) -> None:
-        """Unlocks the slots a finished batch held (-1 entries are ignored)."""
+    def release(self, slots: torch.Tensor, count: torch.Tensor | None = None) -> None:
+        """Unlocks the slots a finished batch held (-1 entries are ignored; with ``count``, a
+        device scalar, only the first ``count`` entries are the batch's)."""
         slots = _i64(slots, self.device)
-        args = (slots, slots.numel(), self.locks)
+        args = (slots, slots.numel(), count, self.locks)
         _run("lookup.cu", "release_slots", self.device, slots.numel(), args, per_warp=False)
 
     def mark_dirty(self, slots: torch.Tensor) -> None:
@@ -274,9 +311,17 @@ def new_cache(rows: int, ways: int, policy, device: torch.device) -> CudaCache:
     return CudaCache(rows, ways, policy, device)
 
 
-def lookup(cache: SetAssociativeCache, ids: torch.Tensor, counts: torch.Tensor):
-    """One cache step (see :meth:`SetAssociativeCache.lookup`)."""
-    return cache.lookup(ids, counts)
+def lookup(
+    cache: SetAssociativeCache,
+    ids: torch.Tensor,
+    counts: torch.Tensor,
+    count: torch.Tensor | None = None,
+):
+    """One cache step (see :meth:`SetAssociativeCache.lookup`); ``count``: see
+    :meth:`CudaCache.lookup`."""
+    if count is None:
+        return cache.lookup(ids, counts)
+    return cache.lookup(ids, counts, count=count)
 
 
 # ------------------------------------------------------------------------------ moving rows
@@ -307,8 +352,8 @@ def _refresh_conflicts(store, batch, l2) -> None:
     dev = store.l1_data.device
     n = batch.ids.numel()
     l1 = store.l1
-    args = (batch.ids, batch.slots, _i64(batch.addresses, dev), n, l1.tags, l1.sets, l1.ways,
-            store.l1_data, l2, store.layout.width)  # fmt: skip
+    args = (batch.ids, batch.slots, _i64(batch.addresses, dev), n, batch.count, l1.tags,
+            l1.sets, l1.ways, store.l1_data, l2, store.layout.width)  # fmt: skip
     _run("rows.cu", "refresh_conflict_rows", dev, (n + 31) // 32, args, per_warp=True)
 
 
@@ -336,6 +381,7 @@ def move_rows(store, found, addresses: torch.Tensor) -> None:
 def gather(store, batch, cols: int | None = None) -> torch.Tensor:
     """Rows ``(U, cols)`` of a batch from where they live: L1 slots, else L2 addresses."""
     cols = store.layout.width if cols is None else cols
+    batch = batch.trimmed()
     l2 = _l2(store)
     if l2 is None:
         return cpu.gather(store, batch, cols)
@@ -350,6 +396,7 @@ def gather(store, batch, cols: int | None = None) -> torch.Tensor:
 
 def scatter(store, batch, rows: torch.Tensor) -> None:
     """Stores updated rows where they live; cached ones become dirty."""
+    batch = batch.trimmed()
     l2 = _l2(store)
     if l2 is None:
         return cpu.scatter(store, batch, rows)
@@ -375,7 +422,7 @@ def forward(
     """Pooled bags ``(B, D)`` in one launch; ``offsets`` has ``B + 1`` entries, the last ``n``."""
     l2 = _l2(store)
     if l2 is None:
-        return cpu.forward(store, batch, offsets, per_sample_weights, mode)
+        return cpu.forward(store, batch.trimmed(), offsets, per_sample_weights, mode)
     dev = store.l1_data.device
     dim, width = store.layout.dim, store.layout.width
     bags = offsets.numel() - 1
@@ -410,6 +457,7 @@ def backward(
     l2 = _l2(store)
     opt_name = optimizer.name if optimizer is not None else None
     if l2 is None or k is None or (optimizer is not None and opt_name not in _KERNEL_OPTIMIZERS):
+        batch = batch.trimmed()
         return cpu.backward(
             store, batch, grad_out, offsets, per_sample_weights, mode, optimizer, want_weight_grad
         )
@@ -440,19 +488,21 @@ def backward(
             sorted_u, order, start = transpose.sorted_u, transpose.order, transpose.start
         else:
             sorted_u, order = torch.sort(inverse.to(torch.int32), stable=True)
-            start = None
-        chunks = (n + group - 1) // group
-        partial = torch.empty((chunks * 2, dim), device=dev)
+            unique = batch.ids.numel()
+            start = torch.empty(unique + 1, dtype=torch.int64, device=dev)
+            _run("backward.cu", "segment_starts", dev, n, (sorted_u, n, unique, start), False)
         lr, eps = float(optimizer.lr), float(getattr(optimizer, "eps", 0.0))
         rows = (batch.slots, addresses, store.l1_data, l2, store.l1.dirty, width, dim)
+        # rows read by one index, bag by bag (each bag's gradient read once) ...
+        args = (offsets, bags, inverse, start, psw, grad_out, mean, *rows, lr, eps)
+        _run("backward.cu", f"update_singles_{opt_name}_k{k}", dev, bags, args, per_warp=True)
+        # ... the others by chunks of the sorted entries
+        chunks = (n + group - 1) // group
+        partial = torch.empty((chunks * 2, dim), device=dev)
         args = (sorted_u, order, bag, offsets, psw, grad_out, n, mean, *rows, lr, eps, partial)
         fn = f"reduce_chunks_{opt_name}_g{group}_k{k}"
         _run("backward.cu", fn, dev, (chunks * group + 31) // 32, args, per_warp=True)
         # rows whose entries cross chunks: their partial sums, added in chunk order
-        if start is None:
-            unique = batch.ids.numel()
-            start = torch.empty(unique + 1, dtype=torch.int64, device=dev)
-            _run("backward.cu", "segment_starts", dev, n, (sorted_u, n, unique, start), False)
         args = (sorted_u, start, n, group, dim, partial)
         _run("backward.cu", f"sum_groups_k{k}", dev, chunks, args, per_warp=True)
         args = (sorted_u, start, n, group, *rows, lr, eps, partial)
@@ -497,7 +547,7 @@ def sketch_add(sketch, ids: torch.Tensor, counts: torch.Tensor) -> None:
     :class:`~tierstore.policy.FrequencySketch` (its ``add`` without the estimates)."""
     dev = _device(sketch.counters.device)
     ids, counts = _i64(ids, dev), _i64(counts, dev)
-    args = (ids, counts, ids.numel(), sketch.counters, sketch.salts, sketch.additions,
+    args = (ids, counts, ids.numel(), None, sketch.counters, sketch.salts, sketch.additions,
             sketch.depth, sketch.width)  # fmt: skip
     _run("sketch.cu", "sketch_add", dev, ids.numel(), args, per_warp=False)
 

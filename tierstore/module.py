@@ -215,10 +215,12 @@ class TieredEmbeddingBag(nn.Module):
         per_sample_weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Pooled embeddings ``(B, D)``, as ``nn.EmbeddingBag.forward``."""
-        flat, offs, psw = self._prepare(input, offsets, per_sample_weights)
+        flat, offs, psw, checks = self._prepare(input, offsets, per_sample_weights)
         batch = self._take_prefetched(flat)
         if batch is None:
-            batch = self.store.lookup(flat)
+            batch = self.store.lookup(flat, checks.wait)  # waits before the first change
+        else:
+            checks.wait()
         wants_psw_grad = psw is not None and psw.requires_grad
         if torch.is_grad_enabled() and (self.optimizer is not None or wants_psw_grad):
             handle = _BatchHandle(self.store, batch)
@@ -231,8 +233,8 @@ class TieredEmbeddingBag(nn.Module):
     def prefetch(self, input: torch.Tensor, offsets: torch.Tensor | None = None) -> None:
         """Looks up a future batch now (its rows are moved in and locked), so that its
         ``forward`` finds them in place. Batches are consumed in the order they were prefetched."""
-        flat, _, _ = self._prepare(input, offsets, None)
-        self._prefetched.append((flat, self.store.lookup(flat)))
+        flat, _, _, checks = self._prepare(input, offsets, None)
+        self._prefetched.append((flat, self.store.lookup(flat, checks.wait)))
 
     def _take_prefetched(self, flat: torch.Tensor) -> Batch | None:
         if not self._prefetched:
@@ -247,9 +249,10 @@ class TieredEmbeddingBag(nn.Module):
         return batch
 
     def _prepare(self, input, offsets, per_sample_weights):
+        # the value checks are read back later, while the device starts on the unique step
         return normalize_batch(
             input, offsets, per_sample_weights, self.mode, self.include_last_offset,
-            self.device, self.num_embeddings,
+            self.device, self.num_embeddings, defer_checks=True,
         )  # fmt: skip
 
     # --------------------------------------------------------------- rows and tiers

@@ -8,6 +8,7 @@ of bags, pooling or autograd: that is ``module.py``'s job.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -52,15 +53,16 @@ def initial_rows(
     return w.to(ids.device)
 
 
-def batch_unique(backend, indices: torch.Tensor, num_rows: int | None):
-    """``(ids, inverse, counts, transpose)`` of a batch: its unique ids ascending, as
+def batch_unique(backend, indices: torch.Tensor, num_rows: int | None, padded: bool = False):
+    """``(ids, inverse, counts, transpose, count)`` of a batch: its unique ids ascending, as
     ``torch.unique``, by the backend's own unique when it has one (the CUDA backend's also
-    returns the sparse transpose that backward reuses; else ``transpose`` is ``None``)."""
+    returns the sparse transpose that backward reuses, and with ``padded`` leaves the unique
+    count on the device as ``count``; else ``transpose`` and ``count`` are ``None``)."""
     unique = getattr(backend, "unique", None)
     if unique is None:
         ids, inverse, counts = torch.unique(indices, return_inverse=True, return_counts=True)
-        return ids, inverse, counts, None
-    return unique(indices, num_rows)
+        return ids, inverse, counts, None, None
+    return unique(indices, num_rows, padded)
 
 
 @dataclass
@@ -76,6 +78,17 @@ class Batch:
     addresses: torch.Tensor  # (U,) int64 L2 address
     released: bool = False
     transpose: object | None = None  # the backend's sparse transpose, if its unique made one
+    # A sync-free step's unique count U as a (1,) int32 device tensor: then ids, slots and
+    # addresses are buffers of n entries of which the first U are used. None: exactly U.
+    count: torch.Tensor | None = None
+
+    def trimmed(self) -> Batch:
+        """This batch with exactly ``U`` entries (reads ``count`` from the device if set)."""
+        if self.count is None:
+            return self
+        u = int(self.count[0])
+        return Batch(self.ids[:u], self.inverse, self.slots[:u], self.addresses[:u],
+                     self.released, self.transpose)  # fmt: skip
 
 
 class TieredStore:
@@ -141,28 +154,46 @@ class TieredStore:
         self.host.poke(ids[~cached], rows[~cached])
 
     # ------------------------------------------------------------------ the batch step
-    def lookup(self, indices: torch.Tensor) -> Batch:
-        """Places every row of a batch (flat int64 indices, already validated) and locks it.
+    def lookup(
+        self, indices: torch.Tensor, before_change: Callable[[], None] | None = None
+    ) -> Batch:
+        """Places every row of a batch (flat int64 indices) and locks it. ``before_change`` is
+        called after the unique step (which changes nothing) and before anything changes: the
+        input's checks (``BatchChecks.wait``), so that the device has work while the host
+        waits; without it the indices must be validated already.
 
         L2 first, so that a batch too large for ``host_rows`` fails before anything changes;
         then L1: dirty victims go back to L2, missed rows come in from L2 in ascending id order.
+        With the whole table in L2 and a cache whose step runs on the device, the host never
+        waits for the device here (the unique count stays there: ``Batch.count``).
         """
-        ids, inverse, counts, transpose = batch_unique(self.backend, indices, self.num_rows)
+        padded = not self.inclusive_host and getattr(self.l1, "sync_free", False)
+        ids, inverse, counts, transpose, count = batch_unique(
+            self.backend, indices, self.num_rows, padded
+        )
+        if before_change is not None:
+            before_change()
         addresses = self.host.acquire(ids)
-        found = self.backend.lookup(self.l1, ids, counts)
+        if count is None:
+            found = self.backend.lookup(self.l1, ids, counts)
+        else:
+            found = self.backend.lookup(self.l1, ids, counts, count)
         if self.inclusive_host:  # L2 keeps what L1 holds: move the pins with the rows
             evicted = found.victim_ids != EMPTY
             self.host.unpin(self.l1_home[found.fill_slots[evicted]])
             self.host.pin(addresses[found.fill_index])
         self.backend.move_rows(self, found, addresses)
-        return Batch(ids, inverse, found.slots, addresses, transpose=transpose)
+        return Batch(ids, inverse, found.slots, addresses, transpose=transpose, count=count)
 
     def release(self, batch: Batch) -> None:
         """Unlocks a batch's rows in L1 and L2 (once)."""
         if batch.released:
             return
         batch.released = True
-        self.l1.release(batch.slots)
+        if batch.count is None:
+            self.l1.release(batch.slots)
+        else:
+            self.l1.release(batch.slots, batch.count)
         self.host.release(batch.addresses)
 
     def flush(self) -> None:

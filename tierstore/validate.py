@@ -4,7 +4,8 @@
 with offsets, with or without the last offset) into one: flat int64 indices and ``B + 1``
 offsets ending at ``n``, on the table's device. Each problem raises
 :class:`InvalidInputError` naming it. The value checks (id range, offsets) are reduced on the
-device and read back together: one device-to-host read per batch, not one per check.
+device and read back together: one device-to-host read per batch, not one per check, which
+the caller may wait for later (``BatchChecks``), after queueing work that changes nothing.
 """
 
 from __future__ import annotations
@@ -56,6 +57,56 @@ def check_id_range(lo: int, hi: int, num_rows: int | None, what: str = "indices"
         raise InvalidInputError(f"{what}: -2**63 is reserved (the cache's empty tag)")
 
 
+class BatchChecks:
+    """The value checks of a batch (id range; first, last and largest offset; smallest step),
+    reduced on the device into one small tensor whose copy to the host starts at once. On a
+    GPU the host need not wait for it right away: it can queue work that changes nothing (the
+    unique step) and call :meth:`wait` before the first change; the device then never idles
+    while the host reads."""
+
+    def __init__(self, facts, n: int, offs, include_last_offset: bool, num_rows: int | None):
+        self._n, self._offs = n, offs
+        self._include_last_offset, self._num_rows = include_last_offset, num_rows
+        self._event = None
+        if facts.is_cuda:
+            self._facts = torch.empty(facts.shape, dtype=facts.dtype, pin_memory=True)
+            self._facts.copy_(facts, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._facts = facts
+        self._passed = False
+
+    def wait(self) -> None:
+        """Raises :class:`InvalidInputError` naming the first problem (waits for the read)."""
+        if self._passed:
+            return
+        if self._event is not None:
+            self._event.synchronize()
+        lo, hi, first, last, largest, smallest_step = self._facts.tolist()
+        n, offs = self._n, self._offs
+        if self._include_last_offset and last != n:
+            raise InvalidInputError(
+                f"with include_last_offset, the last offset must equal the number of indices ({n}), got {last}"
+            )
+        if offs.numel() > 1 and first != 0:
+            raise InvalidInputError(f"offsets[0] must be 0, got {first}")
+        if largest > n:
+            raise InvalidInputError(
+                f"offsets must not exceed the number of indices ({n}), got {largest}"
+            )
+        if smallest_step < 0:
+            steps = offs[1:] - offs[:-1]
+            at = int((steps < 0).nonzero()[0, 0])
+            raise InvalidInputError(
+                f"offsets must be non-decreasing: offsets[{at + 1}] = {int(offs[at + 1])} "
+                f"< offsets[{at}] = {int(offs[at])}"
+            )
+        if n:
+            check_id_range(lo, hi, self._num_rows)
+        self._passed = True
+
+
 def normalize_batch(
     indices: torch.Tensor,
     offsets: torch.Tensor | None,
@@ -64,9 +115,12 @@ def normalize_batch(
     include_last_offset: bool,
     device: torch.device,
     num_rows: int | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``(indices (n,) int64, offsets (B+1,) int64, per_sample_weights (n,) or None)`` on
-    ``device``, every id checked against ``num_rows`` (``None``: any int64 id)."""
+    defer_checks: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, BatchChecks]:
+    """``(indices (n,) int64, offsets (B+1,) int64, per_sample_weights (n,) or None, checks)``
+    on ``device``, every id checked against ``num_rows`` (``None``: any int64 id). The form
+    and type checks raise here; the value checks (:class:`BatchChecks`) too, unless
+    ``defer_checks``: then the caller must call ``checks.wait()`` before changing anything."""
     _check_index_tensor(indices, "indices", (1, 2))
     if per_sample_weights is not None:
         _check_weights(per_sample_weights, indices, mode)
@@ -93,28 +147,12 @@ def normalize_batch(
     steps = offs[1:] - offs[:-1]
     facts = torch.stack(
         [lo, hi, offs[0], offs[-1], offs.max(), steps.min() if steps.numel() else zero]
-    ).tolist()
-    lo, hi, first, last, largest, smallest_step = facts
-    if include_last_offset and last != n:
-        raise InvalidInputError(
-            f"with include_last_offset, the last offset must equal the number of indices ({n}), got {last}"
-        )
-    if offs.numel() > 1 and first != 0:
-        raise InvalidInputError(f"offsets[0] must be 0, got {first}")
-    if largest > n:
-        raise InvalidInputError(
-            f"offsets must not exceed the number of indices ({n}), got {largest}"
-        )
-    if smallest_step < 0:
-        at = int((steps < 0).nonzero()[0, 0])
-        raise InvalidInputError(
-            f"offsets must be non-decreasing: offsets[{at + 1}] = {int(offs[at + 1])} "
-            f"< offsets[{at}] = {int(offs[at])}"
-        )
-    if n:
-        check_id_range(lo, hi, num_rows)
+    )
+    checks = BatchChecks(facts, n, offs, include_last_offset, num_rows)
+    if not defer_checks:
+        checks.wait()
     psw = None if per_sample_weights is None else per_sample_weights.reshape(-1).to(device)
-    return flat, offs, psw
+    return flat, offs, psw, checks
 
 
 def as_id_array(ids, what: str = "ids") -> np.ndarray:

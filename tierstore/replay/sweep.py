@@ -13,6 +13,7 @@ import time
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 
 from ..errors import InvalidInputError
 from ..progress import progress
@@ -71,7 +72,11 @@ def replay_table(
         )
     n = int(ids.size)
     floor = 1.0 - compulsory_misses(ids) / n if n else 0.0
-    batches = [ids[a : a + batch] for a in range(0, n, batch)]
+    # on the GPU the whole trace goes over once, and each step slices it there
+    source = torch.from_numpy(ids).to(device) if device == "cuda" else ids
+    batches = [source[a : a + batch] for a in range(0, n, batch)]
+    lo, hi = (int(ids.min()), int(ids.max())) if n else (0, 0)
+    num_rows = hi + 1 if lo >= 0 else None
     rows = []
     for policy in policies:
         if policy in ENGINE_POLICIES:
@@ -79,7 +84,10 @@ def replay_table(
                 shown = progress(
                     batches, desc=f"{table} {policy} {size}", enabled=len(batches) > 50
                 )
-                r = replay_engine(shown, size, policy, ways, host_rows=host_rows, device=device)
+                r = replay_engine(
+                    shown, size, policy, ways, host_rows=host_rows, device=device,
+                    num_rows=num_rows,
+                )  # fmt: skip
                 row = {
                     "policy": f"{policy} ({ways}-way)", "cache_rows": size, "requests": r.requests,
                     "lookups": r.unique, "hits": r.hits, "misses": r.misses,
