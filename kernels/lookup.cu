@@ -8,10 +8,6 @@
 #include "common.cuh"
 #include "policy.cuh"
 
-#ifndef TS_PROBE_SETS
-#define TS_PROBE_SETS 4  // sets whose tags a warp has in flight at once (ts_probe32)
-#endif
-
 // Slot of each id, or -1 where it is not cached. Changes nothing. A warp per 32 ids.
 extern "C" __global__ void find_slots(const i64* __restrict__ ids,  // (U,)
                                       i64 n,
@@ -19,7 +15,7 @@ extern "C" __global__ void find_slots(const i64* __restrict__ ids,  // (U,)
                                       i64 sets, i64 ways,
                                       i64* __restrict__ slots) {  // (U,) out
   for (i64 base = ts_global_warp() * 32; base < n; base += ts_warp_count() * 32) {
-    const Probe32 p = ts_probe32<TS_PROBE_SETS>(ids, base, n, tags, sets, (int)ways);
+    const Probe32 p = ts_probe32(ids, base, n, tags, sets, (int)ways);
     if (p.valid) slots[base + ts_lane()] = p.way >= 0 ? p.set * ways + p.way : -1;
   }
 }
@@ -49,7 +45,7 @@ __device__ void probe(const i64* __restrict__ ids,     // (U,) ascending
   n = ts_items(n, count);
   const i64 now = *step;
   for (i64 base = ts_global_warp() * 32; base < n; base += ts_warp_count() * 32) {
-    const Probe32 p = ts_probe32<TS_PROBE_SETS>(ids, base, n, tags, sets, (int)ways);
+    const Probe32 p = ts_probe32(ids, base, n, tags, sets, (int)ways);
     if (!p.valid) continue;
     const i64 i = base + ts_lane();
     const i64 s = Policy::score(now, sketch, p.row);

@@ -59,6 +59,9 @@ def _backend(device: str):
     return cpu
 
 
+_INDEX_IDS = 1 << 26  # the most ids the CPU replay keeps a slot index for (512 MiB)
+
+
 class _CapturedStep:
     """One sync-free cache step for batches of exactly ``n`` ids, captured once as a CUDA graph
     and replayed per batch: the step's ~20 launches cost one (the replay of small batches is
@@ -100,14 +103,19 @@ def replay_engine(
         cache_rows, ways, policy: the L1 cache, as ``TieredEmbeddingBag`` takes them.
         host_rows: size of an L2 cache in front of L3 (``None``: L2 holds everything).
         device: ``"cpu"`` (torch) or ``"cuda"`` (the engine's kernels).
-        num_rows: every id is known to lie in ``[0, num_rows)`` (the CUDA unique step then
-            sorts 32-bit keys when it can); ``None``: any int64 id.
+        num_rows: every id is known to lie in ``[0, num_rows)``: on the CPU the cache then
+            keeps a slot index per id (up to 2**26 ids), and the CUDA unique step sorts 32-bit
+            keys; ``None``: any int64 id.
     """
     import time
 
     backend = _backend(device)
     dev = torch.device(device)
-    l1 = backend.new_cache(cache_rows, ways, policy, dev)
+    if backend.name == "cpu":  # ids known to be few: find by a per-id slot index
+        bound = num_rows if num_rows is not None and num_rows <= _INDEX_IDS else None
+        l1 = SetAssociativeCache(cache_rows, ways, policy, dev, id_bound=bound)
+    else:
+        l1 = backend.new_cache(cache_rows, ways, policy, dev)
     l2 = SetAssociativeCache(host_rows, 32, policy, "cpu") if host_rows else None
     home = torch.full((l1.capacity,), -1, dtype=torch.int64)  # L2 slot of each L1 slot
     res = EngineResult(policy, l1.capacity)
@@ -115,6 +123,7 @@ def replay_engine(
     # read by the host, so that the batches queue up on the device back to back.
     sync_free = l2 is None and getattr(l1, "sync_free", False)
     captured: _CapturedStep | None = None
+    narrow = num_rows is not None and num_rows <= 1 << 31
     t0 = time.perf_counter()
     for batch in batches:
         ids = torch.as_tensor(batch, dtype=torch.int64).to(dev)
@@ -127,8 +136,13 @@ def replay_engine(
             if captured is None and ids.numel():  # every kernel has run once: capture
                 captured = _CapturedStep(backend, l1, ids.numel(), num_rows)
             continue
-        # the replay needs no inverse (nor the transpose the training path builds)
-        uniq, counts = torch.unique(ids, return_counts=True)
+        # the replay needs no inverse (nor the transpose the training path builds); ids known
+        # to be below 2**31 are uniqued as 32-bit keys, in about half the time on the CPU
+        if narrow:
+            uniq, counts = torch.unique(ids.to(torch.int32), return_counts=True)
+            uniq = uniq.to(torch.int64)
+        else:
+            uniq, counts = torch.unique(ids, return_counts=True)
         if l2 is not None:
             cpu_uniq = uniq.cpu()
             before = l2.counters.clone()
