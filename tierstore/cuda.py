@@ -4,8 +4,9 @@ The same functions as :mod:`tierstore.cpu`, with the same meaning, and the same 
 (tags, stamps, dirty bits, locks, counters, sketch) kept in HBM. Every kernel runs on torch's
 current stream on torch tensors passed by pointer (:mod:`tierstore.interop`); L2 rows are read
 and written in pinned host memory directly over PCIe (zero-copy). The step adds no host
-synchronisation of its own: counts that decide the work (misses, touched sets, fills) stay on
-the device and the kernels loop over them; launches are sized by the batch's unique count.
+synchronisation of its own: counts that decide the work (the batch's unique rows, misses,
+touched sets, fills) stay on the device and the kernels loop over them; launches are sized by
+the batch's length, an upper bound of its unique count.
 
 Shapes: ``n`` indices, ``B`` bags, ``U`` unique rows, ``D`` embedding dim, rows of ``width``
 floats, ``C`` L1 slots, ``S`` sets of ``W`` ways.
