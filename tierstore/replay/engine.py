@@ -123,7 +123,6 @@ def replay_engine(
     # read by the host, so that the batches queue up on the device back to back.
     sync_free = l2 is None and getattr(l1, "sync_free", False)
     captured: _CapturedStep | None = None
-    narrow = num_rows is not None and num_rows <= 1 << 31
     t0 = time.perf_counter()
     for batch in batches:
         ids = torch.as_tensor(batch, dtype=torch.int64).to(dev)
@@ -136,11 +135,10 @@ def replay_engine(
             if captured is None and ids.numel():  # every kernel has run once: capture
                 captured = _CapturedStep(backend, l1, ids.numel(), num_rows)
             continue
-        # the replay needs no inverse (nor the transpose the training path builds); ids known
-        # to be below 2**31 are uniqued as 32-bit keys, in about half the time on the CPU
-        if narrow:
-            uniq, counts = torch.unique(ids.to(torch.int32), return_counts=True)
-            uniq = uniq.to(torch.int64)
+        # the replay needs no inverse (nor the transpose the training path builds); on the CPU
+        # numpy's unique is about twice as fast as torch's
+        if ids.device.type == "cpu":
+            uniq, counts = (torch.from_numpy(a) for a in np.unique(ids.numpy(), return_counts=True))
         else:
             uniq, counts = torch.unique(ids, return_counts=True)
         if l2 is not None:
