@@ -27,7 +27,7 @@ from .policy import FrequencySketch, Policy, make_policy
 
 EMPTY = -(1 << 63)  # tag of an empty way; the one int64 that is not a valid row id
 _NOT_EVICTABLE = (1 << 63) - 1
-_KEY_LIMIT = 1 << 56  # scores below this pack with a way index into one distinct sort key
+_KEY_LIMIT = 1 << 56  # scores within +-this pack with a way index into one distinct sort key
 _LOOKUP_CHUNK = 1 << 18  # ids compared at once: bounds the (chunk, W) temporary
 
 
@@ -198,7 +198,8 @@ class SetAssociativeCache:
         """The ways of each row of ``key`` (T, W) in eviction order: unbusy ways by ascending
         key (empty ways have -1), ties by way index, busy ways last."""
         way = torch.arange(self.ways, device=self.device)
-        if key.numel() and int(key.max()) < _KEY_LIMIT - 1:  # scores: steps or frequencies
+        lo, hi = torch.stack(list(torch.aminmax(key))).tolist() if key.numel() else (0, 0)
+        if -_KEY_LIMIT < lo and hi < _KEY_LIMIT:  # scores are steps or frequencies: they fit
             packed = ((key + 1) << 6) | way  # distinct within a row: no stable sort needed
             return _sorted(torch.where(busy, _NOT_EVICTABLE, packed), dim=1) & 63
         key = torch.where(busy, _NOT_EVICTABLE, key)

@@ -140,10 +140,9 @@ class DeviceLookup:
     def trimmed(self) -> Lookup:
         """The step as a plain :class:`Lookup` (reads the counts from the device once)."""
         if self._trimmed is None:
-            counts = [self.n_fill] if self.count is None else [self.n_fill, self.count]
-            counts = torch.cat(counts).tolist() if self.n_fill.numel() else [0, 0]
-            f = counts[0]
-            u = counts[1] if self.count is not None else self.ids.numel()
+            read = self.n_fill if self.count is None else torch.cat([self.n_fill, self.count])
+            f, *rest = read.tolist()
+            u = rest[0] if rest else self.ids.numel()
             self._trimmed = Lookup(
                 self.ids[:u],
                 self.slots[:u],
