@@ -73,3 +73,15 @@ def test_numpy_mix64_matches(xs):
 
     got = mix64_np(np.array(xs, dtype=np.int64).view(np.uint64)).tolist()
     assert got == [py_mix64(x) for x in xs]
+
+
+@given(st.lists(ids64, min_size=1, max_size=50), st.integers(1, 1 << 24))
+def test_sketch_positions_match_reference(xs, width):
+    """The count-min sketch's counter positions (numpy on the CPU) are the multiply-shift of
+    mix64(id ^ salt), the formula kernels/sketch.cu computes."""
+    from tierstore.policy import FrequencySketch
+
+    sketch = FrequencySketch(width, sample_size=10)
+    got = sketch.positions(torch.tensor(xs, dtype=torch.int64)).tolist()
+    salts = [s & M64 for s in sketch.salts.tolist()]
+    assert got == [[((py_mix64(x ^ s) >> 32) * width) >> 32 for x in xs] for s in salts]
