@@ -17,8 +17,8 @@ from tierstore.errors import CapacityError, InvalidInputError
 from tierstore.policy import FrequencySketch
 
 
-def make_pair(rows, ways, policy, device="cpu", sample=40):
-    cache = SetAssociativeCache(rows, ways, policy, device)
+def make_pair(rows, ways, policy, device="cpu", sample=40, id_bound=None):
+    cache = SetAssociativeCache(rows, ways, policy, device, id_bound=id_bound)
     width = 64
     if policy == "lfu":  # a small sketch that halves often, so aging is exercised
         cache.sketch = FrequencySketch(width, sample, device)
@@ -73,10 +73,15 @@ traces = st.lists(st.lists(st.integers(0, 80), min_size=1, max_size=40), min_siz
     batches=traces,
     in_flight=st.integers(0, 2),
     seed=st.integers(0, 2**32),
+    indexed=st.booleans(),
 )
-def test_cache_matches_brute_force_model(rows, ways, policy, batches, in_flight, seed):
-    cache, model = make_pair(rows, ways, policy)
+def test_cache_matches_brute_force_model(rows, ways, policy, batches, in_flight, seed, indexed):
+    """``indexed``: the cache also keeps a slot per id (the replay's find); same decisions."""
+    cache, model = make_pair(rows, ways, policy, id_bound=81 if indexed else None)
     run_trace(cache, model, batches, in_flight, random.Random(seed))
+    if indexed:  # the index agrees with the tags
+        where = {t: slot for slot, t in enumerate(cache.tags.view(-1).tolist()) if t != EMPTY}
+        assert cache.find(torch.arange(81)).tolist() == [where.get(i, -1) for i in range(81)]
 
 
 @pytest.mark.parametrize("policy", ["lru", "lfu"])
