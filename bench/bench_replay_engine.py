@@ -50,7 +50,7 @@ def main() -> None:
                         args.ways,
                         device=args.device,
                         num_rows=args.universe,
-                    )  # fmt: skip
+                    )
                     for _ in range(args.repeat)
                 ]
                 best = min(runs, key=lambda r: r.seconds)

@@ -41,7 +41,8 @@ def test_replay_equals_engine_stats(device, policy, cache_rows, ways):
         s.evictions,
     )
     assert r.hits > 0 and (r.evictions > 0 or r.conflicts > 0 or cache_rows == 500)
-    # ids known to be small: on CUDA the unique step sorts 32-bit keys; the same counts
+    # ids known to lie below num_rows (the CPU cache keeps a slot index per id, the CUDA
+    # unique step sorts 32-bit keys): the same counts
     narrow = replay_engine(batches, cache_rows, policy, ways, device=device, num_rows=500)
     assert (narrow.requests, narrow.hits, narrow.evictions) == (r.requests, r.hits, r.evictions)
 
