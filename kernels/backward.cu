@@ -106,8 +106,8 @@ struct SgdUpdate {  // w -= lr * g
     ts_load_weights<G, K>(row, st, dim, grp);
   }
   template <int G, int K>
-  __device__ __forceinline__ void apply(float* row, const RowState<K>& st, const float (&g)[K],
-                                        int dim, const Group<G>& grp) const {
+  __device__ __forceinline__ void apply(float* row, const RowState<K>& st, const float (&g)[K], int dim,
+                        const Group<G>& grp) const {
 #pragma unroll
     for (int k = 0; k < K; k++) {
       const int c = grp.rank + G * k;
@@ -129,8 +129,8 @@ struct AdagradUpdate {  // s += g*g; w -= lr * g / (sqrt(s) + eps); state: one f
     }
   }
   template <int G, int K>
-  __device__ __forceinline__ void apply(float* row, const RowState<K>& st, const float (&g)[K],
-                                        int dim, const Group<G>& grp) const {
+  __device__ __forceinline__ void apply(float* row, const RowState<K>& st, const float (&g)[K], int dim,
+                        const Group<G>& grp) const {
 #pragma unroll
     for (int k = 0; k < K; k++) {
       const int c = grp.rank + G * k;
@@ -151,8 +151,8 @@ struct RowWiseAdagradUpdate {  // s += mean(g*g); w -= lr * g / (sqrt(s) + eps);
     ts_load_weights<G, K>(row, st, dim, grp);
   }
   template <int G, int K>
-  __device__ __forceinline__ void apply(float* row, const RowState<K>& st, const float (&g)[K],
-                                        int dim, const Group<G>& grp) const {
+  __device__ __forceinline__ void apply(float* row, const RowState<K>& st, const float (&g)[K], int dim,
+                        const Group<G>& grp) const {
     float sq = 0.f;
 #pragma unroll
     for (int k = 0; k < K; k++) sq = __fadd_rn(sq, __fmul_rn(g[k], g[k]));  // g is 0 past dim

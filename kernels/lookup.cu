@@ -21,9 +21,8 @@ extern "C" __global__ void find_slots(const i64* __restrict__ ids,  // (U,)
 }
 
 // The probe of step `*step` (the step number lives on the device, so that a captured CUDA graph
-// of the step replays with the clock moving; compact_fills advances it): for a hit, the way
-// takes the policy's score and one more lock (a locked way is not evictable, which is how
-// "used by this step" is told to insert.cu);
+// of the step replays with the clock moving; compact_fills advances it): for a hit, the way takes the policy's score and one more lock
+// (a locked way is not evictable, which is how "used by this step" is told to insert.cu);
 // slots[i] is the hit's slot or -1. For a miss, set_misses[set] counts it and the first miss
 // of a set appends the set to `touched`. score[i] is every id's score, for the fills.
 // The sketch has already counted this batch (sketch_add), so LFU estimates are final.
@@ -70,15 +69,16 @@ __device__ void probe(const i64* __restrict__ ids,     // (U,) ascending
   ts_block_count(counters + TS_MISSES, unique - hits);
 }
 
-#define TS_PROBE(NAME, POLICY)                                                                  \
-  extern "C" __global__ void NAME(                                                              \
-      const i64* ids, const i64* counts, i64 n, const int* count, const i64* tags, i64* stamps, \
-      int* locks, i64 sets, i64 ways, const i64* step, int* sk_counters, const i64* sk_salts,   \
-      i64* sk_additions, i64 sk_depth, i64 sk_width, i64 sk_sample, i64* slots, i64* score,     \
-      int* set_misses, int* touched, int* n_touched, i64* counters) {                           \
-    const Sketch sketch = {sk_counters, sk_salts, sk_additions, sk_depth, sk_width, sk_sample}; \
-    probe<POLICY>(ids, counts, n, count, tags, stamps, locks, sets, ways, step, sketch, slots,  \
-                  score, set_misses, touched, n_touched, counters);                             \
+#define TS_PROBE(NAME, POLICY)                                                                   \
+  extern "C" __global__ void NAME(                                                               \
+      const i64* ids, const i64* counts, i64 n, const int* count, const i64* tags, i64* stamps,  \
+      int* locks,                                                                                \
+      i64 sets, i64 ways, const i64* step, int* sk_counters, const i64* sk_salts, i64* sk_additions,    \
+      i64 sk_depth, i64 sk_width, i64 sk_sample, i64* slots, i64* score, int* set_misses,        \
+      int* touched, int* n_touched, i64* counters) {                                             \
+    const Sketch sketch = {sk_counters, sk_salts, sk_additions, sk_depth, sk_width, sk_sample};  \
+    probe<POLICY>(ids, counts, n, count, tags, stamps, locks, sets, ways, step, sketch, slots, score,   \
+                  set_misses, touched, n_touched, counters);                                     \
   }
 TS_PROBE(probe_lru, LruPolicy)
 TS_PROBE(probe_lfu, LfuPolicy)
