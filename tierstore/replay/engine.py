@@ -62,6 +62,12 @@ def _backend(device: str):
 _INDEX_IDS = 1 << 26  # the most ids the CPU replay keeps a slot index for (512 MiB)
 
 
+def _device_step(backend, l1, ids: torch.Tensor, num_rows: int | None) -> None:
+    """One cache step of a batch with the unique count left on the device (no host read)."""
+    uniq, _, counts, _, count = backend.unique(ids, num_rows, padded=True)
+    l1.release(backend.lookup(l1, uniq, counts, count).slots, count)
+
+
 class _CapturedStep:
     """One sync-free cache step for batches of exactly ``n`` ids, captured once as a CUDA graph
     and replayed per batch: the step's ~20 launches cost one (the replay of small batches is
@@ -70,16 +76,12 @@ class _CapturedStep:
     The cache's kernels must have run once before (capture cannot load a module)."""
 
     def __init__(self, backend, l1, n: int, num_rows: int | None):
-        self.l1, self.backend, self.num_rows = l1, backend, num_rows
+        self.l1 = l1
         self.ids = torch.zeros(n, dtype=torch.int64, device=l1.device)  # refilled per replay
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self._step()
+            _device_step(backend, l1, self.ids, num_rows)
         l1.step -= 1  # the capture ran nothing
-
-    def _step(self) -> None:
-        uniq, _, counts, _, count = self.backend.unique(self.ids, self.num_rows, padded=True)
-        self.l1.release(self.backend.lookup(self.l1, uniq, counts, count).slots, count)
 
     def __call__(self, ids: torch.Tensor) -> None:
         self.ids.copy_(ids)
@@ -130,8 +132,7 @@ def replay_engine(
             if captured is not None and ids.numel() == captured.ids.numel():
                 captured(ids)
                 continue
-            uniq, _, counts, _, count = backend.unique(ids, num_rows, padded=True)
-            l1.release(backend.lookup(l1, uniq, counts, count).slots, count)
+            _device_step(backend, l1, ids, num_rows)
             if captured is None and ids.numel():  # every kernel has run once: capture
                 captured = _CapturedStep(backend, l1, ids.numel(), num_rows)
             continue
