@@ -49,6 +49,12 @@ def reduce_range(h: torch.Tensor, n: int) -> torch.Tensor:
     return (_shr(h, 32) * n) >> 32
 
 
+def reduce_range_np(h: np.ndarray, n: int) -> np.ndarray:
+    """:func:`reduce_range` on a numpy ``uint64`` array (int64 out)."""
+    u = np.uint64
+    return (((h >> u(32)) * u(n)) >> u(32)).view(np.int64)
+
+
 def set_index(rows: torch.Tensor, sets: int) -> torch.Tensor:
     """The cache set of each row id: ``((mix64(row) >> 32) * sets) >> 32``."""
     return reduce_range(mix64(rows), sets)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .errors import InvalidInputError
-from .hashing import mix64, mix64_np, reduce_range
+from .hashing import mix64, mix64_np, reduce_range, reduce_range_np
 
 
 class Policy(ABC):
@@ -118,7 +118,7 @@ class FrequencySketch:
             u64 = np.uint64
             keys = rows.to(torch.int64).contiguous().numpy().view(u64)
             h = mix64_np(keys[None, :] ^ self.salts.numpy().view(u64)[:, None])
-            return torch.from_numpy((((h >> u64(32)) * u64(self.width)) >> u64(32)).view(np.int64))
+            return torch.from_numpy(reduce_range_np(h, self.width))
         return reduce_range(mix64(rows.unsqueeze(0) ^ self.salts.unsqueeze(1)), self.width)
 
     def add(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
