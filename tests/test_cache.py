@@ -101,6 +101,29 @@ def test_cache_matches_model_on_zipf_trace_with_conflicts(policy):
     assert c[S.CONFLICTS] > 0 and c[S.EVICTIONS] > 0 and c[S.WRITEBACKS] > 0
 
 
+@pytest.mark.parametrize("jump", [1 << 20, 1 << 40])
+def test_lru_scores_far_apart_order_victims_the_same(jump):
+    """Steps that jump far apart: score ranges past 2**25 take the 64-bit victim sort, smaller
+    ones the 32-bit one; the model decides both the same way."""
+    rng = random.Random(jump)
+    batches = [[rng.randrange(60) for _ in range(25)] for _ in range(12)]
+    cache, model = make_pair(24, 4, "lru")
+    pending = deque()
+    for k, batch in enumerate(batches):
+        if k % 3 == 2:  # a long pause: the older half of the scores are far below the new ones
+            cache.step += jump
+            model.step += jump
+        uniq, counts = torch.unique(torch.tensor(batch), return_counts=True)
+        got = cache.lookup(uniq, counts)
+        assert dict(zip(uniq.tolist(), got.slots.tolist())) == model.access(batch)
+        pending.append(got.slots)
+        if len(pending) > 1:
+            slots = pending.popleft()
+            cache.release(slots)
+            model.release({i: s for i, s in enumerate(slots.tolist())})
+        assert_same_state(cache, model)
+
+
 def test_strict_lookup_raises_before_any_change():
     cache = SetAssociativeCache(4, 4, "lru")
     first = cache.lookup(torch.tensor([1, 2, 3, 4]), torch.ones(4, dtype=torch.int64))

@@ -13,6 +13,8 @@ from hypothesis import strategies as st
 from tierstore.errors import InvalidInputError
 from tierstore.replay import (
     REFERENCE,
+    bounds,
+    compiled,
     compulsory_misses,
     fully_assoc,
     lru_hits,
@@ -124,6 +126,20 @@ def test_opt_and_lru_match_the_models_on_random_traces(seed):
     assert opt_hits(np.array(ids), sizes).tolist() == [belady_model(ids, c) for c in sizes]
     assert lru_stack_distances(np.array(ids)).tolist() == lru_model_distances(ids)
     assert lru_hits(np.array(ids), sizes).tolist() == [lru_model_hits(ids, c) for c in sizes]
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_opt_as_python_equals_compiled(monkeypatch, seed):
+    """Where numba is missing, OPT's loop runs as written over ``array`` buffers: same hits."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, 300, 5000)
+    sizes = [1, 2, 17, 100, 299]
+    expected = opt_hits(ids, sizes).tolist()
+    monkeypatch.setattr(compiled, "COMPILED", False)
+    monkeypatch.setattr(bounds, "_best_fit", getattr(bounds._best_fit, "py_func", bounds._best_fit))
+    monkeypatch.setattr(bounds, "_STEP", 777)  # chunks continue one run of the union-find
+    assert opt_hits(ids, sizes).tolist() == expected
+    assert expected == [belady_model(ids.tolist(), c) for c in sizes]
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 16])

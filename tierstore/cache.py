@@ -28,6 +28,8 @@ from .policy import FrequencySketch, Policy, make_policy
 EMPTY = -(1 << 63)  # tag of an empty way; the one int64 that is not a valid row id
 _NOT_EVICTABLE = (1 << 63) - 1
 _KEY_LIMIT = 1 << 56  # scores within +-this pack with a way index into one distinct sort key
+_KEY_LIMIT_32 = (1 << 25) - 1  # score ranges below this pack into an int32 key the same way
+_NOT_EVICTABLE_32 = (1 << 31) - 1
 _LOOKUP_CHUNK = 1 << 18  # ids compared at once: bounds the (chunk, W) temporary
 
 
@@ -53,6 +55,15 @@ class Lookup:
     def fill_ids(self) -> torch.Tensor:
         """Ids of the inserted rows, ascending."""
         return self.ids[self.fill_index]
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    """Indices of the true entries of a 1-D ``mask``, ascending. On the CPU numpy's
+    ``flatnonzero``: about three times as fast as ``torch.nonzero`` there (and an
+    ``index_select`` at these positions beats ``masked_select`` by as much)."""
+    if mask.device.type == "cpu":
+        return torch.from_numpy(np.flatnonzero(mask.numpy()))
+    return mask.nonzero().squeeze(1)
 
 
 def _sorted(keys: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -112,9 +123,11 @@ class SetAssociativeCache:
             else None
         )
         self.step = 0
-        self._slot_of = None  # (id_bound,) int64: slot of each id, -1 where not cached
+        # (id_bound,) slot of each id, -1 where not cached; int32 (slots are below 2**31):
+        # half the bytes that the random gathers and scatters into it touch
+        self._slot_of = None
         if id_bound is not None:
-            self._slot_of = torch.full((id_bound,), -1, dtype=torch.int64, device=self.device)
+            self._slot_of = torch.full((id_bound,), -1, dtype=torch.int32, device=self.device)
 
     # ----------------------------------------------------------------- queries (no change)
     # Gathers and scatters here use index_select / index_copy_ / index_add_ rather than
@@ -123,7 +136,7 @@ class SetAssociativeCache:
         """Slot of each id, or -1 where it is not cached (``sets``: their sets, if known).
         Changes nothing."""
         if self._slot_of is not None:
-            return self._slot_of.index_select(0, ids)
+            return self._slot_of.index_select(0, ids).long()
         sets = set_index(ids, self.sets) if sets is None else sets
         slots = torch.full_like(ids, -1)
         for lo in range(0, ids.numel(), _LOOKUP_CHUNK):  # chunks bound the (n, W) temporary
@@ -151,13 +164,20 @@ class SetAssociativeCache:
         each miss takes and what it evicts. Valid until the state next changes; a tier that
         must do fallible I/O (L2 over SSD) plans, does the I/O, then calls :meth:`commit`."""
         n, dev, W = ids.numel(), self.device, self.ways
-        sets = set_index(ids, self.sets)
-        cached = self.find(ids, sets)
+        if self._slot_of is not None:  # find needs no sets: hash the misses only
+            cached = self.find(ids)
+            miss = _positions(cached < 0)
+            miss_sets = set_index(ids.index_select(0, miss), self.sets)
+        else:
+            sets = set_index(ids, self.sets)
+            cached = self.find(ids, sets)
+            miss = _positions(cached < 0)
+            miss_sets = sets.index_select(0, miss)
         hit = cached >= 0
-        miss = (~hit).nonzero().squeeze(1)
+        hit_slots = cached.index_select(0, _positions(hit))
         # Group misses by set, ascending ids (= positions) within a set: one sort of the
         # distinct keys set * 2**32 + position (sets are below 2**31, positions below 2**32).
-        grouped = _sorted((sets.index_select(0, miss) << 32) | miss)
+        grouped = _sorted((miss_sets << 32) | miss)
         miss_sets, miss = grouped >> 32, grouped & 0xFFFFFFFF
         touched, per_set = torch.unique_consecutive(miss_sets, return_counts=True)
         group = torch.repeat_interleave(torch.arange(touched.numel(), device=dev), per_set)
@@ -166,7 +186,7 @@ class SetAssociativeCache:
         # Evictable ways of each touched set, best victim first. Hits of this step lock their
         # way, so they are excluded here as "used by step t".
         busy = self.locks > 0
-        busy.view(-1).index_fill_(0, cached.masked_select(hit), True)
+        busy.view(-1).index_fill_(0, hit_slots, True)
         busy = busy.index_select(0, touched)
         tags = self.tags.index_select(0, touched)
         key = torch.where(tags == EMPTY, -1, self.stamps.index_select(0, touched))
@@ -180,7 +200,7 @@ class SetAssociativeCache:
                 f"({self.sets} sets x {self.ways} ways) but up to {short} of them find no "
                 "evictable way in their set: make host_rows larger or the batch smaller"
             )
-        at = placed.nonzero().squeeze(1)  # placed misses, in set order
+        at = _positions(placed)  # placed misses, in set order
         way = way_order.view(-1).index_select(
             0, group.index_select(0, at) * W + rank.index_select(0, at)
         )
@@ -188,7 +208,7 @@ class SetAssociativeCache:
         slots.index_copy_(0, miss.index_select(0, at), miss_sets.index_select(0, at) * W + way)
         # The fills in ascending id order (the fast order for reading the tier below): the
         # newly placed positions, in position order.
-        fill = ((slots >= 0) & ~hit).nonzero().squeeze(1)
+        fill = _positions((slots >= 0) & ~hit)
         fill_slots = slots.index_select(0, fill)
         victim_ids = self.tags.view(-1).index_select(0, fill_slots)
         victim_dirty = self.dirty.view(-1).index_select(0, fill_slots) & (victim_ids != EMPTY)
@@ -199,6 +219,9 @@ class SetAssociativeCache:
         key (empty ways have -1), ties by way index, busy ways last."""
         way = torch.arange(self.ways, device=self.device)
         lo, hi = torch.stack(list(torch.aminmax(key))).tolist() if key.numel() else (0, 0)
+        if hi - lo < _KEY_LIMIT_32:  # the usual case: 32-bit keys sort about twice as fast
+            packed = ((key - lo).int() << 6) | way.int()  # distinct within a row: not stable
+            return _sorted(torch.where(busy, _NOT_EVICTABLE_32, packed), dim=1) & 63
         if -_KEY_LIMIT < lo and hi < _KEY_LIMIT:  # scores are steps or frequencies: they fit
             packed = ((key + 1) << 6) | way  # distinct within a row: no stable sort needed
             return _sorted(torch.where(busy, _NOT_EVICTABLE, packed), dim=1) & 63
@@ -212,14 +235,15 @@ class SetAssociativeCache:
         self.step += 1
         freq = self.sketch.add(ids, counts) if self.sketch is not None else None
         score = self.policy.score(self.step, freq, n, self.device)
-        hit_slots = plan.slots.masked_select(hit)
+        hit_at = _positions(hit)
+        hit_slots = plan.slots.index_select(0, hit_at)
         flat_stamps, flat_locks = self.stamps.view(-1), self.locks.view(-1)
-        flat_stamps.index_copy_(0, hit_slots, score.masked_select(hit))
+        flat_stamps.index_copy_(0, hit_slots, score.index_select(0, hit_at))
         flat_locks.index_add_(0, hit_slots, torch.ones_like(hit_slots, dtype=torch.int32))
         evicted = plan.victim_ids != EMPTY
         if self._slot_of is not None:  # victims are never in the batch (they are not hits)
-            self._slot_of.index_fill_(0, plan.victim_ids.masked_select(evicted), -1)
-            self._slot_of.index_copy_(0, ids.index_select(0, fill), fill_slots)
+            self._slot_of.index_fill_(0, plan.victim_ids.index_select(0, _positions(evicted)), -1)
+            self._slot_of.index_copy_(0, ids.index_select(0, fill), fill_slots.int())
         self.tags.view(-1).index_copy_(0, fill_slots, ids.index_select(0, fill))
         flat_stamps.index_copy_(0, fill_slots, score.index_select(0, fill))
         self.dirty.view(-1).index_fill_(0, fill_slots, False)
@@ -244,7 +268,7 @@ class SetAssociativeCache:
 
     def release(self, slots: torch.Tensor) -> None:
         """Unlocks the slots a finished batch held (-1 entries are ignored)."""
-        slots = slots.masked_select(slots >= 0)
+        slots = slots.index_select(0, _positions(slots >= 0))
         self.locks.view(-1).index_add_(0, slots, torch.full_like(slots, -1, dtype=torch.int32))
 
     def mark_dirty(self, slots: torch.Tensor) -> None:

@@ -57,6 +57,8 @@ def reduce_range_np(h: np.ndarray, n: int) -> np.ndarray:
 
 def set_index(rows: torch.Tensor, sets: int) -> torch.Tensor:
     """The cache set of each row id: ``((mix64(row) >> 32) * sets) >> 32``."""
+    if rows.device.type == "cpu":  # numpy has unsigned shifts: half the passes of the torch form
+        return torch.from_numpy(reduce_range_np(mix64_np(rows.numpy().view(np.uint64)), sets))
     return reduce_range(mix64(rows), sets)
 
 

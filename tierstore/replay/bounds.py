@@ -18,21 +18,22 @@ need them). The free tracks are a set of "free since" times; best fit asks for t
 ``<= p + 1``, removes it and adds ``i``. A union-find over the interval ends answers that in
 near-constant amortised time, so OPT for one size is a single loop of a few list operations
 per request (``O(n log n)`` including the sort that finds each request's previous use).
-That loop is the one per-request Python loop here: the greedy is inherently sequential (each
-decision depends on all earlier ones). The tests check it against a literal Belady simulation.
+That loop is the one per-request loop here: the greedy is inherently sequential (each
+decision depends on all earlier ones), so numba compiles it (``compiled.py``). The tests check
+it against a literal Belady simulation.
 """
 
 from __future__ import annotations
 
-from array import array
 from collections.abc import Sequence
 
 import numpy as np
 
 from ..progress import progress
+from .compiled import compiled, int_buffer
 from .fully_assoc import as_id_array, as_sizes, previous_use
 
-_STEP = 1 << 18  # requests per progress-bar tick
+_STEP = 1 << 20  # requests per progress-bar tick
 
 
 def compulsory_misses(ids) -> int:
@@ -41,7 +42,36 @@ def compulsory_misses(ids) -> int:
     return int(np.unique(ids).size) if ids.size else 0
 
 
-def _greedy_kept(starts: array, tracks: int, show: bool) -> int:
+@compiled
+def _best_fit(starts, par, slot) -> int:
+    """Best fit for the intervals whose latest usable slots are ``starts``, the first of them
+    ending at slot ``slot``; returns how many were rejected. ``par`` (see :func:`_greedy_kept`)
+    is updated in place, so consecutive chunks continue one run."""
+    rejected = 0
+    for x in starts:
+        r = par[x]
+        if r != x:  # find the root, then point the path at it
+            pr = par[r]
+            if pr != r:
+                r = pr
+                pr = par[r]
+                while pr != r:
+                    r = pr
+                    pr = par[r]
+                while x != r:
+                    nx = par[x]
+                    par[x] = r
+                    x = nx
+        if r:
+            par[r] = r - 1  # the track is taken; its slot is no longer free
+        else:
+            par[slot] = slot - 1  # this interval is not kept: its end frees nothing
+            rejected += 1
+        slot += 1
+    return rejected
+
+
+def _greedy_kept(starts: np.ndarray, tracks: int, show: bool) -> int:
     """Intervals kept by best fit, given each interval's latest usable slot (see opt_hits).
 
     Slots ``1..tracks`` are the tracks free from the start; slot ``tracks + 1 + k`` is the end
@@ -49,30 +79,14 @@ def _greedy_kept(starts: array, tracks: int, show: bool) -> int:
     union-find whose roots are the free slots: a slot taken or never freed points one left,
     so the root above slot ``s`` is the largest free slot ``<= s``.
     """
-    m = len(starts)
-    # array('q') rather than a list: 8 bytes a slot instead of about 36, at the same speed
-    par = array("q", range(m + tracks + 1))
+    m = starts.size
+    # 32-bit slots where they fit: half the memory that the union-find reads at random
+    dtype = np.int32 if m + tracks < (1 << 31) else np.int64
+    par = int_buffer(np.arange(m + tracks + 1, dtype=dtype))
+    starts = int_buffer(starts.astype(dtype))
     rejected = 0
     for a in progress(range(0, m, _STEP), "OPT", enabled=show, total=-(-m // _STEP)):
-        for k, x in enumerate(starts[a : a + _STEP], tracks + 1 + a):
-            r = par[x]
-            if r != x:  # find the root, then point the path at it
-                pr = par[r]
-                if pr != r:
-                    r = pr
-                    pr = par[r]
-                    while pr != r:
-                        r = pr
-                        pr = par[r]
-                    while x != r:
-                        nx = par[x]
-                        par[x] = r
-                        x = nx
-            if r:
-                par[r] = r - 1  # the track is taken; its slot is no longer free
-            else:
-                par[k] = k - 1  # interval k is not kept: its end frees nothing
-                rejected += 1
+        rejected += _best_fit(starts[a : a + _STEP], par, tracks + 1 + a)
     return m - rejected
 
 
@@ -102,7 +116,12 @@ def opt_hits(
     distinct = n - int(np.count_nonzero(reuse))
     # Latest usable slot of each interval, before adding the track count: how many earlier
     # interval ends are <= p + 1 (a track that freed at p + 1 can take an interval from p).
-    latest = np.searchsorted(ends, prev[ends] + 1, side="right")
+    # A prefix count over time and one gather: a searchsorted of these unsorted queries would
+    # be random binary searches, ten times slower on long traces.
+    ends_upto = np.zeros(n + 1, np.int64)
+    ends_upto[ends + 1] = 1
+    np.cumsum(ends_upto, out=ends_upto)  # ends_upto[t + 1]: interval ends <= t
+    latest = ends_upto[prev[ends] + 2]  # p + 2 <= i <= n - 1
     out = np.zeros(sizes.size, np.int64)
     for j, c in enumerate(sizes.tolist()):
         if c <= 0:
@@ -111,8 +130,7 @@ def opt_hits(
             out[j] = n - distinct
             continue
         tracks = c - 1
-        starts = array("q", (latest + tracks).astype(np.int64).tobytes())
-        out[j] = immediate + _greedy_kept(starts, tracks, show)
+        out[j] = immediate + _greedy_kept(latest + tracks, tracks, show)
     return out
 
 
