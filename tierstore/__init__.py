@@ -18,6 +18,7 @@ from .errors import (
     TableMismatchError,
     TierstoreError,
 )
+from .graphs import GraphedStep
 from .module import TieredEmbeddingBag
 from .optim import SGD, Adagrad, Optimizer, RowWiseAdagrad
 from .policy import LFU, LRU, Policy
@@ -25,6 +26,7 @@ from .stats import CacheStats
 
 __all__ = [
     "TieredEmbeddingBag",
+    "GraphedStep",
     "SetAssociativeCache",
     "CacheStats",
     "SGD",

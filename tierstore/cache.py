@@ -188,8 +188,8 @@ class SetAssociativeCache:
         busy = self.locks > 0
         busy.view(-1).index_fill_(0, hit_slots, True)
         busy = busy.index_select(0, touched)
-        tags = self.tags.index_select(0, touched)
-        key = torch.where(tags == EMPTY, -1, self.stamps.index_select(0, touched))
+        key = self.stamps.index_select(0, touched)
+        key.masked_fill_(self.tags.index_select(0, touched) == EMPTY, -1)
         way_order = self._victim_order(key, busy)
         n_free = (~busy).sum(1)
         placed = rank < n_free.index_select(0, group)
@@ -235,19 +235,18 @@ class SetAssociativeCache:
         self.step += 1
         freq = self.sketch.add(ids, counts) if self.sketch is not None else None
         score = self.policy.score(self.step, freq, n, self.device)
-        hit_at = _positions(hit)
-        hit_slots = plan.slots.index_select(0, hit_at)
-        flat_stamps, flat_locks = self.stamps.view(-1), self.locks.view(-1)
-        flat_stamps.index_copy_(0, hit_slots, score.index_select(0, hit_at))
-        flat_locks.index_add_(0, hit_slots, torch.ones_like(hit_slots, dtype=torch.int32))
+        # hits and fills at once: every id that has a slot now takes its score and a lock (a
+        # fill's way was unlocked: only unlocked ways are evicted)
+        placed_at = _positions(plan.slots >= 0)
+        placed = plan.slots.index_select(0, placed_at)
+        self.stamps.view(-1).index_copy_(0, placed, score.index_select(0, placed_at))
+        self.locks.view(-1).index_add_(0, placed, torch.ones_like(placed, dtype=torch.int32))
         evicted = plan.victim_ids != EMPTY
         if self._slot_of is not None:  # victims are never in the batch (they are not hits)
             self._slot_of.index_fill_(0, plan.victim_ids.index_select(0, _positions(evicted)), -1)
             self._slot_of.index_copy_(0, ids.index_select(0, fill), fill_slots.int())
         self.tags.view(-1).index_copy_(0, fill_slots, ids.index_select(0, fill))
-        flat_stamps.index_copy_(0, fill_slots, score.index_select(0, fill))
         self.dirty.view(-1).index_fill_(0, fill_slots, False)
-        flat_locks.index_fill_(0, fill_slots, 1)
         n_hit = int(hit.sum())
         self.counters += torch.tensor(
             [

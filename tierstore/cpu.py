@@ -16,6 +16,12 @@ from .optim import Optimizer
 name = "cpu"
 
 
+def graph_unsupported(store, optimizer: Optimizer | None) -> str | None:
+    """Why a step of ``store`` cannot be captured in a CUDA graph (always: these are torch ops
+    that read counts back to the host)."""
+    return "the CUDA kernels (CuPy) are not available, and the torch fallback reads the device"
+
+
 def new_cache(rows: int, ways: int, policy, device: torch.device) -> SetAssociativeCache:
     """The L1 cache state on ``device``."""
     return SetAssociativeCache(rows, ways, policy, device)

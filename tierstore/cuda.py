@@ -420,6 +420,27 @@ def scatter(store, batch, rows: torch.Tensor) -> None:
 
 
 # ------------------------------------------------------------------------ forward, backward
+def _register_columns(dim: int) -> int | None:
+    """Weights per lane of the backward kernels (a warp per row), None past 32 * 16 columns."""
+    return next((k for k in _REGISTER_COLUMNS if 32 * k >= dim), None)
+
+
+def graph_unsupported(store, optimizer: Optimizer | None) -> str | None:
+    """Why a step of ``store`` cannot be captured in a CUDA graph, or None if it can: the
+    step must run on the kernels from end to end with no host read (``graphs.py``)."""
+    if store.inclusive_host or not getattr(store.l1, "sync_free", False):
+        return "its step reads the device (an SSD tier, or a policy with no kernel)"
+    if _l2(store) is None:
+        return "its host table is not in pinned memory that the device can address"
+    if _register_columns(store.layout.dim) is None:
+        return (
+            f"embedding_dim {store.layout.dim} is above the kernels' {32 * _REGISTER_COLUMNS[-1]}"
+        )
+    if optimizer is not None and optimizer.name not in _KERNEL_OPTIMIZERS:
+        return f"the optimizer {optimizer.name!r} has no kernel"
+    return None
+
+
 def forward(
     store,
     batch,
@@ -460,7 +481,7 @@ def backward(
     within a row, deterministic), applies the fused optimizer where each row lives (marking L1
     rows dirty), and returns the gradient of the per-sample weights if asked."""
     dim = store.layout.dim
-    k = next((k for k in _REGISTER_COLUMNS if 32 * k >= dim), None)  # a warp per row
+    k = _register_columns(dim)
     group = 32  # lanes per chunk of sorted entries (kernels/backward.cu says why not 8)
     l2 = _l2(store)
     opt_name = optimizer.name if optimizer is not None else None

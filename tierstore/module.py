@@ -15,7 +15,7 @@ from collections import deque
 import torch
 from torch import nn
 
-from . import cpu
+from . import cpu, graphs
 from .cache import cache_shape
 from .errors import InvalidInputError
 from .optim import SGD, Optimizer
@@ -202,9 +202,6 @@ class TieredEmbeddingBag(nn.Module):
             _backend_for(device),
             host=host,
         )
-        # A zero-size tensor that requires grad, so that autograd calls our backward even when
-        # nothing else in the batch does; the fused optimizer takes the place of weight grads.
-        self._anchor = torch.zeros(0, device=device, requires_grad=True)
         self._prefetched: deque[tuple[torch.Tensor, Batch]] = deque()
 
     # --------------------------------------------------------------- nn.EmbeddingBag API
@@ -215,16 +212,30 @@ class TieredEmbeddingBag(nn.Module):
         per_sample_weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Pooled embeddings ``(B, D)``, as ``nn.EmbeddingBag.forward``."""
-        flat, offs, psw, checks = self._prepare(input, offsets, per_sample_weights)
+        captured = None
+        if graphs.capturing():  # GraphedStep checks each batch before its replay instead
+            captured = graphs.record_forward(self, input, offsets, per_sample_weights)
+        elif self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            graphs.refuse_capture()
+        flat, offs, psw, checks = self._prepare(
+            input, offsets, per_sample_weights, values=captured is None
+        )
         batch = self._take_prefetched(flat)
         if batch is None:
             batch = self.store.lookup(flat, checks.wait)  # waits before the first change
         else:
             checks.wait()
+        if captured is not None:
+            captured.batch = batch
         wants_psw_grad = psw is not None and psw.requires_grad
         if torch.is_grad_enabled() and (self.optimizer is not None or wants_psw_grad):
             handle = _BatchHandle(self.store, batch)
-            return _TieredBagFunction.apply(self._anchor, psw, self, handle, offs)
+            # A zero-size leaf that requires grad, so that autograd calls our backward even when
+            # nothing else in the batch does; the fused optimizer takes the place of weight
+            # grads. A new one per call: a leaf keeps the stream it was first used on, and a
+            # step captured in a CUDA graph must not wait on an eager step's stream.
+            anchor = torch.empty(0, device=self.device, requires_grad=True)
+            return _TieredBagFunction.apply(anchor, psw, self, handle, offs)
         try:
             return self.store.backend.forward(self.store, batch, offs, psw, self.mode)
         finally:
@@ -248,11 +259,11 @@ class TieredEmbeddingBag(nn.Module):
         self._prefetched.popleft()
         return batch
 
-    def _prepare(self, input, offsets, per_sample_weights):
+    def _prepare(self, input, offsets, per_sample_weights, values: bool = True):
         # the value checks are read back later, while the device starts on the unique step
         return normalize_batch(
             input, offsets, per_sample_weights, self.mode, self.include_last_offset,
-            self.device, self.num_embeddings, defer_checks=True,
+            self.device, self.num_embeddings, defer_checks=True, values=values,
         )  # fmt: skip
 
     # --------------------------------------------------------------- rows and tiers

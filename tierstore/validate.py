@@ -77,6 +77,14 @@ class BatchChecks:
             self._facts = facts
         self._passed = False
 
+    @classmethod
+    def done_elsewhere(cls) -> BatchChecks:
+        """Checks that pass at once: the batch's values are checked by the caller (a captured
+        step's are checked before each replay, ``graphs.GraphedStep``)."""
+        checks = cls.__new__(cls)
+        checks._passed = True
+        return checks
+
     def wait(self) -> None:
         """Raises :class:`InvalidInputError` naming the first problem (waits for the read)."""
         if self._passed:
@@ -116,11 +124,14 @@ def normalize_batch(
     device: torch.device,
     num_rows: int | None,
     defer_checks: bool = False,
+    values: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, BatchChecks]:
     """``(indices (n,) int64, offsets (B+1,) int64, per_sample_weights (n,) or None, checks)``
     on ``device``, every id checked against ``num_rows`` (``None``: any int64 id). The form
     and type checks raise here; the value checks (:class:`BatchChecks`) too, unless
-    ``defer_checks``: then the caller must call ``checks.wait()`` before changing anything."""
+    ``defer_checks``: then the caller must call ``checks.wait()`` before changing anything.
+    ``values=False`` skips the value checks: the caller has checked these very tensors (a
+    step being captured into a CUDA graph, whose inputs are checked before each replay)."""
     _check_index_tensor(indices, "indices", (1, 2))
     if per_sample_weights is not None:
         _check_weights(per_sample_weights, indices, mode)
@@ -141,6 +152,9 @@ def normalize_batch(
         if not include_last_offset:
             offs = torch.cat([offs, torch.full((1,), n, dtype=torch.int64, device=device)])
 
+    psw = None if per_sample_weights is None else per_sample_weights.reshape(-1).to(device)
+    if not values:
+        return flat, offs, psw, BatchChecks.done_elsewhere()
     # Every value fact in one read: id range, first, last and largest offset, smallest step.
     zero = torch.zeros((), dtype=torch.int64, device=device)
     lo, hi = torch.aminmax(flat) if n else (zero, zero)
@@ -151,7 +165,6 @@ def normalize_batch(
     checks = BatchChecks(facts, n, offs, include_last_offset, num_rows)
     if not defer_checks:
         checks.wait()
-    psw = None if per_sample_weights is None else per_sample_weights.reshape(-1).to(device)
     return flat, offs, psw, checks
 
 

@@ -1,0 +1,182 @@
+"""``GraphedStep``: a training step captured as a CUDA graph trains exactly as the eager step
+(same outputs, rows, optimizer state, cache state and counters, bit for bit), and a bad batch
+raises before its replay with nothing changed. Fresh random Zipf traces each run; the seed is
+in every failure message."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import tierstore as ts
+from tierstore import graphs
+from tierstore.errors import InvalidInputError
+
+ROWS, BAGS, LENGTH = 4000, 64, 8
+
+
+def _pair(policy: str, mode: str, cache_rows: int, dim: int = 24):
+    """Two identical tables: one trained eagerly (the reference), one through GraphedStep."""
+    kw = dict(mode=mode, cache_rows=cache_rows, ways=8, policy=policy, device="cuda", seed=3,
+              optimizer=ts.RowWiseAdagrad(lr=0.05))  # fmt: skip
+    return ts.TieredEmbeddingBag(ROWS, dim, **kw), ts.TieredEmbeddingBag(ROWS, dim, **kw)
+
+
+def _fresh(policy: str):
+    """A fresh seed, its generator, and a pair of small sum-mode tables (200 cached rows)."""
+    seed = random.randrange(1 << 32)
+    return (seed, np.random.default_rng(seed), *_pair(policy, "sum", 200))
+
+
+def _zipf(rng: np.random.Generator, n: int) -> torch.Tensor:
+    ids = rng.permutation(ROWS)[(rng.zipf(1.1, n) - 1) % ROWS]
+    return torch.from_numpy(ids).cuda()
+
+
+def _assert_same(eager, graphed, seed):
+    a, b = eager.store.l1, graphed.store.l1
+    state = ("tags", "stamps", "dirty", "locks", "counters", "next_step")
+    for name in state:
+        assert torch.equal(getattr(a, name), getattr(b, name)), f"{name} differ (seed {seed})"
+    if a.sketch is not None:
+        assert torch.equal(a.sketch.counters, b.sketch.counters), f"sketch (seed {seed})"
+    assert a.step == b.step
+    ids = torch.arange(ROWS, device="cuda")
+    rows_a, rows_b = eager.read_rows(ids, with_state=True), graphed.read_rows(ids, with_state=True)
+    assert torch.equal(rows_a, rows_b), f"rows differ (seed {seed})"
+    assert eager.stats() == graphed.stats()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+@pytest.mark.parametrize("cache_rows", [96, ROWS])  # conflict misses and evictions; all fit
+def test_graphed_training_equals_eager(policy, mode, cache_rows):
+    seed = random.randrange(1 << 32)
+    rng = np.random.default_rng(seed)
+    eager, graphed = _pair(policy, mode, cache_rows)
+
+    def train(x, g):
+        out = graphed(x)
+        out.backward(g)
+        return out
+
+    step = ts.GraphedStep(train)
+    for k in range(8):  # a warm-up call, the capture, then replays
+        x = _zipf(rng, BAGS * LENGTH).view(BAGS, LENGTH)
+        g = torch.from_numpy(rng.standard_normal((BAGS, 24), dtype=np.float32)).cuda()
+        want = eager(x)
+        want.backward(g)
+        got = step(x, g)
+        assert torch.equal(got, want), f"output of step {k} differs (seed {seed})"
+    assert step.graph is not None
+    c = eager.stats()
+    if cache_rows < ROWS:
+        assert c.conflict_misses > 0 and c.evictions > 0 and c.writebacks > 0, c
+    _assert_same(eager, graphed, seed)
+
+
+@pytest.mark.gpu
+def test_graphed_with_offsets_and_weights():
+    """1-D indices with offsets (bag lengths change from batch to batch) and per-sample weights
+    that take a gradient."""
+    seed = random.randrange(1 << 32)
+    rng = np.random.default_rng(seed)
+    eager, graphed = _pair("lru", "sum", 200)
+    n = BAGS * LENGTH
+
+    def batch():
+        cuts = np.sort(rng.choice(np.arange(1, n), BAGS - 1, replace=False))
+        offs = torch.from_numpy(np.concatenate([[0], cuts])).cuda()
+        w = torch.from_numpy(rng.random(n, dtype=np.float32)).cuda()
+        g = torch.from_numpy(rng.standard_normal((BAGS, 24), dtype=np.float32)).cuda()
+        return _zipf(rng, n), offs, w, g
+
+    def train(ids, offs, w, g):
+        w = w.requires_grad_()
+        out = graphed(ids, offs, per_sample_weights=w)
+        (w_grad,) = torch.autograd.grad(out, w, g)
+        return out, w_grad
+
+    step = ts.GraphedStep(train)
+    for k in range(6):
+        ids, offs, w, g = batch()
+        w_ref = w.clone().requires_grad_()
+        want = eager(ids, offs, per_sample_weights=w_ref)
+        (w_grad,) = torch.autograd.grad(want, w_ref, g)
+        got, got_grad = step(ids, offs, w, g)
+        assert torch.equal(got, want) and torch.equal(got_grad, w_grad), f"step {k}, seed {seed}"
+    _assert_same(eager, graphed, seed)
+
+
+@pytest.mark.gpu
+def test_bad_batch_raises_before_the_replay_and_changes_nothing():
+    seed, rng, eager, graphed = _fresh("lfu")
+    n = BAGS * LENGTH
+    offs = torch.arange(0, n, LENGTH, device="cuda")
+    g = torch.ones(BAGS, 24, device="cuda")
+    step = ts.GraphedStep(lambda ids, o: graphed(ids, o).backward(g))
+    for _ in range(3):
+        ids = _zipf(rng, n)
+        eager(ids, offs).backward(g)
+        step(ids, offs)
+    bad_id = _zipf(rng, n)
+    bad_id[rng.integers(n)] = ROWS
+    with pytest.raises(InvalidInputError, match="num_embeddings"):
+        step(bad_id, offs)
+    bad_offs = offs.clone()
+    bad_offs[[5, 6]] = bad_offs[[6, 5]]
+    with pytest.raises(InvalidInputError, match="non-decreasing"):
+        step(_zipf(rng, n), bad_offs)
+    with pytest.raises(InvalidInputError, match="captured step takes"):
+        step(_zipf(rng, n + 1), offs)
+    with pytest.raises(InvalidInputError, match="captured step takes"):
+        step(_zipf(rng, n).int(), offs)
+    _assert_same(eager, graphed, seed)
+    ids = _zipf(rng, n)  # and the graph still trains as the eager step
+    eager(ids, offs).backward(g)
+    step(ids, offs)
+    _assert_same(eager, graphed, seed)
+
+
+@pytest.mark.gpu
+def test_steps_that_cannot_be_checked_are_refused():
+    seed, rng, eager, graphed = _fresh("lru")
+    x = _zipf(rng, BAGS * LENGTH).view(BAGS, LENGTH)
+    g = torch.ones(BAGS, 24, device="cuda")
+    # indices computed inside the step: the batch GraphedStep could check is not what the table reads
+    derived = ts.GraphedStep(lambda x: graphed(x.flip(0).contiguous()).backward(g))
+    derived(x)
+    eager(x.flip(0).contiguous()).backward(g)
+    with pytest.raises(InvalidInputError, match="one of the step's inputs"):
+        derived(x)
+    # a training forward whose backward is not in the step would keep its rows locked
+    no_backward = ts.GraphedStep(lambda x: graphed(x))
+    no_backward(x).backward(g)
+    eager(x).backward(g)
+    with pytest.raises(InvalidInputError, match="backward did not run"):
+        no_backward(x)
+    with pytest.raises(InvalidInputError, match="must be a CUDA tensor"):
+        derived(x.cpu())
+    # capturing the table with torch.cuda.graph directly: nothing would check the batches
+    with pytest.raises(InvalidInputError, match="GraphedStep"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            graphed(x)
+    _assert_same(eager, graphed, seed)  # the refused captures changed nothing
+
+
+@pytest.mark.parametrize("gpu", [pytest.param(False), pytest.param(True, marks=pytest.mark.gpu)])
+def test_tables_that_cannot_run_from_a_graph_are_refused(monkeypatch, gpu):
+    """A table on the CPU, or one whose step reads the device (an SSD tier): refused by name
+    before the capture records anything. (The capture is simulated: GraphedStep's record.)"""
+    device = "cuda" if gpu else "cpu"
+    emb = ts.TieredEmbeddingBag(100, 8, cache_rows=16, device=device)
+    if gpu:  # a policy without kernels: its step reads counts back to the host
+        monkeypatch.setattr(emb.store.l1, "sync_free", False)
+    monkeypatch.setattr(graphs._capturing, "forwards", [], raising=False)
+    with pytest.raises(InvalidInputError, match="cannot be captured"):
+        emb(torch.tensor([[1, 2]], device=device))
+    assert graphs._capturing.forwards == []
