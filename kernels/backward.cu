@@ -106,8 +106,8 @@ struct SgdUpdate {  // w -= lr * g
     ts_load_weights<G, K>(row, st, dim, grp);
   }
   template <int G, int K>
-  __device__ __forceinline__ void apply(float* row, const RowState<K>& st, const float (&g)[K], int dim,
-                        const Group<G>& grp) const {
+  __device__ __forceinline__ void apply(float* row, const RowState<K>& st, const float (&g)[K],
+                                        int dim, const Group<G>& grp) const {
 #pragma unroll
     for (int k = 0; k < K; k++) {
       const int c = grp.rank + G * k;
@@ -129,8 +129,8 @@ struct AdagradUpdate {  // s += g*g; w -= lr * g / (sqrt(s) + eps); state: one f
     }
   }
   template <int G, int K>
-  __device__ __forceinline__ void apply(float* row, const RowState<K>& st, const float (&g)[K], int dim,
-                        const Group<G>& grp) const {
+  __device__ __forceinline__ void apply(float* row, const RowState<K>& st, const float (&g)[K],
+                                        int dim, const Group<G>& grp) const {
 #pragma unroll
     for (int k = 0; k < K; k++) {
       const int c = grp.rank + G * k;
@@ -151,8 +151,8 @@ struct RowWiseAdagradUpdate {  // s += mean(g*g); w -= lr * g / (sqrt(s) + eps);
     ts_load_weights<G, K>(row, st, dim, grp);
   }
   template <int G, int K>
-  __device__ __forceinline__ void apply(float* row, const RowState<K>& st, const float (&g)[K], int dim,
-                        const Group<G>& grp) const {
+  __device__ __forceinline__ void apply(float* row, const RowState<K>& st, const float (&g)[K],
+                                        int dim, const Group<G>& grp) const {
     float sq = 0.f;
 #pragma unroll
     for (int k = 0; k < K; k++) sq = __fadd_rn(sq, __fmul_rn(g[k], g[k]));  // g is 0 past dim
@@ -297,9 +297,9 @@ __device__ void reduce_chunks(const int* __restrict__ sorted_u,   // (n,) invers
   const Group<G> grp;
   const int dim = rows.dim;
   const i64 chunks = (n + G - 1) / G;
-  const i64 stride = ((i64)gridDim.x * blockDim.x) / G;
+  const i64 stride = ts_thread_count() / G;
   const int group_base = ts_lane() & ~(G - 1);
-  for (i64 ch = ((i64)blockIdx.x * blockDim.x + threadIdx.x) / G; ch < chunks; ch += stride) {
+  for (i64 ch = ts_global_thread() / G; ch < chunks; ch += stride) {
     const i64 p0 = ch * G;
     const int cnt = (int)min((i64)G, n - p0);
     int u = -1, b = 0;
@@ -382,7 +382,7 @@ __device__ void reduce_chunks(const int* __restrict__ sorted_u,   // (n,) invers
 extern "C" __global__ void segment_starts(const int* __restrict__ sorted_u,  // (n,)
                                           i64 n, i64 unique,
                                           i64* __restrict__ start) {  // (U + 1,) out
-  for (i64 p = (i64)blockIdx.x * blockDim.x + threadIdx.x; p < n; p += (i64)gridDim.x * blockDim.x)
+  for (i64 p = ts_global_thread(); p < n; p += ts_thread_count())
     if (p == 0 || sorted_u[p - 1] != sorted_u[p]) start[sorted_u[p]] = p;
   if (blockIdx.x == 0 && threadIdx.x == 0) start[unique] = n;
 }
@@ -392,7 +392,8 @@ extern "C" __global__ void segment_starts(const int* __restrict__ sorted_u,  // 
 // that a row read 100 000 times is summed by many warps: groups of 32 partials by one warp each
 // (the group's sum replaces its first partial), then the group sums by the row's first chunk.
 // Chunks hold `chunk` entries (the G of reduce_chunks); a full warp works on each here.
-__device__ __forceinline__ const float* ts_piece(const float* partial, i64 c, i64 c_first, int dim) {
+__device__ __forceinline__ const float* ts_piece(const float* partial, i64 c, i64 c_first,
+                                                 int dim) {
   return partial + (c * 2 + (c == c_first ? 1 : 0)) * dim;
 }
 

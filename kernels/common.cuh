@@ -54,13 +54,16 @@ __device__ __forceinline__ u64 ts_row_key(i64 row, i64 seed_key) {
   return ts_mix64((u64)row ^ (u64)seed_key);
 }
 
-__device__ __forceinline__ i64 ts_global_warp() {
-  return ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+// Grid-stride loops: `for (i64 i = ts_global_thread(); i < n; i += ts_thread_count())`.
+__device__ __forceinline__ i64 ts_global_thread() {
+  return (i64)blockIdx.x * blockDim.x + threadIdx.x;
 }
 
-__device__ __forceinline__ i64 ts_warp_count() {
-  return ((i64)gridDim.x * blockDim.x) >> 5;
-}
+__device__ __forceinline__ i64 ts_thread_count() { return (i64)gridDim.x * blockDim.x; }
+
+__device__ __forceinline__ i64 ts_global_warp() { return ts_global_thread() >> 5; }
+
+__device__ __forceinline__ i64 ts_warp_count() { return ts_thread_count() >> 5; }
 
 __device__ __forceinline__ int ts_lane() { return threadIdx.x & 31; }
 
@@ -90,7 +93,8 @@ __device__ __forceinline__ void ts_count(i64* counter, int v) {
 
 // A row's address in the tier that holds it: its L1 slot when >= 0, else its L2 address in
 // host memory (read over PCIe, zero-copy).
-__device__ __forceinline__ float* ts_row(float* l1, const float* l2, i64 slot, i64 addr, int width) {
+__device__ __forceinline__ float* ts_row(float* l1, const float* l2, i64 slot, i64 addr,
+                                         int width) {
   return slot >= 0 ? l1 + slot * (i64)width : (float*)l2 + addr * (i64)width;
 }
 
@@ -98,7 +102,8 @@ __device__ __forceinline__ float* ts_row(float* l1, const float* l2, i64 slot, i
 // all its loads before its first store, so that a row's bytes are in flight at once (PCIe
 // reads are latency bound).
 template <typename T, int MAX_PER_LANE>
-__device__ __forceinline__ void ts_copy_row_as(T* __restrict__ dst, const T* __restrict__ src, int n) {
+__device__ __forceinline__ void ts_copy_row_as(T* __restrict__ dst, const T* __restrict__ src,
+                                               int n) {
   const int lane = ts_lane();
   T v[MAX_PER_LANE];
 #pragma unroll

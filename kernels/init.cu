@@ -23,7 +23,7 @@ extern "C" __global__ void hash_ids(const i64* __restrict__ ids,  // (n,)
                                     i64 n, i64 sets,
                                     i64* __restrict__ mixed,    // (n,) out
                                     i64* __restrict__ set_of) {  // (n,) out
-  for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+  for (i64 i = ts_global_thread(); i < n; i += ts_thread_count()) {
     mixed[i] = (i64)ts_mix64((u64)ids[i]);
     set_of[i] = ts_set_index(ids[i], sets);
   }

@@ -15,13 +15,13 @@
 
 // Gives each touched set a segment of `k` entries (k = its misses). A warp scans 32 sets and
 // takes the room for all of them with one atomic.
-extern "C" __global__ void reserve_segments(const int* __restrict__ touched,   // (T,)
+extern "C" __global__ void reserve_segments(const int* __restrict__ touched,    // (T,)
                                             const int* __restrict__ n_touched,  // (1,)
-                                            const int* __restrict__ set_misses, // (S,)
-                                            int* __restrict__ cursor,           // (1,) zero on entry
-                                            int* __restrict__ seg_start,        // (S,) out
-                                            int* __restrict__ touched_k,        // (T,) out
-                                            int* __restrict__ touched_off) {    // (T,) out
+                                            const int* __restrict__ set_misses,  // (S,)
+                                            int* __restrict__ cursor,  // (1,) zero on entry
+                                            int* __restrict__ seg_start,    // (S,) out
+                                            int* __restrict__ touched_k,    // (T,) out
+                                            int* __restrict__ touched_off) {  // (T,) out
   const int nt = *n_touched;
   const int lane = ts_lane();
   for (i64 base = ts_global_warp() * 32; base < nt; base += ts_warp_count() * 32) {
@@ -56,7 +56,7 @@ extern "C" __global__ void scatter_misses(const i64* __restrict__ ids,     // (U
                                           const int* __restrict__ seg_start, // (S,)
                                           int* __restrict__ segments) {      // (misses,) out
   n = ts_items(n, count);
-  for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+  for (i64 i = ts_global_thread(); i < n; i += ts_thread_count()) {
     if (slots[i] >= 0) continue;
     const i64 set = ts_set_index(ids[i], sets);
     const int k = atomicSub(&set_misses[set], 1) - 1;
@@ -181,19 +181,20 @@ TS_CHOOSE(choose_victims_lfu, LfuPolicy)
 // Lists the fills in ascending position (= ascending id): `rank` is the inclusive prefix sum
 // of `filled`, so fill p sits at rank - 1. The last kernel of a step: it also advances the
 // device's step clock (read by the next step's probe).
-extern "C" __global__ void compact_fills(const int* __restrict__ filled,  // (U,)
-                                         const int* __restrict__ rank,    // (U,) inclusive cumsum
+// Inputs are (U,) by batch position, outputs (U,) of which the first F are used.
+extern "C" __global__ void compact_fills(const int* __restrict__ filled,
+                                         const int* __restrict__ rank,  // inclusive cumsum
                                          i64 n,
-                                         const i64* __restrict__ slots,                   // (U,)
-                                         const i64* __restrict__ victim_by_pos,           // (U,)
-                                         const unsigned char* __restrict__ victim_dirty_by_pos,  // (U,)
-                                         i64* __restrict__ fill_index,          // (U,) out, F used
-                                         i64* __restrict__ fill_slots,          // (U,) out
-                                         i64* __restrict__ victim_ids,          // (U,) out
-                                         unsigned char* __restrict__ victim_dirty,    // (U,) out
-                                         i64* __restrict__ step) {              // (1,)
+                                         const i64* __restrict__ slots,
+                                         const i64* __restrict__ victim_by_pos,
+                                         const unsigned char* __restrict__ victim_dirty_by_pos,
+                                         i64* __restrict__ fill_index,  // out
+                                         i64* __restrict__ fill_slots,  // out
+                                         i64* __restrict__ victim_ids,  // out
+                                         unsigned char* __restrict__ victim_dirty,  // out
+                                         i64* __restrict__ step) {  // (1,)
   if (blockIdx.x == 0 && threadIdx.x == 0) *step += 1;  // nothing else in this launch reads it
-  for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+  for (i64 i = ts_global_thread(); i < n; i += ts_thread_count()) {
     if (!filled[i]) continue;
     const i64 p = rank[i] - 1;
     fill_index[p] = i;

@@ -21,10 +21,11 @@ extern "C" __global__ void find_slots(const i64* __restrict__ ids,  // (U,)
 }
 
 // The probe of step `*step` (the step number lives on the device, so that a captured CUDA graph
-// of the step replays with the clock moving; compact_fills advances it): for a hit, the way takes the policy's score and one more lock
-// (a locked way is not evictable, which is how "used by this step" is told to insert.cu);
-// slots[i] is the hit's slot or -1. For a miss, set_misses[set] counts it and the first miss
-// of a set appends the set to `touched`. score[i] is every id's score, for the fills.
+// of the step replays with the clock moving; compact_fills advances it): for a hit, the way
+// takes the policy's score and one more lock (a locked way is not evictable, which is how
+// "used by this step" is told to insert.cu); slots[i] is the hit's slot or -1. For a miss,
+// set_misses[set] counts it and the first miss of a set appends the set to `touched`.
+// score[i] is every id's score, for the fills.
 // The sketch has already counted this batch (sketch_add), so LFU estimates are final.
 // A warp per 32 ids (ts_probe32), then a lane per id.
 template <class Policy>
@@ -69,16 +70,15 @@ __device__ void probe(const i64* __restrict__ ids,     // (U,) ascending
   ts_block_count(counters + TS_MISSES, unique - hits);
 }
 
-#define TS_PROBE(NAME, POLICY)                                                                   \
-  extern "C" __global__ void NAME(                                                               \
-      const i64* ids, const i64* counts, i64 n, const int* count, const i64* tags, i64* stamps,  \
-      int* locks,                                                                                \
-      i64 sets, i64 ways, const i64* step, int* sk_counters, const i64* sk_salts, i64* sk_additions,    \
-      i64 sk_depth, i64 sk_width, i64 sk_sample, i64* slots, i64* score, int* set_misses,        \
-      int* touched, int* n_touched, i64* counters) {                                             \
-    const Sketch sketch = {sk_counters, sk_salts, sk_additions, sk_depth, sk_width, sk_sample};  \
-    probe<POLICY>(ids, counts, n, count, tags, stamps, locks, sets, ways, step, sketch, slots, score,   \
-                  set_misses, touched, n_touched, counters);                                     \
+#define TS_PROBE(NAME, POLICY)                                                                 \
+  extern "C" __global__ void NAME(                                                             \
+      const i64* ids, const i64* counts, i64 n, const int* count, const i64* tags,             \
+      i64* stamps, int* locks, i64 sets, i64 ways, const i64* step, int* sk_counters,          \
+      const i64* sk_salts, i64* sk_additions, i64 sk_depth, i64 sk_width, i64 sk_sample,       \
+      i64* slots, i64* score, int* set_misses, int* touched, int* n_touched, i64* counters) {  \
+    const Sketch sketch = {sk_counters, sk_salts, sk_additions, sk_depth, sk_width, sk_sample};\
+    probe<POLICY>(ids, counts, n, count, tags, stamps, locks, sets, ways, step, sketch, slots, \
+                  score, set_misses, touched, n_touched, counters);                            \
   }
 TS_PROBE(probe_lru, LruPolicy)
 TS_PROBE(probe_lfu, LfuPolicy)
@@ -88,7 +88,7 @@ extern "C" __global__ void release_slots(const i64* __restrict__ slots,  // (U,)
                                          i64 n, const int* __restrict__ count,  // ts_items
                                          int* __restrict__ locks) {  // (C,)
   n = ts_items(n, count);
-  for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+  for (i64 i = ts_global_thread(); i < n; i += ts_thread_count()) {
     const i64 s = slots[i];
     if (s >= 0) atomicSub(&locks[s], 1);
   }
@@ -97,7 +97,7 @@ extern "C" __global__ void release_slots(const i64* __restrict__ slots,  // (U,)
 // Marks slots as written (-1 entries ignored).
 extern "C" __global__ void mark_dirty_slots(const i64* __restrict__ slots,  // (U,)
                                             i64 n, unsigned char* __restrict__ dirty) {  // (C,)
-  for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+  for (i64 i = ts_global_thread(); i < n; i += ts_thread_count()) {
     const i64 s = slots[i];
     if (s >= 0) dirty[s] = 1;
   }

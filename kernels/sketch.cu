@@ -17,7 +17,7 @@ extern "C" __global__ void sketch_add(const i64* __restrict__ ids,     // (U,)
   const Sketch sketch = {counters, salts, additions, depth, width, 0};
   i64 total = 0;
   n = ts_items(n, count);
-  for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+  for (i64 i = ts_global_thread(); i < n; i += ts_thread_count()) {
     const int c = (int)counts[i];  // the CPU version adds counts.to(int32)
     for (int d = 0; d < depth; d++) atomicAdd(&counters[sketch.position(ids[i], d)], c);
     total += counts[i];
@@ -32,7 +32,7 @@ extern "C" __global__ void sketch_estimate(const i64* __restrict__ ids,  // (U,)
                                            i64 depth, i64 width,
                                            int* __restrict__ out) {      // (U,)
   const Sketch sketch = {counters, salts, nullptr, depth, width, 0};
-  for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x)
+  for (i64 i = ts_global_thread(); i < n; i += ts_thread_count())
     out[i] = sketch.estimate(ids[i]);
 }
 
@@ -45,11 +45,9 @@ __device__ void sketch_age(int* __restrict__ counters,  // (depth, width)
                            i64 sample_size, i64* __restrict__ stamps,          // (S, W)
                            i64 n_stamps) {
   if (*additions < sample_size) return;
-  const i64 stride = (i64)gridDim.x * blockDim.x;
-  for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n_counters; i += stride)
-    counters[i] >>= 1;
+  for (i64 i = ts_global_thread(); i < n_counters; i += ts_thread_count()) counters[i] >>= 1;
   if (stamps != nullptr)
-    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n_stamps; i += stride)
+    for (i64 i = ts_global_thread(); i < n_stamps; i += ts_thread_count())
       stamps[i] = Policy::age(stamps[i]);
 }
 

@@ -15,7 +15,7 @@
 // flag[p] = 1 where sorted entry p starts a new row (p = 0 included), else 0.
 template <class Key>
 __device__ void unique_flags(const Key* __restrict__ sorted, i64 n, int* __restrict__ flag) {
-  for (i64 p = (i64)blockIdx.x * blockDim.x + threadIdx.x; p < n; p += (i64)gridDim.x * blockDim.x)
+  for (i64 p = ts_global_thread(); p < n; p += ts_thread_count())
     flag[p] = (p == 0 || sorted[p] != sorted[p - 1]) ? 1 : 0;
 }
 
@@ -29,7 +29,7 @@ __device__ void unique_scatter(const Key* __restrict__ sorted,  // (n,)
                                i64* __restrict__ inverse,   // (n,) out
                                int* __restrict__ sorted_u,  // (n,) out
                                i64* __restrict__ start) {   // (n + 1,) out, first U + 1 used
-  for (i64 p = (i64)blockIdx.x * blockDim.x + threadIdx.x; p < n; p += (i64)gridDim.x * blockDim.x) {
+  for (i64 p = ts_global_thread(); p < n; p += ts_thread_count()) {
     const int u = rank[p] - 1;
     sorted_u[p] = u;
     inverse[order[p]] = u;
@@ -41,7 +41,7 @@ __device__ void unique_scatter(const Key* __restrict__ sorted,  // (n,)
   }
 }
 
-#define TS_UNIQUE_KERNELS(SUFFIX, KEY)                                                                   \
+#define TS_UNIQUE_KERNELS(SUFFIX, KEY)                                                   \
   extern "C" __global__ void unique_flags_##SUFFIX(const KEY* sorted, i64 n, int* flag) {       \
     unique_flags<KEY>(sorted, n, flag);                                                          \
   }                                                                                              \

@@ -325,20 +325,10 @@ def lookup(
 
 
 # ------------------------------------------------------------------------------ moving rows
-_UNKNOWN = object()
-
-
 def _l2(store):
-    """The device address of L2's rows (pinned host memory), or None if the device can't reach it.
-    Asked once per store (asking CUDA whether memory is pinned costs a driver call): L2's
-    rows never move."""
-    known = store.__dict__.get("_l2_address", _UNKNOWN)
-    if known is not _UNKNOWN:
-        return known
-    data = getattr(store.host, "data", None)
-    ok = data is not None and data.dtype == torch.float32 and data.is_contiguous()
-    store._l2_address = interop.device_pointer(data) if ok else None
-    return store._l2_address
+    """The device address of L2's rows (pinned host memory), or None if the device can't reach
+    them (``TieredStore.l2_address``)."""
+    return store.l2_address
 
 
 def _l2_written(store, addresses: torch.Tensor, where: torch.Tensor | None = None) -> None:

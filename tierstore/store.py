@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import interop
 from . import stats as st
 from .cache import EMPTY
 from .hashing import initial_weights
@@ -129,6 +130,12 @@ class TieredStore:
         )
         self.inclusive_host = not isinstance(self.host, HostTable)
         self.flushed_rows = 0
+        # Where kernels read and write L2's rows in place: the device address of pinned fp32
+        # host rows, None if the device cannot reach them. Asked once (it costs a driver call
+        # on CUDA): L2's rows never move.
+        data = getattr(self.host, "data", None)
+        in_place = data is not None and data.dtype == torch.float32 and data.is_contiguous()
+        self.l2_address = interop.device_pointer(data) if in_place else None
 
     # ------------------------------------------------------------------ rows
     def init_rows(self, ids: torch.Tensor) -> torch.Tensor:
