@@ -127,13 +127,29 @@ __device__ void choose_victims(const int* __restrict__ touched,      // (T,)
     const int n_free = __popc(__ballot_sync(TS_FULL_MASK, ev[0])) +
                        __popc(__ballot_sync(TS_FULL_MASK, ev[1]));
     const int m = min(k, n_free);
-    // the r-th smallest miss position of the segment goes to the way of rank r
+    // the r-th smallest miss position of the segment goes to the way of rank r. A segment of
+    // up to 32 * SEG_REGS misses is read once into registers; a longer one (a tiny cache) is
+    // re-read from memory each round.
+    constexpr int SEG_REGS = 8;
+    const bool in_regs = k <= 32 * SEG_REGS;
+    int seg[SEG_REGS];
+#pragma unroll
+    for (int j = 0; j < SEG_REGS; j++) {
+      const int at = lane + 32 * j;
+      seg[j] = in_regs && at < k ? segments[off + at] : 0x7fffffff;
+    }
     int prev = -1;
     for (int r = 0; r < m; r++) {
       int best = 0x7fffffff;
-      for (int j = lane; j < k; j += 32) {
-        const int p = segments[off + j];
-        if (p > prev && p < best) best = p;
+      if (in_regs) {
+#pragma unroll
+        for (int j = 0; j < SEG_REGS; j++)
+          if (seg[j] > prev && seg[j] < best) best = seg[j];
+      } else {
+        for (int j = lane; j < k; j += 32) {
+          const int p = segments[off + j];
+          if (p > prev && p < best) best = p;
+        }
       }
 #pragma unroll
       for (int o = 16; o > 0; o >>= 1) best = min(best, __shfl_xor_sync(TS_FULL_MASK, best, o));
