@@ -168,12 +168,8 @@ class GraphedStep:
                         f"GraphedStep: a TieredEmbeddingBag's {what} must be one of the step's "
                         "inputs or a view of one, so that each batch is checked before the replay"
                     )
-        self.graph, self.outputs, self.forwards, self.step_advance = (
-            graph,
-            outputs,
-            forwards,
-            advance,
-        )
+        self.graph, self.outputs = graph, outputs
+        self.forwards, self.step_advance = forwards, advance
 
     def _load(self, inputs: tuple[torch.Tensor, ...]) -> None:
         """Copies a batch into the captured inputs and checks it for every table (raises before
