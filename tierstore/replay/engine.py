@@ -133,6 +133,7 @@ def replay_engine(
     # One level on the kernels: the training path's sync-free step, the unique count never
     # read by the host, so that the batches queue up on the device back to back.
     sync_free = l2 is None and getattr(l1, "sync_free", False)
+    narrow = num_rows is not None and num_rows <= 1 << 31
     captured: _CapturedStep | None = None
     t0 = time.perf_counter()
     for batch in batches:
@@ -146,9 +147,12 @@ def replay_engine(
                 captured = _CapturedStep(backend, l1, ids.numel(), num_rows)
             continue
         # the replay needs no inverse (nor the transpose the training path builds); on the CPU
-        # numpy's unique is about twice as fast as torch's
+        # numpy's unique is about twice as fast as torch's, and on 32-bit keys (ids known to
+        # be below 2**31) a third faster again
         if ids.device.type == "cpu":
-            uniq, counts = (torch.from_numpy(a) for a in np.unique(ids.numpy(), return_counts=True))
+            keys = ids.numpy().astype(np.int32) if narrow else ids.numpy()
+            uniq, counts = np.unique(keys, return_counts=True)
+            uniq, counts = torch.from_numpy(uniq.astype(np.int64)), torch.from_numpy(counts)
         else:
             uniq, counts = torch.unique(ids, return_counts=True)
         if l2 is not None:
