@@ -79,6 +79,59 @@ def test_graphed_training_equals_eager(policy, mode, cache_rows):
     _assert_same(eager, graphed, seed)
 
 
+class _TwoTowers(torch.nn.Module):
+    """Two tables (LRU and LFU, different sizes) pooled into a dense layer: a DLRM-like step."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.users = ts.TieredEmbeddingBag(ROWS, 24, cache_rows=300, ways=8, device="cuda",
+                                           optimizer=ts.RowWiseAdagrad(lr=0.05))  # fmt: skip
+        self.items = ts.TieredEmbeddingBag(ROWS // 2, 16, mode="mean", cache_rows=150,
+                                           policy="lfu", device="cuda", seed=9,
+                                           optimizer=ts.Adagrad(lr=0.1))  # fmt: skip
+        self.top = torch.nn.Linear(24 + 16, 1).cuda()
+
+    def forward(self, users, items):
+        return self.top(torch.cat([self.users(users), self.items(items)], 1)).squeeze(1)
+
+
+@pytest.mark.gpu
+def test_graphed_model_with_two_tables_and_a_dense_optimizer():
+    """The whole step of a small model: two tables, a dense layer with torch's SGD, a loss."""
+    seed = random.randrange(1 << 32)
+    rng = np.random.default_rng(seed)
+    eager, graphed = _TwoTowers(), _TwoTowers()
+    opts = [torch.optim.SGD(m.top.parameters(), lr=0.05) for m in (eager, graphed)]
+
+    def train(model, opt, users, items, labels):
+        opt.zero_grad(set_to_none=False)
+        loss = torch.nn.functional.mse_loss(model(users, items), labels)
+        loss.backward()
+        opt.step()
+        return loss
+
+    step = ts.GraphedStep(lambda u, i, y: train(graphed, opts[1], u, i, y))
+    for k in range(6):
+        users = _zipf(rng, BAGS * LENGTH).view(BAGS, LENGTH)
+        items = _zipf(rng, BAGS * 4).view(BAGS, 4) % (ROWS // 2)
+        labels = torch.from_numpy(rng.standard_normal(BAGS, dtype=np.float32)).cuda()
+        want = train(eager, opts[0], users, items, labels)
+        got = step(users, items, labels)
+        assert torch.equal(got, want), f"loss of step {k} differs (seed {seed})"
+    assert step.graph is not None
+    _assert_same(eager.users, graphed.users, seed)
+    ids = torch.arange(ROWS // 2, device="cuda")
+    a, b = (
+        eager.items.read_rows(ids, with_state=True),
+        graphed.items.read_rows(ids, with_state=True),
+    )
+    assert torch.equal(a, b), f"item rows differ (seed {seed})"
+    assert eager.items.stats() == graphed.items.stats()
+    for p, q in zip(eager.top.parameters(), graphed.top.parameters()):
+        assert torch.equal(p, q), f"dense weights differ (seed {seed})"
+
+
 @pytest.mark.gpu
 def test_graphed_with_offsets_and_weights():
     """1-D indices with offsets (bag lengths change from batch to batch) and per-sample weights
