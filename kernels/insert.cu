@@ -78,6 +78,7 @@ __device__ void choose_victims(const int* __restrict__ touched,      // (T,)
                                const i64* __restrict__ ids,          // (U,)
                                const i64* __restrict__ score,        // (U,)
                                i64* __restrict__ tags,               // (S, W)
+                               unsigned char* __restrict__ digests,  // (S, stride)
                                i64* __restrict__ stamps,             // (S, W)
                                unsigned char* __restrict__ dirty,    // (S, W)
                                int* __restrict__ locks,              // (S, W)
@@ -89,6 +90,7 @@ __device__ void choose_victims(const int* __restrict__ touched,      // (T,)
                                i64* __restrict__ counters) {         // (N_COUNTERS,)
   const int lane = ts_lane();
   const int W = (int)ways;
+  const int stride = (W + 15) & ~15;  // of the digests (common.cuh CacheTags)
   const i64 NOT_EVICTABLE = 0x7fffffffffffffffLL;
   i64 conflicts = 0, evictions = 0, writebacks = 0;
   const int nt = *n_touched;
@@ -160,6 +162,8 @@ __device__ void choose_victims(const int* __restrict__ touched,      // (T,)
           const bool was = tag[h] != TS_EMPTY;
           const bool wb = was && dty[h];
           tags[slot] = ids[best];
+          const int digest = ts_digest(ts_mix64((u64)ids[best]));
+          digests[set * stride + lane + 32 * h] = (unsigned char)digest;
           stamps[slot] = score[best];
           dirty[slot] = 0;
           locks[slot] = 1;
@@ -183,13 +187,13 @@ __device__ void choose_victims(const int* __restrict__ touched,      // (T,)
 #define TS_CHOOSE(NAME, POLICY)                                                                 \
   extern "C" __global__ void NAME(const int* touched, const int* n_touched, const int* touched_k, \
                                   const int* touched_off, const int* segments, const i64* ids,   \
-                                  const i64* score, i64* tags, i64* stamps,                      \
-                                  unsigned char* dirty, int* locks, i64 ways, i64* slots,        \
-                                  int* filled, i64* victim_by_pos,                               \
+                                  const i64* score, i64* tags, unsigned char* digests,           \
+                                  i64* stamps, unsigned char* dirty, int* locks, i64 ways,       \
+                                  i64* slots, int* filled, i64* victim_by_pos,                   \
                                   unsigned char* victim_dirty_by_pos, i64* counters) {           \
     choose_victims<POLICY>(touched, n_touched, touched_k, touched_off, segments, ids, score,     \
-                           tags, stamps, dirty, locks, ways, slots, filled, victim_by_pos,       \
-                           victim_dirty_by_pos, counters);                                       \
+                           tags, digests, stamps, dirty, locks, ways, slots, filled,             \
+                           victim_by_pos, victim_dirty_by_pos, counters);                        \
   }
 TS_CHOOSE(choose_victims_lru, LruPolicy)
 TS_CHOOSE(choose_victims_lfu, LfuPolicy)

@@ -1,6 +1,6 @@
-// The first half of a cache step (cache.py SetAssociativeCache.lookup): each unique id of a
-// batch is compared with the ways of its set by a whole warp at once (a ballot over up to 64
-// ways), four sets in flight per warp.
+// The first half of a cache step (cache.py SetAssociativeCache.lookup): a thread per unique id
+// of the batch compares the digests of its set's ways at once (ts_find_way), then the tags of
+// the few that match.
 // Hits take the policy's score and a lock; misses are counted per set, and each set touched by
 // a miss is listed once, for insert.cu. Also the small state kernels: find, release, mark dirty.
 //
@@ -8,15 +8,17 @@
 #include "common.cuh"
 #include "policy.cuh"
 
-// Slot of each id, or -1 where it is not cached. Changes nothing. A warp per 32 ids.
+// Slot of each id, or -1 where it is not cached. Changes nothing.
 extern "C" __global__ void find_slots(const i64* __restrict__ ids,  // (U,)
                                       i64 n,
                                       const i64* __restrict__ tags,  // (S, W)
+                                      const unsigned char* __restrict__ digests,  // (S, stride)
                                       i64 sets, i64 ways,
                                       i64* __restrict__ slots) {  // (U,) out
-  for (i64 base = ts_global_warp() * 32; base < n; base += ts_warp_count() * 32) {
-    const Probe32 p = ts_probe32(ids, base, n, tags, sets, (int)ways);
-    if (p.valid) slots[base + ts_lane()] = p.way >= 0 ? p.set * ways + p.way : -1;
+  const CacheTags c = ts_cache_tags(tags, digests, sets, ways);
+  for (i64 i = ts_global_thread(); i < n; i += ts_thread_count()) {
+    const Probe p = ts_probe(ids, i, c);
+    slots[i] = p.way >= 0 ? p.set * ways + p.way : -1;
   }
 }
 
@@ -27,12 +29,13 @@ extern "C" __global__ void find_slots(const i64* __restrict__ ids,  // (U,)
 // set_misses[set] counts it and the first miss of a set appends the set to `touched`.
 // score[i] is every id's score, for the fills.
 // The sketch has already counted this batch (sketch_add), so LFU estimates are final.
-// A warp per 32 ids (ts_probe32), then a lane per id.
+// A thread per id.
 template <class Policy>
 __device__ void probe(const i64* __restrict__ ids,     // (U,) ascending
                       const i64* __restrict__ counts,  // (U,) occurrences in the batch
                       i64 n, const int* __restrict__ count,  // U = ts_items(n, count)
                       const i64* __restrict__ tags,          // (S, W)
+                      const unsigned char* __restrict__ digests,  // (S, stride)
                       i64* __restrict__ stamps,             // (S, W)
                       int* __restrict__ locks,              // (S, W)
                       i64 sets, i64 ways, const i64* __restrict__ step, const Sketch sketch,
@@ -45,10 +48,9 @@ __device__ void probe(const i64* __restrict__ ids,     // (U,) ascending
   i64 requests = 0, unique = 0, hits = 0;
   n = ts_items(n, count);
   const i64 now = *step;
-  for (i64 base = ts_global_warp() * 32; base < n; base += ts_warp_count() * 32) {
-    const Probe32 p = ts_probe32(ids, base, n, tags, sets, (int)ways);
-    if (!p.valid) continue;
-    const i64 i = base + ts_lane();
+  const CacheTags c = ts_cache_tags(tags, digests, sets, ways);
+  for (i64 i = ts_global_thread(); i < n; i += ts_thread_count()) {
+    const Probe p = ts_probe(ids, i, c);
     const i64 s = Policy::score(now, sketch, p.row);
     score[i] = s;
     requests += counts[i];
@@ -73,12 +75,13 @@ __device__ void probe(const i64* __restrict__ ids,     // (U,) ascending
 #define TS_PROBE(NAME, POLICY)                                                                 \
   extern "C" __global__ void NAME(                                                             \
       const i64* ids, const i64* counts, i64 n, const int* count, const i64* tags,             \
-      i64* stamps, int* locks, i64 sets, i64 ways, const i64* step, int* sk_counters,          \
+      const unsigned char* digests, i64* stamps, int* locks, i64 sets, i64 ways,               \
+      const i64* step, int* sk_counters,                                                       \
       const i64* sk_salts, i64* sk_additions, i64 sk_depth, i64 sk_width, i64 sk_sample,       \
       i64* slots, i64* score, int* set_misses, int* touched, int* n_touched, i64* counters) {  \
     const Sketch sketch = {sk_counters, sk_salts, sk_additions, sk_depth, sk_width, sk_sample};\
-    probe<POLICY>(ids, counts, n, count, tags, stamps, locks, sets, ways, step, sketch, slots, \
-                  score, set_misses, touched, n_touched, counters);                            \
+    probe<POLICY>(ids, counts, n, count, tags, digests, stamps, locks, sets, ways, step, sketch, \
+                  slots, score, set_misses, touched, n_touched, counters);                     \
   }
 TS_PROBE(probe_lru, LruPolicy)
 TS_PROBE(probe_lfu, LfuPolicy)

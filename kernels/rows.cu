@@ -35,25 +35,31 @@ extern "C" __global__ void scatter_rows(const i64* __restrict__ slots,      // (
 
 // After a batch's optimizer step: a conflict miss of the batch (updated in L2) may have been
 // filled into L1 since by a prefetched batch, from the L2 row as it was then; copy the updated
-// L2 row over that L1 copy (clean: it equals L2 again). A warp per 32 ids; groups with no
-// conflict miss cost one read of their slots.
+// L2 row over that L1 copy (clean: it equals L2 again). A warp per 32 ids: a thread probes
+// each conflict miss, the warp copies the rows; groups with no conflict miss cost one read of
+// their slots.
 extern "C" __global__ void refresh_conflict_rows(const i64* __restrict__ ids,        // (U,)
                                                  const i64* __restrict__ slots,      // (U,)
                                                  const i64* __restrict__ addresses,  // (U,)
                                                  i64 n, const int* __restrict__ count,  // ts_items
                                                  const i64* __restrict__ tags,  // (S, W)
-                                                 i64 sets, i64 ways,
+                                                 const unsigned char* __restrict__ digests,
+                                                 i64 sets, i64 ways,  // digests: (S, stride)
                                                  float* __restrict__ l1,        // (C, width)
                                                  const float* __restrict__ l2,  // (L2 rows, width)
                                                  i64 width) {
   const int lane = ts_lane();
   n = ts_items(n, count);
+  const CacheTags cache = ts_cache_tags(tags, digests, sets, ways);
   for (i64 base = ts_global_warp() * 32; base < n; base += ts_warp_count() * 32) {
     const i64 i = base + lane;
     const bool conflict = i < n && slots[i] < 0;
     if (!__any_sync(TS_FULL_MASK, conflict)) continue;
-    const Probe32 p = ts_probe32(ids, base, n, tags, sets, (int)ways);
-    const i64 now = p.way >= 0 ? p.set * ways + p.way : -1;
+    i64 now = -1;  // the conflict miss's slot in L1 now, if a later batch filled it
+    if (conflict) {
+      const Probe p = ts_probe(ids, i, cache);
+      if (p.way >= 0) now = p.set * ways + p.way;
+    }
     const i64 addr = conflict ? addresses[i] : 0;
     u32 todo = __ballot_sync(TS_FULL_MASK, conflict && now >= 0);
     while (todo) {

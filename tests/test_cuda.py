@@ -16,8 +16,9 @@ import torch
 
 import tierstore as ts
 from tierstore import hashing
-from tierstore.cache import SetAssociativeCache
-from tierstore.policy import FrequencySketch
+from tierstore.cache import EMPTY, SetAssociativeCache
+from tierstore.hashing import tag_digest
+from tierstore.policy import LRU, FrequencySketch
 
 pytestmark = pytest.mark.gpu
 
@@ -97,6 +98,9 @@ def _same_cache(g: SetAssociativeCache, c: SetAssociativeCache) -> None:
     if c.sketch is not None:
         assert torch.equal(g.sketch.counters.cpu(), c.sketch.counters)
         assert int(g.sketch.additions) == int(c.sketch.additions)
+    # the probe's digests agree with the tags wherever a way holds a row
+    held = c.tags != EMPTY
+    assert torch.equal(g.digests.cpu()[:, : c.ways][held], tag_digest(c.tags[held]))
 
 
 CACHES = [(1, 32), (5, 4), (64, 8), (100, 32), (1000, 32), (4096, 64), (20_000, 16)]
@@ -155,6 +159,37 @@ def test_cache_step_matches_cpu(policy, dist, rows, ways, sync_free):
             gpu_cache.release(gs, gc)
         _same_cache(gpu_cache, cpu_cache)
         assert torch.equal(gpu_cache.find(ids.cuda()).cpu(), cpu_cache.find(ids))
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", "lru_torch"])
+def test_cache_step_with_colliding_digests(policy):
+    """Rows of one set that share their digest: the probe must tell them apart by the tag (a
+    digest match alone is not a hit). ``lru_torch`` has no kernels: its torch step must keep the
+    digests too."""
+    cuda = _cuda()
+    rng = np.random.default_rng(11)
+    candidates = torch.from_numpy(rng.choice(1 << 40, 200_000, replace=False))
+    same = candidates[tag_digest(candidates) == 7][:96]  # one set: every row lands in it
+    assert same.numel() == 96
+    make = {"lru_torch": _TorchOnlyLru}.get(policy, lambda: policy)
+    cpu_cache = SetAssociativeCache(32, 32, make(), "cpu")
+    gpu_cache = cuda.new_cache(32, 32, make(), torch.device("cuda"))
+    for _ in range(30):
+        ids = torch.unique(same[torch.from_numpy(rng.integers(0, 96, 40))])
+        counts = torch.from_numpy(rng.integers(1, 4, ids.numel()))
+        want = cpu_cache.lookup(ids, counts)
+        got = gpu_cache.lookup(ids.cuda(), counts.cuda())
+        assert torch.equal(got.slots.cpu(), want.slots)
+        assert torch.equal(gpu_cache.find(same.cuda()).cpu(), cpu_cache.find(same))
+        _same_cache(gpu_cache, cpu_cache)
+        cpu_cache.release(want.slots)
+        gpu_cache.release(got.slots)
+
+
+class _TorchOnlyLru(LRU):
+    """LRU under a name the kernels do not know: the CUDA cache steps it with torch ops."""
+
+    name = "lru_torch"
 
 
 def test_cache_step_large_batch():

@@ -18,7 +18,7 @@ import torch
 
 from . import cpu, interop, kernel_loader
 from .cache import Lookup, SetAssociativeCache
-from .hashing import seed_key
+from .hashing import seed_key, tag_digest
 from .host import HostTable
 from .optim import Optimizer
 
@@ -203,13 +203,19 @@ class CudaCache(SetAssociativeCache):
         # misses per set during a step; the step leaves it at zero again
         self._set_misses = torch.zeros(self.sets, dtype=torch.int32, device=self.device)
         self._seg_start = torch.empty(self.sets, dtype=torch.int32, device=self.device)
+        # a byte of each way's tag hash (hashing.tag_digest; anything where empty), ways padded
+        # to 16 bytes a set: the probe compares a set's digests as 16-byte vectors and reads a
+        # way's 8-byte tag only where its digest matches
+        stride = -(-self.ways // 16) * 16
+        self.digests = torch.zeros((self.sets, stride), dtype=torch.uint8, device=self.device)
 
-    def find(self, ids: torch.Tensor) -> torch.Tensor:
-        """Slot of each id, or -1 where it is not cached. Changes nothing."""
+    def find(self, ids: torch.Tensor, sets: torch.Tensor | None = None) -> torch.Tensor:
+        """Slot of each id, or -1 where it is not cached. Changes nothing. (``sets`` is
+        accepted for the torch step's call and not needed: the kernel hashes the ids.)"""
         ids = _i64(ids, self.device)
         slots = torch.empty_like(ids)
-        args = (ids, ids.numel(), self.tags, self.sets, self.ways, slots)
-        _run("lookup.cu", "find_slots", self.device, ids.numel(), args, per_warp=True)
+        args = (ids, ids.numel(), self.tags, self.digests, self.sets, self.ways, slots)
+        _run("lookup.cu", "find_slots", self.device, ids.numel(), args, per_warp=False)
         return slots
 
     def lookup(
@@ -228,6 +234,8 @@ class CudaCache(SetAssociativeCache):
                 u = int(count[0])
                 ids, counts = ids[:u], counts[:u]
             found = super().lookup(ids, counts, strict)
+            sets, ways = found.fill_slots // self.ways, found.fill_slots % self.ways
+            self.digests[sets, ways] = tag_digest(found.fill_ids)
             self.next_step.fill_(self.step + 1)
             return found
         dev = self.device
@@ -250,18 +258,18 @@ class CudaCache(SetAssociativeCache):
             _run("sketch.cu", "sketch_add", dev, n, args, per_warp=False)
         else:
             sk_args = (None, None, None, 0, 1, 0)
-        args = (ids, counts, n, count, self.tags, self.stamps, self.locks, self.sets, self.ways,
-                self.next_step, *sk_args, slots, score, self._set_misses, touched[0], meta[0:1],
-                self.counters)  # fmt: skip
-        _run("lookup.cu", f"probe_{policy}", dev, n, args, per_warp=True)
+        args = (ids, counts, n, count, self.tags, self.digests, self.stamps, self.locks,
+                self.sets, self.ways, self.next_step, *sk_args, slots, score, self._set_misses,
+                touched[0], meta[0:1], self.counters)  # fmt: skip
+        _run("lookup.cu", f"probe_{policy}", dev, n, args, per_warp=False)
         args = (touched[0], meta[0:1], self._set_misses, meta[1:2], self._seg_start,
                 touched[1], touched[2])  # fmt: skip
         _run("insert.cu", "reserve_segments", dev, (n + 31) // 32, args, per_warp=True)
         args = (ids, slots, n, count, self.sets, self._set_misses, self._seg_start, segments)
         _run("insert.cu", "scatter_misses", dev, n, args, per_warp=False)
         args = (touched[0], meta[0:1], touched[1], touched[2], segments, ids, score, self.tags,
-                self.stamps, self.dirty, self.locks, self.ways, slots, filled, victim_by_pos,
-                victim_dirty_by_pos, self.counters)  # fmt: skip
+                self.digests, self.stamps, self.dirty, self.locks, self.ways, slots, filled,
+                victim_by_pos, victim_dirty_by_pos, self.counters)  # fmt: skip
         _run("insert.cu", f"choose_victims_{policy}", dev, min(n, self.sets), args, True)
         # the fills in ascending id order: a prefix sum over the batch, then a compaction
         rank = torch.cumsum(filled, 0, dtype=i32)
@@ -351,7 +359,7 @@ def _refresh_conflicts(store, batch, l2) -> None:
     n = batch.ids.numel()
     l1 = store.l1
     args = (batch.ids, batch.slots, _i64(batch.addresses, dev), n, batch.count, l1.tags,
-            l1.sets, l1.ways, store.l1_data, l2, store.layout.width)  # fmt: skip
+            l1.digests, l1.sets, l1.ways, store.l1_data, l2, store.layout.width)  # fmt: skip
     _run("rows.cu", "refresh_conflict_rows", dev, (n + 31) // 32, args, per_warp=True)
 
 

@@ -62,6 +62,12 @@ def set_index(rows: torch.Tensor, sets: int) -> torch.Tensor:
     return reduce_range(mix64(rows), sets)
 
 
+def tag_digest(rows: torch.Tensor) -> torch.Tensor:
+    """A byte of each row's hash that :func:`set_index` does not use (it takes the high 32
+    bits): the CUDA cache keeps it per way beside the tags (uint8)."""
+    return (mix64(rows.to(torch.int64)) & 0xFF).to(torch.uint8)
+
+
 def seed_key(seed: int) -> int:
     """The per-table key that decorrelates tables with different seeds."""
     word = (seed * _GOLDEN + 1) & ((1 << 64) - 1)
