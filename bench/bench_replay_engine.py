@@ -1,11 +1,13 @@
 """Replay speed and hit ratios of the engine's set-associative LRU and LFU (batch by batch).
 
     python bench/bench_replay_engine.py [--device cuda] [--requests 10000000] [--batch 65536]
+        [--torch-step]
 
 Same traces as ``bench_replay_bounds.py`` (Zipf over 2 M ids, seed 0), so the hit ratios sit
 beside OPT's and the other references' in bench/RESULTS.md. Prints one row per (alpha, policy,
 size): hit ratio per request and per unique lookup, and requests per second (best of
-``--repeat`` runs: the 2-core machine is often shared).
+``--repeat`` runs: the 2-core machine is often shared). On the CPU the cache steps with its
+compiled twin where numba is installed; ``--torch-step`` forces the torch step (cache.py).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import argparse
 import numpy as np
 import torch
 
+from tierstore import cache
 from tierstore.replay.engine import replay_engine
 from tierstore.report import format_table
 from tierstore.trace import zipf_trace
@@ -30,7 +33,9 @@ def main() -> None:
     p.add_argument("--ways", type=int, default=32)
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--torch-step", action="store_true", help="the torch step, not the compiled")
     args = p.parse_args()
+    cache.COMPILED_STEP = not args.torch_step
     rows = []
     for alpha in map(float, args.alphas.split(",")):
         ids = zipf_trace(args.requests, args.universe, alpha, seed=0)
@@ -59,10 +64,11 @@ def main() -> None:
                     "hit_ratio": round(best.request_hit_ratio, 4), "unique_hit_ratio": round(best.hit_ratio, 4),
                     "Mreq_per_s": round(best.requests / best.seconds / 1e6, 2),
                 })  # fmt: skip
+    step = "torch" if args.torch_step else "compiled"
     dev = (
         torch.cuda.get_device_name()
         if args.device == "cuda"
-        else f"cpu, {torch.get_num_threads()} threads"
+        else f"cpu, {torch.get_num_threads()} threads, {step} step"
     )
     title = f"engine replay: {args.requests} requests/trace, batch {args.batch}, {dev}"
     print(format_table(rows, list(rows[0]), title))

@@ -10,11 +10,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tierstore import compiled
 from tierstore.errors import InvalidInputError
 from tierstore.replay import (
     REFERENCE,
     bounds,
-    compiled,
     compulsory_misses,
     fully_assoc,
     lru_hits,

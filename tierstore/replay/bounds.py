@@ -19,8 +19,8 @@ need them). The free tracks are a set of "free since" times; best fit asks for t
 near-constant amortised time, so OPT for one size is a single loop of a few list operations
 per request (``O(n log n)`` including the sort that finds each request's previous use).
 That loop is the one per-request loop here: the greedy is inherently sequential (each
-decision depends on all earlier ones), so numba compiles it (``compiled.py``). The tests check
-it against a literal Belady simulation.
+decision depends on all earlier ones), so numba compiles it (``tierstore/compiled.py``). The
+tests check it against a literal Belady simulation.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..compiled import compiled, int_buffer
 from ..progress import progress
-from .compiled import compiled, int_buffer
 from .fully_assoc import as_id_array, as_sizes, previous_use
 
 _STEP = 1 << 20  # requests per progress-bar tick

@@ -1,0 +1,292 @@
+"""The compiled cache step (``cache_compiled.py``) against the torch step it twins (``cache.py``):
+two identical caches, one forced onto each path, stepped through the same random batches, must
+return the same ``Lookup`` and hold the same state after every step, bit for bit."""
+
+from __future__ import annotations
+
+from collections import deque
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("numba")
+
+from tierstore import cache as cache_module  # noqa: E402
+from tierstore import cache_compiled  # noqa: E402
+from tierstore.cache import EMPTY, Lookup, SetAssociativeCache  # noqa: E402
+from tierstore.hashing import set_index  # noqa: E402
+from tierstore.policy import LRU, FrequencySketch  # noqa: E402
+
+LOOKUP_FIELDS = ("ids", "slots", "fill_index", "fill_slots", "victim_ids", "victim_dirty", "hit")
+STATE = ("tags", "stamps", "dirty", "locks", "counters")
+
+
+@contextmanager
+def torch_step():
+    """Every cache steps and releases with the torch code while inside."""
+    saved = cache_module.COMPILED_STEP
+    cache_module.COMPILED_STEP = False
+    try:
+        yield
+    finally:
+        cache_module.COMPILED_STEP = saved
+
+
+def make_twins(rows, ways, policy, id_bound=None, sample=None, width=64):
+    """Two identical caches: the first is stepped on the torch path, the second compiled.
+    ``sample``: LFU gets a small sketch that halves after that many additions."""
+    twins = [SetAssociativeCache(rows, ways, policy, id_bound=id_bound) for _ in range(2)]
+    if sample is not None and policy == "lfu":
+        for cache in twins:
+            cache.sketch = FrequencySketch(width, sample)
+    return twins
+
+
+def assert_same_lookup(want: Lookup, got: Lookup):
+    for name in LOOKUP_FIELDS:
+        a, b = getattr(want, name), getattr(got, name)
+        assert a.dtype == b.dtype, name
+        assert torch.equal(a, b), name
+
+
+def assert_same_state(want: SetAssociativeCache, got: SetAssociativeCache):
+    for name in STATE:
+        assert torch.equal(getattr(want, name), getattr(got, name)), name
+    assert want.step == got.step
+    if want._slot_of is not None:
+        assert torch.equal(want._slot_of, got._slot_of), "_slot_of"
+    if want.sketch is not None:
+        assert torch.equal(want.sketch.counters, got.sketch.counters), "sketch counters"
+        assert torch.equal(want.sketch.additions, got.sketch.additions), "sketch additions"
+
+
+def step_twins(twins, ids: np.ndarray) -> tuple[Lookup, Lookup]:
+    """One step of both caches with the unique ``ids`` and their counts; checks the compiled
+    path really ran."""
+    reference, compiled = twins
+    uniq, counts = torch.unique(torch.as_tensor(ids, dtype=torch.int64), return_counts=True)
+    with torch_step():
+        want = reference.lookup(uniq, counts)
+    assert cache_compiled.supports(compiled, uniq, counts)
+    got = compiled.lookup(uniq, counts)
+    return want, got
+
+
+def run_twins(twins, batches, rng, in_flight=1, keep_every=0):
+    """Steps both through ``batches``, marking random slots dirty (the empty, conflict and
+    locked ones included), holding up to ``in_flight`` batches locked and never releasing every
+    ``keep_every``-th one (0: all are released), so that locks make conflict misses; compares
+    the lookups and the whole state after each step and each release."""
+    reference, compiled = twins
+    pending = deque()
+    for k, ids in enumerate(batches):
+        want, got = step_twins(twins, ids)
+        assert_same_lookup(want, got)
+        assert_same_state(reference, compiled)
+        dirty = torch.from_numpy(rng.integers(-1, reference.capacity, rng.integers(0, 8)))
+        with torch_step():
+            reference.mark_dirty(dirty)
+        compiled.mark_dirty(dirty)
+        if keep_every and k % keep_every == keep_every - 1:
+            continue
+        pending.append((want.slots, got.slots))
+        while len(pending) > in_flight:
+            want_slots, got_slots = pending.popleft()
+            with torch_step():
+                reference.release(want_slots)
+            compiled.release(got_slots)
+            assert_same_state(reference, compiled)
+    return reference, compiled
+
+
+def zipf_batches(rng, n_batches, size, universe, alpha=1.1):
+    """Skewed batches over ``[0, universe)`` (repeats within a batch: counts above 1)."""
+    return [(rng.zipf(alpha, size) - 1) % universe for _ in range(n_batches)]
+
+
+def uniform_batches(rng, n_batches, size, universe):
+    """Batches drawn uniformly from ``[0, universe)``."""
+    return [rng.integers(0, universe, size) for _ in range(n_batches)]
+
+
+def hashed_batches(rng, n_batches, size, universe):
+    """Skewed batches of ids spread over the whole int64 range (negative ones included, never
+    ``EMPTY``): for caches without an id bound."""
+    spread = rng.integers(-(1 << 63) + 1, (1 << 63) - 1, universe, dtype=np.int64)
+    return [spread[b] for b in zipf_batches(rng, n_batches, size, universe)]
+
+
+SHAPES = [  # (rows, ways): one row, one set, odd and full associativity, many sets of one way
+    (1, 1),
+    (1, 32),
+    (7, 7),
+    (40, 7),
+    (64, 64),
+    (300, 64),
+    (256, 32),
+    (2000, 1),
+]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    shape=st.sampled_from(SHAPES),
+    policy=st.sampled_from(["lru", "lfu"]),
+    indexed=st.booleans(),
+    kind=st.sampled_from(["zipf", "uniform"]),
+    size=st.integers(1, 200),
+    in_flight=st.integers(0, 3),
+    keep_every=st.sampled_from([0, 0, 3, 7]),
+    sample=st.sampled_from([None, 5, 60]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_compiled_step_equals_torch_step(
+    shape, policy, indexed, kind, size, in_flight, keep_every, sample, seed
+):
+    rng = np.random.default_rng(seed)
+    universe = int(rng.integers(2, 4 * shape[0] + 50))
+    make = zipf_batches if kind == "zipf" else uniform_batches
+    batches = make(rng, 12, size, universe)
+    twins = make_twins(*shape, policy, id_bound=universe if indexed else None, sample=sample)
+    run_twins(twins, batches, rng, in_flight, keep_every)
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+@pytest.mark.parametrize("ways", [1, 7, 32, 64])
+def test_long_zipf_trace_with_conflicts_and_evictions(policy, ways):
+    """A longer skewed trace with batches held in flight: conflicts, evictions and write-backs
+    all happen, and the counters agree."""
+    rng = np.random.default_rng(ways)
+    batches = zipf_batches(rng, 30, 500, 3000, alpha=1.05)
+    twins = make_twins(8 * ways, ways, policy, id_bound=3000, sample=400, width=256)
+    reference, _ = run_twins(twins, batches, rng, in_flight=2, keep_every=5)
+    c = reference.counters.tolist()
+    assert c[4] > 0 and c[5] > 0 and c[6] > 0  # conflicts, evictions, write-backs
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+def test_ids_over_the_whole_int64_range(policy):
+    """No id bound: sets come from the hash of any int64 id, negative ones included."""
+    rng = np.random.default_rng(3)
+    twins = make_twins(96, 32, policy, sample=100)
+    run_twins(twins, hashed_batches(rng, 20, 300, 1000), rng, in_flight=1, keep_every=4)
+
+
+@pytest.mark.parametrize("indexed", [False, True])
+def test_batches_crowding_a_few_sets(indexed):
+    """Many misses per set among many sets: which misses get the ways, and which way each
+    gets, depends on the order of the misses within a set."""
+    rng = np.random.default_rng(5)
+    universe = 100_000
+    twins = make_twins(8000, 4, "lfu", id_bound=universe if indexed else None, sample=50)
+    sets = set_index(torch.arange(universe), twins[0].sets).numpy()
+    crowded = [np.flatnonzero(sets == s) for s in rng.choice(twins[0].sets, 6, replace=False)]
+    batches = [np.concatenate([rng.choice(ids, 9) for ids in crowded]) for _ in range(12)]
+    run_twins(twins, batches, rng, in_flight=1, keep_every=4)
+
+
+@pytest.mark.parametrize(
+    "low, high", [(0, 1 << 50), (-(1 << 40), 1 << 40), (1 << 57, 1 << 62), (-(1 << 62), 1 << 62)]
+)
+def test_scores_far_apart(low, high):
+    """Scores set by hand (no policy makes them) far apart, negative or past what the packed
+    keys hold: those take the pairwise comparison; the victims are the same."""
+    rng = np.random.default_rng(high.bit_length())
+    twins = make_twins(64, 8, "lru", id_bound=400)
+    stamps = torch.from_numpy(rng.integers(low, high, (8, 8)))
+    for cache in twins:
+        cache.tags.copy_(torch.arange(64).view(8, 8) * 5)  # full, every way evictable
+        cache._slot_of[cache.tags.view(-1)] = torch.arange(64, dtype=torch.int32)
+        cache.stamps.copy_(stamps)
+    run_twins(twins, uniform_batches(rng, 6, 60, 400), rng, in_flight=0)
+
+
+def test_empty_batch_and_int32_counts():
+    twins = make_twins(32, 4, "lfu", sample=10)
+    empty = torch.zeros(0, dtype=torch.int64)
+    with torch_step():
+        want = twins[0].lookup(empty, empty)
+    assert_same_lookup(want, twins[1].lookup(empty, empty))
+    ids = torch.tensor([3, 9, 27, 81])
+    counts = torch.tensor([4, 1, 2, 9], dtype=torch.int32)
+    with torch_step():
+        want = twins[0].lookup(ids, counts)
+    assert cache_compiled.supports(twins[1], ids, counts)
+    assert_same_lookup(want, twins[1].lookup(ids, counts))
+    assert_same_state(*twins)
+
+
+def test_id_outside_the_bound_raises_before_any_change():
+    cache = SetAssociativeCache(16, 4, "lfu", id_bound=100)
+    before = [t.clone() for t in (cache.tags, cache.locks, cache.sketch.counters)]
+    for bad in ([5, 100], [-1, 5]):
+        with pytest.raises(IndexError):
+            cache.lookup(torch.tensor(bad), torch.ones(2, dtype=torch.int64))
+    for a, b in zip(before, (cache.tags, cache.locks, cache.sketch.counters)):
+        assert torch.equal(a, b)
+    assert cache.step == 0
+
+
+def test_release_of_a_slot_beyond_the_cache_raises_before_any_change():
+    cache = SetAssociativeCache(16, 4, "lru")
+    found = cache.lookup(torch.tensor([1, 2]), torch.ones(2, dtype=torch.int64))
+    locks = cache.locks.clone()
+    with pytest.raises(IndexError):
+        cache.release(torch.cat([found.slots, torch.tensor([16])]))
+    assert torch.equal(cache.locks, locks)
+
+
+def test_what_takes_the_torch_step(monkeypatch):
+    """A custom policy, a strict lookup and ``COMPILED_STEP = False`` keep to the torch step."""
+
+    def refuse(*args):
+        raise AssertionError("the compiled step ran")
+
+    monkeypatch.setattr(cache_compiled, "lookup", refuse)
+    ids, counts = torch.tensor([1, 2, 3]), torch.ones(3, dtype=torch.int64)
+
+    class Custom(LRU):
+        name = "custom"
+
+    SetAssociativeCache(8, 4, Custom()).lookup(ids, counts)
+    SetAssociativeCache(8, 4, "lru").lookup(ids, counts, strict=True)
+    with torch_step():
+        SetAssociativeCache(8, 4, "lfu").lookup(ids, counts)
+    with pytest.raises(AssertionError, match="compiled step ran"):
+        SetAssociativeCache(8, 4, "lfu").lookup(ids, counts)
+
+
+def test_empty_tag_constant_matches_the_cache():
+    assert cache_compiled._EMPTY == EMPTY
+
+
+def test_a_numba_that_cannot_compile_leaves_the_torch_step(monkeypatch):
+    """If numba fails to compile the step (an untested numba or LLVM), the step falls back to
+    torch with a warning, nothing changed twice, and every later step stays on torch."""
+    from numba.core.errors import TypingError
+
+    def cannot_compile(*args):
+        raise TypingError("no such intrinsic")
+
+    monkeypatch.setattr(cache_compiled, "_step", cannot_compile)
+    monkeypatch.setattr(cache_compiled, "_compiles", [True])
+    rng = np.random.default_rng(3)
+    reference, fallen = make_twins(64, 8, "lfu", id_bound=1000)
+    for i in range(4):
+        uniq, counts = torch.unique(
+            torch.from_numpy(rng.integers(0, 1000, 300)), return_counts=True
+        )
+        with torch_step():
+            want = reference.lookup(uniq, counts)
+        if i == 0:
+            with pytest.warns(RuntimeWarning, match="cannot compile the cache step"):
+                got = fallen.lookup(uniq, counts)
+        else:
+            assert not cache_compiled.supports(fallen, uniq, counts)
+            got = fallen.lookup(uniq, counts)
+        assert_same_lookup(want, got)
+        assert_same_state(reference, fallen)

@@ -1,0 +1,519 @@
+"""The set-associative cache's step as compiled loops: ``SetAssociativeCache.lookup`` in a few
+passes over the batch instead of some thirty.
+
+``cache.py``'s torch step is the specification (DESIGN.md, "L1"); this is its twin for the CPU
+where numba is installed, and ``tests/test_cache_compiled.py`` checks that both end every step
+in the same state and return the same ``Lookup``, bit for bit. It works in place on numpy views
+of the cache's tensors (``Tensor.numpy()`` shares their memory).
+
+The step, for the ``n`` unique ids of a batch (ascending) and their counts:
+
+1. LFU: the counts go into the sketch, one pass per sketch row, then a pass reads each id's
+   estimate (the torch step adds the whole batch before it estimates);
+2. one pass over the ids finds each id's slot (in the slot index, or among the tags of its set)
+   and gives each hit its score and a lock at once: a locked way is not evictable, which is all
+   that "used by this step" asks of a hit's way. The misses are noted with their set;
+3. the misses are grouped by set, ascending positions within a set (a counting sort over the
+   sets, or a sort of packed keys when the sets far outnumber the misses);
+4. per touched set, one scan of its ways (at most 64) ranks the evictable ones (the lowest key
+   first, -1 when empty or else the score, ties by way index) and its misses fill them in that
+   order: tags, dirty bits, locks and scores change there, the victims are noted;
+5. one pass lists the fills in position order, and one updates the slot index (in that order
+   the filled rows ascend: their entries are written in address order);
+
+then the counters and, when due, the sketch's halving and the scores' with it.
+
+Grouping is for speed only: a fill locks its way, so misses taken one by one in position order
+would choose the same ways; a set's ways are scanned once for all its misses instead.
+Locks are never negative (a cache releases what it locked); the torch step marks a hit's way
+busy whatever its lock, this step by the lock the hit takes.
+
+Each compiled function is a whole pass. The loops call no compiled helper that takes arrays
+(but on rare paths): such a call updates the reference count of every array argument on the
+way in and out, atomically, which costs more than a fill's whole work (measured: 90 against 22
+ns a fill). Random reads are prefetched some dozens of ids ahead (on the 2-core VM the sketch's
+passes take half as long with it, and a 2 M-id batch's fills half as long).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from . import compiled as _compiled
+from . import stats as st
+from .compiled import NumbaError, compiled, prefetch
+from .policy import LFU, LRU
+
+if TYPE_CHECKING:
+    from .cache import SetAssociativeCache
+
+_EMPTY = np.int64(-(1 << 63))  # cache.EMPTY (cache.py imports this module, not the reverse)
+# splitmix64's finalizer (hashing.mix64), in the unsigned arithmetic numba has
+_MIX_A = np.uint64(0xBF58476D1CE4E5B9)
+_MIX_B = np.uint64(0x94D049BB133111EB)
+_LOW32 = np.int64(0xFFFFFFFF)
+_TAKEN = np.int64((1 << 63) - 1)  # above every packed victim key: a way that is no choice
+_PACKED_MAX = np.int64((1 << 57) - 3)  # keys in [-1, this] pack with a way below _TAKEN
+# A counting sort of the misses by set costs a pass over the sets: worth it unless the sets
+# outnumber the misses by more than this (then a sort of packed keys is cheaper).
+_SETS_PER_MISS = 8
+# The policies this step knows, by type (a subclass may score differently: it takes the torch
+# step), mapped to their kernel_id, which selects the score as in the CUDA kernels.
+_POLICY_KERNELS = {LRU: LRU.kernel_id, LFU: LFU.kernel_id}
+_NO_INDEX = np.empty(0, np.int32)  # stands for the slot index of a cache that keeps none
+# Prefetch distances: the passes read memory at random (the sketch, the ways of a set), and a
+# loop's own reads come too late to overlap enough of them.
+_IDS_AHEAD = 64
+_MISSES_AHEAD = 16
+
+
+# ------------------------------------------------------------------------------- hashing
+@compiled
+def _mix64(x):
+    """hashing.mix64 on a uint64."""
+    x ^= x >> np.uint64(30)
+    x *= _MIX_A
+    x ^= x >> np.uint64(27)
+    x *= _MIX_B
+    return x ^ (x >> np.uint64(31))
+
+
+@compiled
+def _reduce_range(h, n):
+    """hashing.reduce_range of a uint64 hash onto ``[0, n)``, as int64."""
+    return np.int64(((h >> np.uint64(32)) * np.uint64(n)) >> np.uint64(32))
+
+
+@compiled
+def _set_of(row, sets):
+    """hashing.set_index of one int64 row id."""
+    return _reduce_range(_mix64(np.uint64(row)), sets)
+
+
+# --------------------------------------------------------------------------- 1. sketch
+@compiled
+def _sketch_add(ids, counts, salts, sketch, cells):
+    """Adds ``counts`` (as int32, as the torch sketch does) to the sketch's counters
+    ``sketch`` (depth, width), keeping each id's counter per row in ``cells``; returns the
+    sum added."""
+    width = sketch.shape[1]
+    n = ids.size
+    for d in range(sketch.shape[0]):  # row by row: one sketch row is hot at a time
+        salt = np.uint64(salts[d])
+        row = sketch[d]
+        for i in range(min(_IDS_AHEAD, n)):
+            cells[d, i] = _reduce_range(_mix64(np.uint64(ids[i]) ^ salt), width)
+        for i in range(n):
+            ahead = i + _IDS_AHEAD  # its cell now, its counter prefetched
+            if ahead < n:
+                cell = _reduce_range(_mix64(np.uint64(ids[ahead]) ^ salt), width)
+                cells[d, ahead] = cell
+                prefetch(row, cell)
+            row[cells[d, i]] += np.int32(counts[i])
+    added = np.int64(0)
+    for i in range(counts.size):
+        added += np.int32(counts[i])
+    return added
+
+
+@compiled
+def _estimates(sketch, cells):
+    """Each id's estimate once the whole batch is in the sketch: the least of its counters."""
+    n = cells.shape[1]
+    least = np.full(n, np.iinfo(np.int32).max, np.int64)
+    for d in range(sketch.shape[0]):  # row by row, as they were added
+        row = sketch[d]
+        for i in range(n):
+            if i + _IDS_AHEAD < n:
+                prefetch(row, cells[d, i + _IDS_AHEAD])
+            least[i] = min(least[i], row[cells[d, i]])
+    return least
+
+
+# ---------------------------------------------------------------------- 2. find and lock
+@compiled
+def _find_and_lock(ids, slot_of, state, sets, ways, scores, slots, miss_pos, miss_set):
+    """Fills ``slots`` (-1 for a miss) for every id; locks each hit's way and gives it its
+    score; writes the misses' positions (ascending) and sets to ``miss_pos``/``miss_set`` and
+    returns how many there are. ``slot_of`` is the slot index, or empty: then the tags of the
+    id's set are compared."""
+    tags, stamps, _, locks = state
+    indexed = slot_of.size > 0
+    n_miss = 0
+    for i in range(ids.size):
+        if i + _IDS_AHEAD < ids.size:  # the lock and score of a hit, or the tags of a set
+            ahead = ids[i + _IDS_AHEAD]
+            if indexed:
+                prefetch(locks, slot_of[ahead])  # -1 (a miss) is a harmless address
+                prefetch(stamps, slot_of[ahead])
+            else:
+                first = _set_of(ahead, sets) * ways
+                for way in range(first, first + ways, 8):  # 8 tags a 64-byte line
+                    prefetch(tags, way)
+        row = ids[i]
+        s = np.int64(-1)
+        slot = np.int64(-1)
+        if indexed:  # one read, and only the misses need their set
+            slot = np.int64(slot_of[row])
+        else:  # a compare with every way (a row is in at most one), without a branch
+            s = _set_of(row, sets)
+            match = 0
+            for w in range(ways):
+                match = max(match, (w + 1) * (tags[s * ways + w] == row))
+            slot = s * ways + match - 1 if match else np.int64(-1)
+        slots[i] = slot
+        if slot >= 0:
+            locks[slot] += 1
+            stamps[slot] = scores[i]
+        else:
+            miss_pos[n_miss] = i
+            miss_set[n_miss] = _set_of(row, sets) if indexed else s
+            n_miss += 1
+    return n_miss
+
+
+# ---------------------------------------------------------------------- 3. group by set
+@compiled
+def _group_by_counting(miss_pos, miss_set, sets):
+    """The misses as keys ``set * 2**32 + position`` in ascending order, by a counting sort
+    over the sets (stable: positions already ascend)."""
+    start = np.zeros(sets + 1, np.int64)
+    for s in miss_set:
+        start[s + 1] += 1
+    for s in range(sets):
+        start[s + 1] += start[s]
+    grouped = np.empty(miss_set.size, np.int64)
+    for k in range(miss_set.size):
+        s = miss_set[k]
+        grouped[start[s]] = (s << 32) | miss_pos[k]
+        start[s] += 1
+    return grouped
+
+
+@compiled
+def _group_by_sorting(miss_pos, miss_set):
+    """As :func:`_group_by_counting`, by sorting the keys (distinct: sets are below 2**31,
+    positions below 2**32)."""
+    grouped = (miss_set << 32) | miss_pos
+    grouped.sort()
+    return grouped
+
+
+@compiled
+def _group_by_set(miss_pos, miss_set, sets):
+    """The misses grouped by set, ascending positions within a set, as keys ``set * 2**32 +
+    position`` in ascending order, by the cheaper method."""
+    if sets <= _SETS_PER_MISS * miss_set.size:
+        return _group_by_counting(miss_pos, miss_set, sets)
+    return _group_by_sorting(miss_pos, miss_set)
+
+
+# ----------------------------------------------------------------------- 4. victims, fills
+@compiled
+def _least_pair(tags, stamps, locks, base, ways):
+    """The evictable way of the set at ``base`` with the least (key, way), comparing pairs;
+    the ways filled in this step are locked by then, so they are no longer candidates."""
+    best = -1
+    best_key = _TAKEN
+    for w in range(ways):
+        if locks[base + w] > 0:
+            continue
+        key = np.int64(-1) if tags[base + w] == _EMPTY else stamps[base + w]
+        if best < 0 or key < best_key:
+            best, best_key = w, key
+    return best
+
+
+@compiled
+def _fill_sets(grouped, ids, state, ways, scores, slots, fill_at):
+    """Per touched set, fills its evictable ways with its misses (``grouped``, see
+    :func:`_group_by_set`) in ascending position order: the ways unlocked (this step's hits
+    are locked already), ranked by key (-1 when empty, else the score), ties by way index. A
+    miss beyond them stays a conflict miss (slot -1). Each fill notes its victim and whether it
+    must be written back (at its position in ``fill_at``), then the way takes the row's tag, a
+    clean bit, a lock and its score. Returns the number of fills."""
+    tags, stamps, dirty, locks = state
+    victim_at, dirty_at = fill_at
+    keys = np.empty(ways, np.int64)  # one set's packed keys
+    placed = 0
+    g = 0
+    while g < grouped.size:
+        if g + _MISSES_AHEAD < grouped.size:  # the ways of a set some misses ahead
+            first = (grouped[g + _MISSES_AHEAD] >> 32) * ways
+            for way in range(first, first + ways, 8):  # 8 tags or scores, 16 locks a line
+                prefetch(tags, way)
+                prefetch(stamps, way)
+                prefetch(locks, way)
+                prefetch(dirty, way)
+        s = grouped[g] >> 32
+        end = g + 1
+        while end < grouped.size and grouped[end] >> 32 == s:
+            end += 1
+        base = s * ways
+        # One loop that vectorises: the evictable ways' keys packed as (key + 1) * 64 + way,
+        # distinct and in (key, way) order, so that each choice is a minimum over at most 64
+        # words. Keys outside the packed range (no policy here makes them) are compared as
+        # pairs instead.
+        n_free = 0
+        lo = _TAKEN
+        hi = -_TAKEN
+        for w in range(ways):
+            key = np.int64(-1) if tags[base + w] == _EMPTY else stamps[base + w]
+            free = locks[base + w] <= 0
+            n_free += free
+            lo = min(lo, key if free else _TAKEN)
+            hi = max(hi, key if free else -_TAKEN)
+            keys[w] = ((key + 1) << 6) | w if free else _TAKEN
+        take = min(end - g, n_free)
+        packed = lo >= -1 and hi <= _PACKED_MAX
+        for r in range(take):
+            way = -1
+            if packed:
+                least = _TAKEN
+                for w in range(ways):
+                    least = min(least, keys[w])
+                way = least & 63
+                keys[way] = _TAKEN
+            else:
+                way = _least_pair(tags, stamps, locks, base, ways)
+            if g + r + _IDS_AHEAD < grouped.size:  # a big batch's arrays outgrow the caches
+                ahead = grouped[g + r + _IDS_AHEAD] & _LOW32
+                prefetch(ids, ahead)
+                prefetch(scores, ahead)
+                prefetch(slots, ahead)
+                prefetch(victim_at, ahead)
+                prefetch(dirty_at, ahead)
+            pos = grouped[g + r] & _LOW32
+            slot = base + way
+            victim = tags[slot]
+            victim_at[pos] = victim
+            dirty_at[pos] = dirty[slot] and victim != _EMPTY
+            tags[slot] = ids[pos]
+            dirty[slot] = False
+            locks[slot] += 1
+            stamps[slot] = scores[pos]
+            slots[pos] = slot
+        placed += take
+        g = end
+    return placed
+
+
+@compiled
+def _list_fills(miss_pos, n_fill, slots, fill_at):
+    """The fills in ascending position order: ``(index, slots, victim ids, victim dirty)``."""
+    victim_at, dirty_at = fill_at
+    fill_index = np.empty(n_fill, np.int64)
+    fill_slots = np.empty(n_fill, np.int64)
+    victims = np.empty(n_fill, np.int64)
+    victim_dirty = np.empty(n_fill, np.bool_)
+    f = 0
+    for pos in miss_pos:
+        if slots[pos] < 0:
+            continue
+        fill_index[f] = pos
+        fill_slots[f] = slots[pos]
+        victims[f] = victim_at[pos]
+        victim_dirty[f] = dirty_at[pos]
+        f += 1
+    return fill_index, fill_slots, victims, victim_dirty
+
+
+@compiled
+def _index_fills(ids, fill_index, fill_slots, victims, slot_of):
+    """The slot index follows the fills: each victim leaves it, each filled row enters it.
+    (Here rather than in :func:`_fill_sets`: in position order the rows ascend, so their
+    entries are written in address order.)"""
+    for f in range(fill_index.size):
+        if f + _IDS_AHEAD < fill_index.size and victims[f + _IDS_AHEAD] != _EMPTY:
+            prefetch(slot_of, victims[f + _IDS_AHEAD])
+        if victims[f] != _EMPTY:  # never a row of the batch: those are hits
+            slot_of[victims[f]] = -1
+        slot_of[ids[fill_index[f]]] = fill_slots[f]
+
+
+# ------------------------------------------------------------------- counters, ageing
+@compiled
+def _count(counters, counts, n, n_miss, victims, victim_dirty):
+    """Adds the step to the cache's counters (the order of ``stats.py``)."""
+    requested = np.int64(0)
+    for i in range(counts.size):
+        requested += counts[i]
+    evicted = 0
+    for f in range(victims.size):
+        if victims[f] != _EMPTY:
+            evicted += 1
+    counters[st.REQUESTS] += requested
+    counters[st.UNIQUE] += n
+    counters[st.HITS] += n - n_miss
+    counters[st.MISSES] += n_miss
+    counters[st.CONFLICTS] += n_miss - victims.size
+    counters[st.EVICTIONS] += evicted
+    counters[st.WRITEBACKS] += np.count_nonzero(victim_dirty)
+
+
+@compiled
+def _age_if_due(additions, added, sample_size, sketch, stamps):
+    """FrequencySketch.age_if_due and LFU.age: once ``sample_size`` additions have
+    accumulated, halves every sketch counter and every stored score."""
+    additions[0] += added
+    if additions[0] < sample_size:
+        return
+    for d in range(sketch.shape[0]):
+        for c in range(sketch.shape[1]):
+            sketch[d, c] >>= 1
+    additions[0] = 0
+    for slot in range(stamps.size):
+        stamps[slot] >>= 1
+
+
+# ------------------------------------------------------------------------- the step
+@compiled
+def _step(ids, counts, slot_of, state, counters, sets, ways, step, frequency, sketch_state):
+    """The whole step in place (see the module docstring); returns the ``Lookup`` arrays but
+    ids: ``slots, fill_index, fill_slots, victim_ids, victim_dirty, hit``."""
+    stamps = state[1]
+    sketch, salts, additions, sample_size = sketch_state
+    n = ids.size
+    added = np.int64(0)
+    scores = np.full(n, step, np.int64)  # LRU: the step
+    if frequency:  # LFU: the estimates once the whole batch is in the sketch
+        cells = np.empty((sketch.shape[0], n), np.int32)  # widths are below 2**31
+        added = _sketch_add(ids, counts, salts, sketch, cells)
+        scores = _estimates(sketch, cells)
+    slots = np.empty(n, np.int64)
+    miss_pos = np.empty(n, np.int64)
+    miss_set = np.empty(n, np.int64)
+    n_miss = _find_and_lock(ids, slot_of, state, sets, ways, scores, slots, miss_pos, miss_set)
+    hit = slots >= 0
+    miss_pos, miss_set = miss_pos[:n_miss], miss_set[:n_miss]
+    grouped = _group_by_set(miss_pos, miss_set, sets)
+    fill_at = np.empty(n, np.int64), np.empty(n, np.bool_)  # victims by position
+    n_fill = _fill_sets(grouped, ids, state, ways, scores, slots, fill_at)
+    fills = _list_fills(miss_pos, n_fill, slots, fill_at)
+    if slot_of.size > 0:
+        _index_fills(ids, fills[0], fills[1], fills[2], slot_of)
+    _count(counters, counts, n, n_miss, fills[2], fills[3])
+    if frequency:
+        _age_if_due(additions, added, sample_size, sketch, stamps)
+    return slots, fills[0], fills[1], fills[2], fills[3], hit
+
+
+@compiled
+def _unlock(locks, slots):
+    """Takes one lock off each slot >= 0; changes nothing and returns False if a slot lies
+    beyond the cache."""
+    for slot in slots:
+        if slot >= locks.size:
+            return False
+    for slot in slots:
+        if slot >= 0:
+            locks[slot] -= 1
+    return True
+
+
+# ------------------------------------------------------------------------ from Python
+# False once numba failed to compile the step (an untested numba or LLVM, say): every cache
+# keeps to the torch step from then on.
+_compiles = [_compiled.COMPILED]
+
+
+def supports(cache: SetAssociativeCache, ids: torch.Tensor, counts: torch.Tensor) -> bool:
+    """Whether :func:`lookup` can step ``cache`` with this batch: numba is installed, the cache
+    lives on the CPU, its policy is plain LRU (no sketch) or LFU (with its sketch), and the ids
+    are int64 and the counts integers, one per id, on the CPU."""
+    kernel = _POLICY_KERNELS.get(type(cache.policy))
+    if not _compiles[0] or kernel is None or cache.device.type != "cpu":
+        return False
+    if (cache.sketch is not None) != (kernel == LFU.kernel_id):
+        return False
+    return (
+        ids.dtype == torch.int64
+        and counts.dtype in (torch.int64, torch.int32)
+        and ids.dim() == 1
+        and counts.shape == ids.shape
+        and ids.device.type == "cpu"
+        and counts.device.type == "cpu"
+    )
+
+
+def _flat(t: torch.Tensor) -> np.ndarray:
+    """The numpy view of a state tensor, flat by slot (shares its memory)."""
+    return t.view(-1).numpy()
+
+
+def _sketch_state(cache: SetAssociativeCache) -> tuple:
+    """The sketch's arrays for :func:`_step` (placeholders of the same types under LRU)."""
+    sketch = cache.sketch
+    if sketch is None:
+        return np.zeros((1, 1), np.int32), np.zeros(1, np.int64), np.zeros(1, np.int64), 0
+    additions = sketch.additions.view(1).numpy()  # the 0-d tensor's memory, as one element
+    return sketch.counters.numpy(), sketch.salts.numpy(), additions, sketch.sample_size
+
+
+def _check_index_range(cache: SetAssociativeCache, ids: np.ndarray) -> None:
+    """Raises IndexError, as the torch step's gather does, if an id lies outside the slot
+    index (compiled code would read and write outside it)."""
+    bound = cache._slot_of.numel()
+    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= bound):
+        raise IndexError(f"ids must lie in [0, {bound}) (the cache's id_bound)")
+
+
+def lookup(
+    cache: SetAssociativeCache, ids: torch.Tensor, counts: torch.Tensor
+) -> tuple[torch.Tensor, ...] | None:
+    """``cache.lookup(ids, counts)`` (not strict) in compiled code, in place on the cache's
+    tensors: advances ``cache.step`` and returns the ``Lookup`` fields after ``ids``
+    (``slots, fill_index, fill_slots, victim_ids, victim_dirty, hit``) as tensors, or
+    ``None``, with nothing changed, if numba cannot compile the step. Call only where
+    :func:`supports` says so."""
+    ids_np = np.ascontiguousarray(ids.numpy())
+    counts_np = np.ascontiguousarray(counts.numpy(), dtype=np.int64)
+    slot_of = _NO_INDEX
+    if cache._slot_of is not None:
+        _check_index_range(cache, ids_np)
+        slot_of = cache._slot_of.numpy()
+    state = (_flat(cache.tags), _flat(cache.stamps), _flat(cache.dirty), _flat(cache.locks))
+    try:
+        out = _step(
+            ids_np,
+            counts_np,
+            slot_of,
+            state,
+            cache.counters.numpy(),
+            cache.sets,
+            cache.ways,
+            cache.step + 1,
+            cache.sketch is not None,
+            _sketch_state(cache),
+        )
+    except NumbaError as e:  # raised while compiling, before anything ran: nothing changed
+        _compiles[0] = False
+        msg = f"numba cannot compile the cache step, using the torch step: {e}"
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+        return None
+    cache.step += 1
+    return tuple(torch.from_numpy(a) for a in out)
+
+
+def can_release(cache: SetAssociativeCache, slots: torch.Tensor) -> bool:
+    """Whether :func:`release` can unlock ``slots`` of ``cache``: numba is installed, and the
+    locks and the slots (int64) are on the CPU."""
+    return (
+        _compiles[0]
+        and cache.device.type == "cpu"
+        and slots.dtype == torch.int64
+        and slots.dim() == 1
+        and slots.device.type == "cpu"
+    )
+
+
+def release(cache: SetAssociativeCache, slots: torch.Tensor) -> None:
+    """``cache.release(slots)`` in one compiled pass (the torch form's index_add_ wakes
+    torch's thread pool for a few microseconds of work). Call only where :func:`can_release`
+    says so."""
+    if not _unlock(_flat(cache.locks), np.ascontiguousarray(slots.numpy())):
+        raise IndexError(f"slots must lie below the cache's {cache.capacity} slots")
