@@ -2,7 +2,7 @@
 
 import numpy as np
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tierstore.hashing import initial_weights, mix64, seed_key, set_index
@@ -75,6 +75,7 @@ def test_numpy_mix64_matches(xs):
     assert got == [py_mix64(x) for x in xs]
 
 
+@settings(deadline=None)  # a wide sketch allocates up to 256 MB of counters: no timing here
 @given(st.lists(ids64, min_size=1, max_size=50), st.integers(1, 1 << 24))
 def test_sketch_positions_match_reference(xs, width):
     """The count-min sketch's counter positions (numpy on the CPU) are the multiply-shift of
