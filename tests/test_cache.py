@@ -11,10 +11,23 @@ from cache_model import ModelCache
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tierstore import cache as cache_module
+from tierstore import compiled
 from tierstore import stats as S
 from tierstore.cache import EMPTY, SetAssociativeCache, cache_shape
 from tierstore.errors import CapacityError, InvalidInputError
 from tierstore.policy import FrequencySketch
+
+
+@pytest.fixture(autouse=True, params=["compiled", "torch"])
+def cache_step(request, monkeypatch):
+    """Every test here runs on both CPU steps: the compiled twin (where numba is installed) and
+    the torch specification, each against the brute-force model."""
+    if request.param == "torch":
+        monkeypatch.setattr(cache_module, "COMPILED_STEP", False)
+    elif not compiled.COMPILED:
+        pytest.skip("numba is not installed")
+    return request.param
 
 
 def make_pair(rows, ways, policy, device="cpu", sample=40, id_bound=None):
