@@ -162,9 +162,12 @@ struct CacheTags {
   int stride;
 };
 
+// Bytes of a set's digests: its ways rounded up to 16 (cuda.py CudaCache.digests).
+__device__ __forceinline__ int ts_digest_stride(int ways) { return (ways + 15) & ~15; }
+
 __device__ __forceinline__ CacheTags ts_cache_tags(const i64* tags, const unsigned char* digests,
                                                    i64 sets, i64 ways) {
-  return {tags, digests, sets, (int)ways, ((int)ways + 15) & ~15};
+  return {tags, digests, sets, (int)ways, ts_digest_stride((int)ways)};
 }
 
 // Bit w set where byte w of the 16-byte vector `v` equals `d` (d repeated in each byte).

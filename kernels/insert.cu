@@ -90,7 +90,7 @@ __device__ void choose_victims(const int* __restrict__ touched,      // (T,)
                                i64* __restrict__ counters) {         // (N_COUNTERS,)
   const int lane = ts_lane();
   const int W = (int)ways;
-  const int stride = (W + 15) & ~15;  // of the digests (common.cuh CacheTags)
+  const int stride = ts_digest_stride(W);
   const i64 NOT_EVICTABLE = 0x7fffffffffffffffLL;
   i64 conflicts = 0, evictions = 0, writebacks = 0;
   const int nt = *n_touched;
@@ -161,9 +161,9 @@ __device__ void choose_victims(const int* __restrict__ touched,      // (T,)
           const i64 slot = set * W + lane + 32 * h;
           const bool was = tag[h] != TS_EMPTY;
           const bool wb = was && dty[h];
-          tags[slot] = ids[best];
-          const int digest = ts_digest(ts_mix64((u64)ids[best]));
-          digests[set * stride + lane + 32 * h] = (unsigned char)digest;
+          const i64 row = ids[best];
+          tags[slot] = row;
+          digests[set * stride + lane + 32 * h] = (unsigned char)ts_digest(ts_mix64((u64)row));
           stamps[slot] = score[best];
           dirty[slot] = 0;
           locks[slot] = 1;

@@ -204,8 +204,8 @@ class CudaCache(SetAssociativeCache):
         self._set_misses = torch.zeros(self.sets, dtype=torch.int32, device=self.device)
         self._seg_start = torch.empty(self.sets, dtype=torch.int32, device=self.device)
         # a byte of each way's tag hash (hashing.tag_digest; anything where empty), ways padded
-        # to 16 bytes a set: the probe compares a set's digests as 16-byte vectors and reads a
-        # way's 8-byte tag only where its digest matches
+        # to 16 bytes a set (common.cuh ts_digest_stride): the probe compares a set's digests
+        # as 16-byte vectors and reads a way's 8-byte tag only where its digest matches
         stride = -(-self.ways // 16) * 16
         self.digests = torch.zeros((self.sets, stride), dtype=torch.uint8, device=self.device)
 
