@@ -152,10 +152,23 @@ __device__ __forceinline__ void ts_block_count(i64* counter, i64 v) {
 // from the high 32 bits). The cache keeps it per way beside the tags.
 __device__ __forceinline__ int ts_digest(u64 mixed) { return (int)(mixed & 0xff); }
 
-// A cache's tags and their digests. Each set's digests take `stride` bytes (ways rounded up to
+// A way of the CUDA cache: its tag, score and lock in one 32-byte record, one memory sector
+// (cuda.py CudaCache.way_state; cache.py's tags, stamps and locks are views of it). A hit reads
+// the tag and writes the score and the lock in that one sector: as three arrays it touched
+// three random sectors, and the probe is bound by random sectors.
+struct __align__(32) WayState {
+  i64 tag;    // the row held, TS_EMPTY when none
+  i64 stamp;  // the policy's score: lowest is evicted first
+  int lock;   // batches in flight that still need the row: never evicted while > 0
+  int unused0;
+  i64 unused1;
+};
+static_assert(sizeof(WayState) == 32, "a way's state is one 32-byte sector");
+
+// A cache's ways and their digests. Each set's digests take `stride` bytes (ways rounded up to
 // 16, so that a set's digests are whole 16-byte vectors; the padding never matches).
-struct CacheTags {
-  const i64* __restrict__ tags;               // (S, W)
+struct CacheWays {
+  const WayState* __restrict__ state;         // (S, W)
   const unsigned char* __restrict__ digests;  // (S, stride)
   i64 sets;
   int ways;
@@ -165,9 +178,10 @@ struct CacheTags {
 // Bytes of a set's digests: its ways rounded up to 16 (cuda.py CudaCache.digests).
 __device__ __forceinline__ int ts_digest_stride(int ways) { return (ways + 15) & ~15; }
 
-__device__ __forceinline__ CacheTags ts_cache_tags(const i64* tags, const unsigned char* digests,
-                                                   i64 sets, i64 ways) {
-  return {tags, digests, sets, (int)ways, ts_digest_stride((int)ways)};
+__device__ __forceinline__ CacheWays ts_cache_ways(const WayState* state,
+                                                   const unsigned char* digests, i64 sets,
+                                                   i64 ways) {
+  return {state, digests, sets, (int)ways, ts_digest_stride((int)ways)};
 }
 
 // Bit w set where byte w of the 16-byte vector `v` equals `d` (d repeated in each byte).
@@ -187,7 +201,7 @@ __device__ __forceinline__ u32 ts_digest_matches(const uint4 v, u32 d) {
 // miss in 32 ways). Every id of a warp is resolved in two dependent memory reads, where
 // comparing whole tags took one 256-byte read per set and a warp's 32 sets went a few at a
 // time: the probe is bound by memory latency, not bytes.
-__device__ __forceinline__ int ts_find_way(const CacheTags c, i64 row, i64 set, int digest) {
+__device__ __forceinline__ int ts_find_way(const CacheWays c, i64 row, i64 set, int digest) {
   const uint4* d = reinterpret_cast<const uint4*>(c.digests + set * c.stride);
   const u32 pattern = (u32)digest * 0x01010101u;
   u64 match = 0;
@@ -195,10 +209,10 @@ __device__ __forceinline__ int ts_find_way(const CacheTags c, i64 row, i64 set, 
   for (int q = 0; q < 4; q++)
     if (16 * q < c.stride) match |= (u64)ts_digest_matches(d[q], pattern) << (16 * q);
   if (c.ways < 64) match &= (1ull << c.ways) - 1;  // the padding
-  const i64* tags = c.tags + set * c.ways;
+  const WayState* way = c.state + set * c.ways;
   while (match) {
     const int w = __ffsll(match) - 1;
-    if (tags[w] == row) return w;  // EMPTY is not a valid row id: an empty way never matches
+    if (way[w].tag == row) return w;  // EMPTY is not a valid row id: an empty way never matches
     match &= match - 1;
   }
   return -1;
@@ -211,7 +225,7 @@ struct Probe {
   int way;
 };
 
-__device__ __forceinline__ Probe ts_probe(const i64* __restrict__ ids, i64 i, const CacheTags c) {
+__device__ __forceinline__ Probe ts_probe(const i64* __restrict__ ids, i64 i, const CacheWays c) {
   Probe p;
   p.row = ids[i];
   const u64 mixed = ts_mix64((u64)p.row);

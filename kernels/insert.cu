@@ -77,11 +77,9 @@ __device__ void choose_victims(const int* __restrict__ touched,      // (T,)
                                const int* __restrict__ segments,     // (misses,)
                                const i64* __restrict__ ids,          // (U,)
                                const i64* __restrict__ score,        // (U,)
-                               i64* __restrict__ tags,               // (S, W)
+                               WayState* __restrict__ state,         // (S, W)
                                unsigned char* __restrict__ digests,  // (S, stride)
-                               i64* __restrict__ stamps,             // (S, W)
                                unsigned char* __restrict__ dirty,    // (S, W)
-                               int* __restrict__ locks,              // (S, W)
                                i64 ways,
                                i64* __restrict__ slots,              // (U,)
                                int* __restrict__ filled,             // (U,) 1 where a fill, zeroed
@@ -110,10 +108,11 @@ __device__ void choose_victims(const int* __restrict__ touched,      // (T,)
       tag[h] = TS_EMPTY;
       dty[h] = false;
       if (w < W) {
-        tag[h] = tags[slot];
+        const WayState way = state[slot];
+        tag[h] = way.tag;
         dty[h] = dirty[slot] != 0;
-        ev[h] = locks[slot] == 0;
-        if (ev[h]) key[h] = tag[h] == TS_EMPTY ? -1 : stamps[slot];
+        ev[h] = way.lock == 0;
+        if (ev[h]) key[h] = tag[h] == TS_EMPTY ? -1 : way.stamp;
       }
     }
     // rank of each evictable way among the evictable ways: (key, way) ascending
@@ -162,11 +161,11 @@ __device__ void choose_victims(const int* __restrict__ touched,      // (T,)
           const bool was = tag[h] != TS_EMPTY;
           const bool wb = was && dty[h];
           const i64 row = ids[best];
-          tags[slot] = row;
+          state[slot].tag = row;
+          state[slot].stamp = score[best];
+          state[slot].lock = 1;
           digests[set * stride + lane + 32 * h] = (unsigned char)ts_digest(ts_mix64((u64)row));
-          stamps[slot] = score[best];
           dirty[slot] = 0;
-          locks[slot] = 1;
           slots[best] = slot;
           filled[best] = 1;
           victim_by_pos[best] = tag[h];
@@ -187,12 +186,12 @@ __device__ void choose_victims(const int* __restrict__ touched,      // (T,)
 #define TS_CHOOSE(NAME, POLICY)                                                                 \
   extern "C" __global__ void NAME(const int* touched, const int* n_touched, const int* touched_k, \
                                   const int* touched_off, const int* segments, const i64* ids,   \
-                                  const i64* score, i64* tags, unsigned char* digests,           \
-                                  i64* stamps, unsigned char* dirty, int* locks, i64 ways,       \
+                                  const i64* score, WayState* state, unsigned char* digests,     \
+                                  unsigned char* dirty, i64 ways,                                \
                                   i64* slots, int* filled, i64* victim_by_pos,                   \
                                   unsigned char* victim_dirty_by_pos, i64* counters) {           \
     choose_victims<POLICY>(touched, n_touched, touched_k, touched_off, segments, ids, score,     \
-                           tags, digests, stamps, dirty, locks, ways, slots, filled,             \
+                           state, digests, dirty, ways, slots, filled,                           \
                            victim_by_pos, victim_dirty_by_pos, counters);                        \
   }
 TS_CHOOSE(choose_victims_lru, LruPolicy)

@@ -11,11 +11,11 @@
 // Slot of each id, or -1 where it is not cached. Changes nothing.
 extern "C" __global__ void find_slots(const i64* __restrict__ ids,  // (U,)
                                       i64 n,
-                                      const i64* __restrict__ tags,  // (S, W)
+                                      const WayState* __restrict__ state,  // (S, W)
                                       const unsigned char* __restrict__ digests,  // (S, stride)
                                       i64 sets, i64 ways,
                                       i64* __restrict__ slots) {  // (U,) out
-  const CacheTags c = ts_cache_tags(tags, digests, sets, ways);
+  const CacheWays c = ts_cache_ways(state, digests, sets, ways);
   for (i64 i = ts_global_thread(); i < n; i += ts_thread_count()) {
     const Probe p = ts_probe(ids, i, c);
     slots[i] = p.way >= 0 ? p.set * ways + p.way : -1;
@@ -34,10 +34,8 @@ template <class Policy>
 __device__ void probe(const i64* __restrict__ ids,     // (U,) ascending
                       const i64* __restrict__ counts,  // (U,) occurrences in the batch
                       i64 n, const int* __restrict__ count,  // U = ts_items(n, count)
-                      const i64* __restrict__ tags,          // (S, W)
+                      WayState* __restrict__ state,          // (S, W)
                       const unsigned char* __restrict__ digests,  // (S, stride)
-                      i64* __restrict__ stamps,             // (S, W)
-                      int* __restrict__ locks,              // (S, W)
                       i64 sets, i64 ways, const i64* __restrict__ step, const Sketch sketch,
                       i64* __restrict__ slots,       // (U,) out
                       i64* __restrict__ score,       // (U,) out
@@ -48,7 +46,7 @@ __device__ void probe(const i64* __restrict__ ids,     // (U,) ascending
   i64 requests = 0, unique = 0, hits = 0;
   n = ts_items(n, count);
   const i64 now = *step;
-  const CacheTags c = ts_cache_tags(tags, digests, sets, ways);
+  const CacheWays c = ts_cache_ways(state, digests, sets, ways);
   for (i64 i = ts_global_thread(); i < n; i += ts_thread_count()) {
     const Probe p = ts_probe(ids, i, c);
     const i64 s = Policy::score(now, sketch, p.row);
@@ -57,8 +55,9 @@ __device__ void probe(const i64* __restrict__ ids,     // (U,) ascending
     unique += 1;
     if (p.way >= 0) {
       const i64 slot = p.set * ways + p.way;
-      stamps[slot] = s;
-      atomicAdd(&locks[slot], 1);  // ids are unique: no contention; a fire-and-forget add
+      // the sector the tag was read from: score and lock cost no other random access
+      state[slot].stamp = s;
+      atomicAdd(&state[slot].lock, 1);  // ids are unique: no contention; fire and forget
       slots[i] = slot;
       hits += 1;
     } else {
@@ -74,13 +73,13 @@ __device__ void probe(const i64* __restrict__ ids,     // (U,) ascending
 
 #define TS_PROBE(NAME, POLICY)                                                                 \
   extern "C" __global__ void NAME(                                                             \
-      const i64* ids, const i64* counts, i64 n, const int* count, const i64* tags,             \
-      const unsigned char* digests, i64* stamps, int* locks, i64 sets, i64 ways,               \
+      const i64* ids, const i64* counts, i64 n, const int* count, WayState* state,             \
+      const unsigned char* digests, i64 sets, i64 ways,                                        \
       const i64* step, int* sk_counters,                                                       \
       const i64* sk_salts, i64* sk_additions, i64 sk_depth, i64 sk_width, i64 sk_sample,       \
       i64* slots, i64* score, int* set_misses, int* touched, int* n_touched, i64* counters) {  \
     const Sketch sketch = {sk_counters, sk_salts, sk_additions, sk_depth, sk_width, sk_sample};\
-    probe<POLICY>(ids, counts, n, count, tags, digests, stamps, locks, sets, ways, step, sketch, \
+    probe<POLICY>(ids, counts, n, count, state, digests, sets, ways, step, sketch,              \
                   slots, score, set_misses, touched, n_touched, counters);                     \
   }
 TS_PROBE(probe_lru, LruPolicy)
@@ -89,11 +88,11 @@ TS_PROBE(probe_lfu, LfuPolicy)
 // Unlocks the slots a finished batch held (-1 entries ignored; a batch's slots are distinct).
 extern "C" __global__ void release_slots(const i64* __restrict__ slots,  // (U,)
                                          i64 n, const int* __restrict__ count,  // ts_items
-                                         int* __restrict__ locks) {  // (C,)
+                                         WayState* __restrict__ state) {  // (C,)
   n = ts_items(n, count);
   for (i64 i = ts_global_thread(); i < n; i += ts_thread_count()) {
     const i64 s = slots[i];
-    if (s >= 0) atomicSub(&locks[s], 1);
+    if (s >= 0) atomicSub(&state[s].lock, 1);
   }
 }
 

@@ -42,7 +42,7 @@ extern "C" __global__ void refresh_conflict_rows(const i64* __restrict__ ids,   
                                                  const i64* __restrict__ slots,      // (U,)
                                                  const i64* __restrict__ addresses,  // (U,)
                                                  i64 n, const int* __restrict__ count,  // ts_items
-                                                 const i64* __restrict__ tags,  // (S, W)
+                                                 const WayState* __restrict__ state,  // (S, W)
                                                  const unsigned char* __restrict__ digests,
                                                  i64 sets, i64 ways,  // digests: (S, stride)
                                                  float* __restrict__ l1,        // (C, width)
@@ -50,7 +50,7 @@ extern "C" __global__ void refresh_conflict_rows(const i64* __restrict__ ids,   
                                                  i64 width) {
   const int lane = ts_lane();
   n = ts_items(n, count);
-  const CacheTags cache = ts_cache_tags(tags, digests, sets, ways);
+  const CacheWays cache = ts_cache_ways(state, digests, sets, ways);
   for (i64 base = ts_global_warp() * 32; base < n; base += ts_warp_count() * 32) {
     const i64 i = base + lane;
     const bool conflict = i < n && slots[i] < 0;

@@ -42,19 +42,19 @@ extern "C" __global__ void sketch_estimate(const i64* __restrict__ ids,  // (U,)
 template <class Policy>
 __device__ void sketch_age(int* __restrict__ counters,  // (depth, width)
                            i64 n_counters, const i64* __restrict__ additions,  // (1,)
-                           i64 sample_size, i64* __restrict__ stamps,          // (S, W)
-                           i64 n_stamps) {
+                           i64 sample_size, WayState* __restrict__ state,      // (S, W)
+                           i64 n_ways) {
   if (*additions < sample_size) return;
   for (i64 i = ts_global_thread(); i < n_counters; i += ts_thread_count()) counters[i] >>= 1;
-  if (stamps != nullptr)
-    for (i64 i = ts_global_thread(); i < n_stamps; i += ts_thread_count())
-      stamps[i] = Policy::age(stamps[i]);
+  if (state != nullptr)
+    for (i64 i = ts_global_thread(); i < n_ways; i += ts_thread_count())
+      state[i].stamp = Policy::age(state[i].stamp);
 }
 
 #define TS_AGE(NAME, POLICY)                                                                   \
   extern "C" __global__ void NAME(int* counters, i64 n_counters, const i64* additions,         \
-                                  i64 sample_size, i64* stamps, i64 n_stamps) {                \
-    sketch_age<POLICY>(counters, n_counters, additions, sample_size, stamps, n_stamps);        \
+                                  i64 sample_size, WayState* state, i64 n_ways) {              \
+    sketch_age<POLICY>(counters, n_counters, additions, sample_size, state, n_ways);           \
   }
 TS_AGE(sketch_age_lru, LruPolicy)
 TS_AGE(sketch_age_lfu, LfuPolicy)

@@ -13,7 +13,10 @@ State, per set and way (``S`` sets x ``W`` ways):
     stamps  (S, W) int64   the policy's score; lowest is evicted first, ties by way index
     dirty   (S, W) bool    written since it was filled: must go back to the tier below
     locks   (S, W) int32   batches in flight that still need the row; locked ways are never evicted
-A row's slot is ``set * W + way``; the row data lives in whatever tier owns the cache.
+A row's slot is ``set * W + way``; the row data lives in whatever tier owns the cache. A
+backend may lay tags, stamps and locks out as strided views of one record per way
+(:meth:`SetAssociativeCache._way_state`); this module reaches them by slot through
+:func:`by_slot`.
 """
 
 from __future__ import annotations
@@ -82,6 +85,14 @@ def _sorted(keys: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return torch.sort(keys, dim=dim).values
 
 
+def by_slot(state: torch.Tensor) -> torch.Tensor:
+    """A per-way state ``(S, W)`` as a view ``(S * W,)`` indexed by slot; also where the state is
+    a strided view (a field of a per-way record), whose ``view(-1)`` does not exist."""
+    if state.is_contiguous():
+        return state.view(-1)
+    return state.as_strided((state.numel(),), (state.stride(1),), state.storage_offset())
+
+
 def cache_shape(rows: int, ways: int) -> tuple[int, int]:
     """``(sets, ways)`` of a cache of ``rows`` rows: ``ceil(rows / ways)`` sets, and no more ways
     than rows (a 1-row cache is one set of one way)."""
@@ -120,10 +131,8 @@ class SetAssociativeCache:
         self.policy = make_policy(policy)
         self.device = torch.device(device)
         shape = (self.sets, self.ways)
-        self.tags = torch.full(shape, EMPTY, dtype=torch.int64, device=self.device)
-        self.stamps = torch.zeros(shape, dtype=torch.int64, device=self.device)
+        self.tags, self.stamps, self.locks = self._way_state(shape)
         self.dirty = torch.zeros(shape, dtype=torch.bool, device=self.device)
-        self.locks = torch.zeros(shape, dtype=torch.int32, device=self.device)
         self.counters = st.new_counters(self.device)
         self.sketch = (
             FrequencySketch.for_cache(self.capacity, self.device)
@@ -136,6 +145,14 @@ class SetAssociativeCache:
         self._slot_of = None
         if id_bound is not None:
             self._slot_of = torch.full((id_bound,), -1, dtype=torch.int32, device=self.device)
+
+    def _way_state(self, shape: tuple[int, int]):
+        """``(tags, stamps, locks)`` of a new, empty cache: three tensors here; a backend may
+        return views of its own layout (their strides alike along the ways)."""
+        tags = torch.full(shape, EMPTY, dtype=torch.int64, device=self.device)
+        stamps = torch.zeros(shape, dtype=torch.int64, device=self.device)
+        locks = torch.zeros(shape, dtype=torch.int32, device=self.device)
+        return tags, stamps, locks
 
     # ----------------------------------------------------------------- queries (no change)
     # Gathers and scatters here use index_select / index_copy_ / index_add_ rather than
@@ -225,7 +242,7 @@ class SetAssociativeCache:
         # newly placed positions, in position order.
         fill = _positions((slots >= 0) & ~hit)
         fill_slots = slots.index_select(0, fill)
-        victim_ids = self.tags.view(-1).index_select(0, fill_slots)
+        victim_ids = by_slot(self.tags).index_select(0, fill_slots)
         victim_dirty = self.dirty.view(-1).index_select(0, fill_slots) & (victim_ids != EMPTY)
         return Lookup(ids, slots, fill, fill_slots, victim_ids, victim_dirty, hit)
 
@@ -254,13 +271,13 @@ class SetAssociativeCache:
         # fill's way was unlocked: only unlocked ways are evicted)
         placed_at = _positions(plan.slots >= 0)
         placed = plan.slots.index_select(0, placed_at)
-        self.stamps.view(-1).index_copy_(0, placed, score.index_select(0, placed_at))
-        self.locks.view(-1).index_add_(0, placed, torch.ones_like(placed, dtype=torch.int32))
+        by_slot(self.stamps).index_copy_(0, placed, score.index_select(0, placed_at))
+        by_slot(self.locks).index_add_(0, placed, torch.ones_like(placed, dtype=torch.int32))
         evicted = plan.victim_ids != EMPTY
         if self._slot_of is not None:  # victims are never in the batch (they are not hits)
             self._slot_of.index_fill_(0, plan.victim_ids.index_select(0, _positions(evicted)), -1)
             self._slot_of.index_copy_(0, ids.index_select(0, fill), fill_slots.int())
-        self.tags.view(-1).index_copy_(0, fill_slots, ids.index_select(0, fill))
+        by_slot(self.tags).index_copy_(0, fill_slots, ids.index_select(0, fill))
         self.dirty.view(-1).index_fill_(0, fill_slots, False)
         n_hit = int(hit.sum())
         self.counters += torch.tensor(
@@ -286,7 +303,7 @@ class SetAssociativeCache:
             cache_compiled.release(self, slots)
             return
         slots = slots.index_select(0, _positions(slots >= 0))
-        self.locks.view(-1).index_add_(0, slots, torch.full_like(slots, -1, dtype=torch.int32))
+        by_slot(self.locks).index_add_(0, slots, torch.full_like(slots, -1, dtype=torch.int32))
 
     def mark_dirty(self, slots: torch.Tensor) -> None:
         """Marks slots as written (their rows must go back to the tier below)."""
@@ -296,7 +313,7 @@ class SetAssociativeCache:
         """``(slots, ids)`` of every dirty way, which are marked clean (the caller writes them back)."""
         slots = self.dirty.view(-1).nonzero().squeeze(1)
         self.dirty.view(-1)[slots] = False
-        return slots, self.tags.view(-1)[slots]
+        return slots, by_slot(self.tags)[slots]
 
     def reset_counters(self) -> None:
         """Zeroes the counters."""

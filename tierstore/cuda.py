@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from . import cpu, interop, kernel_loader
-from .cache import Lookup, SetAssociativeCache
+from .cache import EMPTY, Lookup, SetAssociativeCache
 from .hashing import seed_key, tag_digest
 from .host import HostTable
 from .optim import Optimizer
@@ -209,12 +209,23 @@ class CudaCache(SetAssociativeCache):
         stride = -(-self.ways // 16) * 16
         self.digests = torch.zeros((self.sets, stride), dtype=torch.uint8, device=self.device)
 
+    def _way_state(self, shape: tuple[int, int]):
+        """Tags, stamps and locks as fields of one 32-byte record per way (``way_state``, the
+        kernels' ``WayState``): a hit reads its tag and writes its score and lock in one memory
+        sector, where three arrays cost three random sectors. The views are what
+        :class:`SetAssociativeCache` holds, so the torch code and the tests see the usual
+        ``(S, W)`` tensors."""
+        record = torch.zeros((*shape, 4), dtype=torch.int64, device=self.device)
+        record[..., 0] = EMPTY
+        self.way_state = record  # (S, W, 4): tag, stamp, lock (int32) + padding
+        return record[..., 0], record[..., 1], record.view(torch.int32)[..., 4]
+
     def find(self, ids: torch.Tensor, sets: torch.Tensor | None = None) -> torch.Tensor:
         """Slot of each id, or -1 where it is not cached. Changes nothing. (``sets`` is
         accepted for the torch step's call and not needed: the kernel hashes the ids.)"""
         ids = _i64(ids, self.device)
         slots = torch.empty_like(ids)
-        args = (ids, ids.numel(), self.tags, self.digests, self.sets, self.ways, slots)
+        args = (ids, ids.numel(), self.way_state, self.digests, self.sets, self.ways, slots)
         _run("lookup.cu", "find_slots", self.device, ids.numel(), args, per_warp=False)
         return slots
 
@@ -258,17 +269,17 @@ class CudaCache(SetAssociativeCache):
             _run("sketch.cu", "sketch_add", dev, n, args, per_warp=False)
         else:
             sk_args = (None, None, None, 0, 1, 0)
-        args = (ids, counts, n, count, self.tags, self.digests, self.stamps, self.locks,
-                self.sets, self.ways, self.next_step, *sk_args, slots, score, self._set_misses,
-                touched[0], meta[0:1], self.counters)  # fmt: skip
+        args = (ids, counts, n, count, self.way_state, self.digests, self.sets, self.ways,
+                self.next_step, *sk_args, slots, score, self._set_misses, touched[0],
+                meta[0:1], self.counters)  # fmt: skip
         _run("lookup.cu", f"probe_{policy}", dev, n, args, per_warp=False)
         args = (touched[0], meta[0:1], self._set_misses, meta[1:2], self._seg_start,
                 touched[1], touched[2])  # fmt: skip
         _run("insert.cu", "reserve_segments", dev, (n + 31) // 32, args, per_warp=True)
         args = (ids, slots, n, count, self.sets, self._set_misses, self._seg_start, segments)
         _run("insert.cu", "scatter_misses", dev, n, args, per_warp=False)
-        args = (touched[0], meta[0:1], touched[1], touched[2], segments, ids, score, self.tags,
-                self.digests, self.stamps, self.dirty, self.locks, self.ways, slots, filled,
+        args = (touched[0], meta[0:1], touched[1], touched[2], segments, ids, score,
+                self.way_state, self.digests, self.dirty, self.ways, slots, filled,
                 victim_by_pos, victim_dirty_by_pos, self.counters)  # fmt: skip
         _run("insert.cu", f"choose_victims_{policy}", dev, min(n, self.sets), args, True)
         # the fills in ascending id order: a prefix sum over the batch, then a compaction
@@ -294,7 +305,7 @@ class CudaCache(SetAssociativeCache):
         deciding on the device (policy.FrequencySketch.age_if_due)."""
         dev = self.device
         items = max(sk.counters.numel(), self.stamps.numel())
-        args = (sk.counters, sk.counters.numel(), sk.additions, sk.sample_size, self.stamps,
+        args = (sk.counters, sk.counters.numel(), sk.additions, sk.sample_size, self.way_state,
                 self.stamps.numel())  # fmt: skip
         _run("sketch.cu", f"sketch_age_{self.policy.name}", dev, items, args, per_warp=False)
         args = (sk.additions, sk.sample_size, None)
@@ -304,7 +315,7 @@ class CudaCache(SetAssociativeCache):
         """Unlocks the slots a finished batch held (-1 entries are ignored; with ``count``, a
         device scalar, only the first ``count`` entries are the batch's)."""
         slots = _i64(slots, self.device)
-        args = (slots, slots.numel(), count, self.locks)
+        args = (slots, slots.numel(), count, self.way_state)
         _run("lookup.cu", "release_slots", self.device, slots.numel(), args, per_warp=False)
 
     def mark_dirty(self, slots: torch.Tensor) -> None:
@@ -358,7 +369,7 @@ def _refresh_conflicts(store, batch, l2) -> None:
     dev = store.l1_data.device
     n = batch.ids.numel()
     l1 = store.l1
-    args = (batch.ids, batch.slots, _i64(batch.addresses, dev), n, batch.count, l1.tags,
+    args = (batch.ids, batch.slots, _i64(batch.addresses, dev), n, batch.count, l1.way_state,
             l1.digests, l1.sets, l1.ways, store.l1_data, l2, store.layout.width)  # fmt: skip
     _run("rows.cu", "refresh_conflict_rows", dev, (n + 31) // 32, args, per_warp=True)
 
