@@ -52,3 +52,115 @@ __device__ void unique_scatter(const Key* __restrict__ sorted,  // (n,)
   }
 TS_UNIQUE_KERNELS(i32, int)
 TS_UNIQUE_KERNELS(i64, i64)
+
+// ------------------------------------------------------------------ the dense unique step
+// The replay's unique step (ids and counts, no inverse, no transpose) where every id is below
+// `num_rows` and num_rows is a small multiple of the batch: each id is counted into a zeroed
+// histogram of num_rows entries, then the histogram is read back in order, a tile per block.
+// That costs a few passes over num_rows int32 (L2-resident for a few million rows) where the
+// sort costs four radix passes over the batch and their launches. Ids outside [0, num_rows)
+// are skipped (the caller has checked them; no write may go out of bounds).
+
+#define TS_DENSE_PER_THREAD 16
+#define TS_DENSE_TILE (256 * TS_DENSE_PER_THREAD)  // histogram entries per 256-thread block
+
+// hist[id] += occurrences of id. The lanes of a warp holding the same id add them with one
+// atomic (hot ids repeat within a warp).
+extern "C" __global__ void dense_count(const i64* __restrict__ ids, i64 n, i64 num_rows,
+                                       int* __restrict__ hist) {  // (num_rows,) zero on entry
+  const int lane = ts_lane();
+  for (i64 base = ts_global_warp() * 32; base < n; base += ts_warp_count() * 32) {
+    const i64 i = base + lane;
+    const i64 id = i < n ? ids[i] : -1;
+    const bool valid = id >= 0 && id < num_rows;
+    const u32 same = __match_any_sync(TS_FULL_MASK, valid ? id : -1);
+    if (valid && lane == __ffs(same) - 1) atomicAdd(&hist[id], __popc(same));
+  }
+}
+
+// This thread's TS_DENSE_PER_THREAD consecutive histogram entries (zero past num_rows).
+__device__ __forceinline__ void ts_dense_entries(const int* __restrict__ hist, i64 num_rows,
+                                                 i64 first, int* v) {
+  if (first + TS_DENSE_PER_THREAD <= num_rows) {  // whole int4s: `first` is a multiple of 16
+    const int4* q = reinterpret_cast<const int4*>(hist + first);
+#pragma unroll
+    for (int k = 0; k < TS_DENSE_PER_THREAD / 4; k++) {
+      const int4 x = q[k];
+      v[4 * k] = x.x, v[4 * k + 1] = x.y, v[4 * k + 2] = x.z, v[4 * k + 3] = x.w;
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < TS_DENSE_PER_THREAD; k++)
+      v[k] = first + k < num_rows ? hist[first + k] : 0;
+  }
+}
+
+// Exclusive prefix sum of `v` over a 256-thread block; `*total` gets the block's sum.
+__device__ __forceinline__ int ts_block_exclusive_scan(int v, int* total) {
+  __shared__ int warp_sums[8];
+  const int lane = ts_lane(), warp = threadIdx.x >> 5;
+  __syncthreads();  // warp_sums may still be read by the previous call
+  int scan = v;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int up = __shfl_up_sync(TS_FULL_MASK, scan, o);
+    if (lane >= o) scan += up;
+  }
+  if (lane == 31) warp_sums[warp] = scan;
+  __syncthreads();
+  int before = 0, all = 0;
+#pragma unroll
+  for (int w = 0; w < 8; w++) {
+    before += w < warp ? warp_sums[w] : 0;
+    all += warp_sums[w];
+  }
+  *total = all;
+  return before + scan - v;
+}
+
+// Histogram tiles of a 256-thread block: block-stride, every thread of a block the same trips.
+#define TS_FOR_TILES(tile, num_rows)                                                \
+  for (i64 tile = blockIdx.x; tile * TS_DENSE_TILE < (num_rows); tile += gridDim.x)
+
+// tile_counts[b] = the ids present in histogram tile b.
+extern "C" __global__ void dense_tile_counts(const int* __restrict__ hist, i64 num_rows,
+                                             int* __restrict__ tile_counts) {  // (tiles,) out
+  TS_FOR_TILES(tile, num_rows) {
+    int v[TS_DENSE_PER_THREAD];
+    const i64 first = tile * TS_DENSE_TILE + threadIdx.x * TS_DENSE_PER_THREAD;
+    ts_dense_entries(hist, num_rows, first, v);
+    int present = 0;
+#pragma unroll
+    for (int k = 0; k < TS_DENSE_PER_THREAD; k++) present += v[k] != 0;
+    int total;
+    ts_block_exclusive_scan(present, &total);
+    if (threadIdx.x == 0) tile_counts[tile] = total;
+  }
+}
+
+// The present ids in ascending order with their counts: tile b writes from its exclusive
+// offset (tile_ends[b] - tile_counts[b]; tile_ends is the inclusive prefix sum).
+extern "C" __global__ void dense_emit(const int* __restrict__ hist, i64 num_rows,
+                                      const int* __restrict__ tile_counts,  // (tiles,)
+                                      const int* __restrict__ tile_ends,    // (tiles,)
+                                      i64* __restrict__ uniq,               // (>= U,) out
+                                      i64* __restrict__ counts) {           // (>= U,) out
+  TS_FOR_TILES(tile, num_rows) {
+    int v[TS_DENSE_PER_THREAD];
+    const i64 first = tile * TS_DENSE_TILE + threadIdx.x * TS_DENSE_PER_THREAD;
+    ts_dense_entries(hist, num_rows, first, v);
+    int present = 0;
+#pragma unroll
+    for (int k = 0; k < TS_DENSE_PER_THREAD; k++) present += v[k] != 0;
+    int total;
+    int at = ts_block_exclusive_scan(present, &total);
+    at += tile_ends[tile] - tile_counts[tile];
+#pragma unroll
+    for (int k = 0; k < TS_DENSE_PER_THREAD; k++)
+      if (v[k] != 0) {
+        uniq[at] = first + k;
+        counts[at] = v[k];
+        at++;
+      }
+  }
+}

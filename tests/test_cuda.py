@@ -346,6 +346,39 @@ def test_unique_matches_torch(num_rows, n):
     assert torch.equal(tr.start, starts)
 
 
+@pytest.mark.parametrize(
+    "num_rows, n, dist",
+    [
+        (1, 5, "uniform"),  # one id
+        (4096, 1, "uniform"),  # one histogram tile, one id
+        (4097, 300, "uniform"),  # a second tile of one entry
+        (50_001, 5000, "zipf"),  # tiles not a multiple of 16 entries at the end
+        (2_000_000, 65536, "zipf"),  # the replay's shape: hot ids repeat within a warp
+        (2_000_000, 65536, "uniform"),
+        (3_000_000, 65536, "uniform"),  # above the dense span: the sort
+    ],
+)
+def test_unique_counts_matches_torch(num_rows, n, dist):
+    """cuda.unique_counts (a histogram of the id space where it is small, else the sort) gives
+    torch.unique's ids and counts in the first U entries, U on the device; twice in a row, so a
+    histogram left dirty by a first call would show."""
+    cuda = _cuda()
+    rng = np.random.default_rng(num_rows + n)
+    for _ in range(2):
+        if dist == "zipf":
+            raw = rng.zipf(1.1, n) * 7919 % num_rows
+        else:
+            raw = rng.integers(0, num_rows, n)
+        raw[: min(n, 2)] = [num_rows - 1, 0][: min(n, 2)]  # both ends of the id space
+        idx = torch.from_numpy(raw).cuda()
+        ids, counts, count = cuda.unique_counts(idx, num_rows)
+        want_ids, want_counts = torch.unique(idx, return_counts=True)
+        u = want_ids.numel()
+        assert count.dtype == torch.int32 and count.tolist() == [u]
+        assert ids.dtype == counts.dtype == torch.int64 and ids.numel() >= u
+        assert torch.equal(ids[:u], want_ids) and torch.equal(counts[:u], want_counts)
+
+
 def test_step_same_with_and_without_fast_paths():
     """The unique step's transpose (no second sort) changes no bit of a training run."""
     cuda = _cuda()

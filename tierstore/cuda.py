@@ -113,6 +113,38 @@ def unique(indices: torch.Tensor, num_rows: int | None, padded: bool = False):
     return ids, inverse, counts, Transpose(sorted_u, order, start), None
 
 
+# A histogram of the id space beats a sort of the batch where the space is at most this many
+# times the batch (kernels/unique.cu, "the dense unique step")
+_DENSE_UNIQUE_SPAN = 32
+_DENSE_TILE = 4096  # histogram entries per block of the dense kernels (unique.cu)
+
+
+def unique_counts(ids: torch.Tensor, num_rows: int | None):
+    """A batch's unique ids (ascending) and their counts, without the inverse and transpose
+    that training needs (the trace replay's step), sync-free: ``(ids, counts, count)`` as
+    :func:`unique` returns them with ``padded``. Where every id is known to lie below
+    ``num_rows`` and ``num_rows`` is at most ``_DENSE_UNIQUE_SPAN`` times the batch, a
+    histogram of the id space replaces the sort; ids outside it must have been rejected."""
+    n = ids.numel()
+    if num_rows is None or n == 0 or num_rows > _DENSE_UNIQUE_SPAN * n or num_rows >= 1 << 31:
+        uniq, _, counts, _, count = unique(ids, num_rows, padded=True)
+        return uniq, counts, count
+    dev = _device(ids.device)
+    ids = _i64(ids, dev)
+    hist = torch.zeros(num_rows, dtype=torch.int32, device=dev)
+    _run("unique.cu", "dense_count", dev, (n + 31) // 32, (ids, n, num_rows, hist), True)
+    tiles = -(-num_rows // _DENSE_TILE)
+    tile_counts = torch.empty(tiles, dtype=torch.int32, device=dev)
+    threads = tiles * 256  # a 256-thread block per tile
+    _run("unique.cu", "dense_tile_counts", dev, threads, (hist, num_rows, tile_counts), False)
+    tile_ends = torch.cumsum(tile_counts, 0, dtype=torch.int32)
+    uniq = torch.empty(n, dtype=torch.int64, device=dev)
+    counts = torch.empty(n, dtype=torch.int64, device=dev)
+    args = (hist, num_rows, tile_counts, tile_ends, uniq, counts)
+    _run("unique.cu", "dense_emit", dev, threads, args, False)
+    return uniq, counts, tile_ends[-1:]
+
+
 # ---------------------------------------------------------------------------- the cache
 class DeviceLookup:
     """What one step decided, as :class:`~tierstore.cache.Lookup`, but with the fill lists in
