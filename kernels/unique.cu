@@ -79,7 +79,7 @@ extern "C" __global__ void dense_count(const i64* __restrict__ ids, i64 n, i64 n
 }
 
 // This thread's TS_DENSE_PER_THREAD consecutive histogram entries (zero past num_rows).
-__device__ __forceinline__ void ts_dense_entries(const int* __restrict__ hist, i64 num_rows,
+__device__ __forceinline__ void ts_dense_entries(const int* hist, i64 num_rows,
                                                  i64 first, int* v) {
   if (first + TS_DENSE_PER_THREAD <= num_rows) {  // whole int4s: `first` is a multiple of 16
     const int4* q = reinterpret_cast<const int4*>(hist + first);
@@ -139,8 +139,9 @@ extern "C" __global__ void dense_tile_counts(const int* __restrict__ hist, i64 n
 }
 
 // The present ids in ascending order with their counts: tile b writes from its exclusive
-// offset (tile_ends[b] - tile_counts[b]; tile_ends is the inclusive prefix sum).
-extern "C" __global__ void dense_emit(const int* __restrict__ hist, i64 num_rows,
+// offset (tile_ends[b] - tile_counts[b]; tile_ends is the inclusive prefix sum). Each present
+// id's entry then holds its position among them instead of its count (for dense_inverse).
+extern "C" __global__ void dense_emit(int* hist, i64 num_rows,  // (num_rows,) counts -> positions
                                       const int* __restrict__ tile_counts,  // (tiles,)
                                       const int* __restrict__ tile_ends,    // (tiles,)
                                       i64* __restrict__ uniq,               // (>= U,) out
@@ -160,7 +161,19 @@ extern "C" __global__ void dense_emit(const int* __restrict__ hist, i64 num_rows
       if (v[k] != 0) {
         uniq[at] = first + k;
         counts[at] = v[k];
+        hist[first + k] = at;  // only this thread reads this entry
         at++;
       }
+  }
+}
+
+// inverse[i] = the position of ids[i] among the batch's unique ids (dense_emit's positions);
+// 0 for an id outside [0, num_rows), which the caller's checks reject before it is used.
+extern "C" __global__ void dense_inverse(const i64* __restrict__ ids, i64 n, i64 num_rows,
+                                         const int* __restrict__ position,  // (num_rows,)
+                                         i64* __restrict__ inverse) {       // (n,) out
+  for (i64 i = ts_global_thread(); i < n; i += ts_thread_count()) {
+    const i64 id = ids[i];
+    inverse[i] = id >= 0 && id < num_rows ? position[id] : 0;
   }
 }

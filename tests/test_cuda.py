@@ -250,6 +250,9 @@ def test_module_matches_cpu(opt, mode, cache_rows, policy):
             g = torch.randn_like(y_cpu)
             y_cpu.backward(g)
             y_gpu.backward(g.cuda())
+        if step % 4 == 3:  # an inference forward between training steps (no transpose)
+            with torch.no_grad():
+                assert _rel(gpu_emb(x.cuda()), cpu_emb(x)) <= 1e-6, step
         _check_rows(cpu_emb, gpu_emb, num)
         assert gpu_emb.stats() == cpu_emb.stats()
         _same_cache(gpu_emb.store.l1, cpu_emb.store.l1)
@@ -377,6 +380,25 @@ def test_unique_counts_matches_torch(num_rows, n, dist):
         assert count.dtype == torch.int32 and count.tolist() == [u]
         assert ids.dtype == counts.dtype == torch.int64 and ids.numel() >= u
         assert torch.equal(ids[:u], want_ids) and torch.equal(counts[:u], want_counts)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("num_rows, n", [(1000, 5000), (10_000_000, 2 << 20), (4097, 129)])
+def test_unique_without_transpose_matches_torch(num_rows, n, padded):
+    """cuda.unique for a batch no backward follows (the histogram where the id space is small)
+    is torch.unique's ids, inverse and counts; ids out of range cost no access out of bounds."""
+    cuda = _cuda()
+    rng = np.random.default_rng(n)
+    idx = torch.from_numpy(rng.zipf(1.1, n) * 7919 % num_rows).cuda()
+    ids, inverse, counts, tr, count = cuda.unique(idx, num_rows, padded, transpose=False)
+    want = torch.unique(idx, return_inverse=True, return_counts=True)
+    u = want[0].numel()
+    assert tr is None and (count.tolist() == [u] if padded else count is None)
+    assert torch.equal(ids[:u], want[0]) and torch.equal(counts[:u], want[2])
+    assert inverse.dtype == torch.int64 and torch.equal(inverse, want[1])
+    idx[:3] = torch.tensor([-1, num_rows, 1 << 40])  # rejected later by the module's checks
+    cuda.unique(idx, num_rows, padded, transpose=False)
+    torch.cuda.synchronize()
 
 
 def test_step_same_with_and_without_fast_paths():

@@ -73,7 +73,9 @@ class Transpose:
         self.start = start  # (U + 1,) int64: first sorted entry of each row; start[U] = n
 
 
-def unique(indices: torch.Tensor, num_rows: int | None, padded: bool = False):
+def unique(
+    indices: torch.Tensor, num_rows: int | None, padded: bool = False, transpose: bool = True
+):
     """``torch.unique(indices, sorted=True, return_inverse=True, return_counts=True)`` plus the
     batch's :class:`Transpose` (``None`` when torch.unique was used) and the unique count: one
     stable radix sort of the ids (int32 keys when the table has at most 2**31 rows: half the
@@ -83,9 +85,20 @@ def unique(indices: torch.Tensor, num_rows: int | None, padded: bool = False):
     unique count ``U`` (the one device read) and ``ids``/``counts`` have ``U`` entries;
     ``count`` is ``None``. With ``padded`` nothing is read: ``ids`` and ``counts`` are buffers
     of ``n`` entries of which the first ``U`` are used, and ``count`` is ``U`` as a (1,) int32
-    device tensor, which the cache kernels read themselves (a sync-free step)."""
+    device tensor, which the cache kernels read themselves (a sync-free step).
+
+    Without ``transpose`` (a batch that no backward will follow) and with ids known to lie
+    below a ``num_rows`` at most ``_DENSE_UNIQUE_SPAN`` times the batch, a histogram of the id
+    space replaces the sort, and ``transpose`` is ``None``. Ids outside ``[0, num_rows)`` give
+    garbage but no access out of bounds; the caller's checks reject them before any use."""
     n = indices.numel()
     dev = indices.device
+    if not transpose and FAST_UNIQUE and dev.type == "cuda" and _dense_eligible(n, num_rows):
+        ids, counts, count, inverse = _dense_unique(indices, num_rows, want_inverse=True)
+        if padded:
+            return ids, inverse, counts, None, count
+        u = int(count[0])  # the one read, as below
+        return ids[:u], inverse, counts[:u], None, None
     if not FAST_UNIQUE or dev.type != "cuda" or n == 0 or n >= 1 << 31:
         ids, inverse, counts = torch.unique(indices, return_inverse=True, return_counts=True)
         return ids, inverse, counts, None, None
@@ -119,16 +132,16 @@ _DENSE_UNIQUE_SPAN = 32
 _DENSE_TILE = 4096  # histogram entries per block of the dense kernels (unique.cu)
 
 
-def unique_counts(ids: torch.Tensor, num_rows: int | None):
-    """A batch's unique ids (ascending) and their counts, without the inverse and transpose
-    that training needs (the trace replay's step), sync-free: ``(ids, counts, count)`` as
-    :func:`unique` returns them with ``padded``. Where every id is known to lie below
-    ``num_rows`` and ``num_rows`` is at most ``_DENSE_UNIQUE_SPAN`` times the batch, a
-    histogram of the id space replaces the sort; ids outside it must have been rejected."""
+def _dense_eligible(n: int, num_rows: int | None) -> bool:
+    """Whether a histogram of ``num_rows`` entries is the cheaper unique step for ``n`` ids."""
+    return num_rows is not None and 0 < n < 1 << 31 and num_rows <= _DENSE_UNIQUE_SPAN * n
+
+
+def _dense_unique(ids: torch.Tensor, num_rows: int, want_inverse: bool):
+    """The unique step as a histogram of the id space (kernels/unique.cu, "the dense unique
+    step"): ``(ids, counts, count, inverse)`` with ``ids``/``counts`` n-long buffers of which
+    the first ``count`` (a (1,) int32 device tensor) are used; ``inverse`` if asked."""
     n = ids.numel()
-    if num_rows is None or n == 0 or num_rows > _DENSE_UNIQUE_SPAN * n or num_rows >= 1 << 31:
-        uniq, _, counts, _, count = unique(ids, num_rows, padded=True)
-        return uniq, counts, count
     dev = _device(ids.device)
     ids = _i64(ids, dev)
     hist = torch.zeros(num_rows, dtype=torch.int32, device=dev)
@@ -141,8 +154,25 @@ def unique_counts(ids: torch.Tensor, num_rows: int | None):
     uniq = torch.empty(n, dtype=torch.int64, device=dev)
     counts = torch.empty(n, dtype=torch.int64, device=dev)
     args = (hist, num_rows, tile_counts, tile_ends, uniq, counts)
-    _run("unique.cu", "dense_emit", dev, threads, args, False)
-    return uniq, counts, tile_ends[-1:]
+    _run("unique.cu", "dense_emit", dev, threads, args, False)  # hist: positions from here
+    inverse = None
+    if want_inverse:
+        inverse = torch.empty(n, dtype=torch.int64, device=dev)
+        _run("unique.cu", "dense_inverse", dev, n, (ids, n, num_rows, hist, inverse), False)
+    return uniq, counts, tile_ends[-1:], inverse
+
+
+def unique_counts(ids: torch.Tensor, num_rows: int | None):
+    """A batch's unique ids (ascending) and their counts, without the inverse and transpose
+    that training needs (the trace replay's step), sync-free: ``(ids, counts, count)`` as
+    :func:`unique` returns them with ``padded``. Where every id is known to lie below
+    ``num_rows`` and ``num_rows`` is at most ``_DENSE_UNIQUE_SPAN`` times the batch, a
+    histogram of the id space replaces the sort; ids outside it must have been rejected."""
+    if not _dense_eligible(ids.numel(), num_rows):
+        uniq, _, counts, _, count = unique(ids, num_rows, padded=True)
+        return uniq, counts, count
+    uniq, counts, count, _ = _dense_unique(ids, num_rows, want_inverse=False)
+    return uniq, counts, count
 
 
 # ---------------------------------------------------------------------------- the cache

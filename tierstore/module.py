@@ -220,15 +220,16 @@ class TieredEmbeddingBag(nn.Module):
         flat, offs, psw, checks = self._prepare(
             input, offsets, per_sample_weights, values=captured is None
         )
+        wants_psw_grad = psw is not None and psw.requires_grad
+        training = torch.is_grad_enabled() and (self.optimizer is not None or wants_psw_grad)
         batch = self._take_prefetched(flat)
-        if batch is None:
-            batch = self.store.lookup(flat, checks.wait)  # waits before the first change
+        if batch is None:  # waits for the checks before the first change
+            batch = self.store.lookup(flat, checks.wait, backward=training)
         else:
             checks.wait()
         if captured is not None:
             captured.batch = batch
-        wants_psw_grad = psw is not None and psw.requires_grad
-        if torch.is_grad_enabled() and (self.optimizer is not None or wants_psw_grad):
+        if training:
             handle = _BatchHandle(self.store, batch)
             # A zero-size leaf that requires grad, so that autograd calls our backward even when
             # nothing else in the batch does; the fused optimizer takes the place of weight

@@ -54,16 +54,23 @@ def initial_rows(
     return w.to(ids.device)
 
 
-def batch_unique(backend, indices: torch.Tensor, num_rows: int | None, padded: bool = False):
+def batch_unique(
+    backend,
+    indices: torch.Tensor,
+    num_rows: int | None,
+    padded: bool = False,
+    transpose: bool = True,
+):
     """``(ids, inverse, counts, transpose, count)`` of a batch: its unique ids ascending, as
     ``torch.unique``, by the backend's own unique when it has one (the CUDA backend's also
-    returns the sparse transpose that backward reuses, and with ``padded`` leaves the unique
-    count on the device as ``count``; else ``transpose`` and ``count`` are ``None``)."""
+    returns the sparse transpose that backward reuses unless told no backward will follow
+    (``transpose=False``), and with ``padded`` leaves the unique count on the device as
+    ``count``; else ``transpose`` and ``count`` are ``None``)."""
     unique = getattr(backend, "unique", None)
     if unique is None:
         ids, inverse, counts = torch.unique(indices, return_inverse=True, return_counts=True)
         return ids, inverse, counts, None, None
-    return unique(indices, num_rows, padded)
+    return unique(indices, num_rows, padded, transpose)
 
 
 @dataclass
@@ -162,12 +169,17 @@ class TieredStore:
 
     # ------------------------------------------------------------------ the batch step
     def lookup(
-        self, indices: torch.Tensor, before_change: Callable[[], None] | None = None
+        self,
+        indices: torch.Tensor,
+        before_change: Callable[[], None] | None = None,
+        backward: bool = True,
     ) -> Batch:
         """Places every row of a batch (flat int64 indices) and locks it. ``before_change`` is
         called after the unique step (which changes nothing) and before anything changes: the
         input's checks (``BatchChecks.wait``), so that the device has work while the host
-        waits; without it the indices must be validated already.
+        waits; without it the indices must be validated already. ``backward=False`` says no
+        backward pass will use the batch (an inference forward): the unique step may then skip
+        the sparse transpose that backward reuses (the CUDA backend's histogram unique).
 
         L2 first, so that a batch too large for ``host_rows`` fails before anything changes;
         then L1: dirty victims go back to L2, missed rows come in from L2 in ascending id order.
@@ -176,7 +188,7 @@ class TieredStore:
         """
         padded = not self.inclusive_host and getattr(self.l1, "sync_free", False)
         ids, inverse, counts, transpose, count = batch_unique(
-            self.backend, indices, self.num_rows, padded
+            self.backend, indices, self.num_rows, padded, backward
         )
         if before_change is not None:
             before_change()
