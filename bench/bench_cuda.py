@@ -109,7 +109,7 @@ def bench_forward_and_step(out: list, quick: bool) -> None:
         store.release(batch)
 
         def look_fwd(ids=ids, store=store):
-            b = store.lookup(ids, backward=False)  # inference: no transpose
+            b = store.lookup(ids, backward=False, hold=False)  # inference
             cuda.forward(store, b, offsets, None, "sum")
             store.release(b)
 
@@ -230,7 +230,7 @@ def bench_ab(out: list, quick: bool) -> None:
                         emb(x).backward(g)
 
                     def look_fwd(f=flat):
-                        b = store.lookup(f, backward=False)  # inference: no transpose
+                        b = store.lookup(f, backward=False, hold=False)  # inference
                         cuda.forward(store, b, offsets, None, "sum")
                         store.release(b)
 

@@ -68,7 +68,9 @@ extern "C" __global__ void scatter_misses(const i64* __restrict__ ids,     // (U
 // already) are ranked by key (empty = -1, else the stamp), ties by way index; the r-th miss of
 // the set in ascending id order takes the way of rank r. Misses beyond the evictable ways are
 // conflict misses (their slot stays -1). Writes the new tag, score, clean bit and one lock,
-// and records, by position in the batch, the victim and whether it was dirty.
+// and records, by position in the batch, the victim and whether it was dirty. With `hit_mask`
+// (lookup.cu probe: a step that holds no locks) the step's hits are its set bits, and the fills
+// take no lock.
 template <class Policy>
 __device__ void choose_victims(const int* __restrict__ touched,      // (T,)
                                const int* __restrict__ n_touched,    // (1,)
@@ -85,7 +87,8 @@ __device__ void choose_victims(const int* __restrict__ touched,      // (T,)
                                int* __restrict__ filled,             // (U,) 1 where a fill, zeroed
                                i64* __restrict__ victim_by_pos,      // (U,)
                                unsigned char* __restrict__ victim_dirty_by_pos,  // (U,)
-                               i64* __restrict__ counters) {         // (N_COUNTERS,)
+                               i64* __restrict__ counters,           // (N_COUNTERS,)
+                               const u64* __restrict__ hit_mask) {   // (S,) or null
   const int lane = ts_lane();
   const int W = (int)ways;
   const int stride = ts_digest_stride(W);
@@ -96,6 +99,7 @@ __device__ void choose_victims(const int* __restrict__ touched,      // (T,)
     const i64 set = touched[t];
     const int k = touched_k[t];
     const int off = touched_off[t];
+    const u64 held = hit_mask != nullptr ? hit_mask[set] : 0;  // this step's hits, unlocked
     // this lane's ways: lane and lane + 32
     i64 tag[2], key[2];
     bool ev[2], dty[2];
@@ -111,7 +115,7 @@ __device__ void choose_victims(const int* __restrict__ touched,      // (T,)
         const WayState way = state[slot];
         tag[h] = way.tag;
         dty[h] = dirty[slot] != 0;
-        ev[h] = way.lock == 0;
+        ev[h] = way.lock == 0 && !((held >> w) & 1);
         if (ev[h]) key[h] = tag[h] == TS_EMPTY ? -1 : way.stamp;
       }
     }
@@ -163,7 +167,7 @@ __device__ void choose_victims(const int* __restrict__ touched,      // (T,)
           const i64 row = ids[best];
           state[slot].tag = row;
           state[slot].stamp = score[best];
-          state[slot].lock = 1;
+          state[slot].lock = hit_mask == nullptr ? 1 : 0;
           digests[set * stride + lane + 32 * h] = (unsigned char)ts_digest(ts_mix64((u64)row));
           dirty[slot] = 0;
           slots[best] = slot;
@@ -189,10 +193,11 @@ __device__ void choose_victims(const int* __restrict__ touched,      // (T,)
                                   const i64* score, WayState* state, unsigned char* digests,     \
                                   unsigned char* dirty, i64 ways,                                \
                                   i64* slots, int* filled, i64* victim_by_pos,                   \
-                                  unsigned char* victim_dirty_by_pos, i64* counters) {           \
+                                  unsigned char* victim_dirty_by_pos, i64* counters,             \
+                                  const u64* hit_mask) {                                         \
     choose_victims<POLICY>(touched, n_touched, touched_k, touched_off, segments, ids, score,     \
                            state, digests, dirty, ways, slots, filled,                           \
-                           victim_by_pos, victim_dirty_by_pos, counters);                        \
+                           victim_by_pos, victim_dirty_by_pos, counters, hit_mask);              \
   }
 TS_CHOOSE(choose_victims_lru, LruPolicy)
 TS_CHOOSE(choose_victims_lfu, LfuPolicy)

@@ -27,7 +27,9 @@ extern "C" __global__ void find_slots(const i64* __restrict__ ids,  // (U,)
 // takes the policy's score and one more lock (a locked way is not evictable, which is how
 // "used by this step" is told to insert.cu); slots[i] is the hit's slot or -1. For a miss,
 // set_misses[set] counts it and the first miss of a set appends the set to `touched`.
-// score[i] is every id's score, for the fills.
+// score[i] is every id's score, for the fills. With `hit_mask` (a step whose rows are used and
+// given back before any other step: an inference forward) a hit takes no lock: its way's bit in
+// hit_mask[set] keeps this step's fills off it instead, and no release is needed.
 // The sketch has already counted this batch (sketch_add), so LFU estimates are final.
 // A thread per id.
 template <class Policy>
@@ -42,7 +44,8 @@ __device__ void probe(const i64* __restrict__ ids,     // (U,) ascending
                       int* __restrict__ set_misses,  // (S,) zero on entry
                       int* __restrict__ touched,     // (U,) out: sets with a miss
                       int* __restrict__ n_touched,   // (1,) zero on entry
-                      i64* __restrict__ counters) {  // (N_COUNTERS,)
+                      i64* __restrict__ counters,    // (N_COUNTERS,)
+                      u64* __restrict__ hit_mask) {  // (S,) zero on entry, or null
   i64 requests = 0, unique = 0, hits = 0;
   n = ts_items(n, count);
   const i64 now = *step;
@@ -57,7 +60,10 @@ __device__ void probe(const i64* __restrict__ ids,     // (U,) ascending
       const i64 slot = p.set * ways + p.way;
       // the sector the tag was read from: score and lock cost no other random access
       state[slot].stamp = s;
-      atomicAdd(&state[slot].lock, 1);  // ids are unique: no contention; fire and forget
+      if (hit_mask != nullptr)
+        atomicOr(&hit_mask[p.set], 1ull << p.way);
+      else
+        atomicAdd(&state[slot].lock, 1);  // ids are unique: no contention; fire and forget
       slots[i] = slot;
       hits += 1;
     } else {
@@ -77,10 +83,11 @@ __device__ void probe(const i64* __restrict__ ids,     // (U,) ascending
       const unsigned char* digests, i64 sets, i64 ways,                                        \
       const i64* step, int* sk_counters,                                                       \
       const i64* sk_salts, i64* sk_additions, i64 sk_depth, i64 sk_width, i64 sk_sample,       \
-      i64* slots, i64* score, int* set_misses, int* touched, int* n_touched, i64* counters) {  \
+      i64* slots, i64* score, int* set_misses, int* touched, int* n_touched, i64* counters,    \
+      u64* hit_mask) {                                                                         \
     const Sketch sketch = {sk_counters, sk_salts, sk_additions, sk_depth, sk_width, sk_sample};\
     probe<POLICY>(ids, counts, n, count, state, digests, sets, ways, step, sketch,              \
-                  slots, score, set_misses, touched, n_touched, counters);                     \
+                  slots, score, set_misses, touched, n_touched, counters, hit_mask);           \
   }
 TS_PROBE(probe_lru, LruPolicy)
 TS_PROBE(probe_lfu, LfuPolicy)

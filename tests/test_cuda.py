@@ -162,6 +162,48 @@ def test_cache_step_matches_cpu(policy, dist, rows, ways, sync_free):
 
 
 @pytest.mark.parametrize("policy", ["lru", "lfu", "lru_torch"])
+@pytest.mark.parametrize("rows,ways", [(64, 8), (300, 32), (5000, 32)])
+@pytest.mark.parametrize("sync_free", [False, True])
+def test_cache_step_without_hold_matches_lookup_and_release(policy, rows, ways, sync_free):
+    """A step that holds no locks (an inference forward's, ``hold=False``) ends in the state of
+    the CPU's step followed at once by its release, and places the same rows, also with
+    crowded sets (conflict misses) and other batches in flight, whose locks it must respect."""
+    cuda = _cuda()
+    seed = hash((policy, rows, ways, sync_free)) % 1000
+    rng = np.random.default_rng(seed)
+    make = {"lru_torch": _TorchOnlyLru}.get(policy, lambda: policy)
+    cpu_cache = SetAssociativeCache(rows, ways, make(), "cpu")
+    gpu_cache = cuda.new_cache(rows, ways, make(), torch.device("cuda"))
+    in_flight = deque()
+    for step in range(30):
+        n = int(rng.choice([1, 7, 64, 3 * rows]))
+        ids, counts = torch.unique(_trace(rng, "zipf", 4 * rows, n), return_counts=True)
+        want = cpu_cache.lookup(ids, counts)
+        if step % 3 == 0:  # a held batch (a prefetch), released two steps later
+            got = gpu_cache.lookup(ids.cuda(), counts.cuda())
+            assert getattr(got, "holds", True)
+            in_flight.append((want.slots, got.slots))
+        else:
+            count = None
+            if sync_free:
+                ids_buffer, counts_buffer, count = _padded(ids, counts, rng)
+                got = gpu_cache.lookup(ids_buffer, counts_buffer, count=count, hold=False)
+            else:
+                got = gpu_cache.lookup(ids.cuda(), counts.cuda(), hold=False)
+            cpu_cache.release(want.slots)
+            if getattr(got, "holds", True):  # a policy without kernels locks as usual
+                gpu_cache.release(got.slots, count)
+        t = got.trimmed() if hasattr(got, "trimmed") else got
+        assert torch.equal(t.slots.cpu(), want.slots), step
+        assert torch.equal(t.victim_ids.cpu(), want.victim_ids), step
+        while len(in_flight) > 1 or (in_flight and step % 3 == 2):
+            cs, gs = in_flight.popleft()
+            cpu_cache.release(cs)
+            gpu_cache.release(gs)
+        _same_cache(gpu_cache, cpu_cache)
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", "lru_torch"])
 def test_cache_step_with_colliding_digests(policy):
     """Rows of one set that share their digest: the probe must tell them apart by the tag (a
     digest match alone is not a hit). ``lru_torch`` has no kernels: its torch step must keep the

@@ -27,8 +27,11 @@ def new_cache(rows: int, ways: int, policy, device: torch.device) -> SetAssociat
     return SetAssociativeCache(rows, ways, policy, device)
 
 
-def lookup(cache: SetAssociativeCache, ids: torch.Tensor, counts: torch.Tensor) -> Lookup:
-    """One cache step (see :meth:`SetAssociativeCache.lookup`)."""
+def lookup(
+    cache: SetAssociativeCache, ids: torch.Tensor, counts: torch.Tensor, hold: bool = True
+) -> Lookup:
+    """One cache step (see :meth:`SetAssociativeCache.lookup`). The step always locks its rows
+    (``hold`` is the CUDA backend's, which can skip that for an inference forward)."""
     return cache.lookup(ids, counts)
 
 

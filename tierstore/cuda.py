@@ -186,7 +186,7 @@ class DeviceLookup:
 
     def __init__(
         self, ids, slots, filled, fill_index, fill_slots, victim_ids, victim_dirty, n_fill,
-        count=None,
+        count=None, holds=True,
     ):  # fmt: skip
         self.ids = ids  # (U,) int64, ascending
         self.slots = slots  # (U,) int64, -1 = conflict miss
@@ -197,6 +197,7 @@ class DeviceLookup:
         self.victim_dirty_buffer = victim_dirty  # (U,) bool
         self.n_fill = n_fill  # (1,) int32 on the device
         self.count = count  # (1,) int32 on the device: used entries of ids, or None (all)
+        self.holds = holds  # the step locked its rows (False: nothing to release)
         self._trimmed: Lookup | None = None
 
     def trimmed(self) -> Lookup:
@@ -297,10 +298,18 @@ class CudaCache(SetAssociativeCache):
         counts: torch.Tensor,
         strict: bool = False,
         count: torch.Tensor | None = None,
+        hold: bool = True,
     ):
         """One step (see :meth:`SetAssociativeCache.lookup`); returns a :class:`DeviceLookup`.
         With ``count`` (a (1,) int32 device tensor) only the first ``count`` entries of ``ids``
-        and ``counts`` are the batch's, and the host never reads how many (a sync-free step)."""
+        and ``counts`` are the batch's, and the host never reads how many (a sync-free step).
+
+        ``hold=False`` is for a step whose rows are used and given back before any other step
+        of this cache (an inference forward): its hits take no lock, a per-set mask of them
+        keeps the step's own fills off them instead, and the fills take none either, so that
+        the state is that of the step followed by its release, with no release to launch (a
+        random read-modify-write per row). The result says so (``holds``); a policy without
+        kernels, or ``strict``, locks as usual."""
         policy = self.policy.name
         if strict or policy not in _KERNEL_POLICIES:
             if count is not None:
@@ -331,9 +340,11 @@ class CudaCache(SetAssociativeCache):
             _run("sketch.cu", "sketch_add", dev, n, args, per_warp=False)
         else:
             sk_args = (None, None, None, 0, 1, 0)
+        # bits of this step's hits per set, where the step holds no locks
+        hit_mask = None if hold else torch.zeros(self.sets, dtype=i64, device=dev)
         args = (ids, counts, n, count, self.way_state, self.digests, self.sets, self.ways,
                 self.next_step, *sk_args, slots, score, self._set_misses, touched[0],
-                meta[0:1], self.counters)  # fmt: skip
+                meta[0:1], self.counters, hit_mask)  # fmt: skip
         _run("lookup.cu", f"probe_{policy}", dev, n, args, per_warp=False)
         args = (touched[0], meta[0:1], self._set_misses, meta[1:2], self._seg_start,
                 touched[1], touched[2])  # fmt: skip
@@ -342,7 +353,7 @@ class CudaCache(SetAssociativeCache):
         _run("insert.cu", "scatter_misses", dev, n, args, per_warp=False)
         args = (touched[0], meta[0:1], touched[1], touched[2], segments, ids, score,
                 self.way_state, self.digests, self.dirty, self.ways, slots, filled,
-                victim_by_pos, victim_dirty_by_pos, self.counters)  # fmt: skip
+                victim_by_pos, victim_dirty_by_pos, self.counters, hit_mask)  # fmt: skip
         _run("insert.cu", f"choose_victims_{policy}", dev, min(n, self.sets), args, True)
         # the fills in ascending id order: a prefix sum over the batch, then a compaction
         rank = torch.cumsum(filled, 0, dtype=i32)
@@ -359,8 +370,9 @@ class CudaCache(SetAssociativeCache):
         if sk is not None:
             self._age(sk)
         return DeviceLookup(
-            ids, slots, filled, fill_index, fill_slots, victim_ids, victim_dirty, n_fill, count
-        )
+            ids, slots, filled, fill_index, fill_slots, victim_ids, victim_dirty, n_fill, count,
+            hold,
+        )  # fmt: skip
 
     def _age(self, sk) -> None:
         """Halves the sketch and the scores once ``sample_size`` additions have accumulated,
@@ -397,12 +409,13 @@ def lookup(
     ids: torch.Tensor,
     counts: torch.Tensor,
     count: torch.Tensor | None = None,
+    hold: bool = True,
 ):
-    """One cache step (see :meth:`SetAssociativeCache.lookup`); ``count``: see
+    """One cache step (see :meth:`SetAssociativeCache.lookup`); ``count`` and ``hold``: see
     :meth:`CudaCache.lookup`."""
-    if count is None:
+    if count is None and hold:
         return cache.lookup(ids, counts)
-    return cache.lookup(ids, counts, count=count)
+    return cache.lookup(ids, counts, count=count, hold=hold)
 
 
 # ------------------------------------------------------------------------------ moving rows

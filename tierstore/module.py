@@ -223,8 +223,9 @@ class TieredEmbeddingBag(nn.Module):
         wants_psw_grad = psw is not None and psw.requires_grad
         training = torch.is_grad_enabled() and (self.optimizer is not None or wants_psw_grad)
         batch = self._take_prefetched(flat)
-        if batch is None:  # waits for the checks before the first change
-            batch = self.store.lookup(flat, checks.wait, backward=training)
+        if batch is None:  # waits for the checks before the first change; an inference
+            # batch is released right after its forward: its L1 step need not lock its rows
+            batch = self.store.lookup(flat, checks.wait, backward=training, hold=training)
         else:
             checks.wait()
         if captured is not None:

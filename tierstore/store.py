@@ -89,6 +89,8 @@ class Batch:
     # A sync-free step's unique count U as a (1,) int32 device tensor: then ids, slots and
     # addresses are buffers of n entries of which the first U are used. None: exactly U.
     count: torch.Tensor | None = None
+    # Whether L1 holds locks for the batch until release (False: a lookup with hold=False)
+    holds: bool = True
 
     def trimmed(self) -> Batch:
         """This batch with exactly ``U`` entries (reads ``count`` from the device if set)."""
@@ -96,7 +98,7 @@ class Batch:
             return self
         u = int(self.count[0])
         return Batch(self.ids[:u], self.inverse, self.slots[:u], self.addresses[:u],
-                     self.released, self.transpose)  # fmt: skip
+                     self.released, self.transpose, holds=self.holds)  # fmt: skip
 
 
 class TieredStore:
@@ -173,6 +175,7 @@ class TieredStore:
         indices: torch.Tensor,
         before_change: Callable[[], None] | None = None,
         backward: bool = True,
+        hold: bool = True,
     ) -> Batch:
         """Places every row of a batch (flat int64 indices) and locks it. ``before_change`` is
         called after the unique step (which changes nothing) and before anything changes: the
@@ -180,6 +183,8 @@ class TieredStore:
         waits; without it the indices must be validated already. ``backward=False`` says no
         backward pass will use the batch (an inference forward): the unique step may then skip
         the sparse transpose that backward reuses (the CUDA backend's histogram unique).
+        ``hold=False`` says the batch is used and released before any other lookup of this
+        store (an inference forward): the CUDA step then need not lock its L1 rows.
 
         L2 first, so that a batch too large for ``host_rows`` fails before anything changes;
         then L1: dirty victims go back to L2, missed rows come in from L2 in ascending id order.
@@ -193,23 +198,29 @@ class TieredStore:
         if before_change is not None:
             before_change()
         addresses = self.host.acquire(ids)
-        if count is None:
+        if count is None and hold:
             found = self.backend.lookup(self.l1, ids, counts)
+        elif count is None:
+            found = self.backend.lookup(self.l1, ids, counts, hold=False)
         else:
-            found = self.backend.lookup(self.l1, ids, counts, count)
+            found = self.backend.lookup(self.l1, ids, counts, count, hold)
         if self.inclusive_host:  # L2 keeps what L1 holds: move the pins with the rows
             evicted = found.victim_ids != EMPTY
             self.host.unpin(self.l1_home[found.fill_slots[evicted]])
             self.host.pin(addresses[found.fill_index])
         self.backend.move_rows(self, found, addresses)
-        return Batch(ids, inverse, found.slots, addresses, transpose=transpose, count=count)
+        holds = getattr(found, "holds", True)
+        return Batch(ids, inverse, found.slots, addresses, transpose=transpose, count=count,
+                     holds=holds)  # fmt: skip
 
     def release(self, batch: Batch) -> None:
         """Unlocks a batch's rows in L1 and L2 (once)."""
         if batch.released:
             return
         batch.released = True
-        if batch.count is None:
+        if not batch.holds:  # its L1 step took no locks
+            pass
+        elif batch.count is None:
             self.l1.release(batch.slots)
         else:
             self.l1.release(batch.slots, batch.count)
