@@ -53,12 +53,17 @@ def assert_same_lookup(want: Lookup, got: Lookup):
         assert torch.equal(a, b), name
 
 
-def assert_same_state(want: SetAssociativeCache, got: SetAssociativeCache):
+def assert_same_cache_state(want: SetAssociativeCache, got: SetAssociativeCache):
+    """The state but the sketch (which a cache scored ahead holds one batch further on)."""
     for name in STATE:
         assert torch.equal(getattr(want, name), getattr(got, name)), name
     assert want.step == got.step
     if want._slot_of is not None:
         assert torch.equal(want._slot_of, got._slot_of), "_slot_of"
+
+
+def assert_same_state(want: SetAssociativeCache, got: SetAssociativeCache):
+    assert_same_cache_state(want, got)
     if want.sketch is not None:
         assert torch.equal(want.sketch.counters, got.sketch.counters), "sketch counters"
         assert torch.equal(want.sketch.additions, got.sketch.additions), "sketch additions"
@@ -290,3 +295,48 @@ def test_a_numba_that_cannot_compile_leaves_the_torch_step(monkeypatch):
             got = fallen.lookup(uniq, counts)
         assert_same_lookup(want, got)
         assert_same_state(reference, fallen)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    shape=st.sampled_from(SHAPES),
+    policy=st.sampled_from(["lru", "lfu"]),
+    indexed=st.booleans(),
+    size=st.integers(1, 200),
+    sample=st.sampled_from([None, 5, 60]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_scored_ahead_equals_torch_step(shape, policy, indexed, size, sample, seed):
+    """``score`` of batch k + 1 before ``place`` of batch k, as the CPU replay steps its
+    batches on two threads: the same lookups and state as the torch step batch by batch (the
+    sketch one batch ahead until the last), the sketch's halving included."""
+    rng = np.random.default_rng(seed)
+    universe = int(rng.integers(2, 4 * shape[0] + 50))
+    batches = zipf_batches(rng, 12, size, universe)
+    reference, ahead = make_twins(
+        *shape, policy, id_bound=universe if indexed else None, sample=sample
+    )
+    uniques = [torch.unique(torch.from_numpy(b), return_counts=True) for b in batches]
+    scored = [cache_compiled.score(ahead, uniques[0][0].numpy(), uniques[0][1].numpy())]
+    for k, (uniq, counts) in enumerate(uniques):
+        if k + 1 < len(uniques):
+            nxt = uniques[k + 1]
+            scored.append(cache_compiled.score(ahead, nxt[0].numpy(), nxt[1].numpy()))
+        with torch_step():
+            want = reference.lookup(uniq, counts)
+        got = Lookup(uniq, *cache_compiled.place(ahead, scored[k]))
+        assert_same_lookup(want, got)
+        assert_same_cache_state(reference, ahead)
+        if k % 3:  # the others stay locked: conflict misses
+            with torch_step():
+                reference.release(want.slots)
+            ahead.release(got.slots)
+    assert_same_state(reference, ahead)
+
+
+def test_scoring_an_id_outside_the_bound_raises_before_any_change():
+    cache = SetAssociativeCache(16, 4, "lfu", id_bound=100)
+    counters = cache.sketch.counters.clone()
+    with pytest.raises(IndexError):
+        cache_compiled.score(cache, np.array([5, 100]), np.ones(2, np.int64))
+    assert torch.equal(cache.sketch.counters, counters)

@@ -79,6 +79,29 @@ def test_graphed_training_equals_eager(policy, mode, cache_rows):
     _assert_same(eager, graphed, seed)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+@pytest.mark.parametrize("cache_rows", [96, ROWS])
+def test_graphed_inference_equals_eager(policy, cache_rows):
+    """An inference forward (no backward: the histogram unique step, no locks) captured and
+    replayed gives the eager outputs and leaves the same state, between training steps."""
+    seed = random.randrange(1 << 32)
+    rng = np.random.default_rng(seed)
+    eager, graphed = _pair(policy, "sum", cache_rows)
+    infer = ts.GraphedStep(torch.no_grad()(graphed.forward))
+    for k in range(8):
+        x = _zipf(rng, BAGS * LENGTH).view(BAGS, LENGTH)
+        with torch.no_grad():
+            want = eager(x)
+        assert torch.equal(infer(x), want), f"output of call {k} differs (seed {seed})"
+        if k % 3 == 2:  # a training step on both, eagerly
+            g = torch.from_numpy(rng.standard_normal((BAGS, 24), dtype=np.float32)).cuda()
+            eager(x).backward(g)
+            graphed(x).backward(g)
+    assert infer.graph is not None
+    _assert_same(eager, graphed, seed)
+
+
 class _TwoTowers(torch.nn.Module):
     """Two tables (LRU and LFU, different sizes) pooled into a dense layer: a DLRM-like step."""
 

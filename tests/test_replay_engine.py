@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 import tierstore as ts
+from tierstore import cache as cache_module
+from tierstore import cache_compiled
+from tierstore.replay import engine
 from tierstore.replay.engine import replay_engine
 
 
@@ -59,3 +63,49 @@ def test_two_level_replay_attributes_every_miss(tmp_path):
     s = emb.stats()
     assert (r.hits, r.misses) == (s.hits, s.misses)
     assert r.l3_reads == s.l2_misses
+
+
+COUNTS = ("requests", "unique", "hits", "misses", "conflicts", "evictions")
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+@pytest.mark.parametrize("num_rows", [None, 500])
+def test_replay_on_two_threads_equals_the_torch_step(monkeypatch, policy, num_rows):
+    """The CPU replay scores each batch (unique step, sketch) on a worker thread one batch
+    ahead of the rest of its step: the same counts as the torch step batch after batch, over
+    enough batches that the sketch halves several times."""
+    pytest.importorskip("numba")
+    batches = trace(7, steps=80)
+    placed = []
+    place = cache_compiled.place
+
+    def counted_place(*args):
+        placed.append(1)
+        return place(*args)
+
+    monkeypatch.setattr(cache_compiled, "place", counted_place)
+    monkeypatch.setattr(engine, "_cores", lambda: 2)  # whatever this machine has
+    ahead = replay_engine(batches, 64, policy, 8, num_rows=num_rows)
+    assert len(placed) == len(batches) - 1  # all but the first, which compiles the step
+    monkeypatch.setattr(cache_module, "COMPILED_STEP", False)
+    serial = replay_engine(batches, 64, policy, 8, num_rows=num_rows)
+    assert [getattr(ahead, k) for k in COUNTS] == [getattr(serial, k) for k in COUNTS]
+    assert ahead.evictions > 0
+
+
+def test_an_id_beyond_num_rows_stops_the_replay(monkeypatch):
+    monkeypatch.setattr(engine, "_cores", lambda: 2)
+    batches = trace(8, steps=6)
+    batches[4] = batches[4] + 500
+    with pytest.raises(IndexError):
+        replay_engine(batches, 64, "lfu", 8, num_rows=500)
+
+
+@pytest.mark.parametrize("narrow", [False, True])
+@pytest.mark.parametrize("n", [0, 1, 2, 1000])
+def test_unique_counts_as_numpy(narrow, n):
+    ids = np.random.default_rng(n).zipf(1.2, n) % 300 + (0 if narrow else (1 << 40))
+    uniq, counts = engine._unique(ids.astype(np.int64), narrow)
+    want_uniq, want_counts = np.unique(ids, return_counts=True)
+    assert uniq.dtype == np.int64 and counts.dtype == np.int64
+    assert np.array_equal(uniq, want_uniq) and np.array_equal(counts, want_counts)

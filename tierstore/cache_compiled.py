@@ -8,8 +8,9 @@ of the cache's tensors (``Tensor.numpy()`` shares their memory).
 
 The step, for the ``n`` unique ids of a batch (ascending) and their counts:
 
-1. LFU: the counts go into the sketch, one pass per sketch row, then a pass reads each id's
-   estimate (the torch step adds the whole batch before it estimates);
+1. LFU: per sketch row, one pass adds the counts into it, then one reads each id's counter
+   there (the torch step adds the whole batch before it estimates: a row's counters change
+   only by the row's own additions), and the sketch halves when due;
 2. one pass over the ids finds each id's slot (in the slot index, or among the tags of its set)
    and gives each hit its score and a lock at once: a locked way is not evictable, which is all
    that "used by this step" asks of a hit's way. The misses are noted with their set;
@@ -18,10 +19,13 @@ The step, for the ``n`` unique ids of a batch (ascending) and their counts:
 4. per touched set, one scan of its ways (at most 64) ranks the evictable ones (the lowest key
    first, -1 when empty or else the score, ties by way index) and its misses fill them in that
    order: tags, dirty bits, locks and scores change there, the victims are noted;
-5. one pass lists the fills in position order, and one updates the slot index (in that order
-   the filled rows ascend: their entries are written in address order);
+5. one pass lists the fills in position order and updates the slot index with them (in that
+   order the filled rows ascend: their entries are written in address order);
 
-then the counters and, when due, the sketch's halving and the scores' with it.
+then the counters and, when the sketch halved, the scores' halving. Step 1 reads and writes
+only the sketch, and the others never touch it: :func:`score` and :func:`place` take them
+apart, so that the CPU replay scores a batch on a second thread while the one before it is
+placed.
 
 Grouping is for speed only: a fill locks its way, so misses taken one by one in position order
 would choose the same ways; a set's ways are scanned once for all its misses instead.
@@ -38,6 +42,7 @@ passes take half as long with it, and a 2 M-id batch's fills half as long).
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -96,42 +101,49 @@ def _set_of(row, sets):
 
 # --------------------------------------------------------------------------- 1. sketch
 @compiled
-def _sketch_add(ids, counts, salts, sketch, cells):
-    """Adds ``counts`` (as int32, as the torch sketch does) to the sketch's counters
-    ``sketch`` (depth, width), keeping each id's counter per row in ``cells``; returns the
-    sum added."""
-    width = sketch.shape[1]
-    n = ids.size
-    for d in range(sketch.shape[0]):  # row by row: one sketch row is hot at a time
-        salt = np.uint64(salts[d])
-        row = sketch[d]
-        for i in range(min(_IDS_AHEAD, n)):
-            cells[d, i] = _reduce_range(_mix64(np.uint64(ids[i]) ^ salt), width)
-        for i in range(n):
-            ahead = i + _IDS_AHEAD  # its cell now, its counter prefetched
-            if ahead < n:
-                cell = _reduce_range(_mix64(np.uint64(ids[ahead]) ^ salt), width)
-                cells[d, ahead] = cell
-                prefetch(row, cell)
-            row[cells[d, i]] += np.int32(counts[i])
-    added = np.int64(0)
-    for i in range(counts.size):
-        added += np.int32(counts[i])
-    return added
+def _sketch_cells(ids, salt, width, cells):
+    """Each id's counter in the sketch row of ``salt`` (a loop of its own: it vectorises)."""
+    salt = np.uint64(salt)
+    for i in range(ids.size):
+        cells[i] = _reduce_range(_mix64(np.uint64(ids[i]) ^ salt), width)
 
 
 @compiled
-def _estimates(sketch, cells):
-    """Each id's estimate once the whole batch is in the sketch: the least of its counters."""
-    n = cells.shape[1]
+def _sketch_step(ids, counts, sketch_state):
+    """FrequencySketch.add, then age_if_due: adds ``counts`` (as int32, as the torch sketch
+    does) to the sketch, reads each id's estimate (the least of its counters once the whole
+    batch is in), and halves every counter once ``sample_size`` additions have accumulated.
+    Returns the estimates and whether it halved (the stored scores must halve too, LFU.age).
+
+    Row by row, each row's additions then its reads: a row's counters change only by its own
+    additions, so its reads may follow them at once, while its lines are still near."""
+    sketch, salts, additions, sample_size = sketch_state
+    width = sketch.shape[1]
+    n = ids.size
+    cells = np.empty(n, np.int32)  # widths are below 2**31
     least = np.full(n, np.iinfo(np.int32).max, np.int64)
-    for d in range(sketch.shape[0]):  # row by row, as they were added
+    for d in range(sketch.shape[0]):
         row = sketch[d]
+        _sketch_cells(ids, salts[d], width, cells)
         for i in range(n):
             if i + _IDS_AHEAD < n:
-                prefetch(row, cells[d, i + _IDS_AHEAD])
-            least[i] = min(least[i], row[cells[d, i]])
-    return least
+                prefetch(row, cells[i + _IDS_AHEAD])
+            row[cells[i]] += np.int32(counts[i])
+        for i in range(n):
+            if i + _IDS_AHEAD < n:
+                prefetch(row, cells[i + _IDS_AHEAD])
+            least[i] = min(least[i], row[cells[i]])
+    added = np.int64(0)
+    for i in range(n):
+        added += np.int32(counts[i])
+    additions[0] += added
+    if additions[0] < sample_size:
+        return least, False
+    for d in range(sketch.shape[0]):
+        for c in range(width):
+            sketch[d, c] >>= 1
+    additions[0] = 0
+    return least, True
 
 
 # ---------------------------------------------------------------------- 2. find and lock
@@ -145,6 +157,8 @@ def _find_and_lock(ids, slot_of, state, sets, ways, scores, slots, miss_pos, mis
     indexed = slot_of.size > 0
     n_miss = 0
     for i in range(ids.size):
+        if indexed and i + 2 * _IDS_AHEAD < ids.size:  # the index entry, for the line below
+            prefetch(slot_of, ids[i + 2 * _IDS_AHEAD])
         if i + _IDS_AHEAD < ids.size:  # the lock and score of a hit, or the tags of a set
             ahead = ids[i + _IDS_AHEAD]
             if indexed:
@@ -161,9 +175,10 @@ def _find_and_lock(ids, slot_of, state, sets, ways, scores, slots, miss_pos, mis
             slot = np.int64(slot_of[row])
         else:  # a compare with every way (a row is in at most one), without a branch
             s = _set_of(row, sets)
+            first = np.uint64(s * ways)  # unsigned: no wraparound, so the loop vectorises
             match = 0
             for w in range(ways):
-                match = max(match, (w + 1) * (tags[s * ways + w] == row))
+                match = max(match, (w + 1) * (tags[first + np.uint64(w)] == row))
             slot = s * ways + match - 1 if match else np.int64(-1)
         slots[i] = slot
         if slot >= 0:
@@ -257,13 +272,18 @@ def _fill_sets(grouped, ids, state, ways, scores, slots, fill_at):
         # One loop that vectorises: the evictable ways' keys packed as (key + 1) * 64 + way,
         # distinct and in (key, way) order, so that each choice is a minimum over at most 64
         # words. Keys outside the packed range (no policy here makes them) are compared as
-        # pairs instead.
+        # pairs instead. The ways are indexed unsigned: a signed index is checked for
+        # wraparound lane by lane, which turns every load of the loop into a gather (a third
+        # of the fills' time).
         n_free = 0
         lo = _TAKEN
         hi = -_TAKEN
+        ubase = np.uint64(base)
         for w in range(ways):
-            key = np.int64(-1) if tags[base + w] == _EMPTY else stamps[base + w]
-            free = locks[base + w] <= 0
+            at = ubase + np.uint64(w)
+            stamp = stamps[at]  # read whatever the tag: a load under a condition is a gather
+            key = np.int64(-1) if tags[at] == _EMPTY else stamp
+            free = locks[at] <= 0
             n_free += free
             lo = min(lo, key if free else _TAKEN)
             hi = max(hi, key if free else -_TAKEN)
@@ -303,36 +323,40 @@ def _fill_sets(grouped, ids, state, ways, scores, slots, fill_at):
 
 
 @compiled
-def _list_fills(miss_pos, n_fill, slots, fill_at):
-    """The fills in ascending position order: ``(index, slots, victim ids, victim dirty)``."""
+def _list_fills(ids, miss_pos, n_fill, slots, fill_at, slot_of):
+    """The fills in ascending position order: ``(index, slots, victim ids, victim dirty)``;
+    and the slot index, where there is one (``slot_of`` not empty), follows them: each victim
+    leaves it (never a row of the batch: those are hits), each filled row enters it. (Here
+    rather than in :func:`_fill_sets`: in position order the rows ascend, so their entries are
+    written in address order.)"""
     victim_at, dirty_at = fill_at
+    indexed = slot_of.size > 0
     fill_index = np.empty(n_fill, np.int64)
     fill_slots = np.empty(n_fill, np.int64)
     victims = np.empty(n_fill, np.int64)
     victim_dirty = np.empty(n_fill, np.bool_)
     f = 0
-    for pos in miss_pos:
-        if slots[pos] < 0:
+    for k in range(miss_pos.size):
+        if indexed and k + _IDS_AHEAD < miss_pos.size:  # the entries of both rows
+            ahead = miss_pos[k + _IDS_AHEAD]
+            prefetch(slot_of, ids[ahead])
+            if slots[ahead] >= 0 and victim_at[ahead] != _EMPTY:  # (a conflict's: unwritten)
+                prefetch(slot_of, victim_at[ahead])
+        pos = miss_pos[k]
+        slot = slots[pos]
+        if slot < 0:
             continue
+        victim = victim_at[pos]
         fill_index[f] = pos
-        fill_slots[f] = slots[pos]
-        victims[f] = victim_at[pos]
+        fill_slots[f] = slot
+        victims[f] = victim
         victim_dirty[f] = dirty_at[pos]
+        if indexed:
+            if victim != _EMPTY:
+                slot_of[victim] = -1
+            slot_of[ids[pos]] = slot
         f += 1
     return fill_index, fill_slots, victims, victim_dirty
-
-
-@compiled
-def _index_fills(ids, fill_index, fill_slots, victims, slot_of):
-    """The slot index follows the fills: each victim leaves it, each filled row enters it.
-    (Here rather than in :func:`_fill_sets`: in position order the rows ascend, so their
-    entries are written in address order.)"""
-    for f in range(fill_index.size):
-        if f + _IDS_AHEAD < fill_index.size and victims[f + _IDS_AHEAD] != _EMPTY:
-            prefetch(slot_of, victims[f + _IDS_AHEAD])
-        if victims[f] != _EMPTY:  # never a row of the batch: those are hits
-            slot_of[victims[f]] = -1
-        slot_of[ids[fill_index[f]]] = fill_slots[f]
 
 
 # ------------------------------------------------------------------- counters, ageing
@@ -356,34 +380,19 @@ def _count(counters, counts, n, n_miss, victims, victim_dirty):
 
 
 @compiled
-def _age_if_due(additions, added, sample_size, sketch, stamps):
-    """FrequencySketch.age_if_due and LFU.age: once ``sample_size`` additions have
-    accumulated, halves every sketch counter and every stored score."""
-    additions[0] += added
-    if additions[0] < sample_size:
-        return
-    for d in range(sketch.shape[0]):
-        for c in range(sketch.shape[1]):
-            sketch[d, c] >>= 1
-    additions[0] = 0
+def _age(stamps):
+    """LFU.age, when the sketch halved: halves every stored score."""
     for slot in range(stamps.size):
         stamps[slot] >>= 1
 
 
 # ------------------------------------------------------------------------- the step
 @compiled
-def _step(ids, counts, slot_of, state, counters, sets, ways, step, frequency, sketch_state):
-    """The whole step in place (see the module docstring); returns the ``Lookup`` arrays but
-    ids: ``slots, fill_index, fill_slots, victim_ids, victim_dirty, hit``."""
-    stamps = state[1]
-    sketch, salts, additions, sample_size = sketch_state
+def _place(ids, counts, scores, aged, slot_of, state, counters, sets, ways):
+    """The step but the sketch's part (given the ``scores`` and whether the sketch ``aged``),
+    in place; returns the ``Lookup`` arrays but ids: ``slots, fill_index, fill_slots,
+    victim_ids, victim_dirty, hit``."""
     n = ids.size
-    added = np.int64(0)
-    scores = np.full(n, step, np.int64)  # LRU: the step
-    if frequency:  # LFU: the estimates once the whole batch is in the sketch
-        cells = np.empty((sketch.shape[0], n), np.int32)  # widths are below 2**31
-        added = _sketch_add(ids, counts, salts, sketch, cells)
-        scores = _estimates(sketch, cells)
     slots = np.empty(n, np.int64)
     miss_pos = np.empty(n, np.int64)
     miss_set = np.empty(n, np.int64)
@@ -393,13 +402,23 @@ def _step(ids, counts, slot_of, state, counters, sets, ways, step, frequency, sk
     grouped = _group_by_set(miss_pos, miss_set, sets)
     fill_at = np.empty(n, np.int64), np.empty(n, np.bool_)  # victims by position
     n_fill = _fill_sets(grouped, ids, state, ways, scores, slots, fill_at)
-    fills = _list_fills(miss_pos, n_fill, slots, fill_at)
-    if slot_of.size > 0:
-        _index_fills(ids, fills[0], fills[1], fills[2], slot_of)
+    fills = _list_fills(ids, miss_pos, n_fill, slots, fill_at, slot_of)
     _count(counters, counts, n, n_miss, fills[2], fills[3])
-    if frequency:
-        _age_if_due(additions, added, sample_size, sketch, stamps)
+    if aged:
+        _age(state[1])
     return slots, fills[0], fills[1], fills[2], fills[3], hit
+
+
+@compiled
+def _step(ids, counts, slot_of, state, counters, sets, ways, step, frequency, sketch_state):
+    """The whole step in place (see the module docstring); returns what :func:`_place` does.
+    (The sketch halves before the ways are placed rather than after, as the torch step does:
+    the same, as neither part reads what the other writes.)"""
+    if frequency:  # LFU: the estimates once the whole batch is in the sketch
+        scores, aged = _sketch_step(ids, counts, sketch_state)
+    else:  # LRU: the step
+        scores, aged = np.full(ids.size, step, np.int64), False
+    return _place(ids, counts, scores, aged, slot_of, state, counters, sets, ways)
 
 
 @compiled
@@ -445,6 +464,11 @@ def _flat(t: torch.Tensor) -> np.ndarray:
     return t.view(-1).numpy()
 
 
+def _state(cache: SetAssociativeCache) -> tuple:
+    """The per-way state for :func:`_place`: tags, stamps, dirty bits, locks, by slot."""
+    return _flat(cache.tags), _flat(cache.stamps), _flat(cache.dirty), _flat(cache.locks)
+
+
 def _sketch_state(cache: SetAssociativeCache) -> tuple:
     """The sketch's arrays for :func:`_step` (placeholders of the same types under LRU)."""
     sketch = cache.sketch
@@ -476,13 +500,12 @@ def lookup(
     if cache._slot_of is not None:
         _check_index_range(cache, ids_np)
         slot_of = cache._slot_of.numpy()
-    state = (_flat(cache.tags), _flat(cache.stamps), _flat(cache.dirty), _flat(cache.locks))
     try:
         out = _step(
             ids_np,
             counts_np,
             slot_of,
-            state,
+            _state(cache),
             cache.counters.numpy(),
             cache.sets,
             cache.ways,
@@ -495,6 +518,59 @@ def lookup(
         msg = f"numba cannot compile the cache step, using the torch step: {e}"
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
         return None
+    cache.step += 1
+    return tuple(torch.from_numpy(a) for a in out)
+
+
+@dataclass(frozen=True)
+class Scored:
+    """A batch scored ahead of its step (:func:`score`), waiting for the rest (:func:`place`)."""
+
+    ids: np.ndarray  # the unique ids, ascending (int64)
+    counts: np.ndarray  # their counts (int64)
+    scores: np.ndarray | None  # LFU: their estimates; LRU: None (the step, known at place)
+    aged: bool  # the sketch halved after this batch: the stored scores halve after its placing
+
+
+def score(cache: SetAssociativeCache, ids: np.ndarray, counts: np.ndarray) -> Scored:
+    """The part of ``cache``'s step that reads and writes only its sketch, for the unique
+    ``ids`` (ascending) and ``counts`` of a batch, ahead of the rest (:func:`place`): under
+    LFU adds the batch to the sketch, reads the estimates and halves the sketch when due (as
+    :func:`lookup` would); under LRU nothing. Raises IndexError before any change if an id
+    lies outside the cache's slot index.
+
+    Placing never touches the sketch and scoring touches nothing else, so a replay may score
+    batch ``k + 1`` on one thread while batch ``k`` is placed on another: the same state as
+    :func:`lookup` batch after batch, as long as batches are scored and placed in one order,
+    each once. Call only where :func:`supports` says so, and once :func:`lookup` has stepped
+    the cache: that compiles the step, so that numba cannot fail between a batch's scoring
+    and its placing."""
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    counts = np.ascontiguousarray(counts, dtype=np.int64)
+    if cache._slot_of is not None:
+        _check_index_range(cache, ids)
+    if cache.sketch is None:
+        return Scored(ids, counts, None, False)
+    scores, aged = _sketch_step(ids, counts, _sketch_state(cache))
+    return Scored(ids, counts, scores, aged)
+
+
+def place(cache: SetAssociativeCache, scored: Scored) -> tuple[torch.Tensor, ...]:
+    """The rest of the step of a batch :func:`score` scored (the next one it scored): what
+    :func:`lookup` does but the sketch's part, and what it returns."""
+    n = scored.ids.size
+    scores = np.full(n, cache.step + 1, np.int64) if scored.scores is None else scored.scores
+    out = _place(
+        scored.ids,
+        scored.counts,
+        scores,
+        scored.aged,
+        _NO_INDEX if cache._slot_of is None else cache._slot_of.numpy(),
+        _state(cache),
+        cache.counters.numpy(),
+        cache.sets,
+        cache.ways,
+    )
     cache.step += 1
     return tuple(torch.from_numpy(a) for a in out)
 

@@ -9,14 +9,19 @@ of L1, as in the engine) and every unique lookup is attributed to L1, L2 or L3.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import os
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from .. import cache as cache_module
+from .. import cache_compiled
 from .. import stats as st
 from ..cache import EMPTY, SetAssociativeCache
+from ..compiled import COMPILED, compiled
 
 
 @dataclass
@@ -62,9 +67,42 @@ def _backend(device: str):
 _INDEX_IDS = 1 << 26  # the most ids the CPU replay keeps a slot index for (512 MiB)
 
 
+@compiled
+def _runs(keys):
+    """The distinct values of sorted ``keys`` (as int64) and how often each occurs."""
+    n = keys.size
+    uniq = np.empty(n, np.int64)
+    starts = np.empty(n + 1, np.int64)
+    m = min(n, 1)
+    if n:
+        uniq[0], starts[0] = keys[0], 0
+    for i in range(1, n):  # no branch: each key is written, and kept if it starts a run
+        key = np.int64(keys[i])
+        uniq[m] = key
+        starts[m] = i
+        m += key != uniq[m - 1]
+    starts[m] = n
+    counts = np.empty(m, np.int64)
+    for j in range(m):
+        counts[j] = starts[j + 1] - starts[j]
+    return uniq[:m], counts
+
+
+def _unique(ids: np.ndarray, narrow: bool) -> tuple[np.ndarray, np.ndarray]:
+    """A batch's unique ids (ascending, int64) and their counts. The replay needs no inverse
+    (nor the transpose the training path builds): numpy's sort, then one compiled pass over
+    the runs (without numba, numpy's unique: its bookkeeping around the same sort costs as
+    much again); on 32-bit keys (ids known to be below 2**31) the sort is a third faster."""
+    keys = ids.astype(np.int32) if narrow else ids
+    if COMPILED:
+        return _runs(np.sort(keys))
+    uniq, counts = np.unique(keys, return_counts=True)
+    return uniq.astype(np.int64), counts
+
+
 def _device_step(backend, l1, ids: torch.Tensor, num_rows: int | None) -> None:
     """One cache step of a batch with the unique count left on the device (no host read)."""
-    uniq, _, counts, _, count = backend.unique(ids, num_rows, padded=True)
+    uniq, counts, count = backend.unique_counts(ids, num_rows)
     l1.release(backend.lookup(l1, uniq, counts, count).slots, count)
 
 
@@ -98,6 +136,46 @@ class _CapturedStep:
         self.l1.step += 1
 
 
+def _cores() -> int:
+    """CPUs this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _scored_ahead(l1: SetAssociativeCache, batches: Iterator, narrow: bool) -> bool:
+    """Steps ``l1`` (a CPU cache, stepped once already) with the rest of ``batches`` on two
+    threads: a worker takes each batch's unique step and the sketch's part of its cache step
+    (``cache_compiled.score``) while this thread places the batch before it and releases it
+    (``cache_compiled.place``, which never touches the sketch). Both sides are compiled code
+    that releases the GIL, so on two cores they overlap (for Zipf 0.8 and LFU, the worker's
+    part is nearly half of a step). The same state as stepping batch after batch. Returns
+    False, having stepped nothing, where the compiled step does not apply to ``l1`` or one
+    core is all there is."""
+    probe = torch.zeros(0, dtype=torch.int64)
+    if not (cache_module.COMPILED_STEP and cache_compiled.supports(l1, probe, probe)):
+        return False
+    if _cores() < 2:
+        return False
+
+    def score(batch) -> cache_compiled.Scored:
+        ids = torch.as_tensor(batch, dtype=torch.int64).cpu().numpy()
+        return cache_compiled.score(l1, *_unique(ids, narrow))
+
+    with ThreadPoolExecutor(1, thread_name_prefix="replay-score") as worker:
+        pending = None
+        for batch in batches:
+            # the previous batch's scores first: an error there stops the replay before
+            # this batch reaches the sketch
+            ready = pending.result() if pending is not None else None
+            pending = worker.submit(score, batch)
+            if ready is not None:
+                l1.release(cache_compiled.place(l1, ready)[0])
+        if pending is not None:
+            l1.release(cache_compiled.place(l1, pending.result())[0])
+    return True
+
+
 def replay_engine(
     batches: Iterable[np.ndarray | torch.Tensor],
     cache_rows: int,
@@ -115,8 +193,9 @@ def replay_engine(
         host_rows: size of an L2 cache in front of L3 (``None``: L2 holds everything).
         device: ``"cpu"`` (torch) or ``"cuda"`` (the engine's kernels).
         num_rows: every id is known to lie in ``[0, num_rows)``: on the CPU the cache then
-            keeps a slot index per id (up to 2**26 ids), and the CUDA unique step sorts 32-bit
-            keys; ``None``: any int64 id.
+            keeps a slot index per id (up to 2**26 ids), and the CUDA unique step counts the
+            ids in a histogram of ``num_rows`` entries (where that is at most 32 times the
+            batch: ``cuda.unique_counts``) or sorts 32-bit keys; ``None``: any int64 id.
     """
     import time
 
@@ -135,6 +214,10 @@ def replay_engine(
     sync_free = l2 is None and getattr(l1, "sync_free", False)
     narrow = num_rows is not None and num_rows <= 1 << 31
     captured: _CapturedStep | None = None
+    # One level on the CPU: once the first batch has compiled the step, the rest are stepped
+    # on two threads (_scored_ahead)
+    ahead = l2 is None and backend.name == "cpu"
+    batches = iter(batches)
     t0 = time.perf_counter()
     for batch in batches:
         ids = torch.as_tensor(batch, dtype=torch.int64).to(dev)
@@ -146,13 +229,8 @@ def replay_engine(
             if captured is None and ids.numel():  # every kernel has run once: capture
                 captured = _CapturedStep(backend, l1, ids.numel(), num_rows)
             continue
-        # the replay needs no inverse (nor the transpose the training path builds); on the CPU
-        # numpy's unique is about twice as fast as torch's, and on 32-bit keys (ids known to
-        # be below 2**31) a third faster again
-        if ids.device.type == "cpu":
-            keys = ids.numpy().astype(np.int32) if narrow else ids.numpy()
-            uniq, counts = np.unique(keys, return_counts=True)
-            uniq, counts = torch.from_numpy(uniq.astype(np.int64)), torch.from_numpy(counts)
+        if ids.device.type == "cpu":  # numpy's sort is several times as fast as torch's
+            uniq, counts = map(torch.from_numpy, _unique(ids.numpy(), narrow))
         else:
             uniq, counts = torch.unique(ids, return_counts=True)
         if l2 is not None:
@@ -177,6 +255,9 @@ def replay_engine(
             home[fill_slots] = new
             l2.release(l2_slots)
         l1.release(found.slots)
+        if ahead and _scored_ahead(l1, batches, narrow):
+            break
+        ahead = False
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     res.seconds = time.perf_counter() - t0
