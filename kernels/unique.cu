@@ -59,20 +59,22 @@ TS_UNIQUE_KERNELS(i64, i64)
 // histogram of num_rows entries, then the histogram is read back in order, a tile per block.
 // That costs a few passes over num_rows int32 (L2-resident for a few million rows) where the
 // sort costs four radix passes over the batch and their launches. Ids outside [0, num_rows)
-// are skipped (the caller has checked them; no write may go out of bounds).
+// are skipped (no write may go out of bounds) and raise `out_of_range` where the caller asks.
 
 #define TS_DENSE_PER_THREAD 16
 #define TS_DENSE_TILE (256 * TS_DENSE_PER_THREAD)  // histogram entries per 256-thread block
 
 // hist[id] += occurrences of id. The lanes of a warp holding the same id add them with one
-// atomic (hot ids repeat within a warp).
+// atomic (hot ids repeat within a warp). *out_of_range = 1 if an id lies outside the histogram.
 extern "C" __global__ void dense_count(const i64* __restrict__ ids, i64 n, i64 num_rows,
-                                       int* __restrict__ hist) {  // (num_rows,) zero on entry
+                                       int* __restrict__ hist,  // (num_rows,) zero on entry
+                                       int* __restrict__ out_of_range) {  // (1,) or null
   const int lane = ts_lane();
   for (i64 base = ts_global_warp() * 32; base < n; base += ts_warp_count() * 32) {
     const i64 i = base + lane;
     const i64 id = i < n ? ids[i] : -1;
     const bool valid = id >= 0 && id < num_rows;
+    if (i < n && !valid && out_of_range != nullptr) *out_of_range = 1;
     const u32 same = __match_any_sync(TS_FULL_MASK, valid ? id : -1);
     if (valid && lane == __ffs(same) - 1) atomicAdd(&hist[id], __popc(same));
   }

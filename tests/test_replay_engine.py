@@ -109,3 +109,21 @@ def test_unique_counts_as_numpy(narrow, n):
     want_uniq, want_counts = np.unique(ids, return_counts=True)
     assert uniq.dtype == np.int64 and counts.dtype == np.int64
     assert np.array_equal(uniq, want_uniq) and np.array_equal(counts, want_counts)
+
+
+@pytest.mark.parametrize("num_rows", [500, 100_000])
+def test_replay_with_an_id_bound_counts_the_same(device, num_rows):
+    """Told the ids' bound (on the GPU: a histogram unique step where the bound is at most 32
+    times a batch's length, here 500, else the sort), the replay counts what it counts without."""
+    batches = trace(9, steps=40)
+    bounded = replay_engine(batches, 64, "lfu", 8, device=device, num_rows=num_rows)
+    reference = replay_engine(batches, 64, "lfu", 8, device="cpu")
+    assert [getattr(bounded, k) for k in COUNTS] == [getattr(reference, k) for k in COUNTS]
+
+
+@pytest.mark.parametrize("num_rows", [500, 100_000])
+def test_an_id_beyond_the_bound_raises(device, num_rows):
+    batches = trace(8, steps=6)
+    batches[4] = batches[4] + num_rows
+    with pytest.raises(IndexError, match=r"ids must lie in \[0, "):
+        replay_engine(batches, 64, "lru", 8, device=device, num_rows=num_rows)

@@ -137,15 +137,22 @@ def _dense_eligible(n: int, num_rows: int | None) -> bool:
     return num_rows is not None and 0 < n < 1 << 31 and num_rows <= _DENSE_UNIQUE_SPAN * n
 
 
-def _dense_unique(ids: torch.Tensor, num_rows: int, want_inverse: bool):
+def _dense_unique(
+    ids: torch.Tensor,
+    num_rows: int,
+    want_inverse: bool,
+    out_of_range: torch.Tensor | None = None,
+):
     """The unique step as a histogram of the id space (kernels/unique.cu, "the dense unique
     step"): ``(ids, counts, count, inverse)`` with ``ids``/``counts`` n-long buffers of which
-    the first ``count`` (a (1,) int32 device tensor) are used; ``inverse`` if asked."""
+    the first ``count`` (a (1,) int32 device tensor) are used; ``inverse`` if asked. Ids
+    outside ``[0, num_rows)`` are left out and set the ``out_of_range`` flag if given."""
     n = ids.numel()
     dev = _device(ids.device)
     ids = _i64(ids, dev)
     hist = torch.zeros(num_rows, dtype=torch.int32, device=dev)
-    _run("unique.cu", "dense_count", dev, (n + 31) // 32, (ids, n, num_rows, hist), True)
+    args = (ids, n, num_rows, hist, out_of_range)
+    _run("unique.cu", "dense_count", dev, (n + 31) // 32, args, per_warp=True)
     tiles = -(-num_rows // _DENSE_TILE)
     tile_counts = torch.empty(tiles, dtype=torch.int32, device=dev)
     threads = tiles * 256  # a 256-thread block per tile
@@ -162,16 +169,24 @@ def _dense_unique(ids: torch.Tensor, num_rows: int, want_inverse: bool):
     return uniq, counts, tile_ends[-1:], inverse
 
 
-def unique_counts(ids: torch.Tensor, num_rows: int | None):
+def unique_counts(
+    ids: torch.Tensor, num_rows: int | None, out_of_range: torch.Tensor | None = None
+):
     """A batch's unique ids (ascending) and their counts, without the inverse and transpose
     that training needs (the trace replay's step), sync-free: ``(ids, counts, count)`` as
     :func:`unique` returns them with ``padded``. Where every id is known to lie below
     ``num_rows`` and ``num_rows`` is at most ``_DENSE_UNIQUE_SPAN`` times the batch, a
-    histogram of the id space replaces the sort; ids outside it must have been rejected."""
+    histogram of the id space replaces the sort. ``out_of_range``, a (1,) int32 device flag,
+    is set where an id lies outside ``[0, num_rows)`` (the results are then wrong), so that
+    the caller can check a whole replay with one read at its end."""
     if not _dense_eligible(ids.numel(), num_rows):
+        if out_of_range is not None and num_rows is not None and ids.numel():
+            low, high = torch.aminmax(ids)
+            bad = (low < 0) | (high >= num_rows)
+            out_of_range.bitwise_or_(bad.to(torch.int32))  # in place: a graph may capture it
         uniq, _, counts, _, count = unique(ids, num_rows, padded=True)
         return uniq, counts, count
-    uniq, counts, count, _ = _dense_unique(ids, num_rows, want_inverse=False)
+    uniq, counts, count, _ = _dense_unique(ids, num_rows, False, out_of_range)
     return uniq, counts, count
 
 

@@ -100,9 +100,12 @@ def _unique(ids: np.ndarray, narrow: bool) -> tuple[np.ndarray, np.ndarray]:
     return uniq.astype(np.int64), counts
 
 
-def _device_step(backend, l1, ids: torch.Tensor, num_rows: int | None) -> None:
-    """One cache step of a batch with the unique count left on the device (no host read)."""
-    uniq, counts, count = backend.unique_counts(ids, num_rows)
+def _device_step(
+    backend, l1, ids: torch.Tensor, num_rows: int | None, out_of_range: torch.Tensor | None
+) -> None:
+    """One cache step of a batch with the unique count left on the device (no host read);
+    an id outside ``[0, num_rows)`` sets the device flag ``out_of_range``."""
+    uniq, counts, count = backend.unique_counts(ids, num_rows, out_of_range)
     l1.release(backend.lookup(l1, uniq, counts, count).slots, count)
 
 
@@ -113,7 +116,9 @@ class _CapturedStep:
     (``CudaCache.next_step``), so replays advance it; ``step`` on the host is advanced here.
     The cache's kernels must have run once before (capture cannot load a module)."""
 
-    def __init__(self, backend, l1, n: int, num_rows: int | None):
+    def __init__(
+        self, backend, l1, n: int, num_rows: int | None, out_of_range: torch.Tensor | None
+    ):
         self.l1 = l1
         self.ids = torch.zeros(n, dtype=torch.int64, device=l1.device)  # refilled per replay
         self.graph = torch.cuda.CUDAGraph()
@@ -124,7 +129,7 @@ class _CapturedStep:
         with torch.cuda.stream(side):
             self.graph.capture_begin()
             try:
-                _device_step(backend, l1, self.ids, num_rows)
+                _device_step(backend, l1, self.ids, num_rows, out_of_range)
             finally:
                 self.graph.capture_end()
         main.wait_stream(side)
@@ -214,6 +219,10 @@ def replay_engine(
     sync_free = l2 is None and getattr(l1, "sync_free", False)
     narrow = num_rows is not None and num_rows <= 1 << 31
     captured: _CapturedStep | None = None
+    # set on the device by a step that meets an id outside [0, num_rows); read once, at the end
+    out_of_range = None
+    if sync_free and num_rows is not None:
+        out_of_range = torch.zeros(1, dtype=torch.int32, device=dev)
     # One level on the CPU: once the first batch has compiled the step, the rest are stepped
     # on two threads (_scored_ahead)
     ahead = l2 is None and backend.name == "cpu"
@@ -225,9 +234,9 @@ def replay_engine(
             if captured is not None and ids.numel() == captured.ids.numel():
                 captured(ids)
                 continue
-            _device_step(backend, l1, ids, num_rows)
+            _device_step(backend, l1, ids, num_rows, out_of_range)
             if captured is None and ids.numel():  # every kernel has run once: capture
-                captured = _CapturedStep(backend, l1, ids.numel(), num_rows)
+                captured = _CapturedStep(backend, l1, ids.numel(), num_rows, out_of_range)
             continue
         if ids.device.type == "cpu":  # numpy's sort is several times as fast as torch's
             uniq, counts = map(torch.from_numpy, _unique(ids.numpy(), narrow))
@@ -261,6 +270,8 @@ def replay_engine(
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     res.seconds = time.perf_counter() - t0
+    if out_of_range is not None and int(out_of_range):  # as the CPU replay's IndexError
+        raise IndexError(f"ids must lie in [0, {num_rows}) (num_rows): the replay is void")
     c = l1.counters.tolist()
     res.requests, res.unique, res.hits = c[st.REQUESTS], c[st.UNIQUE], c[st.HITS]
     res.misses, res.conflicts, res.evictions = c[st.MISSES], c[st.CONFLICTS], c[st.EVICTIONS]
