@@ -124,18 +124,23 @@ __device__ __forceinline__ int ts_block_exclusive_scan(int v, int* total) {
 #define TS_FOR_TILES(tile, num_rows)                                                \
   for (i64 tile = blockIdx.x; tile * TS_DENSE_TILE < (num_rows); tile += gridDim.x)
 
+// This thread's entries of histogram tile `tile` into `v`; returns how many ids present in the
+// tile come before this thread's (the block's exclusive scan), `*total` the tile's count.
+__device__ __forceinline__ int ts_dense_tile(const int* hist, i64 num_rows, i64 tile, int* v,
+                                             int* total) {
+  ts_dense_entries(hist, num_rows, tile * TS_DENSE_TILE + threadIdx.x * TS_DENSE_PER_THREAD, v);
+  int present = 0;
+#pragma unroll
+  for (int k = 0; k < TS_DENSE_PER_THREAD; k++) present += v[k] != 0;
+  return ts_block_exclusive_scan(present, total);
+}
+
 // tile_counts[b] = the ids present in histogram tile b.
 extern "C" __global__ void dense_tile_counts(const int* __restrict__ hist, i64 num_rows,
                                              int* __restrict__ tile_counts) {  // (tiles,) out
   TS_FOR_TILES(tile, num_rows) {
-    int v[TS_DENSE_PER_THREAD];
-    const i64 first = tile * TS_DENSE_TILE + threadIdx.x * TS_DENSE_PER_THREAD;
-    ts_dense_entries(hist, num_rows, first, v);
-    int present = 0;
-#pragma unroll
-    for (int k = 0; k < TS_DENSE_PER_THREAD; k++) present += v[k] != 0;
-    int total;
-    ts_block_exclusive_scan(present, &total);
+    int v[TS_DENSE_PER_THREAD], total;
+    ts_dense_tile(hist, num_rows, tile, v, &total);
     if (threadIdx.x == 0) tile_counts[tile] = total;
   }
 }
@@ -149,15 +154,10 @@ extern "C" __global__ void dense_emit(int* hist, i64 num_rows,  // (num_rows,) c
                                       i64* __restrict__ uniq,               // (>= U,) out
                                       i64* __restrict__ counts) {           // (>= U,) out
   TS_FOR_TILES(tile, num_rows) {
-    int v[TS_DENSE_PER_THREAD];
-    const i64 first = tile * TS_DENSE_TILE + threadIdx.x * TS_DENSE_PER_THREAD;
-    ts_dense_entries(hist, num_rows, first, v);
-    int present = 0;
-#pragma unroll
-    for (int k = 0; k < TS_DENSE_PER_THREAD; k++) present += v[k] != 0;
-    int total;
-    int at = ts_block_exclusive_scan(present, &total);
+    int v[TS_DENSE_PER_THREAD], total;
+    int at = ts_dense_tile(hist, num_rows, tile, v, &total);
     at += tile_ends[tile] - tile_counts[tile];
+    const i64 first = tile * TS_DENSE_TILE + threadIdx.x * TS_DENSE_PER_THREAD;
 #pragma unroll
     for (int k = 0; k < TS_DENSE_PER_THREAD; k++)
       if (v[k] != 0) {
