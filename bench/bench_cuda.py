@@ -13,6 +13,7 @@ import argparse
 import gc
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -408,11 +409,75 @@ def bench_sweep(out: list, quick: bool) -> None:
         free(emb)
 
 
+def bench_floor(out: list, quick: bool) -> None:
+    """What the uniform training step's rows cost at the least on this card, beside the step:
+    the forward reads a row per index, the optimizer reads and writes each unique row once.
+    ``bench/row_traffic.cu``'s kernels do only that (a thread per 16 bytes, the row's index from
+    a dense list); the step's own kernels add their lookups, gradient sums and order."""
+    import cupy
+
+    from tierstore import interop
+
+    it = 10 if quick else 30
+    header(f"row traffic floor of a step, uniform ids: {N:,} x {D} fp32, {B} x {L} ids")
+    module = cupy.RawModule(code=(Path(__file__).parent / "row_traffic.cu").read_text())
+    gather, update = module.get_function("gather_rows"), module.get_function("update_rows")
+    dev = torch.device("cuda", torch.cuda.current_device())
+    table = torch.randn(N, D, device=dev)
+    grad = torch.randn(1024, D, device=dev)
+    sink = torch.zeros(1, device=dev)
+    ids = trace("uniform", B * L)
+    unique, counts = torch.unique(ids, return_counts=True)
+    singles = unique[counts == 1]  # rows read by one index: update_singles' share
+    unique = unique[torch.randperm(unique.numel(), device=dev)]  # the probe's order: random
+    singles = singles[torch.randperm(singles.numel(), device=dev)]
+    w4 = D // 4
+    a = torch.randn(1 << 28, device=dev)
+    b = torch.empty_like(a)
+    t = t_ms(lambda: b.copy_(a), it)
+    out.append(row("device-to-device copy, 1 GiB (read + write)", 2 * a.nbytes / t / 1e6, "GB/s"))
+
+    def launch(kernel, rows, last):
+        args = (table, rows, rows.numel(), w4, last)
+        return lambda: interop.launch(kernel, dev, rows.numel() * w4, args, per_warp=False)
+
+    t_read = t_ms(launch(gather, ids, sink), it)
+    gb = ids.numel() * D * 4 / 1e9
+    out.append(
+        row(f"read {ids.numel():,} rows (the forward's)", t_read, "ms", f"{gb / t_read:.2f} TB/s")
+    )
+    t_rmw = t_ms(launch(update, unique, grad), it)
+    gb = 2 * unique.numel() * D * 4 / 1e9
+    out.append(
+        row(
+            f"read + write {unique.numel():,} unique rows (the optimizer's)",
+            t_rmw,
+            "ms",
+            f"{gb / t_rmw:.2f} TB/s",
+        )
+    )
+    out.append(
+        row("sum: the step's row traffic at the least", t_read + t_rmw, "ms", "", "step <= 1.5 ms")
+    )
+    t = t_ms(launch(update, singles, grad), it)
+    out.append(row(f"read + write the {singles.numel():,} rows read once", t, "ms"))
+    emb = ts.TieredEmbeddingBag(
+        N, D, cache_rows=N, optimizer=ts.RowWiseAdagrad(lr=0.01), device="cuda"
+    )
+    g = torch.randn(B, D, device=dev)
+    x = ids.view(B, L)
+    emb(x).backward(g)  # rows in
+    step = ts.GraphedStep(lambda x: emb(x).backward(g))
+    t = t_ms_queued(lambda s=step: s(x), it)
+    out.append(row("graphed RowWiseAdagrad step, same ids, back to back", t, "ms", "", "<= 1.5 ms"))
+    free(step, emb, table, a, b)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
     parser.add_argument("--json", default=None, help="write the figures here")
-    parser.add_argument("--only", default="ab,forward,profile,lookup,moves,sweep")
+    parser.add_argument("--only", default="ab,forward,profile,lookup,moves,sweep,floor")
     args = parser.parse_args()
     import cupy
 
@@ -429,6 +494,7 @@ def main() -> None:
         "lookup": bench_lookup,
         "moves": bench_moves,
         "sweep": bench_sweep,
+        "floor": bench_floor,
     }
     for name in args.only.split(","):
         try:

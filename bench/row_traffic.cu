@@ -1,0 +1,37 @@
+// Benchmark-only kernels (bench/bench_cuda.py, section "floor"): the least a training step's
+// row traffic can cost on a card. A thread per 16 bytes of a row, nothing else to wait on: the
+// row's index is read from a dense list, the row is read (and written back). What a step's
+// kernels add to these floors is the cost of their own work (lookups, gradient sums, order).
+typedef long long i64;
+
+// Reads the rows `ids` (n, in any order) of a table of `w4` float4 per row. The sum is stored
+// only when it equals a value no random table gives, so the loads cannot be dropped.
+extern "C" __global__ void gather_rows(const float4* __restrict__ table,
+                                       const i64* __restrict__ ids, i64 n, i64 w4,
+                                       float* __restrict__ sink) {
+  const i64 step = (i64)gridDim.x * blockDim.x;
+  for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n * w4; i += step) {
+    const i64 r = i / w4;
+    const float4 v = table[ids[r] * w4 + i % w4];
+    const float s = v.x + v.y + v.z + v.w;
+    if (s == 1.2345e30f) sink[0] = s;
+  }
+}
+
+// Read-modify-write of the rows `ids` (n distinct rows): row -= 0.01 * g, g one of 1 024
+// gradient rows (they stay in L2, as a batch's gradient rows would).
+extern "C" __global__ void update_rows(float4* __restrict__ table, const i64* __restrict__ ids,
+                                      i64 n, i64 w4, const float4* __restrict__ grad) {
+  const i64 step = (i64)gridDim.x * blockDim.x;
+  for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n * w4; i += step) {
+    const i64 r = i / w4;
+    float4* p = table + ids[r] * w4 + i % w4;
+    const float4 g = grad[(r & 1023) * w4 + i % w4];
+    float4 v = *p;
+    v.x = fmaf(-0.01f, g.x, v.x);
+    v.y = fmaf(-0.01f, g.y, v.y);
+    v.z = fmaf(-0.01f, g.z, v.z);
+    v.w = fmaf(-0.01f, g.w, v.w);
+    *p = v;
+  }
+}
