@@ -1,5 +1,6 @@
 """The modern reference policies (S3-FIFO, W-TinyLFU) against hand-worked counts and against
-plain-list models written here from the same description, one request at a time."""
+plain-list models written here from the same description, one request at a time; their hash
+map against a dict; their loops as Python (where numba is missing) against the compiled."""
 
 from __future__ import annotations
 
@@ -10,14 +11,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tierstore import compiled
 from tierstore.errors import InvalidInputError
 from tierstore.replay import REFERENCE
 from tierstore.replay.policies import (
     POLICIES,
     S3FIFO,
     WTinyLFU,
+    keymap,
     make_policy,
     policy_hits,
+    s3fifo,
+    wtinylfu,
 )
 from tierstore.replay.policies.wtinylfu import sketch_slots
 from tierstore.trace.formats import load_trace
@@ -176,9 +181,78 @@ def test_golden_trace_matches_the_model(name):
 def test_matches_the_model_on_random_traces(name, seed):
     rng = np.random.default_rng(seed)
     universe = int(rng.integers(2, 300))
-    ids = (rng.zipf(1.2, 2500) % universe).astype(np.int64)
+    if seed % 2:  # uniform over a few ids: ghosts come back often
+        ids = rng.integers(0, universe // 8 + 2, 2500)
+    else:
+        ids = (rng.zipf(1.2, 2500) % universe).astype(np.int64)
     sizes = [1, 2, 3, 7, 20, 64, 150]  # small sizes age the sketch many times (10 x capacity)
     assert policy_hits(name, ids, sizes).tolist() == [MODELS[name](ids.tolist(), c) for c in sizes]
+
+
+def _as_python(monkeypatch) -> None:
+    """Runs the policies' loops as written, over ``array`` buffers (no numba)."""
+    monkeypatch.setattr(compiled, "COMPILED", False)
+    for module in (keymap, s3fifo, wtinylfu):
+        for name, fn in list(vars(module).items()):
+            if hasattr(fn, "py_func"):
+                monkeypatch.setattr(module, name, fn.py_func)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_as_python_equals_compiled(monkeypatch, name):
+    rng = np.random.default_rng(7)
+    ids = np.concatenate([rng.integers(-5, 40, 1500), rng.zipf(1.1, 1500) % 200])
+    sizes = [1, 4, 17, 60]
+    expected = policy_hits(name, ids, sizes).tolist()
+    _as_python(monkeypatch)
+    assert policy_hits(name, ids, sizes).tolist() == expected
+    assert expected == [MODELS[name](ids.tolist(), c) for c in sizes]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_s3fifo_ghost_ring_compacts_and_keeps_order(monkeypatch, seed):
+    """Ghosts that come back leave stale entries in the ghost ring; once they fill it, the ring
+    is compacted in place. Traces where that happens (counted) still match the model."""
+    _as_python(monkeypatch)
+    compactions = [0]
+    remember = s3fifo._remember
+
+    def counting(key, table, gkeys, *rest):
+        compactions[0] += rest[2] == len(gkeys)  # rest: serials, head, length, ...
+        return remember(key, table, gkeys, *rest)
+
+    monkeypatch.setattr(s3fifo, "_remember", counting)
+    rng = np.random.default_rng(seed)
+    for universe, cap in ((12, 5), (20, 10), (30, 10)):
+        ids = rng.integers(0, universe, 3000)
+        before = compactions[0]
+        assert S3FIFO(cap).run(ids, show=False) == s3fifo_model(ids.tolist(), cap)
+        assert compactions[0] > before
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.tuples(st.booleans(), st.integers(-(2**63), 2**63 - 1)), max_size=300),
+    st.integers(1, 40),
+)
+def test_keymap_equals_a_dict(ops, entries):
+    """Puts and removals (keys of any int64, few distinct so that removals hit), then every
+    key's lookup, against a dict; the map never holds more than ``entries`` keys here."""
+    table = keymap.new_map(entries)
+    want: dict[int, int] = {}
+    for k, (insert, raw) in enumerate(ops):
+        key = raw % 53 - 26 if k % 3 else raw  # mostly a few small keys, some huge
+        s = keymap.find(table, key)
+        assert (s >= 0) == (key in want)
+        if insert and s < 0 and len(want) < entries:
+            keymap.put(table, -1 - s, key, k)
+            want[key] = k
+        elif not insert and s >= 0:
+            keymap.remove(table, s)
+            del want[key]
+        for other, value in want.items():
+            s = keymap.find(table, other)
+            assert s >= 0 and table[2 * s + 1] == value
 
 
 @pytest.mark.parametrize("name", sorted(POLICIES))

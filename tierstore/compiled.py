@@ -39,13 +39,14 @@ def compiled(fn: Callable) -> Callable:
 
 
 def int_buffer(values: np.ndarray) -> np.ndarray | array:
-    """A buffer of the integers ``values`` (int32 or int64) for a :func:`compiled` loop: the
-    numpy array when compiled; as Python, an ``array``, whose items read several times faster
-    there than numpy's."""
+    """A buffer of the integers ``values`` (uint8, int32 or int64) for a :func:`compiled` loop:
+    the numpy array when compiled; as Python, an ``array``, whose items read several times
+    faster there than numpy's."""
     values = np.ascontiguousarray(values)
     if COMPILED:
         return values
-    return array({4: "i", 8: "q"}[values.itemsize], values.tobytes())
+    code = {np.dtype(np.uint8): "B", np.dtype(np.int32): "i", np.dtype(np.int64): "q"}
+    return array(code[values.dtype], values.tobytes())
 
 
 def _prefetch_intrinsic() -> Callable:

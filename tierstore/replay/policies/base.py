@@ -3,8 +3,9 @@
 A reference policy is a small strategy object for a fully associative cache at request
 granularity: built with a capacity in rows, it answers ``access(key) -> hit`` one request at a
 time, or ``run(ids) -> hits`` over a whole array. These policies keep per-request state that
-cannot be vectorised (queues that reorder on every miss), so ``run`` is a tight Python loop
-over plain ints; the driver here feeds it in chunks, with a progress bar on a terminal.
+cannot be vectorised (queues that reorder on every miss), so ``run`` is one loop over the
+requests, compiled by numba (:mod:`tierstore.compiled`) over flat integer buffers; the driver
+here feeds it in chunks, with a progress bar on a terminal.
 """
 
 from __future__ import annotations

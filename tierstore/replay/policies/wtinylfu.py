@@ -18,21 +18,29 @@ As built here (written from the paper's description):
   that of the main cache's victim (probation's oldest, or protected's when probation is
   empty), which it then replaces; otherwise the candidate is dropped.
 No doorkeeper (bloom filter) is used.
+
+The state is flat buffers, and one compiled loop (:mod:`tierstore.compiled`) runs the
+requests: a map (:mod:`.keymap`) from id to node, and the three LRU lists as doubly linked
+lists over the nodes; a node keeps its id's sketch slots for the admission test.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import numpy as np
 
+from ...compiled import compiled, int_buffer
 from ...hashing import mix64_np
 from .base import ReferencePolicy
+from .keymap import find, new_map, put, remove
 
 _DEPTH = 4
-_HALVE = bytes(v >> 1 for v in range(256))
-_INC = [min(v + 1, 15) for v in range(16)]
 _SEEDS = (0x9E3779B97F4A7C15, 0xD1B54A32D192ED03)
+WINDOW, PROBATION, PROTECTED = 0, 1, 2  # the lists; ``lists[3 l : 3 l + 3]``: the oldest
+# node, the newest and the length of list ``l``
+# A node is one 64-byte record of ``nodes`` (its fields at these offsets): the id, the nodes
+# before and after it in its list (after: the next free node, for a free one), the list, and
+# the id's 4 sketch slots. ``meta``: sketch additions since the last aging, the first free node.
+_RECORD, _ID, _PREV, _AFTER, _LIST, _SLOTS = 8, 0, 1, 2, 3, 4
 
 
 def sketch_slots(keys: np.ndarray, width: int) -> np.ndarray:
@@ -44,6 +52,112 @@ def sketch_slots(keys: np.ndarray, width: int) -> np.ndarray:
     mask = np.uint64(width - 1)
     rows = [(words[j // 2] >> np.uint64(32 * (j % 2))) & mask for j in range(_DEPTH)]
     return np.stack([r.astype(np.int64) + j * width for j, r in enumerate(rows)])
+
+
+@compiled
+def _unlink(nodes, node, lists):
+    """Takes ``node`` out of its list."""
+    r = _RECORD * node
+    which, p, n = nodes[r + _LIST], nodes[r + _PREV], nodes[r + _AFTER]
+    if p >= 0:
+        nodes[_RECORD * p + _AFTER] = n
+    else:
+        lists[3 * which] = n
+    if n >= 0:
+        nodes[_RECORD * n + _PREV] = p
+    else:
+        lists[3 * which + 1] = p
+    lists[3 * which + 2] -= 1
+
+
+@compiled
+def _append(nodes, node, lists, which):
+    """Puts ``node`` at the newest end of list ``which``."""
+    r = _RECORD * node
+    last = lists[3 * which + 1]
+    nodes[r + _PREV], nodes[r + _AFTER], nodes[r + _LIST] = last, -1, which
+    if last >= 0:
+        nodes[_RECORD * last + _AFTER] = node
+    else:
+        lists[3 * which] = node
+    lists[3 * which + 1] = node
+    lists[3 * which + 2] += 1
+
+
+@compiled
+def _estimate(sketch, nodes, node):
+    """The least of the node's 4 counters."""
+    r = _RECORD * node + _SLOTS
+    a, b = sketch[nodes[r]], sketch[nodes[r + 1]]
+    c, d = sketch[nodes[r + 2]], sketch[nodes[r + 3]]
+    return min(min(a, b), min(c, d))
+
+
+@compiled
+def _drop(nodes, node, table, meta):
+    """Forgets the id of ``node`` and frees the node."""
+    remove(table, find(table, nodes[_RECORD * node + _ID]))
+    nodes[_RECORD * node + _AFTER] = meta[1]
+    meta[1] = node
+
+
+@compiled
+def _run(keys, s0, s1, s2, s3, table, nodes, lists, sketch, meta, window_cap, main_cap,
+         protected_cap, sample):  # fmt: skip
+    """Feeds ``keys`` (their sketch slots in ``s0..s3``) in order; returns the hits."""
+    hits = 0
+    for i in range(len(keys)):
+        x = keys[i]
+        a, b, c, d = s0[i], s1[i], s2[i], s3[i]
+        for k in (a, b, c, d):
+            if sketch[k] < 15:
+                sketch[k] += 1
+        meta[0] += 1
+        if meta[0] >= sample:  # age: halve every counter
+            for k in range(len(sketch)):
+                sketch[k] >>= 1
+            meta[0] //= 2
+        s = find(table, x)
+        if s >= 0:
+            hits += 1
+            node = table[2 * s + 1]
+            which = nodes[_RECORD * node + _LIST]
+            _unlink(nodes, node, lists)
+            if which != PROBATION:  # window or protected: refresh
+                _append(nodes, node, lists, which)
+                continue
+            _append(nodes, node, lists, PROTECTED)
+            if lists[3 * PROTECTED + 2] > protected_cap:  # its oldest falls back
+                y = lists[3 * PROTECTED]
+                _unlink(nodes, y, lists)
+                _append(nodes, y, lists, PROBATION)
+            continue
+        node = meta[1]  # a miss: into the window
+        r = _RECORD * node
+        meta[1] = nodes[r + _AFTER]
+        nodes[r + _ID] = x
+        nodes[r + _SLOTS], nodes[r + _SLOTS + 1] = a, b
+        nodes[r + _SLOTS + 2], nodes[r + _SLOTS + 3] = c, d
+        put(table, -1 - s, x, node)
+        _append(nodes, node, lists, WINDOW)
+        if lists[3 * WINDOW + 2] <= window_cap:
+            continue
+        cand = lists[3 * WINDOW]
+        _unlink(nodes, cand, lists)
+        if lists[3 * PROBATION + 2] + lists[3 * PROTECTED + 2] < main_cap:
+            _append(nodes, cand, lists, PROBATION)
+            continue
+        if main_cap == 0:
+            _drop(nodes, cand, table, meta)
+            continue
+        victim = lists[3 * (PROBATION if lists[3 * PROBATION + 2] else PROTECTED)]
+        if _estimate(sketch, nodes, cand) > _estimate(sketch, nodes, victim):
+            _unlink(nodes, victim, lists)
+            _drop(nodes, victim, table, meta)
+            _append(nodes, cand, lists, PROBATION)
+        else:
+            _drop(nodes, cand, table, meta)
+    return hits
 
 
 class WTinyLFU(ReferencePolicy):
@@ -58,76 +172,32 @@ class WTinyLFU(ReferencePolicy):
         self.main_capacity = cap - self.window_capacity
         self.protected_capacity = int(self.main_capacity * protected_ratio)
         self.width = 1 << max(4, (max(cap, 1) - 1).bit_length())
-        self.sketch = bytearray(_DEPTH * self.width)
         self.sample = 10 * max(cap, 1)
-        self.added = 0
-        # id -> its sketch slots; the first entry of each is the oldest
-        self.window: OrderedDict[int, tuple] = OrderedDict()
-        self.probation: OrderedDict[int, tuple] = OrderedDict()
-        self.protected: OrderedDict[int, tuple] = OrderedDict()
+        count = cap + 1  # the window holds one more than its share until it hands one on
+        self._map = new_map(count)
+        self._sketch = int_buffer(np.zeros(_DEPTH * self.width, np.uint8))
+        nodes = np.full((count, _RECORD), -1, np.int64)
+        nodes[:, _AFTER] = np.arange(1, count + 1)  # every node free, in order
+        nodes[-1, _AFTER] = -1
+        self._nodes = int_buffer(nodes.reshape(-1))
+        self._lists = int_buffer(np.tile(np.array([-1, -1, 0], np.int64), 3))
+        self._meta = int_buffer(np.zeros(2, np.int64))
 
     def __len__(self) -> int:
-        return len(self.window) + len(self.probation) + len(self.protected)
+        return int(sum(self._lists[3 * w + 2] for w in (WINDOW, PROBATION, PROTECTED)))
 
     def __contains__(self, key: int) -> bool:
-        k = int(key)
-        return k in self.window or k in self.probation or k in self.protected
+        return find(self._map, int(key)) >= 0
 
     def estimate(self, key: int) -> int:
         """The sketch's count for ``key`` (the least of its 4 counters)."""
         slots = sketch_slots(np.array([key], np.int64), self.width)[:, 0].tolist()
-        return min(self.sketch[s] for s in slots)
+        return min(self._sketch[s] for s in slots)
 
     def _run(self, keys: np.ndarray) -> int:
         if self.capacity == 0:
             return 0
-        window, probation, protected = self.window, self.probation, self.protected
-        to_mru_w, to_mru_p = window.move_to_end, protected.move_to_end
-        wcap, mcap, pcap = self.window_capacity, self.main_capacity, self.protected_capacity
-        sample, added = self.sample, self.added
-        tab, inc = self.sketch, _INC  # inc[v] = min(v + 1, 15): a saturating add, no branch
-        s0, s1, s2, s3 = sketch_slots(keys, self.width).tolist()
-        hits = 0
-        for x, a, b, c, d in zip(keys.tolist(), s0, s1, s2, s3):
-            tab[a] = inc[tab[a]]
-            tab[b] = inc[tab[b]]
-            tab[c] = inc[tab[c]]
-            tab[d] = inc[tab[d]]
-            added += 1
-            if added >= sample:  # age: halve every counter
-                tab[:] = tab.translate(_HALVE)
-                added //= 2
-            if x in protected:
-                to_mru_p(x)
-                hits += 1
-                continue
-            if x in window:
-                to_mru_w(x)
-                hits += 1
-                continue
-            slots = probation.pop(x, None)
-            if slots is not None:
-                protected[x] = slots
-                if len(protected) > pcap:
-                    y, ys = protected.popitem(last=False)
-                    probation[y] = ys
-                hits += 1
-                continue
-            window[x] = (a, b, c, d)
-            if len(window) <= wcap:
-                continue
-            cand, cs = window.popitem(last=False)
-            if len(probation) + len(protected) < mcap:
-                probation[cand] = cs
-                continue
-            if mcap == 0:
-                continue
-            seg = probation if probation else protected
-            vic = next(iter(seg))
-            vs = seg[vic]
-            ec = min(tab[cs[0]], tab[cs[1]], tab[cs[2]], tab[cs[3]])
-            if ec > min(tab[vs[0]], tab[vs[1]], tab[vs[2]], tab[vs[3]]):
-                del seg[vic]
-                probation[cand] = cs
-        self.added = added
-        return hits
+        s0, s1, s2, s3 = (int_buffer(s) for s in sketch_slots(keys, self.width))
+        state = (self._map, self._nodes, self._lists, self._sketch, self._meta)
+        caps = (self.window_capacity, self.main_capacity, self.protected_capacity)
+        return int(_run(int_buffer(keys), s0, s1, s2, s3, *state, *caps, self.sample))
