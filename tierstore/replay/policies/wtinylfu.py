@@ -35,12 +35,14 @@ from .keymap import find, new_map, put, remove
 
 _DEPTH = 4
 _SEEDS = (0x9E3779B97F4A7C15, 0xD1B54A32D192ED03)
-WINDOW, PROBATION, PROTECTED = 0, 1, 2  # the lists; ``lists[3 l : 3 l + 3]``: the oldest
-# node, the newest and the length of list ``l``
-# A node is one 64-byte record of ``nodes`` (its fields at these offsets): the id, the nodes
-# before and after it in its list (after: the next free node, for a free one), the list, and
-# the id's 4 sketch slots. ``meta``: sketch additions since the last aging, the first free node.
+# The three lists: ``lists[3 l : 3 l + 3]`` holds list ``l``'s oldest node, newest node and
+# length.
+WINDOW, PROBATION, PROTECTED = 0, 1, 2
+# A node is a 64-byte record of ``nodes``, its fields at these offsets: the id, the nodes before
+# and after it in its list (after: the next free node, for a free one), its list, and the id's 4
+# sketch slots.
 _RECORD, _ID, _PREV, _AFTER, _LIST, _SLOTS = 8, 0, 1, 2, 3, 4
+# ``meta``: sketch additions since the last aging, the first free node.
 
 
 def sketch_slots(keys: np.ndarray, width: int) -> np.ndarray:
