@@ -420,7 +420,7 @@ def new_cache(rows: int, ways: int, policy, device: torch.device) -> CudaCache:
 
 
 def lookup(
-    cache: SetAssociativeCache,
+    cache: CudaCache,
     ids: torch.Tensor,
     counts: torch.Tensor,
     count: torch.Tensor | None = None,
@@ -428,8 +428,6 @@ def lookup(
 ):
     """One cache step (see :meth:`SetAssociativeCache.lookup`); ``count`` and ``hold``: see
     :meth:`CudaCache.lookup`."""
-    if count is None and hold:
-        return cache.lookup(ids, counts)
     return cache.lookup(ids, counts, count=count, hold=hold)
 
 

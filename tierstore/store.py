@@ -198,10 +198,8 @@ class TieredStore:
         if before_change is not None:
             before_change()
         addresses = self.host.acquire(ids)
-        if count is None and hold:
-            found = self.backend.lookup(self.l1, ids, counts)
-        elif count is None:
-            found = self.backend.lookup(self.l1, ids, counts, hold=False)
+        if count is None:
+            found = self.backend.lookup(self.l1, ids, counts, hold=hold)
         else:
             found = self.backend.lookup(self.l1, ids, counts, count, hold)
         if self.inclusive_host:  # L2 keeps what L1 holds: move the pins with the rows
@@ -218,12 +216,11 @@ class TieredStore:
         if batch.released:
             return
         batch.released = True
-        if not batch.holds:  # its L1 step took no locks
-            pass
-        elif batch.count is None:
-            self.l1.release(batch.slots)
-        else:
-            self.l1.release(batch.slots, batch.count)
+        if batch.holds:  # else its L1 step took no locks
+            if batch.count is None:
+                self.l1.release(batch.slots)
+            else:
+                self.l1.release(batch.slots, batch.count)
         self.host.release(batch.addresses)
 
     def flush(self) -> None:
