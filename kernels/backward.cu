@@ -1,6 +1,8 @@
 // The backward pass: the gradient of each unique row, summed over the indices that read it in
-// index order, then the fused optimizer applied to the row where it lives (an L1 slot, marked
-// dirty, or for a conflict miss its L2 address in pinned host memory, updated over PCIe).
+// index order, then the fused optimizer applied to the row where it lives (an L1 slot, or for a
+// conflict miss its L2 address in pinned host memory, updated over PCIe). An L1 row becomes
+// dirty: here, or where the batch holds locks, by its release (lookup.cu release_slots), which
+// writes the way's record anyway; marking it here cost a random sector per row.
 //
 // The batch's sparse transpose is its inverse sorted stably: `order` lists the indices grouped
 // by unique row, ascending within a row. The sorted list is cut into chunks of G entries, each
@@ -175,7 +177,7 @@ struct Rows {
   const i64* addresses;  // (U,)
   float* l1;             // (C, width)
   float* l2;             // (L2 rows, width), pinned host
-  unsigned char* dirty;  // (C,)
+  WayState* way_state;   // (C,) where L1 rows are marked dirty; null: the release does
   i64 width;
   int dim;
 
@@ -188,7 +190,7 @@ struct Rows {
     RowState<K> st;
     opt.template load<G, K>(row, st, dim, grp);
     opt.template apply<G, K>(row, st, g, dim, grp);
-    if (s >= 0 && grp.rank == 0) dirty[s] = 1;
+    if (s >= 0 && way_state != nullptr && grp.rank == 0) way_state[s].dirty = 1;
   }
 };
 
@@ -231,10 +233,12 @@ __device__ void update_singles(const i64* __restrict__ offsets,    // (B + 1,)
       bool single = false;
       if (j < last) {
         const i64 u = inverse[j];
-        single = start[u + 1] - start[u] == 1;
+        // the slot is read beside the row's bounds, not after them: one dependent load fewer
+        const i64 lo = start[u], hi = start[u + 1], s = rows.slots[u];
+        single = hi - lo == 1;
         if (single) {
-          slot = rows.slots[u];
-          addr = rows.addresses[u];
+          slot = s;
+          if (s < 0) addr = rows.addresses[u];  // an L2 address only for a conflict miss
           if (psw != nullptr) w = psw[j];
         }
       }
@@ -268,7 +272,7 @@ __device__ void update_singles(const i64* __restrict__ offsets,    // (B + 1,)
             acc[k] = __fadd_rn(0.f, t);
           }
           opt.template apply<32, K>(row[q], st[q], acc, dim, grp);
-          if (s[q] >= 0 && lane == 0) rows.dirty[s[q]] = 1;
+          if (s[q] >= 0 && rows.way_state != nullptr && lane == 0) rows.way_state[s[q]].dirty = 1;
         }
       }
     }
@@ -316,7 +320,7 @@ __device__ void reduce_chunks(const int* __restrict__ sorted_u,   // (n,) invers
       const i64 j = order[p0 + grp.rank];
       b = bag[j];
       slot = rows.slots[u];
-      addr = rows.addresses[u];
+      if (slot < 0) addr = rows.addresses[u];
       if (mean) len = (float)(offsets[b + 1] - offsets[b]);
       if (psw != nullptr) w = psw[j];
     }
@@ -366,7 +370,7 @@ __device__ void reduce_chunks(const int* __restrict__ sorted_u,   // (n,) invers
       }
       if (owner) {
         opt.template apply<G, K>(row, st, acc, dim, grp);
-        if (s >= 0 && grp.rank == 0) rows.dirty[s] = 1;
+        if (s >= 0 && rows.way_state != nullptr && grp.rank == 0) rows.way_state[s].dirty = 1;
       } else {
         float* dst = partial + (ch * 2 + (from_before ? 0 : 1)) * dim;
 #pragma unroll
@@ -465,9 +469,9 @@ __device__ void finish_crossing(const int* __restrict__ sorted_u,  // (n,)
   extern "C" __global__ void reduce_chunks_##SUFFIX##_g##G##_k##K(                            \
       const int* sorted_u, const i64* order, const int* bag, const i64* offsets,                \
       const float* psw, const float* grad_out, i64 n, i64 mean, const i64* slots,               \
-      const i64* addresses, float* l1, float* l2, unsigned char* dirty, i64 width, i64 dim,     \
+      const i64* addresses, float* l1, float* l2, WayState* way_state, i64 width, i64 dim,      \
       float lr, float eps, float* partial) {                                                    \
-    const Rows rows = {slots, addresses, l1, l2, dirty, width, (int)dim};                       \
+    const Rows rows = {slots, addresses, l1, l2, way_state, width, (int)dim};                   \
     const OPT opt = {lr, eps};                                                                  \
     reduce_chunks<G, K, OPT>(sorted_u, order, bag, offsets, psw, grad_out, n, mean, rows, opt,  \
                              partial);                                                          \
@@ -476,9 +480,9 @@ __device__ void finish_crossing(const int* __restrict__ sorted_u,  // (n,)
 #define TS_FINISH(SUFFIX, K, OPT)                                                               \
   extern "C" __global__ void finish_crossing_##SUFFIX##_k##K(                                   \
       const int* sorted_u, const i64* start, i64 n, i64 chunk, const i64* slots,                \
-      const i64* addresses, float* l1, float* l2, unsigned char* dirty, i64 width, i64 dim,     \
+      const i64* addresses, float* l1, float* l2, WayState* way_state, i64 width, i64 dim,      \
       float lr, float eps, const float* partial) {                                              \
-    const Rows rows = {slots, addresses, l1, l2, dirty, width, (int)dim};                       \
+    const Rows rows = {slots, addresses, l1, l2, way_state, width, (int)dim};                   \
     const OPT opt = {lr, eps};                                                                  \
     finish_crossing<K, OPT>(sorted_u, start, n, chunk, rows, opt, partial);                     \
   }
@@ -487,8 +491,8 @@ __device__ void finish_crossing(const int* __restrict__ sorted_u,  // (n,)
   extern "C" __global__ void update_singles_##SUFFIX##_k##K(                                    \
       const i64* offsets, i64 bags, const i64* inverse, const i64* start, const float* psw,     \
       const float* grad_out, i64 mean, const i64* slots, const i64* addresses, float* l1,       \
-      float* l2, unsigned char* dirty, i64 width, i64 dim, float lr, float eps) {               \
-    const Rows rows = {slots, addresses, l1, l2, dirty, width, (int)dim};                       \
+      float* l2, WayState* way_state, i64 width, i64 dim, float lr, float eps) {                \
+    const Rows rows = {slots, addresses, l1, l2, way_state, width, (int)dim};                   \
     const OPT opt = {lr, eps};                                                                  \
     update_singles<K, OPT>(offsets, bags, inverse, start, psw, grad_out, mean, rows, opt);      \
   }

@@ -152,15 +152,18 @@ __device__ __forceinline__ void ts_block_count(i64* counter, i64 v) {
 // from the high 32 bits). The cache keeps it per way beside the tags.
 __device__ __forceinline__ int ts_digest(u64 mixed) { return (int)(mixed & 0xff); }
 
-// A way of the CUDA cache: its tag, score and lock in one 32-byte record, one memory sector
-// (cuda.py CudaCache.way_state; cache.py's tags, stamps and locks are views of it). A hit reads
-// the tag and writes the score and the lock in that one sector: as three arrays it touched
-// three random sectors, and the probe is bound by random sectors.
+// A way of the CUDA cache: its tag, score, lock and dirty bit in one 32-byte record, one memory
+// sector (cuda.py CudaCache.way_state; cache.py's tags, stamps, locks and dirty bits are views of
+// it). A hit reads the tag and writes the score and the lock in that one sector: as three arrays
+// it touched three random sectors, and the probe is bound by random sectors. The dirty bit is
+// there so that the release of a trained batch sets it in the sector it unlocks, where a byte
+// array of its own cost the backward a random sector per row (bench/RESULTS.md).
 struct __align__(32) WayState {
-  i64 tag;    // the row held, TS_EMPTY when none
-  i64 stamp;  // the policy's score: lowest is evicted first
-  int lock;   // batches in flight that still need the row: never evicted while > 0
-  int unused0;
+  i64 tag;              // the row held, TS_EMPTY when none
+  i64 stamp;            // the policy's score: lowest is evicted first
+  int lock;             // batches in flight that still need the row: never evicted while > 0
+  unsigned char dirty;  // written since it was filled (byte 20: cuda.py's view of it)
+  unsigned char unused0[3];
   i64 unused1;
 };
 static_assert(sizeof(WayState) == 32, "a way's state is one 32-byte sector");

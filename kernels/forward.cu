@@ -7,8 +7,15 @@
 #include "common.cuh"
 
 // One warp per bag. The warp first reads 32 entries' row addresses and weights (one per lane),
-// then walks them with shuffles, four rows' loads in flight at a time. A lane owns K elements
+// then walks them with shuffles, ROWS rows' loads in flight at a time. A lane owns K elements
 // (floats, or float4 with VEC4) of each chunk of columns.
+//
+// Three rows in flight within 64 registers (TS_POOL's launch bounds: 32 warps per
+// multiprocessor) beat four in 72 (24 warps): the same on uniform ids, 9 % faster on Zipf ids
+// on the H100 (bench/RESULTS.md).
+#define TS_POOL_ROWS 3
+#define TS_POOL_BLOCK 256  // threads per block: interop._BLOCK
+#define TS_POOL_MIN_BLOCKS 4  // resident blocks per multiprocessor: at most 64 registers
 template <int K, bool VEC4>
 __device__ void pool(const i64* __restrict__ offsets,    // (B + 1,)
                      const i64* __restrict__ inverse,    // (n,) unique position of each index
@@ -40,25 +47,25 @@ __device__ void pool(const i64* __restrict__ offsets,    // (B + 1,)
           if (psw != nullptr) w = psw[j];
         }
         const int cnt = (int)min((i64)32, end - j0);
-        for (int e0 = 0; e0 < cnt; e0 += 4) {
-          const float* r[4];
-          float we[4];
+        for (int e0 = 0; e0 < cnt; e0 += TS_POOL_ROWS) {
+          const float* r[TS_POOL_ROWS];
+          float we[TS_POOL_ROWS];
 #pragma unroll
-          for (int e = 0; e < 4; e++) {
+          for (int e = 0; e < TS_POOL_ROWS; e++) {
             r[e] = (const float*)__shfl_sync(TS_FULL_MASK, (u64)row, e0 + e);
             we[e] = __shfl_sync(TS_FULL_MASK, w, e0 + e);
           }
           if (VEC4) {
-            float4 v[4][K];
+            float4 v[TS_POOL_ROWS][K];
 #pragma unroll
-            for (int e = 0; e < 4; e++)
+            for (int e = 0; e < TS_POOL_ROWS; e++)
 #pragma unroll
               for (int k = 0; k < K; k++) {
                 const int c = c0 + lane + 32 * k;
                 if (e0 + e < cnt && c < per) v[e][k] = ((const float4*)r[e])[c];
               }
 #pragma unroll
-            for (int e = 0; e < 4; e++)
+            for (int e = 0; e < TS_POOL_ROWS; e++)
 #pragma unroll
               for (int k = 0; k < K; k++)
                 if (e0 + e < cnt) {
@@ -68,16 +75,16 @@ __device__ void pool(const i64* __restrict__ offsets,    // (B + 1,)
                   acc[k][3] = fmaf(we[e], v[e][k].w, acc[k][3]);
                 }
           } else {
-            float v[4][K];
+            float v[TS_POOL_ROWS][K];
 #pragma unroll
-            for (int e = 0; e < 4; e++)
+            for (int e = 0; e < TS_POOL_ROWS; e++)
 #pragma unroll
               for (int k = 0; k < K; k++) {
                 const int c = c0 + lane + 32 * k;
                 if (e0 + e < cnt && c < per) v[e][k] = r[e][c];
               }
 #pragma unroll
-            for (int e = 0; e < 4; e++)
+            for (int e = 0; e < TS_POOL_ROWS; e++)
 #pragma unroll
               for (int k = 0; k < K; k++)
                 if (e0 + e < cnt) acc[k][0] = fmaf(we[e], v[e][k], acc[k][0]);
@@ -106,10 +113,10 @@ __device__ void pool(const i64* __restrict__ offsets,    // (B + 1,)
 }
 
 #define TS_POOL(NAME, K, VEC4)                                                                  \
-  extern "C" __global__ void NAME(const i64* offsets, const i64* inverse, const float* psw,     \
-                                  const i64* slots, const i64* addresses, const float* l1,      \
-                                  const float* l2, i64 width, i64 dim, i64 bags, i64 mean,      \
-                                  float* out) {                                                 \
+  extern "C" __global__ void __launch_bounds__(TS_POOL_BLOCK, TS_POOL_MIN_BLOCKS)               \
+      NAME(const i64* offsets, const i64* inverse, const float* psw, const i64* slots,          \
+           const i64* addresses, const float* l1, const float* l2, i64 width, i64 dim, i64 bags, \
+           i64 mean, float* out) {                                                              \
     pool<K, VEC4>(offsets, inverse, psw, slots, addresses, l1, l2, width, dim, bags, mean, out); \
   }
 TS_POOL(forward_vec4, 1, true)   // width % 4 == 0 and dim % 4 == 0: 128 columns per chunk

@@ -81,7 +81,6 @@ __device__ void choose_victims(const int* __restrict__ touched,      // (T,)
                                const i64* __restrict__ score,        // (U,)
                                WayState* __restrict__ state,         // (S, W)
                                unsigned char* __restrict__ digests,  // (S, stride)
-                               unsigned char* __restrict__ dirty,    // (S, W)
                                i64 ways,
                                i64* __restrict__ slots,              // (U,)
                                int* __restrict__ filled,             // (U,) 1 where a fill, zeroed
@@ -114,7 +113,7 @@ __device__ void choose_victims(const int* __restrict__ touched,      // (T,)
       if (w < W) {
         const WayState way = state[slot];
         tag[h] = way.tag;
-        dty[h] = dirty[slot] != 0;
+        dty[h] = way.dirty != 0;
         ev[h] = way.lock == 0 && !((held >> w) & 1);
         if (ev[h]) key[h] = tag[h] == TS_EMPTY ? -1 : way.stamp;
       }
@@ -169,7 +168,7 @@ __device__ void choose_victims(const int* __restrict__ touched,      // (T,)
           state[slot].stamp = score[best];
           state[slot].lock = hit_mask == nullptr ? 1 : 0;
           digests[set * stride + lane + 32 * h] = (unsigned char)ts_digest(ts_mix64((u64)row));
-          dirty[slot] = 0;
+          state[slot].dirty = 0;
           slots[best] = slot;
           filled[best] = 1;
           victim_by_pos[best] = tag[h];
@@ -187,17 +186,16 @@ __device__ void choose_victims(const int* __restrict__ touched,      // (T,)
   ts_block_count(counters + TS_WRITEBACKS, writebacks);
 }
 
-#define TS_CHOOSE(NAME, POLICY)                                                                 \
-  extern "C" __global__ void NAME(const int* touched, const int* n_touched, const int* touched_k, \
+#define TS_CHOOSE(NAME, POLICY)                                                                  \
+  extern "C" __global__ void NAME(const int* touched, const int* n_touched, const int* touched_k,\
                                   const int* touched_off, const int* segments, const i64* ids,   \
                                   const i64* score, WayState* state, unsigned char* digests,     \
-                                  unsigned char* dirty, i64 ways,                                \
-                                  i64* slots, int* filled, i64* victim_by_pos,                   \
+                                  i64 ways, i64* slots, int* filled, i64* victim_by_pos,         \
                                   unsigned char* victim_dirty_by_pos, i64* counters,             \
                                   const u64* hit_mask) {                                         \
     choose_victims<POLICY>(touched, n_touched, touched_k, touched_off, segments, ids, score,     \
-                           state, digests, dirty, ways, slots, filled,                           \
-                           victim_by_pos, victim_dirty_by_pos, counters, hit_mask);              \
+                           state, digests, ways, slots, filled, victim_by_pos,                   \
+                           victim_dirty_by_pos, counters, hit_mask);                             \
   }
 TS_CHOOSE(choose_victims_lru, LruPolicy)
 TS_CHOOSE(choose_victims_lfu, LfuPolicy)

@@ -22,14 +22,14 @@ extern "C" __global__ void scatter_rows(const i64* __restrict__ slots,      // (
                                         const i64* __restrict__ addresses,  // (U,)
                                         i64 n, float* __restrict__ l1,      // (C, width)
                                         float* __restrict__ l2,             // (L2 rows, width)
-                                        unsigned char* __restrict__ dirty,  // (C,)
+                                        WayState* __restrict__ state,       // (C,)
                                         i64 width,
                                         const float* __restrict__ rows) {  // (U, width)
   for (i64 i = ts_global_warp(); i < n; i += ts_warp_count()) {
     const i64 s = slots[i];
     float* row = ts_row(l1, l2, s, addresses[i], (int)width);
     for (i64 c = ts_lane(); c < width; c += 32) row[c] = rows[i * width + c];
-    if (s >= 0 && ts_lane() == 0) dirty[s] = 1;
+    if (s >= 0 && ts_lane() == 0) state[s].dirty = 1;
   }
 }
 

@@ -131,8 +131,7 @@ class SetAssociativeCache:
         self.policy = make_policy(policy)
         self.device = torch.device(device)
         shape = (self.sets, self.ways)
-        self.tags, self.stamps, self.locks = self._way_state(shape)
-        self.dirty = torch.zeros(shape, dtype=torch.bool, device=self.device)
+        self.tags, self.stamps, self.locks, self.dirty = self._way_state(shape)
         self.counters = st.new_counters(self.device)
         self.sketch = (
             FrequencySketch.for_cache(self.capacity, self.device)
@@ -147,12 +146,13 @@ class SetAssociativeCache:
             self._slot_of = torch.full((id_bound,), -1, dtype=torch.int32, device=self.device)
 
     def _way_state(self, shape: tuple[int, int]):
-        """``(tags, stamps, locks)`` of a new, empty cache: three tensors here; a backend may
-        return views of its own layout (their strides alike along the ways)."""
+        """``(tags, stamps, locks, dirty)`` of a new, empty cache: four tensors here; a backend
+        may return views of its own layout (their strides alike along the ways)."""
         tags = torch.full(shape, EMPTY, dtype=torch.int64, device=self.device)
         stamps = torch.zeros(shape, dtype=torch.int64, device=self.device)
         locks = torch.zeros(shape, dtype=torch.int32, device=self.device)
-        return tags, stamps, locks
+        dirty = torch.zeros(shape, dtype=torch.bool, device=self.device)
+        return tags, stamps, locks, dirty
 
     # ----------------------------------------------------------------- queries (no change)
     # Gathers and scatters here use index_select / index_copy_ / index_add_ rather than
@@ -297,8 +297,12 @@ class SetAssociativeCache:
             self.policy.age(self.stamps)
         return plan
 
-    def release(self, slots: torch.Tensor) -> None:
-        """Unlocks the slots a finished batch held (-1 entries are ignored)."""
+    def release(self, slots: torch.Tensor, written: bool = False) -> None:
+        """Unlocks the slots a finished batch held (-1 entries are ignored); with ``written``
+        (a backward updated the rows and left their dirty bits to the release) also marks them
+        dirty."""
+        if written:
+            self.mark_dirty(slots)
         if COMPILED_STEP and cache_compiled.can_release(self, slots):
             cache_compiled.release(self, slots)
             return

@@ -288,15 +288,17 @@ class CudaCache(SetAssociativeCache):
         self.digests = torch.zeros((self.sets, stride), dtype=torch.uint8, device=self.device)
 
     def _way_state(self, shape: tuple[int, int]):
-        """Tags, stamps and locks as fields of one 32-byte record per way (``way_state``, the
-        kernels' ``WayState``): a hit reads its tag and writes its score and lock in one memory
-        sector, where three arrays cost three random sectors. The views are what
+        """Tags, stamps, locks and dirty bits as fields of one 32-byte record per way
+        (``way_state``, the kernels' ``WayState``): a hit reads its tag and writes its score and
+        lock in one memory sector, where three arrays cost three random sectors, and a trained
+        batch's release marks its rows dirty in the sector it unlocks. The views are what
         :class:`SetAssociativeCache` holds, so the torch code and the tests see the usual
         ``(S, W)`` tensors."""
         record = torch.zeros((*shape, 4), dtype=torch.int64, device=self.device)
         record[..., 0] = EMPTY
-        self.way_state = record  # (S, W, 4): tag, stamp, lock (int32) + padding
-        return record[..., 0], record[..., 1], record.view(torch.int32)[..., 4]
+        self.way_state = record  # (S, W, 4): tag, stamp, lock (int32) and dirty (byte 20)
+        dirty = record.view(torch.uint8)[..., 20].view(torch.bool)
+        return record[..., 0], record[..., 1], record.view(torch.int32)[..., 4], dirty
 
     def find(self, ids: torch.Tensor, sets: torch.Tensor | None = None) -> torch.Tensor:
         """Slot of each id, or -1 where it is not cached. Changes nothing. (``sets`` is
@@ -367,7 +369,7 @@ class CudaCache(SetAssociativeCache):
         args = (ids, slots, n, count, self.sets, self._set_misses, self._seg_start, segments)
         _run("insert.cu", "scatter_misses", dev, n, args, per_warp=False)
         args = (touched[0], meta[0:1], touched[1], touched[2], segments, ids, score,
-                self.way_state, self.digests, self.dirty, self.ways, slots, filled,
+                self.way_state, self.digests, self.ways, slots, filled,
                 victim_by_pos, victim_dirty_by_pos, self.counters, hit_mask)  # fmt: skip
         _run("insert.cu", f"choose_victims_{policy}", dev, min(n, self.sets), args, True)
         # the fills in ascending id order: a prefix sum over the batch, then a compaction
@@ -400,17 +402,20 @@ class CudaCache(SetAssociativeCache):
         args = (sk.additions, sk.sample_size, None)
         _run("sketch.cu", "sketch_age_reset", dev, 1, args, per_warp=False)
 
-    def release(self, slots: torch.Tensor, count: torch.Tensor | None = None) -> None:
+    def release(
+        self, slots: torch.Tensor, count: torch.Tensor | None = None, written: bool = False
+    ) -> None:
         """Unlocks the slots a finished batch held (-1 entries are ignored; with ``count``, a
-        device scalar, only the first ``count`` entries are the batch's)."""
+        device scalar, only the first ``count`` entries are the batch's); with ``written`` also
+        marks them dirty, in the records the unlock writes anyway."""
         slots = _i64(slots, self.device)
-        args = (slots, slots.numel(), count, self.way_state)
+        args = (slots, slots.numel(), count, self.way_state, written)
         _run("lookup.cu", "release_slots", self.device, slots.numel(), args, per_warp=False)
 
     def mark_dirty(self, slots: torch.Tensor) -> None:
         """Marks slots as written (-1 entries are ignored)."""
         slots = _i64(slots, self.device)
-        args = (slots, slots.numel(), self.dirty)
+        args = (slots, slots.numel(), self.way_state)
         _run("lookup.cu", "mark_dirty_slots", self.device, slots.numel(), args, per_warp=False)
 
 
@@ -508,7 +513,7 @@ def scatter(store, batch, rows: torch.Tensor) -> None:
     dev = store.l1_data.device
     n = batch.ids.numel()
     rows = rows.to(dev, torch.float32).contiguous()
-    args = (batch.slots, _i64(batch.addresses, dev), n, store.l1_data, l2, store.l1.dirty,
+    args = (batch.slots, _i64(batch.addresses, dev), n, store.l1_data, l2, store.l1.way_state,
             store.layout.width, rows)  # fmt: skip
     _run("rows.cu", "scatter_rows", dev, n, args, per_warp=True)
     _refresh_conflicts(store, batch, l2)
@@ -618,7 +623,11 @@ def backward(
             start = torch.empty(unique + 1, dtype=torch.int64, device=dev)
             _run("backward.cu", "segment_starts", dev, n, (sorted_u, n, unique, start), False)
         lr, eps = float(optimizer.lr), float(getattr(optimizer, "eps", 0.0))
-        rows = (batch.slots, addresses, store.l1_data, l2, store.l1.dirty, width, dim)
+        # the L1 rows' dirty bits: set by the batch's release where it holds locks (it writes
+        # their way records anyway: kernels/backward.cu), else by the kernels here
+        batch.written = batch.holds
+        way_state = None if batch.written else store.l1.way_state
+        rows = (batch.slots, addresses, store.l1_data, l2, way_state, width, dim)
         # rows read by one index, bag by bag (each bag's gradient read once) ...
         args = (offsets, bags, inverse, start, psw, grad_out, mean, *rows, lr, eps)
         _run("backward.cu", f"update_singles_{opt_name}_k{k}", dev, bags, args, per_warp=True)

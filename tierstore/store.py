@@ -91,6 +91,8 @@ class Batch:
     count: torch.Tensor | None = None
     # Whether L1 holds locks for the batch until release (False: a lookup with hold=False)
     holds: bool = True
+    # Whether a backward updated the batch's L1 rows and left their dirty bits to the release
+    written: bool = False
 
     def trimmed(self) -> Batch:
         """This batch with exactly ``U`` entries (reads ``count`` from the device if set)."""
@@ -98,7 +100,8 @@ class Batch:
             return self
         u = int(self.count[0])
         return Batch(self.ids[:u], self.inverse, self.slots[:u], self.addresses[:u],
-                     self.released, self.transpose, holds=self.holds)  # fmt: skip
+                     self.released, self.transpose, holds=self.holds,
+                     written=self.written)  # fmt: skip
 
 
 class TieredStore:
@@ -212,15 +215,16 @@ class TieredStore:
                      holds=holds)  # fmt: skip
 
     def release(self, batch: Batch) -> None:
-        """Unlocks a batch's rows in L1 and L2 (once)."""
+        """Unlocks a batch's rows in L1 and L2 (once); marks its L1 rows dirty where its
+        backward left that to the release (``batch.written``)."""
         if batch.released:
             return
         batch.released = True
         if batch.holds:  # else its L1 step took no locks
             if batch.count is None:
-                self.l1.release(batch.slots)
+                self.l1.release(batch.slots, written=batch.written)
             else:
-                self.l1.release(batch.slots, batch.count)
+                self.l1.release(batch.slots, batch.count, written=batch.written)
         self.host.release(batch.addresses)
 
     def flush(self) -> None:
