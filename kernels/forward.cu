@@ -7,8 +7,8 @@
 #include "common.cuh"
 
 // One warp per bag. The warp first reads 32 entries' row addresses and weights (one per lane),
-// then walks them with shuffles, ROWS rows' loads in flight at a time. A lane owns K elements
-// (floats, or float4 with VEC4) of each chunk of columns.
+// then walks them with shuffles, TS_POOL_ROWS rows' loads in flight at a time. A lane owns K
+// elements (floats, or float4 with VEC4) of each chunk of columns.
 //
 // Three rows in flight within 64 registers (TS_POOL's launch bounds: 32 warps per
 // multiprocessor) beat four in 72 (24 warps): the same on uniform ids, 9 % faster on Zipf ids

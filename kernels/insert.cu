@@ -186,8 +186,8 @@ __device__ void choose_victims(const int* __restrict__ touched,      // (T,)
   ts_block_count(counters + TS_WRITEBACKS, writebacks);
 }
 
-#define TS_CHOOSE(NAME, POLICY)                                                                  \
-  extern "C" __global__ void NAME(const int* touched, const int* n_touched, const int* touched_k,\
+#define TS_CHOOSE(NAME, POLICY)                                                                 \
+  extern "C" __global__ void NAME(const int* touched, const int* n_touched, const int* touched_k, \
                                   const int* touched_off, const int* segments, const i64* ids,   \
                                   const i64* score, WayState* state, unsigned char* digests,     \
                                   i64 ways, i64* slots, int* filled, i64* victim_by_pos,         \
