@@ -413,7 +413,8 @@ def bench_floor(out: list, quick: bool) -> None:
     """What the uniform training step's rows cost at the least on this card, beside the step:
     the forward reads a row per index, the optimizer reads and writes each unique row once.
     ``bench/row_traffic.cu``'s kernels do only that (a thread per 16 bytes, the row's index from
-    a dense list); the step's own kernels add their lookups, gradient sums and order."""
+    a dense list); the step's own kernels add their lookups, gradient sums and order. Then the
+    same at RowWiseAdagrad's layout, the step's: rows of 129 floats, only 4-byte aligned."""
     import cupy
 
     from tierstore import interop
@@ -423,7 +424,8 @@ def bench_floor(out: list, quick: bool) -> None:
     module = cupy.RawModule(code=(Path(__file__).parent / "row_traffic.cu").read_text())
     gather, update = module.get_function("gather_rows"), module.get_function("update_rows")
     dev = torch.device("cuda", torch.cuda.current_device())
-    table = torch.randn(N, D, device=dev)
+    storage = torch.randn(N * (D + 1), device=dev)  # N rows of 128 floats, or of 129
+    table = storage[: N * D].view(N, D)
     grad = torch.randn(1024, D, device=dev)
     sink = torch.zeros(1, device=dev)
     ids = trace("uniform", B * L)
@@ -461,6 +463,7 @@ def bench_floor(out: list, quick: bool) -> None:
     )
     t = t_ms(launch(update, singles, grad), it)
     out.append(row(f"read + write the {singles.numel():,} rows read once", t, "ms"))
+    _floor_pitched(out, module, storage, ids, unique, singles, it)
     emb = ts.TieredEmbeddingBag(
         N, D, cache_rows=N, optimizer=ts.RowWiseAdagrad(lr=0.01), device="cuda"
     )
@@ -470,7 +473,30 @@ def bench_floor(out: list, quick: bool) -> None:
     step = ts.GraphedStep(lambda x: emb(x).backward(g))
     t = t_ms_queued(lambda s=step: s(x), it)
     out.append(row("graphed RowWiseAdagrad step, same ids, back to back", t, "ms", "", "<= 1.5 ms"))
-    free(step, emb, table, a, b)
+    free(step, emb, table, storage, a, b)
+
+
+def _floor_pitched(out, module, storage, ids, unique, singles, it: int) -> None:
+    """The floor's rows again at a pitch of D + 1 floats (RowWiseAdagrad's rows: the weights and
+    the row's state), a thread per 4 floats: what the step's own rows cost at the least."""
+    from tierstore import interop
+
+    gather = module.get_function("gather_rows_pitched")
+    update = module.get_function("update_rows_pitched")
+    pitch, per = D + 1, (D + 4) // 4  # 4-float pieces of a row
+    grad = torch.randn(1024, pitch, device=storage.device)
+    sink = torch.zeros(1, device=storage.device)
+
+    def launch(kernel, rows, args):
+        return lambda: interop.launch(kernel, storage.device, rows.numel() * per, args, False)
+
+    t_read = t_ms(launch(gather, ids, (storage, ids, ids.numel(), D, pitch, sink)), it)
+    out.append(row(f"read {ids.numel():,} rows' weights, {pitch}-float rows", t_read, "ms"))
+    t_rmw = t_ms(launch(update, unique, (storage, unique, unique.numel(), pitch, grad)), it)
+    out.append(row(f"read + write {unique.numel():,} unique {pitch}-float rows", t_rmw, "ms"))
+    out.append(row(f"sum at {pitch}-float rows: the step's own floor", t_read + t_rmw, "ms"))
+    t = t_ms(launch(update, singles, (storage, singles, singles.numel(), pitch, grad)), it)
+    out.append(row(f"read + write the {singles.numel():,} rows read once, {pitch} floats", t, "ms"))
 
 
 def main() -> None:

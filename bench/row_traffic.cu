@@ -35,3 +35,40 @@ extern "C" __global__ void update_rows(float4* __restrict__ table, const i64* __
     *p = v;
   }
 }
+
+// The same traffic at RowWiseAdagrad's layout: rows of `pitch` floats (129: 128 weights and the
+// row's state, so rows are only 4-byte aligned), a thread per 4 floats of a row, scalar loads.
+// Reads the first `cols` floats of the rows `ids` (the forward's: the weights, not the state).
+extern "C" __global__ void gather_rows_pitched(const float* __restrict__ table,
+                                               const i64* __restrict__ ids, i64 n, i64 cols,
+                                               i64 pitch, float* __restrict__ sink) {
+  const i64 per = (cols + 3) / 4, step = (i64)gridDim.x * blockDim.x;
+  for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n * per; i += step) {
+    const i64 r = i / per, c0 = 4 * (i % per);
+    const float* p = table + ids[r] * pitch;
+    float s = 0.f;
+#pragma unroll
+    for (int k = 0; k < 4; k++)
+      if (c0 + k < cols) s += p[c0 + k];
+    if (s == 1.2345e30f) sink[0] = s;
+  }
+}
+
+// Read-modify-write of the whole rows `ids` (n distinct rows of `pitch` floats), as update_rows.
+extern "C" __global__ void update_rows_pitched(float* __restrict__ table,
+                                               const i64* __restrict__ ids, i64 n, i64 pitch,
+                                               const float* __restrict__ grad) {
+  const i64 per = (pitch + 3) / 4, step = (i64)gridDim.x * blockDim.x;
+  for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n * per; i += step) {
+    const i64 r = i / per, c0 = 4 * (i % per);
+    float* p = table + ids[r] * pitch;
+    const float* g = grad + (r & 1023) * pitch;
+    float v[4];
+#pragma unroll
+    for (int k = 0; k < 4; k++)
+      if (c0 + k < pitch) v[k] = p[c0 + k];
+#pragma unroll
+    for (int k = 0; k < 4; k++)
+      if (c0 + k < pitch) p[c0 + k] = fmaf(-0.01f, g[c0 + k], v[k]);
+  }
+}
