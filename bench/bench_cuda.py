@@ -414,7 +414,8 @@ def bench_floor(out: list, quick: bool) -> None:
     the forward reads a row per index, the optimizer reads and writes each unique row once.
     ``bench/row_traffic.cu``'s kernels do only that (a thread per 16 bytes, the row's index from
     a dense list); the step's own kernels add their lookups, gradient sums and order. Then the
-    same at RowWiseAdagrad's layout, the step's: rows of 129 floats, only 4-byte aligned."""
+    same traffic at RowWiseAdagrad's layout, the step's: rows of 129 floats, only 4-byte
+    aligned."""
     import cupy
 
     from tierstore import interop
@@ -477,8 +478,10 @@ def bench_floor(out: list, quick: bool) -> None:
 
 
 def _floor_pitched(out, module, storage, ids, unique, singles, it: int) -> None:
-    """The floor's rows again at a pitch of D + 1 floats (RowWiseAdagrad's rows: the weights and
-    the row's state), a thread per 4 floats: what the step's own rows cost at the least."""
+    """The floor's traffic again at a pitch of D + 1 floats (RowWiseAdagrad's rows: the weights
+    and the row's state), a thread per 4 floats with scalar loads. Not a lower bound at that
+    layout (the step's update_singles, two rows in flight per warp, beats the last figure): it
+    shows what the layout costs the same simple kernels against 128-float rows."""
     from tierstore import interop
 
     gather = module.get_function("gather_rows_pitched")
@@ -494,7 +497,7 @@ def _floor_pitched(out, module, storage, ids, unique, singles, it: int) -> None:
     out.append(row(f"read {ids.numel():,} rows' weights, {pitch}-float rows", t_read, "ms"))
     t_rmw = t_ms(launch(update, unique, (storage, unique, unique.numel(), pitch, grad)), it)
     out.append(row(f"read + write {unique.numel():,} unique {pitch}-float rows", t_rmw, "ms"))
-    out.append(row(f"sum at {pitch}-float rows: the step's own floor", t_read + t_rmw, "ms"))
+    out.append(row(f"sum at {pitch}-float rows, same simple kernels", t_read + t_rmw, "ms"))
     t = t_ms(launch(update, singles, (storage, singles, singles.numel(), pitch, grad)), it)
     out.append(row(f"read + write the {singles.numel():,} rows read once, {pitch} floats", t, "ms"))
 
