@@ -486,19 +486,22 @@ def _floor_pitched(out, module, storage, ids, unique, singles, it: int) -> None:
 
     gather = module.get_function("gather_rows_pitched")
     update = module.get_function("update_rows_pitched")
-    pitch, per = D + 1, (D + 4) // 4  # 4-float pieces of a row
+    pitch = D + 1
     grad = torch.randn(1024, pitch, device=storage.device)
     sink = torch.zeros(1, device=storage.device)
 
-    def launch(kernel, rows, args):
-        return lambda: interop.launch(kernel, storage.device, rows.numel() * per, args, False)
+    def launch(kernel, rows, floats, args):  # a thread per 4 of a row's `floats`
+        items = rows.numel() * ((floats + 3) // 4)
+        return lambda: interop.launch(kernel, storage.device, items, args, False)
 
-    t_read = t_ms(launch(gather, ids, (storage, ids, ids.numel(), D, pitch, sink)), it)
+    t_read = t_ms(launch(gather, ids, D, (storage, ids, ids.numel(), D, pitch, sink)), it)
     out.append(row(f"read {ids.numel():,} rows' weights, {pitch}-float rows", t_read, "ms"))
-    t_rmw = t_ms(launch(update, unique, (storage, unique, unique.numel(), pitch, grad)), it)
+    args = (storage, unique, unique.numel(), pitch, grad)
+    t_rmw = t_ms(launch(update, unique, pitch, args), it)
     out.append(row(f"read + write {unique.numel():,} unique {pitch}-float rows", t_rmw, "ms"))
     out.append(row(f"sum at {pitch}-float rows, same simple kernels", t_read + t_rmw, "ms"))
-    t = t_ms(launch(update, singles, (storage, singles, singles.numel(), pitch, grad)), it)
+    args = (storage, singles, singles.numel(), pitch, grad)
+    t = t_ms(launch(update, singles, pitch, args), it)
     out.append(row(f"read + write the {singles.numel():,} rows read once, {pitch} floats", t, "ms"))
 
 
