@@ -418,8 +418,6 @@ def bench_floor(out: list, quick: bool) -> None:
     aligned."""
     import cupy
 
-    from tierstore import interop
-
     it = 10 if quick else 30
     header(f"row traffic floor of a step, uniform ids: {N:,} x {D} fp32, {B} x {L} ids")
     module = cupy.RawModule(code=(Path(__file__).parent / "row_traffic.cu").read_text())
@@ -441,8 +439,7 @@ def bench_floor(out: list, quick: bool) -> None:
     out.append(row("device-to-device copy, 1 GiB (read + write)", 2 * a.nbytes / t / 1e6, "GB/s"))
 
     def launch(kernel, rows, last):
-        args = (table, rows, rows.numel(), w4, last)
-        return lambda: interop.launch(kernel, dev, rows.numel() * w4, args, per_warp=False)
+        return _per_piece(kernel, rows, D, (table, rows, rows.numel(), w4, last))
 
     t_read = t_ms(launch(gather, ids, sink), it)
     gb = ids.numel() * D * 4 / 1e9
@@ -477,31 +474,34 @@ def bench_floor(out: list, quick: bool) -> None:
     free(step, emb, table, storage, a, b)
 
 
+def _per_piece(kernel, rows: torch.Tensor, floats: int, args):
+    """A launch of a ``row_traffic.cu`` kernel over ``rows``: a thread per 4 of each row's
+    ``floats`` (16 bytes)."""
+    from tierstore import interop
+
+    items = rows.numel() * ((floats + 3) // 4)
+    return lambda: interop.launch(kernel, rows.device, items, args, per_warp=False)
+
+
 def _floor_pitched(out, module, storage, ids, unique, singles, it: int) -> None:
     """The floor's traffic again at a pitch of D + 1 floats (RowWiseAdagrad's rows: the weights
     and the row's state), a thread per 4 floats with scalar loads. Not a lower bound at that
     layout (the step's update_singles, two rows in flight per warp, beats the last figure): it
     shows what the layout costs the same simple kernels against 128-float rows."""
-    from tierstore import interop
-
     gather = module.get_function("gather_rows_pitched")
     update = module.get_function("update_rows_pitched")
     pitch = D + 1
     grad = torch.randn(1024, pitch, device=storage.device)
     sink = torch.zeros(1, device=storage.device)
 
-    def launch(kernel, rows, floats, args):  # a thread per 4 of a row's `floats`
-        items = rows.numel() * ((floats + 3) // 4)
-        return lambda: interop.launch(kernel, storage.device, items, args, False)
-
-    t_read = t_ms(launch(gather, ids, D, (storage, ids, ids.numel(), D, pitch, sink)), it)
+    t_read = t_ms(_per_piece(gather, ids, D, (storage, ids, ids.numel(), D, pitch, sink)), it)
     out.append(row(f"read {ids.numel():,} rows' weights, {pitch}-float rows", t_read, "ms"))
     args = (storage, unique, unique.numel(), pitch, grad)
-    t_rmw = t_ms(launch(update, unique, pitch, args), it)
+    t_rmw = t_ms(_per_piece(update, unique, pitch, args), it)
     out.append(row(f"read + write {unique.numel():,} unique {pitch}-float rows", t_rmw, "ms"))
     out.append(row(f"sum at {pitch}-float rows, same simple kernels", t_read + t_rmw, "ms"))
     args = (storage, singles, singles.numel(), pitch, grad)
-    t = t_ms(launch(update, singles, pitch, args), it)
+    t = t_ms(_per_piece(update, singles, pitch, args), it)
     out.append(row(f"read + write the {singles.numel():,} rows read once, {pitch} floats", t, "ms"))
 
 

@@ -14,7 +14,7 @@ State, per set and way (``S`` sets x ``W`` ways):
     dirty   (S, W) bool    written since it was filled: must go back to the tier below
     locks   (S, W) int32   batches in flight that still need the row; locked ways are never evicted
 A row's slot is ``set * W + way``; the row data lives in whatever tier owns the cache. A
-backend may lay tags, stamps and locks out as strided views of one record per way
+backend may lay tags, stamps, locks and dirty bits out as strided views of one record per way
 (:meth:`SetAssociativeCache._way_state`); this module reaches them by slot through
 :func:`by_slot`.
 """
@@ -243,7 +243,7 @@ class SetAssociativeCache:
         fill = _positions((slots >= 0) & ~hit)
         fill_slots = slots.index_select(0, fill)
         victim_ids = by_slot(self.tags).index_select(0, fill_slots)
-        victim_dirty = self.dirty.view(-1).index_select(0, fill_slots) & (victim_ids != EMPTY)
+        victim_dirty = by_slot(self.dirty).index_select(0, fill_slots) & (victim_ids != EMPTY)
         return Lookup(ids, slots, fill, fill_slots, victim_ids, victim_dirty, hit)
 
     def _victim_order(self, key: torch.Tensor, busy: torch.Tensor) -> torch.Tensor:
@@ -278,7 +278,7 @@ class SetAssociativeCache:
             self._slot_of.index_fill_(0, plan.victim_ids.index_select(0, _positions(evicted)), -1)
             self._slot_of.index_copy_(0, ids.index_select(0, fill), fill_slots.int())
         by_slot(self.tags).index_copy_(0, fill_slots, ids.index_select(0, fill))
-        self.dirty.view(-1).index_fill_(0, fill_slots, False)
+        by_slot(self.dirty).index_fill_(0, fill_slots, False)
         n_hit = int(hit.sum())
         self.counters += torch.tensor(
             [
@@ -311,12 +311,13 @@ class SetAssociativeCache:
 
     def mark_dirty(self, slots: torch.Tensor) -> None:
         """Marks slots as written (their rows must go back to the tier below)."""
-        self.dirty.view(-1).index_fill_(0, slots.masked_select(slots >= 0), True)
+        by_slot(self.dirty).index_fill_(0, slots.masked_select(slots >= 0), True)
 
     def clean(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(slots, ids)`` of every dirty way, which are marked clean (the caller writes them back)."""
-        slots = self.dirty.view(-1).nonzero().squeeze(1)
-        self.dirty.view(-1)[slots] = False
+        dirty = by_slot(self.dirty)
+        slots = dirty.nonzero().squeeze(1)
+        dirty[slots] = False
         return slots, by_slot(self.tags)[slots]
 
     def reset_counters(self) -> None:
