@@ -1,8 +1,9 @@
 // The backward pass: the gradient of each unique row, summed over the indices that read it in
 // index order, then the fused optimizer applied to the row where it lives (an L1 slot, or for a
-// conflict miss its L2 address in pinned host memory, updated over PCIe). An L1 row becomes
-// dirty: here, or where the batch holds locks, by its release (lookup.cu release_slots), which
-// writes the way's record anyway; marking it here cost a random sector per row.
+// conflict miss its L2 address in pinned host memory, updated over PCIe). The group that
+// updates an L1 row also marks it dirty and, where the batch holds locks, unlocks it: both in the
+// way's record (one sector, common.cuh WayState), so the batch's release leaves L1 alone. A
+// release kernel of its own cost one more random pass over the batch's records.
 //
 // The batch's sparse transpose is its inverse sorted stably: `order` lists the indices grouped
 // by unique row, ascending within a row. The sorted list is cut into chunks of G entries, each
@@ -15,7 +16,7 @@
 // updated by update_singles, bag by bag, so that each bag's gradient row is read once.
 // Deterministic either way.
 //
-// Shapes: B bags, n indices, U unique rows, D = dim, rows of `width` floats, P = ceil(n / G).
+// Shapes: B bags, n indices, U unique rows, D = dim, L2 rows of `width` floats, P = ceil(n / G).
 #include "common.cuh"
 
 // The bag of each index. One warp per bag.
@@ -33,14 +34,15 @@ extern "C" __global__ void weight_grad(const i64* __restrict__ offsets,    // (B
                                        const float* __restrict__ grad_out, // (B, D)
                                        const i64* __restrict__ slots,      // (U,)
                                        const i64* __restrict__ addresses,  // (U,)
-                                       const float* __restrict__ l1,       // (C, width)
+                                       const float* __restrict__ l1,       // (C, D) weights
                                        const float* __restrict__ l2,       // (L2 rows, width)
                                        i64 width, i64 dim, i64 n, i64 mean,
                                        float* __restrict__ out) {          // (n,)
+  const Tiers tiers = {(float*)l1, nullptr, 0, (float*)l2, dim, width};
   for (i64 j = ts_global_warp(); j < n; j += ts_warp_count()) {
     const i64 b = bag[j];
     const i64 u = inverse[j];
-    const float* row = ts_row((float*)l1, l2, slots[u], addresses[u], (int)width);
+    const float* row = ts_weights(tiers, slots[u], addresses[u]);
     const float len = (float)(offsets[b + 1] - offsets[b]);
     float acc = 0.f;
     for (i64 c = ts_lane(); c < dim; c += 32) {
@@ -91,29 +93,30 @@ struct RowState {
 
 // The weights of a lane's columns.
 template <int G, int K>
-__device__ __forceinline__ void ts_load_weights(const float* row, RowState<K>& st, int dim,
+__device__ __forceinline__ void ts_load_weights(const RowRef& row, RowState<K>& st, int dim,
                                                 const Group<G>& grp) {
 #pragma unroll
   for (int k = 0; k < K; k++) {
     const int c = grp.rank + G * k;
-    if (c < dim) st.w[k] = row[c];
+    if (c < dim) st.w[k] = row.w[c];
   }
 }
 
 struct SgdUpdate {  // w -= lr * g
   float lr, eps;
   template <int G, int K>
-  __device__ __forceinline__ void load(const float* row, RowState<K>& st, int dim,
+  __device__ __forceinline__ void load(const RowRef& row, RowState<K>& st, int dim,
                                        const Group<G>& grp) const {
     ts_load_weights<G, K>(row, st, dim, grp);
   }
   template <int G, int K>
-  __device__ __forceinline__ void apply(float* row, const RowState<K>& st, const float (&g)[K],
-                                        int dim, const Group<G>& grp) const {
+  __device__ __forceinline__ void apply(const RowRef& row, const RowState<K>& st,
+                                        const float (&g)[K], int dim,
+                                        const Group<G>& grp) const {
 #pragma unroll
     for (int k = 0; k < K; k++) {
       const int c = grp.rank + G * k;
-      if (c < dim) row[c] = fmaf(-lr, g[k], st.w[k]);
+      if (c < dim) row.w[c] = fmaf(-lr, g[k], st.w[k]);
     }
   }
 };
@@ -121,25 +124,26 @@ struct SgdUpdate {  // w -= lr * g
 struct AdagradUpdate {  // s += g*g; w -= lr * g / (sqrt(s) + eps); state: one float per weight
   float lr, eps;
   template <int G, int K>
-  __device__ __forceinline__ void load(const float* row, RowState<K>& st, int dim,
+  __device__ __forceinline__ void load(const RowRef& row, RowState<K>& st, int dim,
                                        const Group<G>& grp) const {
     ts_load_weights<G, K>(row, st, dim, grp);
 #pragma unroll
     for (int k = 0; k < K; k++) {
       const int c = grp.rank + G * k;
-      if (c < dim) st.s[k] = row[dim + c];
+      if (c < dim) st.s[k] = row.s[c];
     }
   }
   template <int G, int K>
-  __device__ __forceinline__ void apply(float* row, const RowState<K>& st, const float (&g)[K],
-                                        int dim, const Group<G>& grp) const {
+  __device__ __forceinline__ void apply(const RowRef& row, const RowState<K>& st,
+                                        const float (&g)[K], int dim,
+                                        const Group<G>& grp) const {
 #pragma unroll
     for (int k = 0; k < K; k++) {
       const int c = grp.rank + G * k;
       if (c >= dim) continue;
       const float s = __fadd_rn(st.s[k], __fmul_rn(g[k], g[k]));
-      row[dim + c] = s;
-      row[c] = fmaf(-lr, __fdiv_rn(g[k], __fadd_rn(__fsqrt_rn(s), eps)), st.w[k]);
+      row.s[c] = s;
+      row.w[c] = fmaf(-lr, __fdiv_rn(g[k], __fadd_rn(__fsqrt_rn(s), eps)), st.w[k]);
     }
   }
 };
@@ -147,26 +151,27 @@ struct AdagradUpdate {  // s += g*g; w -= lr * g / (sqrt(s) + eps); state: one f
 struct RowWiseAdagradUpdate {  // s += mean(g*g); w -= lr * g / (sqrt(s) + eps); state: 1 float
   float lr, eps;
   template <int G, int K>
-  __device__ __forceinline__ void load(const float* row, RowState<K>& st, int dim,
+  __device__ __forceinline__ void load(const RowRef& row, RowState<K>& st, int dim,
                                        const Group<G>& grp) const {
-    st.s[0] = row[dim];
+    st.s[0] = row.s[0];
     ts_load_weights<G, K>(row, st, dim, grp);
   }
   template <int G, int K>
-  __device__ __forceinline__ void apply(float* row, const RowState<K>& st, const float (&g)[K],
-                                        int dim, const Group<G>& grp) const {
+  __device__ __forceinline__ void apply(const RowRef& row, const RowState<K>& st,
+                                        const float (&g)[K], int dim,
+                                        const Group<G>& grp) const {
     float sq = 0.f;
 #pragma unroll
     for (int k = 0; k < K; k++) sq = __fadd_rn(sq, __fmul_rn(g[k], g[k]));  // g is 0 past dim
     sq = grp.sum(sq);
     const float s = __fadd_rn(st.s[0], __fdiv_rn(sq, (float)dim));
     const float denom = __fadd_rn(__fsqrt_rn(s), eps);
-    __syncwarp(grp.mask);  // every lane has read row[dim] before rank 0 stores it
-    if (grp.rank == 0) row[dim] = s;
+    __syncwarp(grp.mask);  // every lane has read the state before rank 0 stores it
+    if (grp.rank == 0) row.s[0] = s;
 #pragma unroll
     for (int k = 0; k < K; k++) {
       const int c = grp.rank + G * k;
-      if (c < dim) row[c] = fmaf(-lr, __fdiv_rn(g[k], denom), st.w[k]);
+      if (c < dim) row.w[c] = fmaf(-lr, __fdiv_rn(g[k], denom), st.w[k]);
     }
   }
 };
@@ -175,22 +180,34 @@ struct RowWiseAdagradUpdate {  // s += mean(g*g); w -= lr * g / (sqrt(s) + eps);
 struct Rows {
   const i64* slots;      // (U,)
   const i64* addresses;  // (U,)
-  float* l1;             // (C, width)
-  float* l2;             // (L2 rows, width), pinned host
-  WayState* way_state;   // (C,) where L1 rows are marked dirty; null: the release does
-  i64 width;
+  Tiers tiers;
+  WayState* way_state;   // (C,) L1's way records
+  int unlock;            // the batch holds locks on its L1 rows: release them as they are done
   int dim;
+
+  __device__ __forceinline__ RowRef row(i64 slot, i64 addr) const {
+    return ts_row(tiers, slot, addr);
+  }
+
+  // After the update of the row in `slot` (-1: in L2): marks it dirty and releases the batch's
+  // lock, one lane for the group. The next step is a later kernel: it sees the row's stores.
+  template <int G>
+  __device__ __forceinline__ void done(i64 slot, const Group<G>& grp) const {
+    if (slot < 0 || grp.rank != 0) return;
+    way_state[slot].dirty = 1;
+    if (unlock) atomicSub(&way_state[slot].lock, 1);
+  }
 
   // Applies the optimizer to row u (the row read now: no loads to overlap).
   template <int G, int K, class Opt>
   __device__ __forceinline__ void update(i64 u, const float (&g)[K], const Opt& opt,
                                          const Group<G>& grp) const {
     const i64 s = slots[u];
-    float* row = ts_row(l1, l2, s, addresses[u], (int)width);
+    const RowRef r = row(s, addresses[u]);
     RowState<K> st;
-    opt.template load<G, K>(row, st, dim, grp);
-    opt.template apply<G, K>(row, st, g, dim, grp);
-    if (s >= 0 && way_state != nullptr && grp.rank == 0) way_state[s].dirty = 1;
+    opt.template load<G, K>(r, st, dim, grp);
+    opt.template apply<G, K>(r, st, g, dim, grp);
+    done(s, grp);
   }
 };
 
@@ -250,14 +267,14 @@ __device__ void update_singles(const i64* __restrict__ offsets,    // (B + 1,)
           e[q] = todo ? __ffs(todo) - 1 : -1;
           todo &= todo - 1;
         }
-        float* row[ROWS];
+        RowRef row[ROWS];
         i64 s[ROWS];
         RowState<K> st[ROWS];
 #pragma unroll
         for (int q = 0; q < ROWS; q++) {
           const int src = e[q] < 0 ? e[0] : e[q];
           s[q] = grp.shfl(slot, src);
-          row[q] = ts_row(rows.l1, rows.l2, s[q], grp.shfl(addr, src), (int)rows.width);
+          row[q] = rows.row(s[q], grp.shfl(addr, src));
           if (e[q] >= 0) opt.template load<32, K>(row[q], st[q], dim, grp);
         }
 #pragma unroll
@@ -272,7 +289,7 @@ __device__ void update_singles(const i64* __restrict__ offsets,    // (B + 1,)
             acc[k] = __fadd_rn(0.f, t);
           }
           opt.template apply<32, K>(row[q], st[q], acc, dim, grp);
-          if (s[q] >= 0 && rows.way_state != nullptr && lane == 0) rows.way_state[s[q]].dirty = 1;
+          rows.done(s[q], grp);
         }
       }
     }
@@ -337,7 +354,7 @@ __device__ void reduce_chunks(const int* __restrict__ sorted_u,   // (n,) invers
         continue;
       }
       const i64 s = grp.shfl(slot, e);
-      float* row = ts_row(rows.l1, rows.l2, s, grp.shfl(addr, e), (int)rows.width);
+      const RowRef row = rows.row(s, grp.shfl(addr, e));
       RowState<K> st;
       if (owner) opt.template load<G, K>(row, st, dim, grp);
       float acc[K];
@@ -370,7 +387,7 @@ __device__ void reduce_chunks(const int* __restrict__ sorted_u,   // (n,) invers
       }
       if (owner) {
         opt.template apply<G, K>(row, st, acc, dim, grp);
-        if (s >= 0 && rows.way_state != nullptr && grp.rank == 0) rows.way_state[s].dirty = 1;
+        rows.done(s, grp);
       } else {
         float* dst = partial + (ch * 2 + (from_before ? 0 : 1)) * dim;
 #pragma unroll
@@ -465,13 +482,20 @@ __device__ void finish_crossing(const int* __restrict__ sorted_u,  // (n,)
   }
 }
 
+// The parameters that reach a batch's rows, in this order in every kernel that updates them.
+#define TS_ROWS_PARAMS                                                                          \
+  const i64 *slots, const i64 *addresses, float *l1_weights, float *l1_state, i64 state_pitch,  \
+      float *l2, WayState *way_state, i64 unlock, i64 width, i64 dim
+#define TS_ROWS                                                                                 \
+  {slots, addresses, {l1_weights, l1_state, state_pitch, l2, dim, width}, way_state,            \
+   (int)unlock, (int)dim}
+
 #define TS_REDUCE(SUFFIX, G, K, OPT)                                                            \
-  extern "C" __global__ void reduce_chunks_##SUFFIX##_g##G##_k##K(                            \
+  extern "C" __global__ void reduce_chunks_##SUFFIX##_g##G##_k##K(                              \
       const int* sorted_u, const i64* order, const int* bag, const i64* offsets,                \
-      const float* psw, const float* grad_out, i64 n, i64 mean, const i64* slots,               \
-      const i64* addresses, float* l1, float* l2, WayState* way_state, i64 width, i64 dim,      \
-      float lr, float eps, float* partial) {                                                    \
-    const Rows rows = {slots, addresses, l1, l2, way_state, width, (int)dim};                   \
+      const float* psw, const float* grad_out, i64 n, i64 mean, TS_ROWS_PARAMS, float lr,       \
+      float eps, float* partial) {                                                              \
+    const Rows rows = TS_ROWS;                                                                  \
     const OPT opt = {lr, eps};                                                                  \
     reduce_chunks<G, K, OPT>(sorted_u, order, bag, offsets, psw, grad_out, n, mean, rows, opt,  \
                              partial);                                                          \
@@ -479,10 +503,9 @@ __device__ void finish_crossing(const int* __restrict__ sorted_u,  // (n,)
 
 #define TS_FINISH(SUFFIX, K, OPT)                                                               \
   extern "C" __global__ void finish_crossing_##SUFFIX##_k##K(                                   \
-      const int* sorted_u, const i64* start, i64 n, i64 chunk, const i64* slots,                \
-      const i64* addresses, float* l1, float* l2, WayState* way_state, i64 width, i64 dim,      \
-      float lr, float eps, const float* partial) {                                              \
-    const Rows rows = {slots, addresses, l1, l2, way_state, width, (int)dim};                   \
+      const int* sorted_u, const i64* start, i64 n, i64 chunk, TS_ROWS_PARAMS, float lr,        \
+      float eps, const float* partial) {                                                        \
+    const Rows rows = TS_ROWS;                                                                  \
     const OPT opt = {lr, eps};                                                                  \
     finish_crossing<K, OPT>(sorted_u, start, n, chunk, rows, opt, partial);                     \
   }
@@ -490,9 +513,8 @@ __device__ void finish_crossing(const int* __restrict__ sorted_u,  // (n,)
 #define TS_SINGLES(SUFFIX, K, OPT)                                                              \
   extern "C" __global__ void update_singles_##SUFFIX##_k##K(                                    \
       const i64* offsets, i64 bags, const i64* inverse, const i64* start, const float* psw,     \
-      const float* grad_out, i64 mean, const i64* slots, const i64* addresses, float* l1,       \
-      float* l2, WayState* way_state, i64 width, i64 dim, float lr, float eps) {                \
-    const Rows rows = {slots, addresses, l1, l2, way_state, width, (int)dim};                   \
+      const float* grad_out, i64 mean, TS_ROWS_PARAMS, float lr, float eps) {                   \
+    const Rows rows = TS_ROWS;                                                                  \
     const OPT opt = {lr, eps};                                                                  \
     update_singles<K, OPT>(offsets, bags, inverse, start, psw, grad_out, mean, rows, opt);      \
   }

@@ -91,39 +91,40 @@ __device__ __forceinline__ void ts_count(i64* counter, int v) {
   if (ts_lane() == 0 && total != 0) atomicAdd((u64*)counter, (u64)(i64)total);
 }
 
-// A row's address in the tier that holds it: its L1 slot when >= 0, else its L2 address in
-// host memory (read over PCIe, zero-copy).
-__device__ __forceinline__ float* ts_row(float* l1, const float* l2, i64 slot, i64 addr,
-                                         int width) {
-  return slot >= 0 ? l1 + slot * (i64)width : (float*)l2 + addr * (i64)width;
+// Where the rows are. L2 (pinned host memory, read over PCIe) keeps a row whole: `width`
+// floats, its `dim` weights then its optimizer state. L1 keeps the two apart, as FBGEMM keeps
+// its momentum: weights (C, dim), and the state of slot s at l1_state + s * state_pitch, so
+// that a row of 128 weights is four whole 128-byte lines. RowWiseAdagrad's 129-float rows, kept
+// whole, straddled five lines and cost every pass over them a third more (bench/RESULTS.md). Its
+// one float of state lives in the way's record (WayState::state, pitch 8 floats), in the sector
+// that the update reads anyway to mark the row dirty and unlock it; a wider state is an array.
+struct Tiers {
+  float* l1_weights;  // (C, dim)
+  float* l1_state;    // slot s: width - dim floats at l1_state + s * state_pitch
+  i64 state_pitch;
+  float* l2;          // (L2 rows, width)
+  i64 dim;
+  i64 width;
+};
+
+// One row's weights and state, wherever it lives.
+struct RowRef {
+  float* w;  // dim floats
+  float* s;  // width - dim floats
+  // Element c of the whole row (weights, then state).
+  __device__ __forceinline__ float& at(i64 c, i64 dim) const { return c < dim ? w[c] : s[c - dim]; }
+};
+
+// A row in the tier that holds it: its L1 slot when >= 0, else its L2 address.
+__device__ __forceinline__ RowRef ts_row(const Tiers& t, i64 slot, i64 addr) {
+  if (slot >= 0) return {t.l1_weights + slot * t.dim, t.l1_state + slot * t.state_pitch};
+  float* row = t.l2 + addr * t.width;
+  return {row, row + t.dim};
 }
 
-// Copies one row of `n` elements of type T (float or float4) with a warp: every lane issues
-// all its loads before its first store, so that a row's bytes are in flight at once (PCIe
-// reads are latency bound).
-template <typename T, int MAX_PER_LANE>
-__device__ __forceinline__ void ts_copy_row_as(T* __restrict__ dst, const T* __restrict__ src,
-                                               int n) {
-  const int lane = ts_lane();
-  T v[MAX_PER_LANE];
-#pragma unroll
-  for (int k = 0; k < MAX_PER_LANE; k++)
-    if (lane + 32 * k < n) v[k] = src[lane + 32 * k];
-#pragma unroll
-  for (int k = 0; k < MAX_PER_LANE; k++)
-    if (lane + 32 * k < n) dst[lane + 32 * k] = v[k];
-  for (int c = lane + 32 * MAX_PER_LANE; c < n; c += 32) dst[c] = src[c];
-}
-
-// Copies one row of `width` floats with a warp, as float4 when `vec4` (both rows 16-byte
-// aligned and width % 4 == 0).
-template <int MAX_PER_LANE>
-__device__ __forceinline__ void ts_copy_row(float* __restrict__ dst, const float* __restrict__ src,
-                                            int width, bool vec4) {
-  if (vec4)
-    ts_copy_row_as<float4, MAX_PER_LANE>((float4*)dst, (const float4*)src, width >> 2);
-  else
-    ts_copy_row_as<float, MAX_PER_LANE>(dst, src, width);
+// The weights of a row in the tier that holds it.
+__device__ __forceinline__ const float* ts_weights(const Tiers& t, i64 slot, i64 addr) {
+  return slot >= 0 ? t.l1_weights + slot * t.dim : t.l2 + addr * t.width;
 }
 
 __device__ __forceinline__ i64 ts_warp_sum_i64(i64 v) {
@@ -156,15 +157,17 @@ __device__ __forceinline__ int ts_digest(u64 mixed) { return (int)(mixed & 0xff)
 // sector (cuda.py CudaCache.way_state; cache.py's tags, stamps, locks and dirty bits are views of
 // it). A hit reads the tag and writes the score and the lock in that one sector: as three arrays
 // it touched three random sectors, and the probe is bound by random sectors. The dirty bit is
-// there so that the release of a trained batch sets it in the sector it unlocks, where a byte
-// array of its own cost the backward a random sector per row (bench/RESULTS.md).
+// there so that the backward marks an updated row dirty in the sector where it unlocks it, where
+// a byte array of its own cost a random sector per row more; the row's optimizer state, where it
+// is one float (RowWiseAdagrad: Tiers), for the same reason (bench/RESULTS.md).
 struct __align__(32) WayState {
   i64 tag;              // the row held, TS_EMPTY when none
   i64 stamp;            // the policy's score: lowest is evicted first
   int lock;             // batches in flight that still need the row: never evicted while > 0
   unsigned char dirty;  // written since it was filled (byte 20: cuda.py's view of it)
   unsigned char unused0[3];
-  i64 unused1;
+  float state;          // the row's one float of optimizer state, if it has one (byte 24)
+  int unused1;
 };
 static_assert(sizeof(WayState) == 32, "a way's state is one 32-byte sector");
 

@@ -9,7 +9,8 @@
 // set_misses to zero for the next step; choose_victims then takes, per set, the misses in
 // ascending position (= ascending id) order, so the result is deterministic.
 //
-// Shapes: U unique ids, S sets, W ways, C = S * W slots, T touched sets, F fills, D row width.
+// Shapes: U unique ids, S sets, W ways, C = S * W slots, T touched sets, F fills; rows of
+// `width` floats, `dim` of them weights.
 #include "common.cuh"
 #include "policy.cuh"
 
@@ -229,7 +230,7 @@ extern "C" __global__ void compact_fills(const int* __restrict__ filled,
 // One pass of a warp over ROWS rows at once: elements c0 + lane + 32 k (k < K) of row r go
 // from src[r] to dst[r] where go[r]; every load is in flight before the first store.
 template <typename T, int ROWS, int K>
-__device__ __forceinline__ void copy_pass(T* const (&dst)[ROWS], const T* const (&src)[ROWS],
+__device__ __forceinline__ void copy_pass(T* const (&dst)[ROWS], T* const (&src)[ROWS],
                                           const bool (&go)[ROWS], int c0, int per) {
   const int lane = ts_lane();
   T v[ROWS][K];
@@ -249,25 +250,41 @@ __device__ __forceinline__ void copy_pass(T* const (&dst)[ROWS], const T* const 
     }
 }
 
+// Copies ROWS rows' part of `per` elements (their weights, or their optimizer state) between
+// L1 and L2, writebacks first: a slot's old row goes home before the new one lands.
+template <typename T, int ROWS, int K>
+__device__ __forceinline__ void move_part(T* const (&l1)[ROWS], T* const (&back)[ROWS],
+                                          T* const (&fill)[ROWS], const bool (&wb)[ROWS],
+                                          const bool (&in)[ROWS], bool any_wb, int per) {
+  for (int c0 = 0; c0 < per; c0 += 32 * K) {
+    if (any_wb) copy_pass<T, ROWS, K>(back, l1, wb, c0, per);
+    copy_pass<T, ROWS, K>(l1, fill, in, c0, per);
+  }
+}
+
 // Moves the rows of the fills: for fill f (ascending ids), a dirty victim's row goes from its
 // slot back to its L2 address l1_home[slot], then the missed row comes in from L2 and the slot
 // records its L2 address. A warp moves ROWS fills at once, K elements of type T (float, or
-// float4 when rows are 16-byte aligned) per lane and row per pass. Victims and fills never
-// share an L2 row (a victim is cached and not in the batch, a fill is in the batch), and each
-// slot belongs to one fill: no ordering across warps.
+// float4 when both parts of a row are 16-byte aligned) per lane and row per pass. Victims and
+// fills never share an L2 row (a victim is cached and not in the batch, a fill is in the batch),
+// and each slot belongs to one fill: no ordering across warps.
 template <int ROWS, int K, typename T>
 __device__ void move_rows(const i64* __restrict__ fill_index,   // (F,) positions in the batch
                           const i64* __restrict__ fill_slots,   // (F,)
                           const unsigned char* __restrict__ victim_dirty,  // (F,)
                           const int* __restrict__ n_fill,       // (1,) F
                           const i64* __restrict__ addresses,    // (U,) L2 address of each id
-                          float* __restrict__ l1,               // (C, D)
+                          float* __restrict__ l1_weights,       // (C, dim)
+                          float* __restrict__ l1_state,         // (C, width - dim)
+                          i64 state_pitch,                      // (common.cuh Tiers)
                           i64* __restrict__ l1_home,            // (C,)
-                          float* __restrict__ l2,               // (L2 rows, D), pinned host
-                          i64 width) {
+                          float* __restrict__ l2,               // (L2 rows, width), pinned host
+                          i64 dim, i64 width) {
   const int lane = ts_lane();
   const int F = *n_fill;
-  const int per = (int)(width * (i64)sizeof(float) / (i64)sizeof(T));  // elements of a row
+  constexpr int FLOATS = (int)(sizeof(T) / sizeof(float));
+  const int per = (int)(width / FLOATS), split = (int)(dim / FLOATS);  // elements of a row
+  const Tiers tiers = {l1_weights, l1_state, state_pitch, l2, dim, width};
   for (i64 f0 = ts_global_warp() * ROWS; f0 < F; f0 += ts_warp_count() * ROWS) {
     i64 slot[ROWS], home[ROWS], old_home[ROWS];
     bool wb[ROWS], in[ROWS];
@@ -282,27 +299,33 @@ __device__ void move_rows(const i64* __restrict__ fill_index,   // (F,) position
       old_home[r] = wb[r] ? l1_home[slot[r]] : 0;
       any_wb |= wb[r];
     }
-    // Row pointers of both moves (row 0 stands in for rows a move skips: never dereferenced).
-    T* back_dst[ROWS];
-    const T* back_src[ROWS];
-    T* fill_dst[ROWS];
-    const T* fill_src[ROWS];
+    // The rows of both moves (row 0 stands in for rows a move skips: never dereferenced):
+    // weights first, then the state (apart in L1, right after the weights in L2)
+    T* l1[ROWS];    // the slot's row
+    T* back[ROWS];  // where a dirty victim goes
+    T* fill[ROWS];  // where a fill comes from
 #pragma unroll
     for (int r = 0; r < ROWS; r++) {
-      back_src[r] = (const T*)(l1 + (wb[r] ? slot[r] : 0) * width);
-      back_dst[r] = (T*)(l2 + old_home[r] * width);
-      fill_src[r] = (const T*)(l2 + (in[r] ? home[r] : 0) * width);
-      fill_dst[r] = (T*)(l1 + (in[r] ? slot[r] : 0) * width);
+      l1[r] = (T*)ts_row(tiers, in[r] ? slot[r] : 0, 0).w;
+      back[r] = (T*)ts_row(tiers, -1, old_home[r]).w;
+      fill[r] = (T*)ts_row(tiers, -1, in[r] ? home[r] : 0).w;
     }
-    for (int c0 = 0; c0 < per; c0 += 32 * K) {
-      // writebacks first: the slot's old row goes home before the new one lands
-      if (any_wb) copy_pass<T, ROWS, K>(back_dst, back_src, wb, c0, per);
-      copy_pass<T, ROWS, K>(fill_dst, fill_src, in, c0, per);
-    }
+    // the new homes first (no other warp reads a fill's slot): fewer registers live through
+    // the copies, so more warps, more rows in flight over PCIe
     if (lane == 0) {
 #pragma unroll
       for (int r = 0; r < ROWS; r++)
         if (in[r]) l1_home[slot[r]] = home[r];
+    }
+    move_part<T, ROWS, K>(l1, back, fill, wb, in, any_wb, split);
+    if (per > split) {
+#pragma unroll
+      for (int r = 0; r < ROWS; r++) {
+        l1[r] = (T*)ts_row(tiers, in[r] ? slot[r] : 0, 0).s;
+        back[r] += split;
+        fill[r] += split;
+      }
+      move_part<T, ROWS, K>(l1, back, fill, wb, in, any_wb, per - split);
     }
   }
 }
@@ -310,10 +333,11 @@ __device__ void move_rows(const i64* __restrict__ fill_index,   // (F,) position
 #define TS_MOVE(NAME, ROWS, K, T)                                                               \
   extern "C" __global__ void NAME(const i64* fill_index, const i64* fill_slots,                 \
                                   const unsigned char* victim_dirty, const int* n_fill,         \
-                                  const i64* addresses, float* l1, i64* l1_home, float* l2,     \
+                                  const i64* addresses, float* l1_weights, float* l1_state,     \
+                                  i64 state_pitch, i64* l1_home, float* l2, i64 dim,            \
                                   i64 width) {                                                  \
-    move_rows<ROWS, K, T>(fill_index, fill_slots, victim_dirty, n_fill, addresses, l1,          \
-                          l1_home, l2, width);                                                  \
+    move_rows<ROWS, K, T>(fill_index, fill_slots, victim_dirty, n_fill, addresses, l1_weights,  \
+                          l1_state, state_pitch, l1_home, l2, dim, width);                      \
   }
 TS_MOVE(move_rows_vec4, 8, 1, float4)
 TS_MOVE(move_rows_scalar, 4, 4, float)

@@ -92,19 +92,16 @@ __device__ void probe(const i64* __restrict__ ids,     // (U,) ascending
 TS_PROBE(probe_lru, LruPolicy)
 TS_PROBE(probe_lfu, LfuPolicy)
 
-// Unlocks the slots a finished batch held (-1 entries ignored; a batch's slots are distinct);
-// with `written` (a batch whose backward updated its rows and left their dirty bits to this
-// release) also marks them dirty: the same sector as the lock, no other random access.
+// Unlocks the slots a finished batch held (-1 entries ignored; a batch's slots are distinct).
+// A trained batch's backward kernels unlock its rows themselves (backward.cu Rows::done).
 extern "C" __global__ void release_slots(const i64* __restrict__ slots,  // (U,)
                                          i64 n, const int* __restrict__ count,  // ts_items
-                                         WayState* __restrict__ state,  // (C,)
-                                         i64 written) {
+                                         WayState* __restrict__ state) {  // (C,)
   n = ts_items(n, count);
   for (i64 i = ts_global_thread(); i < n; i += ts_thread_count()) {
     const i64 s = slots[i];
     if (s < 0) continue;
     atomicSub(&state[s].lock, 1);
-    if (written) state[s].dirty = 1;
   }
 }
 

@@ -1,34 +1,41 @@
 // Whole rows of a batch read from, or written to, where they live: the L1 slot, or for a
 // conflict miss the L2 address (pinned host memory, over PCIe). The backend's gather/scatter.
 //
-// Shapes: U unique rows, rows of `width` floats, `cols` <= width of them copied.
+// Shapes: U unique rows, rows of `width` floats (L1 keeps the first `dim`, the weights, apart
+// from the rest: common.cuh Tiers), `cols` <= width of them copied.
 #include "common.cuh"
 
 // out[i, :cols] = row of unique i. One warp per row.
 extern "C" __global__ void gather_rows(const i64* __restrict__ slots,      // (U,)
                                        const i64* __restrict__ addresses,  // (U,)
-                                       i64 n, const float* __restrict__ l1,  // (C, width)
-                                       const float* __restrict__ l2,         // (L2 rows, width)
-                                       i64 width, i64 cols,
+                                       i64 n, const float* __restrict__ l1_weights,  // (C, D)
+                                       const float* __restrict__ l1_state,  // (C, width - D)
+                                       i64 state_pitch,                     // (Tiers)
+                                       const float* __restrict__ l2,        // (L2 rows, width)
+                                       i64 dim, i64 width, i64 cols,
                                        float* __restrict__ out) {  // (U, cols)
+  const Tiers tiers = {(float*)l1_weights, (float*)l1_state, state_pitch, (float*)l2, dim, width};
   for (i64 i = ts_global_warp(); i < n; i += ts_warp_count()) {
-    const float* row = ts_row((float*)l1, l2, slots[i], addresses[i], (int)width);
-    for (i64 c = ts_lane(); c < cols; c += 32) out[i * cols + c] = row[c];
+    const RowRef row = ts_row(tiers, slots[i], addresses[i]);
+    for (i64 c = ts_lane(); c < cols; c += 32) out[i * cols + c] = row.at(c, dim);
   }
 }
 
 // Row of unique i = rows[i]; a row in L1 becomes dirty. One warp per row.
 extern "C" __global__ void scatter_rows(const i64* __restrict__ slots,      // (U,)
                                         const i64* __restrict__ addresses,  // (U,)
-                                        i64 n, float* __restrict__ l1,      // (C, width)
-                                        float* __restrict__ l2,             // (L2 rows, width)
-                                        WayState* __restrict__ state,       // (C,)
-                                        i64 width,
+                                        i64 n, float* __restrict__ l1_weights,  // (C, D)
+                                        float* __restrict__ l1_state,  // (C, width - D)
+                                        i64 state_pitch,               // (Tiers)
+                                        float* __restrict__ l2,        // (L2 rows, width)
+                                        WayState* __restrict__ state,  // (C,)
+                                        i64 dim, i64 width,
                                         const float* __restrict__ rows) {  // (U, width)
+  const Tiers tiers = {l1_weights, l1_state, state_pitch, l2, dim, width};
   for (i64 i = ts_global_warp(); i < n; i += ts_warp_count()) {
     const i64 s = slots[i];
-    float* row = ts_row(l1, l2, s, addresses[i], (int)width);
-    for (i64 c = ts_lane(); c < width; c += 32) row[c] = rows[i * width + c];
+    const RowRef row = ts_row(tiers, s, addresses[i]);
+    for (i64 c = ts_lane(); c < width; c += 32) row.at(c, dim) = rows[i * width + c];
     if (s >= 0 && ts_lane() == 0) state[s].dirty = 1;
   }
 }
@@ -45,10 +52,13 @@ extern "C" __global__ void refresh_conflict_rows(const i64* __restrict__ ids,   
                                                  const WayState* __restrict__ state,  // (S, W)
                                                  const unsigned char* __restrict__ digests,
                                                  i64 sets, i64 ways,  // digests: (S, stride)
-                                                 float* __restrict__ l1,        // (C, width)
+                                                 float* __restrict__ l1_weights,  // (C, D)
+                                                 float* __restrict__ l1_state,  // (C, width - D)
+                                                 i64 state_pitch,               // (Tiers)
                                                  const float* __restrict__ l2,  // (L2 rows, width)
-                                                 i64 width) {
+                                                 i64 dim, i64 width) {
   const int lane = ts_lane();
+  const Tiers tiers = {l1_weights, l1_state, state_pitch, (float*)l2, dim, width};
   n = ts_items(n, count);
   const CacheWays cache = ts_cache_ways(state, digests, sets, ways);
   for (i64 base = ts_global_warp() * 32; base < n; base += ts_warp_count() * 32) {
@@ -67,7 +77,8 @@ extern "C" __global__ void refresh_conflict_rows(const i64* __restrict__ ids,   
       todo &= todo - 1;
       const i64 slot = __shfl_sync(TS_FULL_MASK, now, e);
       const i64 src = __shfl_sync(TS_FULL_MASK, addr, e);
-      for (i64 c = lane; c < width; c += 32) l1[slot * width + c] = l2[src * width + c];
+      const RowRef dst = ts_row(tiers, slot, -1);
+      for (i64 c = lane; c < width; c += 32) dst.at(c, dim) = l2[src * width + c];
     }
   }
 }

@@ -54,8 +54,7 @@ def assert_same_state(cache: SetAssociativeCache, model: ModelCache):
 
 def run_trace(cache, model, batches, in_flight, rng, device="cpu"):
     """Replays ``batches`` through both, keeping up to ``in_flight`` batches locked and marking
-    random rows dirty (directly, or by the release of about half the batches), and compares
-    every slot and the whole state after each step."""
+    random rows dirty, and compares every slot and the whole state after each step."""
     pending = deque()
     for batch in batches:
         ids_t = torch.tensor(batch, dtype=torch.int64, device=device)
@@ -71,12 +70,8 @@ def run_trace(cache, model, batches, in_flight, rng, device="cpu"):
         pending.append((got.slots, want))
         while len(pending) > in_flight:
             slots, w = pending.popleft()
-            written = rng.random() < 0.5  # a trained batch: its release marks the rows dirty
-            cache.release(slots, written=written)
+            cache.release(slots)
             model.release(w)
-            for s in w.values() if written else ():
-                if s >= 0:
-                    model.mark_dirty(s)
         assert_same_state(cache, model)
 
 

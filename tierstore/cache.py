@@ -154,6 +154,12 @@ class SetAssociativeCache:
         dirty = torch.zeros(shape, dtype=torch.bool, device=self.device)
         return tags, stamps, locks, dirty
 
+    def row_state(self, width: int) -> torch.Tensor | None:
+        """A ``(capacity, width)`` float view of room in the cache's own per-way state where a
+        store may keep each cached row's optimizer state, or None (here: none; the store keeps
+        an array)."""
+        return None
+
     # ----------------------------------------------------------------- queries (no change)
     # Gathers and scatters here use index_select / index_copy_ / index_add_ rather than
     # advanced indexing: the same results, about twice as fast on the CPU for these sizes.
@@ -297,12 +303,8 @@ class SetAssociativeCache:
             self.policy.age(self.stamps)
         return plan
 
-    def release(self, slots: torch.Tensor, written: bool = False) -> None:
-        """Unlocks the slots a finished batch held (-1 entries are ignored); with ``written``
-        (a backward updated the rows and left their dirty bits to the release) also marks them
-        dirty."""
-        if written:
-            self.mark_dirty(slots)
+    def release(self, slots: torch.Tensor) -> None:
+        """Unlocks the slots a finished batch held (-1 entries are ignored)."""
         if COMPILED_STEP and cache_compiled.can_release(self, slots):
             cache_compiled.release(self, slots)
             return

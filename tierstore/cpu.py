@@ -41,11 +41,11 @@ def move_rows(store, found: Lookup, addresses: torch.Tensor) -> None:
     wb = found.victim_dirty
     if bool(wb.any()):
         slots = found.fill_slots[wb]
-        store.host.write(store.l1_home[slots], store.l1_data[slots])
+        store.host.write(store.l1_home[slots], store.l1_rows(slots))
     if found.fill_slots.numel():
         home = addresses[found.fill_index]
         rows = store.host.read(home)
-        store.l1_data[found.fill_slots] = rows.to(store.l1_data.device, non_blocking=True)
+        store.set_l1_rows(found.fill_slots, rows.to(store.device, non_blocking=True))
         store.l1_home[found.fill_slots] = home
 
 
@@ -53,8 +53,12 @@ def gather(store, batch, cols: int | None = None) -> torch.Tensor:
     """Rows ``(U, cols)`` of a batch from where they live: L1 slots, else L2 addresses."""
     cols = store.layout.width if cols is None else cols
     cached = batch.slots >= 0
-    rows = torch.empty((batch.ids.numel(), cols), device=store.l1_data.device)
-    rows[cached] = store.l1_data[batch.slots[cached], :cols]
+    rows = torch.empty((batch.ids.numel(), cols), device=store.device)
+    slots = batch.slots[cached]
+    if cols <= store.layout.dim:  # weights only (the forward's)
+        rows[cached] = store.l1_weights[slots, :cols]
+    else:
+        rows[cached] = store.l1_rows(slots)[:, :cols]
     if not bool(cached.all()):
         direct = store.host.read(batch.addresses[~cached])[:, :cols]
         rows[~cached] = direct.to(rows.device)
@@ -65,7 +69,7 @@ def scatter(store, batch, rows: torch.Tensor) -> None:
     """Stores updated rows where they live; cached ones become dirty."""
     cached = batch.slots >= 0
     slots = batch.slots[cached]
-    store.l1_data[slots] = rows[cached]
+    store.set_l1_rows(slots, rows[cached])
     store.l1.mark_dirty(slots)
     if not bool(cached.all()):
         direct = ~cached
@@ -75,7 +79,7 @@ def scatter(store, batch, rows: torch.Tensor) -> None:
         now = store.l1.find(batch.ids[direct])
         refill = now >= 0
         if bool(refill.any()):
-            store.l1_data[now[refill]] = rows[direct][refill]
+            store.set_l1_rows(now[refill], rows[direct][refill])
 
 
 def forward(

@@ -300,6 +300,15 @@ class CudaCache(SetAssociativeCache):
         dirty = record.view(torch.uint8)[..., 20].view(torch.bool)
         return record[..., 0], record[..., 1], record.view(torch.int32)[..., 4], dirty
 
+    def row_state(self, width: int) -> torch.Tensor | None:
+        """A one-float state (RowWiseAdagrad's) lives in the way's record, at byte 24 (the
+        kernels' ``WayState.state``): the backward reads and writes it in the sector where it
+        marks the row dirty and unlocks it, where an array of its own cost a random sector more
+        per row (bench/RESULTS.md). Wider states get an array."""
+        if width != 1:
+            return None
+        return self.way_state.view(torch.float32)[..., 6:7].view(-1, 1)
+
     def find(self, ids: torch.Tensor, sets: torch.Tensor | None = None) -> torch.Tensor:
         """Slot of each id, or -1 where it is not cached. Changes nothing. (``sets`` is
         accepted for the torch step's call and not needed: the kernel hashes the ids.)"""
@@ -402,14 +411,11 @@ class CudaCache(SetAssociativeCache):
         args = (sk.additions, sk.sample_size, None)
         _run("sketch.cu", "sketch_age_reset", dev, 1, args, per_warp=False)
 
-    def release(
-        self, slots: torch.Tensor, count: torch.Tensor | None = None, written: bool = False
-    ) -> None:
+    def release(self, slots: torch.Tensor, count: torch.Tensor | None = None) -> None:
         """Unlocks the slots a finished batch held (-1 entries are ignored; with ``count``, a
-        device scalar, only the first ``count`` entries are the batch's); with ``written`` also
-        marks them dirty, in the records the unlock writes anyway."""
+        device scalar, only the first ``count`` entries are the batch's)."""
         slots = _i64(slots, self.device)
-        args = (slots, slots.numel(), count, self.way_state, written)
+        args = (slots, slots.numel(), count, self.way_state)
         _run("lookup.cu", "release_slots", self.device, slots.numel(), args, per_warp=False)
 
     def mark_dirty(self, slots: torch.Tensor) -> None:
@@ -443,6 +449,14 @@ def _l2(store):
     return store.l2_address
 
 
+def _l1(store) -> tuple:
+    """L1's rows as the kernels take them (common.cuh ``Tiers``): the weights, the state and
+    the state's pitch in floats (8 where it lives in the way records: ``CudaCache.row_state``;
+    0 where rows have no state)."""
+    pitch = store.l1_state.stride(0) if store.layout.state_width else 0
+    return store.l1_weights, store.l1_state, pitch
+
+
 def _l2_written(store, addresses: torch.Tensor, where: torch.Tensor | None = None) -> None:
     """Tells an L2 that tracks dirty rows (the SSD tier's host cache) that kernels wrote the rows
     at ``addresses[where]``; the full host table tracks nothing. (The CPU backend does this
@@ -459,11 +473,12 @@ def _refresh_conflicts(store, batch, l2) -> None:
     """A conflict miss of ``batch`` was updated in L2; if a prefetched batch has filled it into
     L1 since (from the L2 row as it was then), copy the updated row over that L1 copy, as the
     CPU backend's ``scatter`` does. No host read: the kernel finds the rows itself."""
-    dev = store.l1_data.device
+    dev = store.device
     n = batch.ids.numel()
     l1 = store.l1
     args = (batch.ids, batch.slots, _i64(batch.addresses, dev), n, batch.count, l1.way_state,
-            l1.digests, l1.sets, l1.ways, store.l1_data, l2, store.layout.width)  # fmt: skip
+            l1.digests, l1.sets, l1.ways, *_l1(store), l2, store.layout.dim,
+            store.layout.width)  # fmt: skip
     _run("rows.cu", "refresh_conflict_rows", dev, (n + 31) // 32, args, per_warp=True)
 
 
@@ -474,15 +489,16 @@ def move_rows(store, found, addresses: torch.Tensor) -> None:
     if not isinstance(found, DeviceLookup) or l2 is None:
         found = found.trimmed() if isinstance(found, DeviceLookup) else found
         return cpu.move_rows(store, found, addresses)
-    dev = store.l1_data.device
+    dev = store.device
     n = found.ids.numel()
     if not isinstance(store.host, HostTable):  # dirty victims dirty their L2 rows
         t = found.trimmed()
         _l2_written(store, store.l1_home[t.fill_slots[t.victim_dirty]])
-    width = store.layout.width
-    vec4 = width % 4 == 0
+    dim, width = store.layout.dim, store.layout.width
+    l1 = _l1(store)
+    vec4 = width % 4 == 0 and dim % 4 == 0 and l1[2] % 4 == 0  # every part 16-byte aligned
     args = (found.fill_index_buffer, found.fill_slots_buffer, found.victim_dirty_buffer,
-            found.n_fill, _i64(addresses, dev), store.l1_data, store.l1_home, l2, width)  # fmt: skip
+            found.n_fill, _i64(addresses, dev), *l1, store.l1_home, l2, dim, width)  # fmt: skip
     rows = _MOVE_ROWS[vec4]
     fn = "move_rows_vec4" if vec4 else "move_rows_scalar"
     _run("insert.cu", fn, dev, (n + rows - 1) // rows, args, per_warp=True)
@@ -495,11 +511,11 @@ def gather(store, batch, cols: int | None = None) -> torch.Tensor:
     l2 = _l2(store)
     if l2 is None:
         return cpu.gather(store, batch, cols)
-    dev = store.l1_data.device
+    dev = store.device
     n = batch.ids.numel()
     out = torch.empty((n, cols), device=dev)
-    args = (batch.slots, _i64(batch.addresses, dev), n, store.l1_data, l2, store.layout.width,
-            cols, out)  # fmt: skip
+    args = (batch.slots, _i64(batch.addresses, dev), n, *_l1(store), l2, store.layout.dim,
+            store.layout.width, cols, out)  # fmt: skip
     _run("rows.cu", "gather_rows", dev, n, args, per_warp=True)
     return out
 
@@ -510,11 +526,11 @@ def scatter(store, batch, rows: torch.Tensor) -> None:
     l2 = _l2(store)
     if l2 is None:
         return cpu.scatter(store, batch, rows)
-    dev = store.l1_data.device
+    dev = store.device
     n = batch.ids.numel()
     rows = rows.to(dev, torch.float32).contiguous()
-    args = (batch.slots, _i64(batch.addresses, dev), n, store.l1_data, l2, store.l1.way_state,
-            store.layout.width, rows)  # fmt: skip
+    args = (batch.slots, _i64(batch.addresses, dev), n, *_l1(store), l2, store.l1.way_state,
+            store.layout.dim, store.layout.width, rows)  # fmt: skip
     _run("rows.cu", "scatter_rows", dev, n, args, per_warp=True)
     _refresh_conflicts(store, batch, l2)
     if n and not isinstance(store.host, HostTable):
@@ -554,18 +570,19 @@ def forward(
     l2 = _l2(store)
     if l2 is None:
         return cpu.forward(store, batch.trimmed(), offsets, per_sample_weights, mode)
-    dev = store.l1_data.device
+    dev = store.device
     dim, width = store.layout.dim, store.layout.width
     bags = offsets.numel() - 1
     out = torch.empty((max(bags, 0), dim), device=dev)
     psw = None
     if per_sample_weights is not None:
         psw = per_sample_weights.to(dev, torch.float32).contiguous()
-    vec4 = dim % 4 == 0 and width % 4 == 0
+    # float4 where rows are 16-byte aligned: L1's when dim % 4 == 0, L2's if width % 4 == 0 too
+    fn = "forward_scalar" if dim % 4 else "forward_vec4" if width % 4 == 0 else "forward_vec4_l1"
     args = (_i64(offsets, dev), _i64(batch.inverse, dev), psw, batch.slots,
-            _i64(batch.addresses, dev), store.l1_data, l2, width, dim, bags,
+            _i64(batch.addresses, dev), store.l1_weights, l2, width, dim, bags,
             mode == "mean", out)  # fmt: skip
-    _run("forward.cu", "forward_vec4" if vec4 else "forward_scalar", dev, bags, args, True)
+    _run("forward.cu", fn, dev, bags, args, True)
     return out
 
 
@@ -592,7 +609,7 @@ def backward(
         return cpu.backward(
             store, batch, grad_out, offsets, per_sample_weights, mode, optimizer, want_weight_grad
         )
-    dev = store.l1_data.device
+    dev = store.device
     n = batch.inverse.numel()
     bags = offsets.numel() - 1
     width = store.layout.width
@@ -609,7 +626,7 @@ def backward(
     weight_grad = None
     if want_weight_grad:
         weight_grad = torch.empty(n, device=dev)
-        args = (offsets, bag, inverse, grad_out, batch.slots, addresses, store.l1_data, l2,
+        args = (offsets, bag, inverse, grad_out, batch.slots, addresses, store.l1_weights, l2,
                 width, dim, n, mean, weight_grad)  # fmt: skip
         _run("backward.cu", "weight_grad", dev, n, args, per_warp=True)
     if optimizer is not None and n:
@@ -623,11 +640,10 @@ def backward(
             start = torch.empty(unique + 1, dtype=torch.int64, device=dev)
             _run("backward.cu", "segment_starts", dev, n, (sorted_u, n, unique, start), False)
         lr, eps = float(optimizer.lr), float(getattr(optimizer, "eps", 0.0))
-        # the L1 rows' dirty bits: set by the batch's release where it holds locks (it writes
-        # their way records anyway: kernels/backward.cu), else by the kernels here
-        batch.written = batch.holds
-        way_state = None if batch.written else store.l1.way_state
-        rows = (batch.slots, addresses, store.l1_data, l2, way_state, width, dim)
+        # each L1 row is marked dirty and, where the batch holds locks, unlocked by the kernel
+        # that updates it, in its way record (kernels/backward.cu): the release leaves L1 alone
+        rows = (batch.slots, addresses, *_l1(store), l2, store.l1.way_state, batch.holds, width,
+                dim)  # fmt: skip
         # rows read by one index, bag by bag (each bag's gradient read once) ...
         args = (offsets, bags, inverse, start, psw, grad_out, mean, *rows, lr, eps)
         _run("backward.cu", f"update_singles_{opt_name}_k{k}", dev, bags, args, per_warp=True)
@@ -642,6 +658,7 @@ def backward(
         _run("backward.cu", f"sum_groups_k{k}", dev, chunks, args, per_warp=True)
         args = (sorted_u, start, n, group, *rows, lr, eps, partial)
         _run("backward.cu", f"finish_crossing_{opt_name}_k{k}", dev, chunks, args, per_warp=True)
+        batch.l1_released = batch.holds
         _refresh_conflicts(store, batch, l2)
         if batch.slots.numel() and not isinstance(store.host, HostTable):
             _l2_written(store, addresses, batch.slots < 0)

@@ -91,8 +91,9 @@ class Batch:
     count: torch.Tensor | None = None
     # Whether L1 holds locks for the batch until release (False: a lookup with hold=False)
     holds: bool = True
-    # Whether a backward updated the batch's L1 rows and left their dirty bits to the release
-    written: bool = False
+    # Whether the backward's kernels released the batch's L1 locks as they updated its rows
+    # (the CUDA backend's): the release then leaves L1 alone
+    l1_released: bool = False
 
     def trimmed(self) -> Batch:
         """This batch with exactly ``U`` entries (reads ``count`` from the device if set)."""
@@ -101,7 +102,7 @@ class Batch:
         u = int(self.count[0])
         return Batch(self.ids[:u], self.inverse, self.slots[:u], self.addresses[:u],
                      self.released, self.transpose, holds=self.holds,
-                     written=self.written)  # fmt: skip
+                     l1_released=self.l1_released)  # fmt: skip
 
 
 class TieredStore:
@@ -133,7 +134,14 @@ class TieredStore:
         self.device, self.seed, self.init_scale = device, seed, init_scale
         self.backend = backend
         self.l1 = backend.new_cache(cache_rows, ways, policy, device)
-        self.l1_data = torch.empty((self.l1.capacity, layout.width), device=device)
+        # L1's rows, each in two parts: the weights, and apart from them the optimizer state (L2
+        # and L3 keep a row whole). Rows of 128 weights then fill whole 128-byte lines, which a
+        # row and its state together (129 floats: RowWiseAdagrad) do not: FBGEMM keeps its
+        # momentum apart too. The cache may hold the state in its own per-way records.
+        self.l1_weights = torch.empty((self.l1.capacity, layout.dim), device=device)
+        self.l1_state = self.l1.row_state(layout.state_width)
+        if self.l1_state is None:
+            self.l1_state = torch.empty((self.l1.capacity, layout.state_width), device=device)
         # L2 address of the row in each L1 slot (L2 is inclusive of L1, so it stays valid while
         # the row is cached): where a dirty victim is written back.
         self.l1_home = torch.full((self.l1.capacity,), -1, dtype=torch.int64, device=device)
@@ -154,13 +162,23 @@ class TieredStore:
         """Initial rows (weights and optimizer state) of never-written ``ids``."""
         return initial_rows(ids, self.layout, self.seed, self.init_scale, self.device)
 
+    def l1_rows(self, slots: torch.Tensor) -> torch.Tensor:
+        """Whole rows ``(k, width)`` (weights, then state) of L1 ``slots``."""
+        return torch.cat([self.l1_weights[slots], self.l1_state[slots]], 1)
+
+    def set_l1_rows(self, slots: torch.Tensor, rows: torch.Tensor) -> None:
+        """Stores whole rows ``(k, width)`` in L1 ``slots``."""
+        dim = self.layout.dim
+        self.l1_weights[slots] = rows[:, :dim]
+        self.l1_state[slots] = rows[:, dim:]
+
     def read_rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Current rows (weights and state) of ``ids``, wherever they live. Changes nothing."""
         ids = ids.to(self.device)
         slots = self.l1.find(ids)
         rows = self.host.peek(ids).to(self.device)
         cached = slots >= 0
-        rows[cached] = self.l1_data[slots[cached]]
+        rows[cached] = self.l1_rows(slots[cached])
         return rows
 
     def write_rows(self, ids: torch.Tensor, rows: torch.Tensor) -> None:
@@ -168,7 +186,7 @@ class TieredStore:
         ids, rows = ids.to(self.device), rows.to(self.device, torch.float32)
         slots = self.l1.find(ids)
         cached = slots >= 0
-        self.l1_data[slots[cached]] = rows[cached]
+        self.set_l1_rows(slots[cached], rows[cached])
         self.l1.mark_dirty(slots[cached])
         self.host.poke(ids[~cached], rows[~cached])
 
@@ -215,23 +233,22 @@ class TieredStore:
                      holds=holds)  # fmt: skip
 
     def release(self, batch: Batch) -> None:
-        """Unlocks a batch's rows in L1 and L2 (once); marks its L1 rows dirty where its
-        backward left that to the release (``batch.written``)."""
+        """Unlocks a batch's rows in L1 and L2 (once)."""
         if batch.released:
             return
         batch.released = True
-        if batch.holds:  # else its L1 step took no locks
+        if batch.holds and not batch.l1_released:  # else no L1 locks are left to release
             if batch.count is None:
-                self.l1.release(batch.slots, written=batch.written)
+                self.l1.release(batch.slots)
             else:
-                self.l1.release(batch.slots, batch.count, written=batch.written)
+                self.l1.release(batch.slots, batch.count)
         self.host.release(batch.addresses)
 
     def flush(self) -> None:
         """Writes every dirty row down to the lowest tier (one transaction with an SSD tier)."""
         slots, _ = self.l1.clean()
         if slots.numel():
-            self.host.write(self.l1_home[slots], self.l1_data[slots])
+            self.host.write(self.l1_home[slots], self.l1_rows(slots))
             self.flushed_rows += slots.numel()
         self.host.flush()
 
