@@ -414,8 +414,8 @@ def bench_floor(out: list, quick: bool) -> None:
     the forward reads a row per index, the optimizer reads and writes each unique row once.
     ``bench/row_traffic.cu``'s kernels do only that (a thread per 16 bytes, the row's index from
     a dense list); the step's own kernels add their lookups, gradient sums and order. Then the
-    same traffic at RowWiseAdagrad's layout, the step's: rows of 129 floats, only 4-byte
-    aligned."""
+    same traffic at rows of 129 floats, only 4-byte aligned: RowWiseAdagrad's rows kept whole,
+    as L2 keeps them (L1 keeps the weights apart from the state, for this cost)."""
     import cupy
 
     it = 10 if quick else 30
@@ -484,10 +484,9 @@ def _per_piece(kernel, rows: torch.Tensor, floats: int, args):
 
 
 def _floor_pitched(out, module, storage, ids, unique, singles, it: int) -> None:
-    """The floor's traffic again at a pitch of D + 1 floats (RowWiseAdagrad's rows: the weights
-    and the row's state), a thread per 4 floats with scalar loads. Not a lower bound at that
-    layout (the step's update_singles, two rows in flight per warp, beats the last figure): it
-    shows what the layout costs the same simple kernels against 128-float rows."""
+    """The floor's traffic again at a pitch of D + 1 floats (RowWiseAdagrad's rows whole: the
+    weights and the row's state), a thread per 4 floats with scalar loads: what that layout costs
+    the same simple kernels against 128-float rows, the reason L1 keeps the state apart."""
     gather = module.get_function("gather_rows_pitched")
     update = module.get_function("update_rows_pitched")
     pitch = D + 1

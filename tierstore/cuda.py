@@ -598,7 +598,8 @@ def backward(
 ) -> torch.Tensor | None:
     """Reduces the gradient per unique row (the batch's inverse sorted stably: index order
     within a row, deterministic), applies the fused optimizer where each row lives (marking L1
-    rows dirty), and returns the gradient of the per-sample weights if asked."""
+    rows dirty and, where the batch holds locks, unlocking them: its release then leaves L1
+    alone), and returns the gradient of the per-sample weights if asked."""
     dim = store.layout.dim
     k = _register_columns(dim)
     group = 32  # lanes per chunk of sorted entries (kernels/backward.cu says why not 8)
