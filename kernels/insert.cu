@@ -275,8 +275,8 @@ __device__ void move_rows(const i64* __restrict__ fill_index,   // (F,) position
                           const int* __restrict__ n_fill,       // (1,) F
                           const i64* __restrict__ addresses,    // (U,) L2 address of each id
                           float* __restrict__ l1_weights,       // (C, dim)
-                          float* __restrict__ l1_state,         // (C, width - dim)
-                          i64 state_pitch,                      // (common.cuh Tiers)
+                          float* __restrict__ l1_state,         // (common.cuh Tiers)
+                          i64 state_pitch,                      // floats a slot
                           i64* __restrict__ l1_home,            // (C,)
                           float* __restrict__ l2,               // (L2 rows, width), pinned host
                           i64 dim, i64 width) {

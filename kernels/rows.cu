@@ -9,8 +9,8 @@
 extern "C" __global__ void gather_rows(const i64* __restrict__ slots,      // (U,)
                                        const i64* __restrict__ addresses,  // (U,)
                                        i64 n, const float* __restrict__ l1_weights,  // (C, D)
-                                       const float* __restrict__ l1_state,  // (C, width - D)
-                                       i64 state_pitch,                     // (Tiers)
+                                       const float* __restrict__ l1_state,  // (Tiers)
+                                       i64 state_pitch,                     // floats a slot
                                        const float* __restrict__ l2,        // (L2 rows, width)
                                        i64 dim, i64 width, i64 cols,
                                        float* __restrict__ out) {  // (U, cols)
@@ -25,8 +25,8 @@ extern "C" __global__ void gather_rows(const i64* __restrict__ slots,      // (U
 extern "C" __global__ void scatter_rows(const i64* __restrict__ slots,      // (U,)
                                         const i64* __restrict__ addresses,  // (U,)
                                         i64 n, float* __restrict__ l1_weights,  // (C, D)
-                                        float* __restrict__ l1_state,  // (C, width - D)
-                                        i64 state_pitch,               // (Tiers)
+                                        float* __restrict__ l1_state,  // (Tiers)
+                                        i64 state_pitch,               // floats a slot
                                         float* __restrict__ l2,        // (L2 rows, width)
                                         WayState* __restrict__ state,  // (C,)
                                         i64 dim, i64 width,
@@ -53,8 +53,8 @@ extern "C" __global__ void refresh_conflict_rows(const i64* __restrict__ ids,   
                                                  const unsigned char* __restrict__ digests,
                                                  i64 sets, i64 ways,  // digests: (S, stride)
                                                  float* __restrict__ l1_weights,  // (C, D)
-                                                 float* __restrict__ l1_state,  // (C, width - D)
-                                                 i64 state_pitch,               // (Tiers)
+                                                 float* __restrict__ l1_state,  // (Tiers)
+                                                 i64 state_pitch,               // floats a slot
                                                  const float* __restrict__ l2,  // (L2 rows, width)
                                                  i64 dim, i64 width) {
   const int lane = ts_lane();
