@@ -290,8 +290,8 @@ class CudaCache(SetAssociativeCache):
     def _way_state(self, shape: tuple[int, int]):
         """Tags, stamps, locks and dirty bits as fields of one 32-byte record per way
         (``way_state``, the kernels' ``WayState``): a hit reads its tag and writes its score and
-        lock in one memory sector, where three arrays cost three random sectors, and a trained
-        batch's release marks its rows dirty in the sector it unlocks. The views are what
+        lock in one memory sector, where three arrays cost three random sectors, and the
+        backward marks a row dirty in the sector where it unlocks it. The views are what
         :class:`SetAssociativeCache` holds, so the torch code and the tests see the usual
         ``(S, W)`` tensors."""
         record = torch.zeros((*shape, 4), dtype=torch.int64, device=self.device)
