@@ -5,18 +5,22 @@
 // way's record (one sector, common.cuh WayState), so the batch's release leaves L1 alone. A
 // release kernel of its own cost one more random pass over the batch's records.
 //
-// The batch's sparse transpose is its inverse sorted stably: `order` lists the indices grouped
-// by unique row, ascending within a row. The sorted list is cut into chunks of G entries, each
-// worked on by a group of G lanes (a template argument; the warp, G = 32, is what is built),
-// so that a row read by 100 000 indices (Zipf) is summed
-// by many groups: a row whose entries lie in one chunk is finished there (summed in index order,
-// exactly as the CPU backend's index_add_); a row that crosses chunks leaves one partial sum per
-// chunk, and sum_groups and finish_crossing add them in chunk order, in two levels.
-// A row read by one index only (most rows of a uniform batch) is left out of the chunks and
-// updated by update_singles, bag by bag, so that each bag's gradient row is read once.
+// The batch's sparse transpose (kernels/unique.cu) splits its indices in two:
+// - A row read by one index only (most rows of a uniform batch) has that index's gradient: such
+//   rows are updated by update_singles, bag by bag, so that each bag's gradient row is read
+//   once.
+// - The other rows' entries, sorted by row and ascending within a row, form the multi list,
+//   cut into chunks of G entries, each worked on by a group of G lanes (a template argument;
+//   the warp, G = 32, is what is built), so that a row read by 100 000 indices (Zipf) is summed
+//   by many groups: a row whose entries lie in one chunk is finished there (summed in index
+//   order, exactly as the CPU backend's index_add_); a row that crosses chunks leaves one
+//   partial sum per chunk, and sum_groups and finish_crossing add them in chunk order, in two
+//   levels. The list's length stays on the device (`count`): a uniform batch's list is a fifth
+//   of the batch, and chunks of the whole sorted batch cost a pass over all of it.
 // Deterministic either way.
 //
-// Shapes: B bags, n indices, U unique rows, D = dim, L2 rows of `width` floats, P = ceil(n / G).
+// Shapes: B bags, n indices, U unique rows, D = dim, L2 rows of `width` floats, M entries in the
+// multi list (M <= n), P = ceil(n / G) chunks at most.
 #include "common.cuh"
 
 // The bag of each index. One warp per bag.
@@ -214,16 +218,16 @@ struct Rows {
 // Rows read by one index of the batch (most rows of a uniform batch): their gradient is one
 // bag's, so they are updated bag by bag, a warp per bag reading the bag's gradient row once,
 // instead of once per index (a 32-index bag re-reads it 32 times from all over the table's
-// traffic, and those reads miss L2). Each lane first finds whether its index's row is such a
-// single (its sorted entry differs from both neighbours) and where the row lives, all lanes in
-// parallel; then the warp updates the singles a few at a time, their rows' loads in flight
+// traffic, and those reads miss L2). Each lane first reads whether its index's row is such a
+// single (the unique step's flag: a coalesced byte, where the row's bounds in the transpose
+// cost a random sector) and where the row lives, all lanes in parallel; then the warp updates the singles a few at a time, their rows' loads in flight
 // together. The arithmetic is reduce_chunks' for a one-entry row, so results are bit for bit the
 // same as summing it there.
 template <int K, class Opt>
 __device__ void update_singles(const i64* __restrict__ offsets,    // (B + 1,)
                                i64 bags,
                                const i64* __restrict__ inverse,    // (n,)
-                               const i64* __restrict__ start,      // (U + 1,)
+                               const unsigned char* __restrict__ single_of,  // (n,)
                                const float* __restrict__ psw,      // (n,) or null
                                const float* __restrict__ grad_out, // (B, D)
                                i64 mean, const Rows rows, const Opt opt) {
@@ -248,16 +252,12 @@ __device__ void update_singles(const i64* __restrict__ offsets,    // (B + 1,)
       i64 slot = -1, addr = 0;
       float w = 1.f;
       bool single = false;
-      if (j < last) {
+      if (j < last && single_of[j]) {
         const i64 u = inverse[j];
-        // the slot is read beside the row's bounds, not after them: one dependent load fewer
-        const i64 lo = start[u], hi = start[u + 1], s = rows.slots[u];
-        single = hi - lo == 1;
-        if (single) {
-          slot = s;
-          if (s < 0) addr = rows.addresses[u];  // an L2 address only for a conflict miss
-          if (psw != nullptr) w = psw[j];
-        }
+        single = true;
+        slot = rows.slots[u];
+        if (slot < 0) addr = rows.addresses[u];  // an L2 address only for a conflict miss
+        if (psw != nullptr) w = psw[j];
       }
       unsigned todo = __ballot_sync(TS_FULL_MASK, single);
       while (todo) {
@@ -296,27 +296,29 @@ __device__ void update_singles(const i64* __restrict__ offsets,    // (B + 1,)
   }
 }
 
-// Phase one for the other rows: a group of G lanes per chunk of G sorted entries, walked piece
-// by piece (a piece: the chunk's entries of one row). Each lane first reads its own entry's
-// row place (slot, L2 address), bag and weight, all in parallel; then for each piece the group
-// issues the row's loads (weights, state) and, while they are in flight, the gradient rows of
-// the piece's entries, two at a time, summed in index order. A row that is all in this chunk
-// is updated here (a one-entry row is update_singles' and skipped); the piece of a row that
-// crosses into the chunk before or after is left as a partial sum in slot 0 / 1 of the chunk.
+// Phase one for the other rows: a group of G lanes per chunk of G entries of the multi list,
+// walked piece by piece (a piece: the chunk's entries of one row). Each lane first reads its
+// own entry's row place (slot, L2 address), bag and weight, all in parallel; then for each
+// piece the group issues the row's loads (weights, state) and, while they are in flight, the
+// gradient rows of the piece's entries, two at a time, summed in index order. A row that is
+// all in this chunk is updated here; the piece of a row that crosses into the chunk before or
+// after is left as a partial sum in slot 0 / 1 of the chunk.
 template <int G, int K, class Opt>
-__device__ void reduce_chunks(const int* __restrict__ sorted_u,   // (n,) inverse, sorted
-                              const i64* __restrict__ order,      // (n,) index of each entry
-                              const int* __restrict__ bag,        // (n,)
-                              const i64* __restrict__ offsets,    // (B + 1,)
-                              const float* __restrict__ psw,      // (n,) or null
-                              const float* __restrict__ grad_out, // (B, D)
+__device__ void reduce_chunks(const int* __restrict__ list_u,      // (M,) row of each entry
+                              const int* __restrict__ list_index,  // (M,) index of each entry
+                              const int* __restrict__ count,       // M = ts_items(n, count)
+                              const int* __restrict__ bag,         // (n,)
+                              const i64* __restrict__ offsets,     // (B + 1,)
+                              const float* __restrict__ psw,       // (n,) or null
+                              const float* __restrict__ grad_out,  // (B, D)
                               i64 n, i64 mean, const Rows rows, const Opt opt,
-                              float* __restrict__ partial) {      // (P, 2, D) out
+                              float* __restrict__ partial) {       // (P, 2, D) out
   // Gradient rows loaded at once. Two keeps the K = 4 kernel at 64 registers (32 warps per
   // multiprocessor); four took 72 and ran 20 % slower on the H100 (bench/RESULTS.md).
   constexpr int IN_FLIGHT = K <= 4 ? 2 : 1;
   const Group<G> grp;
   const int dim = rows.dim;
+  n = ts_items(n, count);
   const i64 chunks = (n + G - 1) / G;
   const i64 stride = ts_thread_count() / G;
   const int group_base = ts_lane() & ~(G - 1);
@@ -326,15 +328,11 @@ __device__ void reduce_chunks(const int* __restrict__ sorted_u,   // (n,) invers
     int u = -1, b = 0;
     float len = 1.f, w = 1.f;
     i64 slot = -1, addr = 0;
-    if (grp.rank < cnt) u = sorted_u[p0 + grp.rank];
-    const int before = p0 > 0 ? sorted_u[p0 - 1] : -1;       // the row of the entry before
-    const int after = p0 + cnt < n ? sorted_u[p0 + cnt] : -1;  // and after the chunk
-    const int up = grp.shfl(u, grp.rank > 0 ? grp.rank - 1 : 0);
-    const int down = grp.shfl(u, grp.rank + 1 < G ? grp.rank + 1 : grp.rank);
-    const bool single = u != (grp.rank > 0 ? up : before) &&
-                        u != (grp.rank + 1 < cnt ? down : after);  // update_singles' row
-    if (grp.rank < cnt && !single) {
-      const i64 j = order[p0 + grp.rank];
+    if (grp.rank < cnt) u = list_u[p0 + grp.rank];
+    const int before = p0 > 0 ? list_u[p0 - 1] : -1;       // the row of the entry before
+    const int after = p0 + cnt < n ? list_u[p0 + cnt] : -1;  // and after the chunk
+    if (grp.rank < cnt) {
+      const i64 j = list_index[p0 + grp.rank];
       b = bag[j];
       slot = rows.slots[u];
       if (slot < 0) addr = rows.addresses[u];
@@ -349,10 +347,6 @@ __device__ void reduce_chunks(const int* __restrict__ sorted_u,   // (n,) invers
       const bool from_before = e == 0 && before == uc;
       const bool to_after = end == cnt && after == uc;
       const bool owner = !from_before && !to_after;  // the row is finished in this chunk
-      if (owner && end - e == 1) {  // a one-entry row: update_singles did it
-        e = end;
-        continue;
-      }
       const i64 s = grp.shfl(slot, e);
       const RowRef row = rows.row(s, grp.shfl(addr, e));
       RowState<K> st;
@@ -399,49 +393,56 @@ __device__ void reduce_chunks(const int* __restrict__ sorted_u,   // (n,) invers
   }
 }
 
-// Where each unique row's entries begin in the sorted list: start[u] (start[U] = n).
-extern "C" __global__ void segment_starts(const int* __restrict__ sorted_u,  // (n,)
-                                          i64 n, i64 unique,
-                                          i64* __restrict__ start) {  // (U + 1,) out
-  for (i64 p = ts_global_thread(); p < n; p += ts_thread_count())
-    if (p == 0 || sorted_u[p - 1] != sorted_u[p]) start[sorted_u[p]] = p;
-  if (blockIdx.x == 0 && threadIdx.x == 0) start[unique] = n;
-}
-
 // A crossing row has one partial sum in each chunk c_first..c_last: slot 1 of c_first (its
 // first piece), slot 0 of the others. They are added in two levels, each in chunk order, so
 // that a row read 100 000 times is summed by many warps: groups of 32 partials by one warp each
 // (the group's sum replaces its first partial), then the group sums by the row's first chunk.
-// Chunks hold `chunk` entries (the G of reduce_chunks); a full warp works on each here.
+// Chunks hold `chunk` entries of the multi list (the G of reduce_chunks); a full warp works on
+// each here.
 __device__ __forceinline__ const float* ts_piece(const float* partial, i64 c, i64 c_first,
                                                  int dim) {
   return partial + (c * 2 + (c == c_first ? 1 : 0)) * dim;
 }
 
+// The chunks that hold the first and the last entry of row u: the row begins at list_first[u]
+// and has as many entries as in the sorted batch (start).
+struct RowChunks {
+  i64 first, last;
+  __device__ __forceinline__ RowChunks(const int* list_first, const i64* start, int u,
+                                       i64 chunk) {
+    const i64 f = list_first[u];
+    first = f / chunk;
+    last = (f + start[u + 1] - start[u] - 1) / chunk;
+  }
+};
+
 // Level one: the warp of chunk c sums the group of 32 partials that starts at c, for the row
 // continuing into c (if c is a group start) and for the row starting in c and crossing out.
 template <int K>
-__device__ void sum_groups(const int* __restrict__ sorted_u,  // (n,)
-                           const i64* __restrict__ start,      // (U + 1,)
-                           i64 n, i64 chunk, int dim, float* __restrict__ partial) {  // (P, 2, D)
+__device__ void sum_groups(const int* __restrict__ list_u,      // (M,)
+                           const int* __restrict__ list_first,  // (U,)
+                           const i64* __restrict__ start,       // (U + 1,)
+                           i64 n, const int* __restrict__ count,  // M = ts_items(n, count)
+                           i64 chunk, int dim, float* __restrict__ partial) {  // (P, 2, D)
   const int lane = ts_lane();
+  n = ts_items(n, count);
   const i64 chunks = (n + chunk - 1) / chunk;
   for (i64 ch = ts_global_warp(); ch < chunks; ch += ts_warp_count()) {
     const i64 p0 = ch * chunk, p1 = min(p0 + chunk, n);
-    const int rows_here[2] = {sorted_u[p0], sorted_u[p1 - 1]};
+    const int rows_here[2] = {list_u[p0], list_u[p1 - 1]};
     for (int r = 0; r < 2; r++) {
       const int u = rows_here[r];
       if (r == 1 && u == rows_here[0]) break;  // one row fills the chunk: done as r = 0
-      const i64 c_first = start[u] / chunk, c_last = (start[u + 1] - 1) / chunk;
-      if (c_first == c_last || (ch - c_first) % 32 != 0) continue;  // not crossing / not a leader
-      const i64 c_end = min(ch + 32, c_last + 1);
+      const RowChunks span(list_first, start, u, chunk);
+      if (span.first == span.last || (ch - span.first) % 32 != 0) continue;  // not a leader
+      const i64 c_end = min(ch + 32, span.last + 1);
       float acc[K];
-      float* dst = (float*)ts_piece(partial, ch, c_first, dim);
+      float* dst = (float*)ts_piece(partial, ch, span.first, dim);
 #pragma unroll
       for (int k = 0; k < K; k++) acc[k] = lane + 32 * k < dim ? dst[lane + 32 * k] : 0.f;
 #pragma unroll 8
       for (i64 c = ch + 1; c < c_end; c++) {
-        const float* src = ts_piece(partial, c, c_first, dim);
+        const float* src = ts_piece(partial, c, span.first, dim);
 #pragma unroll
         for (int k = 0; k < K; k++)
           if (lane + 32 * k < dim) acc[k] = __fadd_rn(acc[k], src[lane + 32 * k]);
@@ -456,24 +457,27 @@ __device__ void sum_groups(const int* __restrict__ sorted_u,  // (n,)
 // Level two: the warp of the chunk where a crossing row starts adds the row's group sums in
 // order and applies the optimizer.
 template <int K, class Opt>
-__device__ void finish_crossing(const int* __restrict__ sorted_u,  // (n,)
-                                const i64* __restrict__ start,      // (U + 1,)
-                                i64 n, i64 chunk, const Rows rows, const Opt opt,
+__device__ void finish_crossing(const int* __restrict__ list_u,      // (M,)
+                                const int* __restrict__ list_first,  // (U,)
+                                const i64* __restrict__ start,       // (U + 1,)
+                                i64 n, const int* __restrict__ count,  // M = ts_items(n, count)
+                                i64 chunk, const Rows rows, const Opt opt,
                                 const float* __restrict__ partial) {  // (P, 2, D)
   const Group<32> grp;
   const int dim = rows.dim;
+  n = ts_items(n, count);
   const i64 chunks = (n + chunk - 1) / chunk;
   for (i64 ch = ts_global_warp(); ch < chunks; ch += ts_warp_count()) {
     const i64 p1 = min(ch * chunk + chunk, n);
-    const int u = sorted_u[p1 - 1];  // the only row that can start here and cross out
-    const i64 c_first = start[u] / chunk, c_last = (start[u + 1] - 1) / chunk;
-    if (c_first != ch || c_last == ch) continue;
+    const int u = list_u[p1 - 1];  // the only row that can start here and cross out
+    const RowChunks span(list_first, start, u, chunk);
+    if (span.first != ch || span.last == ch) continue;
     float acc[K];
 #pragma unroll
     for (int k = 0; k < K; k++) acc[k] = 0.f;
 #pragma unroll 8
-    for (i64 c = ch; c <= c_last; c += 32) {
-      const float* src = ts_piece(partial, c, c_first, dim);
+    for (i64 c = ch; c <= span.last; c += 32) {
+      const float* src = ts_piece(partial, c, span.first, dim);
 #pragma unroll
       for (int k = 0; k < K; k++)
         if (grp.rank + 32 * k < dim) acc[k] = __fadd_rn(acc[k], src[grp.rank + 32 * k]);
@@ -492,37 +496,38 @@ __device__ void finish_crossing(const int* __restrict__ sorted_u,  // (n,)
 
 #define TS_REDUCE(SUFFIX, G, K, OPT)                                                            \
   extern "C" __global__ void reduce_chunks_##SUFFIX##_g##G##_k##K(                              \
-      const int* sorted_u, const i64* order, const int* bag, const i64* offsets,                \
-      const float* psw, const float* grad_out, i64 n, i64 mean, TS_ROWS_PARAMS, float lr,       \
-      float eps, float* partial) {                                                              \
+      const int* list_u, const int* list_index, const int* count, const int* bag,               \
+      const i64* offsets, const float* psw, const float* grad_out, i64 n, i64 mean,             \
+      TS_ROWS_PARAMS, float lr, float eps, float* partial) {                                    \
     const Rows rows = TS_ROWS;                                                                  \
     const OPT opt = {lr, eps};                                                                  \
-    reduce_chunks<G, K, OPT>(sorted_u, order, bag, offsets, psw, grad_out, n, mean, rows, opt,  \
-                             partial);                                                          \
+    reduce_chunks<G, K, OPT>(list_u, list_index, count, bag, offsets, psw, grad_out, n, mean,   \
+                             rows, opt, partial);                                               \
   }
 
 #define TS_FINISH(SUFFIX, K, OPT)                                                               \
   extern "C" __global__ void finish_crossing_##SUFFIX##_k##K(                                   \
-      const int* sorted_u, const i64* start, i64 n, i64 chunk, TS_ROWS_PARAMS, float lr,        \
-      float eps, const float* partial) {                                                        \
+      const int* list_u, const int* list_first, const i64* start, i64 n, const int* count,      \
+      i64 chunk, TS_ROWS_PARAMS, float lr, float eps, const float* partial) {                   \
     const Rows rows = TS_ROWS;                                                                  \
     const OPT opt = {lr, eps};                                                                  \
-    finish_crossing<K, OPT>(sorted_u, start, n, chunk, rows, opt, partial);                     \
+    finish_crossing<K, OPT>(list_u, list_first, start, n, count, chunk, rows, opt, partial);    \
   }
 
 #define TS_SINGLES(SUFFIX, K, OPT)                                                              \
   extern "C" __global__ void update_singles_##SUFFIX##_k##K(                                    \
-      const i64* offsets, i64 bags, const i64* inverse, const i64* start, const float* psw,     \
-      const float* grad_out, i64 mean, TS_ROWS_PARAMS, float lr, float eps) {                   \
+      const i64* offsets, i64 bags, const i64* inverse, const unsigned char* single_of,         \
+      const float* psw, const float* grad_out, i64 mean, TS_ROWS_PARAMS, float lr, float eps) { \
     const Rows rows = TS_ROWS;                                                                  \
     const OPT opt = {lr, eps};                                                                  \
-    update_singles<K, OPT>(offsets, bags, inverse, start, psw, grad_out, mean, rows, opt);      \
+    update_singles<K, OPT>(offsets, bags, inverse, single_of, psw, grad_out, mean, rows, opt);  \
   }
 
 #define TS_SUM_GROUPS(K)                                                                        \
-  extern "C" __global__ void sum_groups_k##K(const int* sorted_u, const i64* start, i64 n,      \
+  extern "C" __global__ void sum_groups_k##K(const int* list_u, const int* list_first,          \
+                                             const i64* start, i64 n, const int* count,         \
                                              i64 chunk, i64 dim, float* partial) {              \
-    sum_groups<K>(sorted_u, start, n, chunk, (int)dim, partial);                                \
+    sum_groups<K>(list_u, list_first, start, n, count, chunk, (int)dim, partial);               \
   }
 TS_SUM_GROUPS(1)
 TS_SUM_GROUPS(2)

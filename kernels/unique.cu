@@ -1,54 +1,81 @@
 // The unique step of a batch without torch.unique: the flat ids are sorted stably (torch.sort,
 // a cub radix sort of (id, position) pairs), then two passes over the sorted list give what
 // torch.unique(sorted=True, return_inverse=True, return_counts=True) gives, plus the batch's
-// sparse transpose for the backward pass, which is the same sort:
-//   sorted_u[p]  the unique row of sorted entry p (the inverse, in sorted order)
-//   order[p]     the index of sorted entry p (grouped by row, ascending within a row: stable)
-//   start[u]     where row u's entries begin in the sorted list (start[U] = n)
-// so that backward needs no second sort. The unique count U stays on the device (rank[n - 1]);
-// the caller reads it once to size the outputs.
+// sparse transpose for the backward pass, which is the same sort (so backward needs no second
+// sort):
+//   start[u]        where row u's entries begin in the sorted list (start[U] = n)
+//   single[j]       1 where index j's row is read by index j alone, else 0
+//   multi_u[m]      the sorted entries of the rows read more than once, in sorted order: the
+//   multi_index[m]  unique row and the index of each (grouped by row, ascending within a row)
+//   multi_first[u]  where row u's entries begin in that list (rows read more than once only)
+// A uniform batch reads most rows once: backward updates those bag by bag (single[j] picks
+// them out) and sums the gradients of the others over the short list alone.
+// The counts stay on the device: U and the list's length are the two halves of the last entry
+// of the prefix sum; the caller reads U once to size the outputs, or not at all (sync-free).
 //
 // Shapes: n indices, U unique rows. Keys are int32 (ids of a table of at most 2**31 rows) or
 // int64.
 #include "common.cuh"
 
-// flag[p] = 1 where sorted entry p starts a new row (p = 0 included), else 0.
+// flags[p] = (sorted entry p starts a new row) + ((its row has more than one entry) << 32), so
+// that one inclusive prefix sum counts both: rows begun, and entries of rows read more than once.
 template <class Key>
-__device__ void unique_flags(const Key* __restrict__ sorted, i64 n, int* __restrict__ flag) {
-  for (i64 p = ts_global_thread(); p < n; p += ts_thread_count())
-    flag[p] = (p == 0 || sorted[p] != sorted[p - 1]) ? 1 : 0;
+__device__ void unique_flags(const Key* __restrict__ sorted, i64 n, i64* __restrict__ flags) {
+  for (i64 p = ts_global_thread(); p < n; p += ts_thread_count()) {
+    const Key k = sorted[p];
+    const bool same_before = p > 0 && sorted[p - 1] == k;
+    const bool same_after = p + 1 < n && sorted[p + 1] == k;
+    flags[p] = (i64)!same_before | ((i64)(same_before || same_after) << 32);
+  }
 }
 
-// rank = inclusive prefix sum of flag: entry p belongs to unique row rank[p] - 1.
+// rank = inclusive prefix sum of flags: entry p belongs to unique row (rank[p] & 0xffffffff) - 1
+// and, if that row has more than one entry, is entry (rank[p] >> 32) - 1 of the multi list.
+// The transpose's outputs (single, multi_*) may be null: a batch no backward will follow.
 template <class Key>
 __device__ void unique_scatter(const Key* __restrict__ sorted,  // (n,)
                                const i64* __restrict__ order,   // (n,)
-                               const int* __restrict__ rank,    // (n,)
+                               const i64* __restrict__ rank,    // (n,)
                                i64 n,
-                               i64* __restrict__ ids,       // (n,) out, first U used
-                               i64* __restrict__ inverse,   // (n,) out
-                               int* __restrict__ sorted_u,  // (n,) out
-                               i64* __restrict__ start) {   // (n + 1,) out, first U + 1 used
+                               i64* __restrict__ ids,            // (n,) out, first U used
+                               i64* __restrict__ inverse,        // (n,) out
+                               i64* __restrict__ start,          // (n + 1,) out, first U + 1
+                               unsigned char* __restrict__ single,  // (n,) out, or null
+                               int* __restrict__ multi_u,        // (n,) out, or null
+                               int* __restrict__ multi_index,    // (n,) out, or null
+                               int* __restrict__ multi_first) {  // (n,) out, or null
   for (i64 p = ts_global_thread(); p < n; p += ts_thread_count()) {
-    const int u = rank[p] - 1;
-    sorted_u[p] = u;
-    inverse[order[p]] = u;
-    if (p == 0 || rank[p - 1] != rank[p]) {
+    const i64 r = rank[p], before = p > 0 ? rank[p - 1] : 0;
+    const int u = (int)(r & 0xffffffff) - 1;
+    const bool first = (r & 0xffffffff) != (before & 0xffffffff);
+    const bool multi = (r >> 32) != (before >> 32);
+    const i64 j = order[p];
+    inverse[j] = u;
+    if (first) {
       ids[u] = (i64)sorted[p];
       start[u] = p;
     }
     if (p == n - 1) start[u + 1] = n;
+    if (single == nullptr) continue;
+    single[j] = multi ? 0 : 1;
+    if (multi) {
+      const int m = (int)(r >> 32) - 1;
+      multi_u[m] = u;
+      multi_index[m] = (int)j;
+      if (first) multi_first[u] = m;
+    }
   }
 }
 
-#define TS_UNIQUE_KERNELS(SUFFIX, KEY)                                                   \
-  extern "C" __global__ void unique_flags_##SUFFIX(const KEY* sorted, i64 n, int* flag) {       \
-    unique_flags<KEY>(sorted, n, flag);                                                          \
-  }                                                                                              \
-  extern "C" __global__ void unique_scatter_##SUFFIX(const KEY* sorted, const i64* order,       \
-                                                     const int* rank, i64 n, i64* ids,           \
-                                                     i64* inverse, int* sorted_u, i64* start) {  \
-    unique_scatter<KEY>(sorted, order, rank, n, ids, inverse, sorted_u, start);                  \
+#define TS_UNIQUE_KERNELS(SUFFIX, KEY)                                                         \
+  extern "C" __global__ void unique_flags_##SUFFIX(const KEY* sorted, i64 n, i64* flags) {    \
+    unique_flags<KEY>(sorted, n, flags);                                                       \
+  }                                                                                            \
+  extern "C" __global__ void unique_scatter_##SUFFIX(                                          \
+      const KEY* sorted, const i64* order, const i64* rank, i64 n, i64* ids, i64* inverse,     \
+      i64* start, unsigned char* single, int* multi_u, int* multi_index, int* multi_first) {   \
+    unique_scatter<KEY>(sorted, order, rank, n, ids, inverse, start, single, multi_u,          \
+                        multi_index, multi_first);                                             \
   }
 TS_UNIQUE_KERNELS(i32, int)
 TS_UNIQUE_KERNELS(i64, i64)

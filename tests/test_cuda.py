@@ -385,10 +385,21 @@ def test_unique_matches_torch(num_rows, n):
     assert p_ids.numel() == n and torch.equal(p_ids[:u], want[0])
     assert torch.equal(p_inverse, want[1]) and torch.equal(p_counts[:u], want[2])
     assert torch.equal(p_tr.start[: u + 1], tr.start)
-    sorted_u, order = torch.sort(want[1].to(torch.int32), stable=True)
-    assert torch.equal(tr.sorted_u, sorted_u) and torch.equal(tr.order, order)
     starts = torch.cat([torch.zeros(1, dtype=torch.int64, device="cuda"), want[2].cumsum(0)])
     assert torch.equal(tr.start, starts)
+    # the transpose: the stable sort of the inverse, split into indices whose row they alone
+    # read and the sorted list of the others, with where each of their rows begins in it
+    sorted_u, order = torch.sort(want[1], stable=True)
+    multi = want[2][sorted_u] > 1
+    for t in (tr, p_tr):
+        length = int(multi.sum())
+        assert t.list_length.dtype == torch.int32 and t.list_length.tolist() == [length]
+        assert torch.equal(t.single.bool(), want[2][want[1]] == 1)
+        assert torch.equal(t.multi_u[:length].long(), sorted_u[multi])
+        assert torch.equal(t.multi_index[:length].long(), order[multi])
+        first_rows = torch.nonzero(want[2] > 1).view(-1)
+        first_at = torch.cumsum(torch.where(want[2] > 1, want[2], 0), 0) - want[2]
+        assert torch.equal(t.multi_first[first_rows].long(), first_at[first_rows])
 
 
 @pytest.mark.parametrize(

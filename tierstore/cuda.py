@@ -63,14 +63,48 @@ def _i64(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------- the unique step
 class Transpose:
-    """A batch's sparse transpose, a by-product of its unique step (kernels/unique.cu): the
-    indices grouped by unique row, ascending within a row, exactly what backward would get by
-    sorting the inverse stably."""
+    """A batch's sparse transpose, a by-product of its unique step (kernels/unique.cu): its
+    sorted entries, what backward would get by sorting the inverse stably, split into the
+    indices whose row no other index reads and the sorted list of the others.
 
-    def __init__(self, sorted_u: torch.Tensor, order: torch.Tensor, start: torch.Tensor):
-        self.sorted_u = sorted_u  # (n,) int32: unique row of each sorted entry
-        self.order = order  # (n,) int64: index of each sorted entry
+    The multi list's buffers have ``n`` entries of which the first ``list_length`` (a (1,)
+    int32 device tensor) are used."""
+
+    def __init__(self, start, single, multi_u, multi_index, multi_first, list_length):
         self.start = start  # (U + 1,) int64: first sorted entry of each row; start[U] = n
+        self.single = single  # (n,) uint8: 1 where the index's row is read by it alone
+        self.multi_u = multi_u  # (n,) int32: row of each entry of a row read more than once
+        self.multi_index = multi_index  # (n,) int32: index of each such entry
+        self.multi_first = multi_first  # (n,) int32: where row u begins in that list
+        self.list_length = list_length  # (1,) int32 device tensor
+
+
+def _scan_sorted(sorted_keys: torch.Tensor, order: torch.Tensor, transpose: bool):
+    """What a stable sort of a batch's keys gives (kernels/unique.cu): ``(ids, inverse, start,
+    unique_count, transpose)``, ``ids`` and ``start`` n-long buffers of which the first ``U`` /
+    ``U + 1`` are used, ``unique_count`` ``U`` as a (1,) int32 device tensor, and the batch's
+    :class:`Transpose` if asked (else ``None``)."""
+    n = sorted_keys.numel()
+    dev = _device(sorted_keys.device)
+    suffix = "i32" if sorted_keys.dtype == torch.int32 else "i64"
+    flags = torch.empty(n, dtype=torch.int64, device=dev)
+    _run("unique.cu", f"unique_flags_{suffix}", dev, n, (sorted_keys, n, flags), per_warp=False)
+    rank = torch.cumsum(flags, 0)  # low words: rows begun; high words: multi list entries
+    ids = torch.empty(n, dtype=torch.int64, device=dev)
+    inverse = torch.empty(n, dtype=torch.int64, device=dev)
+    start = torch.empty(n + 1, dtype=torch.int64, device=dev)
+    halves = rank[-1:].view(torch.int32)  # little-endian: (U, list length)
+    tr = None
+    if transpose:
+        single = torch.empty(n, dtype=torch.uint8, device=dev)
+        multi = torch.empty((3, n), dtype=torch.int32, device=dev)
+        tr = Transpose(start, single, multi[0], multi[1], multi[2], halves[1:])
+        outputs = (single, multi[0], multi[1], multi[2])
+    else:
+        outputs = (None, None, None, None)
+    args = (sorted_keys, order, rank, n, ids, inverse, start, *outputs)
+    _run("unique.cu", f"unique_scatter_{suffix}", dev, n, args, per_warp=False)
+    return ids, inverse, start, halves[:1], tr
 
 
 def unique(
@@ -87,10 +121,10 @@ def unique(
     of ``n`` entries of which the first ``U`` are used, and ``count`` is ``U`` as a (1,) int32
     device tensor, which the cache kernels read themselves (a sync-free step).
 
-    Without ``transpose`` (a batch that no backward will follow) and with ids known to lie
-    below a ``num_rows`` at most ``_DENSE_UNIQUE_SPAN`` times the batch, a histogram of the id
-    space replaces the sort, and ``transpose`` is ``None``. Ids outside ``[0, num_rows)`` give
-    garbage but no access out of bounds; the caller's checks reject them before any use."""
+    Without ``transpose`` (a batch that no backward will follow) no transpose is made and, with
+    ids known to lie below a ``num_rows`` at most ``_DENSE_UNIQUE_SPAN`` times the batch, a
+    histogram of the id space replaces the sort. Ids outside ``[0, num_rows)`` give garbage
+    but no access out of bounds; the caller's checks reject them before any use."""
     n = indices.numel()
     dev = indices.device
     if not transpose and FAST_UNIQUE and dev.type == "cuda" and _dense_eligible(n, num_rows):
@@ -102,28 +136,20 @@ def unique(
     if not FAST_UNIQUE or dev.type != "cuda" or n == 0 or n >= 1 << 31:
         ids, inverse, counts = torch.unique(indices, return_inverse=True, return_counts=True)
         return ids, inverse, counts, None, None
-    dev = _device(dev)
     # ids in [0, num_rows) (bad ones, checked before any result is used, sort as garbage)
     narrow = num_rows is not None and num_rows <= 1 << 31
     keys = indices.to(torch.int32) if narrow else indices.to(torch.int64)
-    suffix = "i32" if narrow else "i64"
     sorted_keys, order = torch.sort(keys, stable=True)
-    flag = torch.empty(n, dtype=torch.int32, device=dev)
-    _run("unique.cu", f"unique_flags_{suffix}", dev, n, (sorted_keys, n, flag), per_warp=False)
-    rank = torch.cumsum(flag, 0, dtype=torch.int32)
-    ids = torch.empty(n, dtype=torch.int64, device=dev)
-    inverse = torch.empty(n, dtype=torch.int64, device=dev)
-    sorted_u = flag  # reused: each entry reads only its own flag's prefix sum
-    start = torch.empty(n + 1, dtype=torch.int64, device=dev)
-    args = (sorted_keys, order, rank, n, ids, inverse, sorted_u, start)
-    _run("unique.cu", f"unique_scatter_{suffix}", dev, n, args, per_warp=False)
+    ids, inverse, start, count, tr = _scan_sorted(sorted_keys, order, transpose)
     if padded:  # start[U] = n; the entries past it are never read
         counts = start[1:] - start[:-1]
-        return ids, inverse, counts, Transpose(sorted_u, order, start), rank[-1:]
-    u = int(rank[-1])  # the one read: the unique count sizes everything after
+        return ids, inverse, counts, tr, count
+    u = int(count[0])  # the one read: the unique count sizes everything after
     ids, start = ids[:u], start[: u + 1]
     counts = start[1:] - start[:-1]
-    return ids, inverse, counts, Transpose(sorted_u, order, start), None
+    if tr is not None:
+        tr.start = start
+    return ids, inverse, counts, tr, None
 
 
 # A histogram of the id space beats a sort of the batch where the space is at most this many
@@ -184,7 +210,7 @@ def unique_counts(
             low, high = torch.aminmax(ids)
             bad = (low < 0) | (high >= num_rows)
             out_of_range.bitwise_or_(bad.to(torch.int32))  # in place: a graph may capture it
-        uniq, _, counts, _, count = unique(ids, num_rows, padded=True)
+        uniq, _, counts, _, count = unique(ids, num_rows, padded=True, transpose=False)
         return uniq, counts, count
     uniq, counts, count, _ = _dense_unique(ids, num_rows, False, out_of_range)
     return uniq, counts, count
@@ -631,33 +657,32 @@ def backward(
                 width, dim, n, mean, weight_grad)  # fmt: skip
         _run("backward.cu", "weight_grad", dev, n, args, per_warp=True)
     if optimizer is not None and n:
-        # the sparse transpose: indices grouped by unique row, in index order within a row
-        transpose = getattr(batch, "transpose", None)
-        if transpose is not None:  # the unique step's sort (kernels/unique.cu)
-            sorted_u, order, start = transpose.sorted_u, transpose.order, transpose.start
-        else:
+        # the sparse transpose: the unique step's sort (kernels/unique.cu), else a sort of the
+        # inverse read by the same kernels
+        tr = getattr(batch, "transpose", None)
+        if tr is None:
             sorted_u, order = torch.sort(inverse.to(torch.int32), stable=True)
-            unique = batch.ids.numel()
-            start = torch.empty(unique + 1, dtype=torch.int64, device=dev)
-            _run("backward.cu", "segment_starts", dev, n, (sorted_u, n, unique, start), False)
+            tr = _scan_sorted(sorted_u, order, transpose=True)[-1]
         lr, eps = float(optimizer.lr), float(getattr(optimizer, "eps", 0.0))
         # each L1 row is marked dirty and, where the batch holds locks, unlocked by the kernel
         # that updates it, in its way record (kernels/backward.cu): the release leaves L1 alone
         rows = (batch.slots, addresses, *_l1(store), l2, store.l1.way_state, batch.holds, width,
                 dim)  # fmt: skip
         # rows read by one index, bag by bag (each bag's gradient read once) ...
-        args = (offsets, bags, inverse, start, psw, grad_out, mean, *rows, lr, eps)
+        args = (offsets, bags, inverse, tr.single, psw, grad_out, mean, *rows, lr, eps)
         _run("backward.cu", f"update_singles_{opt_name}_k{k}", dev, bags, args, per_warp=True)
-        # ... the others by chunks of the sorted entries
+        # ... the others by chunks of the multi list (its length on the device: at most n)
         chunks = (n + group - 1) // group
         partial = torch.empty((chunks * 2, dim), device=dev)
-        args = (sorted_u, order, bag, offsets, psw, grad_out, n, mean, *rows, lr, eps, partial)
+        length = tr.list_length
+        args = (tr.multi_u, tr.multi_index, length, bag, offsets, psw, grad_out, n, mean, *rows,
+                lr, eps, partial)  # fmt: skip
         fn = f"reduce_chunks_{opt_name}_g{group}_k{k}"
         _run("backward.cu", fn, dev, (chunks * group + 31) // 32, args, per_warp=True)
         # rows whose entries cross chunks: their partial sums, added in chunk order
-        args = (sorted_u, start, n, group, dim, partial)
+        args = (tr.multi_u, tr.multi_first, tr.start, n, length, group, dim, partial)
         _run("backward.cu", f"sum_groups_k{k}", dev, chunks, args, per_warp=True)
-        args = (sorted_u, start, n, group, *rows, lr, eps, partial)
+        args = (tr.multi_u, tr.multi_first, tr.start, n, length, group, *rows, lr, eps, partial)
         _run("backward.cu", f"finish_crossing_{opt_name}_k{k}", dev, chunks, args, per_warp=True)
         batch.l1_released = batch.holds
         _refresh_conflicts(store, batch, l2)
