@@ -14,6 +14,8 @@ floats, ``C`` L1 slots, ``S`` sets of ``W`` ways.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import cpu, interop, kernel_loader
@@ -59,6 +61,12 @@ def _run(file: str, function: str, device: torch.device, items: int, args, per_w
 
 def _i64(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.to(device=device, dtype=torch.int64).contiguous()
+
+
+@functools.cache
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    """A second stream of ``device``, for kernels that run beside the current stream's."""
+    return torch.cuda.Stream(device)
 
 
 # ---------------------------------------------------------------------------- the unique step
@@ -668,22 +676,31 @@ def backward(
         # that updates it, in its way record (kernels/backward.cu): the release leaves L1 alone
         rows = (batch.slots, addresses, *_l1(store), l2, store.l1.way_state, batch.holds, width,
                 dim)  # fmt: skip
-        # rows read by one index, bag by bag (each bag's gradient read once) ...
-        args = (offsets, bags, inverse, tr.single, psw, grad_out, mean, *rows, lr, eps)
-        _run("backward.cu", f"update_singles_{opt_name}_k{k}", dev, bags, args, per_warp=True)
-        # ... the others by chunks of the multi list (its length on the device: at most n)
         chunks = (n + group - 1) // group
         partial = torch.empty((chunks * 2, dim), device=dev)
-        length = tr.list_length
-        args = (tr.multi_u, tr.multi_index, length, bag, offsets, psw, grad_out, n, mean, *rows,
-                lr, eps, partial)  # fmt: skip
-        fn = f"reduce_chunks_{opt_name}_g{group}_k{k}"
-        _run("backward.cu", fn, dev, (chunks * group + 31) // 32, args, per_warp=True)
-        # rows whose entries cross chunks: their partial sums, added in chunk order
-        args = (tr.multi_u, tr.multi_first, tr.start, n, length, group, dim, partial)
-        _run("backward.cu", f"sum_groups_k{k}", dev, chunks, args, per_warp=True)
-        args = (tr.multi_u, tr.multi_first, tr.start, n, length, group, *rows, lr, eps, partial)
-        _run("backward.cu", f"finish_crossing_{opt_name}_k{k}", dev, chunks, args, per_warp=True)
+        # The two kinds of rows are disjoint, so their kernels run at once: the multi list's
+        # on a side stream (latency-bound: a few rows in flight per warp), beside the rows read
+        # by one index, which keep HBM busy. A graph captures the fork and the join.
+        main, side = torch.cuda.current_stream(dev), _side_stream(dev)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            # the multi list by chunks (its length on the device: at most n) ...
+            length = tr.list_length
+            args = (tr.multi_u, tr.multi_index, length, bag, offsets, psw, grad_out, n, mean,
+                    *rows, lr, eps, partial)  # fmt: skip
+            fn = f"reduce_chunks_{opt_name}_g{group}_k{k}"
+            _run("backward.cu", fn, dev, (chunks * group + 31) // 32, args, per_warp=True)
+            # ... rows whose entries cross chunks: their partial sums, added in chunk order
+            args = (tr.multi_u, tr.multi_first, tr.start, n, length, group, dim, partial)
+            _run("backward.cu", f"sum_groups_k{k}", dev, chunks, args, per_warp=True)
+            args = (tr.multi_u, tr.multi_first, tr.start, n, length, group, *rows, lr, eps,
+                    partial)  # fmt: skip
+            fn = f"finish_crossing_{opt_name}_k{k}"
+            _run("backward.cu", fn, dev, chunks, args, per_warp=True)
+        # rows read by one index, bag by bag (each bag's gradient read once)
+        args = (offsets, bags, inverse, tr.single, psw, grad_out, mean, *rows, lr, eps)
+        _run("backward.cu", f"update_singles_{opt_name}_k{k}", dev, bags, args, per_warp=True)
+        main.wait_stream(side)  # partial and the batch's buffers are freed on main: after this
         batch.l1_released = batch.holds
         _refresh_conflicts(store, batch, l2)
         if batch.slots.numel() and not isinstance(store.host, HostTable):
