@@ -78,7 +78,15 @@ class Transpose:
     The multi list's buffers have ``n`` entries of which the first ``list_length`` (a (1,)
     int32 device tensor) are used."""
 
-    def __init__(self, start, single, multi_u, multi_index, multi_first, list_length):
+    def __init__(
+        self,
+        start: torch.Tensor,
+        single: torch.Tensor,
+        multi_u: torch.Tensor,
+        multi_index: torch.Tensor,
+        multi_first: torch.Tensor,
+        list_length: torch.Tensor,
+    ):
         self.start = start  # (U + 1,) int64: first sorted entry of each row; start[U] = n
         self.single = single  # (n,) uint8: 1 where the index's row is read by it alone
         self.multi_u = multi_u  # (n,) int32: row of each entry of a row read more than once
@@ -681,7 +689,7 @@ def backward(
         # The two kinds of rows are disjoint, so their kernels run at once: the multi list's
         # on a side stream (latency-bound: a few rows in flight per warp), beside the rows read
         # by one index, which keep HBM busy. A graph captures the fork and the join.
-        main, side = torch.cuda.current_stream(dev), _side_stream(dev)
+        main, side = torch.cuda.current_stream(dev), _side_stream(_device(dev))
         side.wait_stream(main)
         with torch.cuda.stream(side):
             # the multi list by chunks (its length on the device: at most n) ...
