@@ -220,9 +220,9 @@ struct Rows {
 // instead of once per index (a 32-index bag re-reads it 32 times from all over the table's
 // traffic, and those reads miss L2). Each lane first reads whether its index's row is such a
 // single (the unique step's flag: a coalesced byte, where the row's bounds in the transpose
-// cost a random sector) and where the row lives, all lanes in parallel; then the warp updates the singles a few at a time, their rows' loads in flight
-// together. The arithmetic is reduce_chunks' for a one-entry row, so results are bit for bit the
-// same as summing it there.
+// cost a random sector) and where the row lives, all lanes in parallel; then the warp updates
+// the singles a few at a time, their rows' loads in flight together. The arithmetic is
+// reduce_chunks' for a one-entry row, so results are bit for bit the same as summing it there.
 template <int K, class Opt>
 __device__ void update_singles(const i64* __restrict__ offsets,    // (B + 1,)
                                i64 bags,
