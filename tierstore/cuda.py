@@ -99,7 +99,7 @@ def _scan_sorted(sorted_keys: torch.Tensor, order: torch.Tensor, transpose: bool
     """What a stable sort of a batch's keys gives (kernels/unique.cu): ``(ids, inverse, start,
     unique_count, transpose)``, ``ids`` and ``start`` n-long buffers of which the first ``U`` /
     ``U + 1`` are used, ``unique_count`` ``U`` as a (1,) int32 device tensor, and the batch's
-    :class:`Transpose` if asked (else ``None``)."""
+    :class:`Transpose` if asked (else ``None``). Positions are int32: ``n < 2**31``."""
     n = sorted_keys.numel()
     dev = _device(sorted_keys.device)
     suffix = "i32" if sorted_keys.dtype == torch.int32 else "i64"
