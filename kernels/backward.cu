@@ -219,14 +219,15 @@ struct Rows {
 // bag's, so they are updated bag by bag, a warp per bag reading the bag's gradient row once,
 // instead of once per index (a 32-index bag re-reads it 32 times from all over the table's
 // traffic, and those reads miss L2). Each lane first reads whether its index's row is such a
-// single (the unique step's flag: a coalesced byte, where the row's bounds in the transpose
-// cost a random sector) and where the row lives, all lanes in parallel; then the warp updates
-// the singles a few at a time, their rows' loads in flight together. The arithmetic is
+// single (the unique step's flag) and where the row lives (the batch's places, rows.cu
+// resolve_places): two coalesced loads, where the row's bounds and slot, found through its
+// unique position, cost dependent random ones. All lanes do so in parallel; then the warp
+// updates the singles a few at a time, their rows' loads in flight together. The arithmetic is
 // reduce_chunks' for a one-entry row, so results are bit for bit the same as summing it there.
 template <int K, class Opt>
 __device__ void update_singles(const i64* __restrict__ offsets,    // (B + 1,)
                                i64 bags,
-                               const i64* __restrict__ inverse,    // (n,)
+                               const i64* __restrict__ places,     // (n,) rows.cu resolve_places
                                const unsigned char* __restrict__ single_of,  // (n,)
                                const float* __restrict__ psw,      // (n,) or null
                                const float* __restrict__ grad_out, // (B, D)
@@ -252,12 +253,12 @@ __device__ void update_singles(const i64* __restrict__ offsets,    // (B + 1,)
       i64 slot = -1, addr = 0;
       float w = 1.f;
       bool single = false;
-      if (j < last && single_of[j]) {
-        const i64 u = inverse[j];
-        single = true;
-        slot = rows.slots[u];
-        if (slot < 0) addr = rows.addresses[u];  // an L2 address only for a conflict miss
-        if (psw != nullptr) w = psw[j];
+      if (j < last) {  // the flag and the place in one round of coalesced loads
+        const i64 p = places[j];
+        single = single_of[j];
+        slot = p >= 0 ? p : -1;
+        addr = ~p;  // an L2 address where slot < 0 (a conflict miss)
+        if (single && psw != nullptr) w = psw[j];
       }
       unsigned todo = __ballot_sync(TS_FULL_MASK, single);
       while (todo) {
@@ -516,11 +517,11 @@ __device__ void finish_crossing(const int* __restrict__ list_u,      // (M,)
 
 #define TS_SINGLES(SUFFIX, K, OPT)                                                              \
   extern "C" __global__ void update_singles_##SUFFIX##_k##K(                                    \
-      const i64* offsets, i64 bags, const i64* inverse, const unsigned char* single_of,         \
+      const i64* offsets, i64 bags, const i64* places, const unsigned char* single_of,          \
       const float* psw, const float* grad_out, i64 mean, TS_ROWS_PARAMS, float lr, float eps) { \
     const Rows rows = TS_ROWS;                                                                  \
     const OPT opt = {lr, eps};                                                                  \
-    update_singles<K, OPT>(offsets, bags, inverse, single_of, psw, grad_out, mean, rows, opt);  \
+    update_singles<K, OPT>(offsets, bags, places, single_of, psw, grad_out, mean, rows, opt);   \
   }
 
 #define TS_SUM_GROUPS(K)                                                                        \

@@ -20,6 +20,7 @@
 #define TS_POOL_MIN_BLOCKS 4  // resident blocks per multiprocessor: at most 64 registers
 template <int K, bool VEC4, bool L2_VEC4>
 __device__ void pool(const i64* __restrict__ offsets,    // (B + 1,)
+                     const i64* __restrict__ places,     // (n,) or null (rows.cu resolve_places)
                      const i64* __restrict__ inverse,    // (n,) unique position of each index
                      const float* __restrict__ psw,      // (n,) or null
                      const i64* __restrict__ slots,      // (U,) L1 slot, -1 = conflict miss
@@ -43,9 +44,14 @@ __device__ void pool(const i64* __restrict__ offsets,    // (B + 1,)
         const float* row = nullptr;
         float w = 1.f;
         if (j < end) {
-          const i64 u = inverse[j];
-          const i64 s = slots[u];
-          row = s >= 0 ? l1 + s * dim : l2 + addresses[u] * width;
+          if (places != nullptr) {  // a training batch's: one load
+            const i64 p = places[j];
+            row = p >= 0 ? l1 + p * dim : l2 + ~p * width;
+          } else {
+            const i64 u = inverse[j];
+            const i64 s = slots[u];
+            row = s >= 0 ? l1 + s * dim : l2 + addresses[u] * width;
+          }
           if (psw != nullptr) w = psw[j];
         }
         const int cnt = (int)min((i64)32, end - j0);
@@ -122,11 +128,11 @@ __device__ void pool(const i64* __restrict__ offsets,    // (B + 1,)
 
 #define TS_POOL(NAME, K, VEC4, L2_VEC4)                                                         \
   extern "C" __global__ void __launch_bounds__(TS_POOL_BLOCK, TS_POOL_MIN_BLOCKS)               \
-      NAME(const i64* offsets, const i64* inverse, const float* psw, const i64* slots,          \
-           const i64* addresses, const float* l1, const float* l2, i64 width, i64 dim, i64 bags, \
-           i64 mean, float* out) {                                                              \
-    pool<K, VEC4, L2_VEC4>(offsets, inverse, psw, slots, addresses, l1, l2, width, dim, bags,    \
-                           mean, out);                                                          \
+      NAME(const i64* offsets, const i64* places, const i64* inverse, const float* psw,         \
+           const i64* slots, const i64* addresses, const float* l1, const float* l2, i64 width,  \
+           i64 dim, i64 bags, i64 mean, float* out) {                                           \
+    pool<K, VEC4, L2_VEC4>(offsets, places, inverse, psw, slots, addresses, l1, l2, width, dim,  \
+                           bags, mean, out);                                                    \
   }
 TS_POOL(forward_vec4, 1, true, true)  // dim and width % 4 == 0: 128 columns per chunk
 TS_POOL(forward_vec4_l1, 1, true, false)  // dim % 4 == 0: float4 from L1, floats from L2

@@ -361,6 +361,24 @@ def test_gather_scatter_and_prefetch():
     store.release(batch)
 
 
+def test_places_point_at_each_index_row():
+    """A training batch's places are each index's L1 slot, or the complement of its L2 address
+    for a conflict miss."""
+    cuda = _cuda()
+    num, dim = 5000, 8
+    emb = ts.TieredEmbeddingBag(num, dim, cache_rows=64, ways=4, device="cuda")
+    store = emb.store
+    seed = int(np.random.SeedSequence().entropy % 2**32)  # fresh ids each run, named on failure
+    flat = _trace(np.random.default_rng(seed), "zipf", num, 4000).cuda()
+    batch = store.lookup(flat)
+    places = cuda._places(batch, store.device)
+    t = batch.trimmed()
+    slot = t.slots[t.inverse]
+    assert torch.equal(places, torch.where(slot >= 0, slot, ~t.addresses[t.inverse])), seed
+    assert (slot >= 0).any() and (slot < 0).any(), seed  # both tiers, or it would show nothing
+    store.release(batch)
+
+
 # ------------------------------------------------------------------------- the unique step
 @pytest.mark.parametrize("num_rows", [1000, 1 << 31, None])
 @pytest.mark.parametrize("n", [1, 7, 5000, 300_000])

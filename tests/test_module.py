@@ -278,6 +278,9 @@ def test_a_table_too_large_for_host_memory_fails_at_construction():
 BAD_CALLS = [
     ("out of range", lambda: (torch.tensor([0, N]), torch.tensor([0]), None), "num_embeddings"),
     ("negative", lambda: (torch.tensor([0, -1]), torch.tensor([0]), None), r"\[0, 300\)"),
+    # 2-D input: its offsets are made, not checked, but its ids are
+    ("2-d out of range", lambda: (torch.tensor([[0, 1], [N, 2]]), None, None), "num_embeddings"),
+    ("2-d negative", lambda: (torch.tensor([[0, -1], [1, 2]]), None, None), r"\[0, 300\)"),
     ("float ids", lambda: (torch.tensor([0.0, 1.0]), torch.tensor([0]), None), "int32 or int64"),
     (
         "decreasing offsets",

@@ -621,11 +621,25 @@ def forward(
         psw = per_sample_weights.to(dev, torch.float32).contiguous()
     # float4 where rows are 16-byte aligned: L1's when dim % 4 == 0, L2's if width % 4 == 0 too
     fn = "forward_scalar" if dim % 4 else "forward_vec4" if width % 4 == 0 else "forward_vec4_l1"
-    args = (_i64(offsets, dev), _i64(batch.inverse, dev), psw, batch.slots,
+    # a batch with a transpose will see a backward: resolve its places once, for both passes
+    places = _places(batch, dev) if batch.transpose is not None else None
+    args = (_i64(offsets, dev), places, _i64(batch.inverse, dev), psw, batch.slots,
             _i64(batch.addresses, dev), store.l1_weights, l2, width, dim, bags,
             mode == "mean", out)  # fmt: skip
     _run("forward.cu", fn, dev, bags, args, True)
     return out
+
+
+def _places(batch, dev: torch.device) -> torch.Tensor:
+    """Each index's place (kernels/rows.cu ``resolve_places``): its row's L1 slot, or the
+    complement of its L2 address; resolved once per batch and kept on it (``Batch.places``)."""
+    if batch.places is None:
+        n = batch.inverse.numel()
+        batch.places = torch.empty(n, dtype=torch.int64, device=dev)
+        args = (_i64(batch.inverse, dev), batch.slots, _i64(batch.addresses, dev), n,
+                batch.places)  # fmt: skip
+        _run("rows.cu", "resolve_places", dev, n, args, per_warp=False)
+    return batch.places
 
 
 def backward(
@@ -706,7 +720,8 @@ def backward(
             fn = f"finish_crossing_{opt_name}_k{k}"
             _run("backward.cu", fn, dev, chunks, args, per_warp=True)
         # rows read by one index, bag by bag (each bag's gradient read once)
-        args = (offsets, bags, inverse, tr.single, psw, grad_out, mean, *rows, lr, eps)
+        args = (offsets, bags, _places(batch, dev), tr.single, psw, grad_out, mean, *rows, lr,
+                eps)  # fmt: skip
         _run("backward.cu", f"update_singles_{opt_name}_k{k}", dev, bags, args, per_warp=True)
         main.wait_stream(side)  # partial and the batch's buffers are freed on main: after this
         batch.l1_released = batch.holds

@@ -94,6 +94,9 @@ class Batch:
     # Whether the backward's kernels released the batch's L1 locks as they updated its rows
     # (the CUDA backend's): the release then leaves L1 alone
     l1_released: bool = False
+    # (n,) int64, the CUDA backend's: where each index's row lives (its L1 slot, or the
+    # complement of its L2 address), resolved by a training batch's forward for its backward
+    places: torch.Tensor | None = None
 
     def trimmed(self) -> Batch:
         """This batch with exactly ``U`` entries (reads ``count`` from the device if set)."""

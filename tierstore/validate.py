@@ -58,8 +58,8 @@ def check_id_range(lo: int, hi: int, num_rows: int | None, what: str = "indices"
 
 
 class BatchChecks:
-    """The value checks of a batch (id range; first, last and largest offset; smallest step),
-    reduced on the device into one small tensor whose copy to the host starts at once. On a
+    """The value checks of a batch (id range; for offsets the caller gave, their first, last
+    and largest entry and smallest step), reduced on the device into one small tensor whose copy to the host starts at once. On a
     GPU the host need not wait for it right away: it can queue work that changes nothing (the
     unique step) and call :meth:`wait` before the first change; the device then never idles
     while the host reads."""
@@ -91,7 +91,14 @@ class BatchChecks:
             return
         if self._event is not None:
             self._event.synchronize()
-        lo, hi, first, last, largest, smallest_step = self._facts.tolist()
+        lo, hi, *offset_facts = self._facts.tolist()
+        if offset_facts:  # else the offsets were made here from a 2-D input: valid as made
+            self._check_offsets(*offset_facts)
+        if self._n:
+            check_id_range(lo, hi, self._num_rows)
+        self._passed = True
+
+    def _check_offsets(self, first: int, last: int, largest: int, smallest_step: int) -> None:
         n, offs = self._n, self._offs
         if self._include_last_offset and last != n:
             raise InvalidInputError(
@@ -110,9 +117,6 @@ class BatchChecks:
                 f"offsets must be non-decreasing: offsets[{at + 1}] = {int(offs[at + 1])} "
                 f"< offsets[{at}] = {int(offs[at])}"
             )
-        if n:
-            check_id_range(lo, hi, self._num_rows)
-        self._passed = True
 
 
 def normalize_batch(
@@ -155,13 +159,15 @@ def normalize_batch(
     psw = None if per_sample_weights is None else per_sample_weights.reshape(-1).to(device)
     if not values:
         return flat, offs, psw, BatchChecks.done_elsewhere()
-    # Every value fact in one read: id range, first, last and largest offset, smallest step.
+    # Every value fact in one read: id range, then the offsets' first, last and largest entry
+    # and smallest step, unless they were made here (2-D input) and need no reductions.
     zero = torch.zeros((), dtype=torch.int64, device=device)
     lo, hi = torch.aminmax(flat) if n else (zero, zero)
-    steps = offs[1:] - offs[:-1]
-    facts = torch.stack(
-        [lo, hi, offs[0], offs[-1], offs.max(), steps.min() if steps.numel() else zero]
-    )
+    facts = [lo, hi]
+    if indices.dim() == 1:
+        steps = offs[1:] - offs[:-1]
+        facts += [offs[0], offs[-1], offs.max(), steps.min() if steps.numel() else zero]
+    facts = torch.stack(facts)
     checks = BatchChecks(facts, n, offs, include_last_offset, num_rows)
     if not defer_checks:
         checks.wait()
