@@ -59,10 +59,10 @@ def check_id_range(lo: int, hi: int, num_rows: int | None, what: str = "indices"
 
 class BatchChecks:
     """The value checks of a batch (id range; for offsets the caller gave, their first, last
-    and largest entry and smallest step), reduced on the device into one small tensor whose copy to the host starts at once. On a
-    GPU the host need not wait for it right away: it can queue work that changes nothing (the
-    unique step) and call :meth:`wait` before the first change; the device then never idles
-    while the host reads."""
+    and largest entry and smallest step), reduced on the device into one small tensor whose
+    copy to the host starts at once. On a GPU the host need not wait for it right away: it can
+    queue work that changes nothing (the unique step) and call :meth:`wait` before the first
+    change; the device then never idles while the host reads."""
 
     def __init__(self, facts, n: int, offs, include_last_offset: bool, num_rows: int | None):
         self._n, self._offs = n, offs
@@ -163,12 +163,11 @@ def normalize_batch(
     # and smallest step, unless they were made here (2-D input) and need no reductions.
     zero = torch.zeros((), dtype=torch.int64, device=device)
     lo, hi = torch.aminmax(flat) if n else (zero, zero)
-    facts = [lo, hi]
+    parts = [lo, hi]
     if indices.dim() == 1:
         steps = offs[1:] - offs[:-1]
-        facts += [offs[0], offs[-1], offs.max(), steps.min() if steps.numel() else zero]
-    facts = torch.stack(facts)
-    checks = BatchChecks(facts, n, offs, include_last_offset, num_rows)
+        parts += [offs[0], offs[-1], offs.max(), steps.min() if steps.numel() else zero]
+    checks = BatchChecks(torch.stack(parts), n, offs, include_last_offset, num_rows)
     if not defer_checks:
         checks.wait()
     return flat, offs, psw, checks
