@@ -239,3 +239,26 @@ __device__ __forceinline__ Probe ts_probe(const i64* __restrict__ ids, i64 i, co
   p.way = ts_find_way(c, p.row, p.set, ts_digest(mixed));
   return p;
 }
+
+// Exclusive prefix sum of `v` over a 256-thread block; `*total` gets the block's sum.
+__device__ __forceinline__ int ts_block_exclusive_scan(int v, int* total) {
+  __shared__ int warp_sums[8];
+  const int lane = ts_lane(), warp = threadIdx.x >> 5;
+  __syncthreads();  // warp_sums may still be read by the previous call
+  int scan = v;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int up = __shfl_up_sync(TS_FULL_MASK, scan, o);
+    if (lane >= o) scan += up;
+  }
+  if (lane == 31) warp_sums[warp] = scan;
+  __syncthreads();
+  int before = 0, all = 0;
+#pragma unroll
+  for (int w = 0; w < 8; w++) {
+    before += w < warp ? warp_sums[w] : 0;
+    all += warp_sums[w];
+  }
+  *total = all;
+  return before + scan - v;
+}

@@ -1,5 +1,6 @@
-// The unique step of a batch without torch.unique: the flat ids are sorted stably (torch.sort,
-// a cub radix sort of (id, position) pairs), then two passes over the sorted list give what
+// The unique step of a batch without torch.unique: the flat ids are sorted stably with their
+// positions (sort.cu's radix sort over the ids' bits for tables of at most 2**31 rows, else
+// torch.sort), then two passes over the sorted list give what
 // torch.unique(sorted=True, return_inverse=True, return_counts=True) gives, plus the batch's
 // sparse transpose for the backward pass, which is the same sort (so backward needs no second
 // sort):
@@ -13,8 +14,8 @@
 // The counts stay on the device: U and the list's length are the two halves of the last entry
 // of the prefix sum; the caller reads U once to size the outputs, or not at all (sync-free).
 //
-// Shapes: n indices, U unique rows. Keys are int32 (ids of a table of at most 2**31 rows) or
-// int64.
+// Shapes: n indices, U unique rows. Keys and positions are int32 (ids of a table of at most
+// 2**31 rows: sort.cu) or int64 (torch.sort).
 #include "common.cuh"
 
 // flags[p] = (sorted entry p starts a new row) + ((its row has more than one entry) << 32), so
@@ -34,7 +35,7 @@ __device__ void unique_flags(const Key* __restrict__ sorted, i64 n, i64* __restr
 // The transpose's outputs (single, multi_*) may be null: a batch no backward will follow.
 template <class Key>
 __device__ void unique_scatter(const Key* __restrict__ sorted,  // (n,)
-                               const i64* __restrict__ order,   // (n,)
+                               const Key* __restrict__ order,   // (n,) positions
                                const i64* __restrict__ rank,    // (n,)
                                i64 n,
                                i64* __restrict__ ids,            // (n,) out, first U used
@@ -72,7 +73,7 @@ __device__ void unique_scatter(const Key* __restrict__ sorted,  // (n,)
     unique_flags<KEY>(sorted, n, flags);                                                       \
   }                                                                                            \
   extern "C" __global__ void unique_scatter_##SUFFIX(                                          \
-      const KEY* sorted, const i64* order, const i64* rank, i64 n, i64* ids, i64* inverse,     \
+      const KEY* sorted, const KEY* order, const i64* rank, i64 n, i64* ids, i64* inverse,     \
       i64* start, unsigned char* single, int* multi_u, int* multi_index, int* multi_first) {   \
     unique_scatter<KEY>(sorted, order, rank, n, ids, inverse, start, single, multi_u,          \
                         multi_index, multi_first);                                             \
@@ -122,29 +123,6 @@ __device__ __forceinline__ void ts_dense_entries(const int* hist, i64 num_rows,
     for (int k = 0; k < TS_DENSE_PER_THREAD; k++)
       v[k] = first + k < num_rows ? hist[first + k] : 0;
   }
-}
-
-// Exclusive prefix sum of `v` over a 256-thread block; `*total` gets the block's sum.
-__device__ __forceinline__ int ts_block_exclusive_scan(int v, int* total) {
-  __shared__ int warp_sums[8];
-  const int lane = ts_lane(), warp = threadIdx.x >> 5;
-  __syncthreads();  // warp_sums may still be read by the previous call
-  int scan = v;
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const int up = __shfl_up_sync(TS_FULL_MASK, scan, o);
-    if (lane >= o) scan += up;
-  }
-  if (lane == 31) warp_sums[warp] = scan;
-  __syncthreads();
-  int before = 0, all = 0;
-#pragma unroll
-  for (int w = 0; w < 8; w++) {
-    before += w < warp ? warp_sums[w] : 0;
-    all += warp_sums[w];
-  }
-  *total = all;
-  return before + scan - v;
 }
 
 // Histogram tiles of a 256-thread block: block-stride, every thread of a block the same trips.

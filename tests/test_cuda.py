@@ -380,6 +380,28 @@ def test_places_point_at_each_index_row():
 
 
 # ------------------------------------------------------------------------- the unique step
+@pytest.mark.parametrize("bits", [1, 8, 9, 24, 31])
+@pytest.mark.parametrize("n", [1, 4095, 4097, 200_000])  # one tile, one just past, many
+def test_radix_sort_is_torchs_stable_sort(bits, n):
+    """cuda.radix_sort against torch.sort(stable=True) on fresh random keys: uniform over
+    [0, 2**bits), and skewed (a few hot keys: long runs of equal keys in a warp and a tile,
+    where a rank out of position order would show). Keys outside the range, as in a batch the
+    checks will reject, still give a permutation."""
+    cuda = _cuda()
+    seed = random.randrange(1 << 32)
+    rng = np.random.default_rng(seed)
+    for keys in (rng.integers(0, 1 << bits, n), (rng.zipf(1.3, n) * 7919) % (1 << bits)):
+        k = torch.from_numpy(keys.astype(np.int64)).cuda()
+        got, got_order = cuda.radix_sort(k, bits)
+        want, want_order = torch.sort(k, stable=True)
+        assert got.dtype == got_order.dtype == torch.int32
+        assert torch.equal(got.long(), want), f"keys (seed {seed})"
+        assert torch.equal(got_order.long(), want_order), f"order (seed {seed})"
+    bad = torch.from_numpy(rng.integers(-(1 << 40), 1 << 40, n)).cuda()
+    _, order = cuda.radix_sort(bad, bits)
+    assert torch.equal(order.long().sort().values, torch.arange(n, device="cuda")), seed
+
+
 @pytest.mark.parametrize("num_rows", [1000, 1 << 31, None])
 @pytest.mark.parametrize("n", [1, 7, 5000, 300_000])
 def test_unique_matches_torch(num_rows, n):

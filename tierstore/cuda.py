@@ -95,6 +95,33 @@ class Transpose:
         self.list_length = list_length  # (1,) int32 device tensor
 
 
+_RADIX_TILE = 4096  # entries per tile of kernels/sort.cu (TS_RADIX_TILE)
+
+
+def radix_sort(keys: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sorted, order)``: ``torch.sort(keys, stable=True)`` for int64 ``keys`` in
+    ``[0, 2**bits)``, ``bits <= 31``, both as int32 (kernels/sort.cu): one 8-bit pass per byte
+    of ``bits``, where torch sorts all 32 bits and carries int64 positions. Keys outside that
+    range sort as garbage (by their low bits), but ``order`` is still a permutation."""
+    n = keys.numel()
+    dev = _device(keys.device)
+    keys = _i64(keys, dev)
+    tiles = -(-n // _RADIX_TILE)
+    counts = torch.zeros(256 * tiles + 1, dtype=torch.int32, device=dev)  # counts[0] stays 0
+    buffers = torch.empty((2, 2, n), dtype=torch.int32, device=dev)  # (keys, order) twice
+    source, values = keys, None
+    for k, shift in enumerate(range(0, max(bits, 1), 8)):
+        suffix = "i64" if k == 0 else "u32"
+        args = (source, n, shift, tiles, counts)
+        _run("sort.cu", f"radix_counts_{suffix}", dev, tiles * 256, args, per_warp=False)
+        starts = torch.cumsum(counts, 0, dtype=torch.int32)  # exclusive per (digit, tile)
+        out_keys, out_values = buffers[k % 2]
+        args = (source, values, n, shift, tiles, starts, out_keys, out_values)
+        _run("sort.cu", f"radix_scatter_{suffix}", dev, tiles * 256, args, per_warp=False)
+        source, values = out_keys, out_values
+    return source, values
+
+
 def _scan_sorted(sorted_keys: torch.Tensor, order: torch.Tensor, transpose: bool):
     """What a stable sort of a batch's keys gives (kernels/unique.cu): ``(ids, inverse, start,
     unique_count, transpose)``, ``ids`` and ``start`` n-long buffers of which the first ``U`` /
@@ -128,8 +155,9 @@ def unique(
 ):
     """``torch.unique(indices, sorted=True, return_inverse=True, return_counts=True)`` plus the
     batch's :class:`Transpose` (``None`` when torch.unique was used) and the unique count: one
-    stable radix sort of the ids (int32 keys when the table has at most 2**31 rows: half the
-    passes), a flag kernel, a prefix sum and a scatter kernel.
+    stable sort of the ids (:func:`radix_sort`, over the ids' bits alone, when the table has at
+    most 2**31 rows; else ``torch.sort`` of int64 keys), a flag kernel, a prefix sum and a
+    scatter kernel.
 
     Returns ``(ids, inverse, counts, transpose, count)``. Without ``padded`` the host reads the
     unique count ``U`` (the one device read) and ``ids``/``counts`` have ``U`` entries;
@@ -153,9 +181,10 @@ def unique(
         ids, inverse, counts = torch.unique(indices, return_inverse=True, return_counts=True)
         return ids, inverse, counts, None, None
     # ids in [0, num_rows) (bad ones, checked before any result is used, sort as garbage)
-    narrow = num_rows is not None and num_rows <= 1 << 31
-    keys = indices.to(torch.int32) if narrow else indices.to(torch.int64)
-    sorted_keys, order = torch.sort(keys, stable=True)
+    if num_rows is not None and num_rows <= 1 << 31:  # int32 keys over the ids' bits alone
+        sorted_keys, order = radix_sort(indices, max(num_rows - 1, 1).bit_length())
+    else:
+        sorted_keys, order = torch.sort(indices.to(torch.int64), stable=True)
     ids, inverse, start, count, tr = _scan_sorted(sorted_keys, order, transpose)
     if padded:  # start[U] = n; the entries past it are never read
         counts = start[1:] - start[:-1]
@@ -691,7 +720,7 @@ def backward(
         # inverse read by the same kernels
         tr = getattr(batch, "transpose", None)
         if tr is None:
-            sorted_u, order = torch.sort(inverse.to(torch.int32), stable=True)
+            sorted_u, order = radix_sort(inverse, max(n - 1, 1).bit_length())
             tr = _scan_sorted(sorted_u, order, transpose=True)[-1]
         lr, eps = float(optimizer.lr), float(getattr(optimizer, "eps", 0.0))
         # each L1 row is marked dirty and, where the batch holds locks, unlocked by the kernel

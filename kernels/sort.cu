@@ -1,0 +1,170 @@
+// A stable radix sort of a batch's ids with their positions: what torch.sort(ids, stable=True)
+// gives for ids in [0, 2**bits), but over the ids' `bits` bits alone and with int32 positions.
+// torch.sort always sorts all 32 bits of int32 keys and carries int64 positions; a 10 M-row
+// table's ids have 24 bits, so this takes three 8-bit passes of four, each moving 8 bytes an
+// entry where torch's moves 12.
+//
+// Each pass is three launches over tiles of TS_RADIX_TILE consecutive entries:
+//   radix_counts    how many entries of each tile have each digit (counts[d * tiles + t + 1]);
+//   a prefix sum    (torch.cumsum, the caller's) turns them into where each (digit, tile)
+//                   begins in the output: digits in order, tiles in order within a digit;
+//   radix_scatter   each entry to its place: its (digit, tile) start, plus the entries of its
+//                   tile with the same digit before it.
+// Ranks within a tile follow position order (warps over consecutive runs, then rounds, then
+// lanes), so every pass is stable and the sort is what an LSD radix sort promises.
+//
+// The first pass reads the int64 ids themselves (their low 32 bits) and takes each entry's
+// position as its value: no conversion and no iota before it. Ids at or above 2**bits, or
+// negative (a batch that the caller's checks reject before anything uses it), sort by their
+// low bits only: garbage order, but the positions are still a permutation, so every later
+// kernel stays in bounds.
+//
+// Launches: 256-thread blocks (one thread per digit), a block per tile, block-stride. A warp
+// reads its run of the tile with every load in flight at once, then ranks it.
+#include "common.cuh"
+
+#define TS_RADIX_DIGITS 256
+#define TS_RADIX_WARPS 8
+#define TS_RADIX_ITEMS 16  // entries per thread and tile
+#define TS_RADIX_RUN (32 * TS_RADIX_ITEMS)  // a warp's consecutive entries in a tile
+#define TS_RADIX_TILE (TS_RADIX_WARPS * TS_RADIX_RUN)  // 4096 (cuda.py _RADIX_TILE)
+
+__device__ __forceinline__ u32 ts_digit(u32 key, i64 shift) { return (key >> shift) & 0xff; }
+
+// The lanes of the warp whose (valid) entry has digit `d`, this one included: eight ballots,
+// one per bit of the digit, where __match_any_sync's cost grows with the distinct digits.
+__device__ __forceinline__ u32 ts_same_digit(u32 d, bool valid) {
+  u32 peers = __ballot_sync(TS_FULL_MASK, valid);
+#pragma unroll
+  for (int b = 0; b < 8; b++) {
+    const bool set = (d >> b) & 1;
+    const u32 with_bit = __ballot_sync(TS_FULL_MASK, set);
+    peers &= set ? with_bit : ~with_bit;
+  }
+  return peers;
+}
+
+// This warp's run of tile t: entry r * 32 + lane of it into key[r] (value[r]: the entry's value
+// or, with `values` null, its position), every load issued before any is used. Returns how
+// many of the run's entries lie before n (the last tile may stop short).
+template <class Key>
+__device__ __forceinline__ void ts_load_run(const Key* __restrict__ keys,
+                                            const int* __restrict__ values, i64 n, i64 t,
+                                            u32* key, int* value) {
+  const i64 run = t * TS_RADIX_TILE + (i64)(threadIdx.x >> 5) * TS_RADIX_RUN + ts_lane();
+#pragma unroll
+  for (int r = 0; r < TS_RADIX_ITEMS; r++) {
+    const i64 p = run + r * 32;
+    key[r] = p < n ? (u32)keys[p] : 0;
+    if (value != nullptr) value[r] = p >= n ? 0 : values == nullptr ? (int)p : values[p];
+  }
+}
+
+// counts[d * tiles + t + 1] = entries of tile t whose digit at `shift` is d (counts[0] is the
+// caller's zero, so that an inclusive prefix sum of counts is exclusive per (digit, tile)).
+template <class Key>
+__device__ void radix_counts(const Key* __restrict__ keys, i64 n, i64 shift, i64 tiles,
+                             int* __restrict__ counts) {
+  __shared__ int hist[TS_RADIX_DIGITS];
+  const int lane = ts_lane();
+  const i64 first = (i64)(threadIdx.x >> 5) * TS_RADIX_RUN + lane;  // in the tile
+  for (i64 t = blockIdx.x; t < tiles; t += gridDim.x) {
+    hist[threadIdx.x] = 0;
+    u32 key[TS_RADIX_ITEMS];
+    ts_load_run<Key>(keys, nullptr, n, t, key, nullptr);
+    __syncthreads();
+#pragma unroll
+    for (int r = 0; r < TS_RADIX_ITEMS; r++) {
+      const bool valid = t * TS_RADIX_TILE + first + r * 32 < n;
+      const u32 d = ts_digit(key[r], shift);
+      const u32 peers = ts_same_digit(d, valid);  // the lanes of one digit add once
+      if (valid && (peers & ((1u << lane) - 1)) == 0) atomicAdd(&hist[d], __popc(peers));
+    }
+    __syncthreads();
+    counts[threadIdx.x * tiles + t + 1] = hist[threadIdx.x];
+    __syncthreads();  // before the next tile clears hist
+  }
+}
+
+// keys_out/values_out[place] = each entry, `starts[d * tiles + t]` being where tile t's
+// entries of digit d begin. `values` null: the first pass, whose values are the positions.
+// The tile is put in order in shared memory first, so that the writes to the output come in
+// runs of consecutive places (a digit's entries of the tile) instead of one entry at a time.
+template <class Key>
+__device__ void radix_scatter(const Key* __restrict__ keys, const int* __restrict__ values,
+                              i64 n, i64 shift, i64 tiles, const int* __restrict__ starts,
+                              u32* __restrict__ keys_out, int* __restrict__ values_out) {
+  __shared__ int warp_place[TS_RADIX_WARPS][TS_RADIX_DIGITS];  // counts, then tile places
+  __shared__ int out_offset[TS_RADIX_DIGITS];  // output place minus tile place, per digit
+  __shared__ u32 tile_keys[TS_RADIX_TILE];
+  __shared__ int tile_values[TS_RADIX_TILE];
+  const int lane = ts_lane(), warp = threadIdx.x >> 5;
+  const u32 lanes_before = (1u << lane) - 1;
+  const i64 first = (i64)warp * TS_RADIX_RUN + lane;  // this thread's first entry in the tile
+  for (i64 t = blockIdx.x; t < tiles; t += gridDim.x) {
+#pragma unroll
+    for (int w = 0; w < TS_RADIX_WARPS; w++) warp_place[w][threadIdx.x] = 0;
+    u32 key[TS_RADIX_ITEMS];
+    int value[TS_RADIX_ITEMS], rank[TS_RADIX_ITEMS];
+    ts_load_run<Key>(keys, values, n, t, key, value);
+    __syncthreads();
+    // each warp ranks its run, 32 entries at a time, in order: rank = entries of the run with
+    // the same digit before this one
+#pragma unroll
+    for (int r = 0; r < TS_RADIX_ITEMS; r++) {
+      const bool valid = t * TS_RADIX_TILE + first + r * 32 < n;
+      const u32 d = ts_digit(key[r], shift);
+      const u32 peers = ts_same_digit(d, valid);
+      const int before = valid ? warp_place[warp][d] : 0;
+      rank[r] = valid ? before + __popc(peers & lanes_before) : -1;
+      __syncwarp();  // every peer has read the count before its first lane adds to it
+      if (valid && (peers & lanes_before) == 0) warp_place[warp][d] = before + __popc(peers);
+      __syncwarp();
+    }
+    __syncthreads();
+    {  // digit threadIdx.x: where its entries begin in the tile's order, warp after warp
+      int in_tile = 0;
+#pragma unroll
+      for (int w = 0; w < TS_RADIX_WARPS; w++) in_tile += warp_place[w][threadIdx.x];
+      int total;
+      int place = ts_block_exclusive_scan(in_tile, &total);
+      out_offset[threadIdx.x] = starts[threadIdx.x * tiles + t] - place;
+#pragma unroll
+      for (int w = 0; w < TS_RADIX_WARPS; w++) {
+        const int c = warp_place[w][threadIdx.x];
+        warp_place[w][threadIdx.x] = place;
+        place += c;
+      }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int r = 0; r < TS_RADIX_ITEMS; r++) {
+      if (rank[r] < 0) continue;
+      const int at = warp_place[warp][ts_digit(key[r], shift)] + rank[r];
+      tile_keys[at] = key[r];
+      tile_values[at] = value[r];
+    }
+    __syncthreads();
+    const int length = (int)min((i64)TS_RADIX_TILE, n - t * TS_RADIX_TILE);
+    for (int q = threadIdx.x; q < length; q += blockDim.x) {
+      const u32 k = tile_keys[q];
+      const i64 at = (i64)out_offset[ts_digit(k, shift)] + q;
+      keys_out[at] = k;
+      values_out[at] = tile_values[q];
+    }
+    __syncthreads();  // before the next tile reuses the shared arrays
+  }
+}
+
+#define TS_RADIX_KERNELS(SUFFIX, KEY)                                                          \
+  extern "C" __global__ void radix_counts_##SUFFIX(const KEY* keys, i64 n, i64 shift,         \
+                                                   i64 tiles, int* counts) {                  \
+    radix_counts<KEY>(keys, n, shift, tiles, counts);                                          \
+  }                                                                                            \
+  extern "C" __global__ void radix_scatter_##SUFFIX(const KEY* keys, const int* values, i64 n, \
+                                                    i64 shift, i64 tiles, const int* starts,   \
+                                                    u32* keys_out, int* values_out) {          \
+    radix_scatter<KEY>(keys, values, n, shift, tiles, starts, keys_out, values_out);           \
+  }
+TS_RADIX_KERNELS(i64, i64)  // the first pass: the batch's ids
+TS_RADIX_KERNELS(u32, u32)  // later passes: the keys the pass before wrote
