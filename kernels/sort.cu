@@ -44,6 +44,21 @@ __device__ __forceinline__ u32 ts_same_digit(u32 d, bool valid) {
   return peers;
 }
 
+// Entry p of the batch as a warp ranks it: whether it lies before n, its digit at `shift`,
+// and the lanes holding the same digit.
+struct RadixEntry {
+  bool valid;
+  u32 digit, peers;
+};
+
+__device__ __forceinline__ RadixEntry ts_radix_entry(u32 key, i64 p, i64 n, i64 shift) {
+  RadixEntry e;
+  e.valid = p < n;
+  e.digit = ts_digit(key, shift);
+  e.peers = ts_same_digit(e.digit, e.valid);
+  return e;
+}
+
 // This warp's run of tile t: entry r * 32 + lane of it into key[r] (value[r]: the entry's value
 // or, with `values` null, its position), every load issued before any is used. Returns how
 // many of the run's entries lie before n (the last tile may stop short).
@@ -60,25 +75,25 @@ __device__ __forceinline__ void ts_load_run(const Key* __restrict__ keys,
   }
 }
 
-// counts[d * tiles + t + 1] = entries of tile t whose digit at `shift` is d (counts[0] is the
-// caller's zero, so that an inclusive prefix sum of counts is exclusive per (digit, tile)).
+// counts[d * tiles + t + 1] = entries of tile t whose digit at `shift` is d, and counts[0] = 0,
+// so that an inclusive prefix sum of counts is exclusive per (digit, tile).
 template <class Key>
 __device__ void radix_counts(const Key* __restrict__ keys, i64 n, i64 shift, i64 tiles,
                              int* __restrict__ counts) {
   __shared__ int hist[TS_RADIX_DIGITS];
   const int lane = ts_lane();
   const i64 first = (i64)(threadIdx.x >> 5) * TS_RADIX_RUN + lane;  // in the tile
+  if (blockIdx.x == 0 && threadIdx.x == 0) counts[0] = 0;
   for (i64 t = blockIdx.x; t < tiles; t += gridDim.x) {
     hist[threadIdx.x] = 0;
     u32 key[TS_RADIX_ITEMS];
     ts_load_run<Key>(keys, nullptr, n, t, key, nullptr);
     __syncthreads();
 #pragma unroll
-    for (int r = 0; r < TS_RADIX_ITEMS; r++) {
-      const bool valid = t * TS_RADIX_TILE + first + r * 32 < n;
-      const u32 d = ts_digit(key[r], shift);
-      const u32 peers = ts_same_digit(d, valid);  // the lanes of one digit add once
-      if (valid && (peers & ((1u << lane) - 1)) == 0) atomicAdd(&hist[d], __popc(peers));
+    for (int r = 0; r < TS_RADIX_ITEMS; r++) {  // the lanes of one digit add once
+      const RadixEntry e = ts_radix_entry(key[r], t * TS_RADIX_TILE + first + r * 32, n, shift);
+      if (e.valid && (e.peers & ((1u << lane) - 1)) == 0)
+        atomicAdd(&hist[e.digit], __popc(e.peers));
     }
     __syncthreads();
     counts[threadIdx.x * tiles + t + 1] = hist[threadIdx.x];
@@ -112,13 +127,12 @@ __device__ void radix_scatter(const Key* __restrict__ keys, const int* __restric
     // the same digit before this one
 #pragma unroll
     for (int r = 0; r < TS_RADIX_ITEMS; r++) {
-      const bool valid = t * TS_RADIX_TILE + first + r * 32 < n;
-      const u32 d = ts_digit(key[r], shift);
-      const u32 peers = ts_same_digit(d, valid);
-      const int before = valid ? warp_place[warp][d] : 0;
-      rank[r] = valid ? before + __popc(peers & lanes_before) : -1;
+      const RadixEntry e = ts_radix_entry(key[r], t * TS_RADIX_TILE + first + r * 32, n, shift);
+      const int before = e.valid ? warp_place[warp][e.digit] : 0;
+      rank[r] = e.valid ? before + __popc(e.peers & lanes_before) : -1;
       __syncwarp();  // every peer has read the count before its first lane adds to it
-      if (valid && (peers & lanes_before) == 0) warp_place[warp][d] = before + __popc(peers);
+      if (e.valid && (e.peers & lanes_before) == 0)
+        warp_place[warp][e.digit] = before + __popc(e.peers);
       __syncwarp();
     }
     __syncthreads();

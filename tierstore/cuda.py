@@ -107,14 +107,16 @@ def radix_sort(keys: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tenso
     dev = _device(keys.device)
     keys = _i64(keys, dev)
     tiles = -(-n // _RADIX_TILE)
-    counts = torch.zeros(256 * tiles + 1, dtype=torch.int32, device=dev)  # counts[0] stays 0
-    buffers = torch.empty((2, 2, n), dtype=torch.int32, device=dev)  # (keys, order) twice
+    cells = 256 * tiles + 1  # (digit, tile) counts after a leading zero
+    work = torch.empty(4 * n + 2 * cells, dtype=torch.int32, device=dev)  # one allocation
+    buffers = work[: 4 * n].view(2, 2, n)  # (keys, order), for even and odd passes
+    counts, starts = work[4 * n :].view(2, cells)
     source, values = keys, None
     for k, shift in enumerate(range(0, max(bits, 1), 8)):
         suffix = "i64" if k == 0 else "u32"
         args = (source, n, shift, tiles, counts)
         _run("sort.cu", f"radix_counts_{suffix}", dev, tiles * 256, args, per_warp=False)
-        starts = torch.cumsum(counts, 0, dtype=torch.int32)  # exclusive per (digit, tile)
+        torch.cumsum(counts, 0, dtype=torch.int32, out=starts)  # where each (digit, tile) begins
         out_keys, out_values = buffers[k % 2]
         args = (source, values, n, shift, tiles, starts, out_keys, out_values)
         _run("sort.cu", f"radix_scatter_{suffix}", dev, tiles * 256, args, per_warp=False)
