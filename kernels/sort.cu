@@ -32,7 +32,8 @@
 __device__ __forceinline__ u32 ts_digit(u32 key, i64 shift) { return (key >> shift) & 0xff; }
 
 // The lanes of the warp whose (valid) entry has digit `d`, this one included: eight ballots,
-// one per bit of the digit, where __match_any_sync's cost grows with the distinct digits.
+// one per bit of the digit, a fixed cost whatever the digits (the first version's
+// __match_any_sync was part of a scatter 4.5 x slower: bench/RESULTS.md, eleventh session).
 __device__ __forceinline__ u32 ts_same_digit(u32 d, bool valid) {
   u32 peers = __ballot_sync(TS_FULL_MASK, valid);
 #pragma unroll
@@ -60,8 +61,8 @@ __device__ __forceinline__ RadixEntry ts_radix_entry(u32 key, i64 p, i64 n, i64 
 }
 
 // This warp's run of tile t: entry r * 32 + lane of it into key[r] (value[r]: the entry's value
-// or, with `values` null, its position), every load issued before any is used. Returns how
-// many of the run's entries lie before n (the last tile may stop short).
+// or, with `values` null, its position), every load issued before any is used. Entries at or
+// past n (the last tile may stop short) read as 0.
 template <class Key>
 __device__ __forceinline__ void ts_load_run(const Key* __restrict__ keys,
                                             const int* __restrict__ values, i64 n, i64 t,
