@@ -256,8 +256,8 @@ __device__ void update_singles(const i64* __restrict__ offsets,    // (B + 1,)
       if (j < last) {  // the flag and the place in one round of coalesced loads
         const i64 p = places[j];
         single = single_of[j];
-        slot = p >= 0 ? p : -1;
-        addr = ~p;  // an L2 address where slot < 0 (a conflict miss)
+        slot = ts_place_slot(p);
+        addr = ts_place_address(p);
         if (single && psw != nullptr) w = psw[j];
       }
       unsigned todo = __ballot_sync(TS_FULL_MASK, single);

@@ -122,6 +122,12 @@ __device__ __forceinline__ RowRef ts_row(const Tiers& t, i64 slot, i64 addr) {
   return {row, row + t.dim};
 }
 
+// A batch index's place (rows.cu resolve_places, one int64 where a row's unique position and
+// then its slot took two loads): the row's L1 slot when >= 0, else the bitwise complement of
+// its L2 address (a conflict miss).
+__device__ __forceinline__ i64 ts_place_slot(i64 place) { return place >= 0 ? place : -1; }
+__device__ __forceinline__ i64 ts_place_address(i64 place) { return ~place; }  // if slot < 0
+
 // The weights of a row in the tier that holds it.
 __device__ __forceinline__ const float* ts_weights(const Tiers& t, i64 slot, i64 addr) {
   return slot >= 0 ? t.l1_weights + slot * t.dim : t.l2 + addr * t.width;

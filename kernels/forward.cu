@@ -45,8 +45,8 @@ __device__ void pool(const i64* __restrict__ offsets,    // (B + 1,)
         float w = 1.f;
         if (j < end) {
           if (places != nullptr) {  // a training batch's: one load
-            const i64 p = places[j];
-            row = p >= 0 ? l1 + p * dim : l2 + ~p * width;
+            const i64 p = places[j];  // the slot itself where >= 0
+            row = p >= 0 ? l1 + p * dim : l2 + ts_place_address(p) * width;
           } else {
             const i64 u = inverse[j];
             const i64 s = slots[u];

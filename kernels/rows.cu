@@ -5,10 +5,11 @@
 // from the rest: common.cuh Tiers), `cols` <= width of them copied.
 #include "common.cuh"
 
-// The place of each index: its row's L1 slot when >= 0, else the bitwise complement of the
-// row's L2 address (a conflict miss). Resolved once per training batch (cuda.py _places), so
-// that its forward and backward reach an index's row with one load, where its unique position
-// and then that row's slot took two dependent ones. One thread per index.
+// The place of each index (common.cuh ts_place_slot / ts_place_address decode it): its row's
+// L1 slot when >= 0, else the bitwise complement of the row's L2 address (a conflict miss), the
+// address read only there. Resolved once per training batch (cuda.py _places), so that its
+// forward and backward reach an index's row with one load, where its unique position and then
+// that row's slot took two dependent ones. One thread per index.
 extern "C" __global__ void resolve_places(const i64* __restrict__ inverse,    // (n,)
                                           const i64* __restrict__ slots,      // (U,)
                                           const i64* __restrict__ addresses,  // (U,)
