@@ -199,6 +199,7 @@ def test_bad_batch_raises_before_the_replay_and_changes_nothing():
         ids = _zipf(rng, n)
         eager(ids, offs).backward(g)
         step(ids, offs)
+    assert step.tail is not None  # the head replays on each batch before its checks are read
     bad_id = _zipf(rng, n)
     bad_id[rng.integers(n)] = ROWS
     with pytest.raises(InvalidInputError, match="num_embeddings"):
@@ -216,6 +217,17 @@ def test_bad_batch_raises_before_the_replay_and_changes_nothing():
     eager(ids, offs).backward(g)
     step(ids, offs)
     _assert_same(eager, graphed, seed)
+
+
+@pytest.mark.gpu
+def test_a_step_without_tables_is_one_graph():
+    """Nothing to check: the step is captured whole and replayed at once."""
+    x = torch.randn(64, device="cuda")
+    step = ts.GraphedStep(lambda t: (t * 2).cumsum(0))
+    for _ in range(3):
+        x = torch.randn(64, device="cuda")
+        assert torch.equal(step(x), (x * 2).cumsum(0))
+    assert step.graph is not None and step.tail is None
 
 
 @pytest.mark.gpu

@@ -6,9 +6,16 @@ and the device waits for the host's launches; a graph replays all of them with o
 CUDA backend's step never reads the device (its counts stay there), so it can be captured;
 what can't be captured is the host's check of each batch's ids and offsets, which must raise
 before a kernel reads out of bounds. :class:`GraphedStep` therefore owns the step's inputs:
-each call copies the new batch into the captured input buffers, runs every table's checks on
-them (one device read per table, as in an eager step), and only then replays. A bad batch
-raises :class:`InvalidInputError` with nothing in any table changed.
+each call copies the new batch into the captured input buffers and queues every table's checks
+on them (one device read per table, as in an eager step). A bad batch raises
+:class:`InvalidInputError` with nothing in any table changed.
+
+The capture is cut in two where the first table's lookup is about to change its cache, after
+its unique step (which changes nothing and reads no id out of bounds): the head graph is
+replayed while the host waits for the checks, and the tail only once they pass. So the device
+works on the head while the host reads the checks, as in an eager step, instead of idling for
+the round trip. What runs before the check is what an eager step runs before its first table
+raises: the step's own work before that table's forward, and the table's unique step.
 
 ``TieredEmbeddingBag`` refuses to be captured by anything else (``torch.cuda.graph`` directly),
 since nothing would check the batches then.
@@ -24,9 +31,10 @@ from typing import Any
 import torch
 
 from .errors import InvalidInputError
-from .validate import normalize_batch
+from .validate import BatchChecks, normalize_batch
 
-_capturing = threading.local()  # .forwards: the list GraphedStep is recording into, if any
+# .forwards: the list GraphedStep is recording into, if any; .capture: its _Capture
+_capturing = threading.local()
 
 
 @dataclass
@@ -41,6 +49,27 @@ class CapturedForward:
     batch: Any = None  # the store's Batch, set once looked up
 
 
+class _Capture:
+    """The graphs of one capture: the head until the first change of a table's cache, then the
+    tail (sharing the head's memory pool: they are always replayed in that order)."""
+
+    def __init__(self):
+        self.head = torch.cuda.CUDAGraph()
+        self.tail: torch.cuda.CUDAGraph | None = None
+
+    @property
+    def current(self) -> torch.cuda.CUDAGraph:
+        return self.head if self.tail is None else self.tail
+
+    def split(self) -> None:
+        """Ends the head here and captures the rest into the tail (the first call only)."""
+        if self.tail is not None:
+            return
+        self.head.capture_end()
+        self.tail = torch.cuda.CUDAGraph()
+        self.tail.capture_begin(pool=self.head.pool())
+
+
 def capturing() -> bool:
     """Whether a :class:`GraphedStep` is capturing its step on this thread."""
     return getattr(_capturing, "forwards", None) is not None
@@ -53,6 +82,12 @@ def refuse_capture() -> None:
         "capture the step with GraphedStep, which checks every batch's ids and offsets before "
         "each replay"
     )
+
+
+def before_first_change() -> None:
+    """Called by a captured table's lookup after its unique step, before its cache changes: the
+    head graph of the capture ends at the first such call (see the module's docstring)."""
+    _capturing.capture.split()
 
 
 def record_forward(module, input, offsets, per_sample_weights) -> CapturedForward:
@@ -78,7 +113,8 @@ class GraphedStep:
     The first ``warmup`` calls run eagerly (on a side stream, as CUDA graph capture wants; they
     are real steps on their batches), the next call captures ``step`` on copies of its inputs
     and replays it, and every later call copies its inputs into those buffers, checks them and
-    replays. Every input must be a tensor of the captured shape and dtype; every
+    replays (the head of the graph while the checks are read, the rest once they pass: see the
+    module's docstring). Every input must be a tensor of the captured shape and dtype; every
     ``TieredEmbeddingBag`` in the step must take its indices, offsets and weights from the
     inputs (or views of them) and, if it trains, run its backward inside ``step``. Returns what
     ``step`` returned at capture: tensors that each call overwrites (clone to keep them).
@@ -95,11 +131,13 @@ class GraphedStep:
         self.step = step
         self.warmup = max(1, int(warmup))
         self.calls = 0
-        self.graph: torch.cuda.CUDAGraph | None = None
+        self.graph: torch.cuda.CUDAGraph | None = None  # the head (or the whole step)
+        self.tail: torch.cuda.CUDAGraph | None = None  # after the first table's checks
         self.inputs: tuple[torch.Tensor, ...] = ()
         self.outputs: Any = None
         self.forwards: list[CapturedForward] = []
         self.step_advance: list[tuple[Any, int]] = []  # (cache, host steps per replay)
+        self._check_stream: torch.cuda.Stream | None = None
 
     def __call__(self, *inputs: torch.Tensor) -> Any:
         """Runs one step on ``inputs`` (see the class)."""
@@ -117,8 +155,16 @@ class GraphedStep:
                 self.calls += 1
                 return self._eager(inputs)
             self._capture(inputs)
-        self._load(inputs)
-        self.graph.replay()
+        checks = self._load(inputs)
+        if self.tail is None:  # no table in the step
+            for c in checks:
+                c.wait()
+            self.graph.replay()
+        else:
+            self.graph.replay()  # changes no table: the device works while the host waits
+            for c in checks:
+                c.wait()  # raises before the tail changes anything
+            self.tail.replay()
         for cache, steps in self.step_advance:
             cache.step += steps
         return self.outputs
@@ -134,13 +180,22 @@ class GraphedStep:
     def _capture(self, inputs: tuple[torch.Tensor, ...]) -> None:
         # the captured buffers; each replay's batch is copied in by _load
         self.inputs = tuple(x.detach().clone() for x in inputs)
-        graph = torch.cuda.CUDAGraph()
+        capture = _Capture()
         _capturing.forwards = forwards = []
+        _capturing.capture = capture
+        # captured on a side stream, as torch.cuda.graph does
+        main, side = torch.cuda.current_stream(), torch.cuda.Stream()
+        side.wait_stream(main)
         try:
-            with torch.cuda.graph(graph):
-                outputs = self.step(*self.inputs)
+            with torch.cuda.stream(side):
+                capture.head.capture_begin()
+                try:
+                    outputs = self.step(*self.inputs)
+                finally:
+                    capture.current.capture_end()
+            main.wait_stream(side)
         finally:
-            _capturing.forwards = None
+            _capturing.forwards = _capturing.capture = None
             # The capture ran no kernel: the host step counts go back, and no batch made during
             # it may ever be released eagerly (its buffers belong to the graph).
             first: dict[int, tuple[Any, int]] = {}
@@ -168,12 +223,13 @@ class GraphedStep:
                         f"GraphedStep: a TieredEmbeddingBag's {what} must be one of the step's "
                         "inputs or a view of one, so that each batch is checked before the replay"
                     )
-        self.graph, self.outputs = graph, outputs
+        self.graph, self.tail, self.outputs = capture.head, capture.tail, outputs
         self.forwards, self.step_advance = forwards, advance
 
-    def _load(self, inputs: tuple[torch.Tensor, ...]) -> None:
-        """Copies a batch into the captured inputs and checks it for every table (raises before
-        the replay, so nothing changes)."""
+    def _load(self, inputs: tuple[torch.Tensor, ...]) -> list[BatchChecks]:
+        """Copies a batch into the captured inputs and queues its checks for every table, on a
+        stream of their own (beside the head's replay); the caller waits for them before the
+        tail (or the whole graph) changes anything."""
         if len(inputs) != len(self.inputs):
             raise InvalidInputError(
                 f"GraphedStep: the captured step takes {len(self.inputs)} inputs, got {len(inputs)}"
@@ -185,13 +241,23 @@ class GraphedStep:
                     f"captured step takes {tuple(buf.shape)} {buf.dtype} (capture another "
                     "GraphedStep for another shape)"
                 )
+        main = torch.cuda.current_stream()
+        if self._check_stream is None:
+            self._check_stream = torch.cuda.Stream()
+        main.wait_stream(self._check_stream)  # the last checks read the buffers (done by now)
         with torch.no_grad():  # the step may have made a buffer a leaf that requires grad
             for x, buf in zip(inputs, self.inputs):
                 if x.data_ptr() != buf.data_ptr():
                     buf.copy_(x, non_blocking=True)
-        for f in self.forwards:
-            m = f.module
-            normalize_batch(
-                f.input, f.offsets, f.per_sample_weights, m.mode, m.include_last_offset,
-                m.device, m.num_embeddings,
-            )  # fmt: skip
+        self._check_stream.wait_stream(main)
+        checks = []
+        with torch.cuda.stream(self._check_stream):
+            for f in self.forwards:
+                m = f.module
+                checks.append(
+                    normalize_batch(
+                        f.input, f.offsets, f.per_sample_weights, m.mode, m.include_last_offset,
+                        m.device, m.num_embeddings, defer_checks=True,
+                    )[3]
+                )  # fmt: skip
+        return checks

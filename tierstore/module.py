@@ -223,9 +223,11 @@ class TieredEmbeddingBag(nn.Module):
         wants_psw_grad = psw is not None and psw.requires_grad
         training = torch.is_grad_enabled() and (self.optimizer is not None or wants_psw_grad)
         batch = self._take_prefetched(flat)
-        if batch is None:  # waits for the checks before the first change; an inference
-            # batch is released right after its forward: its L1 step need not lock its rows
-            batch = self.store.lookup(flat, checks.wait, backward=training, hold=training)
+        if batch is None:  # waits for the checks before the first change (a capture ends its
+            # head graph there instead); an inference batch is released right after its
+            # forward: its L1 step need not lock its rows
+            before_change = checks.wait if captured is None else graphs.before_first_change
+            batch = self.store.lookup(flat, before_change, backward=training, hold=training)
         else:
             checks.wait()
         if captured is not None:
