@@ -756,7 +756,8 @@ def backward(
         _run("backward.cu", f"update_singles_{opt_name}_k{k}", dev, bags, args, per_warp=True)
         main.wait_stream(side)  # partial and the batch's buffers are freed on main: after this
         batch.l1_released = batch.holds
-        _refresh_conflicts(store, batch, l2)
+        if store.lookups != batch.lookup_number:  # another batch's fills may hold stale copies
+            _refresh_conflicts(store, batch, l2)
         if batch.slots.numel() and not isinstance(store.host, HostTable):
             _l2_written(store, addresses, batch.slots < 0)
     return weight_grad

@@ -97,6 +97,9 @@ class Batch:
     # (n,) int64, the CUDA backend's: where each index's row lives (its L1 slot, or the
     # complement of its L2 address), resolved by a training batch's forward for its backward
     places: torch.Tensor | None = None
+    # The store's lookup count just after this batch's lookup: where it is still that at the
+    # backward, no other batch can have filled a conflict miss of this one into L1 since
+    lookup_number: int = 0
 
     def trimmed(self) -> Batch:
         """This batch with exactly ``U`` entries (reads ``count`` from the device if set)."""
@@ -105,7 +108,7 @@ class Batch:
         u = int(self.count[0])
         return Batch(self.ids[:u], self.inverse, self.slots[:u], self.addresses[:u],
                      self.released, self.transpose, holds=self.holds,
-                     l1_released=self.l1_released)  # fmt: skip
+                     l1_released=self.l1_released, lookup_number=self.lookup_number)  # fmt: skip
 
 
 class TieredStore:
@@ -153,6 +156,7 @@ class TieredStore:
         )
         self.inclusive_host = not isinstance(self.host, HostTable)
         self.flushed_rows = 0
+        self.lookups = 0  # batch steps made (Batch.lookup_number)
         # Where kernels read and write L2's rows in place: the device address of pinned fp32
         # host rows, None if the device cannot reach them. Asked once (it costs a driver call
         # on CUDA): L2's rows never move.
@@ -232,8 +236,9 @@ class TieredStore:
             self.host.pin(addresses[found.fill_index])
         self.backend.move_rows(self, found, addresses)
         holds = getattr(found, "holds", True)
+        self.lookups += 1
         return Batch(ids, inverse, found.slots, addresses, transpose=transpose, count=count,
-                     holds=holds)  # fmt: skip
+                     holds=holds, lookup_number=self.lookups)  # fmt: skip
 
     def release(self, batch: Batch) -> None:
         """Unlocks a batch's rows in L1 and L2 (once)."""
