@@ -5,7 +5,9 @@
 // sparse transpose for the backward pass, which is the same sort (so backward needs no second
 // sort):
 //   start[u]        where row u's entries begin in the sorted list (start[U] = n)
-//   single[j]       1 where index j's row is read by index j alone, else 0
+//   multi_row[u]    1 where row u is read by more than one index, else 0 (rows.cu
+//                   resolve_places turns it into each index's flag, single[j], as it reads
+//                   the row's slot: a random byte write per index here cost more)
 //   multi_u[m]      the sorted entries of the rows read more than once, in sorted order: the
 //   multi_index[m]  unique row and the index of each (grouped by row, ascending within a row)
 //   multi_first[u]  where row u's entries begin in that list (rows read more than once only)
@@ -32,7 +34,7 @@ __device__ void unique_flags(const Key* __restrict__ sorted, i64 n, i64* __restr
 
 // rank = inclusive prefix sum of flags: entry p belongs to unique row (rank[p] & 0xffffffff) - 1
 // and, if that row has more than one entry, is entry (rank[p] >> 32) - 1 of the multi list.
-// The transpose's outputs (single, multi_*) may be null: a batch no backward will follow.
+// The transpose's outputs (multi_row, multi_*) may be null: a batch no backward will follow.
 template <class Key>
 __device__ void unique_scatter(const Key* __restrict__ sorted,  // (n,)
                                const Key* __restrict__ order,   // (n,) positions
@@ -41,7 +43,7 @@ __device__ void unique_scatter(const Key* __restrict__ sorted,  // (n,)
                                i64* __restrict__ ids,            // (n,) out, first U used
                                i64* __restrict__ inverse,        // (n,) out
                                i64* __restrict__ start,          // (n + 1,) out, first U + 1
-                               unsigned char* __restrict__ single,  // (n,) out, or null
+                               unsigned char* __restrict__ multi_row,  // (n,) out, or null
                                int* __restrict__ multi_u,        // (n,) out, or null
                                int* __restrict__ multi_index,    // (n,) out, or null
                                int* __restrict__ multi_first) {  // (n,) out, or null
@@ -57,8 +59,8 @@ __device__ void unique_scatter(const Key* __restrict__ sorted,  // (n,)
       start[u] = p;
     }
     if (p == n - 1) start[u + 1] = n;
-    if (single == nullptr) continue;
-    single[j] = multi ? 0 : 1;
+    if (multi_row == nullptr) continue;
+    if (first) multi_row[u] = multi ? 1 : 0;
     if (multi) {
       const int m = (int)(r >> 32) - 1;
       multi_u[m] = u;
@@ -74,8 +76,9 @@ __device__ void unique_scatter(const Key* __restrict__ sorted,  // (n,)
   }                                                                                            \
   extern "C" __global__ void unique_scatter_##SUFFIX(                                          \
       const KEY* sorted, const KEY* order, const i64* rank, i64 n, i64* ids, i64* inverse,     \
-      i64* start, unsigned char* single, int* multi_u, int* multi_index, int* multi_first) {   \
-    unique_scatter<KEY>(sorted, order, rank, n, ids, inverse, start, single, multi_u,          \
+      i64* start, unsigned char* multi_row, int* multi_u, int* multi_index,                    \
+      int* multi_first) {                                                                      \
+    unique_scatter<KEY>(sorted, order, rank, n, ids, inverse, start, multi_row, multi_u,       \
                         multi_index, multi_first);                                             \
   }
 TS_UNIQUE_KERNELS(i32, int)

@@ -363,7 +363,8 @@ def test_gather_scatter_and_prefetch():
 
 def test_places_point_at_each_index_row():
     """A training batch's places are each index's L1 slot, or the complement of its L2 address
-    for a conflict miss."""
+    for a conflict miss; its single flags (written beside them) mark the indices whose row no
+    other index of the batch reads."""
     cuda = _cuda()
     num, dim = 5000, 8
     emb = ts.TieredEmbeddingBag(num, dim, cache_rows=64, ways=4, device="cuda")
@@ -376,6 +377,9 @@ def test_places_point_at_each_index_row():
     slot = t.slots[t.inverse]
     assert torch.equal(places, torch.where(slot >= 0, slot, ~t.addresses[t.inverse])), seed
     assert (slot >= 0).any() and (slot < 0).any(), seed  # both tiers, or it would show nothing
+    readers = torch.bincount(t.inverse, minlength=t.ids.numel())[t.inverse]
+    assert torch.equal(batch.transpose.single.bool(), readers == 1), seed
+    assert (readers == 1).any() and (readers > 1).any(), seed
     store.release(batch)
 
 
@@ -434,7 +438,7 @@ def test_unique_matches_torch(num_rows, n):
     for t in (tr, p_tr):
         length = int(multi.sum())
         assert t.list_length.dtype == torch.int32 and t.list_length.tolist() == [length]
-        assert torch.equal(t.single.bool(), want[2][want[1]] == 1)
+        assert torch.equal(t.multi_row[:u].bool(), want[2] > 1)
         assert torch.equal(t.multi_u[:length].long(), sorted_u[multi])
         assert torch.equal(t.multi_index[:length].long(), order[multi])
         first_rows = torch.nonzero(want[2] > 1).view(-1)

@@ -76,11 +76,13 @@ class Transpose:
     indices whose row no other index reads and the sorted list of the others.
 
     The multi list's buffers have ``n`` entries of which the first ``list_length`` (a (1,)
-    int32 device tensor) are used."""
+    int32 device tensor) are used. ``single`` is filled from ``multi_row`` where the batch's
+    places are resolved (:func:`_places`), beside each index's slot."""
 
     def __init__(
         self,
         start: torch.Tensor,
+        multi_row: torch.Tensor,
         single: torch.Tensor,
         multi_u: torch.Tensor,
         multi_index: torch.Tensor,
@@ -88,6 +90,7 @@ class Transpose:
         list_length: torch.Tensor,
     ):
         self.start = start  # (U + 1,) int64: first sorted entry of each row; start[U] = n
+        self.multi_row = multi_row  # (U,) uint8: 1 where more than one index reads row u
         self.single = single  # (n,) uint8: 1 where the index's row is read by it alone
         self.multi_u = multi_u  # (n,) int32: row of each entry of a row read more than once
         self.multi_index = multi_index  # (n,) int32: index of each such entry
@@ -141,10 +144,10 @@ def _scan_sorted(sorted_keys: torch.Tensor, order: torch.Tensor, transpose: bool
     halves = rank[-1:].view(torch.int32)  # little-endian: (U, list length)
     tr = None
     if transpose:
-        single = torch.empty(n, dtype=torch.uint8, device=dev)
+        flags = torch.empty((2, n), dtype=torch.uint8, device=dev)  # multi_row, single
         multi = torch.empty((3, n), dtype=torch.int32, device=dev)
-        tr = Transpose(start, single, multi[0], multi[1], multi[2], halves[1:])
-        outputs = (single, multi[0], multi[1], multi[2])
+        tr = Transpose(start, flags[0], flags[1], multi[0], multi[1], multi[2], halves[1:])
+        outputs = (flags[0], multi[0], multi[1], multi[2])
     else:
         outputs = (None, None, None, None)
     args = (sorted_keys, order, rank, n, ids, inverse, start, *outputs)
@@ -663,12 +666,15 @@ def forward(
 
 def _places(batch, dev: torch.device) -> torch.Tensor:
     """Each index's place (kernels/rows.cu ``resolve_places``): its row's L1 slot, or the
-    complement of its L2 address; resolved once per batch and kept on it (``Batch.places``)."""
+    complement of its L2 address; resolved once per batch and kept on it (``Batch.places``).
+    A batch with a transpose gets its ``single`` flags in the same pass."""
     if batch.places is None:
         n = batch.inverse.numel()
         batch.places = torch.empty(n, dtype=torch.int64, device=dev)
-        args = (_i64(batch.inverse, dev), batch.slots, _i64(batch.addresses, dev), n,
-                batch.places)  # fmt: skip
+        tr = batch.transpose
+        flags = (tr.multi_row, tr.single) if tr is not None else (None, None)
+        args = (_i64(batch.inverse, dev), batch.slots, _i64(batch.addresses, dev), flags[0], n,
+                batch.places, flags[1])  # fmt: skip
         _run("rows.cu", "resolve_places", dev, n, args, per_warp=False)
     return batch.places
 
@@ -724,6 +730,8 @@ def backward(
         if tr is None:
             sorted_u, order = radix_sort(inverse, max(n - 1, 1).bit_length())
             tr = _scan_sorted(sorted_u, order, transpose=True)[-1]
+            # the places again, with the single flags that only a transpose gives
+            batch.transpose, batch.places = tr, None
         lr, eps = float(optimizer.lr), float(getattr(optimizer, "eps", 0.0))
         # each L1 row is marked dirty and, where the batch holds locks, unlocked by the kernel
         # that updates it, in its way record (kernels/backward.cu): the release leaves L1 alone
