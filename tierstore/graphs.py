@@ -39,7 +39,7 @@ _capturing = threading.local()
 
 @dataclass
 class CapturedForward:
-    """One table's forward inside a capture: what to check before each replay."""
+    """One table's forward inside a capture: what to check at each replay."""
 
     module: Any  # the TieredEmbeddingBag
     input: torch.Tensor
@@ -80,7 +80,7 @@ def refuse_capture() -> None:
     raise InvalidInputError(
         "TieredEmbeddingBag is being captured into a CUDA graph outside tierstore.GraphedStep: "
         "capture the step with GraphedStep, which checks every batch's ids and offsets before "
-        "each replay"
+        "its replay changes a table"
     )
 
 
@@ -221,7 +221,7 @@ class GraphedStep:
                 if t is not None and t.untyped_storage().data_ptr() not in storages:
                     raise InvalidInputError(
                         f"GraphedStep: a TieredEmbeddingBag's {what} must be one of the step's "
-                        "inputs or a view of one, so that each batch is checked before the replay"
+                        "inputs or a view of one, so that each batch is checked before it changes the table"
                     )
         self.graph, self.tail, self.outputs = capture.head, capture.tail, outputs
         self.forwards, self.step_advance = forwards, advance

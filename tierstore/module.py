@@ -213,7 +213,7 @@ class TieredEmbeddingBag(nn.Module):
     ) -> torch.Tensor:
         """Pooled embeddings ``(B, D)``, as ``nn.EmbeddingBag.forward``."""
         captured = None
-        if graphs.capturing():  # GraphedStep checks each batch before its replay instead
+        if graphs.capturing():  # GraphedStep checks each batch at its replay instead
             captured = graphs.record_forward(self, input, offsets, per_sample_weights)
         elif self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             graphs.refuse_capture()

@@ -80,7 +80,7 @@ class BatchChecks:
     @classmethod
     def done_elsewhere(cls) -> BatchChecks:
         """Checks that pass at once: the batch's values are checked by the caller (a captured
-        step's are checked before each replay, ``graphs.GraphedStep``)."""
+        step's are checked at each replay, ``graphs.GraphedStep``)."""
         checks = cls.__new__(cls)
         checks._passed = True
         return checks
@@ -135,7 +135,7 @@ def normalize_batch(
     and type checks raise here; the value checks (:class:`BatchChecks`) too, unless
     ``defer_checks``: then the caller must call ``checks.wait()`` before changing anything.
     ``values=False`` skips the value checks: the caller has checked these very tensors (a
-    step being captured into a CUDA graph, whose inputs are checked before each replay)."""
+    step being captured into a CUDA graph, whose inputs are checked at each replay)."""
     _check_index_tensor(indices, "indices", (1, 2))
     if per_sample_weights is not None:
         _check_weights(per_sample_weights, indices, mode)
