@@ -221,7 +221,8 @@ class GraphedStep:
                 if t is not None and t.untyped_storage().data_ptr() not in storages:
                     raise InvalidInputError(
                         f"GraphedStep: a TieredEmbeddingBag's {what} must be one of the step's "
-                        "inputs or a view of one, so that each batch is checked before it changes the table"
+                        "inputs or a view of one, so that each batch is checked before it "
+                        "changes the table"
                     )
         self.graph, self.tail, self.outputs = capture.head, capture.tail, outputs
         self.forwards, self.step_advance = forwards, advance
