@@ -218,17 +218,16 @@ struct Rows {
 // Rows read by one index of the batch (most rows of a uniform batch): their gradient is one
 // bag's, so they are updated bag by bag, a warp per bag reading the bag's gradient row once,
 // instead of once per index (a 32-index bag re-reads it 32 times from all over the table's
-// traffic, and those reads miss L2). Each lane first reads whether its index's row is such a
-// single (the unique step's flag) and where the row lives (the batch's places, rows.cu
-// resolve_places): two coalesced loads, where the row's bounds and slot, found through its
-// unique position, cost dependent random ones. All lanes do so in parallel; then the warp
+// traffic, and those reads miss L2). Each lane first reads its index's place (common.cuh
+// ts_place): whether its row is such a single, and where the row lives, in one coalesced load,
+// where the row's bounds and slot, found through its unique position, cost dependent random
+// ones. All lanes do so in parallel; then the warp
 // updates the singles a few at a time, their rows' loads in flight together. The arithmetic is
 // reduce_chunks' for a one-entry row, so results are bit for bit the same as summing it there.
 template <int K, class Opt>
 __device__ void update_singles(const i64* __restrict__ offsets,    // (B + 1,)
                                i64 bags,
-                               const i64* __restrict__ places,     // (n,) rows.cu resolve_places
-                               const unsigned char* __restrict__ single_of,  // (n,)
+                               const i64* __restrict__ places,     // (n,) common.cuh ts_place
                                const float* __restrict__ psw,      // (n,) or null
                                const float* __restrict__ grad_out, // (B, D)
                                i64 mean, const Rows rows, const Opt opt) {
@@ -253,9 +252,9 @@ __device__ void update_singles(const i64* __restrict__ offsets,    // (B + 1,)
       i64 slot = -1, addr = 0;
       float w = 1.f;
       bool single = false;
-      if (j < last) {  // the flag and the place in one round of coalesced loads
+      if (j < last) {
         const i64 p = places[j];
-        single = single_of[j];
+        single = ts_place_single(p);
         slot = ts_place_slot(p);
         addr = ts_place_address(p);
         if (single && psw != nullptr) w = psw[j];
@@ -517,11 +516,11 @@ __device__ void finish_crossing(const int* __restrict__ list_u,      // (M,)
 
 #define TS_SINGLES(SUFFIX, K, OPT)                                                              \
   extern "C" __global__ void update_singles_##SUFFIX##_k##K(                                    \
-      const i64* offsets, i64 bags, const i64* places, const unsigned char* single_of,          \
-      const float* psw, const float* grad_out, i64 mean, TS_ROWS_PARAMS, float lr, float eps) { \
+      const i64* offsets, i64 bags, const i64* places, const float* psw,                        \
+      const float* grad_out, i64 mean, TS_ROWS_PARAMS, float lr, float eps) {                   \
     const Rows rows = TS_ROWS;                                                                  \
     const OPT opt = {lr, eps};                                                                  \
-    update_singles<K, OPT>(offsets, bags, places, single_of, psw, grad_out, mean, rows, opt);   \
+    update_singles<K, OPT>(offsets, bags, places, psw, grad_out, mean, rows, opt);              \
   }
 
 #define TS_SUM_GROUPS(K)                                                                        \

@@ -122,11 +122,19 @@ __device__ __forceinline__ RowRef ts_row(const Tiers& t, i64 slot, i64 addr) {
   return {row, row + t.dim};
 }
 
-// A batch index's place (rows.cu resolve_places, one int64 where a row's unique position and
-// then its slot took two loads): the row's L1 slot when >= 0, else the bitwise complement of
-// its L2 address (a conflict miss).
-__device__ __forceinline__ i64 ts_place_slot(i64 place) { return place >= 0 ? place : -1; }
-__device__ __forceinline__ i64 ts_place_address(i64 place) { return ~place; }  // if slot < 0
+// A batch index's place (unique.cu scatter_places): where its row lives, and whether the index
+// is the row's only reader, in one int64, so that a training batch's forward and backward reach
+// the row with one coalesced load where its unique position, then the row's slot and its count
+// cost dependent random ones. The place is 2 * where + single, `where` being the row's L1 slot
+// when >= 0, else the bitwise complement of its L2 address (a conflict miss).
+__device__ __forceinline__ i64 ts_place(i64 slot, i64 addr, bool single) {
+  return (slot >= 0 ? slot : ~addr) * 2 + (single ? 1 : 0);
+}
+__device__ __forceinline__ i64 ts_place_slot(i64 place) {  // -1 for a conflict miss
+  return place >= 0 ? place >> 1 : -1;
+}
+__device__ __forceinline__ i64 ts_place_address(i64 place) { return ~(place >> 1); }  // if slot < 0
+__device__ __forceinline__ bool ts_place_single(i64 place) { return (place & 1) != 0; }
 
 // The weights of a row in the tier that holds it.
 __device__ __forceinline__ const float* ts_weights(const Tiers& t, i64 slot, i64 addr) {

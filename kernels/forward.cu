@@ -20,8 +20,8 @@
 #define TS_POOL_MIN_BLOCKS 4  // resident blocks per multiprocessor: at most 64 registers
 template <int K, bool VEC4, bool L2_VEC4>
 __device__ void pool(const i64* __restrict__ offsets,    // (B + 1,)
-                     const i64* __restrict__ places,     // (n,) or null (rows.cu resolve_places)
-                     const i64* __restrict__ inverse,    // (n,) unique position of each index
+                     const i64* __restrict__ places,     // (n,) or null (common.cuh ts_place)
+                     const i64* __restrict__ inverse,    // (n,) unique position of each index, or null
                      const float* __restrict__ psw,      // (n,) or null
                      const i64* __restrict__ slots,      // (U,) L1 slot, -1 = conflict miss
                      const i64* __restrict__ addresses,  // (U,) L2 address
@@ -29,6 +29,7 @@ __device__ void pool(const i64* __restrict__ offsets,    // (B + 1,)
                      const float* __restrict__ l2,       // (L2 rows, width), pinned host
                      i64 width, i64 dim, i64 bags, i64 mean,
                      float* __restrict__ out) {          // (B, D)
+  const Tiers tiers = {(float*)l1, nullptr, 0, (float*)l2, dim, width};
   const int lane = ts_lane();
   const int per = VEC4 ? (int)(dim >> 2) : (int)dim;
   for (i64 b = ts_global_warp(); b < bags; b += ts_warp_count()) {
@@ -45,12 +46,12 @@ __device__ void pool(const i64* __restrict__ offsets,    // (B + 1,)
         float w = 1.f;
         if (j < end) {
           if (places != nullptr) {  // a training batch's: one load
-            const i64 p = places[j];  // the slot itself where >= 0
-            row = p >= 0 ? l1 + p * dim : l2 + ts_place_address(p) * width;
+            const i64 p = places[j];
+            row = ts_weights(tiers, ts_place_slot(p), ts_place_address(p));
           } else {
             const i64 u = inverse[j];
             const i64 s = slots[u];
-            row = s >= 0 ? l1 + s * dim : l2 + addresses[u] * width;
+            row = ts_weights(tiers, s, s >= 0 ? 0 : addresses[u]);
           }
           if (psw != nullptr) w = psw[j];
         }

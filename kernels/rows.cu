@@ -5,27 +5,6 @@
 // from the rest: common.cuh Tiers), `cols` <= width of them copied.
 #include "common.cuh"
 
-// The place of each index (common.cuh ts_place_slot / ts_place_address decode it): its row's
-// L1 slot when >= 0, else the bitwise complement of the row's L2 address (a conflict miss), the
-// address read only there. Resolved once per training batch (cuda.py _places), so that its
-// forward and backward reach an index's row with one load, where its unique position and then
-// that row's slot took two dependent ones. With the unique step's multi_row (unique.cu), also
-// single[j], 1 where no other index reads index j's row: a coalesced write here, beside the
-// row's slot, where the unique step's scatter paid a random one. One thread per index.
-extern "C" __global__ void resolve_places(const i64* __restrict__ inverse,    // (n,)
-                                          const i64* __restrict__ slots,      // (U,)
-                                          const i64* __restrict__ addresses,  // (U,)
-                                          const unsigned char* __restrict__ multi_row,  // (U,)
-                                          i64 n, i64* __restrict__ places,  // (n,) out
-                                          unsigned char* __restrict__ single) {  // (n,) out
-  for (i64 j = ts_global_thread(); j < n; j += ts_thread_count()) {
-    const i64 u = inverse[j];
-    const i64 s = slots[u];
-    places[j] = s >= 0 ? s : ~addresses[u];
-    if (single != nullptr) single[j] = multi_row[u] ? 0 : 1;
-  }
-}
-
 // out[i, :cols] = row of unique i. One warp per row.
 extern "C" __global__ void gather_rows(const i64* __restrict__ slots,      // (U,)
                                        const i64* __restrict__ addresses,  // (U,)

@@ -5,14 +5,16 @@
 // sparse transpose for the backward pass, which is the same sort (so backward needs no second
 // sort):
 //   start[u]        where row u's entries begin in the sorted list (start[U] = n)
-//   multi_row[u]    1 where row u is read by more than one index, else 0 (rows.cu
-//                   resolve_places turns it into each index's flag, single[j], as it reads
-//                   the row's slot: a random byte write per index here cost more)
 //   multi_u[m]      the sorted entries of the rows read more than once, in sorted order: the
 //   multi_index[m]  unique row and the index of each (grouped by row, ascending within a row)
 //   multi_first[u]  where row u's entries begin in that list (rows read more than once only)
-// A uniform batch reads most rows once: backward updates those bag by bag (single[j] picks
-// them out) and sums the gradients of the others over the short list alone.
+// A uniform batch reads most rows once: backward updates those bag by bag (the single flag of
+// each index's place picks them out) and sums the gradients of the others over the short list
+// alone.
+// A batch with a transpose gets no inverse here: its one use in a training step, each index's
+// row slot, is written from the sorted list once the cache step has placed the rows
+// (scatter_places), and the inverse (a random write per index, like the places) would be a
+// second scatter of the same entries. cuda.py Transpose.inverse makes it where it is asked for.
 // The counts stay on the device: U and the list's length are the two halves of the last entry
 // of the prefix sum; the caller reads U once to size the outputs, or not at all (sync-free).
 //
@@ -32,41 +34,66 @@ __device__ void unique_flags(const Key* __restrict__ sorted, i64 n, i64* __restr
   }
 }
 
-// rank = inclusive prefix sum of flags: entry p belongs to unique row (rank[p] & 0xffffffff) - 1
-// and, if that row has more than one entry, is entry (rank[p] >> 32) - 1 of the multi list.
-// The transpose's outputs (multi_row, multi_*) may be null: a batch no backward will follow.
+// Sorted entry p as the prefix sum of the flags gives it: rank = inclusive prefix sum, so entry p
+// belongs to unique row (rank[p] & 0xffffffff) - 1 and, if that row has more than one entry, is
+// entry (rank[p] >> 32) - 1 of the multi list.
+struct SortedEntry {
+  int u;       // its unique row
+  int m;       // its place in the multi list (meaningful where `multi`)
+  bool first;  // the row's first entry
+  bool multi;  // the row has more than one entry
+  __device__ __forceinline__ SortedEntry(const i64* rank, i64 p) {
+    const i64 r = rank[p], before = p > 0 ? rank[p - 1] : 0;
+    u = (int)(r & 0xffffffff) - 1;
+    m = (int)(r >> 32) - 1;
+    first = (r & 0xffffffff) != (before & 0xffffffff);
+    multi = (r >> 32) != (before >> 32);
+  }
+};
+
+// The unique rows, where each begins, and the multi list. `inverse` may be null (a batch with a
+// transpose); the multi list's outputs may be null (a batch no backward will follow).
 template <class Key>
 __device__ void unique_scatter(const Key* __restrict__ sorted,  // (n,)
                                const Key* __restrict__ order,   // (n,) positions
                                const i64* __restrict__ rank,    // (n,)
                                i64 n,
                                i64* __restrict__ ids,            // (n,) out, first U used
-                               i64* __restrict__ inverse,        // (n,) out
+                               i64* __restrict__ inverse,        // (n,) out, or null
                                i64* __restrict__ start,          // (n + 1,) out, first U + 1
-                               unsigned char* __restrict__ multi_row,  // (n,) out, or null
                                int* __restrict__ multi_u,        // (n,) out, or null
                                int* __restrict__ multi_index,    // (n,) out, or null
                                int* __restrict__ multi_first) {  // (n,) out, or null
   for (i64 p = ts_global_thread(); p < n; p += ts_thread_count()) {
-    const i64 r = rank[p], before = p > 0 ? rank[p - 1] : 0;
-    const int u = (int)(r & 0xffffffff) - 1;
-    const bool first = (r & 0xffffffff) != (before & 0xffffffff);
-    const bool multi = (r >> 32) != (before >> 32);
-    const i64 j = order[p];
-    inverse[j] = u;
-    if (first) {
-      ids[u] = (i64)sorted[p];
-      start[u] = p;
+    const SortedEntry e(rank, p);
+    if (inverse != nullptr) inverse[order[p]] = e.u;
+    if (e.first) {
+      ids[e.u] = (i64)sorted[p];
+      start[e.u] = p;
     }
-    if (p == n - 1) start[u + 1] = n;
-    if (multi_row == nullptr) continue;
-    if (first) multi_row[u] = multi ? 1 : 0;
-    if (multi) {
-      const int m = (int)(r >> 32) - 1;
-      multi_u[m] = u;
-      multi_index[m] = (int)j;
-      if (first) multi_first[u] = m;
+    if (p == n - 1) start[e.u + 1] = n;
+    if (multi_u != nullptr && e.multi) {
+      multi_u[e.m] = e.u;
+      multi_index[e.m] = (int)order[p];
+      if (e.first) multi_first[e.u] = e.m;
     }
+  }
+}
+
+// Each index's place (common.cuh ts_place), from the sorted list once the cache step has placed
+// the rows: the entries of a row are consecutive, so the slots and addresses are read in order
+// and only the place is written at random (one write per index). One thread per sorted entry.
+template <class Key>
+__device__ void scatter_places(const Key* __restrict__ order,     // (n,) positions
+                               const i64* __restrict__ rank,      // (n,)
+                               i64 n,
+                               const i64* __restrict__ slots,      // (U,)
+                               const i64* __restrict__ addresses,  // (U,)
+                               i64* __restrict__ places) {         // (n,) out
+  for (i64 p = ts_global_thread(); p < n; p += ts_thread_count()) {
+    const SortedEntry e(rank, p);
+    const i64 s = slots[e.u];
+    places[order[p]] = ts_place(s, s >= 0 ? 0 : addresses[e.u], !e.multi);
   }
 }
 
@@ -76,10 +103,14 @@ __device__ void unique_scatter(const Key* __restrict__ sorted,  // (n,)
   }                                                                                            \
   extern "C" __global__ void unique_scatter_##SUFFIX(                                          \
       const KEY* sorted, const KEY* order, const i64* rank, i64 n, i64* ids, i64* inverse,     \
-      i64* start, unsigned char* multi_row, int* multi_u, int* multi_index,                    \
-      int* multi_first) {                                                                      \
-    unique_scatter<KEY>(sorted, order, rank, n, ids, inverse, start, multi_row, multi_u,       \
-                        multi_index, multi_first);                                             \
+      i64* start, int* multi_u, int* multi_index, int* multi_first) {                          \
+    unique_scatter<KEY>(sorted, order, rank, n, ids, inverse, start, multi_u, multi_index,     \
+                        multi_first);                                                          \
+  }                                                                                            \
+  extern "C" __global__ void scatter_places_##SUFFIX(const KEY* order, const i64* rank, i64 n, \
+                                                     const i64* slots, const i64* addresses,   \
+                                                     i64* places) {                            \
+    scatter_places<KEY>(order, rank, n, slots, addresses, places);                             \
   }
 TS_UNIQUE_KERNELS(i32, int)
 TS_UNIQUE_KERNELS(i64, i64)

@@ -363,8 +363,8 @@ def test_gather_scatter_and_prefetch():
 
 def test_places_point_at_each_index_row():
     """A training batch's places are each index's L1 slot, or the complement of its L2 address
-    for a conflict miss; its single flags (written beside them) mark the indices whose row no
-    other index of the batch reads."""
+    for a conflict miss, times two, plus one where no other index of the batch reads the row;
+    checked against torch.unique's inverse of the batch."""
     cuda = _cuda()
     num, dim = 5000, 8
     emb = ts.TieredEmbeddingBag(num, dim, cache_rows=64, ways=4, device="cuda")
@@ -374,12 +374,14 @@ def test_places_point_at_each_index_row():
     batch = store.lookup(flat)
     places = cuda._places(batch, store.device)
     t = batch.trimmed()
-    slot = t.slots[t.inverse]
-    assert torch.equal(places, torch.where(slot >= 0, slot, ~t.addresses[t.inverse])), seed
+    _, inverse, counts = torch.unique(flat, return_inverse=True, return_counts=True)
+    slot = t.slots[inverse]
+    where = torch.where(slot >= 0, slot, ~t.addresses[inverse])
+    single = counts[inverse] == 1
+    assert torch.equal(places, where * 2 + single.long()), seed
     assert (slot >= 0).any() and (slot < 0).any(), seed  # both tiers, or it would show nothing
-    readers = torch.bincount(t.inverse, minlength=t.ids.numel())[t.inverse]
-    assert torch.equal(batch.transpose.single.bool(), readers == 1), seed
-    assert (readers == 1).any() and (readers > 1).any(), seed
+    assert single.any() and not single.all(), seed
+    assert torch.equal(batch.inverse, inverse), seed  # made from the transpose on demand
     store.release(batch)
 
 
@@ -419,15 +421,15 @@ def test_unique_matches_torch(num_rows, n):
         idx = idx - (1 << 39)  # negative ids too (an SSD table takes any int64 id)
     ids, inverse, counts, tr, count = cuda.unique(idx, num_rows)
     want = torch.unique(idx, return_inverse=True, return_counts=True)
-    for got, w in zip((ids, inverse, counts), want):
+    assert inverse is None and tr is not None and count is None  # the transpose stands for it
+    for got, w in zip((ids, tr.inverse(), counts), want):
         assert got.dtype == w.dtype and torch.equal(got, w)
-    assert tr is not None and count is None
     # the sync-free form: the same in the first U entries of n-long buffers, U on the device
     p_ids, p_inverse, p_counts, p_tr, p_count = cuda.unique(idx, num_rows, padded=True)
     u = want[0].numel()
     assert p_count.dtype == torch.int32 and p_count.tolist() == [u]
-    assert p_ids.numel() == n and torch.equal(p_ids[:u], want[0])
-    assert torch.equal(p_inverse, want[1]) and torch.equal(p_counts[:u], want[2])
+    assert p_ids.numel() == n and torch.equal(p_ids[:u], want[0]) and p_inverse is None
+    assert torch.equal(p_tr.inverse(), want[1]) and torch.equal(p_counts[:u], want[2])
     assert torch.equal(p_tr.start[: u + 1], tr.start)
     starts = torch.cat([torch.zeros(1, dtype=torch.int64, device="cuda"), want[2].cumsum(0)])
     assert torch.equal(tr.start, starts)
@@ -438,7 +440,6 @@ def test_unique_matches_torch(num_rows, n):
     for t in (tr, p_tr):
         length = int(multi.sum())
         assert t.list_length.dtype == torch.int32 and t.list_length.tolist() == [length]
-        assert torch.equal(t.multi_row[:u].bool(), want[2] > 1)
         assert torch.equal(t.multi_u[:length].long(), sorted_u[multi])
         assert torch.equal(t.multi_index[:length].long(), order[multi])
         first_rows = torch.nonzero(want[2] > 1).view(-1)

@@ -76,26 +76,33 @@ class Transpose:
     indices whose row no other index reads and the sorted list of the others.
 
     The multi list's buffers have ``n`` entries of which the first ``list_length`` (a (1,)
-    int32 device tensor) are used. ``single`` is filled from ``multi_row`` where the batch's
-    places are resolved (:func:`_places`), beside each index's slot."""
+    int32 device tensor) are used. ``order`` and ``rank`` are the sort and its prefix sum, from
+    which the batch's places (:func:`_places`) and, if asked, its inverse are written."""
 
     def __init__(
         self,
         start: torch.Tensor,
-        multi_row: torch.Tensor,
-        single: torch.Tensor,
+        order: torch.Tensor,
+        rank: torch.Tensor,
         multi_u: torch.Tensor,
         multi_index: torch.Tensor,
         multi_first: torch.Tensor,
         list_length: torch.Tensor,
     ):
         self.start = start  # (U + 1,) int64: first sorted entry of each row; start[U] = n
-        self.multi_row = multi_row  # (U,) uint8: 1 where more than one index reads row u
-        self.single = single  # (n,) uint8: 1 where the index's row is read by it alone
+        self.order = order  # (n,) int32 or int64: the index of each sorted entry
+        self.rank = rank  # (n,) int64: kernels/unique.cu SortedEntry
         self.multi_u = multi_u  # (n,) int32: row of each entry of a row read more than once
         self.multi_index = multi_index  # (n,) int32: index of each such entry
         self.multi_first = multi_first  # (n,) int32: where row u begins in that list
         self.list_length = list_length  # (1,) int32 device tensor
+
+    def inverse(self) -> torch.Tensor:
+        """(n,) int64: each index's unique row, ``torch.unique``'s inverse. The training step
+        never asks for it (its places stand in), so it is made here on demand."""
+        inverse = torch.empty(self.order.numel(), dtype=torch.int64, device=self.order.device)
+        inverse[self.order.long()] = (self.rank & 0xFFFFFFFF) - 1
+        return inverse
 
 
 _RADIX_TILE = 4096  # entries per tile of kernels/sort.cu (TS_RADIX_TILE)
@@ -130,8 +137,9 @@ def radix_sort(keys: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tenso
 def _scan_sorted(sorted_keys: torch.Tensor, order: torch.Tensor, transpose: bool):
     """What a stable sort of a batch's keys gives (kernels/unique.cu): ``(ids, inverse, start,
     unique_count, transpose)``, ``ids`` and ``start`` n-long buffers of which the first ``U`` /
-    ``U + 1`` are used, ``unique_count`` ``U`` as a (1,) int32 device tensor, and the batch's
-    :class:`Transpose` if asked (else ``None``). Positions are int32: ``n < 2**31``."""
+    ``U + 1`` are used, ``unique_count`` ``U`` as a (1,) int32 device tensor, and, if asked, the
+    batch's :class:`Transpose` in place of the inverse (``None``: :meth:`Transpose.inverse`
+    makes it). Positions are int32: ``n < 2**31``."""
     n = sorted_keys.numel()
     dev = _device(sorted_keys.device)
     suffix = "i32" if sorted_keys.dtype == torch.int32 else "i64"
@@ -139,17 +147,16 @@ def _scan_sorted(sorted_keys: torch.Tensor, order: torch.Tensor, transpose: bool
     _run("unique.cu", f"unique_flags_{suffix}", dev, n, (sorted_keys, n, flags), per_warp=False)
     rank = torch.cumsum(flags, 0)  # low words: rows begun; high words: multi list entries
     ids = torch.empty(n, dtype=torch.int64, device=dev)
-    inverse = torch.empty(n, dtype=torch.int64, device=dev)
     start = torch.empty(n + 1, dtype=torch.int64, device=dev)
     halves = rank[-1:].view(torch.int32)  # little-endian: (U, list length)
-    tr = None
     if transpose:
-        flags = torch.empty((2, n), dtype=torch.uint8, device=dev)  # multi_row, single
+        inverse = None
         multi = torch.empty((3, n), dtype=torch.int32, device=dev)
-        tr = Transpose(start, flags[0], flags[1], multi[0], multi[1], multi[2], halves[1:])
-        outputs = (flags[0], multi[0], multi[1], multi[2])
+        tr = Transpose(start, order, rank, multi[0], multi[1], multi[2], halves[1:])
+        outputs = (multi[0], multi[1], multi[2])
     else:
-        outputs = (None, None, None, None)
+        inverse = torch.empty(n, dtype=torch.int64, device=dev)
+        tr, outputs = None, (None, None, None)
     args = (sorted_keys, order, rank, n, ids, inverse, start, *outputs)
     _run("unique.cu", f"unique_scatter_{suffix}", dev, n, args, per_warp=False)
     return ids, inverse, start, halves[:1], tr
@@ -164,9 +171,10 @@ def unique(
     most 2**31 rows; else ``torch.sort`` of int64 keys), a flag kernel, a prefix sum and a
     scatter kernel.
 
-    Returns ``(ids, inverse, counts, transpose, count)``. Without ``padded`` the host reads the
-    unique count ``U`` (the one device read) and ``ids``/``counts`` have ``U`` entries;
-    ``count`` is ``None``. With ``padded`` nothing is read: ``ids`` and ``counts`` are buffers
+    Returns ``(ids, inverse, counts, transpose, count)``. Where a transpose is made, it stands in
+    for the inverse, which is ``None`` (:meth:`Transpose.inverse` makes it on demand). Without
+    ``padded`` the host reads the unique count ``U`` (the one device read) and ``ids``/``counts``
+    have ``U`` entries; ``count`` is ``None``. With ``padded`` nothing is read: ``ids`` and ``counts`` are buffers
     of ``n`` entries of which the first ``U`` are used, and ``count`` is ``U`` as a (1,) int32
     device tensor, which the cache kernels read themselves (a sync-free step).
 
@@ -656,27 +664,35 @@ def forward(
     # float4 where rows are 16-byte aligned: L1's when dim % 4 == 0, L2's if width % 4 == 0 too
     fn = "forward_scalar" if dim % 4 else "forward_vec4" if width % 4 == 0 else "forward_vec4_l1"
     # a batch with a transpose will see a backward: resolve its places once, for both passes
-    places = _places(batch, dev) if batch.transpose is not None else None
-    args = (_i64(offsets, dev), places, _i64(batch.inverse, dev), psw, batch.slots,
-            _i64(batch.addresses, dev), store.l1_weights, l2, width, dim, bags,
-            mode == "mean", out)  # fmt: skip
+    if batch.transpose is not None:
+        places, inverse = _places(batch, dev), None
+    else:
+        places, inverse = None, _i64(batch.inverse, dev)
+    args = (_i64(offsets, dev), places, inverse, psw, batch.slots, _i64(batch.addresses, dev),
+            store.l1_weights, l2, width, dim, bags, mode == "mean", out)  # fmt: skip
     _run("forward.cu", fn, dev, bags, args, True)
     return out
 
 
 def _places(batch, dev: torch.device) -> torch.Tensor:
-    """Each index's place (kernels/rows.cu ``resolve_places``): its row's L1 slot, or the
-    complement of its L2 address; resolved once per batch and kept on it (``Batch.places``).
-    A batch with a transpose gets its ``single`` flags in the same pass."""
+    """Each index's place (kernels/common.cuh ``ts_place``: its row's L1 slot, or the complement
+    of its L2 address, and whether no other index reads the row), written from the batch's
+    transpose once its rows are placed (kernels/unique.cu ``scatter_places``) and kept on it
+    (``Batch.places``) for the forward and the backward."""
     if batch.places is None:
-        n = batch.inverse.numel()
-        batch.places = torch.empty(n, dtype=torch.int64, device=dev)
         tr = batch.transpose
-        flags = (tr.multi_row, tr.single) if tr is not None else (None, None)
-        args = (_i64(batch.inverse, dev), batch.slots, _i64(batch.addresses, dev), flags[0], n,
-                batch.places, flags[1])  # fmt: skip
-        _run("rows.cu", "resolve_places", dev, n, args, per_warp=False)
+        n = tr.order.numel()
+        batch.places = torch.empty(n, dtype=torch.int64, device=dev)
+        suffix = "i32" if tr.order.dtype == torch.int32 else "i64"
+        args = (tr.order, tr.rank, n, batch.slots, _i64(batch.addresses, dev), batch.places)
+        _run("unique.cu", f"scatter_places_{suffix}", dev, n, args, per_warp=False)
     return batch.places
+
+
+def _batch_length(batch) -> int:
+    """The batch's number of indices, without making an inverse that its transpose stands for."""
+    tr = batch.transpose
+    return tr.order.numel() if tr is not None else batch.inverse.numel()
 
 
 def backward(
@@ -704,11 +720,10 @@ def backward(
             store, batch, grad_out, offsets, per_sample_weights, mode, optimizer, want_weight_grad
         )
     dev = store.device
-    n = batch.inverse.numel()
+    n = _batch_length(batch)
     bags = offsets.numel() - 1
     width = store.layout.width
     offsets = _i64(offsets, dev)
-    inverse = _i64(batch.inverse, dev)
     addresses = _i64(batch.addresses, dev)
     grad_out = grad_out.to(dev, torch.float32).contiguous()
     psw = None
@@ -720,17 +735,17 @@ def backward(
     weight_grad = None
     if want_weight_grad:
         weight_grad = torch.empty(n, device=dev)
-        args = (offsets, bag, inverse, grad_out, batch.slots, addresses, store.l1_weights, l2,
-                width, dim, n, mean, weight_grad)  # fmt: skip
+        args = (offsets, bag, _i64(batch.inverse, dev), grad_out, batch.slots, addresses,
+                store.l1_weights, l2, width, dim, n, mean, weight_grad)  # fmt: skip
         _run("backward.cu", "weight_grad", dev, n, args, per_warp=True)
     if optimizer is not None and n:
         # the sparse transpose: the unique step's sort (kernels/unique.cu), else a sort of the
         # inverse read by the same kernels
         tr = getattr(batch, "transpose", None)
         if tr is None:
-            sorted_u, order = radix_sort(inverse, max(n - 1, 1).bit_length())
+            sorted_u, order = radix_sort(batch.inverse, max(n - 1, 1).bit_length())
             tr = _scan_sorted(sorted_u, order, transpose=True)[-1]
-            # the places again, with the single flags that only a transpose gives
+            # places are written from a transpose: the forward's, if any, are dropped
             batch.transpose, batch.places = tr, None
         lr, eps = float(optimizer.lr), float(getattr(optimizer, "eps", 0.0))
         # each L1 row is marked dirty and, where the batch holds locks, unlocked by the kernel
@@ -759,12 +774,11 @@ def backward(
             fn = f"finish_crossing_{opt_name}_k{k}"
             _run("backward.cu", fn, dev, chunks, args, per_warp=True)
         # rows read by one index, bag by bag (each bag's gradient read once)
-        args = (offsets, bags, _places(batch, dev), tr.single, psw, grad_out, mean, *rows, lr,
-                eps)  # fmt: skip
+        args = (offsets, bags, _places(batch, dev), psw, grad_out, mean, *rows, lr, eps)
         _run("backward.cu", f"update_singles_{opt_name}_k{k}", dev, bags, args, per_warp=True)
         main.wait_stream(side)  # partial and the batch's buffers are freed on main: after this
         batch.l1_released = batch.holds
-        if store.lookups != batch.lookup_number:  # another batch's fills may hold stale copies
+        if store.l1.step != batch.lookup_number:  # another batch's fills may hold stale copies
             _refresh_conflicts(store, batch, l2)
         if batch.slots.numel() and not isinstance(store.host, HostTable):
             _l2_written(store, addresses, batch.slots < 0)

@@ -81,7 +81,8 @@ class Batch:
     """
 
     ids: torch.Tensor  # (U,) int64, ascending
-    inverse: torch.Tensor  # (n,) int64: position in ids of each index
+    # (n,) int64: position in ids of each index; None where the transpose stands for it (inverse)
+    _inverse: torch.Tensor | None
     slots: torch.Tensor  # (U,) int64 L1 slot, -1 for a conflict miss
     addresses: torch.Tensor  # (U,) int64 L2 address
     released: bool = False
@@ -95,18 +96,29 @@ class Batch:
     # (the CUDA backend's): the release then leaves L1 alone
     l1_released: bool = False
     # (n,) int64, the CUDA backend's: where each index's row lives (its L1 slot, or the
-    # complement of its L2 address), resolved by a training batch's forward for its backward
+    # complement of its L2 address) and whether it alone reads the row, written for a training
+    # batch's forward and backward
     places: torch.Tensor | None = None
-    # The store's lookup count just after this batch's lookup: where it is still that at the
-    # backward, no other batch can have filled a conflict miss of this one into L1 since
+    # L1's step number just after this batch's lookup (each lookup is one step): where it is
+    # still that at the backward, no other batch can have filled a conflict miss of this one
+    # into L1 since
     lookup_number: int = 0
+
+    @property
+    def inverse(self) -> torch.Tensor:
+        """(n,) int64: position in ``ids`` of each index. A backend whose unique step made a
+        sparse transpose leaves the inverse to it, made here on first use: the CUDA training
+        step reaches each index's row through its places and never asks."""
+        if self._inverse is None:
+            self._inverse = self.transpose.inverse()
+        return self._inverse
 
     def trimmed(self) -> Batch:
         """This batch with exactly ``U`` entries (reads ``count`` from the device if set)."""
         if self.count is None:
             return self
         u = int(self.count[0])
-        return Batch(self.ids[:u], self.inverse, self.slots[:u], self.addresses[:u],
+        return Batch(self.ids[:u], self._inverse, self.slots[:u], self.addresses[:u],
                      self.released, self.transpose, holds=self.holds,
                      l1_released=self.l1_released, lookup_number=self.lookup_number)  # fmt: skip
 
@@ -156,7 +168,6 @@ class TieredStore:
         )
         self.inclusive_host = not isinstance(self.host, HostTable)
         self.flushed_rows = 0
-        self.lookups = 0  # batch steps made (Batch.lookup_number)
         # Where kernels read and write L2's rows in place: the device address of pinned fp32
         # host rows, None if the device cannot reach them. Asked once (it costs a driver call
         # on CUDA): L2's rows never move.
@@ -236,9 +247,8 @@ class TieredStore:
             self.host.pin(addresses[found.fill_index])
         self.backend.move_rows(self, found, addresses)
         holds = getattr(found, "holds", True)
-        self.lookups += 1
         return Batch(ids, inverse, found.slots, addresses, transpose=transpose, count=count,
-                     holds=holds, lookup_number=self.lookups)  # fmt: skip
+                     holds=holds, lookup_number=self.l1.step)  # fmt: skip
 
     def release(self, batch: Batch) -> None:
         """Unlocks a batch's rows in L1 and L2 (once)."""
