@@ -221,9 +221,9 @@ struct Rows {
 // traffic, and those reads miss L2). Each lane first reads its index's place (common.cuh
 // ts_place): whether its row is such a single, and where the row lives, in one coalesced load,
 // where the row's bounds and slot, found through its unique position, cost dependent random
-// ones. All lanes do so in parallel; then the warp
-// updates the singles a few at a time, their rows' loads in flight together. The arithmetic is
-// reduce_chunks' for a one-entry row, so results are bit for bit the same as summing it there.
+// ones. All lanes do so in parallel; then the warp updates the singles a few at a time, their
+// rows' loads in flight together. The arithmetic is reduce_chunks' for a one-entry row, so
+// results are bit for bit the same as summing it there.
 template <int K, class Opt>
 __device__ void update_singles(const i64* __restrict__ offsets,    // (B + 1,)
                                i64 bags,

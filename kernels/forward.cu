@@ -21,7 +21,7 @@
 template <int K, bool VEC4, bool L2_VEC4>
 __device__ void pool(const i64* __restrict__ offsets,    // (B + 1,)
                      const i64* __restrict__ places,     // (n,) or null (common.cuh ts_place)
-                     const i64* __restrict__ inverse,    // (n,) unique position of each index, or null
+                     const i64* __restrict__ inverse,    // (n,) each index's unique row, or null
                      const float* __restrict__ psw,      // (n,) or null
                      const i64* __restrict__ slots,      // (U,) L1 slot, -1 = conflict miss
                      const i64* __restrict__ addresses,  // (U,) L2 address

@@ -64,7 +64,8 @@ def batch_unique(
     """``(ids, inverse, counts, transpose, count)`` of a batch: its unique ids ascending, as
     ``torch.unique``, by the backend's own unique when it has one (the CUDA backend's also
     returns the sparse transpose that backward reuses unless told no backward will follow
-    (``transpose=False``), and with ``padded`` leaves the unique count on the device as
+    (``transpose=False``), with ``inverse`` then ``None``: the transpose makes it on demand
+    (:attr:`Batch.inverse`); and with ``padded`` it leaves the unique count on the device as
     ``count``; else ``transpose`` and ``count`` are ``None``)."""
     unique = getattr(backend, "unique", None)
     if unique is None:
