@@ -174,9 +174,10 @@ def unique(
     Returns ``(ids, inverse, counts, transpose, count)``. Where a transpose is made, it stands in
     for the inverse, which is ``None`` (:meth:`Transpose.inverse` makes it on demand). Without
     ``padded`` the host reads the unique count ``U`` (the one device read) and ``ids``/``counts``
-    have ``U`` entries; ``count`` is ``None``. With ``padded`` nothing is read: ``ids`` and ``counts`` are buffers
-    of ``n`` entries of which the first ``U`` are used, and ``count`` is ``U`` as a (1,) int32
-    device tensor, which the cache kernels read themselves (a sync-free step).
+    have ``U`` entries; ``count`` is ``None``. With ``padded`` nothing is read: ``ids`` and
+    ``counts`` are buffers of ``n`` entries of which the first ``U`` are used, and ``count`` is
+    ``U`` as a (1,) int32 device tensor, which the cache kernels read themselves (a sync-free
+    step).
 
     Without ``transpose`` (a batch that no backward will follow) no transpose is made and, with
     ids known to lie below a ``num_rows`` at most ``_DENSE_UNIQUE_SPAN`` times the batch, a
