@@ -746,8 +746,7 @@ def backward(
         if tr is None:
             sorted_u, order = radix_sort(batch.inverse, max(n - 1, 1).bit_length())
             tr = _scan_sorted(sorted_u, order, transpose=True)[-1]
-            # places are written from a transpose: the forward's, if any, are dropped
-            batch.transpose, batch.places = tr, None
+            batch.transpose = tr  # a batch without one has no places yet: _places writes them
         lr, eps = float(optimizer.lr), float(getattr(optimizer, "eps", 0.0))
         # each L1 row is marked dirty and, where the batch holds locks, unlocked by the kernel
         # that updates it, in its way record (kernels/backward.cu): the release leaves L1 alone
