@@ -167,6 +167,17 @@ def bench_forward_and_step(out: list, quick: bool) -> None:
                     "<= 1.5 ms" if name == "RowWiseAdagrad" else "",
                 )
             )
+        psw = torch.rand(B * L, device="cuda")
+
+        def psw_step(ids=ids, psw=psw):  # weighted features: the weights' gradient too
+            w = psw.detach().requires_grad_()
+            torch.autograd.grad(rw(ids, offsets[:-1], per_sample_weights=w), w, g)
+
+        psw_step()
+        t = t_ms(psw_step, it)
+        out.append(
+            row(f"tierstore train step, RowWiseAdagrad, per-sample weights, {dist}", t, "ms")
+        )
         for opt_name in ("sgd", "adagrad"):
             if quick and opt_name == "adagrad" and dist == "zipf":
                 continue

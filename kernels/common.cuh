@@ -141,6 +141,20 @@ __device__ __forceinline__ const float* ts_weights(const Tiers& t, i64 slot, i64
   return slot >= 0 ? t.l1_weights + slot * t.dim : t.l2 + addr * t.width;
 }
 
+// The weights that batch index j reads: through its place where the batch has places (a
+// training batch's: one load), else through its unique row, then the row's slot and address.
+__device__ __forceinline__ const float* ts_index_weights(const Tiers& t, const i64* places,
+                                                         const i64* inverse, const i64* slots,
+                                                         const i64* addresses, i64 j) {
+  if (places != nullptr) {
+    const i64 p = places[j];
+    return ts_weights(t, ts_place_slot(p), ts_place_address(p));
+  }
+  const i64 u = inverse[j];
+  const i64 s = slots[u];
+  return ts_weights(t, s, s >= 0 ? 0 : addresses[u]);
+}
+
 __device__ __forceinline__ i64 ts_warp_sum_i64(i64 v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(TS_FULL_MASK, v, o);

@@ -45,14 +45,7 @@ __device__ void pool(const i64* __restrict__ offsets,    // (B + 1,)
         const float* row = nullptr;
         float w = 1.f;
         if (j < end) {
-          if (places != nullptr) {  // a training batch's: one load
-            const i64 p = places[j];
-            row = ts_weights(tiers, ts_place_slot(p), ts_place_address(p));
-          } else {
-            const i64 u = inverse[j];
-            const i64 s = slots[u];
-            row = ts_weights(tiers, s, s >= 0 ? 0 : addresses[u]);
-          }
+          row = ts_index_weights(tiers, places, inverse, slots, addresses, j);
           if (psw != nullptr) w = psw[j];
         }
         const int cnt = (int)min((i64)32, end - j0);

@@ -731,14 +731,15 @@ def backward(
     if per_sample_weights is not None:
         psw = per_sample_weights.to(dev, torch.float32).contiguous()
     mean = mode == "mean"
-    bag = torch.empty(n, dtype=torch.int32, device=dev)
-    _run("backward.cu", "bag_of_index", dev, bags, (offsets, bags, bag), per_warp=True)
     weight_grad = None
     if want_weight_grad:
         weight_grad = torch.empty(n, device=dev)
-        args = (offsets, bag, _i64(batch.inverse, dev), grad_out, batch.slots, addresses,
-                store.l1_weights, l2, width, dim, n, mean, weight_grad)  # fmt: skip
-        _run("backward.cu", "weight_grad", dev, n, args, per_warp=True)
+        # a training batch's places, written by its forward, else its inverse (made if need be)
+        places = batch.places
+        inverse = _i64(batch.inverse, dev) if places is None else None
+        args = (offsets, places, inverse, grad_out, batch.slots, addresses, store.l1_weights,
+                l2, width, dim, bags, mean, weight_grad)  # fmt: skip
+        _run("backward.cu", "weight_grad", dev, bags, args, per_warp=True)
     if optimizer is not None and n:
         # the sparse transpose: the unique step's sort (kernels/unique.cu), else a sort of the
         # inverse read by the same kernels
@@ -747,6 +748,8 @@ def backward(
             sorted_u, order = radix_sort(batch.inverse, max(n - 1, 1).bit_length())
             tr = _scan_sorted(sorted_u, order, transpose=True)[-1]
             batch.transpose = tr  # a batch without one has no places yet: _places writes them
+        bag = torch.empty(n, dtype=torch.int32, device=dev)  # the multi list's entries' bags
+        _run("backward.cu", "bag_of_index", dev, bags, (offsets, bags, bag), per_warp=True)
         lr, eps = float(optimizer.lr), float(getattr(optimizer, "eps", 0.0))
         # each L1 row is marked dirty and, where the batch holds locks, unlocked by the kernel
         # that updates it, in its way record (kernels/backward.cu): the release leaves L1 alone
