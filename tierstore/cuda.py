@@ -664,11 +664,7 @@ def forward(
         psw = per_sample_weights.to(dev, torch.float32).contiguous()
     # float4 where rows are 16-byte aligned: L1's when dim % 4 == 0, L2's if width % 4 == 0 too
     fn = "forward_scalar" if dim % 4 else "forward_vec4" if width % 4 == 0 else "forward_vec4_l1"
-    # a batch with a transpose will see a backward: resolve its places once, for both passes
-    if batch.transpose is not None:
-        places, inverse = _places(batch, dev), None
-    else:
-        places, inverse = None, _i64(batch.inverse, dev)
+    places, inverse = _index_rows(batch, dev)
     args = (_i64(offsets, dev), places, inverse, psw, batch.slots, _i64(batch.addresses, dev),
             store.l1_weights, l2, width, dim, bags, mode == "mean", out)  # fmt: skip
     _run("forward.cu", fn, dev, bags, args, True)
@@ -688,6 +684,15 @@ def _places(batch, dev: torch.device) -> torch.Tensor:
         args = (tr.order, tr.rank, n, batch.slots, _i64(batch.addresses, dev), batch.places)
         _run("unique.cu", f"scatter_places_{suffix}", dev, n, args, per_warp=False)
     return batch.places
+
+
+def _index_rows(batch, dev: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(places, inverse)``, one of them None, for the kernels that reach each index's row
+    (kernels/common.cuh ``ts_index_weights``). A batch with a transpose will see a backward: its
+    places, written once for the forward and the backward; another batch: its inverse."""
+    if batch.transpose is not None:
+        return _places(batch, dev), None
+    return None, _i64(batch.inverse, dev)
 
 
 def _batch_length(batch) -> int:
@@ -734,9 +739,7 @@ def backward(
     weight_grad = None
     if want_weight_grad:
         weight_grad = torch.empty(n, device=dev)
-        # a training batch's places, written by its forward, else its inverse (made if need be)
-        places = batch.places
-        inverse = _i64(batch.inverse, dev) if places is None else None
+        places, inverse = _index_rows(batch, dev)  # before a missing transpose is made below
         args = (offsets, places, inverse, grad_out, batch.slots, addresses, store.l1_weights,
                 l2, width, dim, bags, mean, weight_grad)  # fmt: skip
         _run("backward.cu", "weight_grad", dev, bags, args, per_warp=True)
