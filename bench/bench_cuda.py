@@ -430,8 +430,10 @@ def bench_floor(out: list, quick: bool) -> None:
     the forward reads a row per index, the optimizer reads and writes each unique row once.
     ``bench/row_traffic.cu``'s kernels do only that (a thread per 16 bytes, the row's index from
     a dense list); the step's own kernels add their lookups, gradient sums and order. Then the
-    same traffic at rows of 129 floats, only 4-byte aligned: RowWiseAdagrad's rows kept whole,
-    as L2 keeps them (L1 keeps the weights apart from the state, for this cost)."""
+    same traffic with each updated row's 32-byte way record read and written beside it (L1
+    keeps RowWiseAdagrad's state and the dirty bit there, so its step must touch it), and at
+    rows of 129 floats, only 4-byte aligned: RowWiseAdagrad's rows kept whole, as L2 keeps
+    them (L1 keeps the weights apart from the state, for this cost)."""
     import cupy
 
     it = 10 if quick else 30
@@ -477,6 +479,7 @@ def bench_floor(out: list, quick: bool) -> None:
     )
     t = t_ms(launch(update, singles, grad), it)
     out.append(row(f"read + write the {singles.numel():,} rows read once", t, "ms"))
+    _floor_with_records(out, module, table, grad, unique, singles, t_read, it)
     _floor_pitched(out, module, storage, ids, unique, singles, it)
     emb = ts.TieredEmbeddingBag(
         N, D, cache_rows=N, optimizer=ts.RowWiseAdagrad(lr=0.01), device="cuda"
@@ -497,6 +500,28 @@ def _per_piece(kernel, rows: torch.Tensor, floats: int, args):
 
     items = rows.numel() * ((floats + 3) // 4)
     return lambda: interop.launch(kernel, rows.device, items, args, per_warp=False)
+
+
+def _floor_with_records(out, module, table, grad, unique, singles, t_read: float, it: int) -> None:
+    """The optimizer's floor again with each row's 32-byte way record read and written beside
+    the row: RowWiseAdagrad's state and the dirty bit (kernels/common.cuh WayState), one more
+    random sector a row. The rows read once are what ``update_singles`` is judged against."""
+    update = module.get_function("update_rows_with_record")
+    records = torch.randn(table.shape[0], 8, device=table.device)
+    w4 = table.shape[1] // 4
+
+    def launch(rows):
+        return _per_piece(
+            update, rows, table.shape[1], (table, rows, rows.numel(), w4, grad, records)
+        )
+
+    t_rmw = t_ms(launch(unique), it)
+    out.append(row(f"read + write {unique.numel():,} unique rows and their records", t_rmw, "ms"))
+    out.append(
+        row("sum with the records: RowWiseAdagrad's row traffic at the least", t_read + t_rmw, "ms")
+    )
+    t = t_ms(launch(singles), it)
+    out.append(row(f"read + write the {singles.numel():,} rows read once, with records", t, "ms"))
 
 
 def _floor_pitched(out, module, storage, ids, unique, singles, it: int) -> None:

@@ -4,6 +4,12 @@
 // kernels add to these floors is the cost of their own work (lookups, gradient sums, order).
 typedef long long i64;
 
+// w - 0.01 g, the update the floor kernels write back.
+__device__ __forceinline__ float4 sgd_step(float4 w, float4 g) {
+  return make_float4(fmaf(-0.01f, g.x, w.x), fmaf(-0.01f, g.y, w.y), fmaf(-0.01f, g.z, w.z),
+                     fmaf(-0.01f, g.w, w.w));
+}
+
 // Reads the rows `ids` (n, in any order) of a table of `w4` float4 per row. The sum is stored
 // only when it equals a value no random table gives, so the loads cannot be dropped.
 extern "C" __global__ void gather_rows(const float4* __restrict__ table,
@@ -27,12 +33,30 @@ extern "C" __global__ void update_rows(float4* __restrict__ table, const i64* __
     const i64 r = i / w4;
     float4* p = table + ids[r] * w4 + i % w4;
     const float4 g = grad[(r & 1023) * w4 + i % w4];
-    float4 v = *p;
-    v.x = fmaf(-0.01f, g.x, v.x);
-    v.y = fmaf(-0.01f, g.y, v.y);
-    v.z = fmaf(-0.01f, g.z, v.z);
-    v.w = fmaf(-0.01f, g.w, v.w);
-    *p = v;
+    *p = sgd_step(*p, g);
+  }
+}
+
+// update_rows, and each row's 32-byte record read and written beside it: where L1 keeps a way's
+// state (kernels/common.cuh WayState), which RowWiseAdagrad's one float of state and the dirty
+// bit share, so a step's update must touch it too. `records`: 8 floats a row; the row's first
+// thread loads the record with the row and stores it after.
+extern "C" __global__ void update_rows_with_record(float4* __restrict__ table,
+                                                   const i64* __restrict__ ids, i64 n, i64 w4,
+                                                   const float4* __restrict__ grad,
+                                                   float* __restrict__ records) {
+  const i64 step = (i64)gridDim.x * blockDim.x;
+  for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n * w4; i += step) {
+    const i64 r = i / w4, id = ids[r];
+    const bool first = i % w4 == 0;
+    float4* p = table + id * w4 + i % w4;
+    const float state = first ? records[id * 8] : 0.f;
+    const float4 g = grad[(r & 1023) * w4 + i % w4];
+    *p = sgd_step(*p, g);
+    if (first) {
+      records[id * 8] = state + g.x * g.x;
+      records[id * 8 + 1] = 1.f;
+    }
   }
 }
 
