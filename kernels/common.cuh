@@ -155,6 +155,17 @@ __device__ __forceinline__ const float* ts_index_weights(const Tiers& t, const i
   return ts_weights(t, s, s >= 0 ? 0 : addresses[u]);
 }
 
+// Inclusive prefix sum of `v` over the warp's lanes (every lane must call it).
+__device__ __forceinline__ int ts_warp_inclusive_scan(int v) {
+  const int lane = ts_lane();
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int up = __shfl_up_sync(TS_FULL_MASK, v, o);
+    if (lane >= o) v += up;
+  }
+  return v;
+}
+
 __device__ __forceinline__ i64 ts_warp_sum_i64(i64 v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(TS_FULL_MASK, v, o);
@@ -273,12 +284,7 @@ __device__ __forceinline__ int ts_block_exclusive_scan(int v, int* total) {
   __shared__ int warp_sums[8];
   const int lane = ts_lane(), warp = threadIdx.x >> 5;
   __syncthreads();  // warp_sums may still be read by the previous call
-  int scan = v;
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const int up = __shfl_up_sync(TS_FULL_MASK, scan, o);
-    if (lane >= o) scan += up;
-  }
+  const int scan = ts_warp_inclusive_scan(v);
   if (lane == 31) warp_sums[warp] = scan;
   __syncthreads();
   int before = 0, all = 0;

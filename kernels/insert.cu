@@ -29,12 +29,7 @@ extern "C" __global__ void reserve_segments(const int* __restrict__ touched,    
     const i64 t = base + lane;
     const int set = t < nt ? touched[t] : 0;
     const int k = t < nt ? set_misses[set] : 0;
-    int scan = k;  // inclusive prefix sum over the warp
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const int v = __shfl_up_sync(TS_FULL_MASK, scan, o);
-      if (lane >= o) scan += v;
-    }
+    const int scan = ts_warp_inclusive_scan(k);
     const int total = __shfl_sync(TS_FULL_MASK, scan, 31);
     int first = 0;
     if (lane == 0) first = atomicAdd(cursor, total);
