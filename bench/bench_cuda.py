@@ -13,6 +13,7 @@ import argparse
 import gc
 import json
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -433,7 +434,9 @@ def bench_floor(out: list, quick: bool) -> None:
     same traffic with each updated row's 32-byte way record read and written beside it (L1
     keeps RowWiseAdagrad's state and the dirty bit there, so its step must touch it), and at
     rows of 129 floats, only 4-byte aligned: RowWiseAdagrad's rows kept whole, as L2 keeps
-    them (L1 keeps the weights apart from the state, for this cost)."""
+    them (L1 keeps the weights apart from the state, for this cost), and at rows of 136 floats
+    with the state in their 17th sector. Last, the probe's sectors alone: with the rows and
+    records, the traffic that a step of DESIGN.md's cache cannot avoid."""
     import cupy
 
     it = 10 if quick else 30
@@ -441,7 +444,7 @@ def bench_floor(out: list, quick: bool) -> None:
     module = cupy.RawModule(code=(Path(__file__).parent / "row_traffic.cu").read_text())
     gather, update = module.get_function("gather_rows"), module.get_function("update_rows")
     dev = torch.device("cuda", torch.cuda.current_device())
-    storage = torch.randn(N * (D + 1), device=dev)  # N rows of 128 floats, or of 129
+    storage = torch.randn(N * (D + 8), device=dev)  # N rows of 128 floats, 129 or 136
     table = storage[: N * D].view(N, D)
     grad = torch.randn(1024, D, device=dev)
     sink = torch.zeros(1, device=dev)
@@ -479,8 +482,19 @@ def bench_floor(out: list, quick: bool) -> None:
     )
     t = t_ms(launch(update, singles, grad), it)
     out.append(row(f"read + write the {singles.numel():,} rows read once", t, "ms"))
-    _floor_with_records(out, module, table, grad, unique, singles, t_read, it)
+    t_rmw = _floor_with_records(out, module, table, grad, unique, singles, t_read, it)
     _floor_pitched(out, module, storage, ids, unique, singles, it)
+    _floor_state_inside(out, module, storage, ids, unique, grad, it)
+    t_probe = _floor_probe(out, module, unique, it)
+    out.append(
+        row(
+            "sum with the records and the probe's sectors in set order",
+            t_read + t_rmw + t_probe,
+            "ms",
+            "",
+            "step <= 1.5 ms",
+        )
+    )
     emb = ts.TieredEmbeddingBag(
         N, D, cache_rows=N, optimizer=ts.RowWiseAdagrad(lr=0.01), device="cuda"
     )
@@ -502,10 +516,11 @@ def _per_piece(kernel, rows: torch.Tensor, floats: int, args):
     return lambda: interop.launch(kernel, rows.device, items, args, per_warp=False)
 
 
-def _floor_with_records(out, module, table, grad, unique, singles, t_read: float, it: int) -> None:
+def _floor_with_records(out, module, table, grad, unique, singles, t_read: float, it: int) -> float:
     """The optimizer's floor again with each row's 32-byte way record read and written beside
     the row: RowWiseAdagrad's state and the dirty bit (kernels/common.cuh WayState), one more
-    random sector a row. The rows read once are what ``update_singles`` is judged against."""
+    random sector a row. The rows read once are what ``update_singles`` is judged against.
+    Returns the unique rows' time with their records."""
     update = module.get_function("update_rows_with_record")
     records = torch.randn(table.shape[0], 8, device=table.device)
     w4 = table.shape[1] // 4
@@ -522,6 +537,7 @@ def _floor_with_records(out, module, table, grad, unique, singles, t_read: float
     )
     t = t_ms(launch(singles), it)
     out.append(row(f"read + write the {singles.numel():,} rows read once, with records", t, "ms"))
+    return t_rmw
 
 
 def _floor_pitched(out, module, storage, ids, unique, singles, it: int) -> None:
@@ -543,6 +559,48 @@ def _floor_pitched(out, module, storage, ids, unique, singles, it: int) -> None:
     args = (storage, singles, singles.numel(), pitch, grad)
     t = t_ms(_per_piece(update, singles, pitch, args), it)
     out.append(row(f"read + write the {singles.numel():,} rows read once, {pitch} floats", t, "ms"))
+
+
+def _floor_state_inside(out, module, storage, ids, unique, grad, it: int) -> None:
+    """The floor with the record's sector moved into the row: rows of D + 8 floats (32-byte
+    aligned), RowWiseAdagrad's state in the sector after the weights, float4 loads. Would a
+    row's state beside it cost less than a record apart? The forward reads at that pitch too."""
+    gather = module.get_function("gather_rows_strided")
+    update = module.get_function("update_rows_state_inside")
+    w4, pitch4 = D // 4, (D + 8) // 4
+    sink = torch.zeros(1, device=storage.device)
+    args = (storage, ids, ids.numel(), w4, pitch4, sink)
+    t_read = t_ms(_per_piece(gather, ids, D, args), it)
+    out.append(row(f"read {ids.numel():,} rows' weights, {D + 8}-float rows", t_read, "ms"))
+    args = (storage, unique, unique.numel(), w4, pitch4, grad)
+    t_rmw = t_ms(_per_piece(update, unique, D, args), it)
+    out.append(row(f"read + write {unique.numel():,} unique rows, the state inside", t_rmw, "ms"))
+    out.append(row(f"sum at {D + 8}-float rows, the state inside", t_read + t_rmw, "ms"))
+
+
+def _floor_probe(out, module, unique, it: int) -> float:
+    """The probe's memory traffic alone (a unique id's set digests, then its way's record,
+    which takes a stamp and a lock), the slots known: in the batch's order, where the sets come
+    at random, and in set order, the best that any order of the unique step could give it. A
+    random permutation of the slots stands in for the hash. Returns the set order's time."""
+    from tierstore import interop
+
+    probe = module.get_function("probe_sectors")
+    ways, dev = 32, unique.device
+    digests = torch.randint(-(2**31), 2**31 - 1, (N // ways, 8), dtype=torch.int32, device=dev)
+    records = torch.randint(0, 2**40, (N, 4), device=dev)
+    found = torch.empty(unique.numel(), dtype=torch.int64, device=dev)
+    batch_order = torch.randperm(N, device=dev)[unique.sort().values]
+    times = []
+    for name, slots in (
+        ("the batch's order", batch_order),
+        ("set order", batch_order.sort().values),
+    ):
+        args = (slots, slots.numel(), ways, digests, records, found)
+        t = t_ms(partial(interop.launch, probe, dev, slots.numel(), args, per_warp=False), it)
+        out.append(row(f"the probe's sectors of {slots.numel():,} unique ids, {name}", t, "ms"))
+        times.append(t)
+    return times[-1]
 
 
 def main() -> None:

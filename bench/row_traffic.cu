@@ -96,3 +96,56 @@ extern "C" __global__ void update_rows_pitched(float* __restrict__ table,
       if (c0 + k < pitch) p[c0 + k] = fmaf(-0.01f, g[c0 + k], v[k]);
   }
 }
+
+// update_rows_with_record's traffic with the record moved into the row: rows of `pitch4` float4
+// (34: 136 floats, 32-byte aligned), the weights in the first `w4`, the state in the sector
+// after them. The row's first thread loads the state with the row and stores it after.
+extern "C" __global__ void update_rows_state_inside(float4* __restrict__ table,
+                                                    const i64* __restrict__ ids, i64 n, i64 w4,
+                                                    i64 pitch4, const float4* __restrict__ grad) {
+  const i64 step = (i64)gridDim.x * blockDim.x;
+  for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n * w4; i += step) {
+    const i64 r = i / w4;
+    float4* row = table + ids[r] * pitch4;
+    const bool first = i % w4 == 0;
+    float* state = (float*)(row + w4);
+    const float s = first ? *state : 0.f;
+    const float4 g = grad[(r & 1023) * w4 + i % w4];
+    row[i % w4] = sgd_step(row[i % w4], g);
+    if (first) *state = s + g.x * g.x;
+  }
+}
+
+// gather_rows at a pitch of `pitch4` float4 per row: the forward's reads of rows laid out as
+// update_rows_state_inside's.
+extern "C" __global__ void gather_rows_strided(const float4* __restrict__ table,
+                                               const i64* __restrict__ ids, i64 n, i64 w4,
+                                               i64 pitch4, float* __restrict__ sink) {
+  const i64 step = (i64)gridDim.x * blockDim.x;
+  for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n * w4; i += step) {
+    const float4 v = table[ids[i / w4] * pitch4 + i % w4];
+    const float s = v.x + v.y + v.z + v.w;
+    if (s == 1.2345e30f) sink[0] = s;
+  }
+}
+
+// The probe's memory traffic for each unique id of a batch (kernels/lookup.cu probe), a thread
+// per id, with the slot already known: its set's line of 32 one-byte digests is read, then its
+// way's 32-byte record (the tag); the record takes the step's stamp and one more lock. `slots`
+// in the batch's order (ids ascending: sets at random) or sorted (sets in order).
+extern "C" __global__ void probe_sectors(const i64* __restrict__ slots, i64 n, i64 ways,
+                                         const uint4* __restrict__ digests,  // (S, 2)
+                                         i64* __restrict__ records,          // (C, 4)
+                                         i64* __restrict__ found) {          // (n,) out
+  const i64 step = (i64)gridDim.x * blockDim.x;
+  for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += step) {
+    const i64 slot = slots[i], set = slot / ways;
+    const uint4 a = digests[2 * set], b = digests[2 * set + 1];
+    const unsigned mixed = a.x ^ a.y ^ a.z ^ a.w ^ b.x ^ b.y ^ b.z ^ b.w;
+    i64* record = records + 4 * slot;
+    const i64 tag = record[0];
+    record[1] = tag + 1;  // the stamp
+    atomicAdd((unsigned long long*)(record + 2), 1ull);  // the lock
+    found[i] = slot + (mixed == 0x12345678u);  // keeps the digests' loads
+  }
+}
