@@ -2,6 +2,7 @@
 // row traffic can cost on a card. A thread per 16 bytes of a row, nothing else to wait on: the
 // row's index is read from a dense list, the row is read (and written back). What a step's
 // kernels add to these floors is the cost of their own work (lookups, gradient sums, order).
+// Last, the probe's sectors alone (probe_sectors: a thread per unique id, its slot given).
 typedef long long i64;
 
 // w - 0.01 g, the update the floor kernels write back.
