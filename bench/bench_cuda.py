@@ -459,15 +459,15 @@ def bench_floor(out: list, quick: bool) -> None:
     t = t_ms(lambda: b.copy_(a), it)
     out.append(row("device-to-device copy, 1 GiB (read + write)", 2 * a.nbytes / t / 1e6, "GB/s"))
 
-    def launch(kernel, rows, last):
-        return _per_piece(kernel, rows, D, (table, rows, rows.numel(), w4, last))
+    def launch(rows):
+        return _per_piece(update, rows, D, (table, rows, rows.numel(), w4, grad))
 
-    t_read = t_ms(launch(gather, ids, sink), it)
+    t_read = t_ms(_per_piece(gather, ids, D, (table, ids, ids.numel(), w4, w4, sink)), it)
     gb = ids.numel() * D * 4 / 1e9
     out.append(
         row(f"read {ids.numel():,} rows (the forward's)", t_read, "ms", f"{gb / t_read:.2f} TB/s")
     )
-    t_rmw = t_ms(launch(update, unique, grad), it)
+    t_rmw = t_ms(launch(unique), it)
     gb = 2 * unique.numel() * D * 4 / 1e9
     out.append(
         row(
@@ -480,7 +480,7 @@ def bench_floor(out: list, quick: bool) -> None:
     out.append(
         row("sum: the step's row traffic at the least", t_read + t_rmw, "ms", "", "step <= 1.5 ms")
     )
-    t = t_ms(launch(update, singles, grad), it)
+    t = t_ms(launch(singles), it)
     out.append(row(f"read + write the {singles.numel():,} rows read once", t, "ms"))
     t_rmw = _floor_with_records(out, module, table, grad, unique, singles, t_read, it)
     _floor_pitched(out, module, storage, ids, unique, singles, it)
@@ -565,7 +565,7 @@ def _floor_state_inside(out, module, storage, ids, unique, grad, it: int) -> Non
     """The floor with the record's sector moved into the row: rows of D + 8 floats (32-byte
     aligned), RowWiseAdagrad's state in the sector after the weights, float4 loads. Would a
     row's state beside it cost less than a record apart? The forward reads at that pitch too."""
-    gather = module.get_function("gather_rows_strided")
+    gather = module.get_function("gather_rows")
     update = module.get_function("update_rows_state_inside")
     w4, pitch4 = D // 4, (D + 8) // 4
     sink = torch.zeros(1, device=storage.device)

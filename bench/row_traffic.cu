@@ -11,15 +11,15 @@ __device__ __forceinline__ float4 sgd_step(float4 w, float4 g) {
                      fmaf(-0.01f, g.w, w.w));
 }
 
-// Reads the rows `ids` (n, in any order) of a table of `w4` float4 per row. The sum is stored
-// only when it equals a value no random table gives, so the loads cannot be dropped.
+// Reads the first `w4` float4 of the rows `ids` (n, in any order) of a table of `pitch4` float4
+// per row (w4 for whole rows). The sum is stored only when it equals a value no random table
+// gives, so the loads cannot be dropped.
 extern "C" __global__ void gather_rows(const float4* __restrict__ table,
-                                       const i64* __restrict__ ids, i64 n, i64 w4,
+                                       const i64* __restrict__ ids, i64 n, i64 w4, i64 pitch4,
                                        float* __restrict__ sink) {
   const i64 step = (i64)gridDim.x * blockDim.x;
   for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n * w4; i += step) {
-    const i64 r = i / w4;
-    const float4 v = table[ids[r] * w4 + i % w4];
+    const float4 v = table[ids[i / w4] * pitch4 + i % w4];
     const float s = v.x + v.y + v.z + v.w;
     if (s == 1.2345e30f) sink[0] = s;
   }
@@ -114,19 +114,6 @@ extern "C" __global__ void update_rows_state_inside(float4* __restrict__ table,
     const float4 g = grad[(r & 1023) * w4 + i % w4];
     row[i % w4] = sgd_step(row[i % w4], g);
     if (first) *state = s + g.x * g.x;
-  }
-}
-
-// gather_rows at a pitch of `pitch4` float4 per row: the forward's reads of rows laid out as
-// update_rows_state_inside's.
-extern "C" __global__ void gather_rows_strided(const float4* __restrict__ table,
-                                               const i64* __restrict__ ids, i64 n, i64 w4,
-                                               i64 pitch4, float* __restrict__ sink) {
-  const i64 step = (i64)gridDim.x * blockDim.x;
-  for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n * w4; i += step) {
-    const float4 v = table[ids[i / w4] * pitch4 + i % w4];
-    const float s = v.x + v.y + v.z + v.w;
-    if (s == 1.2345e30f) sink[0] = s;
   }
 }
 
