@@ -21,12 +21,14 @@ from .errors import (
 from .graphs import GraphedStep
 from .module import TieredEmbeddingBag
 from .optim import SGD, Adagrad, Optimizer, RowWiseAdagrad
+from .pipeline import prefetching
 from .policy import LFU, LRU, Policy
 from .stats import CacheStats
 
 __all__ = [
     "TieredEmbeddingBag",
     "GraphedStep",
+    "prefetching",
     "SetAssociativeCache",
     "CacheStats",
     "SGD",

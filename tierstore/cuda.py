@@ -756,7 +756,10 @@ def backward(
         lr, eps = float(optimizer.lr), float(getattr(optimizer, "eps", 0.0))
         # each L1 row is marked dirty and, where the batch holds locks, unlocked by the kernel
         # that updates it, in its way record (kernels/backward.cu): the release leaves L1 alone
-        rows = (batch.slots, addresses, *_l1(store), l2, store.l1.way_state, batch.holds, width,
+        # ... unless a later batch's lookup may be choosing victims on the prefetch stream beside
+        # this update (pipeline.py): then the locks stay until it is done (the release below)
+        unlock = batch.holds and not store.side_pending
+        rows = (batch.slots, addresses, *_l1(store), l2, store.l1.way_state, unlock, width,
                 dim)  # fmt: skip
         chunks = (n + group - 1) // group
         partial = torch.empty((chunks * 2, dim), device=dev)
@@ -783,7 +786,8 @@ def backward(
         args = (offsets, bags, _places(batch, dev), psw, grad_out, mean, *rows, lr, eps)
         _run("backward.cu", f"update_singles_{opt_name}_k{k}", dev, bags, args, per_warp=True)
         main.wait_stream(side)  # partial and the batch's buffers are freed on main: after this
-        batch.l1_released = batch.holds
+        store.join_side()  # later lookups' fills are done before the refresh reads L1's tags
+        batch.l1_released = unlock
         if store.l1.step != batch.lookup_number:  # another batch's fills may hold stale copies
             _refresh_conflicts(store, batch, l2)
         if batch.slots.numel() and not isinstance(store.host, HostTable):

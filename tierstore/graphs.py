@@ -97,7 +97,7 @@ def record_forward(module, input, offsets, per_sample_weights) -> CapturedForwar
         why = f"it lives on {module.device}, and a CUDA graph replays device work only"
     else:
         why = module.store.backend.graph_unsupported(module.store, module.optimizer)
-    if why is None and module._prefetched:
+    if why is None and len(module._queue):
         why = "a prefetched batch is waiting (prefetch does not mix with a captured step)"
     if why is not None:
         raise InvalidInputError(f"this TieredEmbeddingBag cannot be captured: {why}")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import math
 import weakref
-from collections import deque
 
 import torch
 from torch import nn
@@ -19,6 +18,7 @@ from . import cpu, graphs
 from .cache import cache_shape
 from .errors import InvalidInputError
 from .optim import SGD, Optimizer
+from .pipeline import PrefetchQueue
 from .policy import Policy
 from .stats import CacheStats
 from .store import Batch, RowLayout, TieredStore, initial_rows
@@ -202,7 +202,7 @@ class TieredEmbeddingBag(nn.Module):
             _backend_for(device),
             host=host,
         )
-        self._prefetched: deque[tuple[torch.Tensor, Batch]] = deque()
+        self._queue = PrefetchQueue(self.store)  # batches prefetched, oldest first
 
     # --------------------------------------------------------------- nn.EmbeddingBag API
     def forward(
@@ -222,7 +222,7 @@ class TieredEmbeddingBag(nn.Module):
         )
         wants_psw_grad = psw is not None and psw.requires_grad
         training = torch.is_grad_enabled() and (self.optimizer is not None or wants_psw_grad)
-        batch = self._take_prefetched(flat)
+        batch = self._queue.pop((input, offsets), flat)
         if batch is None:  # waits for the checks before the first change (a capture ends its
             # head graph there instead); an inference batch is released right after its
             # forward: its L1 step need not lock its rows
@@ -239,29 +239,28 @@ class TieredEmbeddingBag(nn.Module):
             # grads. A new one per call: a leaf keeps the stream it was first used on, and a
             # step captured in a CUDA graph must not wait on an eager step's stream.
             anchor = torch.empty(0, device=self.device, requires_grad=True)
-            return _TieredBagFunction.apply(anchor, psw, self, handle, offs)
+            out = _TieredBagFunction.apply(anchor, psw, self, handle, offs)
+            self._queue.advance()  # the next batches' cache steps, beside this one's compute
+            return out
         try:
-            return self.store.backend.forward(self.store, batch, offs, psw, self.mode)
+            out = self.store.backend.forward(self.store, batch, offs, psw, self.mode)
+            self._queue.advance()
+            return out
         finally:
             self.store.release(batch)
 
     def prefetch(self, input: torch.Tensor, offsets: torch.Tensor | None = None) -> None:
-        """Looks up a future batch now (its rows are moved in and locked), so that its
-        ``forward`` finds them in place. Batches are consumed in the order they were prefetched."""
+        """Starts the cache step of a later batch now, so that its ``forward`` finds its rows
+        in place. On CUDA the step runs on a side stream while the current batch computes
+        (``tierstore/pipeline.py``); its rows are locked until the batch's backward (or its
+        inference forward) releases them. Batches are consumed in the order they were
+        prefetched; :func:`tierstore.prefetching` keeps a loop's next batches prefetched."""
         flat, _, _, checks = self._prepare(input, offsets, None)
-        self._prefetched.append((flat, self.store.lookup(flat, checks.wait)))
+        self._queue.push((input, offsets), flat, checks)
 
-    def _take_prefetched(self, flat: torch.Tensor) -> Batch | None:
-        if not self._prefetched:
-            return None
-        ids, batch = self._prefetched[0]
-        if not torch.equal(ids, flat):
-            raise InvalidInputError(
-                "forward's indices differ from the oldest prefetched batch: prefetch batches "
-                "in the order forward will see them"
-            )
-        self._prefetched.popleft()
-        return batch
+    def clear_prefetched(self) -> None:
+        """Drops every prefetched batch not yet consumed by a forward, releasing its rows."""
+        self._queue.clear()
 
     def _prepare(self, input, offsets, per_sample_weights, values: bool = True):
         # the value checks are read back later, while the device starts on the unique step
@@ -318,7 +317,9 @@ class TieredEmbeddingBag(nn.Module):
         self.store.reset_stats()
 
     def close(self) -> None:
-        """Closes the SSD tier (without flushing: call :meth:`flush` first to keep changes)."""
+        """Releases prefetched batches and closes the SSD tier (without flushing: call
+        :meth:`flush` first to keep changes)."""
+        self.clear_prefetched()
         self.store.host.close()
 
     @classmethod

@@ -75,6 +75,17 @@ def batch_unique(
 
 
 @dataclass
+class UniqueStep:
+    """A batch's unique step (:meth:`TieredStore.unique`), before its rows are placed."""
+
+    ids: torch.Tensor  # (U,) int64 ascending (a buffer of n, U used, where count is set)
+    inverse: torch.Tensor | None  # (n,) int64, or None where the transpose stands for it
+    counts: torch.Tensor  # (U,) int64: indices per unique id
+    transpose: object | None  # the backend's sparse transpose, if its unique made one
+    count: torch.Tensor | None  # (1,) int32 device tensor: U, for a sync-free step
+
+
+@dataclass
 class Batch:
     """A batch in flight: its unique rows and where each one is until :meth:`TieredStore.release`.
 
@@ -175,6 +186,10 @@ class TieredStore:
         data = getattr(self.host, "data", None)
         in_place = data is not None and data.dtype == torch.float32 and data.is_contiguous()
         self.l2_address = interop.device_pointer(data) if in_place else None
+        # Prefetched lookups run on a side stream (side_stream); the event of the last one the
+        # current stream has not been ordered after yet (join_side)
+        self._side: torch.cuda.Stream | None = None
+        self._side_tail: torch.cuda.Event | None = None
 
     # ------------------------------------------------------------------ rows
     def init_rows(self, ids: torch.Tensor) -> torch.Tensor:
@@ -193,6 +208,7 @@ class TieredStore:
 
     def read_rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Current rows (weights and state) of ``ids``, wherever they live. Changes nothing."""
+        self.join_side()
         ids = ids.to(self.device)
         slots = self.l1.find(ids)
         rows = self.host.peek(ids).to(self.device)
@@ -202,6 +218,7 @@ class TieredStore:
 
     def write_rows(self, ids: torch.Tensor, rows: torch.Tensor) -> None:
         """Overwrites whole rows of unique ``ids`` wherever they live (cached copies marked dirty)."""
+        self.join_side()
         ids, rows = ids.to(self.device), rows.to(self.device, torch.float32)
         slots = self.l1.find(ids)
         cached = slots >= 0
@@ -226,36 +243,77 @@ class TieredStore:
         ``hold=False`` says the batch is used and released before any other lookup of this
         store (an inference forward): the CUDA step then need not lock its L1 rows.
 
-        L2 first, so that a batch too large for ``host_rows`` fails before anything changes;
-        then L1: dirty victims go back to L2, missed rows come in from L2 in ascending id order.
-        With the whole table in L2 and a cache whose step runs on the device, the host never
-        waits for the device here (the unique count stays there: ``Batch.count``).
+        The two halves are also callable apart (:meth:`unique` then :meth:`place`), which the
+        prefetch pipeline (``pipeline.py``) does on a side stream.
         """
-        padded = not self.inclusive_host and getattr(self.l1, "sync_free", False)
-        ids, inverse, counts, transpose, count = batch_unique(
-            self.backend, indices, self.num_rows, padded, backward
-        )
+        pending = self.unique(indices, backward)
         if before_change is not None:
             before_change()
+        return self.place(pending, hold)
+
+    def unique(self, indices: torch.Tensor, backward: bool = True) -> UniqueStep:
+        """A batch's unique step: its unique ids ascending and what backward reuses. Changes
+        nothing and reads no id out of bounds, so it may run before the batch's checks pass."""
+        self.join_side()
+        padded = not self.inclusive_host and getattr(self.l1, "sync_free", False)
+        return UniqueStep(*batch_unique(self.backend, indices, self.num_rows, padded, backward))
+
+    def place(self, step: UniqueStep, hold: bool = True) -> Batch:
+        """The rest of a lookup, once the batch's checks passed: L2 first, so that a batch too
+        large for ``host_rows`` fails before anything changes; then L1: dirty victims go back
+        to L2, missed rows come in from L2 in ascending id order. With the whole table in L2
+        and a cache whose step runs on the device, the host never waits for the device here
+        (the unique count stays there: ``Batch.count``)."""
+        ids, count = step.ids, step.count
         addresses = self.host.acquire(ids)
         if count is None:
-            found = self.backend.lookup(self.l1, ids, counts, hold=hold)
+            found = self.backend.lookup(self.l1, ids, step.counts, hold=hold)
         else:
-            found = self.backend.lookup(self.l1, ids, counts, count, hold)
+            found = self.backend.lookup(self.l1, ids, step.counts, count, hold)
         if self.inclusive_host:  # L2 keeps what L1 holds: move the pins with the rows
             evicted = found.victim_ids != EMPTY
             self.host.unpin(self.l1_home[found.fill_slots[evicted]])
             self.host.pin(addresses[found.fill_index])
         self.backend.move_rows(self, found, addresses)
         holds = getattr(found, "holds", True)
-        return Batch(ids, inverse, found.slots, addresses, transpose=transpose, count=count,
-                     holds=holds, lookup_number=self.l1.step)  # fmt: skip
+        return Batch(ids, step.inverse, found.slots, addresses, transpose=step.transpose,
+                     count=count, holds=holds, lookup_number=self.l1.step)  # fmt: skip
+
+    # ------------------------------------------------------------------ the side stream
+    def side_stream(self) -> torch.cuda.Stream | None:
+        """The stream prefetched lookups run on (CUDA, whole table in L2), else None: with an
+        SSD tier the lookup reads the device on the host, so it runs in order."""
+        if self.device.type != "cuda" or self.inclusive_host or self.l2_address is None:
+            return None
+        if self._side is None:
+            self._side = torch.cuda.Stream(self.device)
+        return self._side
+
+    def mark_side_work(self) -> torch.cuda.Event:
+        """Records that lookups were queued on the side stream up to now; returns the event."""
+        event = torch.cuda.Event()
+        event.record(self._side)
+        self._side_tail = event
+        return event
+
+    def join_side(self) -> None:
+        """Orders the current stream after every lookup queued on the side stream so far (no
+        host wait): called before anything else reads or changes the cache's state."""
+        if self._side_tail is not None:
+            torch.cuda.current_stream(self.device).wait_event(self._side_tail)
+            self._side_tail = None
+
+    @property
+    def side_pending(self) -> bool:
+        """Whether lookups queued on the side stream may still run beside the current stream."""
+        return self._side_tail is not None
 
     def release(self, batch: Batch) -> None:
         """Unlocks a batch's rows in L1 and L2 (once)."""
         if batch.released:
             return
         batch.released = True
+        self.join_side()  # a later batch's lookup may still be choosing victims beside us
         if batch.holds and not batch.l1_released:  # else no L1 locks are left to release
             if batch.count is None:
                 self.l1.release(batch.slots)
@@ -265,6 +323,7 @@ class TieredStore:
 
     def flush(self) -> None:
         """Writes every dirty row down to the lowest tier (one transaction with an SSD tier)."""
+        self.join_side()
         slots, _ = self.l1.clean()
         if slots.numel():
             self.host.write(self.l1_home[slots], self.l1_rows(slots))
@@ -274,6 +333,7 @@ class TieredStore:
     # ------------------------------------------------------------------ stats
     def stats(self) -> st.CacheStats:
         """A snapshot of the counters (one device read)."""
+        self.join_side()
         c = self.l1.counters.tolist()
         rb = self.layout.row_bytes
         fills = c[st.MISSES] - c[st.CONFLICTS]
@@ -297,6 +357,7 @@ class TieredStore:
 
     def reset_stats(self) -> None:
         """Zeroes every counter."""
+        self.join_side()
         self.l1.reset_counters()
         self.flushed_rows = 0
         if hasattr(self.host, "reset_stats"):

@@ -1,0 +1,210 @@
+"""Steady-state training with a partial L1: the prefetch pipeline against its PCIe floor.
+
+A 20 M x 128 fp32 table, 65 536 bags x 32 ids, a fresh Zipf(1.05) batch each step drawn from one
+fixed popularity order (a random permutation of the rows), at least 30 warm-up steps then timed
+steps, host wall time per step (synchronised), medians. For each optimizer (RowWiseAdagrad,
+SGD) and L1 size (100, 20, 5 % of the rows): the plain eager loop, the eager loop under
+``ts.prefetching`` (the next batch's cache step on a side stream), and the plain loop captured
+with ``GraphedStep``; torch ``nn.EmbeddingBag(sparse=True)`` whole in HBM in the same run.
+Each row prints the rows moved each way per step and the PCIe rate they reached, and the floor:
+the larger of the L1 = 100 % step and the time the step's moves need at the DMA rates measured
+at the start of the run (host to device, device to host, both at once).
+
+    python3 bench/bench_steady.py [--rows 20000000] [--quick] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+import tierstore as ts
+
+B, L, D = 65_536, 32, 128
+
+
+def dma_rates(mib: int = 256) -> dict[str, float]:
+    """Pinned host <-> device copy rates in GB/s: each way alone, and both at once on two
+    streams (their bytes together over the time both take)."""
+    n = mib << 18  # fp32 elements
+    host_a = torch.empty(n, pin_memory=True).uniform_()
+    host_b = torch.empty(n, pin_memory=True)
+    dev_a = torch.empty(n, device="cuda").uniform_()
+    dev_b = torch.empty(n, device="cuda")
+    s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
+    nbytes = 4 * n
+
+    def timed(fn) -> float:
+        ts_ = []
+        for _ in range(7):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            ts_.append(time.perf_counter() - t)
+        return statistics.median(ts_[2:])
+
+    def both():
+        with torch.cuda.stream(s1):
+            dev_b.copy_(host_a, non_blocking=True)
+        with torch.cuda.stream(s2):
+            host_b.copy_(dev_a, non_blocking=True)
+
+    h2d = nbytes / timed(lambda: dev_b.copy_(host_a, non_blocking=True)) / 1e9
+    d2h = nbytes / timed(lambda: host_b.copy_(dev_a, non_blocking=True)) / 1e9
+    bidir = 2 * nbytes / timed(both) / 1e9
+    return {"h2d": h2d, "d2h": d2h, "both": bidir}
+
+
+class ZipfBatches:
+    """Fresh Zipf(1.05) batches of ``B x L`` ids over ``rows`` rows, one popularity order."""
+
+    def __init__(self, rows: int, seed: int = 0):
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        w = 1.0 / torch.arange(1, rows + 1, device="cuda", dtype=torch.float64) ** 1.05
+        self.cdf = torch.cumsum(w / w.sum(), 0)
+        self.order = torch.randperm(rows, device="cuda", generator=g)
+        self.gen = g
+
+    def __call__(self) -> torch.Tensor:
+        u = torch.rand(B * L, device="cuda", dtype=torch.float64, generator=self.gen)
+        rank = torch.searchsorted(self.cdf, u).clamp_(max=self.order.numel() - 1)
+        return self.order[rank].view(B, L)
+
+
+def pipelined_ms(emb, train, batches: list, warm: int, depth: int = 1) -> float:
+    """Mean wall time per step of the loop under ``ts.prefetching``, steps back to back as a
+    user runs them (one synchronise after the warm-up steps and one at the end)."""
+    t = 0.0
+    for k, x in enumerate(ts.prefetching(batches, emb, depth=depth)):
+        if k == warm:
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+        train(x)
+    torch.cuda.synchronize()
+    return 1e3 * (time.perf_counter() - t) / max(1, len(batches) - warm)
+
+
+def stream_ms(train, batches: list, warm: int) -> float:
+    """Mean wall time per step of steps queued back to back (one synchronise at each end)."""
+    for x in batches[:warm]:
+        train(x)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for x in batches[warm:]:
+        train(x)
+    torch.cuda.synchronize()
+    return 1e3 * (time.perf_counter() - t) / max(1, len(batches) - warm)
+
+
+def moved(emb, before: ts.CacheStats, steps: int) -> tuple[float, float]:
+    """Bytes per step filled into L1 and written back from it since ``before``."""
+    now = emb.stats()
+    fills = (now.bytes_l2_to_l1 - before.bytes_l2_to_l1) / steps
+    wbs = (now.bytes_l1_to_l2 - before.bytes_l1_to_l2) / steps
+    return fills, wbs
+
+
+def floor_ms(all_hits_ms: float, fills: float, wbs: float, rates: dict) -> float:
+    """The larger of the all-in-L1 step and the step's moves at the measured DMA rates."""
+    pcie = max(fills / rates["h2d"], wbs / rates["d2h"], (fills + wbs) / rates["both"]) / 1e6
+    return max(all_hits_ms, pcie)
+
+
+def torch_baseline(rows: int, batches: list, warm: int, opt: str) -> float:
+    emb = torch.nn.EmbeddingBag(rows, D, mode="sum", sparse=True, device="cuda")
+    optim = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad}[opt](emb.parameters(), lr=0.01)
+    g = torch.randn(B, D, device="cuda")
+
+    def step(x):
+        optim.zero_grad(set_to_none=True)
+        emb(x).backward(g)
+        optim.step()
+
+    return stream_ms(step, batches, warm)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=20_000_000)
+    parser.add_argument("--quick", action="store_true", help="RowWiseAdagrad only, fewer steps")
+    parser.add_argument("--json", default=None, help="write the figures here")
+    args = parser.parse_args()
+    warm, timed = (30, 12) if args.quick else (40, 20)
+    props = torch.cuda.get_device_properties(0)
+    rates = dma_rates()
+    print(
+        f"# {props.name}; table {args.rows:,} x {D} fp32; batch {B:,} bags x {L} ids, "
+        f"Zipf(1.05) fresh each step; {warm} warm-up + {timed} timed steps; ms per step\n"
+        f"# pinned DMA GB/s: H2D {rates['h2d']:.1f}, D2H {rates['d2h']:.1f}, "
+        f"both at once {rates['both']:.1f}"
+    )
+    zipf = ZipfBatches(args.rows)
+    batches = [zipf() for _ in range(warm + timed)]
+    results: list[dict] = []
+    base = {o: torch_baseline(args.rows, batches, warm, o) for o in ("sgd", "adagrad")}
+    torch.cuda.empty_cache()
+    print(f"torch whole in HBM: SGD {base['sgd']:.2f} ms, Adagrad {base['adagrad']:.2f} ms")
+    results.append({"what": "torch", **base})
+    g = torch.randn(B, D, device="cuda")
+    header = (
+        f"{'optimizer':<10} {'L1':>5} {'plain':>7} {'pipelined':>9} "
+        f"{'graphed':>8} {'floor':>7} {'hit':>6} {'fill MB':>8} {'wb MB':>7} "
+        f"{'H2D GB/s':>8} {'D2H GB/s':>8}"
+    )
+    print(header)
+    optimizers = {"rowwise": ts.RowWiseAdagrad(lr=0.01)}
+    if not args.quick:
+        optimizers["sgd"] = ts.SGD(lr=0.01)
+    for opt_name, opt in optimizers.items():
+        all_hits = None
+        for share in (1.0, 0.2, 0.05):
+            t0 = time.perf_counter()
+            emb = ts.TieredEmbeddingBag(
+                args.rows, D, mode="sum", cache_rows=int(share * args.rows), optimizer=opt,
+                device="cuda",
+            )  # fmt: skip
+            made_s = time.perf_counter() - t0
+
+            def train(x, emb=emb):
+                emb(x).backward(g)
+
+            queued = stream_ms(train, batches, warm)
+            before = emb.stats()
+            pipe = pipelined_ms(emb, train, batches, warm)
+            fills, wbs = moved(emb, before, len(batches))
+            hit = emb.stats().hit_rate
+            graphed = stream_ms(ts.GraphedStep(train), batches, warm)
+            best = min(queued, pipe, graphed)
+            if share == 1.0:
+                all_hits = best
+            floor = floor_ms(all_hits, fills, wbs, rates)
+            h2d, d2h = fills / best / 1e6, wbs / best / 1e6
+            print(
+                f"{opt_name:<10} {share:>5.0%} {queued:>7.2f} {pipe:>9.2f} {graphed:>8.2f} "
+                f"{floor:>7.2f} {hit:>6.3f} {fills / 1e6:>8.1f} {wbs / 1e6:>7.1f} {h2d:>8.1f} "
+                f"{d2h:>8.1f}   (table made in {made_s:.1f} s)",
+                flush=True,
+            )
+            results.append(dict(optimizer=opt_name, l1=share, plain=queued,
+                                pipelined=pipe, graphed=graphed,
+                                floor=floor, hit_rate=hit, fill_bytes=fills, wb_bytes=wbs,
+                                create_s=made_s))  # fmt: skip
+            del emb, train
+            torch.cuda.empty_cache()
+    print(
+        "all mean ms per step, steps queued back to back: plain eager loop; pipelined: "
+        "under prefetching(depth=1); graphed: GraphedStep (plain); floor: max(best all-in-L1 "
+        "step, the step's fills and writebacks at the DMA rates); GB/s at the best time"
+    )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"gpu": props.name, "dma": rates, "rows": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

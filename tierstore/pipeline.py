@@ -1,0 +1,227 @@
+"""The prefetch pipeline: later batches' cache steps run while the current batch computes.
+
+``TieredEmbeddingBag.prefetch(indices, offsets)`` queues a later batch in the table's
+:class:`PrefetchQueue`. On CUDA (whole table in L2) its cache step runs on a side stream of the
+table's store, ordered against the compute stream by events only:
+
+* ``push`` (the prefetch call) records an event on the compute stream and queues the batch's
+  unique step on the side stream after it: that step changes nothing, so it may run before the
+  batch's checks are read back. The side stream is thus ordered after everything the compute
+  stream had queued by then (the previous batch's backward has released its locks and marked its
+  rows dirty before this batch chooses victims).
+* ``advance`` (at the end of the next ``forward``, when the compute stream has that forward's
+  kernels queued and the host may wait without idling the device) waits for the checks and
+  queues the rest of the cache step (probe, victims, writebacks, fills) on the side stream.
+* ``pop`` (the batch's own ``forward``) makes the compute stream wait for that batch's step.
+
+While a later batch's step may still run beside the compute stream, the current batch keeps its
+L1 rows locked (its backward does not unlock them in its kernels), and its release and its
+conflict-miss refresh wait for the side stream (``TieredStore.join_side``): the later step can
+never evict a row in use, and a row that a later step filled from L2 before this batch updated
+it there is refreshed. So the rows and outputs are bitwise those of the unpipelined loop; only
+which rows are cached when may differ.
+
+On the CPU backend, and with an SSD tier (whose lookup reads the device on the host), the same
+queue runs every step in order on the current stream.
+
+Shapes: ``n`` indices of a batch.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .errors import InvalidInputError, TierstoreError
+from .store import Batch, TieredStore, UniqueStep
+from .validate import BatchChecks
+
+
+@dataclass
+class _Prefetched:
+    """A queued batch: the user's tensors (to recognise its forward), its flat ids, its checks,
+    its unique step and, once placed, the batch and the event that marks it ready."""
+
+    key: tuple[Any, ...]  # (input, offsets) as the user passed them
+    versions: tuple[int, ...]  # their in-place version counters at prefetch time
+    flat: torch.Tensor  # (n,) int64 on the device
+    checks: BatchChecks
+    step: UniqueStep | None
+    batch: Batch | None = None
+    ready: torch.cuda.Event | None = None
+    error: TierstoreError | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def _versions(tensors: tuple[Any, ...]) -> tuple[int, ...]:
+    return tuple(t._version if isinstance(t, torch.Tensor) else -1 for t in tensors)
+
+
+def _same_tensors(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
+
+
+def _keep_for(stream: torch.cuda.Stream, batch: Batch) -> None:
+    """Tells the caching allocator that the batch's side-stream buffers are also used on
+    ``stream``, so that it does not hand their memory to a later side-stream allocation while
+    the compute stream may still read them."""
+    tensors = [batch.ids, batch.slots, batch.addresses, batch.count, batch._inverse]
+    if batch.transpose is not None:
+        tensors += [v for v in vars(batch.transpose).values() if isinstance(v, torch.Tensor)]
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.is_cuda:
+            t.record_stream(stream)
+
+
+class PrefetchQueue:
+    """A table's prefetched batches, oldest first (see the module docstring).
+
+    Args:
+        store: the table's :class:`TieredStore`.
+    """
+
+    def __init__(self, store: TieredStore):
+        self.store = store
+        self.entries: deque[_Prefetched] = deque()
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def push(self, key: tuple[Any, ...], flat: torch.Tensor, checks: BatchChecks) -> None:
+        """Queues a later batch: its unique step now (on the side stream, where there is one),
+        the rest at the next :meth:`advance`. A batch that fails its checks raises here where
+        the steps run in order, else at its forward (it changed nothing either way)."""
+        side = self.store.side_stream()
+        entry = _Prefetched(key, _versions(key), flat, checks, None)
+        if side is None:
+            entry.step = self.store.unique(flat)
+        else:
+            side.wait_stream(torch.cuda.current_stream(self.store.device))
+            with torch.cuda.stream(side):
+                entry.step = self.store.unique(flat)
+        self.entries.append(entry)
+        if side is None:  # in order: place it now, and refuse a bad batch at once
+            self.advance()
+            if entry.error is not None:
+                self.entries.pop()
+                raise entry.error
+
+    def advance(self) -> None:
+        """Places every queued batch not placed yet: waits for its checks (a bad batch is
+        kept, with its error, to raise at its forward; nothing of it changed the table), then
+        queues the rest of its cache step."""
+        side = self.store.side_stream()
+        for entry in self.entries:
+            if entry.batch is not None or entry.error is not None:
+                continue
+            try:
+                entry.checks.wait()
+            except TierstoreError as e:
+                entry.error, entry.step = e, None
+                continue
+            if side is None:
+                entry.batch = self.store.place(entry.step)
+            else:
+                with torch.cuda.stream(side):
+                    entry.batch = self.store.place(entry.step)
+                entry.ready = self.store.mark_side_work()
+                _keep_for(torch.cuda.current_stream(self.store.device), entry.batch)
+            entry.step = None
+
+    def pop(self, key: tuple[Any, ...], flat: torch.Tensor) -> Batch | None:
+        """The oldest queued batch if ``key`` is its forward (the same tensors, unchanged, or
+        equal ids), ready to use on the current stream; None if nothing is queued. Raises
+        :class:`InvalidInputError` on a forward that is not the oldest prefetched batch's."""
+        if not self.entries:
+            return None
+        entry = self.entries[0]
+        same = _same_tensors(entry.key, key) and entry.versions == _versions(key)
+        if not same and not torch.equal(entry.flat, flat):  # reads the device: not the fast way
+            raise InvalidInputError(
+                "forward's indices differ from the oldest prefetched batch: prefetch batches "
+                "in the order forward will see them (or call clear_prefetched() first)"
+            )
+        if entry.batch is None and entry.error is None:
+            self.advance()  # places it (and the later ones: they would be placed anyway)
+        self.entries.popleft()
+        if entry.error is not None:
+            raise entry.error
+        if entry.ready is not None:
+            torch.cuda.current_stream(self.store.device).wait_event(entry.ready)
+        return entry.batch
+
+    def clear(self) -> None:
+        """Drops every queued batch, releasing the rows of those already placed."""
+        while self.entries:
+            entry = self.entries.popleft()
+            if entry.batch is not None:
+                self.store.release(entry.batch)
+        self.store.join_side()
+
+
+def prefetching(batches: Iterable[Any], modules: Any, depth: int = 2) -> Iterator[Any]:
+    """Yields each of ``batches`` unchanged while keeping the next ``depth`` batches
+    prefetched into every module of ``modules`` (one module or an iterable of them), so that
+    their cache steps run while the current batch computes.
+
+    A batch is what the modules' forward takes: an index tensor, or an ``(indices, offsets)``
+    or ``(indices, offsets, per_sample_weights)`` tuple; every module is prefetched with the
+    same indices and offsets. The loop body must call each module's forward on the yielded
+    batch, in order (a batch skipped or changed in between raises at the next forward). The
+    trained rows and outputs are bitwise those of the same loop without ``prefetching``.
+
+    Example::
+
+        for ids, offsets in ts.prefetching(loader, emb, depth=2):
+            loss = model(emb(ids, offsets))
+            loss.backward()
+    """
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
+        raise InvalidInputError(f"depth must be a non-negative int, got {depth!r}")
+    if isinstance(modules, torch.nn.Module) and hasattr(modules, "prefetch"):
+        modules = [modules]
+    modules = list(modules)
+    for m in modules:
+        if not hasattr(m, "prefetch"):
+            raise InvalidInputError(f"prefetching: {type(m).__name__} has no prefetch()")
+
+    def prefetch(batch: Any) -> None:
+        if isinstance(batch, torch.Tensor):
+            args: tuple[Any, ...] = (batch,)
+        elif isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+            args = tuple(batch[:2])
+        else:
+            raise InvalidInputError(
+                "prefetching: a batch must be an index tensor or an (indices, offsets[, "
+                f"per_sample_weights]) tuple, got {type(batch).__name__}"
+            )
+        for m in modules:
+            m.prefetch(*args)
+
+    it = iter(batches)
+    window: deque[Any] = deque()
+    for batch in it:  # the current batch and the next `depth`, each prefetched as it comes
+        prefetch(batch)
+        window.append(batch)
+        if len(window) > depth:
+            break
+    finished = False
+    try:
+        while window:
+            yield window.popleft()
+            nxt = next(it, _END)
+            if nxt is not _END:
+                prefetch(nxt)
+                window.append(nxt)
+        finished = True
+    finally:
+        if not finished:  # the loop stopped early: release what it had looked ahead
+            for m in modules:
+                m.clear_prefetched()
+
+
+_END = object()
