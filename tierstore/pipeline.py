@@ -9,9 +9,10 @@ table's store, ordered against the compute stream by events only:
   batch's checks are read back. The side stream is thus ordered after everything the compute
   stream had queued by then (the previous batch's backward has released its locks and marked its
   rows dirty before this batch chooses victims).
-* ``advance`` (at the end of the next ``forward``, when the compute stream has that forward's
-  kernels queued and the host may wait without idling the device) waits for the checks and
-  queues the rest of the cache step (probe, victims, writebacks, fills) on the side stream.
+* ``advance`` (at the end of the previous batch's ``forward``, when the compute stream has
+  that forward's kernels queued and the host may wait without idling the device) waits for the
+  next batch's checks and queues the rest of its cache step (probe, victims, writebacks, fills)
+  on the side stream. Only the next batch is placed ahead: at most two batches hold rows.
 * ``pop`` (the batch's own ``forward``) makes the compute stream wait for that batch's step.
 
 While a later batch's step may still run beside the compute stream, the current batch keeps its
@@ -93,44 +94,45 @@ class PrefetchQueue:
 
     def push(self, key: tuple[Any, ...], flat: torch.Tensor, checks: BatchChecks) -> None:
         """Queues a later batch: its unique step now (on the side stream, where there is one),
-        the rest at the next :meth:`advance`. A batch that fails its checks raises here where
-        the steps run in order, else at its forward (it changed nothing either way)."""
+        the rest when it is next in line (:meth:`advance`). A batch that fails its checks
+        raises here where the steps run in order, else at its forward (it changed nothing
+        either way)."""
         side = self.store.side_stream()
         entry = _Prefetched(key, _versions(key), flat, checks, None)
         if side is None:
+            checks.wait()  # in order: the host reads the checks now, and a bad batch raises
             entry.step = self.store.unique(flat)
         else:
             side.wait_stream(torch.cuda.current_stream(self.store.device))
             with torch.cuda.stream(side):
                 entry.step = self.store.unique(flat)
         self.entries.append(entry)
-        if side is None:  # in order: place it now, and refuse a bad batch at once
-            self.advance()
-            if entry.error is not None:
-                self.entries.pop()
-                raise entry.error
 
     def advance(self) -> None:
-        """Places every queued batch not placed yet: waits for its checks (a bad batch is
-        kept, with its error, to raise at its forward; nothing of it changed the table), then
-        queues the rest of its cache step."""
+        """Places the next batch in line if it is not placed yet: waits for its checks (a bad
+        batch is kept, with its error, to raise at its forward; nothing of it changed the
+        table), then queues the rest of its cache step. Only the next batch is placed, so that
+        at most two batches hold rows at a time (the current one and the next); the later ones
+        have their unique step done."""
+        if not self.entries:
+            return
+        entry = self.entries[0]
+        if entry.batch is not None or entry.error is not None:
+            return
+        try:
+            entry.checks.wait()
+        except TierstoreError as e:
+            entry.error, entry.step = e, None
+            return
         side = self.store.side_stream()
-        for entry in self.entries:
-            if entry.batch is not None or entry.error is not None:
-                continue
-            try:
-                entry.checks.wait()
-            except TierstoreError as e:
-                entry.error, entry.step = e, None
-                continue
-            if side is None:
+        if side is None:
+            entry.batch = self.store.place(entry.step)
+        else:
+            with torch.cuda.stream(side):
                 entry.batch = self.store.place(entry.step)
-            else:
-                with torch.cuda.stream(side):
-                    entry.batch = self.store.place(entry.step)
-                entry.ready = self.store.mark_side_work()
-                _keep_for(torch.cuda.current_stream(self.store.device), entry.batch)
-            entry.step = None
+            entry.ready = self.store.mark_side_work()
+            _keep_for(torch.cuda.current_stream(self.store.device), entry.batch)
+        entry.step = None
 
     def pop(self, key: tuple[Any, ...], flat: torch.Tensor) -> Batch | None:
         """The oldest queued batch if ``key`` is its forward (the same tensors, unchanged, or
@@ -145,8 +147,7 @@ class PrefetchQueue:
                 "forward's indices differ from the oldest prefetched batch: prefetch batches "
                 "in the order forward will see them (or call clear_prefetched() first)"
             )
-        if entry.batch is None and entry.error is None:
-            self.advance()  # places it (and the later ones: they would be placed anyway)
+        self.advance()  # places it, if the last forward did not
         self.entries.popleft()
         if entry.error is not None:
             raise entry.error

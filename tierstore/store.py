@@ -246,6 +246,7 @@ class TieredStore:
         The two halves are also callable apart (:meth:`unique` then :meth:`place`), which the
         prefetch pipeline (``pipeline.py``) does on a side stream.
         """
+        self.join_side()
         pending = self.unique(indices, backward)
         if before_change is not None:
             before_change()
@@ -254,7 +255,6 @@ class TieredStore:
     def unique(self, indices: torch.Tensor, backward: bool = True) -> UniqueStep:
         """A batch's unique step: its unique ids ascending and what backward reuses. Changes
         nothing and reads no id out of bounds, so it may run before the batch's checks pass."""
-        self.join_side()
         padded = not self.inclusive_host and getattr(self.l1, "sync_free", False)
         return UniqueStep(*batch_unique(self.backend, indices, self.num_rows, padded, backward))
 
@@ -299,8 +299,11 @@ class TieredStore:
     def join_side(self) -> None:
         """Orders the current stream after every lookup queued on the side stream so far (no
         host wait): called before anything else reads or changes the cache's state."""
-        if self._side_tail is not None:
-            torch.cuda.current_stream(self.device).wait_event(self._side_tail)
+        if self._side_tail is None:
+            return
+        current = torch.cuda.current_stream(self.device)
+        if current != self._side:  # the side stream's own work is in order already
+            current.wait_event(self._side_tail)
             self._side_tail = None
 
     @property
