@@ -259,7 +259,10 @@ __device__ __forceinline__ void move_part(T* const (&l1)[ROWS], T* const (&back)
 
 // Moves the rows of the fills: for fill f (ascending ids), a dirty victim's row goes from its
 // slot back to its L2 address l1_home[slot], then the missed row comes in from L2 and the slot
-// records its L2 address. A warp moves ROWS fills at once, K elements of type T (float, or
+// records its L2 address. Where L2 keeps a map of the rows ever written (`written`, a byte per
+// row in pinned host memory, or null; host.py HostTable), a fill whose row was never written is
+// computed here from its id (init.cu's initial rows, bit for bit: the L2 address of such a table
+// is the row id) instead of crossing PCIe, and a writeback marks its row written. A warp moves ROWS fills at once, K elements of type T (float, or
 // float4 when both parts of a row are 16-byte aligned) per lane and row per pass. Victims and
 // fills never share an L2 row (a victim is cached and not in the batch, a fill is in the batch),
 // and each slot belongs to one fill: no ordering across warps.
@@ -274,7 +277,9 @@ __device__ void move_rows(const i64* __restrict__ fill_index,   // (F,) position
                           i64 state_pitch,                      // floats a slot
                           i64* __restrict__ l1_home,            // (C,)
                           float* __restrict__ l2,               // (L2 rows, width), pinned host
-                          i64 dim, i64 width) {
+                          i64 dim, i64 width,
+                          unsigned char* __restrict__ written,  // (L2 rows,) pinned host, or null
+                          i64 seed_key, float scale, float initial_state) {
   const int lane = ts_lane();
   const int F = *n_fill;
   constexpr int FLOATS = (int)(sizeof(T) / sizeof(float));
@@ -282,7 +287,7 @@ __device__ void move_rows(const i64* __restrict__ fill_index,   // (F,) position
   const Tiers tiers = {l1_weights, l1_state, state_pitch, l2, dim, width};
   for (i64 f0 = ts_global_warp() * ROWS; f0 < F; f0 += ts_warp_count() * ROWS) {
     i64 slot[ROWS], home[ROWS], old_home[ROWS];
-    bool wb[ROWS], in[ROWS];
+    bool wb[ROWS], in[ROWS], fresh[ROWS];
     bool any_wb = false;
 #pragma unroll
     for (int r = 0; r < ROWS; r++) {
@@ -290,8 +295,10 @@ __device__ void move_rows(const i64* __restrict__ fill_index,   // (F,) position
       slot[r] = f < F ? fill_slots[f] : -1;
       home[r] = f < F ? addresses[fill_index[f]] : -1;
       wb[r] = f < F && victim_dirty[f];
-      in[r] = slot[r] >= 0;
       old_home[r] = wb[r] ? l1_home[slot[r]] : 0;
+      // a never-written row is computed below, not read (one byte over PCIe, not a row)
+      fresh[r] = slot[r] >= 0 && written != nullptr && written[home[r]] == 0;
+      in[r] = slot[r] >= 0 && !fresh[r];
       any_wb |= wb[r];
     }
     // The rows of both moves (row 0 stands in for rows a move skips: never dereferenced):
@@ -301,7 +308,7 @@ __device__ void move_rows(const i64* __restrict__ fill_index,   // (F,) position
     T* fill[ROWS];  // where a fill comes from
 #pragma unroll
     for (int r = 0; r < ROWS; r++) {
-      l1[r] = (T*)ts_row(tiers, in[r] ? slot[r] : 0, 0).w;
+      l1[r] = (T*)ts_row(tiers, in[r] || wb[r] ? slot[r] : 0, 0).w;
       back[r] = (T*)ts_row(tiers, -1, old_home[r]).w;
       fill[r] = (T*)ts_row(tiers, -1, in[r] ? home[r] : 0).w;
     }
@@ -309,18 +316,29 @@ __device__ void move_rows(const i64* __restrict__ fill_index,   // (F,) position
     // the copies, so more warps, more rows in flight over PCIe
     if (lane == 0) {
 #pragma unroll
-      for (int r = 0; r < ROWS; r++)
-        if (in[r]) l1_home[slot[r]] = home[r];
+      for (int r = 0; r < ROWS; r++) {
+        if (in[r] || fresh[r]) l1_home[slot[r]] = home[r];
+        if (wb[r] && written != nullptr) written[old_home[r]] = 1;
+      }
     }
     move_part<T, ROWS, K>(l1, back, fill, wb, in, any_wb, split);
     if (per > split) {
 #pragma unroll
       for (int r = 0; r < ROWS; r++) {
-        l1[r] = (T*)ts_row(tiers, in[r] ? slot[r] : 0, 0).s;
+        l1[r] = (T*)ts_row(tiers, in[r] || wb[r] ? slot[r] : 0, 0).s;
         back[r] += split;
         fill[r] += split;
       }
       move_part<T, ROWS, K>(l1, back, fill, wb, in, any_wb, per - split);
+    }
+    __syncwarp();  // the victims' rows are read (into their writebacks) before the slots change
+#pragma unroll
+    for (int r = 0; r < ROWS; r++) {
+      if (!fresh[r]) continue;
+      const u64 key = ts_row_key(home[r], seed_key);
+      const RowRef dst = ts_row(tiers, slot[r], 0);
+      for (i64 c = lane; c < width; c += 32)
+        dst.at(c, dim) = c < dim ? ts_initial_value(key, (int)c, scale) : initial_state;
     }
   }
 }
@@ -330,9 +348,11 @@ __device__ void move_rows(const i64* __restrict__ fill_index,   // (F,) position
                                   const unsigned char* victim_dirty, const int* n_fill,         \
                                   const i64* addresses, float* l1_weights, float* l1_state,     \
                                   i64 state_pitch, i64* l1_home, float* l2, i64 dim,            \
-                                  i64 width) {                                                  \
+                                  i64 width, unsigned char* written, i64 seed_key, float scale, \
+                                  float initial_state) {                                        \
     move_rows<ROWS, K, T>(fill_index, fill_slots, victim_dirty, n_fill, addresses, l1_weights,  \
-                          l1_state, state_pitch, l1_home, l2, dim, width);                      \
+                          l1_state, state_pitch, l1_home, l2, dim, width, written, seed_key,    \
+                          scale, initial_state);                                                \
   }
 TS_MOVE(move_rows_vec4, 8, 1, float4)
 TS_MOVE(move_rows_scalar, 4, 4, float)

@@ -82,3 +82,14 @@ extern "C" __global__ void refresh_conflict_rows(const i64* __restrict__ ids,   
     }
   }
 }
+
+// Marks the rows that a batch updated in L2 (its conflict misses: slot -1) as written in L2's
+// map of written rows (insert.cu move_rows: a never-written row is computed, not read).
+extern "C" __global__ void mark_written(const i64* __restrict__ slots,      // (U,)
+                                        const i64* __restrict__ addresses,  // (U,)
+                                        i64 n, const int* __restrict__ count,  // ts_items
+                                        unsigned char* __restrict__ written) {  // (L2 rows,)
+  n = ts_items(n, count);
+  for (i64 i = ts_global_thread(); i < n; i += ts_thread_count())
+    if (slots[i] < 0) written[addresses[i]] = 1;
+}

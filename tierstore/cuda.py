@@ -554,6 +554,15 @@ def _l2_written(store, addresses: torch.Tensor, where: torch.Tensor | None = Non
     host.mark_dirty(addresses)
 
 
+def _mark_written(store, batch) -> None:
+    """Marks the batch's conflict misses, updated in L2, in L2's map of written rows (if any)."""
+    if store.l2_written:
+        n = batch.ids.numel()
+        args = (batch.slots, _i64(batch.addresses, store.device), n, batch.count,
+                store.l2_written)  # fmt: skip
+        _run("rows.cu", "mark_written", store.device, n, args, per_warp=False)
+
+
 def _refresh_conflicts(store, batch, l2) -> None:
     """A conflict miss of ``batch`` was updated in L2; if a prefetched batch has filled it into
     L1 since (from the L2 row as it was then), copy the updated row over that L1 copy, as the
@@ -582,8 +591,11 @@ def move_rows(store, found, addresses: torch.Tensor) -> None:
     dim, width = store.layout.dim, store.layout.width
     l1 = _l1(store)
     vec4 = width % 4 == 0 and dim % 4 == 0 and l1[2] % 4 == 0  # every part 16-byte aligned
+    # a never-written row's fill is computed from its id where L2 maps its written rows
     args = (found.fill_index_buffer, found.fill_slots_buffer, found.victim_dirty_buffer,
-            found.n_fill, _i64(addresses, dev), *l1, store.l1_home, l2, dim, width)  # fmt: skip
+            found.n_fill, _i64(addresses, dev), *l1, store.l1_home, l2, dim, width,
+            store.l2_written, seed_key(store.seed), float(store.init_scale),
+            float(store.layout.initial_state))  # fmt: skip
     rows = _MOVE_ROWS[vec4]
     fn = "move_rows_vec4" if vec4 else "move_rows_scalar"
     _run("insert.cu", fn, dev, (n + rows - 1) // rows, args, per_warp=True)
@@ -617,6 +629,7 @@ def scatter(store, batch, rows: torch.Tensor) -> None:
     args = (batch.slots, _i64(batch.addresses, dev), n, *_l1(store), l2, store.l1.way_state,
             store.layout.dim, store.layout.width, rows)  # fmt: skip
     _run("rows.cu", "scatter_rows", dev, n, args, per_warp=True)
+    _mark_written(store, batch)
     _refresh_conflicts(store, batch, l2)
     if n and not isinstance(store.host, HostTable):
         _l2_written(store, batch.addresses, batch.slots < 0)
@@ -788,6 +801,7 @@ def backward(
         main.wait_stream(side)  # partial and the batch's buffers are freed on main: after this
         store.join_side()  # later lookups' fills are done before the refresh reads L1's tags
         batch.l1_released = unlock
+        _mark_written(store, batch)
         if store.l1.step != batch.lookup_number:  # another batch's fills may hold stale copies
             _refresh_conflicts(store, batch, l2)
         if batch.slots.numel() and not isinstance(store.host, HostTable):

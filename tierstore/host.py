@@ -64,6 +64,10 @@ class HostTable:
     ):
         self.num_rows, self.width = num_rows, width
         self.data = allocate_rows(num_rows, width, pin, "the host tier (L2)")
+        # A byte per row, set once the row is written: a row never written still holds its
+        # initial value, which the device computes from the id instead of reading it over PCIe
+        # (kernels/insert.cu move_rows). Kept beside the rows in host memory, never in HBM.
+        self.written = torch.zeros(num_rows, dtype=torch.uint8, pin_memory=pin)
         chunks = range(0, num_rows, _INIT_CHUNK)
         for lo in progress(chunks, desc="initialising rows", enabled=num_rows > 8 * _INIT_CHUNK):
             hi = min(lo + _INIT_CHUNK, num_rows)
@@ -82,7 +86,9 @@ class HostTable:
 
     def write(self, addresses: torch.Tensor, rows: torch.Tensor) -> None:
         """Stores ``rows`` at ``addresses`` (a full table has no tier below: nothing to mark)."""
-        self.data[addresses.cpu()] = rows.cpu()
+        addresses = addresses.cpu()
+        self.data[addresses] = rows.cpu()
+        self.written[addresses] = 1
 
     def pin(self, addresses: torch.Tensor) -> None:
         """Rows that entered L1 (an inclusive L2 keeps them); nothing to do for a full table."""

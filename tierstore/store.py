@@ -186,6 +186,11 @@ class TieredStore:
         data = getattr(self.host, "data", None)
         in_place = data is not None and data.dtype == torch.float32 and data.is_contiguous()
         self.l2_address = interop.device_pointer(data) if in_place else None
+        # and of L2's map of rows ever written (HostTable.written), 0 where it keeps none
+        written = getattr(self.host, "written", None)
+        self.l2_written = 0
+        if self.l2_address is not None and written is not None:
+            self.l2_written = interop.device_pointer(written)
         # Prefetched lookups run on a side stream (side_stream); the event of the last one the
         # current stream has not been ordered after yet (join_side)
         self._side: torch.cuda.Stream | None = None
