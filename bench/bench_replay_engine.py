@@ -13,14 +13,18 @@ compiled twin where numba is installed; ``--torch-step`` forces the torch step (
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from tierstore import cache
-from tierstore.replay.engine import replay_engine
-from tierstore.report import format_table
-from tierstore.trace import zipf_trace
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's tierstore
+
+from tierstore import cache  # noqa: E402
+from tierstore.replay.engine import replay_engine  # noqa: E402
+from tierstore.report import format_table  # noqa: E402
+from tierstore.trace import zipf_trace  # noqa: E402
 
 
 def main() -> None:

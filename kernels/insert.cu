@@ -1,7 +1,7 @@
 // The second half of a cache step: misses are grouped by set, each touched set chooses its
 // victims, the fills are listed in ascending id order, and the rows move: a dirty victim goes
 // back to L2, then the missed row comes in from L2 (ascending ids, so ascending host
-// addresses: DESIGN.md's lesson on zero-copy reads over PCIe).
+// addresses: docs/DESIGN.md's lesson on zero-copy reads over PCIe).
 //
 // Grouping without a sort: probe counted the misses of each set (set_misses) and listed the
 // touched sets; reserve_segments gives each touched set a contiguous segment of a buffer,

@@ -1,6 +1,6 @@
 """An obviously-right model of the set-associative cache: plain Python, one id at a time.
 
-It follows DESIGN.md's rules literally and shares no code with ``tierstore.cache`` beyond the
+It follows docs/DESIGN.md's rules literally and shares no code with ``tierstore.cache`` beyond the
 documented hash (re-implemented here on Python ints).
 """
 

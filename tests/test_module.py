@@ -214,7 +214,7 @@ def test_per_sample_weight_gradient_matches_torch(device):
     seed=st.integers(0, 1000),
 )
 def test_transparency_bitwise_whatever_the_cache(configs, opt, seed):
-    """DESIGN.md's one rule: the trained rows do not depend on the cache (CPU backend)."""
+    """docs/DESIGN.md's one rule: the trained rows do not depend on the cache (CPU backend)."""
     batches, grads = make_run(seed, steps=12)
     make_opt = {
         "sgd": lambda: ts.SGD(0.1),

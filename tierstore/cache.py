@@ -1,4 +1,4 @@
-"""The set-associative cache: the semantics every backend shares (DESIGN.md, "L1").
+"""The set-associative cache: the semantics every backend shares (docs/DESIGN.md, "L1").
 
 This is the CPU backend and the specification: torch ops, vectorised, no Python loop per id.
 The CUDA backend (``tierstore/cuda.py``) keeps the same state in HBM and must end every step in

@@ -1,7 +1,7 @@
 """The set-associative cache's step as compiled loops: ``SetAssociativeCache.lookup`` in a few
 passes over the batch instead of some thirty.
 
-``cache.py``'s torch step is the specification (DESIGN.md, "L1"); this is its twin for the CPU
+``cache.py``'s torch step is the specification (docs/DESIGN.md, "L1"); this is its twin for the CPU
 where numba is installed, and ``tests/test_cache_compiled.py`` checks that both end every step
 in the same state and return the same ``Lookup``, bit for bit. It works in place on numpy views
 of the cache's tensors (``Tensor.numpy()`` shares their memory).

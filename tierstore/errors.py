@@ -41,3 +41,8 @@ class StorageFullError(StorageError):
 
 class TableLockedError(StorageError):
     """Another process holds the table open for writing."""
+
+
+class InternalError(TierstoreError, RuntimeError):
+    """An invariant of the engine does not hold (a bug in tierstore, not in the caller's input);
+    the message names the invariant and the values found."""

@@ -1,7 +1,7 @@
 """The main job: train a tiered table on a synthetic skewed trace at several cache sizes and
 report hit rate and throughput against cache size (``tierstore run``).
 
-It doubles as a check of DESIGN.md's one rule: every configuration trains the same rows, so
+It doubles as a check of docs/DESIGN.md's one rule: every configuration trains the same rows, so
 the job ends by comparing a checksum of the trained table across all of them.
 """
 

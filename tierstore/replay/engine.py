@@ -22,6 +22,7 @@ from .. import cache_compiled
 from .. import stats as st
 from ..cache import EMPTY, SetAssociativeCache
 from ..compiled import COMPILED, compiled
+from .invariants import check_replay
 
 
 @dataclass
@@ -275,4 +276,5 @@ def replay_engine(
     c = l1.counters.tolist()
     res.requests, res.unique, res.hits = c[st.REQUESTS], c[st.UNIQUE], c[st.HITS]
     res.misses, res.conflicts, res.evictions = c[st.MISSES], c[st.CONFLICTS], c[st.EVICTIONS]
+    check_replay(res, l1, l2, home)  # locks zero, counters consistent: else InternalError
     return res

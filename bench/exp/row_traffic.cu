@@ -1,4 +1,4 @@
-// Benchmark-only kernels (bench/bench_cuda.py, section "floor"): the least a training step's
+// Benchmark-only kernels (bench/exp/floor.py): the least a training step's
 // row traffic can cost on a card. A thread per 16 bytes of a row, nothing else to wait on: the
 // row's index is read from a dense list, the row is read (and written back). What a step's
 // kernels add to these floors is the cost of their own work (lookups, gradient sums, order).
