@@ -178,3 +178,23 @@ def test_the_prefetched_loop_never_syncs_the_host():
                 torch.cuda.set_sync_debug_mode("default")
     torch.cuda.set_sync_debug_mode("default")
     assert no_locks(emb)
+
+
+@pytest.mark.gpu
+def test_l2_marks_every_row_it_was_written():
+    """A fill computes a never-written row from its id (kernels/insert.cu move_rows): so L2's
+    map of written rows must cover every row whose L2 value left its initial one."""
+    emb = make("cuda", 24, optimizer=ts.SGD(0.3))
+    batches = [to(b, "cuda") for b in zipf_batches(12, 30)]
+    for idx, offs in ts.prefetching(batches, emb, depth=1):
+        emb(idx, offs).sum().backward()
+    host = emb.store.host
+    initial = emb.store.init_rows(torch.arange(N, device="cuda")).cpu()
+    changed = (host.data != initial).any(1)
+    assert bool(changed.any())  # evictions wrote trained rows back
+    assert not bool((changed & (host.written == 0)).any())
+    ref = make("cpu", N, optimizer=ts.SGD(0.3))
+    for idx, offs in batches:
+        ref(idx.cpu(), offs.cpu()).sum().backward()
+    rows = torch.arange(N)
+    assert torch.allclose(emb.read_rows(rows.cuda()).cpu(), ref.read_rows(rows), atol=1e-6)
