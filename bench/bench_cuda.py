@@ -85,9 +85,11 @@ def bench_forward_and_step(out: list, quick: bool) -> None:
     it = 10 if quick else 30
     header(f"forward and training step, every row in L1: {N:,} x {D} fp32, {B} bags x {L}")
     weight = torch.randn(N, D, device="cuda")
-    sgd = ts.TieredEmbeddingBag(N, D, cache_rows=N, optimizer=ts.SGD(lr=0.01), device="cuda")
+    sgd = ts.TieredEmbeddingBag(
+        N, D, mode="sum", cache_rows=N, optimizer=ts.SGD(lr=0.01), device="cuda"
+    )
     rw = ts.TieredEmbeddingBag(
-        N, D, cache_rows=N, optimizer=ts.RowWiseAdagrad(lr=0.01), device="cuda"
+        N, D, mode="sum", cache_rows=N, optimizer=ts.RowWiseAdagrad(lr=0.01), device="cuda"
     )
     g = torch.randn(B, D, device="cuda")
     for dist in ("uniform", "zipf"):
@@ -227,7 +229,7 @@ def bench_ab(out: list, quick: bool) -> None:
     offsets = torch.arange(0, B * L + 1, L, device="cuda")
     header("same-run comparison of the fast paths (RowWiseAdagrad, every row in L1)")
     emb = ts.TieredEmbeddingBag(
-        N, D, cache_rows=N, optimizer=ts.RowWiseAdagrad(lr=0.01), device="cuda"
+        N, D, mode="sum", cache_rows=N, optimizer=ts.RowWiseAdagrad(lr=0.01), device="cuda"
     )
     store = emb.store
     g = torch.randn(B, D, device="cuda")
@@ -272,7 +274,7 @@ def bench_profile(out: list, quick: bool) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     emb = ts.TieredEmbeddingBag(
-        N, D, cache_rows=N, optimizer=ts.RowWiseAdagrad(lr=0.01), device="cuda"
+        N, D, mode="sum", cache_rows=N, optimizer=ts.RowWiseAdagrad(lr=0.01), device="cuda"
     )
     g = torch.randn(B, D, device="cuda")
     for dist in ("uniform", "zipf"):
@@ -353,7 +355,9 @@ def bench_moves(out: list, quick: bool) -> None:
         header(
             f"rows moved L2 (pinned host) <-> L1, rows of {width_name}, 1 M unique misses per step"
         )
-        emb = ts.TieredEmbeddingBag(N, D, cache_rows=1 << 20, optimizer=opt, device="cuda")
+        emb = ts.TieredEmbeddingBag(
+            N, D, mode="sum", cache_rows=1 << 20, optimizer=opt, device="cuda"
+        )
         store = emb.store
         rb = store.layout.row_bytes
         for dirty in (False, True):
@@ -403,7 +407,12 @@ def bench_sweep(out: list, quick: bool) -> None:
     g = torch.randn(B, D, device="cuda")
     for pct in (1, 5, 20, 100):
         emb = ts.TieredEmbeddingBag(
-            N, D, cache_rows=N * pct // 100, optimizer=ts.RowWiseAdagrad(lr=0.01), device="cuda"
+            N,
+            D,
+            mode="sum",
+            cache_rows=N * pct // 100,
+            optimizer=ts.RowWiseAdagrad(lr=0.01),
+            device="cuda",
         )
         for x in x_all[: len(x_all) // 2]:  # warm the cache
             emb(x).backward(g)
@@ -496,7 +505,7 @@ def bench_floor(out: list, quick: bool) -> None:
         )
     )
     emb = ts.TieredEmbeddingBag(
-        N, D, cache_rows=N, optimizer=ts.RowWiseAdagrad(lr=0.01), device="cuda"
+        N, D, mode="sum", cache_rows=N, optimizer=ts.RowWiseAdagrad(lr=0.01), device="cuda"
     )
     g = torch.randn(B, D, device=dev)
     x = ids.view(B, L)
