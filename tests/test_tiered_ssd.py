@@ -91,6 +91,7 @@ def test_unbounded_hashed_ids(tmp_path):
     b = ts.TieredEmbeddingBag(
         None,
         D,
+        mode="sum",
         cache_rows=4096,
         host_rows=8192,
         path=tmp_path / "b",
