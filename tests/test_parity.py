@@ -336,6 +336,7 @@ def test_max_mode_on_each_backend_and_its_refusals(device):
         ts.TieredEmbeddingBag(num, dim, device=device, **kw),
         ts.TieredEmbeddingBag(num, dim, device="cpu", **kw),
     )
+    w0 = ref.read_rows(torch.arange(num))
     for _ in range(4):
         idx = torch.randint(0, num, (200,), generator=gen)
         offs = torch.sort(torch.randint(0, 200, (20,), generator=gen)).values
@@ -349,6 +350,7 @@ def test_max_mode_on_each_backend_and_its_refusals(device):
         emb.read_rows(torch.arange(num), with_state=True).cpu(),
         ref.read_rows(torch.arange(num), with_state=True), rtol=1e-5, atol=1e-6,
     )  # fmt: skip
+    assert not torch.equal(ref.read_rows(torch.arange(num)), w0)  # and they trained
     with torch.no_grad():  # an inference forward takes the same path
         torch.testing.assert_close(emb(idx.to(device), offs.to(device)).cpu(), ref(idx, offs))
     before = snapshot(emb, num)
