@@ -21,7 +21,7 @@ from . import bag_max, cpu, graphs
 from .cache import EMPTY, by_slot, cache_shape
 from .errors import CapacityError, InvalidInputError, TableMismatchError
 from .optim import SGD, Optimizer
-from .policy import Policy
+from .policy import Policy, make_policy
 from .stats import CacheStats
 from .store import Batch, RowLayout, TieredStore, initial_rows
 from .validate import drop_padding, normalize_batch
@@ -284,6 +284,8 @@ class TieredEmbeddingBag(nn.Module):
             if num_embeddings is None:
                 raise InvalidInputError("cache_rows is required when num_embeddings is None")
             cache_rows = max(1, math.ceil(0.2 * num_embeddings))
+        cache_shape(cache_rows, ways)  # bad L1 options are refused before an SSD tier is made
+        make_policy(policy)
         ssd_given = {
             name: value
             for name, value, default in (
