@@ -34,7 +34,9 @@ def bench_moves(quick: bool) -> list[Table]:
             f"{N:,} x {D} fp32 table, L1 of {MISSES:,} rows", f"{MISSES:,} unique misses a step",
             "GB/s",
         )  # fmt: skip
-        emb = ts.TieredEmbeddingBag(N, D, cache_rows=MISSES, optimizer=opt, device="cuda")
+        emb = ts.TieredEmbeddingBag(
+            N, D, mode="sum", cache_rows=MISSES, optimizer=opt, device="cuda"
+        )
         store = emb.store
         row_bytes = store.layout.row_bytes
         for dirty in (False, True):

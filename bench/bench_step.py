@@ -38,7 +38,9 @@ def bench_forward(quick: bool) -> Table:
     table = Table("forward, every row in L1", TYPES, BATCH, "ms")
     offsets = offsets_of_bags()
     weight = torch.randn(N, D, device="cuda")
-    emb = ts.TieredEmbeddingBag(N, D, cache_rows=N, optimizer=ts.SGD(lr=0.01), device="cuda")
+    emb = ts.TieredEmbeddingBag(
+        N, D, mode="sum", cache_rows=N, optimizer=ts.SGD(lr=0.01), device="cuda"
+    )
     store = emb.store
     for dist in ("uniform", "zipf"):
         ids = trace(dist, B * L)
@@ -91,9 +93,11 @@ def bench_train(quick: bool) -> Table:
     offsets = offsets_of_bags()
     g = torch.randn(B, D, device="cuda")
     tables = {
-        "SGD": ts.TieredEmbeddingBag(N, D, cache_rows=N, optimizer=ts.SGD(lr=0.01), device="cuda"),
+        "SGD": ts.TieredEmbeddingBag(
+            N, D, mode="sum", cache_rows=N, optimizer=ts.SGD(lr=0.01), device="cuda"
+        ),
         "RowWiseAdagrad": ts.TieredEmbeddingBag(
-            N, D, cache_rows=N, optimizer=ts.RowWiseAdagrad(lr=0.01), device="cuda"
+            N, D, mode="sum", cache_rows=N, optimizer=ts.RowWiseAdagrad(lr=0.01), device="cuda"
         ),
     }
     for dist in ("uniform", "zipf"):

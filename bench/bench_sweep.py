@@ -30,7 +30,12 @@ def bench_sweep(quick: bool) -> Table:
     half = len(batches) // 2
     for pct in (1, 5, 20, 100):
         emb = ts.TieredEmbeddingBag(
-            N, D, cache_rows=N * pct // 100, optimizer=ts.RowWiseAdagrad(lr=0.01), device="cuda"
+            N,
+            D,
+            mode="sum",
+            cache_rows=N * pct // 100,
+            optimizer=ts.RowWiseAdagrad(lr=0.01),
+            device="cuda",
         )
         for x in batches[:half]:  # warm the cache
             emb(x).backward(g)

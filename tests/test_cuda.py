@@ -305,7 +305,7 @@ def test_module_dims_and_offsets(dim):
     """Ragged bags given by offsets (empty bags too), odd dims, psw gradients."""
     num = 500
     opt = ts.RowWiseAdagrad(lr=0.05) if dim % 2 else ts.Adagrad(lr=0.05)
-    cpu_emb, gpu_emb = _pair(num, dim, cache_rows=64, ways=4, optimizer=opt)
+    cpu_emb, gpu_emb = _pair(num, dim, mode="sum", cache_rows=64, ways=4, optimizer=opt)
     rng = np.random.default_rng(dim)
     for _ in range(6):
         n = int(rng.integers(1, 300))

@@ -30,7 +30,7 @@ def table(device, cache_rows=32, policy="lru", optimizer=None, mode="sum", ways=
     return ts.TieredEmbeddingBag(
         N,
         D,
-        mode,
+        mode=mode,
         cache_rows=cache_rows,
         ways=ways,
         policy=policy,
@@ -350,7 +350,7 @@ def test_psw_with_mean_and_bad_rows_raise(device):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"mode": "max"}, "mode"),
+        ({"mode": "median"}, "mode"),
         ({"dtype": torch.float16}, "dtype"),
         ({"policy": "fifo"}, "policy"),
         ({"ways": 0}, "ways"),

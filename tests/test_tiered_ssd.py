@@ -85,11 +85,13 @@ def test_close_without_flush_goes_back_to_the_last_flush(tmp_path):
 def test_unbounded_hashed_ids(tmp_path):
     run = batches(4, 15, sparse=True)
     a = ts.TieredEmbeddingBag(
-        None, D, cache_rows=16, host_rows=128, path=tmp_path / "a", optimizer=ts.RowWiseAdagrad(0.2)
-    )
+        None, D, mode="sum", cache_rows=16, host_rows=128, path=tmp_path / "a",
+        optimizer=ts.RowWiseAdagrad(0.2),
+    )  # fmt: skip
     b = ts.TieredEmbeddingBag(
         None,
         D,
+        mode="sum",
         cache_rows=4096,
         host_rows=8192,
         path=tmp_path / "b",

@@ -73,11 +73,11 @@ def run_one(cfg: JobConfig, policy: str, cache_rows: int, batches, workdir) -> t
     emb = TieredEmbeddingBag(
         cfg.rows,
         cfg.dim,
-        "sum",
+        mode="sum",
         cache_rows=cache_rows,
         policy=policy,
         optimizer=OPTIMIZERS[cfg.optimizer](lr=cfg.lr),
-        device=cfg.device,
+        device=cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"),
         seed=cfg.seed,
         **options,
     )

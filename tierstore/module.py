@@ -9,22 +9,24 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+import pathlib
 import weakref
 
 import torch
 from torch import nn
 
-from . import cpu, graphs
-from .cache import cache_shape
-from .errors import InvalidInputError
+from . import bag_max, cpu, graphs
+from .cache import EMPTY, by_slot, cache_shape
+from .errors import CapacityError, InvalidInputError, TableMismatchError
 from .optim import SGD, Optimizer
 from .pipeline import PrefetchQueue
-from .policy import Policy
+from .policy import Policy, make_policy
 from .stats import CacheStats
 from .store import Batch, RowLayout, TieredStore, initial_rows
-from .validate import normalize_batch
+from .validate import drop_padding, normalize_batch
 
-_MODES = ("sum", "mean")
+_MODES = ("sum", "mean", "max")
 
 
 def _backend_for(device: torch.device):
@@ -38,6 +40,89 @@ def _backend_for(device: torch.device):
         except ImportError:
             pass
     return cpu
+
+
+def _refuse_unsupported(max_norm, scale_grad_by_freq) -> None:
+    """Refuses the ``nn.EmbeddingBag`` arguments whose meaning the tiers cannot keep."""
+    if max_norm is not None:
+        raise InvalidInputError(
+            f"max_norm={max_norm!r} is not supported: nn.EmbeddingBag renormalises the rows a "
+            "forward reads, in place, where tierstore's rows change only through the fused "
+            "optimizer and write_rows (a lookup never writes a tier); leave max_norm=None"
+        )
+    if scale_grad_by_freq:
+        raise InvalidInputError(
+            "scale_grad_by_freq=True is not supported: the fused optimizer applies each row's "
+            "gradient summed over the batch, unscaled; leave scale_grad_by_freq=False"
+        )
+
+
+def _check_padding_idx(padding_idx, num_embeddings: int | None) -> int | None:
+    """``padding_idx`` as a row id (negative counted from the end, as torch), or ``None``."""
+    if padding_idx is None:
+        return None
+    if isinstance(padding_idx, bool) or not isinstance(padding_idx, int):
+        raise InvalidInputError(f"padding_idx must be an int or None, got {padding_idx!r}")
+    if num_embeddings is None:  # any int64 id is a row
+        if not EMPTY < padding_idx < 2**63:
+            raise InvalidInputError(f"padding_idx must be an int64 above -2**63, got {padding_idx}")
+        return padding_idx
+    if not -num_embeddings <= padding_idx < num_embeddings:
+        raise InvalidInputError(
+            f"padding_idx must be in [-{num_embeddings}, {num_embeddings}) (num_embeddings), "
+            f"got {padding_idx}"
+        )
+    return padding_idx % num_embeddings
+
+
+def _check_weight(weight, num_embeddings: int | None, embedding_dim: int) -> None:
+    """Refuses a ``_weight`` that is not a ``(num_embeddings, embedding_dim)`` float tensor."""
+    if weight is None:
+        return
+    if num_embeddings is None:
+        raise InvalidInputError("_weight needs a table of num_embeddings rows, not None")
+    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+        raise InvalidInputError(
+            f"_weight must be a floating-point tensor, got "
+            f"{weight.dtype if isinstance(weight, torch.Tensor) else type(weight).__name__}"
+        )
+    if tuple(weight.shape) != (num_embeddings, embedding_dim):
+        raise InvalidInputError(
+            f"_weight must have shape ({num_embeddings}, {embedding_dim}) (num_embeddings, "
+            f"embedding_dim), got {tuple(weight.shape)}"
+        )
+
+
+def _holds_table(path) -> bool:
+    """Whether ``path`` is something to reopen (a table, or an error) rather than to create:
+    the rule of ``host_cache.open_host_cache``."""
+    path = pathlib.Path(path)
+    return path.exists() and (not path.is_dir() or any(path.iterdir()))
+
+
+def _check_created_options(path, created: dict) -> None:
+    """Options fixed when a table is created, given again to reopen it, must be its own."""
+    if not created:
+        return
+    from .ssd import SSDTier
+
+    stored = SSDTier.read_meta(path)
+    for name, value in created.items():
+        if stored.get(name) != value:
+            raise TableMismatchError(
+                f"{path}: the table was created with {name}={stored.get(name)!r}, not {value!r} "
+                f"(fixed at creation: leave {name} out to reopen it)"
+            )
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether ``a`` and ``b`` are one device (``cuda`` is the current CUDA device)."""
+    if a.type != b.type:
+        return False
+    if a.type != "cuda" or a.index == b.index:
+        return True
+    current = torch.cuda.current_device()
+    return (current if a.index is None else a.index) == (current if b.index is None else b.index)
 
 
 class _BatchHandle:
@@ -54,6 +139,9 @@ class _TieredBagFunction(torch.autograd.Function):
         ctx.module, ctx.handle, ctx.offsets = module, handle, offsets
         ctx.save_for_backward(per_sample_weights)
         store = module.store
+        if module.mode == "max":  # the kernels pool by sum and mean: max takes the generic path
+            out, ctx.max_graph = bag_max.forward(store, handle.batch, offsets, keep_graph=True)
+            return out
         return store.backend.forward(store, handle.batch, offsets, per_sample_weights, module.mode)
 
     @staticmethod
@@ -67,6 +155,9 @@ class _TieredBagFunction(torch.autograd.Function):
         (psw,) = ctx.saved_tensors
         store = module.store
         try:
+            if module.mode == "max":
+                bag_max.backward(store, batch, ctx.max_graph, grad_out, module.optimizer)
+                return None, None, None, None, None
             psw_grad = store.backend.backward(
                 store,
                 batch,
@@ -79,6 +170,7 @@ class _TieredBagFunction(torch.autograd.Function):
             )
         finally:
             store.release(batch)
+            ctx.max_graph = None
         return None, psw_grad, None, None, None
 
 
@@ -87,26 +179,51 @@ class TieredEmbeddingBag(nn.Module):
     memory and, with ``path``, L3 on SSD. The backward pass applies ``optimizer`` to the rows
     where they live (a fused, exact sparse update); the module has no dense weight parameter.
 
+    The positional arguments and their defaults are ``nn.EmbeddingBag``'s; tierstore's own
+    options follow, keyword-only.
+
     Args:
         num_embeddings: rows in the table; ``None`` (with ``path``) for any int64 id.
         embedding_dim: ``D``.
-        mode: ``"sum"`` or ``"mean"``, as ``nn.EmbeddingBag``.
+        max_norm: must be ``None``: renormalising rows as a forward reads them would write
+            every tier on a lookup (refused with :class:`InvalidInputError`).
+        norm_type: only used with ``max_norm``; ignored, as torch ignores it then.
+        scale_grad_by_freq: must be ``False``: the fused optimizer sums each row's gradient
+            over the batch unscaled (refused with :class:`InvalidInputError`).
+        mode: ``"sum"``, ``"mean"`` (the default, as torch) or ``"max"``. ``"max"`` runs as
+            torch ops on every backend (the kernels pool by sum and mean).
+        sparse: accepted and without effect: the gradient never leaves the module (the fused
+            optimizer applies it), so there is no dense or sparse weight gradient to choose.
+        _weight: ``(num_embeddings, D)`` initial weights (as torch's ``_weight``).
+        include_last_offset: as ``nn.EmbeddingBag``.
+        padding_idx: entries equal to it add nothing to their bag, do not count in a mean and
+            never update their row (as torch); in ``[-num_embeddings, num_embeddings)``,
+            negative counted from the end. A new table's padding row starts at zero.
+        device: where L1 and the kernels live (default: torch's default device, as torch's
+            modules); ``.to(device)`` moves a built table.
+        dtype: ``None`` or ``torch.float32`` (the only row type so far).
+
+    Keyword-only (tierstore's own):
         cache_rows: L1 size in rows (default: 20 % of the table, as FBGEMM's cache load factor).
         ways: L1 associativity (default 32).
         policy: ``"lru"`` or ``"lfu"``.
-        host_rows: L2 size in rows with an SSD tier; ``None`` keeps the whole table in L2.
-        path: directory of the SSD tier (an LMDB environment).
         optimizer: :class:`SGD`, :class:`Adagrad`, :class:`RowWiseAdagrad` or ``None`` (no training).
-        dtype: ``torch.float32`` (the only row type so far).
-        device: where L1 and the kernels live (default ``"cuda"`` when available, else ``"cpu"``).
         seed: never-written rows are a deterministic function of (seed, row id).
         init_scale: they are uniform on ``[-init_scale, init_scale)`` (default ``1/sqrt(D)``).
-        include_last_offset: as ``nn.EmbeddingBag``.
+        path: directory of the SSD tier (an LMDB environment), created if it holds no table.
+        host_rows: L2 size in rows with an SSD tier (default: ``max(4 * L1 rows, 65536)``).
+        host_ways: L2 associativity with an SSD tier (default 32).
+        block_rows: rows per compressed SSD block, a power of two (default 1); fixed when the
+            table is created (given for an existing table, it must equal the stored value).
+        compression_level: zstd level of the SSD blocks, 0 = stored raw (default 3); fixed
+            when the table is created, as ``block_rows``.
+        map_size: the LMDB map's size in bytes (default 1 TiB: address space, not disk).
+        io_threads: threads reading the SSD tier (default 4).
 
     Example::
 
         >>> import torch, tierstore as ts
-        >>> emb = ts.TieredEmbeddingBag(1000, 8, cache_rows=64, device="cpu")
+        >>> emb = ts.TieredEmbeddingBag(1000, 8, mode="sum", cache_rows=64, device="cpu")
         >>> y = emb(torch.tensor([1, 2, 3, 2]), torch.tensor([0, 2]))
         >>> y.shape
         torch.Size([2, 8])
@@ -116,25 +233,36 @@ class TieredEmbeddingBag(nn.Module):
         self,
         num_embeddings: int | None,
         embedding_dim: int,
-        mode: str = "sum",
+        max_norm: float | None = None,
+        norm_type: float = 2.0,
+        scale_grad_by_freq: bool = False,
+        mode: str = "mean",
+        sparse: bool = False,
+        _weight: torch.Tensor | None = None,
+        include_last_offset: bool = False,
+        padding_idx: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
         *,
         cache_rows: int | None = None,
         ways: int = 32,
         policy: str | Policy = "lru",
-        host_rows: int | None = None,
-        path=None,
         optimizer: Optimizer | None = SGD(lr=0.01),  # noqa: B008 (frozen, immutable)
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str | None = None,
         seed: int = 0,
         init_scale: float | None = None,
-        include_last_offset: bool = False,
-        **ssd_options,
+        path: str | os.PathLike | None = None,
+        host_rows: int | None = None,
+        host_ways: int = 32,
+        block_rows: int | None = None,
+        compression_level: int | None = None,
+        map_size: int | None = None,
+        io_threads: int = 4,
     ):
         super().__init__()
+        _refuse_unsupported(max_norm, scale_grad_by_freq)
         if mode not in _MODES:
             raise InvalidInputError(f"mode must be one of {_MODES}, got {mode!r}")
-        if dtype != torch.float32:
+        if dtype is not None and dtype != torch.float32:
             raise InvalidInputError(
                 f"dtype must be torch.float32 (the only row type so far), got {dtype}"
             )
@@ -150,15 +278,43 @@ class TieredEmbeddingBag(nn.Module):
             raise InvalidInputError(
                 f"optimizer must be a tierstore optimizer or None, got {optimizer!r}"
             )
+        padding_idx = _check_padding_idx(padding_idx, num_embeddings)
+        _check_weight(_weight, num_embeddings, embedding_dim)
         if cache_rows is None:
             if num_embeddings is None:
                 raise InvalidInputError("cache_rows is required when num_embeddings is None")
             cache_rows = max(1, math.ceil(0.2 * num_embeddings))
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        cache_shape(cache_rows, ways)  # bad L1 options are refused before an SSD tier is made
+        make_policy(policy)
+        ssd_given = {
+            name: value
+            for name, value, default in (
+                ("host_rows", host_rows, None),
+                ("host_ways", host_ways, 32),
+                ("block_rows", block_rows, None),
+                ("compression_level", compression_level, None),
+                ("map_size", map_size, None),
+                ("io_threads", io_threads, 4),
+            )
+            if value != default
+        }
+        fresh = path is None or not _holds_table(path)  # a new table (else one to reopen)
+        if path is None and ssd_given:
+            raise InvalidInputError(f"{sorted(ssd_given)} only apply with an SSD tier: give path=")
+        created = {k: ssd_given[k] for k in ("block_rows", "compression_level") if k in ssd_given}
+        if not fresh:  # the table keeps the block format it was created with
+            _check_created_options(path, created)
+        ssd_options = {k: v for k, v in ssd_given.items() if k != "host_rows"}
+        if not fresh:
+            ssd_options = {k: v for k, v in ssd_options.items() if k not in created}
+        device = torch.device(device) if device is not None else torch.get_default_device()
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.mode, self.include_last_offset = mode, include_last_offset
+        self.padding_idx, self.sparse = padding_idx, sparse
+        self.max_norm, self.norm_type, self.scale_grad_by_freq = None, norm_type, False
         self.optimizer = optimizer
         self.device = device
+        self._l1_options = (cache_rows, ways, policy)  # to rebuild L1 on another device
         layout = RowLayout(
             embedding_dim,
             optimizer.state_width(embedding_dim) if optimizer else 0,
@@ -186,10 +342,6 @@ class TieredEmbeddingBag(nn.Module):
                 meta,
                 **ssd_options,
             )
-        elif ssd_options or host_rows is not None:
-            raise InvalidInputError(
-                f"{sorted(ssd_options) or ['host_rows']} only apply with an SSD tier: give path="
-            )
         self.store = TieredStore(
             num_embeddings,
             layout,
@@ -203,6 +355,10 @@ class TieredEmbeddingBag(nn.Module):
             host=host,
         )
         self._queue = PrefetchQueue(self.store)  # batches prefetched, oldest first
+        if _weight is not None:
+            self._set_weights(_weight)
+        elif padding_idx is not None and fresh:  # as torch: a new table's padding row is zero
+            self._set_weights(torch.zeros(1, embedding_dim), torch.tensor([padding_idx]))
 
     # --------------------------------------------------------------- nn.EmbeddingBag API
     def forward(
@@ -214,6 +370,7 @@ class TieredEmbeddingBag(nn.Module):
         """Pooled embeddings ``(B, D)``, as ``nn.EmbeddingBag.forward``."""
         captured = None
         if graphs.capturing():  # GraphedStep checks each batch at its replay instead
+            self._refuse_capture()
             captured = graphs.record_forward(self, input, offsets, per_sample_weights)
         elif self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             graphs.refuse_capture()
@@ -243,11 +400,25 @@ class TieredEmbeddingBag(nn.Module):
             self._queue.advance()  # the next batches' cache steps, beside this one's compute
             return out
         try:
-            out = self.store.backend.forward(self.store, batch, offs, psw, self.mode)
+            if self.mode == "max":
+                out = bag_max.forward(self.store, batch, offs, keep_graph=False)[0]
+            else:
+                out = self.store.backend.forward(self.store, batch, offs, psw, self.mode)
             self._queue.advance()
             return out
         finally:
             self.store.release(batch)
+
+    def _refuse_capture(self) -> None:
+        """The generic paths read the device (the padding filter's and max pooling's shapes
+        depend on the batch's values): a CUDA graph cannot replay them."""
+        why = "padding_idx" if self.padding_idx is not None else None
+        why = 'mode="max"' if self.mode == "max" else why
+        if why is not None:
+            raise InvalidInputError(
+                f"this TieredEmbeddingBag cannot be captured: {why} runs as torch ops whose "
+                "shapes depend on the batch's values (the kernels do sum and mean alone)"
+            )
 
     def prefetch(self, input: torch.Tensor, offsets: torch.Tensor | None = None) -> None:
         """Starts the cache step of a later batch now, so that its ``forward`` finds its rows
@@ -264,10 +435,14 @@ class TieredEmbeddingBag(nn.Module):
 
     def _prepare(self, input, offsets, per_sample_weights, values: bool = True):
         # the value checks are read back later, while the device starts on the unique step
-        return normalize_batch(
+        flat, offs, psw, checks = normalize_batch(
             input, offsets, per_sample_weights, self.mode, self.include_last_offset,
             self.device, self.num_embeddings, defer_checks=True, values=values,
         )  # fmt: skip
+        if self.padding_idx is not None:  # padding entries leave the batch: checked first,
+            checks.wait()  # since the offsets index the filter
+            flat, offs, psw = drop_padding(flat, offs, psw, self.padding_idx)
+        return flat, offs, psw, checks
 
     # --------------------------------------------------------------- rows and tiers
     def read_rows(self, ids: torch.Tensor, with_state: bool = False) -> torch.Tensor:
@@ -325,7 +500,8 @@ class TieredEmbeddingBag(nn.Module):
     @classmethod
     def open(cls, path, **options) -> TieredEmbeddingBag:
         """Reopens the SSD table at ``path``, taking its shape, optimizer (its hyper-parameters
-        may be overridden with ``optimizer=``), seed and initialisation from its metadata."""
+        may be overridden with ``optimizer=``), seed and initialisation from its metadata;
+        ``options`` are the constructor's other keywords (``mode``, ``cache_rows``, ...)."""
         from .optim import optimizer_from_dict
         from .ssd import SSDTier
 
@@ -341,21 +517,125 @@ class TieredEmbeddingBag(nn.Module):
         )
 
     @classmethod
-    def from_pretrained(cls, weight: torch.Tensor, **options) -> TieredEmbeddingBag:
-        """A table initialised with ``weight (N, D)`` (the optimizer state starts fresh)."""
-        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-            raise InvalidInputError("weight must be a 2-D tensor (num_embeddings, embedding_dim)")
-        emb = cls(weight.shape[0], weight.shape[1], **options)
+    def from_pretrained(
+        cls,
+        embeddings: torch.Tensor,
+        freeze: bool = True,
+        max_norm: float | None = None,
+        norm_type: float = 2.0,
+        scale_grad_by_freq: bool = False,
+        mode: str = "mean",
+        sparse: bool = False,
+        include_last_offset: bool = False,
+        padding_idx: int | None = None,
+        **options,
+    ) -> TieredEmbeddingBag:
+        """A table initialised with ``embeddings (N, D)``, as ``nn.EmbeddingBag.from_pretrained``:
+        ``freeze=True`` (the default) trains nothing (no optimizer: a backward updates no row);
+        ``freeze=False`` trains with ``optimizer=`` (default ``SGD(lr=0.01)``), its state fresh.
+        ``options`` are the constructor's keywords (``device``, ``cache_rows``, ``path``, ...)."""
+        if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2:
+            raise InvalidInputError(
+                "embeddings must be a 2-D tensor (num_embeddings, embedding_dim)"
+            )
+        if freeze:
+            if options.get("optimizer") is not None:
+                raise InvalidInputError(
+                    "freeze=True trains nothing, so it takes no optimizer: pass freeze=False "
+                    "to train with optimizer="
+                )
+            options["optimizer"] = None
+        rows, dim = embeddings.shape
+        return cls(
+            rows, dim, max_norm, norm_type, scale_grad_by_freq, mode, sparse, embeddings,
+            include_last_offset, padding_idx, **options,
+        )  # fmt: skip
+
+    def _set_weights(self, weight: torch.Tensor, ids: torch.Tensor | None = None) -> None:
+        """Writes ``weight (len(ids), D)`` into rows ``ids`` (default: every row, in chunks
+        of bounded memory), keeping their optimizer state."""
         chunk = 1 << 20
-        for lo in range(0, weight.shape[0], chunk):
-            hi = min(lo + chunk, weight.shape[0])
-            emb.write_rows(torch.arange(lo, hi), weight[lo:hi].detach())
-        return emb
+        if ids is not None:
+            parts = [(ids, weight)]
+        else:
+            parts = (
+                (torch.arange(lo, min(lo + chunk, weight.shape[0])), weight[lo : lo + chunk])
+                for lo in range(0, weight.shape[0], chunk)
+            )
+        dim = self.embedding_dim
+        for part_ids, values in parts:
+            rows = self.store.read_rows(part_ids)
+            rows[:, :dim] = values.detach().to(rows.device, torch.float32)
+            self.store.write_rows(part_ids, rows)
+
+    # --------------------------------------------------------------- device and dtype
+    def _apply(self, fn, recurse: bool = True):
+        """Where ``.to()``, ``.cuda()``, ``.cpu()``, ``.half()``, ``.double()`` and the like reach
+        the table (also when a parent module calls them). The conversion is read off a probe
+        tensor: another device moves the table (:meth:`_move_to`); another dtype is refused,
+        since rows are float32 only so far."""
+        probe = fn(torch.empty(0, device=self.device))
+        if isinstance(probe, torch.Tensor):
+            if probe.dtype != torch.float32:
+                raise InvalidInputError(
+                    f"a TieredEmbeddingBag's rows are torch.float32 (the only row type so far): "
+                    f"it cannot be converted to {probe.dtype} (.half(), .double(), .bfloat16(), "
+                    ".to(dtype)); the table is unchanged"
+                )
+            if not _same_device(probe.device, self.device):
+                self._move_to(probe.device)
+        return super()._apply(fn, recurse)
+
+    def _move_to(self, device: torch.device) -> None:
+        """Moves L1 and the kernels to ``device``: L1's dirty rows are written back to L2,
+        then L1 is made anew (empty) on ``device`` over the same L2 (page-locked for a CUDA
+        device: that copies L2 once) and L3. Rows, optimizer state and counters are kept;
+        the cache's contents are not (which, by the cache's transparency, changes no value).
+        Refused while a batch is in flight (prefetched, or a forward whose backward has not
+        run), with nothing changed."""
+        if device.type not in ("cpu", "cuda"):
+            raise InvalidInputError(
+                f"a TieredEmbeddingBag runs on a CPU or CUDA device, not {device}"
+            )
+        old = self.store
+        if len(self._queue) or bool((old.l1.locks != 0).any()):
+            raise InvalidInputError(
+                f"the table cannot move to {device} while a batch is in flight (prefetched, or "
+                "a training forward whose backward has not run): move it between steps"
+            )
+        slots, _ = old.l1.clean()  # L1's dirty rows down to L2 (a step's write-back)
+        if slots.numel():
+            old.host.write(old.l1_home[slots], old.l1_rows(slots))
+            old.flushed_rows += slots.numel()
+        data = getattr(old.host, "data", None)
+        pinned = None
+        if device.type == "cuda" and data is not None and not data.is_pinned():
+            try:  # kernels read L2 in place over PCIe: only from page-locked memory
+                pinned = data.pin_memory()
+            except RuntimeError as e:
+                raise CapacityError(
+                    f"moving the table to {device} page-locks its host tier (L2: "
+                    f"{data.numel() * 4 / 2**30:.1f} GiB, copied once), which failed: {e}"
+                ) from e
+        if old.inclusive_host:  # the old L1's rows leave L2's pins
+            cached = by_slot(old.l1.tags) != EMPTY
+            old.host.unpin(old.l1_home[cached.to(old.l1_home.device)])
+        if pinned is not None:
+            old.host.data = pinned
+        cache_rows, ways, policy = self._l1_options
+        new = TieredStore(
+            self.num_embeddings, old.layout, cache_rows, ways, policy, device, old.seed,
+            old.init_scale, _backend_for(device), host=old.host,
+        )  # fmt: skip
+        new.l1.counters.copy_(old.l1.counters)
+        new.flushed_rows = old.flushed_rows
+        self.store, self.device = new, device
 
     def extra_repr(self) -> str:
         l1 = self.store.l1
         return (
             f"{self.num_embeddings}, {self.embedding_dim}, mode={self.mode!r}, "
-            f"cache={l1.sets}x{l1.ways} {l1.policy.name}, device={self.device}, "
+            + (f"padding_idx={self.padding_idx}, " if self.padding_idx is not None else "")
+            + f"cache={l1.sets}x{l1.ways} {l1.policy.name}, device={self.device}, "
             f"optimizer={self.optimizer}"
         )

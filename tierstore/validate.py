@@ -173,6 +173,24 @@ def normalize_batch(
     return flat, offs, psw, checks
 
 
+def drop_padding(
+    flat: torch.Tensor,
+    offsets: torch.Tensor,
+    per_sample_weights: torch.Tensor | None,
+    padding_idx: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A batch without its entries equal to ``padding_idx``, as ``torch.nn.EmbeddingBag``
+    treats them: they add nothing to a bag, do not count in a mean, and their row gets no
+    gradient. ``flat (n,)`` and ``offsets (B+1,)`` (ending at ``n``, already checked) become
+    ``(m,)`` and ``(B+1,)`` ending at ``m``; ``per_sample_weights (n,)`` becomes ``(m,)``
+    (through autograd: a dropped entry's weight gets a zero gradient, as in torch)."""
+    keep = flat != padding_idx
+    kept_before = torch.zeros(flat.numel() + 1, dtype=torch.int64, device=flat.device)
+    torch.cumsum(keep, 0, out=kept_before[1:])  # entries kept before each position
+    psw = None if per_sample_weights is None else per_sample_weights[keep]
+    return flat[keep], kept_before[offsets], psw
+
+
 def as_id_array(ids, what: str = "ids") -> np.ndarray:
     """``ids`` as a 1-D int64 array (uint64 keeps its bits), or a clear error."""
     a = np.asarray(ids)
