@@ -622,6 +622,9 @@ class TieredEmbeddingBag(nn.Module):
             old.host.unpin(old.l1_home[cached.to(old.l1_home.device)])
         if pinned is not None:
             old.host.data = pinned
+            written = getattr(old.host, "written", None)  # L2's map of written rows goes too
+            if written is not None:
+                old.host.written = written.pin_memory()
         cache_rows, ways, policy = self._l1_options
         new = TieredStore(
             self.num_embeddings, old.layout, cache_rows, ways, policy, device, old.seed,
@@ -630,6 +633,7 @@ class TieredEmbeddingBag(nn.Module):
         new.l1.counters.copy_(old.l1.counters)
         new.flushed_rows = old.flushed_rows
         self.store, self.device = new, device
+        self._queue = PrefetchQueue(new)
 
     def extra_repr(self) -> str:
         l1 = self.store.l1

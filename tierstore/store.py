@@ -190,7 +190,7 @@ class TieredStore:
         written = getattr(self.host, "written", None)
         self.l2_written = 0
         if self.l2_address is not None and written is not None:
-            self.l2_written = interop.device_pointer(written)
+            self.l2_written = interop.device_pointer(written) or 0
         # Prefetched lookups run on a side stream (side_stream); the event of the last one the
         # current stream has not been ordered after yet (join_side)
         self._side: torch.cuda.Stream | None = None
