@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 import weakref
 from collections import deque
 
@@ -18,6 +19,7 @@ from torch import nn
 from . import cpu, graphs
 from .cache import cache_shape
 from .errors import InvalidInputError
+from .fused_optimizer import FusedOptimizer, resolve_optimizer
 from .optim import SGD, Optimizer
 from .policy import Policy
 from .stats import CacheStats
@@ -25,6 +27,29 @@ from .store import Batch, RowLayout, TieredStore, initial_rows
 from .validate import normalize_batch
 
 _MODES = ("sum", "mean")
+_WHOLE_TABLE_CHUNK = 1 << 20  # rows per read or write of weight
+
+
+class _WeightCopy(torch.Tensor):
+    """What ``TieredEmbeddingBag.weight`` returns: a plain copy of the weights, except that
+    assigning its ``.data`` writes the table (``emb.weight.data = W``, as DLRM initialises)."""
+
+    __torch_function__ = torch._C._disabled_torch_function_impl  # results are plain tensors
+
+    def __new__(cls, data: torch.Tensor, table: TieredEmbeddingBag):
+        copy = torch.Tensor._make_subclass(cls, data, False)
+        copy._table = table
+        return copy
+
+    @property
+    def data(self) -> torch.Tensor:
+        """The copy as a plain tensor."""
+        return self.as_subclass(torch.Tensor).detach()
+
+    @data.setter
+    def data(self, value: torch.Tensor) -> None:
+        self._table.weight = value
+        torch.Tensor.data.__set__(self, self._table._read_all())
 
 
 def _backend_for(device: torch.device):
@@ -50,8 +75,8 @@ class _BatchHandle:
 
 class _TieredBagFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, anchor, per_sample_weights, module, handle, offsets):
-        ctx.module, ctx.handle, ctx.offsets = module, handle, offsets
+    def forward(ctx, anchor, per_sample_weights, module, handle, offsets, update):
+        ctx.module, ctx.handle, ctx.offsets, ctx.update = module, handle, offsets, update
         ctx.save_for_backward(per_sample_weights)
         store = module.store
         return store.backend.forward(store, handle.batch, offsets, per_sample_weights, module.mode)
@@ -74,12 +99,13 @@ class _TieredBagFunction(torch.autograd.Function):
                 ctx.offsets,
                 psw,
                 module.mode,
-                module.optimizer,
+                module.optimizer if ctx.update else None,  # the lr of this moment
                 ctx.needs_input_grad[1],
             )
+            module._unflushed |= ctx.update
         finally:
             store.release(batch)
-        return None, psw_grad, None, None, None
+        return None, psw_grad, None, None, None, None
 
 
 class TieredEmbeddingBag(nn.Module):
@@ -96,7 +122,12 @@ class TieredEmbeddingBag(nn.Module):
         policy: ``"lru"`` or ``"lfu"``.
         host_rows: L2 size in rows with an SSD tier; ``None`` keeps the whole table in L2.
         path: directory of the SSD tier (an LMDB environment).
-        optimizer: :class:`SGD`, :class:`Adagrad`, :class:`RowWiseAdagrad` or ``None`` (no training).
+        optimizer: the fused update applied in backward while the module is in training mode
+            (``train()``, the default): :class:`SGD` (default ``SGD(lr=0.01)``),
+            :class:`Adagrad`, :class:`RowWiseAdagrad`, a ``torch.optim`` class with its keyword
+            arguments as ``(torch.optim.Adagrad, {"lr": 0.01})`` (see
+            :func:`~tierstore.fused_optimizer.optimizer_from_torch`), or ``None`` (no training).
+            Its hyper-parameters are ``self.fused_optimizer.param_groups[0]``.
         dtype: ``torch.float32`` (the only row type so far).
         device: where L1 and the kernels live (default ``"cuda"`` when available, else ``"cpu"``).
         seed: never-written rows are a deterministic function of (seed, row id).
@@ -146,10 +177,7 @@ class TieredEmbeddingBag(nn.Module):
             )
         if num_embeddings is not None and num_embeddings < 1:
             raise InvalidInputError(f"num_embeddings must be positive, got {num_embeddings}")
-        if optimizer is not None and not isinstance(optimizer, Optimizer):
-            raise InvalidInputError(
-                f"optimizer must be a tierstore optimizer or None, got {optimizer!r}"
-            )
+        optimizer = resolve_optimizer(optimizer)  # a tierstore rule or None
         if cache_rows is None:
             if num_embeddings is None:
                 raise InvalidInputError("cache_rows is required when num_embeddings is None")
@@ -203,6 +231,7 @@ class TieredEmbeddingBag(nn.Module):
             host=host,
         )
         self._prefetched: deque[tuple[torch.Tensor, Batch]] = deque()
+        self._unflushed = False  # rows changed since the last flush (close() flushes them)
 
     # --------------------------------------------------------------- nn.EmbeddingBag API
     def forward(
@@ -221,7 +250,10 @@ class TieredEmbeddingBag(nn.Module):
             input, offsets, per_sample_weights, values=captured is None
         )
         wants_psw_grad = psw is not None and psw.requires_grad
-        training = torch.is_grad_enabled() and (self.optimizer is not None or wants_psw_grad)
+        # Rows are updated only in training mode with grad enabled; an eval() forward is an
+        # inference step for the table (no lock, no update) unless per-sample weights want a grad
+        update = self.training and torch.is_grad_enabled() and self.fused_optimizer is not None
+        training = update or (torch.is_grad_enabled() and wants_psw_grad)
         batch = self._take_prefetched(flat)
         if batch is None:  # waits for the checks before the first change (a capture ends its
             # head graph there instead); an inference batch is released right after its
@@ -239,7 +271,7 @@ class TieredEmbeddingBag(nn.Module):
             # grads. A new one per call: a leaf keeps the stream it was first used on, and a
             # step captured in a CUDA graph must not wait on an eager step's stream.
             anchor = torch.empty(0, device=self.device, requires_grad=True)
-            return _TieredBagFunction.apply(anchor, psw, self, handle, offs)
+            return _TieredBagFunction.apply(anchor, psw, self, handle, offs, update)
         try:
             return self.store.backend.forward(self.store, batch, offs, psw, self.mode)
         finally:
@@ -270,6 +302,75 @@ class TieredEmbeddingBag(nn.Module):
             self.device, self.num_embeddings, defer_checks=True, values=values,
         )  # fmt: skip
 
+    # --------------------------------------------------------------- optimizer and weight
+    @property
+    def optimizer(self) -> Optimizer | None:
+        """The fused update rule with its current hyper-parameters (those of
+        ``fused_optimizer.param_groups[0]``, which schedulers change), or None."""
+        fused = self.__dict__.get("fused_optimizer")
+        return None if fused is None else fused.rule
+
+    @optimizer.setter
+    def optimizer(self, rule: Optimizer | None) -> None:
+        if "fused_optimizer" in self.__dict__:
+            raise InvalidInputError(
+                "optimizer is set when the table is made; change its hyper-parameters through "
+                "fused_optimizer.param_groups (the rows hold the rule's state)"
+            )
+        rule = resolve_optimizer(rule)
+        #: the ``torch.optim.Optimizer``-like face of the fused update (None without one)
+        self.fused_optimizer = None if rule is None else FusedOptimizer(rule)
+
+    #: ``weight`` reads or writes the whole table only up to this size in bytes (a copy is made)
+    weight_max_bytes: int = 4 << 30
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """A copy ``(num_embeddings, D)`` of every row's weights, read through the tiers (on
+        ``device``). Assigning ``emb.weight = W`` or ``emb.weight.data = W`` writes ``W``
+        (detached) into every row, keeping the optimizer state; other in-place changes of the
+        copy do not reach the table. Tables with ``num_embeddings=None`` or larger than
+        :attr:`weight_max_bytes` raise: use :meth:`read_rows` / :meth:`write_rows`."""
+        return _WeightCopy(self._read_all(), self)
+
+    @weight.setter
+    def weight(self, value: torch.Tensor) -> None:
+        self._check_whole_table("weight")
+        if not isinstance(value, torch.Tensor) or value.shape != (
+            self.num_embeddings,
+            self.embedding_dim,
+        ):
+            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise InvalidInputError(
+                f"weight must have shape ({self.num_embeddings}, {self.embedding_dim}), got {got}"
+            )
+        if not value.is_floating_point():
+            raise InvalidInputError(f"weight must be floating point, got {value.dtype}")
+        for lo in range(0, self.num_embeddings, _WHOLE_TABLE_CHUNK):
+            hi = min(lo + _WHOLE_TABLE_CHUNK, self.num_embeddings)
+            self.write_rows(torch.arange(lo, hi), value[lo:hi])
+
+    def _check_whole_table(self, what: str) -> None:
+        if self.num_embeddings is None:
+            raise InvalidInputError(
+                f"{what}: a table with num_embeddings=None has no dense weight; use read_rows / "
+                "write_rows"
+            )
+        size = self.num_embeddings * self.embedding_dim * 4
+        if size > self.weight_max_bytes:
+            raise InvalidInputError(
+                f"{what}: the table's weights take {size} bytes, above weight_max_bytes="
+                f"{self.weight_max_bytes} (a copy is made); raise it or use read_rows / write_rows"
+            )
+
+    def _read_all(self) -> torch.Tensor:
+        self._check_whole_table("weight")
+        out = torch.empty((self.num_embeddings, self.embedding_dim), device=self.device)
+        for lo in range(0, self.num_embeddings, _WHOLE_TABLE_CHUNK):
+            hi = min(lo + _WHOLE_TABLE_CHUNK, self.num_embeddings)
+            out[lo:hi] = self.read_rows(torch.arange(lo, hi))
+        return out
+
     # --------------------------------------------------------------- rows and tiers
     def read_rows(self, ids: torch.Tensor, with_state: bool = False) -> torch.Tensor:
         """Current weights ``(len(ids), D)`` of ``ids`` (and the optimizer state after them
@@ -295,8 +396,9 @@ class TieredEmbeddingBag(nn.Module):
         if torch.unique(ids).numel() != ids.numel():
             raise InvalidInputError("write_rows: ids must be unique")
         rows = self.store.read_rows(ids)
-        rows[:, : self.embedding_dim] = values.to(rows.device, torch.float32)
+        rows[:, : self.embedding_dim] = values.detach().to(rows.device, torch.float32)
         self.store.write_rows(ids, rows)
+        self._unflushed = True
 
     def _check_row_ids(self, ids) -> torch.Tensor:
         if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int32, torch.int64):
@@ -308,6 +410,7 @@ class TieredEmbeddingBag(nn.Module):
     def flush(self) -> None:
         """Writes every dirty row down to the lowest tier (durably, with an SSD tier)."""
         self.store.flush()
+        self._unflushed = False
 
     def stats(self) -> CacheStats:
         """Counters of the caches and the bytes moved between tiers."""
@@ -317,8 +420,18 @@ class TieredEmbeddingBag(nn.Module):
         """Zeroes the counters."""
         self.store.reset_stats()
 
-    def close(self) -> None:
-        """Closes the SSD tier (without flushing: call :meth:`flush` first to keep changes)."""
+    def close(self, flush: bool = True) -> None:
+        """Flushes (see :meth:`flush`), then closes the SSD tier. ``close(flush=False)`` drops
+        the changes since the last flush (as a crash would), with a ``UserWarning`` if any."""
+        if flush:
+            self.flush()
+        elif self._unflushed:
+            warnings.warn(
+                "TieredEmbeddingBag.close(flush=False): the rows changed since the last flush() "
+                "are dropped",
+                UserWarning,
+                stacklevel=2,
+            )
         self.store.host.close()
 
     @classmethod
