@@ -180,6 +180,20 @@ def test_fused_optimizer_is_a_torch_optimizer():
         emb.optimizer = ts.SGD(lr=1.0)
 
 
+def test_a_tensor_lr_changed_in_place_reaches_the_next_backward():
+    """torch's schedulers fill a tensor lr in place; the rule reads its value each time."""
+    seed, gen = _seeded()
+    emb = _table("cpu", optimizer=ts.SGD(lr=0.1))
+    ref = _reference(emb)
+    emb.fused_optimizer.param_groups[0]["lr"] = torch.tensor(0.5)
+    emb.fused_optimizer.param_groups[0]["lr"].fill_(0.25)
+    idx, offs = _batch(gen)
+    emb(idx, offs).sum().backward()
+    ref(idx, offs).sum().backward()
+    expected = ref.weight.detach() - 0.25 * ref.weight.grad.to_dense()
+    torch.testing.assert_close(_rows(emb), expected, rtol=1e-5, atol=1e-6, msg=f"seed {seed}")
+
+
 def test_fused_optimizer_state_dict_round_trip():
     emb = _table("cpu", optimizer=ts.Adagrad(lr=0.2, eps=1e-8))
     sched = torch.optim.lr_scheduler.StepLR(emb.fused_optimizer, step_size=1, gamma=0.5)
@@ -343,28 +357,34 @@ def test_weight_refuses_bad_values_and_unbounded_tables(tmp_path):
 
 
 # ----------------------------------------------------------------------- close()
-def test_close_flushes_and_close_without_flush_warns(tmp_path):
+def test_close_warns_when_it_drops_training_and_flushes_when_asked(tmp_path):
     seed, gen = _seeded()
     kw = dict(mode="sum", cache_rows=16, host_rows=64, device="cpu", seed=5)
     emb = ts.TieredEmbeddingBag(N, D, path=tmp_path / "a", optimizer=ts.SGD(lr=0.5), **kw)
     initial = _rows(emb)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing trained yet: nothing to warn about
+        emb.close()
+    emb = ts.TieredEmbeddingBag.open(tmp_path / "a", cache_rows=16, host_rows=64, device="cpu")
     for _ in range(3):
         idx, offs = _batch(gen)
         emb(idx, offs).sum().backward()
     trained = _rows(emb)
     assert not torch.equal(trained, initial)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # close() flushes: nothing to warn about
-        emb.close()
+    with pytest.warns(UserWarning, match="flush"):
+        emb.close()  # drops the training, and says so
     again = ts.TieredEmbeddingBag.open(tmp_path / "a", cache_rows=16, host_rows=64, device="cpu")
-    assert torch.equal(_rows(again), trained), f"close() lost training (seed {seed})"
-    idx, offs = _batch(gen)
-    again(idx, offs).sum().backward()
-    with pytest.warns(UserWarning, match="dropped"):
-        again.close(flush=False)
+    assert torch.equal(_rows(again), initial), f"seed {seed}"
+    again.weight = trained
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again.close(flush=True)
     third = ts.TieredEmbeddingBag.open(tmp_path / "a", cache_rows=16, host_rows=64, device="cpu")
-    assert torch.equal(_rows(third), trained)
-    third.close()
+    assert torch.equal(_rows(third), trained), f"close(flush=True) lost rows (seed {seed})"
+    third.flush()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # flushed: nothing dropped
+        third.close()
 
 
 # ----------------------------------------------------------------------- CUDA graphs

@@ -795,8 +795,8 @@ def _hyper(store, optimizer: Optimizer, dev: torch.device) -> torch.Tensor:
     """The ``(2,)`` float32 device tensor the update kernels read the rule's ``lr`` and ``eps``
     from (kernels/backward.cu ``hyper``), made once per table and brought up to date here,
     outside a capture (a captured step's :func:`load_hyper` runs before each replay)."""
-    if getattr(store, "hyper", None) is None:
-        store.hyper, store.hyper_values = torch.zeros(2, device=dev), None
+    if getattr(store, "hyper", None) is None:  # empty: a fill made in a capture would replay
+        store.hyper, store.hyper_values = torch.empty(2, device=dev), None
     if not torch.cuda.is_current_stream_capturing():
         load_hyper(store, optimizer)
     return store.hyper

@@ -139,22 +139,22 @@ class FusedOptimizer(torch.optim.Optimizer):
         self.param_groups = [{"params": [], **hyper}]
         self.state = defaultdict(dict)  # none: the rows' optimizer state lives in the tiers
         self._rule = rule
-        self._seen = tuple(hyper.items())
+        self._names = tuple(hyper)  # the group's entries that make the rule
+        self._seen = tuple(hyper.values())  # their values when the rule was last made
 
     @property
     def rule(self) -> Optimizer:
         """The update rule with the group's current hyper-parameters (what the next backward
         applies); raises :class:`InvalidInputError` if the group holds invalid values."""
         group = self.param_groups[0]
-        names = self._seen
         try:
-            now = tuple((k, _plain(group[k])) for k, _ in names)
+            now = tuple([_plain(group[k]) for k in self._names])  # a tensor lr: its value
         except KeyError as missing:
             raise InvalidInputError(
                 f"{type(self._rule).__name__}'s param_groups[0] lost its {missing} entry"
             ) from None
-        if now != names:
-            changed = dict(now)
+        if now != self._seen:
+            changed = dict(zip(self._names, now))
             for k in _FIXED_FIELDS:
                 if k in changed and changed[k] != getattr(self._rule, k):
                     raise InvalidInputError(
@@ -183,7 +183,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads hyper-parameters saved by :meth:`state_dict` of a table with the same rule."""
         groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
-        wanted = {k for k, _ in self._seen}
+        wanted = set(self._names)
         if not isinstance(groups, list) or len(groups) != 1 or not wanted <= set(groups[0]):
             raise InvalidInputError(
                 f"load_state_dict: expected one param group with {sorted(wanted)} (a "

@@ -113,6 +113,12 @@ class TieredEmbeddingBag(nn.Module):
     memory and, with ``path``, L3 on SSD. The backward pass applies ``optimizer`` to the rows
     where they live (a fused, exact sparse update); the module has no dense weight parameter.
 
+    Rows change only in training mode (``train()``, the default) in a backward: a forward in
+    ``eval()`` or under ``torch.no_grad()`` is an inference step (no lock, no update).
+    ``fused_optimizer`` is the update as a ``torch.optim.Optimizer`` (for schedulers and
+    ``state_dict``; see ``tierstore/fused_optimizer.py``); ``weight`` reads and assigns every
+    row of a table that fits in memory (a copy).
+
     Args:
         num_embeddings: rows in the table; ``None`` (with ``path``) for any int64 id.
         embedding_dim: ``D``.
@@ -231,7 +237,7 @@ class TieredEmbeddingBag(nn.Module):
             host=host,
         )
         self._prefetched: deque[tuple[torch.Tensor, Batch]] = deque()
-        self._unflushed = False  # rows changed since the last flush (close() flushes them)
+        self._unflushed = False  # rows changed since the last flush (close() warns of them)
 
     # --------------------------------------------------------------- nn.EmbeddingBag API
     def forward(
@@ -420,15 +426,16 @@ class TieredEmbeddingBag(nn.Module):
         """Zeroes the counters."""
         self.store.reset_stats()
 
-    def close(self, flush: bool = True) -> None:
-        """Flushes (see :meth:`flush`), then closes the SSD tier. ``close(flush=False)`` drops
-        the changes since the last flush (as a crash would), with a ``UserWarning`` if any."""
+    def close(self, flush: bool = False) -> None:
+        """Closes the SSD tier. Rows changed since the last :meth:`flush` are dropped (the
+        table reopens as of that flush, as after a crash), with a ``UserWarning`` naming
+        ``flush``; ``close(flush=True)`` flushes first."""
         if flush:
             self.flush()
         elif self._unflushed:
             warnings.warn(
-                "TieredEmbeddingBag.close(flush=False): the rows changed since the last flush() "
-                "are dropped",
+                "TieredEmbeddingBag.close(): the rows changed since the last flush() are "
+                "dropped; call flush() or close(flush=True) to keep them",
                 UserWarning,
                 stacklevel=2,
             )
