@@ -7,6 +7,7 @@ initial weights each run; the seed is in every failure message."""
 from __future__ import annotations
 
 import importlib.util
+import io
 import math
 import random
 import sys
@@ -91,10 +92,12 @@ def _schedule(optimizer):
     )
 
 
-def _train(model, batches, lr, optimizer=None, scheduler=None):
+def _train(model, batches, lr, optimizer=None, scheduler=None, kind="sgd"):
     """DLRM's loop: loss, zero_grad, backward, step, scheduler step. Returns the losses and the
-    optimizer and scheduler (to continue)."""
-    optimizer = optimizer or torch.optim.SGD(model.parameters(), lr=lr)
+    optimizer and scheduler (to continue). The optimizer class is looked up at call time, as
+    DLRM does (``torch.optim.SGD`` or ``torch.optim.Adagrad``: the launcher's, when swapped)."""
+    cls = {"sgd": lambda: torch.optim.SGD, "adagrad": lambda: torch.optim.Adagrad}[kind]()
+    optimizer = optimizer or cls(model.parameters(), lr=lr)
     scheduler = scheduler or _schedule(optimizer)
     losses = []
     for dense, offsets, indices, target in batches:
@@ -107,16 +110,18 @@ def _train(model, batches, lr, optimizer=None, scheduler=None):
     return losses, optimizer, scheduler
 
 
-def test_swapped_dlrm_trains_as_stock_dlrm():
+@pytest.mark.parametrize("kind", ["sgd", "adagrad"])
+def test_swapped_dlrm_trains_as_stock_dlrm(kind):
     seed = random.randrange(1 << 32)
     launch, batches, lr = _launcher(), _batches(seed, 12), 0.5
     stock = TinyDLRM(np.random.default_rng(seed))
     assert type(stock.tables[0]) is torch.nn.EmbeddingBag
-    stock_losses, _, _ = _train(stock, batches, lr)
-    with launch.swapped("sgd", lr, cache_fraction=0.3):
+    stock_losses, _, _ = _train(stock, batches, lr, kind=kind)
+    with launch.swapped(kind, lr, cache_fraction=0.3):
         swapped = TinyDLRM(np.random.default_rng(seed))
         assert all(isinstance(t, ts.TieredEmbeddingBag) for t in swapped.tables)
-        losses, _, _ = _train(swapped, batches, lr)
+        assert type(swapped.tables[0].optimizer).__name__.lower() == kind
+        losses, _, _ = _train(swapped, batches, lr, kind=kind)
     assert torch.nn.EmbeddingBag is not launch.DLRMEmbeddingBag  # put back on exit
     for step, (ours, theirs) in enumerate(zip(losses, stock_losses)):
         torch.testing.assert_close(ours, theirs, msg=f"loss at step {step} (seed {seed})")
@@ -142,13 +147,17 @@ def test_swapped_dlrm_checkpoint_continues_training():
         if not any(key.startswith("tables.") for key in state):
             pytest.skip("TieredEmbeddingBag.state_dict() holds no rows in this tree")
         _, opt, sched = _train(model, batches[:4], lr)
-        saved = (model.state_dict(), opt.state_dict(), sched.state_dict())
+        # through bytes, as DLRM's torch.save / torch.load (torch's default weights_only=True)
+        buffer = io.BytesIO()
+        torch.save((model.state_dict(), opt.state_dict(), sched.state_dict()), buffer)
+        buffer.seek(0)
+        saved = torch.load(buffer)
         straight, _, _ = _train(model, batches[4:], lr, opt, sched)
         fresh = TinyDLRM(np.random.default_rng(seed + 1))
         fresh.load_state_dict(saved[0])
         opt = torch.optim.SGD(fresh.parameters(), lr=lr)
+        sched = _schedule(opt)  # before loading: its first step sets the lr
         opt.load_state_dict(saved[1])
-        sched = _schedule(opt)
         sched.load_state_dict(saved[2])
         resumed, _, _ = _train(fresh, batches[4:], lr, opt, sched)
     for step, (a, b) in enumerate(zip(resumed, straight)):
