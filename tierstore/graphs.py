@@ -120,6 +120,9 @@ class GraphedStep:
     ``TieredEmbeddingBag`` in the step must take its indices, offsets and weights from the
     inputs (or views of them) and, if it trains, run its backward inside ``step``. Returns what
     ``step`` returned at capture: tensors that each call overwrites (clone to keep them).
+    A table's current ``lr`` and ``eps`` (a scheduler's) reach every replay, through device
+    scalars its kernels read; a table switched between ``train()`` and ``eval()`` since the
+    capture is refused (the graph updates its rows or not as captured).
     Without CUDA every call simply runs ``step``.
 
     Example::
