@@ -520,13 +520,15 @@ __device__ void finish_crossing(const int* __restrict__ list_u,      // (M,)
   {slots, addresses, {l1_weights, l1_state, state_pitch, l2, dim, width}, way_state,            \
    (int)unlock, (int)dim}
 
+// hyper: (2,) on the device, the rule's lr then eps, read through a pointer so that a changed
+// lr (a scheduler's) reaches the next step with no recompile and a captured graph reads it too.
 #define TS_REDUCE(SUFFIX, G, K, OPT)                                                            \
   extern "C" __global__ void reduce_chunks_##SUFFIX##_g##G##_k##K(                              \
       const int* list_u, const int* list_index, const int* count, const int* bag,               \
       const i64* offsets, const float* psw, const float* grad_out, i64 n, i64 mean,             \
-      TS_ROWS_PARAMS, float lr, float eps, float* partial) {                                    \
+      TS_ROWS_PARAMS, const float* hyper, float* partial) {                                     \
     const Rows rows = TS_ROWS;                                                                  \
-    const OPT opt = {lr, eps};                                                                  \
+    const OPT opt = {hyper[0], hyper[1]};  /* lr, eps */                                        \
     reduce_chunks<G, K, OPT>(list_u, list_index, count, bag, offsets, psw, grad_out, n, mean,   \
                              rows, opt, partial);                                               \
   }
@@ -534,18 +536,18 @@ __device__ void finish_crossing(const int* __restrict__ list_u,      // (M,)
 #define TS_FINISH(SUFFIX, K, OPT)                                                               \
   extern "C" __global__ void finish_crossing_##SUFFIX##_k##K(                                   \
       const int* list_u, const int* list_first, const i64* start, i64 n, const int* count,      \
-      i64 chunk, TS_ROWS_PARAMS, float lr, float eps, const float* partial) {                   \
+      i64 chunk, TS_ROWS_PARAMS, const float* hyper, const float* partial) {                    \
     const Rows rows = TS_ROWS;                                                                  \
-    const OPT opt = {lr, eps};                                                                  \
+    const OPT opt = {hyper[0], hyper[1]};  /* lr, eps */                                        \
     finish_crossing<K, OPT>(list_u, list_first, start, n, count, chunk, rows, opt, partial);    \
   }
 
 #define TS_SINGLES(SUFFIX, K, OPT)                                                              \
   extern "C" __global__ void update_singles_##SUFFIX##_k##K(                                    \
       const i64* offsets, i64 bags, const i64* places, const float* psw,                        \
-      const float* grad_out, i64 mean, TS_ROWS_PARAMS, float lr, float eps) {                   \
+      const float* grad_out, i64 mean, TS_ROWS_PARAMS, const float* hyper) {                    \
     const Rows rows = TS_ROWS;                                                                  \
-    const OPT opt = {lr, eps};                                                                  \
+    const OPT opt = {hyper[0], hyper[1]};  /* lr, eps */                                        \
     update_singles<K, OPT>(offsets, bags, places, psw, grad_out, mean, rows, opt);              \
   }
 

@@ -18,6 +18,7 @@ from .errors import (
     TableMismatchError,
     TierstoreError,
 )
+from .fused_optimizer import CombinedOptimizer, FusedOptimizer
 from .graphs import GraphedStep
 from .module import TieredEmbeddingBag
 from .optim import SGD, Adagrad, Optimizer, RowWiseAdagrad
@@ -35,6 +36,8 @@ __all__ = [
     "Adagrad",
     "RowWiseAdagrad",
     "Optimizer",
+    "FusedOptimizer",
+    "CombinedOptimizer",
     "Policy",
     "LRU",
     "LFU",

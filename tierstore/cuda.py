@@ -766,7 +766,7 @@ def backward(
             batch.transpose = tr  # a batch without one has no places yet: _places writes them
         bag = torch.empty(n, dtype=torch.int32, device=dev)  # the multi list's entries' bags
         _run("backward.cu", "bag_of_index", dev, bags, (offsets, bags, bag), per_warp=True)
-        lr, eps = float(optimizer.lr), float(getattr(optimizer, "eps", 0.0))
+        hyper = _hyper(store, optimizer, dev)  # (lr, eps) on the device: see load_hyper
         # each L1 row is marked dirty and, where the batch holds locks, unlocked by the kernel
         # that updates it, in its way record (kernels/backward.cu): the release leaves L1 alone
         # ... unless a later batch's lookup may be choosing victims on the prefetch stream beside
@@ -785,18 +785,18 @@ def backward(
             # the multi list by chunks (its length on the device: at most n) ...
             length = tr.list_length
             args = (tr.multi_u, tr.multi_index, length, bag, offsets, psw, grad_out, n, mean,
-                    *rows, lr, eps, partial)  # fmt: skip
+                    *rows, hyper, partial)  # fmt: skip
             fn = f"reduce_chunks_{opt_name}_g{group}_k{k}"
             _run("backward.cu", fn, dev, (chunks * group + 31) // 32, args, per_warp=True)
             # ... rows whose entries cross chunks: their partial sums, added in chunk order
             args = (tr.multi_u, tr.multi_first, tr.start, n, length, group, dim, partial)
             _run("backward.cu", f"sum_groups_k{k}", dev, chunks, args, per_warp=True)
-            args = (tr.multi_u, tr.multi_first, tr.start, n, length, group, *rows, lr, eps,
+            args = (tr.multi_u, tr.multi_first, tr.start, n, length, group, *rows, hyper,
                     partial)  # fmt: skip
             fn = f"finish_crossing_{opt_name}_k{k}"
             _run("backward.cu", fn, dev, chunks, args, per_warp=True)
         # rows read by one index, bag by bag (each bag's gradient read once)
-        args = (offsets, bags, _places(batch, dev), psw, grad_out, mean, *rows, lr, eps)
+        args = (offsets, bags, _places(batch, dev), psw, grad_out, mean, *rows, hyper)
         _run("backward.cu", f"update_singles_{opt_name}_k{k}", dev, bags, args, per_warp=True)
         main.wait_stream(side)  # partial and the batch's buffers are freed on main: after this
         store.join_side()  # later lookups' fills are done before the refresh reads L1's tags
@@ -807,6 +807,29 @@ def backward(
         if batch.slots.numel() and not isinstance(store.host, HostTable):
             _l2_written(store, addresses, batch.slots < 0)
     return weight_grad
+
+
+def _hyper(store, optimizer: Optimizer, dev: torch.device) -> torch.Tensor:
+    """The ``(2,)`` float32 device tensor the update kernels read the rule's ``lr`` and ``eps``
+    from (kernels/backward.cu ``hyper``), made once per table and brought up to date here,
+    outside a capture (a captured step's :func:`load_hyper` runs before each replay)."""
+    if getattr(store, "hyper", None) is None:  # empty: a fill made in a capture would replay
+        store.hyper, store.hyper_values = torch.empty(2, device=dev), None
+    if not torch.cuda.is_current_stream_capturing():
+        load_hyper(store, optimizer)
+    return store.hyper
+
+
+def load_hyper(store, optimizer: Optimizer | None) -> None:
+    """Writes ``optimizer``'s current ``lr`` and ``eps`` into the table's device scalars if they
+    changed (a scheduler's new lr), on the current stream: the kernels of later steps, eager or
+    replayed from a graph, read them; earlier ones have read theirs (stream order)."""
+    if optimizer is None or getattr(store, "hyper", None) is None:
+        return
+    values = (float(optimizer.lr), float(getattr(optimizer, "eps", 0.0)))
+    if values != store.hyper_values:
+        store.hyper.copy_(torch.tensor(values, dtype=torch.float32), non_blocking=True)
+        store.hyper_values = values
 
 
 # ------------------------------------------------------------------ initial rows, hashing

@@ -47,6 +47,7 @@ class CapturedForward:
     per_sample_weights: torch.Tensor | None
     first_step: int  # the table's host step count when the capture reached it
     batch: Any = None  # the store's Batch, set once looked up
+    training: bool = True  # the table's train()/eval() mode at capture: whether it updates
 
 
 class _Capture:
@@ -102,6 +103,7 @@ def record_forward(module, input, offsets, per_sample_weights) -> CapturedForwar
     if why is not None:
         raise InvalidInputError(f"this TieredEmbeddingBag cannot be captured: {why}")
     entry = CapturedForward(module, input, offsets, per_sample_weights, module.store.l1.step)
+    entry.training = module.training
     _capturing.forwards.append(entry)
     return entry
 
@@ -118,6 +120,9 @@ class GraphedStep:
     ``TieredEmbeddingBag`` in the step must take its indices, offsets and weights from the
     inputs (or views of them) and, if it trains, run its backward inside ``step``. Returns what
     ``step`` returned at capture: tensors that each call overwrites (clone to keep them).
+    A table's current ``lr`` and ``eps`` (a scheduler's) reach every replay, through device
+    scalars its kernels read; a table switched between ``train()`` and ``eval()`` since the
+    capture is refused (the graph updates its rows or not as captured).
     Without CUDA every call simply runs ``step``.
 
     Example::
@@ -155,6 +160,7 @@ class GraphedStep:
                 self.calls += 1
                 return self._eager(inputs)
             self._capture(inputs)
+        self._before_replay()
         checks = self._load(inputs)
         if self.tail is None:  # no table in the step
             for c in checks:
@@ -226,6 +232,22 @@ class GraphedStep:
                     )
         self.graph, self.tail, self.outputs = capture.head, capture.tail, outputs
         self.forwards, self.step_advance = forwards, advance
+
+    def _before_replay(self) -> None:
+        """Refuses a replay whose tables changed train()/eval() mode since the capture (the
+        graph updates rows or not as captured), and writes each table's current lr and eps
+        (a scheduler's) into the device scalars its captured kernels read."""
+        for f in self.forwards:
+            m = f.module
+            if m.training != f.training:
+                raise InvalidInputError(
+                    "GraphedStep: a TieredEmbeddingBag was captured in "
+                    f"{'train' if f.training else 'eval'}() mode and is now in the other; the "
+                    "graph would update its rows as captured: capture another GraphedStep"
+                )
+            load = getattr(m.store.backend, "load_hyper", None)
+            if load is not None:
+                load(m.store, m.optimizer)
 
     def _load(self, inputs: tuple[torch.Tensor, ...]) -> list[BatchChecks]:
         """Copies a batch into the captured inputs and queues its checks for every table, on a

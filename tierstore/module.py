@@ -11,6 +11,7 @@ import functools
 import math
 import os
 import pathlib
+import warnings
 import weakref
 
 import torch
@@ -19,6 +20,7 @@ from torch import nn
 from . import bag_max, cpu, graphs
 from .cache import EMPTY, by_slot, cache_shape
 from .errors import CapacityError, InvalidInputError, TableMismatchError
+from .fused_optimizer import FusedOptimizer, resolve_optimizer
 from .optim import SGD, Optimizer
 from .pipeline import PrefetchQueue
 from .policy import Policy, make_policy
@@ -27,6 +29,29 @@ from .store import Batch, RowLayout, TieredStore, initial_rows
 from .validate import drop_padding, normalize_batch
 
 _MODES = ("sum", "mean", "max")
+_WHOLE_TABLE_CHUNK = 1 << 20  # rows per read or write of weight
+
+
+class _WeightCopy(torch.Tensor):
+    """What ``TieredEmbeddingBag.weight`` returns: a plain copy of the weights, except that
+    assigning its ``.data`` writes the table (``emb.weight.data = W``, as DLRM initialises)."""
+
+    __torch_function__ = torch._C._disabled_torch_function_impl  # results are plain tensors
+
+    def __new__(cls, data: torch.Tensor, table: TieredEmbeddingBag):
+        copy = torch.Tensor._make_subclass(cls, data, False)
+        copy._table = table
+        return copy
+
+    @property
+    def data(self) -> torch.Tensor:
+        """The copy as a plain tensor."""
+        return self.as_subclass(torch.Tensor).detach()
+
+    @data.setter
+    def data(self, value: torch.Tensor) -> None:
+        self._table.weight = value
+        torch.Tensor.data.__set__(self, self._table._read_all())
 
 
 def _backend_for(device: torch.device):
@@ -135,8 +160,8 @@ class _BatchHandle:
 
 class _TieredBagFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, anchor, per_sample_weights, module, handle, offsets):
-        ctx.module, ctx.handle, ctx.offsets = module, handle, offsets
+    def forward(ctx, anchor, per_sample_weights, module, handle, offsets, update):
+        ctx.module, ctx.handle, ctx.offsets, ctx.update = module, handle, offsets, update
         ctx.save_for_backward(per_sample_weights)
         store = module.store
         if module.mode == "max":  # the kernels pool by sum and mean: max takes the generic path
@@ -156,8 +181,10 @@ class _TieredBagFunction(torch.autograd.Function):
         store = module.store
         try:
             if module.mode == "max":
-                bag_max.backward(store, batch, ctx.max_graph, grad_out, module.optimizer)
-                return None, None, None, None, None
+                optimizer = module.optimizer if ctx.update else None
+                bag_max.backward(store, batch, ctx.max_graph, grad_out, optimizer)
+                module._unflushed |= ctx.update
+                return None, None, None, None, None, None
             psw_grad = store.backend.backward(
                 store,
                 batch,
@@ -165,13 +192,14 @@ class _TieredBagFunction(torch.autograd.Function):
                 ctx.offsets,
                 psw,
                 module.mode,
-                module.optimizer,
+                module.optimizer if ctx.update else None,  # the lr of this moment
                 ctx.needs_input_grad[1],
             )
+            module._unflushed |= ctx.update
         finally:
             store.release(batch)
             ctx.max_graph = None
-        return None, psw_grad, None, None, None
+        return None, psw_grad, None, None, None, None
 
 
 class TieredEmbeddingBag(nn.Module):
@@ -181,6 +209,12 @@ class TieredEmbeddingBag(nn.Module):
 
     The positional arguments and their defaults are ``nn.EmbeddingBag``'s; tierstore's own
     options follow, keyword-only.
+
+    Rows change only in training mode (``train()``, the default) in a backward: a forward in
+    ``eval()`` or under ``torch.no_grad()`` is an inference step (no lock, no update).
+    ``fused_optimizer`` is the update as a ``torch.optim.Optimizer`` (for schedulers and
+    ``state_dict``; see ``tierstore/fused_optimizer.py``); ``weight`` reads and assigns every
+    row of a table that fits in memory (a copy).
 
     Args:
         num_embeddings: rows in the table; ``None`` (with ``path``) for any int64 id.
@@ -207,7 +241,12 @@ class TieredEmbeddingBag(nn.Module):
         cache_rows: L1 size in rows (default: 20 % of the table, as FBGEMM's cache load factor).
         ways: L1 associativity (default 32).
         policy: ``"lru"`` or ``"lfu"``.
-        optimizer: :class:`SGD`, :class:`Adagrad`, :class:`RowWiseAdagrad` or ``None`` (no training).
+        optimizer: the fused update applied in backward while the module is in training mode
+            (``train()``, the default): :class:`SGD` (default ``SGD(lr=0.01)``),
+            :class:`Adagrad`, :class:`RowWiseAdagrad`, a ``torch.optim`` class with its keyword
+            arguments as ``(torch.optim.Adagrad, {"lr": 0.01})`` (see
+            :func:`~tierstore.fused_optimizer.optimizer_from_torch`), or ``None`` (no training).
+            Its hyper-parameters are ``self.fused_optimizer.param_groups[0]``.
         seed: never-written rows are a deterministic function of (seed, row id).
         init_scale: they are uniform on ``[-init_scale, init_scale)`` (default ``1/sqrt(D)``).
         path: directory of the SSD tier (an LMDB environment), created if it holds no table.
@@ -274,10 +313,7 @@ class TieredEmbeddingBag(nn.Module):
             )
         if num_embeddings is not None and num_embeddings < 1:
             raise InvalidInputError(f"num_embeddings must be positive, got {num_embeddings}")
-        if optimizer is not None and not isinstance(optimizer, Optimizer):
-            raise InvalidInputError(
-                f"optimizer must be a tierstore optimizer or None, got {optimizer!r}"
-            )
+        optimizer = resolve_optimizer(optimizer)  # a tierstore rule or None
         padding_idx = _check_padding_idx(padding_idx, num_embeddings)
         _check_weight(_weight, num_embeddings, embedding_dim)
         if cache_rows is None:
@@ -355,6 +391,7 @@ class TieredEmbeddingBag(nn.Module):
             host=host,
         )
         self._queue = PrefetchQueue(self.store)  # batches prefetched, oldest first
+        self._unflushed = False  # rows changed since the last flush (close() warns of them)
         if _weight is not None:
             self._set_weights(_weight)
         elif padding_idx is not None and fresh:  # as torch: a new table's padding row is zero
@@ -378,7 +415,10 @@ class TieredEmbeddingBag(nn.Module):
             input, offsets, per_sample_weights, values=captured is None
         )
         wants_psw_grad = psw is not None and psw.requires_grad
-        training = torch.is_grad_enabled() and (self.optimizer is not None or wants_psw_grad)
+        # Rows are updated only in training mode with grad enabled; an eval() forward is an
+        # inference step for the table (no lock, no update) unless per-sample weights want a grad
+        update = self.training and torch.is_grad_enabled() and self.fused_optimizer is not None
+        training = update or (torch.is_grad_enabled() and wants_psw_grad)
         batch = self._queue.pop((input, offsets), flat)
         if batch is None:  # waits for the checks before the first change (a capture ends its
             # head graph there instead); an inference batch is released right after its
@@ -396,7 +436,7 @@ class TieredEmbeddingBag(nn.Module):
             # grads. A new one per call: a leaf keeps the stream it was first used on, and a
             # step captured in a CUDA graph must not wait on an eager step's stream.
             anchor = torch.empty(0, device=self.device, requires_grad=True)
-            out = _TieredBagFunction.apply(anchor, psw, self, handle, offs)
+            out = _TieredBagFunction.apply(anchor, psw, self, handle, offs, update)
             self._queue.advance()  # the next batches' cache steps, beside this one's compute
             return out
         try:
@@ -444,6 +484,75 @@ class TieredEmbeddingBag(nn.Module):
             flat, offs, psw = drop_padding(flat, offs, psw, self.padding_idx)
         return flat, offs, psw, checks
 
+    # --------------------------------------------------------------- optimizer and weight
+    @property
+    def optimizer(self) -> Optimizer | None:
+        """The fused update rule with its current hyper-parameters (those of
+        ``fused_optimizer.param_groups[0]``, which schedulers change), or None."""
+        fused = self.__dict__.get("fused_optimizer")
+        return None if fused is None else fused.rule
+
+    @optimizer.setter
+    def optimizer(self, rule: Optimizer | None) -> None:
+        if "fused_optimizer" in self.__dict__:
+            raise InvalidInputError(
+                "optimizer is set when the table is made; change its hyper-parameters through "
+                "fused_optimizer.param_groups (the rows hold the rule's state)"
+            )
+        rule = resolve_optimizer(rule)
+        #: the ``torch.optim.Optimizer``-like face of the fused update (None without one)
+        self.fused_optimizer = None if rule is None else FusedOptimizer(rule)
+
+    #: ``weight`` reads or writes the whole table only up to this size in bytes (a copy is made)
+    weight_max_bytes: int = 4 << 30
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """A copy ``(num_embeddings, D)`` of every row's weights, read through the tiers (on
+        ``device``). Assigning ``emb.weight = W`` or ``emb.weight.data = W`` writes ``W``
+        (detached) into every row, keeping the optimizer state; other in-place changes of the
+        copy do not reach the table. Tables with ``num_embeddings=None`` or larger than
+        :attr:`weight_max_bytes` raise: use :meth:`read_rows` / :meth:`write_rows`."""
+        return _WeightCopy(self._read_all(), self)
+
+    @weight.setter
+    def weight(self, value: torch.Tensor) -> None:
+        self._check_whole_table("weight")
+        if not isinstance(value, torch.Tensor) or value.shape != (
+            self.num_embeddings,
+            self.embedding_dim,
+        ):
+            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise InvalidInputError(
+                f"weight must have shape ({self.num_embeddings}, {self.embedding_dim}), got {got}"
+            )
+        if not value.is_floating_point():
+            raise InvalidInputError(f"weight must be floating point, got {value.dtype}")
+        for lo in range(0, self.num_embeddings, _WHOLE_TABLE_CHUNK):
+            hi = min(lo + _WHOLE_TABLE_CHUNK, self.num_embeddings)
+            self.write_rows(torch.arange(lo, hi), value[lo:hi])
+
+    def _check_whole_table(self, what: str) -> None:
+        if self.num_embeddings is None:
+            raise InvalidInputError(
+                f"{what}: a table with num_embeddings=None has no dense weight; use read_rows / "
+                "write_rows"
+            )
+        size = self.num_embeddings * self.embedding_dim * 4
+        if size > self.weight_max_bytes:
+            raise InvalidInputError(
+                f"{what}: the table's weights take {size} bytes, above weight_max_bytes="
+                f"{self.weight_max_bytes} (a copy is made); raise it or use read_rows / write_rows"
+            )
+
+    def _read_all(self) -> torch.Tensor:
+        self._check_whole_table("weight")
+        out = torch.empty((self.num_embeddings, self.embedding_dim), device=self.device)
+        for lo in range(0, self.num_embeddings, _WHOLE_TABLE_CHUNK):
+            hi = min(lo + _WHOLE_TABLE_CHUNK, self.num_embeddings)
+            out[lo:hi] = self.read_rows(torch.arange(lo, hi))
+        return out
+
     # --------------------------------------------------------------- rows and tiers
     def read_rows(self, ids: torch.Tensor, with_state: bool = False) -> torch.Tensor:
         """Current weights ``(len(ids), D)`` of ``ids`` (and the optimizer state after them
@@ -469,8 +578,9 @@ class TieredEmbeddingBag(nn.Module):
         if torch.unique(ids).numel() != ids.numel():
             raise InvalidInputError("write_rows: ids must be unique")
         rows = self.store.read_rows(ids)
-        rows[:, : self.embedding_dim] = values.to(rows.device, torch.float32)
+        rows[:, : self.embedding_dim] = values.detach().to(rows.device, torch.float32)
         self.store.write_rows(ids, rows)
+        self._unflushed = True
 
     def _check_row_ids(self, ids) -> torch.Tensor:
         if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int32, torch.int64):
@@ -482,6 +592,7 @@ class TieredEmbeddingBag(nn.Module):
     def flush(self) -> None:
         """Writes every dirty row down to the lowest tier (durably, with an SSD tier)."""
         self.store.flush()
+        self._unflushed = False
 
     def stats(self) -> CacheStats:
         """Counters of the caches and the bytes moved between tiers."""
@@ -491,10 +602,20 @@ class TieredEmbeddingBag(nn.Module):
         """Zeroes the counters."""
         self.store.reset_stats()
 
-    def close(self) -> None:
-        """Releases prefetched batches and closes the SSD tier (without flushing: call
-        :meth:`flush` first to keep changes)."""
+    def close(self, flush: bool = False) -> None:
+        """Releases prefetched batches and closes the SSD tier. Rows changed since the last :meth:`flush` are dropped (the
+        table reopens as of that flush, as after a crash), with a ``UserWarning`` naming
+        ``flush``; ``close(flush=True)`` flushes first."""
         self.clear_prefetched()
+        if flush:
+            self.flush()
+        elif self._unflushed:
+            warnings.warn(
+                "TieredEmbeddingBag.close(): the rows changed since the last flush() are "
+                "dropped; call flush() or close(flush=True) to keep them",
+                UserWarning,
+                stacklevel=2,
+            )
         self.store.host.close()
 
     @classmethod

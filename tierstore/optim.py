@@ -32,8 +32,11 @@ class Optimizer:
     initial_state: ClassVar[float] = 0.0
 
     def __post_init__(self):
-        if not self.lr > 0:
-            raise InvalidInputError(f"{type(self).__name__}: lr must be positive, got {self.lr}")
+        # 0 is allowed, as in torch.optim: a scheduler's warm-up may start there
+        if not (isinstance(self.lr, (int, float)) and self.lr >= 0):
+            raise InvalidInputError(
+                f"{type(self).__name__}: lr must be a number >= 0, got {self.lr!r}"
+            )
 
     def state_width(self, dim: int) -> int:
         """Floats of optimizer state stored after each row's weights."""

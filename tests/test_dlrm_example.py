@@ -1,0 +1,177 @@
+"""``examples/dlrm/launch.py``'s swap on a small DLRM-shaped model (no DLRM checkout needed):
+the same code run with stock ``nn.EmbeddingBag`` (sparse gradients, ``torch.optim.SGD`` over
+``model.parameters()`` and a warm-up/decay scheduler over it) and inside ``swapped()`` gives
+the same loss at every step, and the tables end with the same weights. Fresh random data and
+initial weights each run; the seed is in every failure message."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import math
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import tierstore as ts
+
+LAUNCH = Path(__file__).resolve().parents[1] / "examples" / "dlrm" / "launch.py"
+ROWS, DIM, DENSE, BATCH = (40, 90, 25), 4, 5, 16
+
+
+def _launcher():
+    spec = importlib.util.spec_from_file_location("tierstore_dlrm_launch", LAUNCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _mlp(sizes, rng, last=None):
+    """Linear layers initialised from ``rng`` (as DLRM does, so that the torch RNG, which a
+    stock nn.EmbeddingBag's own initialisation consumes, plays no part)."""
+    layers = []
+    for n_in, n_out in zip(sizes[:-1], sizes[1:]):
+        layer = nn.Linear(n_in, n_out)
+        w = rng.normal(0.0, math.sqrt(2 / (n_in + n_out)), (n_out, n_in)).astype(np.float32)
+        layer.weight.data = torch.tensor(w, requires_grad=True)
+        layer.bias.data = torch.tensor(rng.normal(0.0, 0.1, n_out).astype(np.float32))
+        layers += [layer, nn.ReLU()]
+    if last is not None:
+        layers[-1] = last
+    return nn.Sequential(*layers)
+
+
+class TinyDLRM(nn.Module):
+    """Bottom MLP over dense features, one summed bag per table, pairwise dot interactions,
+    top MLP to a click probability: DLRM's shape at toy size."""
+
+    def __init__(self, rng: np.random.Generator):
+        super().__init__()
+        self.bottom = _mlp([DENSE, 8, DIM], rng)
+        self.tables = nn.ModuleList()
+        for n in ROWS:
+            table = nn.EmbeddingBag(n, DIM, mode="sum", sparse=True)  # what the launcher swaps
+            w = rng.uniform(-math.sqrt(1 / n), math.sqrt(1 / n), (n, DIM)).astype(np.float32)
+            table.weight.data = torch.tensor(w, requires_grad=True)
+            self.tables.append(table)
+        features = len(ROWS) + 1
+        self.register_buffer("pairs", torch.tril_indices(features, features, offset=-1))
+        self.top = _mlp([DIM + self.pairs.shape[1], 8, 1], rng, last=nn.Sigmoid())
+
+    def forward(self, dense, offsets, indices):
+        x = self.bottom(dense)
+        pooled = [t(i, o) for t, i, o in zip(self.tables, indices, offsets)]
+        feats = torch.stack([x, *pooled], 1)  # (B, tables + 1, DIM)
+        dots = torch.bmm(feats, feats.transpose(1, 2))[:, self.pairs[0], self.pairs[1]]
+        return self.top(torch.cat([x, dots], 1)).squeeze(1)
+
+
+def _batches(seed: int, count: int):
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        dense = torch.rand(BATCH, DENSE, generator=gen)
+        offsets, indices = [], []
+        for n in ROWS:
+            lengths = torch.randint(1, 4, (BATCH,), generator=gen)
+            offsets.append(torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)[:-1]]))
+            indices.append(torch.randint(0, n, (int(lengths.sum()),), generator=gen))
+        out.append((dense, offsets, indices, torch.randint(0, 2, (BATCH,), generator=gen)))
+    return out
+
+
+def _schedule(optimizer):
+    """Linear warm-up from lr 0 over 3 steps, then a squared decay: DLRM's policy in spirit."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: s / 3 if s < 3 else max(0.05, (1 - (s - 3) / 8) ** 2)
+    )
+
+
+def _train(model, batches, lr, optimizer=None, scheduler=None, kind="sgd"):
+    """DLRM's loop: loss, zero_grad, backward, step, scheduler step. Returns the losses and the
+    optimizer and scheduler (to continue). The optimizer class is looked up at call time, as
+    DLRM does (``torch.optim.SGD`` or ``torch.optim.Adagrad``: the launcher's, when swapped)."""
+    cls = {"sgd": lambda: torch.optim.SGD, "adagrad": lambda: torch.optim.Adagrad}[kind]()
+    optimizer = optimizer or cls(model.parameters(), lr=lr)
+    scheduler = scheduler or _schedule(optimizer)
+    losses = []
+    for dense, offsets, indices, target in batches:
+        loss = nn.functional.binary_cross_entropy(model(dense, offsets, indices), target.float())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss.detach())
+    return losses, optimizer, scheduler
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adagrad"])
+def test_swapped_dlrm_trains_as_stock_dlrm(kind):
+    seed = random.randrange(1 << 32)
+    launch, batches, lr = _launcher(), _batches(seed, 12), 0.5
+    stock = TinyDLRM(np.random.default_rng(seed))
+    assert type(stock.tables[0]) is torch.nn.EmbeddingBag
+    stock_losses, _, _ = _train(stock, batches, lr, kind=kind)
+    with launch.swapped(kind, lr, cache_fraction=0.3):
+        swapped = TinyDLRM(np.random.default_rng(seed))
+        assert all(isinstance(t, ts.TieredEmbeddingBag) for t in swapped.tables)
+        assert type(swapped.tables[0].optimizer).__name__.lower() == kind
+        losses, _, _ = _train(swapped, batches, lr, kind=kind)
+    assert torch.nn.EmbeddingBag is not launch.DLRMEmbeddingBag  # put back on exit
+    for step, (ours, theirs) in enumerate(zip(losses, stock_losses)):
+        torch.testing.assert_close(ours, theirs, msg=f"loss at step {step} (seed {seed})")
+    for k, (ours, theirs) in enumerate(zip(swapped.tables, stock.tables)):
+        torch.testing.assert_close(
+            ours.weight, theirs.weight.detach(), rtol=1e-5, atol=1e-6,
+            msg=lambda m, k=k: f"table {k} (seed {seed}): {m}",
+        )  # fmt: skip
+    # the schedule reached the tables: lr 0 at the first step, the decayed lr at the end
+    assert swapped.tables[0].fused_optimizer.param_groups[0]["lr"] == pytest.approx(
+        lr * max(0.05, (1 - (11 - 3) / 8) ** 2)
+    )
+
+
+def test_swapped_dlrm_checkpoint_continues_training():
+    """DLRM's --save-model / --load-model: model.state_dict() and the optimizer's, loaded into a
+    freshly built model, continue exactly as the uninterrupted run."""
+    seed = random.randrange(1 << 32)
+    launch, batches, lr = _launcher(), _batches(seed, 8), 0.5
+    with launch.swapped("sgd", lr):
+        model = TinyDLRM(np.random.default_rng(seed))
+        state = model.state_dict()
+        if not any(key.startswith("tables.") for key in state):
+            pytest.skip("TieredEmbeddingBag.state_dict() holds no rows in this tree")
+        _, opt, sched = _train(model, batches[:4], lr)
+        # through bytes, as DLRM's torch.save / torch.load (torch's default weights_only=True)
+        buffer = io.BytesIO()
+        torch.save((model.state_dict(), opt.state_dict(), sched.state_dict()), buffer)
+        buffer.seek(0)
+        saved = torch.load(buffer)
+        straight, _, _ = _train(model, batches[4:], lr, opt, sched)
+        fresh = TinyDLRM(np.random.default_rng(seed + 1))
+        fresh.load_state_dict(saved[0])
+        opt = torch.optim.SGD(fresh.parameters(), lr=lr)
+        sched = _schedule(opt)  # before loading: its first step sets the lr
+        opt.load_state_dict(saved[1])
+        sched.load_state_dict(saved[2])
+        resumed, _, _ = _train(fresh, batches[4:], lr, opt, sched)
+    for step, (a, b) in enumerate(zip(resumed, straight)):
+        assert torch.equal(a, b), f"step {step} after loading differs (seed {seed})"
+
+
+def test_launcher_refuses_what_it_cannot_run(tmp_path, capsys):
+    launch = _launcher()
+    assert launch.main([str(tmp_path)]) == 2
+    assert "dlrm_s_pytorch.py not found" in capsys.readouterr().err
+    with pytest.raises(ts.InvalidInputError, match="rwsadagrad"):
+        with launch.swapped("rwsadagrad"):
+            pass
+    with launch.swapped("sgd"):
+        with pytest.raises(ts.InvalidInputError, match="max_norm"):
+            torch.nn.EmbeddingBag(10, 4, max_norm=1.0)
+    assert "tierstore_dlrm_launch" not in sys.modules  # the test loads it by path only
