@@ -7,6 +7,7 @@ wherever they live.
 """
 
 from .cache import SetAssociativeCache
+from .collection import CollectionStats, TableConfig, TieredEmbeddingBagCollection
 from .errors import (
     CapacityError,
     CorruptBlockError,
@@ -19,6 +20,7 @@ from .errors import (
     TierstoreError,
 )
 from .graphs import GraphedStep
+from .keyed import KeyedTensor
 from .module import TieredEmbeddingBag
 from .optim import SGD, Adagrad, Optimizer, RowWiseAdagrad
 from .policy import LFU, LRU, Policy
@@ -26,6 +28,10 @@ from .stats import CacheStats
 
 __all__ = [
     "TieredEmbeddingBag",
+    "TieredEmbeddingBagCollection",
+    "TableConfig",
+    "KeyedTensor",
+    "CollectionStats",
     "GraphedStep",
     "SetAssociativeCache",
     "CacheStats",
