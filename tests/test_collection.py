@@ -73,7 +73,7 @@ def reference_forward(refs, tables, batch):
     for t in tables:
         ids = torch.cat([batch[f][0] for f in t.feature_names])
         lengths = torch.cat([batch[f][1] for f in t.feature_names])
-        offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)[:-1]])
+        offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)[:-1]])
         weighted = batch[t.feature_names[0]][2] is not None
         psw = torch.cat([batch[f][2] for f in t.feature_names]) if weighted else None
         if t.pooling == "mean" and psw is not None:
@@ -584,6 +584,65 @@ def test_ssd_directory_of_other_tables_is_refused(tmp_path):
     ).close()
     with pytest.raises(NotATableError, match="holds a single table"):
         ts.TieredEmbeddingBagCollection(tables, cache_rows=8, path=single, device="cpu")
+
+
+def test_failed_creation_leaves_no_trace(tmp_path):
+    # host_rows below cache_rows: a group's L2 share is below its L1 share, refused after the
+    # collection's manifest was written
+    tables = ssd_tables()
+    with pytest.raises(InvalidInputError, match="host_rows"):
+        ts.TieredEmbeddingBagCollection(
+            tables, cache_rows=40, host_rows=20, ways=1, path=tmp_path / "new", device="cpu"
+        )
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InvalidInputError, match="host_rows"):
+        ts.TieredEmbeddingBagCollection(
+            tables, cache_rows=40, host_rows=20, ways=1, path=tmp_path / "empty", device="cpu"
+        )
+    assert list((tmp_path / "empty").iterdir()) == []
+
+
+# ---------------------------------------------------------------------------- on the device
+def test_mixed_collection_on_device(device):
+    """Mixed dims, poolings and weights on the test's backend, against a module per table
+    there (on CUDA: the kernels' single launch per group against their per-table launches)."""
+    gen = torch.Generator().manual_seed(8)
+    tables = [
+        ts.TableConfig(name="a", embedding_dim=8, num_embeddings=60, feature_names=["a1", "a2"]),
+        ts.TableConfig(name="b", embedding_dim=16, num_embeddings=30, pooling="mean"),
+        ts.TableConfig(name="c", embedding_dim=8, num_embeddings=45, pooling="mean"),
+    ]
+    opt = ts.RowWiseAdagrad(lr=0.1)
+    col = ts.TieredEmbeddingBagCollection(
+        tables, cache_rows=12, ways=4, optimizer=opt, device=device
+    )
+    refs = {}
+    for t in tables:
+        refs[t.name] = ts.TieredEmbeddingBag(
+            num_embeddings=t.num_embeddings, embedding_dim=t.embedding_dim, mode="sum",
+            cache_rows=8, ways=4, optimizer=opt, device=device, seed=t.seed, init_scale=t.init_scale,
+        )  # fmt: skip
+    features = col.feature_keys
+    for _ in range(4):
+        batch = make_batch(gen, tables, 16, max_len=5, weighted=True)
+        kw = as_keyword(batch, features[::-1])
+        kt = col(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kw.items()})
+        dev_batch = {f: tuple(x.to(device) for x in v) for f, v in batch.items()}
+        want = reference_forward(refs, tables, dev_batch)
+        grad = {f: torch.randn(want[f].shape, generator=gen).to(device) for f in features}
+        for f in features:
+            torch.testing.assert_close(kt[f], want[f], rtol=1e-5, atol=1e-6)
+        torch.autograd.backward([kt[f] for f in features], [grad[f] for f in features])
+        torch.autograd.backward([want[f] for f in features], [grad[f] for f in features])
+    for t in tables:
+        ids = torch.arange(t.num_embeddings, device=device)
+        torch.testing.assert_close(
+            col.read_rows(t.name, ids, True),
+            refs[t.name].read_rows(ids, True),
+            rtol=1e-5,
+            atol=1e-6,
+        )
 
 
 # ---------------------------------------------------------------------------- README

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import pathlib
+import shutil
 import weakref
 import zlib
 from collections import deque
@@ -221,7 +222,20 @@ class _Group:
             self.num_rows = sum(self.limits)
         self._bases_t = torch.tensor(self.bases, dtype=torch.int64)
         self.poolings = {t.pooling for t in tables}
+        # The group's features in configured order, each with its table's base and pooling
+        self.features = [f for t in tables for f in t.feature_names]
+        self.feature_base = torch.tensor(
+            [b for b, t in zip(self.bases, tables, strict=True) for _ in t.feature_names]
+        )
+        self.feature_mean = torch.tensor(
+            [t.pooling == "mean" for t in tables for _ in t.feature_names]
+        )
         self.store: TieredStore | None = None
+
+    def to(self, device: torch.device) -> None:
+        """Moves the per-feature tensors to ``device``."""
+        self.feature_base = self.feature_base.to(device)
+        self.feature_mean = self.feature_mean.to(device)
 
     def table_of(self, ids: torch.Tensor) -> torch.Tensor:
         """Index within the group of the table that holds each group row id."""
@@ -393,6 +407,8 @@ class TieredEmbeddingBagCollection(nn.Module):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tables = tables
         self.groups: list[_Group] = self._group_tables(tables, optimizer)
+        for g in self.groups:
+            g.to(self.device)
         # Where each table and feature lives: (group, index in group), and the output's keys
         self._table_at = {t.name: (g, k) for g in self.groups for k, t in enumerate(g.tables)}
         self.feature_keys = [f for t in tables for f in t.feature_names]
@@ -400,8 +416,8 @@ class TieredEmbeddingBagCollection(nn.Module):
         self._requested = {t.name: 0 for t in tables}
         caches, hosts = self._shares(cache_rows, host_rows, path is not None)
         root = None if path is None else pathlib.Path(path)
-        if root is not None:
-            self._open_directory(root)
+        existed = root is not None and root.exists()
+        created = root is not None and self._open_directory(root)
         opened: list[_Group] = []
         try:
             for g, c, h in zip(self.groups, caches, hosts, strict=True):
@@ -410,6 +426,14 @@ class TieredEmbeddingBagCollection(nn.Module):
         except BaseException:
             for g in opened:
                 g.store.host.close()
+            if created:  # a collection made by this call and not finished: leave no trace
+                for child in root.iterdir():
+                    if child.is_dir():
+                        shutil.rmtree(child)
+                    else:
+                        child.unlink()
+                if not existed:
+                    root.rmdir()
             raise
         self.path = root
         self._prefetched: deque[tuple[list[torch.Tensor], list[Batch]]] = deque()
@@ -485,8 +509,9 @@ class TieredEmbeddingBagCollection(nn.Module):
             "tables": [t.manifest(self._table_at[t.name][0].optimizer) for t in self.tables],
         }
 
-    def _open_directory(self, root: pathlib.Path) -> None:
-        """Checks that ``root`` holds this very collection, or creates its manifest."""
+    def _open_directory(self, root: pathlib.Path) -> bool:
+        """Checks that ``root`` holds this very collection, or creates it (its manifest): then
+        returns True."""
         want = self._manifest()
         mfile = root / MANIFEST
         if root.exists() and (not root.is_dir() or any(root.iterdir())):
@@ -495,7 +520,7 @@ class TieredEmbeddingBagCollection(nn.Module):
                 raise NotATableError(f"{root}: holds {kind} (no {MANIFEST})")
             have = self.read_manifest(root)
             self._compare_manifest(root, have, want)
-            return
+            return False
         try:
             root.mkdir(parents=True, exist_ok=True)
             tmp = root / (MANIFEST + ".tmp")
@@ -503,6 +528,7 @@ class TieredEmbeddingBagCollection(nn.Module):
             os.replace(tmp, mfile)
         except OSError as exc:
             raise StorageError(f"{root}: cannot create the collection ({exc})") from exc
+        return True
 
     @staticmethod
     def read_manifest(root: str | os.PathLike) -> dict:
@@ -612,37 +638,38 @@ class TieredEmbeddingBagCollection(nn.Module):
         return position
 
     def _group_input(self, g: _Group, batch: JaggedBatch, position, starts) -> _GroupInput:
-        """The group's features (configured order) as one flat batch of group row ids: one
-        piece per feature, each a slice of the values shifted by its table's base."""
-        ids, lens, weights, means = [], [], [], []
-        for k, t in enumerate(g.tables):
-            for f in t.feature_names:
-                i = position[f]
-                ids.append(batch.values[starts[i] : starts[i + 1]] + g.bases[k])
-                lens.append(batch.lengths[i])
-                if batch.weights is not None:
-                    weights.append(batch.weights[starts[i] : starts[i + 1]])
-                means.append(t.pooling == "mean")
-        length = torch.cat(lens)
-        offs = torch.cat([length.new_zeros(1), length.cumsum(0)])
-        psw = torch.cat(weights) if weights else None
+        """The group's features (configured order) as one flat batch of group row ids, in a
+        fixed number of tensor ops whatever the number of features: each feature's values are
+        gathered from where the input put them and shifted by their table's base."""
+        sel = [position[f] for f in g.features]  # each group feature's place in the input
+        counts = [starts[i + 1] - starts[i] for i in sel]
+        n = sum(counts)
+        dev = self.device
+        seg = torch.tensor(counts, dtype=torch.int64, device=dev)
+        if sel == list(range(sel[0], sel[0] + len(sel))):  # in input order, one slice
+            src = slice(starts[sel[0]], starts[sel[0]] + n)
+        else:  # value j of the group comes from input value src[j]
+            begin = torch.tensor([starts[i] for i in sel], dtype=torch.int64, device=dev)
+            shift = begin - (seg.cumsum(0) - seg)  # input start minus group start, per feature
+            src = torch.arange(n, device=dev) + shift.repeat_interleave(seg, output_size=n)
+        ids = batch.values[src] + g.feature_base.repeat_interleave(seg, output_size=n)
+        lengths = batch.lengths[sel].reshape(-1)  # (F_g * B,) feature-major
+        offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+        psw = None if batch.weights is None else batch.weights[src]
         if g.poolings == {"mean"} and psw is None:
             mode = "mean"
-        elif not any(means):
+        elif "mean" not in g.poolings:
             mode = "sum"
         else:  # a mean bag as a sum with each id weighted 1/len (times its own weight)
             mode = "sum"
-            scale = []
-            for ln, mean in zip(lens, means, strict=True):
-                inv = (
-                    1.0 / ln.clamp(min=1).to(torch.float32)
-                    if mean
-                    else torch.ones_like(ln, dtype=torch.float32)
-                )
-                scale.append(inv.repeat_interleave(ln))
-            scale = torch.cat(scale)
+            per_bag = torch.where(
+                g.feature_mean.unsqueeze(1),
+                1.0 / batch.lengths[sel].clamp(min=1).to(torch.float32),
+                torch.ones((), device=dev),
+            ).reshape(-1)
+            scale = per_bag.repeat_interleave(lengths, output_size=n)
             psw = scale if psw is None else psw * scale
-        return _GroupInput(torch.cat(ids), offs, psw, mode)
+        return _GroupInput(ids, offsets, psw, mode)
 
     def forward(
         self,
@@ -701,9 +728,8 @@ class TieredEmbeddingBagCollection(nn.Module):
         """The groups' ``(F_g * B, D_g)`` outputs as one ``(B, sum D)`` tensor in key order."""
         views: dict[str, torch.Tensor] = {}
         for g, out in zip(self.groups, outs, strict=True):
-            names = [f for t in g.tables for f in t.feature_names]
-            per_feature = out.view(len(names), b, g.dim)  # the bags are feature-major
-            for j, f in enumerate(names):
+            per_feature = out.view(len(g.features), b, g.dim)  # the bags are feature-major
+            for j, f in enumerate(g.features):
                 views[f] = per_feature[j]
         dims = [self._feature_table[f].embedding_dim for f in self.feature_keys]
         return KeyedTensor(
