@@ -414,6 +414,8 @@ class TieredEmbeddingBagCollection(nn.Module):
         self.feature_keys = [f for t in tables for f in t.feature_names]
         self._feature_table = {f: t for t in tables for f in t.feature_names}
         self._requested = {t.name: 0 for t in tables}
+        self._dims = [self._feature_table[f].embedding_dim for f in self.feature_keys]
+        self._columns = self._column_order()
         caches, hosts = self._shares(cache_rows, host_rows, path is not None)
         root = None if path is None else pathlib.Path(path)
         existed = root is not None and root.exists()
@@ -439,6 +441,23 @@ class TieredEmbeddingBagCollection(nn.Module):
         self._prefetched: deque[tuple[list[torch.Tensor], list[Batch]]] = deque()
 
     # ------------------------------------------------------------------ construction
+    def _column_order(self) -> torch.Tensor | None:
+        """Where each output column (key order) is in the groups' outputs side by side, or
+        ``None`` where the two orders agree (every collection of one group)."""
+        start, at = 0, {}
+        for g in self.groups:
+            for f in g.features:
+                at[f] = start
+                start += g.dim
+        cols = [
+            at[f] + c
+            for f in self.feature_keys
+            for c in range(self._feature_table[f].embedding_dim)
+        ]
+        if cols == list(range(len(cols))):
+            return None
+        return torch.tensor(cols, dtype=torch.int64, device=self.device)
+
     @staticmethod
     def _check_tables(tables: list, path) -> None:
         if not tables:
@@ -725,16 +744,18 @@ class TieredEmbeddingBagCollection(nn.Module):
             store.release(batch)
 
     def _keyed(self, outs: list[torch.Tensor], b: int) -> KeyedTensor:
-        """The groups' ``(F_g * B, D_g)`` outputs as one ``(B, sum D)`` tensor in key order."""
-        views: dict[str, torch.Tensor] = {}
-        for g, out in zip(self.groups, outs, strict=True):
-            per_feature = out.view(len(g.features), b, g.dim)  # the bags are feature-major
-            for j, f in enumerate(g.features):
-                views[f] = per_feature[j]
-        dims = [self._feature_table[f].embedding_dim for f in self.feature_keys]
-        return KeyedTensor(
-            self.feature_keys, dims, torch.cat([views[f] for f in self.feature_keys], 1)
-        )
+        """The groups' ``(F_g * B, D_g)`` outputs as one ``(B, sum D)`` tensor in key order: per
+        group one transposing copy, then one column gather where the groups' features
+        interleave in the key order (a select and a cat per feature would cost a full-size
+        gradient per feature in the backward)."""
+        parts = [
+            out.view(len(g.features), b, g.dim).transpose(0, 1).reshape(b, len(g.features) * g.dim)
+            for g, out in zip(self.groups, outs, strict=True)
+        ]
+        values = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+        if self._columns is not None:
+            values = values.index_select(1, self._columns)
+        return KeyedTensor(self.feature_keys, self._dims, values)
 
     def prefetch(
         self,
