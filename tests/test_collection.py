@@ -316,6 +316,21 @@ def test_input_forms_agree():
     by_dict = col(as_dict).values()
     for got in (by_offsets, by_kjt, by_dict):
         assert torch.equal(got, want)
+    weighted = make_batch(gen, col.tables, 4, weighted=True)  # weights: keyword, KJT and dict
+    kw = as_keyword(weighted, order)
+    want = col(**kw).values()
+    assert torch.equal(
+        col(FakeKJT(order, kw["values"], kw["lengths"], kw["weights"])).values(), want
+    )
+    as_dict = {}
+    for f in order:
+        ids, lengths, w = weighted[f]
+        as_dict[f] = (
+            ids,
+            torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)[:-1]]),
+            w,
+        )
+    assert torch.equal(col(as_dict).values(), want)
     two_d = {f: torch.randint(0, 10, (4, 3), generator=gen) for f in order}
     kt = col(two_d)
     for f in order:
@@ -577,7 +592,17 @@ def test_ssd_directory_of_other_tables_is_refused(tmp_path):
     new = ts.TableConfig(name="new", embedding_dim=8, num_embeddings=3)
     with pytest.raises(TableMismatchError, match="table 'new' is not one"):
         ts.TieredEmbeddingBagCollection([*tables, new], cache_rows=8, path=path, device="cpu")
+    with pytest.raises(TableMismatchError, match="table 'ids' was made with optimizer 'sgd'"):
+        ts.TieredEmbeddingBagCollection(
+            tables, cache_rows=8, path=path, optimizer=ts.Adagrad(0.1), device="cpu"
+        )
     assert sorted(p.name for p in path.rglob("*")) == listing  # nothing created
+    # other hyper-parameters of the same optimizer: the same collection, trained on
+    ts.TieredEmbeddingBagCollection(
+        tables, cache_rows=8, path=path, optimizer=ts.SGD(lr=0.5), device="cpu"
+    ).close()
+    with pytest.raises(InvalidInputError, match="open\(\) takes the tables"):
+        ts.TieredEmbeddingBagCollection.open(path, optimizer=ts.SGD(lr=0.5))
     single = tmp_path / "single"
     ts.TieredEmbeddingBag(
         num_embeddings=10, embedding_dim=8, mode="sum", cache_rows=2, path=single, device="cpu"

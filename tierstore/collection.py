@@ -868,7 +868,14 @@ class TieredEmbeddingBagCollection(nn.Module):
     @classmethod
     def open(cls, path: str | os.PathLike, **options) -> TieredEmbeddingBagCollection:
         """Reopens the collection at ``path`` with the tables (and their optimizers) its
-        ``collection.json`` lists; ``options`` as the constructor's (not ``tables``)."""
+        ``collection.json`` lists; ``options`` as the constructor's (not ``tables`` nor
+        ``optimizer``: to train on with other hyper-parameters, build the collection with
+        ``TableConfig``s whose optimizers differ from the stored ones in those alone)."""
+        if "tables" in options or "optimizer" in options:
+            raise InvalidInputError(
+                "open() takes the tables and their optimizers from the collection's directory; "
+                "construct TieredEmbeddingBagCollection(tables, path=...) to give them"
+            )
         have = cls.read_manifest(path)
         tables = []
         for t in have["tables"]:
@@ -879,8 +886,7 @@ class TieredEmbeddingBagCollection(nn.Module):
                 pooling=t["pooling"], seed=t["seed"], init_scale=t["init_scale"],
                 optimizer=opt,
             ))  # fmt: skip
-        options.setdefault("optimizer", None)  # each table brings its own
-        return cls(tables, path=path, **options)
+        return cls(tables, path=path, optimizer=None, **options)  # each table brings its own
 
     def extra_repr(self) -> str:
         parts = []
