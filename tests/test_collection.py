@@ -601,7 +601,7 @@ def test_ssd_directory_of_other_tables_is_refused(tmp_path):
     ts.TieredEmbeddingBagCollection(
         tables, cache_rows=8, path=path, optimizer=ts.SGD(lr=0.5), device="cpu"
     ).close()
-    with pytest.raises(InvalidInputError, match="open\(\) takes the tables"):
+    with pytest.raises(InvalidInputError, match=r"open\(\) takes the tables"):
         ts.TieredEmbeddingBagCollection.open(path, optimizer=ts.SGD(lr=0.5))
     single = tmp_path / "single"
     ts.TieredEmbeddingBag(
