@@ -341,6 +341,17 @@ def test_input_forms_agree():
         torch.testing.assert_close(kt[f], ref(two_d[f]))
 
 
+def test_real_keyed_jagged_tensor():
+    kjt_module = pytest.importorskip("torchrec.sparse.jagged_tensor")
+    col = small_collection(optimizer=None)
+    gen = torch.Generator().manual_seed(9)
+    kw = as_keyword(make_batch(gen, col.tables, 3, weighted=True), ["item", "user", "last"])
+    kjt = kjt_module.KeyedJaggedTensor(
+        keys=kw["keys"], values=kw["values"], lengths=kw["lengths"], weights=kw["weights"]
+    )
+    assert torch.equal(col(kjt).values(), col(**kw).values())
+
+
 def test_keyed_tensor_views_are_differentiable():
     v = torch.randn(3, 12, requires_grad=True)
     kt = ts.KeyedTensor(["a", "b"], [4, 8], v)
