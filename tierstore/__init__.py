@@ -7,6 +7,7 @@ wherever they live.
 """
 
 from .cache import SetAssociativeCache
+from .collection import CollectionStats, TableConfig, TieredEmbeddingBagCollection
 from .errors import (
     CapacityError,
     CorruptBlockError,
@@ -20,6 +21,7 @@ from .errors import (
 )
 from .fused_optimizer import CombinedOptimizer, FusedOptimizer
 from .graphs import GraphedStep
+from .keyed import KeyedTensor
 from .module import TieredEmbeddingBag
 from .optim import SGD, Adagrad, Optimizer, RowWiseAdagrad
 from .pipeline import prefetching
@@ -28,6 +30,10 @@ from .stats import CacheStats
 
 __all__ = [
     "TieredEmbeddingBag",
+    "TieredEmbeddingBagCollection",
+    "TableConfig",
+    "KeyedTensor",
+    "CollectionStats",
     "GraphedStep",
     "prefetching",
     "SetAssociativeCache",
