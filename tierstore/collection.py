@@ -280,8 +280,9 @@ class _GroupBagFunction(torch.autograd.Function):
     single-table module's, with the group's store, mode and optimizer)."""
 
     @staticmethod
-    def forward(ctx, anchor, per_sample_weights, group, handle, offsets, mode):
+    def forward(ctx, anchor, per_sample_weights, group, handle, offsets, mode, update):
         ctx.group, ctx.handle, ctx.offsets, ctx.mode = group, handle, offsets, mode
+        ctx.update = update
         ctx.save_for_backward(per_sample_weights)
         store = group.store
         return store.backend.forward(store, handle.batch, offsets, per_sample_weights, mode)
@@ -304,12 +305,12 @@ class _GroupBagFunction(torch.autograd.Function):
                 ctx.offsets,
                 psw,
                 ctx.mode,
-                group.optimizer,
+                group.optimizer if ctx.update else None,
                 ctx.needs_input_grad[1],
             )
         finally:
             store.release(batch)
-        return None, psw_grad, None, None, None, None
+        return None, psw_grad, None, None, None, None, None
 
 
 @dataclass
@@ -728,16 +729,16 @@ class TieredEmbeddingBagCollection(nn.Module):
 
     def _group_forward(self, g: _Group, gin: _GroupInput, batch: Batch | None) -> torch.Tensor:
         psw = gin.weights
-        training = torch.is_grad_enabled() and (
-            g.optimizer is not None or (psw is not None and psw.requires_grad)
-        )
+        # rows are updated only in training mode with grad enabled, as the single-table module
+        update = self.training and torch.is_grad_enabled() and g.optimizer is not None
+        training = update or (torch.is_grad_enabled() and psw is not None and psw.requires_grad)
         store = g.store
         if batch is None:
             batch = store.lookup(gin.ids, None, backward=training, hold=training)
         if training:
             handle = _BatchHandle(store, batch)
             anchor = torch.empty(0, device=self.device, requires_grad=True)  # see module.py
-            return _GroupBagFunction.apply(anchor, psw, g, handle, gin.offsets, gin.mode)
+            return _GroupBagFunction.apply(anchor, psw, g, handle, gin.offsets, gin.mode, update)
         try:
             return store.backend.forward(store, batch, gin.offsets, psw, gin.mode)
         finally:
