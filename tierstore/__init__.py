@@ -7,11 +7,13 @@ wherever they live.
 """
 
 from .cache import SetAssociativeCache
+from .checkpoint import dcp_load, incremental_state_dict, mark_checkpoint, spill_state_dict
 from .errors import (
     CapacityError,
     CorruptBlockError,
     InvalidInputError,
     NotATableError,
+    NotPicklableError,
     StorageError,
     StorageFullError,
     TableLockedError,
@@ -45,5 +47,10 @@ __all__ = [
     "CorruptBlockError",
     "StorageFullError",
     "TableLockedError",
+    "NotPicklableError",
+    "incremental_state_dict",
+    "mark_checkpoint",
+    "spill_state_dict",
+    "dcp_load",
 ]
 __version__ = "0.1.0"

@@ -41,3 +41,7 @@ class StorageFullError(StorageError):
 
 class TableLockedError(StorageError):
     """Another process holds the table open for writing."""
+
+
+class NotPicklableError(TierstoreError, TypeError):
+    """A table was pickled or deep-copied: its rows live in the tiers; use ``state_dict``."""
