@@ -57,7 +57,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from .cache import by_slot
+from .cache import EMPTY, by_slot
 from .errors import InvalidInputError, NotPicklableError, TableMismatchError
 
 FORMAT = "tierstore.rows/1"
@@ -86,7 +86,7 @@ def save_table(emb, destination: dict, prefix: str) -> None:
         weight, state = data[:, :dim], data[:, dim:]
         form = "dense"
     else:
-        weight, state = _read_rows(store, None, emb.num_embeddings)
+        weight, state = _read_rows(store, None, emb.num_embeddings, stored_ids(store))
         form = "dense"
     destination[prefix + "weight"] = weight
     if store.layout.state_width:
@@ -279,6 +279,9 @@ def _write(emb, weight, state, ids, incremental: bool) -> None:
     # Rows the SSD table holds now (before writing): those the checkpoint lacks are reset.
     held = stored_ids(store) if store.inclusive_host and not incremental else None
     step = _chunk_rows(store)
+    if ids is None and not store.inclusive_host:  # the whole table in L2: copy slices
+        _write_whole_l2(store, weight, state)
+        return
     for lo in range(0, rows, step):
         hi = min(lo + step, rows)
         part = torch.arange(lo, hi) if ids is None else ids[lo:hi].to(torch.int64)
@@ -288,6 +291,10 @@ def _write(emb, weight, state, ids, incremental: bool) -> None:
             if s is None:  # no state given: keep the table's own
                 s = store.read_rows(part)[:, dim:].cpu()
             w = torch.cat([w, s], 1)
+        if ids is None and held is not None:  # dense into an SSD table: a row at its initial
+            # value that the table does not hold needs no write (most rows of a big table)
+            need = (w != store.init_rows(part).cpu()).any(1) | torch.isin(part, held)
+            part, w = part[need], w[need]
         store.write_rows(part, w)
     if incremental:
         return
@@ -301,6 +308,24 @@ def _write(emb, weight, state, ids, incremental: bool) -> None:
         for lo in range(0, emb.num_embeddings, step):
             part = torch.arange(lo, min(lo + step, emb.num_embeddings))
             _reset(store, part[~torch.isin(part, ids.to(torch.int64))])
+
+
+def _write_whole_l2(store, weight: torch.Tensor, state: torch.Tensor | None) -> None:
+    """A dense checkpoint into a table held whole in L2: row slices straight into L2, then
+    L1's cached copies refreshed from it (a chunk of rows costs one copy, not a lookup)."""
+    data, dim = store.host.data, store.layout.dim
+    store.flush()  # L1's dirty rows into L2 first: a row's state may be kept from there
+    if store.device.type == "cuda":  # no kernel may still be updating L2 rows in place
+        torch.cuda.synchronize(store.device)
+    step = _chunk_rows(store)
+    for lo in range(0, weight.shape[0], step):
+        data[lo : lo + step, :dim] = weight[lo : lo + step]
+        if state is not None:  # else the table keeps its own state
+            data[lo : lo + step, dim:] = state[lo : lo + step]
+    tags = by_slot(store.l1.tags)
+    slots = (tags != EMPTY).nonzero().squeeze(1)
+    # The L1 rows now equal L2's, dirty or not: a later writeback rewrites the same values.
+    store.set_l1_rows(slots, data[tags[slots].cpu()].to(store.device))
 
 
 def _reset(store, ids: torch.Tensor) -> None:
@@ -333,9 +358,10 @@ def changed_ids(store) -> torch.Tensor:
     return torch.unique(torch.cat(parts))
 
 
-def _read_rows(store, ids: torch.Tensor | None, rows: int):
+def _read_rows(store, ids: torch.Tensor | None, rows: int, written: torch.Tensor | None = None):
     """``(weight (R, D), state (R, S))`` of ``ids`` (``None``: ids ``0..rows-1``), read a chunk
-    at a time into tensors from :func:`_empty`."""
+    at a time into tensors from :func:`_empty`. With ``written`` (ascending: every id whose row
+    is not its initial value), the other rows are computed, not looked up in the tiers."""
     dim, width = store.layout.dim, store.layout.state_width
     weight = _empty((rows, dim), torch.float32)
     state = _empty((rows, width), torch.float32) if width else None
@@ -343,7 +369,13 @@ def _read_rows(store, ids: torch.Tensor | None, rows: int):
     for lo in range(0, rows, step):
         hi = min(lo + step, rows)
         part = torch.arange(lo, hi) if ids is None else ids[lo:hi]
-        got = store.read_rows(part).cpu()
+        if written is None:
+            got = store.read_rows(part).cpu()
+        else:
+            got = store.init_rows(part).cpu()
+            first, last = torch.searchsorted(written, torch.tensor([lo, hi])).tolist()
+            if last > first:
+                got[written[first:last] - lo] = store.read_rows(written[first:last]).cpu()
         weight[lo:hi] = got[:, :dim]
         if width:
             state[lo:hi] = got[:, dim:]
