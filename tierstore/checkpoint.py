@@ -32,7 +32,8 @@ Forms:
 Loading accepts any form into any table of the same ``embedding_dim`` and optimizer kind (its
 hyper-parameters may differ), whatever its cache sizes, policies, device or tiers, and continues
 training bit for bit. Every check runs before the first row changes: a shape or optimizer
-mismatch raises :class:`~tierstore.errors.TableMismatchError` with the table as it was.
+mismatch raises :class:`~tierstore.errors.TableMismatchError` with the table as it was. A load
+writes rows as training does (into the caches, staged on SSD): ``flush()`` makes them durable.
 
 Memory: reading and writing go a chunk of at most ``_CHUNK_BYTES`` (32 MiB) of rows at a time
 (plus the tiers' few chunk-sized temporaries). A dense in-memory table's state costs no copy.
@@ -284,10 +285,10 @@ def _write(emb, weight, state, ids, incremental: bool) -> None:
         return
     for lo in range(0, rows, step):
         hi = min(lo + step, rows)
-        part = torch.arange(lo, hi) if ids is None else ids[lo:hi].to(torch.int64)
-        w = weight[lo:hi].to(torch.float32)
+        part = torch.arange(lo, hi) if ids is None else ids[lo:hi].to("cpu", torch.int64)
+        w = weight[lo:hi].to("cpu", torch.float32)
         if store.layout.state_width:
-            s = state[lo:hi].to(torch.float32) if state is not None else None
+            s = state[lo:hi].to("cpu", torch.float32) if state is not None else None
             if s is None:  # no state given: keep the table's own
                 s = store.read_rows(part)[:, dim:].cpu()
             w = torch.cat([w, s], 1)
@@ -302,12 +303,12 @@ def _write(emb, weight, state, ids, incremental: bool) -> None:
         if ids is None:
             stale = held[(held < 0) | (held >= rows)]
         else:
-            stale = held[~torch.isin(held, ids.to(torch.int64))]
+            stale = held[~torch.isin(held, ids.to("cpu", torch.int64))]
         _reset(store, stale)
     elif ids is not None:  # a sparse checkpoint into a table in host memory: reset the rest
         for lo in range(0, emb.num_embeddings, step):
             part = torch.arange(lo, min(lo + step, emb.num_embeddings))
-            _reset(store, part[~torch.isin(part, ids.to(torch.int64))])
+            _reset(store, part[~torch.isin(part, ids.to("cpu", torch.int64))])
 
 
 def _write_whole_l2(store, weight: torch.Tensor, state: torch.Tensor | None) -> None:
