@@ -224,7 +224,7 @@ def _check(emb, prefix: str, got: dict) -> tuple[torch.Tensor | None, bool]:
         )
     state = got.get("optimizer_state")
     theirs = state.shape[1] if isinstance(state, torch.Tensor) and state.dim() == 2 else 0
-    ours_name = emb.optimizer.name if emb.optimizer is not None else None
+    ours_name = _optimizer_name(emb)
     their_name = meta.get("optimizer") if meta is not None else ours_name
     if (their_name != ours_name and (theirs or width)) or (state is not None and theirs != width):
         raise TableMismatchError(
@@ -443,6 +443,14 @@ def _restart_log(emb) -> None:
     emb.store.host.flushed_since_mark = torch.empty(0, dtype=torch.int64)
 
 
+def _optimizer_name(emb) -> str | None:
+    """The fused optimizer's kind (``"rowwise_adagrad"``...), which a checkpoint's state fits."""
+    optimizer = emb.optimizer
+    if optimizer is None:
+        return None
+    return getattr(optimizer, "name", None) or type(optimizer).__name__
+
+
 def _meta(emb, form: str, incremental: bool) -> dict:
     store = emb.store
     return {
@@ -451,7 +459,7 @@ def _meta(emb, form: str, incremental: bool) -> dict:
         "incremental": incremental,
         "num_embeddings": emb.num_embeddings,
         "embedding_dim": emb.embedding_dim,
-        "optimizer": emb.optimizer.name if emb.optimizer is not None else None,
+        "optimizer": _optimizer_name(emb),
         "state_width": store.layout.state_width,
         "seed": store.seed,
         "init_scale": store.init_scale,

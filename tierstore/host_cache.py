@@ -126,7 +126,9 @@ class HostCache:
         slots = slots[order]
         if self.flushed_since_mark is not None:  # the flush makes these rows clean: note them
             staged = self.ssd.stored_ids(flushed=False)
-            self.flushed_since_mark = torch.unique(torch.cat([self.flushed_since_mark, ids, staged]))
+            self.flushed_since_mark = torch.unique(
+                torch.cat([self.flushed_since_mark, ids, staged])
+            )
         with self.ssd.flush_begin() as writer:
             for lo in range(0, slots.numel(), _FLUSH_CHUNK):
                 part = slots[lo : lo + _FLUSH_CHUNK]

@@ -589,7 +589,9 @@ class SSDTier:
                 continue
             blocks = np.frombuffer(b"".join([k for k, _ in batch]), ">u8").astype(np.uint64)
             decoded = self._decode([v for _, v in batch], blocks)
-            out.append((blocks[decoded.block] << self._codec.shift) | decoded.offset.astype(np.uint64))
+            out.append(
+                (blocks[decoded.block] << self._codec.shift) | decoded.offset.astype(np.uint64)
+            )
         return out
 
     def _initial(self, ids: np.ndarray) -> np.ndarray:
