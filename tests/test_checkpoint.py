@@ -180,6 +180,25 @@ def test_sparse_and_dense_forms_load_into_each_other(tmp_path):
     assert torch.equal(rows_of(back, torch.arange(N)), rows_of(ref, torch.arange(N)))
 
 
+def test_an_ssd_table_with_num_embeddings_saves_sparse_on_request(tmp_path):
+    run = batches(21, 8)
+    a = table("ssd", tmp_path, "a", ts.Adagrad(0.1))
+    train(a, run[:4])
+    with ts.sparse_state_dict():
+        state = saved(a.state_dict())
+    touched = torch.unique(torch.cat([r[0] for r in run[:4]]))
+    assert torch.equal(state["ids"], touched)
+    assert state["_extra_state"]["form"] == "sparse"
+    assert "ids" not in a.state_dict()  # outside the block: dense again
+    b = table("memory-small", tmp_path, "", ts.Adagrad(0.1))  # same seed: the rest is init
+    train(b, batches(22, 2))
+    b.load_state_dict(state)
+    assert torch.equal(rows_of(b, torch.arange(N)), rows_of(a, torch.arange(N)))
+    train(a, run[4:])
+    train(b, run[4:])
+    assert torch.equal(rows_of(b, torch.arange(N)), rows_of(a, torch.arange(N)))
+
+
 def test_stored_ids_with_blocks_of_several_rows(tmp_path):
     emb = sparse_table(tmp_path, "blk", block_rows=8)
     run = batches(10, 6, hashed=True)

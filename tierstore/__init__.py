@@ -7,7 +7,13 @@ wherever they live.
 """
 
 from .cache import SetAssociativeCache
-from .checkpoint import dcp_load, incremental_state_dict, mark_checkpoint, spill_state_dict
+from .checkpoint import (
+    dcp_load,
+    incremental_state_dict,
+    mark_checkpoint,
+    sparse_state_dict,
+    spill_state_dict,
+)
 from .errors import (
     CapacityError,
     CorruptBlockError,
@@ -51,6 +57,7 @@ __all__ = [
     "incremental_state_dict",
     "mark_checkpoint",
     "spill_state_dict",
+    "sparse_state_dict",
     "dcp_load",
 ]
 __version__ = "0.1.0"

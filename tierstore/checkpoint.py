@@ -22,9 +22,11 @@ Forms:
   views of L2 after L1's dirty rows are written back to it, with no copy (as ``nn.Module``'s
   state tensors share memory with its parameters: copy them to keep a snapshot while training
   goes on); with an SSD tier they are new tensors filled a chunk at a time.
-- *sparse* (``num_embeddings=None``: any int64 id): only rows ever written (flushed or staged on
-  SSD, or dirty in L2 or L1); every other row is the initial value of ``(seed, id)``, so loading
-  one requires a table of the same ``seed`` and ``init_scale``.
+- *sparse* (``num_embeddings=None``: any int64 id; or an SSD table inside
+  ``with sparse_state_dict():``): only rows ever written (flushed or staged on SSD, or dirty in
+  L2 or L1); every other row is the initial value of ``(seed, id)``, so loading one requires a
+  table of the same ``seed`` and ``init_scale``. A dense SSD state computes every never-written
+  row; the sparse one costs only the rows written.
 - *incremental* (:func:`incremental_state_dict`, an SSD tier only): the sparse form of the rows
   changed since the last :func:`mark_checkpoint` or incremental checkpoint; loading it changes
   only those rows.
@@ -74,7 +76,8 @@ _spill = threading.local()
 def save_table(emb, destination: dict, prefix: str) -> None:
     """Adds ``emb``'s rows to ``destination`` under ``prefix`` (``nn.Module._save_to_state_dict``)."""
     store, dim = emb.store, emb.embedding_dim
-    if emb.num_embeddings is None:
+    sparse = store.inclusive_host and getattr(_spill, "sparse", False)
+    if emb.num_embeddings is None or sparse:
         ids = stored_ids(store)
         weight, state = _read_rows(store, ids, ids.numel())
         destination[prefix + "ids"] = _spilled(ids)
@@ -150,6 +153,19 @@ def spill_state_dict(directory: str | os.PathLike) -> Iterator[None]:
         yield
     finally:
         _spill.directory = previous
+
+
+@contextlib.contextmanager
+def sparse_state_dict() -> Iterator[None]:
+    """Inside this block (in this thread), tables with an SSD tier save the sparse form even
+    when they have ``num_embeddings``: only their written rows, so that the cost follows the
+    rows trained, not the table's size (the dense form computes every never-written row)."""
+    previous = getattr(_spill, "sparse", False)
+    _spill.sparse = True
+    try:
+        yield
+    finally:
+        _spill.sparse = previous
 
 
 def dcp_load(module: nn.Module, checkpoint_id: str | os.PathLike) -> None:
