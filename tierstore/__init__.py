@@ -7,12 +7,20 @@ wherever they live.
 """
 
 from .cache import SetAssociativeCache
+from .checkpoint import (
+    dcp_load,
+    incremental_state_dict,
+    mark_checkpoint,
+    sparse_state_dict,
+    spill_state_dict,
+)
 from .collection import CollectionStats, TableConfig, TieredEmbeddingBagCollection
 from .errors import (
     CapacityError,
     CorruptBlockError,
     InvalidInputError,
     NotATableError,
+    NotPicklableError,
     StorageError,
     StorageFullError,
     TableLockedError,
@@ -56,5 +64,11 @@ __all__ = [
     "CorruptBlockError",
     "StorageFullError",
     "TableLockedError",
+    "NotPicklableError",
+    "incremental_state_dict",
+    "mark_checkpoint",
+    "spill_state_dict",
+    "sparse_state_dict",
+    "dcp_load",
 ]
 __version__ = "0.1.0"

@@ -46,3 +46,7 @@ class TableLockedError(StorageError):
 class InternalError(TierstoreError, RuntimeError):
     """An invariant of the engine does not hold (a bug in tierstore, not in the caller's input);
     the message names the invariant and the values found."""
+
+
+class NotPicklableError(TierstoreError, TypeError):
+    """A table was pickled or deep-copied: its rows live in the tiers; use ``state_dict``."""

@@ -41,6 +41,9 @@ class HostCache:
         self.data = allocate_rows(self.cache.capacity, ssd.row_width, pin, "the host tier (L2)")
         self.row_bytes = 4 * ssd.row_width
         self.flushed_rows = 0
+        # Ids flushed since the last incremental checkpoint's base (checkpoint.py), ascending;
+        # None: not recorded (no base marked)
+        self.flushed_since_mark: torch.Tensor | None = None
 
     # -------------------------------------------------------------- the batch step
     def acquire(self, ids: torch.Tensor) -> torch.Tensor:
@@ -121,6 +124,11 @@ class HostCache:
         ids = self.cache.tags.view(-1)[slots]
         ids, order = torch.sort(ids)
         slots = slots[order]
+        if self.flushed_since_mark is not None:  # the flush makes these rows clean: note them
+            staged = self.ssd.stored_ids(flushed=False)
+            self.flushed_since_mark = torch.unique(
+                torch.cat([self.flushed_since_mark, ids, staged])
+            )
         with self.ssd.flush_begin() as writer:
             for lo in range(0, slots.numel(), _FLUSH_CHUNK):
                 part = slots[lo : lo + _FLUSH_CHUNK]

@@ -17,7 +17,7 @@ import weakref
 import torch
 from torch import nn
 
-from . import bag_max, cpu, graphs
+from . import bag_max, checkpoint, cpu, graphs
 from .cache import EMPTY, by_slot, cache_shape
 from .errors import CapacityError, InvalidInputError, TableMismatchError
 from .fused_optimizer import FusedOptimizer, resolve_optimizer
@@ -755,6 +755,36 @@ class TieredEmbeddingBag(nn.Module):
         new.flushed_rows = old.flushed_rows
         self.store, self.device = new, device
         self._queue = PrefetchQueue(new)
+
+    # --------------------------------------------------------------- checkpoints
+    # The rows and their optimizer state are the module's state: ``weight``, ``optimizer_state``
+    # and, for a sparse table, ``ids`` (the forms and the memory bound: ``checkpoint.py``).
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        checkpoint.save_table(self, destination, prefix)
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        rest = checkpoint.load_table(self, state_dict, prefix, missing_keys)
+        super()._load_from_state_dict(
+            rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def incremental_state_dict(self, prefix: str = "") -> dict:
+        """The rows changed since :meth:`mark_checkpoint` or the last incremental checkpoint
+        (sparse form: ``ids (R,)``, ``weight (R, D)``, ``optimizer_state (R, S)``), then flushes;
+        ``load_state_dict`` applies it to a table restored to the previous checkpoint. Needs an
+        SSD tier. See :func:`tierstore.checkpoint.incremental_state_dict`."""
+        return checkpoint.incremental_state_dict(self, prefix)
+
+    def mark_checkpoint(self) -> None:
+        """Flushes and makes now the base of the next :meth:`incremental_state_dict` (call it
+        right after saving a full ``state_dict``). Needs an SSD tier."""
+        checkpoint.mark_checkpoint(self)
+
+    def __reduce_ex__(self, protocol):
+        raise checkpoint.not_picklable(self)
 
     def extra_repr(self) -> str:
         l1 = self.store.l1

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import fcntl
+import itertools
 import json
 import os
 import pathlib
@@ -553,6 +554,45 @@ class SSDTier:
         """:meth:`read` on the tier's background I/O thread pool."""
         self._check_usable()
         return self._executor.submit(self.read, ids)
+
+    def stored_ids(self, flushed: bool = True, staged: bool = True) -> torch.Tensor:
+        """Ids of the rows stored (flushed, and staged since the last flush), ascending, int64
+        (8 bytes of memory per row; blocks are decoded a chunk at a time when they hold
+        several rows). For checkpoints, which list the rows a table ever wrote."""
+        self._check_usable()
+        parts = [np.empty(0, np.uint64)]
+        with self._storage_errors("list rows"):
+            main_txn = self._env.begin()
+            staged_txn = self._staged_env.begin() if self._staged_env is not None else None
+            try:
+                sources = [(main_txn, self._blocks)] if flushed else []
+                if staged and staged_txn is not None:
+                    base = int(staged_txn.get(_FLUSH_KEY, db=self._staged_info))
+                    if base == int(main_txn.get(_FLUSH_KEY, db=self._meta_db)):  # not merged
+                        sources.append((staged_txn, self._staged_rows))
+                for txn, db in sources:
+                    parts += self._block_ids(txn.cursor(db))
+            finally:
+                main_txn.abort()
+                if staged_txn is not None:
+                    staged_txn.abort()
+        u = np.unique(np.concatenate(parts))
+        return torch.from_numpy((u ^ SIGN).view(np.int64))
+
+    def _block_ids(self, cursor: lmdb.Cursor) -> list[np.ndarray]:
+        """The unsigned ids of every row in a database's blocks, a chunk of blocks at a time."""
+        out, chunk = [], max(1, _MERGE_CHUNK_ROWS // self.block_rows)
+        keys = cursor.iternext(keys=True, values=self.block_rows > 1)
+        while batch := list(itertools.islice(keys, chunk)):
+            if self.block_rows == 1:  # a block is one row: its key is the id
+                out.append(np.frombuffer(b"".join(batch), ">u8").astype(np.uint64))
+                continue
+            blocks = np.frombuffer(b"".join([k for k, _ in batch]), ">u8").astype(np.uint64)
+            decoded = self._decode([v for _, v in batch], blocks)
+            out.append(
+                (blocks[decoded.block] << self._codec.shift) | decoded.offset.astype(np.uint64)
+            )
+        return out
 
     def _initial(self, ids: np.ndarray) -> np.ndarray:
         rows = self._init_rows(torch.from_numpy(ids))
