@@ -23,7 +23,6 @@ import math
 import os
 import pathlib
 import shutil
-import weakref
 import zlib
 from collections import deque
 from collections.abc import Sequence
@@ -33,6 +32,7 @@ import torch
 from torch import nn
 
 from . import graphs
+from .autograd import BatchHandle, TieredBagFunction
 from .cache import cache_shape
 from .errors import InvalidInputError, NotATableError, StorageError, TableMismatchError
 from .keyed import JaggedBatch, KeyedTensor, check_jagged, parse_jagged
@@ -265,52 +265,6 @@ class _Group:
     def size_weight(self, unbounded: int) -> int:
         """The group's rows, an unbounded table counting as ``unbounded``."""
         return sum(t.num_embeddings or unbounded for t in self.tables)
-
-
-class _BatchHandle:
-    """Keeps a group's training batch locked until its backward runs or its graph is freed."""
-
-    def __init__(self, store: TieredStore, batch: Batch):
-        self.batch = batch
-        weakref.finalize(self, store.release, batch)
-
-
-class _GroupBagFunction(torch.autograd.Function):
-    """One group's pooled bags, and at backward the group's fused optimizer (as the
-    single-table module's, with the group's store, mode and optimizer)."""
-
-    @staticmethod
-    def forward(ctx, anchor, per_sample_weights, group, handle, offsets, mode, update):
-        ctx.group, ctx.handle, ctx.offsets, ctx.mode = group, handle, offsets, mode
-        ctx.update = update
-        ctx.save_for_backward(per_sample_weights)
-        store = group.store
-        return store.backend.forward(store, handle.batch, offsets, per_sample_weights, mode)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        group, batch = ctx.group, ctx.handle.batch
-        if batch.released:
-            raise RuntimeError(
-                "TieredEmbeddingBagCollection: backward ran twice through one batch "
-                "(retain_graph) or after its rows were released"
-            )
-        (psw,) = ctx.saved_tensors
-        store = group.store
-        try:
-            psw_grad = store.backend.backward(
-                store,
-                batch,
-                grad_out.contiguous(),
-                ctx.offsets,
-                psw,
-                ctx.mode,
-                group.optimizer if ctx.update else None,
-                ctx.needs_input_grad[1],
-            )
-        finally:
-            store.release(batch)
-        return None, psw_grad, None, None, None, None, None
 
 
 @dataclass
@@ -736,9 +690,9 @@ class TieredEmbeddingBagCollection(nn.Module):
         if batch is None:
             batch = store.lookup(gin.ids, None, backward=training, hold=training)
         if training:
-            handle = _BatchHandle(store, batch)
+            handle = BatchHandle(store, batch)
             anchor = torch.empty(0, device=self.device, requires_grad=True)  # see module.py
-            return _GroupBagFunction.apply(anchor, psw, g, handle, gin.offsets, gin.mode, update)
+            return TieredBagFunction.apply(anchor, psw, g, handle, gin.offsets, gin.mode, update)
         try:
             return store.backend.forward(store, batch, gin.offsets, psw, gin.mode)
         finally:

@@ -12,12 +12,12 @@ import math
 import os
 import pathlib
 import warnings
-import weakref
 
 import torch
 from torch import nn
 
 from . import bag_max, checkpoint, cpu, graphs
+from .autograd import BatchHandle, TieredBagFunction
 from .cache import EMPTY, by_slot, cache_shape
 from .errors import CapacityError, InvalidInputError, TableMismatchError
 from .fused_optimizer import FusedOptimizer, resolve_optimizer
@@ -25,7 +25,7 @@ from .optim import SGD, Optimizer
 from .pipeline import PrefetchQueue
 from .policy import Policy, make_policy
 from .stats import CacheStats
-from .store import Batch, RowLayout, TieredStore, initial_rows
+from .store import RowLayout, TieredStore, initial_rows
 from .validate import drop_padding, normalize_batch
 
 _MODES = ("sum", "mean", "max")
@@ -148,58 +148,6 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
         return True
     current = torch.cuda.current_device()
     return (current if a.index is None else a.index) == (current if b.index is None else b.index)
-
-
-class _BatchHandle:
-    """Keeps a training batch's rows locked until its backward runs or its graph is freed."""
-
-    def __init__(self, store: TieredStore, batch: Batch):
-        self.batch = batch
-        weakref.finalize(self, store.release, batch)
-
-
-class _TieredBagFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, anchor, per_sample_weights, module, handle, offsets, update):
-        ctx.module, ctx.handle, ctx.offsets, ctx.update = module, handle, offsets, update
-        ctx.save_for_backward(per_sample_weights)
-        store = module.store
-        if module.mode == "max":  # the kernels pool by sum and mean: max takes the generic path
-            out, ctx.max_graph = bag_max.forward(store, handle.batch, offsets, keep_graph=True)
-            return out
-        return store.backend.forward(store, handle.batch, offsets, per_sample_weights, module.mode)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        module, batch = ctx.module, ctx.handle.batch
-        if batch.released:
-            raise RuntimeError(
-                "TieredEmbeddingBag: backward ran twice through one batch (retain_graph) or after "
-                "its rows were released; the fused optimizer updates each batch once"
-            )
-        (psw,) = ctx.saved_tensors
-        store = module.store
-        try:
-            if module.mode == "max":
-                optimizer = module.optimizer if ctx.update else None
-                bag_max.backward(store, batch, ctx.max_graph, grad_out, optimizer)
-                module._unflushed |= ctx.update
-                return None, None, None, None, None, None
-            psw_grad = store.backend.backward(
-                store,
-                batch,
-                grad_out.contiguous(),
-                ctx.offsets,
-                psw,
-                module.mode,
-                module.optimizer if ctx.update else None,  # the lr of this moment
-                ctx.needs_input_grad[1],
-            )
-            module._unflushed |= ctx.update
-        finally:
-            store.release(batch)
-            ctx.max_graph = None
-        return None, psw_grad, None, None, None, None
 
 
 class TieredEmbeddingBag(nn.Module):
@@ -430,13 +378,13 @@ class TieredEmbeddingBag(nn.Module):
         if captured is not None:
             captured.batch = batch
         if training:
-            handle = _BatchHandle(self.store, batch)
+            handle = BatchHandle(self.store, batch)
             # A zero-size leaf that requires grad, so that autograd calls our backward even when
             # nothing else in the batch does; the fused optimizer takes the place of weight
             # grads. A new one per call: a leaf keeps the stream it was first used on, and a
             # step captured in a CUDA graph must not wait on an eager step's stream.
             anchor = torch.empty(0, device=self.device, requires_grad=True)
-            out = _TieredBagFunction.apply(anchor, psw, self, handle, offs, update)
+            out = TieredBagFunction.apply(anchor, psw, self, handle, offs, self.mode, update)
             self._queue.advance()  # the next batches' cache steps, beside this one's compute
             return out
         try:
