@@ -29,6 +29,7 @@ OPTIMIZERS = {"sgd": SGD, "adagrad": Adagrad, "rowwise": RowWiseAdagrad}
 COLUMNS = [
     "policy",
     "cache_pct",
+    "asked_rows",
     "cache_rows",
     "hit_ratio",
     "unique_hit_ratio",
@@ -134,7 +135,8 @@ def run_one(cfg: JobConfig, policy: str, cache_rows: int, batches, workdir) -> t
     held = sets * ways  # what the L1 really holds: whole sets of ``ways`` rows
     row = {
         "policy": policy,
-        "cache_pct": round(100 * held / cfg.rows, 3),
+        "cache_pct": round(100 * cache_rows / cfg.rows, 3),  # asked
+        "asked_rows": cache_rows,
         "cache_rows": held,
         "hit_ratio": s.hit_ratio,
         "unique_hit_ratio": s.unique_hit_ratio,
@@ -178,7 +180,8 @@ def run_job(cfg: JobConfig, out: str | pathlib.Path | None = "tierstore-run") ->
     print(format_table(rows, COLUMNS, title))
     print(
         "hit_ratio: requests whose row was in L1 (repeats inside a batch count as hits); "
-        "unique_hit_ratio: per distinct row of each batch; cache_rows: rows L1 holds"
+        "unique_hit_ratio: per distinct row of each batch; cache_rows: rows L1 holds (whole "
+        f"sets of {cfg.ways} ways)"
     )
     print(f"trained rows identical across every cache size and policy: {'yes' if same else 'NO'}")
     if out is not None:

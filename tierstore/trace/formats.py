@@ -697,7 +697,8 @@ class CriteoReader(TraceReader):
                     if not CRITEO_FIRST_CAT < len(r) <= CRITEO_FIELDS:
                         raise TraceFormatError(
                             self.path,
-                            f"{len(r)} tab-separated fields, Criteo rows have {CRITEO_FIELDS}",
+                            f"{len(r)} tab-separated fields, Criteo rows have {CRITEO_FIELDS} "
+                            f"(at least {CRITEO_FIRST_CAT + 1} where trailing empty ones are cut)",
                             line=first_line + k,
                         )
                     if len(r) < CRITEO_FIELDS:  # trailing empty fields stripped
