@@ -27,11 +27,12 @@ import numpy as np
 from .. import stats as st
 from ..cache import SetAssociativeCache
 from ..cache_compiled import _EMPTY, _mix64, _reduce_range, _set_of
-from ..compiled import COMPILED, compiled
+from ..compiled import COMPILED, compiled, prefetch
 from ..policy import LFU, LRU
 from ..progress import progress
 
 _CHUNK = 1 << 20  # requests per call (a progress-bar tick)
+_AHEAD = 8  # requests between a prefetch and the request that reads it
 
 
 @compiled
@@ -41,13 +42,35 @@ def _step_each(ids, slot_of, state, counters, sets, ways, step, frequency, sketc
     the slot index, or empty (then the tags of the id's set are compared); ``sketch_state``:
     counters (depth, width), salts, additions (1,), sample size, as ``cache_compiled``."""
     tags, stamps, dirty = state
-    sketch, salts, additions, sample_size = sketch_state
-    depth, width = sketch.shape
+    sketch2d, salts, additions, sample_size = sketch_state
+    depth, width = sketch2d.shape
+    sketch = sketch2d.reshape(depth * width)  # a view: row d's cell c at d * width + c
     indexed = slot_of.size > 0
     hits = 0
     evictions = 0
     writebacks = 0
-    for i in range(ids.size):
+    n = ids.size
+    for i in range(n):
+        # The reads land at random (the sketch's cells, the set's ways, the index): ask for a
+        # later request's lines now (their addresses do not depend on the state)
+        if i + _AHEAD < n:
+            ahead = ids[i + _AHEAD]
+            if frequency:
+                for d in range(depth):
+                    at = _reduce_range(_mix64(np.uint64(ahead) ^ np.uint64(salts[d])), width)
+                    prefetch(sketch, d * width + at)
+            if indexed:
+                if i + 2 * _AHEAD < n:
+                    prefetch(slot_of, ids[i + 2 * _AHEAD])
+                at = slot_of[ahead]
+                if at >= 0:
+                    prefetch(tags, at)
+                    prefetch(stamps, at)
+            else:
+                first = _set_of(ahead, sets) * ways
+                for w in range(first, first + min(ways, 64), 8):  # 8 tags or stamps a line
+                    prefetch(tags, w)
+                    prefetch(stamps, w)
         row = ids[i]
         step += 1
         score = step
@@ -55,16 +78,17 @@ def _step_each(ids, slot_of, state, counters, sets, ways, step, frequency, sketc
         if frequency:
             least = np.int64(np.iinfo(np.int32).max)
             for d in range(depth):
-                cell = _reduce_range(_mix64(np.uint64(row) ^ np.uint64(salts[d])), width)
-                sketch[d, cell] += np.int32(1)
-                least = min(least, np.int64(sketch[d, cell]))
+                cell = d * width + _reduce_range(
+                    _mix64(np.uint64(row) ^ np.uint64(salts[d])), width
+                )
+                sketch[cell] += np.int32(1)
+                least = min(least, np.int64(sketch[cell]))
             score = least
             additions[0] += 1
             aged = additions[0] >= sample_size
             if aged:
-                for d in range(depth):
-                    for c in range(width):
-                        sketch[d, c] >>= 1
+                for c in range(depth * width):
+                    sketch[c] >>= 1
                 additions[0] = 0
         slot = np.int64(-1)
         base = np.int64(-1)
@@ -102,7 +126,6 @@ def _step_each(ids, slot_of, state, counters, sets, ways, step, frequency, sketc
         if aged:
             for s in range(stamps.size):
                 stamps[s] >>= 1
-    n = ids.size
     counters[st.REQUESTS] += n
     counters[st.UNIQUE] += n
     counters[st.HITS] += hits
