@@ -12,6 +12,7 @@ import pathlib
 import statistics
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -130,7 +131,9 @@ def run_one(cfg: JobConfig, policy: str, cache_rows: int, batches, workdir) -> t
     step = statistics.median(times[1:] if len(times) > 1 else times)
     checksum = float(emb.read_rows(torch.unique(torch.cat(batches))).double().sum())
     if cfg.ssd:
-        emb.close()
+        with warnings.catch_warnings():  # a temporary table: its unflushed rows may go
+            warnings.simplefilter("ignore", UserWarning)
+            emb.close()
     sets, ways = cache_shape(cache_rows, cfg.ways)
     held = sets * ways  # what the L1 really holds: whole sets of ``ways`` rows
     row = {
