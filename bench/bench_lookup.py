@@ -45,4 +45,4 @@ def test_cpu_lookup(benchmark, kind, cache_pct):
     benchmark.pedantic(step, rounds=8, iterations=1, warmup_rounds=1)
     seconds = benchmark.stats.stats.median
     benchmark.extra_info["M ids/s"] = round(IDS / seconds / 1e6, 2)
-    benchmark.extra_info["hit rate"] = round(emb.stats().hit_rate, 3)
+    benchmark.extra_info["hit rate"] = round(emb.stats().unique_hit_ratio, 3)

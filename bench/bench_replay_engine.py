@@ -65,7 +65,7 @@ def main() -> None:
                 best = min(runs, key=lambda r: r.seconds)
                 rows.append({
                     "zipf": alpha, "policy": f"{policy} ({args.ways}-way)", "pct": pct, "cache_rows": size,
-                    "hit_ratio": round(best.request_hit_ratio, 4), "unique_hit_ratio": round(best.hit_ratio, 4),
+                    "hit_ratio": round(best.hit_ratio, 4), "unique_hit_ratio": round(best.unique_hit_ratio, 4),
                     "Mreq_per_s": round(best.requests / best.seconds / 1e6, 2),
                 })  # fmt: skip
     step = "torch" if args.torch_step else "compiled"

@@ -177,7 +177,7 @@ def main() -> None:
             before = emb.stats()
             pipe = pipelined_ms(emb, train, batches, warm)
             fills, wbs = moved(emb, before, len(batches))
-            hit = emb.stats().hit_rate
+            hit = emb.stats().unique_hit_ratio
             graphed = stream_ms(ts.GraphedStep(train), batches, warm)
             best = min(queued, pipe, graphed)
             if share == 1.0:

@@ -50,9 +50,9 @@ def bench_sweep(quick: bool) -> Table:
             times.append(s.elapsed_time(e))
         st = emb.stats()
         table.row(f"cache {pct:>3} % of the table: step time", float(np.median(times)))
-        table.row(f"cache {pct:>3} % of the table: hit rate (unique rows)", st.hit_rate, "")
+        table.row(f"cache {pct:>3} % of the table: hit rate (unique rows)", st.unique_hit_ratio, "")
         note(
-            f"request hit rate {st.request_hit_rate:.3f}, conflict misses "
+            f"request hit ratio {st.hit_ratio:.3f}, conflict misses "
             f"{st.conflict_misses:,}, writebacks {st.writebacks:,}"
         )
         del emb

@@ -49,5 +49,5 @@ def test_cli_stats(tmp_path, capsys):
     assert trace_main(["stats", str(DATA / "criteo_sample.txt"), "--json", "--table", "C3"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert [t["name"] for t in data["tables"]] == ["C3"]
-    assert trace_main(["stats", str(tmp_path / "missing.tst")]) == 1
+    assert trace_main(["stats", str(tmp_path / "missing.tst")]) == 2
     assert "no such file" in capsys.readouterr().err

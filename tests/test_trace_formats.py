@@ -311,5 +311,5 @@ def test_cli_convert_chain(tmp_path, capsys):
     assert trace_main(["convert", str(tmp_path / "r.tst.zst"), str(tmp_path / "r.tst")]) == 0
     got = load_trace(tmp_path / "r.tst")
     np.testing.assert_array_equal(got.tables[0], [100, 101, 102, 105])
-    assert trace_main(["convert", str(tmp_path / "r.tst"), str(tmp_path / "r.txt")]) == 1
+    assert trace_main(["convert", str(tmp_path / "r.tst"), str(tmp_path / "r.txt")]) == 2
     assert "holds one table" in capsys.readouterr().err

@@ -95,11 +95,12 @@ def by_slot(state: torch.Tensor) -> torch.Tensor:
 
 def cache_shape(rows: int, ways: int) -> tuple[int, int]:
     """``(sets, ways)`` of a cache of ``rows`` rows: ``ceil(rows / ways)`` sets, and no more ways
-    than rows (a 1-row cache is one set of one way)."""
+    than rows (a 1-row cache is one set of one way; ``ways >= rows`` is fully associative).
+    The CUDA kernels take at most 64 ways (``cuda.MAX_WAYS``)."""
     if rows < 1:
         raise InvalidInputError(f"a cache needs at least one row, got {rows}")
-    if ways < 1 or ways > 64:
-        raise InvalidInputError(f"ways must be in [1, 64], got {ways}")
+    if ways < 1:
+        raise InvalidInputError(f"ways must be at least 1, got {ways}")
     ways = min(ways, rows)
     return math.ceil(rows / ways), ways
 
@@ -170,9 +171,10 @@ class SetAssociativeCache:
             return self._slot_of.index_select(0, ids).long()
         sets = set_index(ids, self.sets) if sets is None else sets
         slots = torch.full_like(ids, -1)
-        for lo in range(0, ids.numel(), _LOOKUP_CHUNK):  # chunks bound the (n, W) temporary
-            part = sets[lo : lo + _LOOKUP_CHUNK]
-            match = self.tags.index_select(0, part) == ids[lo : lo + _LOOKUP_CHUNK, None]
+        chunk = max(1, min(_LOOKUP_CHUNK, (_LOOKUP_CHUNK * 64) // self.ways))
+        for lo in range(0, ids.numel(), chunk):  # chunks bound the (n, W) temporary
+            part = sets[lo : lo + chunk]
+            match = self.tags.index_select(0, part) == ids[lo : lo + chunk, None]
             row, way = match.nonzero(as_tuple=True)  # an id is in at most one way of its set
             slots.index_copy_(0, lo + row, part.index_select(0, row) * self.ways + way)
         return slots
@@ -257,12 +259,16 @@ class SetAssociativeCache:
         key (empty ways have -1), ties by way index, busy ways last."""
         way = torch.arange(self.ways, device=self.device)
         lo, hi = torch.stack(list(torch.aminmax(key))).tolist() if key.numel() else (0, 0)
-        if hi - lo < _KEY_LIMIT_32:  # the usual case: 32-bit keys sort about twice as fast
-            packed = ((key - lo).int() << 6) | way.int()  # distinct within a row: not stable
-            return _sorted(torch.where(busy, _NOT_EVICTABLE_32, packed), dim=1) & 63
-        if -_KEY_LIMIT < lo and hi < _KEY_LIMIT:  # scores are steps or frequencies: they fit
-            packed = ((key + 1) << 6) | way  # distinct within a row: no stable sort needed
-            return _sorted(torch.where(busy, _NOT_EVICTABLE, packed), dim=1) & 63
+        # the way index takes the low bits: 6 up to 64 ways, more for wider sets (whose key
+        # ranges shrink by as much)
+        bits = max(6, (self.ways - 1).bit_length())
+        if hi - lo < _KEY_LIMIT_32 >> (bits - 6):  # usually: 32-bit keys sort twice as fast
+            packed = ((key - lo).int() << bits) | way.int()  # distinct within a row: not stable
+            return _sorted(torch.where(busy, _NOT_EVICTABLE_32, packed), dim=1) & ((1 << bits) - 1)
+        limit = _KEY_LIMIT >> (bits - 6)
+        if -limit < lo and hi < limit:  # scores are steps or frequencies: they fit
+            packed = ((key + 1) << bits) | way  # distinct within a row: no stable sort needed
+            return _sorted(torch.where(busy, _NOT_EVICTABLE, packed), dim=1) & ((1 << bits) - 1)
         key = torch.where(busy, _NOT_EVICTABLE, key)
         return torch.sort(key, dim=1, stable=True).indices
 

@@ -16,7 +16,7 @@ The step, for the ``n`` unique ids of a batch (ascending) and their counts:
    that "used by this step" asks of a hit's way. The misses are noted with their set;
 3. the misses are grouped by set, ascending positions within a set (a counting sort over the
    sets, or a sort of packed keys when the sets far outnumber the misses);
-4. per touched set, one scan of its ways (at most 64) ranks the evictable ones (the lowest key
+4. per touched set, one scan of its ways ranks the evictable ones (the lowest key
    first, -1 when empty or else the score, ties by way index) and its misses fill them in that
    order: tags, dirty bits, locks and scores change there, the victims are noted;
 5. one pass lists the fills in position order and updates the slot index with them (in that
@@ -229,6 +229,16 @@ def _group_by_set(miss_pos, miss_set, sets):
 
 # ----------------------------------------------------------------------- 4. victims, fills
 @compiled
+def _bit_length(x):
+    """int.bit_length of a non-negative int64."""
+    bits = 0
+    while x > 0:
+        x >>= 1
+        bits += 1
+    return bits
+
+
+@compiled
 def _least_pair(tags, stamps, locks, base, ways):
     """The evictable way of the set at ``base`` with the least (key, way), comparing pairs;
     the ways filled in this step are locked by then, so they are no longer candidates."""
@@ -254,6 +264,9 @@ def _fill_sets(grouped, ids, state, ways, scores, slots, fill_at):
     tags, stamps, dirty, locks = state
     victim_at, dirty_at = fill_at
     keys = np.empty(ways, np.int64)  # one set's packed keys
+    # the way index takes the low bits of a packed key: 6 up to 64 ways, more for wider sets
+    shift = max(6, _bit_length(ways - 1))
+    packed_max = (np.int64(1) << (63 - shift)) - 3  # _PACKED_MAX at 6 bits
     placed = 0
     g = 0
     while g < grouped.size:
@@ -287,16 +300,20 @@ def _fill_sets(grouped, ids, state, ways, scores, slots, fill_at):
             n_free += free
             lo = min(lo, key if free else _TAKEN)
             hi = max(hi, key if free else -_TAKEN)
-            keys[w] = ((key + 1) << 6) | w if free else _TAKEN
+            keys[w] = ((key + 1) << shift) | w if free else _TAKEN
         take = min(end - g, n_free)
-        packed = lo >= -1 and hi <= _PACKED_MAX
+        packed = lo >= -1 and hi <= packed_max
+        # many misses into a wide set: its keys sorted once, rather than a minimum per miss
+        ranked = np.sort(keys) if packed and take > 8 and ways > 64 else keys[:0]
         for r in range(take):
             way = -1
-            if packed:
+            if ranked.size:
+                way = ranked[r] & ((1 << shift) - 1)
+            elif packed:
                 least = _TAKEN
                 for w in range(ways):
                     least = min(least, keys[w])
-                way = least & 63
+                way = least & ((1 << shift) - 1)
                 keys[way] = _TAKEN
             else:
                 way = _least_pair(tags, stamps, locks, base, ways)

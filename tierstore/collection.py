@@ -153,9 +153,14 @@ class CollectionStats:
         return self.groups[self.group_of[name]]
 
     @property
-    def hit_rate(self) -> float:
+    def hit_ratio(self) -> float:
+        """1 - L1 misses per id looked up, all groups together (``CacheStats.hit_ratio``)."""
+        return self.overall.hit_ratio
+
+    @property
+    def unique_hit_ratio(self) -> float:
         """L1 hits per unique row looked up, all groups together."""
-        return self.overall.hit_rate
+        return self.overall.unique_hit_ratio
 
 
 def _sum_stats(parts: Sequence[CacheStats]) -> CacheStats:

@@ -20,6 +20,7 @@ import torch
 
 from . import cpu, interop, kernel_loader
 from .cache import EMPTY, Lookup, SetAssociativeCache
+from .errors import InvalidInputError
 from .hashing import seed_key, tag_digest
 from .host import HostTable
 from .optim import Optimizer
@@ -348,6 +349,9 @@ class DeviceLookup:
         return self.trimmed().fill_ids
 
 
+MAX_WAYS = 64  # the widest set the kernels take (common.cuh ts_find_way: a 64-bit match mask)
+
+
 class CudaCache(SetAssociativeCache):
     """:class:`~tierstore.cache.SetAssociativeCache` whose step runs as kernels.
 
@@ -357,6 +361,11 @@ class CudaCache(SetAssociativeCache):
     """
 
     def __init__(self, rows: int, ways: int, policy, device: torch.device | str):
+        if min(ways, rows) > MAX_WAYS:  # the probe keeps a set's matches in a 64-bit mask
+            raise InvalidInputError(
+                f"the CUDA kernels take at most {MAX_WAYS} ways, got {ways} (for {rows} rows); "
+                "wider sets run on the CPU backend"
+            )
         super().__init__(rows, ways, policy, _device(device))
         # whether lookup can take the unique count as a device tensor (kernels for the policy)
         self.sync_free = self.policy.name in _KERNEL_POLICIES

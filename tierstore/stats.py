@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, fields
 
 import torch
@@ -39,18 +40,41 @@ class CacheStats:
     bytes_l2_to_l3: int = 0
 
     @property
-    def hit_rate(self) -> float:
-        """L1 hits per unique row looked up."""
+    def hit_ratio(self) -> float:
+        """Share of requested indices whose row was in L1: ``1 - misses / requested``, the
+        request hit ratio of libCacheSim (repeats of a row inside a batch count as hits, as
+        they cost no move). The same name in ``tierstore run`` and ``tierstore replay``."""
+        return (self.requested - self.misses) / self.requested if self.requested else 0.0
+
+    @property
+    def unique_hit_ratio(self) -> float:
+        """L1 hits per distinct row looked up (``hits / unique``: each batch's repeats once)."""
         return self.hits / self.unique if self.unique else 0.0
 
     @property
+    def hit_rate(self) -> float:
+        """Deprecated name of :attr:`unique_hit_ratio`."""
+        _deprecated("hit_rate", "unique_hit_ratio")
+        return self.unique_hit_ratio
+
+    @property
     def request_hit_rate(self) -> float:
-        """Share of requested indices whose row was in L1 (repeats of a row count as hits)."""
-        return (self.requested - self.misses) / self.requested if self.requested else 0.0
+        """Deprecated name of :attr:`hit_ratio`."""
+        _deprecated("request_hit_rate", "hit_ratio")
+        return self.hit_ratio
 
     def as_dict(self) -> dict[str, int]:
         """The counters as a plain dict."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _deprecated(old: str, new: str) -> None:
+    warnings.warn(
+        f"CacheStats.{old} is deprecated, use CacheStats.{new} (the name tierstore run and "
+        "tierstore replay print)",
+        DeprecationWarning,
+        stacklevel=3,
+    )
 
 
 def new_counters(device: torch.device | str) -> torch.Tensor:

@@ -22,6 +22,7 @@ from .. import cache_compiled
 from .. import stats as st
 from ..cache import EMPTY, SetAssociativeCache
 from ..compiled import COMPILED, compiled
+from ..errors import InvalidInputError
 from .invariants import check_replay
 
 
@@ -44,13 +45,19 @@ class EngineResult:
 
     @property
     def hit_ratio(self) -> float:
-        """L1 hits per unique id looked up."""
+        """Requests whose row was in L1, ``1 - misses / requests`` (repeats within a batch
+        count as hits; at batch 1, libCacheSim's hit ratio): ``CacheStats.hit_ratio``."""
+        return (self.requests - self.misses) / self.requests if self.requests else 0.0
+
+    @property
+    def unique_hit_ratio(self) -> float:
+        """L1 hits per unique id looked up: ``CacheStats.unique_hit_ratio``."""
         return self.hits / self.unique if self.unique else 0.0
 
     @property
     def request_hit_ratio(self) -> float:
-        """Requests whose row was in L1 (repeats within a batch count as hits)."""
-        return (self.requests - self.misses) / self.requests if self.requests else 0.0
+        """Deprecated name of :attr:`hit_ratio`."""
+        return self.hit_ratio
 
 
 def _backend(device: str):
@@ -58,7 +65,7 @@ def _backend(device: str):
         from .. import cuda
 
         if not cuda.available():
-            raise RuntimeError("--device cuda needs a CUDA device and CuPy")
+            raise InvalidInputError("device cuda: no CUDA device with CuPy is usable here")
         return cuda
     from .. import cpu
 

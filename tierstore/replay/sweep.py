@@ -1,7 +1,7 @@
 """One replay of a trace: every policy at every cache size, with the bounds beside them.
 
 The engine's set-associative LRU and LFU replay batch by batch (``engine.py``, the engine's own
-code); OPT, fully associative LRU and the modern policies replay request by request over the
+code; at batch 1 request by request in one compiled loop, ``single.py``); OPT, fully associative LRU and the modern policies replay request by request over the
 same ids (``bounds.py``, ``fully_assoc.py``, ``policies/``). The compulsory-miss floor comes
 with every row, so the cost of set associativity and the distance to optimal are visible.
 """
@@ -20,32 +20,76 @@ from ..progress import progress
 from . import REFERENCE, reference_hits
 from .bounds import compulsory_misses
 from .engine import replay_engine
+from .single import replay_requests
 
 ENGINE_POLICIES = ("lru", "lfu")
+# The names of CacheStats (stats()) and of `tierstore run`'s table, one name for one metric.
+# `asked_rows` is the size asked for; `cache_rows` the rows the cache holds (the engine's cache
+# has whole sets: ceil(asked / ways) * ways rows); `batch` the ids per step (1: per request).
 COLUMNS = [
-    "table", "policy", "cache_rows", "requests", "lookups", "hits", "misses",
-    "hit_ratio", "unique_hit_ratio", "evictions", "floor_hit_ratio", "req_per_s",
+    "table", "policy", "batch", "asked_rows", "cache_rows", "requested", "unique", "hits",
+    "misses", "hit_ratio", "unique_hit_ratio", "evictions", "floor_hit_ratio", "req_per_s",
 ]  # fmt: skip
 L2_COLUMNS = ["l1_hits", "l2_hits", "l3_reads"]
+_WARM_UP_IDS = 4096  # ids of the replay that compiles a policy's loops before the timed one
 
 
 def parse_sizes(text: str, distinct: int) -> list[int]:
-    """Cache sizes from ``"1%,5%,20%"`` (of the distinct ids) or ``"1000,50000"`` (rows)."""
+    """Cache sizes from ``"1%,5%,20%"`` (of the distinct ids, rounded down as libCacheSim
+    does, at least 1 row) or ``"1000,50000"`` (rows)."""
     sizes = []
     for part in text.split(","):
         part = part.strip()
         try:
             if part.endswith("%"):
-                sizes.append(max(1, math.ceil(distinct * float(part[:-1]) / 100)))
+                pct = float(part[:-1])
+                if not 0 < pct <= 100:
+                    raise InvalidInputError(
+                        f"--cache-rows: {part!r}: a percentage must lie in (0, 100]"
+                    )
+                sizes.append(max(1, math.floor(distinct * pct / 100)))
             else:
                 sizes.append(int(part))
-        except ValueError:
+        except ValueError as e:
+            if isinstance(e, InvalidInputError):
+                raise
             raise InvalidInputError(
                 f"--cache-rows: {part!r} is neither a row count nor a percentage"
             ) from None
     if any(s < 1 for s in sizes):
         raise InvalidInputError(f"--cache-rows must be positive, got {text!r}")
     return sizes
+
+
+def check_policies(policies: Sequence[str]) -> None:
+    """Raises InvalidInputError for a name that is no engine or reference policy."""
+    unknown = [p for p in policies if p not in ENGINE_POLICIES and p not in REFERENCE]
+    if unknown or not policies:
+        raise InvalidInputError(
+            f"unknown policies {unknown or list(policies)}; "
+            f"known: {[*ENGINE_POLICIES, *sorted(REFERENCE)]}"
+        )
+
+
+def engine_label(policy: str, ways: int, batch: int) -> str:
+    """The name of an engine policy's rows: its ways, and its batch where above 1 (a batched
+    hit ratio counts repeats of an id inside a batch as hits: not comparable with per-request
+    figures such as OPT's)."""
+    return f"{policy} ({ways}-way)" if batch == 1 else f"{policy} ({ways}-way, batched {batch})"
+
+
+def _replay_engine_policy(ids, size, policy, *, ways, batch, device, host_rows, num_rows, desc):
+    """One engine replay: request by request in one compiled loop where that applies (batch 1,
+    one level, the CPU), else batch by batch."""
+    if batch == 1 and host_rows is None and device == "cpu":
+        return replay_requests(ids, size, policy, ways, num_rows=num_rows, show=True)
+    # on the GPU the whole trace goes over once, and each step slices it there
+    source = torch.from_numpy(ids).to(device) if device == "cuda" else ids
+    batches = [source[a : a + batch] for a in range(0, ids.size, batch)]
+    shown = progress(batches, desc=desc, enabled=len(batches) > 50)
+    return replay_engine(
+        shown, size, policy, ways, host_rows=host_rows, device=device, num_rows=num_rows
+    )
 
 
 def replay_table(
@@ -61,52 +105,53 @@ def replay_table(
 ) -> list[dict]:
     """Result rows (dicts with :data:`COLUMNS`) for one table's ids: each policy at each size.
 
-    ``policies`` mixes engine policies (``lru``, ``lfu``: set-associative, batch by batch)
-    and reference ones (``opt``, ``fa-lru``, ``s3fifo``, ``wtinylfu``: fully associative, per
-    request).
+    ``policies`` mixes engine policies (``lru``, ``lfu``: set-associative, ``batch`` ids a
+    step; at batch 1 request by request) and reference ones (``opt``, ``fa-lru``, ``s3fifo``,
+    ``wtinylfu``: fully associative, per request). ``req_per_s`` excludes compilation: each
+    policy first replays a few thousand ids untimed.
     """
-    unknown = [p for p in policies if p not in ENGINE_POLICIES and p not in REFERENCE]
-    if unknown:
-        raise InvalidInputError(
-            f"unknown policies {unknown}; known: {[*ENGINE_POLICIES, *sorted(REFERENCE)]}"
-        )
+    check_policies(policies)
+    if batch < 1:
+        raise InvalidInputError(f"batch must be at least 1, got {batch}")
     n = int(ids.size)
     floor = 1.0 - compulsory_misses(ids) / n if n else 0.0
-    # on the GPU the whole trace goes over once, and each step slices it there
-    source = torch.from_numpy(ids).to(device) if device == "cuda" else ids
-    batches = [source[a : a + batch] for a in range(0, n, batch)]
     lo, hi = (int(ids.min()), int(ids.max())) if n else (0, 0)
     num_rows = hi + 1 if lo >= 0 else None
     rows = []
     for policy in policies:
         if policy in ENGINE_POLICIES:
+            opts = dict(ways=ways, device=device, host_rows=host_rows, num_rows=num_rows)
+            if n:  # untimed: compiles the loops (or loads them) and the kernels, and meets
+                # the first allocations of a batch's size; in at least two batches (the later
+                # ones take other loops: engine._scored_ahead)
+                warm = ids[: max(_WARM_UP_IDS, 3 * batch)]
+                step = batch if warm.size >= 2 * batch else max(1, warm.size // 4)
+                _replay_engine_policy(warm, max(sizes), policy, batch=step, desc="warm-up", **opts)
             for size in sizes:
-                shown = progress(
-                    batches, desc=f"{table} {policy} {size}", enabled=len(batches) > 50
-                )
-                r = replay_engine(
-                    shown, size, policy, ways, host_rows=host_rows, device=device,
-                    num_rows=num_rows,
-                )  # fmt: skip
+                desc = f"{table} {policy} {size}"
+                r = _replay_engine_policy(ids, size, policy, batch=batch, desc=desc, **opts)
                 row = {
-                    "policy": f"{policy} ({ways}-way)", "cache_rows": size, "requests": r.requests,
-                    "lookups": r.unique, "hits": r.hits, "misses": r.misses,
-                    "hit_ratio": r.request_hit_ratio, "unique_hit_ratio": r.hit_ratio,
+                    "policy": engine_label(policy, ways, batch), "batch": batch,
+                    "asked_rows": size, "cache_rows": r.cache_rows, "requested": r.requests,
+                    "unique": r.unique, "hits": r.hits, "misses": r.misses,
+                    "hit_ratio": r.hit_ratio, "unique_hit_ratio": r.unique_hit_ratio,
                     "evictions": r.evictions, "req_per_s": r.requests / max(r.seconds, 1e-9),
                 }  # fmt: skip
                 if host_rows:
                     row.update(l1_hits=r.hits, l2_hits=r.l2_hits, l3_reads=r.l3_reads)
                 rows.append(row)
         else:
+            if n:
+                reference_hits(policy, ids[:_WARM_UP_IDS], [min(sizes)])  # untimed: compiles
             t0 = time.perf_counter()
             hits = reference_hits(policy, ids, list(sizes))
             per_size = (time.perf_counter() - t0) / max(len(sizes), 1)
             for size, h in zip(sizes, hits.tolist()):
                 rows.append({
-                    "policy": policy, "cache_rows": size, "requests": n, "lookups": n,
-                    "hits": h, "misses": n - h, "hit_ratio": h / n if n else 0.0,
-                    "unique_hit_ratio": h / n if n else 0.0, "evictions": "",
-                    "req_per_s": n / max(per_size, 1e-9),
+                    "policy": policy, "batch": 1, "asked_rows": size, "cache_rows": size,
+                    "requested": n, "unique": n, "hits": h, "misses": n - h,
+                    "hit_ratio": h / n if n else 0.0, "unique_hit_ratio": h / n if n else 0.0,
+                    "evictions": "", "req_per_s": n / max(per_size, 1e-9),
                 })  # fmt: skip
     for row in rows:
         row["table"] = table

@@ -3,8 +3,8 @@
 ``add_trace_commands(subparsers)`` registers the ``trace`` command on an argparse subparsers
 object (the ``tierstore`` CLI calls it); ``main(argv)`` runs it standalone
 (``python -m tierstore.trace.cli stats t.tst``). Each subcommand sets ``func``, which takes the
-parsed arguments and returns an exit status (1 on a trace or input error, with the message on
-stderr).
+parsed arguments and returns an exit status; errors are raised as tierstore exceptions and
+become one line on stderr and status 2 in ``tierstore.cli.run_command``, as for every command.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import time
 
 import numpy as np
 
+from ..cli import main as cli_main
+from ..cli import positive_int
 from ..errors import TierstoreError
 from ..progress import progress
 from .formats import FORMATS, WRITABLE, Trace, read_trace
@@ -25,26 +27,55 @@ from .writers import write_trace
 def _reader_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("input")
     g.add_argument("--from", dest="fmt", choices=FORMATS, help="input format (default: detect)")
+    add_csv_options(g)
+    g.add_argument("--chunk", type=positive_int, default=1 << 20, help="ids or rows read at a time")
+
+
+def add_csv_options(g) -> None:
+    """Adds the csv reader's options (``--id-col`` ... ``--header``) to a parser or group;
+    :func:`csv_options` collects the ones given."""
     g.add_argument("--id-col", help="csv: id column (header name or 0-based index)")
     g.add_argument("--table-col", help="csv: table column (optional)")
     g.add_argument("--sort-col", help="csv: order requests by this numeric column (optional)")
-    g.add_argument("--delimiter", help="csv: field separator (default: tab for .tsv, else ,)")
+    g.add_argument(
+        "--delimiter",
+        type=delimiter,
+        help="csv: field separator, one character or tab, comma, semicolon, space, pipe "
+        "(default: tab for .tsv, else ,)",
+    )
     g.add_argument(
         "--header",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="csv: the first row is a header (default: guess)",
     )
-    g.add_argument("--chunk", type=int, default=1 << 20, help="ids or rows read at a time")
 
 
-def _open(args):
+def csv_options(args: argparse.Namespace) -> dict:
+    """The csv reader options given on the command line (see :func:`add_csv_options`)."""
     opts = {}
     for key in ("id_col", "table_col", "sort_col", "delimiter", "header"):
         value = getattr(args, key, None)
         if value is not None:
             opts[key] = value
-    return read_trace(args.input, args.fmt, chunk_size=args.chunk, **opts)
+    return opts
+
+
+_DELIMITERS = {"tab": "\t", "\\t": "\t", "comma": ",", "semicolon": ";", "space": " ", "pipe": "|"}
+
+
+def delimiter(text: str) -> str:
+    """An argparse type: one character, or the name of one (``tab``, ``comma``, ...)."""
+    value = _DELIMITERS.get(text.lower(), text)
+    if len(value) != 1:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not one character nor one of {', '.join(_DELIMITERS)}"
+        )
+    return value
+
+
+def _open(args):
+    return read_trace(args.input, args.fmt, chunk_size=args.chunk, **csv_options(args))
 
 
 class _Shown:
@@ -126,17 +157,6 @@ def _generate(args) -> int:
     return 0
 
 
-def _guarded(func):
-    def run(args) -> int:
-        try:
-            return func(args)
-        except (TierstoreError, OSError) as e:
-            print(f"tierstore trace: error: {e}", file=sys.stderr)
-            return 1
-
-    return run
-
-
 def _output_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("output")
     g.add_argument("--to", choices=WRITABLE, help="output format (default: from the extension)")
@@ -156,21 +176,23 @@ def add_trace_commands(subparsers) -> argparse.ArgumentParser:
         help="convert, inspect and generate access traces",
         description="Access traces: convert between formats, print statistics, generate.",
     )
-    sub = trace.add_subparsers(dest="trace_command", required=True)
+    sub = trace.add_subparsers(
+        dest="trace_command", metavar="{convert,stats,generate}", required=True
+    )
 
     p = sub.add_parser("convert", help="convert a trace between formats (streamed)")
     p.add_argument("input")
     p.add_argument("output")
     _reader_options(p)
     _output_options(p)
-    p.set_defaults(func=_guarded(_convert))
+    p.set_defaults(func=_convert)
 
     p = sub.add_parser("stats", help="distinct ids, skew and reuse distances of a trace")
     p.add_argument("input")
     _reader_options(p)
     p.add_argument("--table", action="append", help="only this table (repeatable)")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=_guarded(_stats))
+    p.set_defaults(func=_stats)
 
     p = sub.add_parser("generate", help="write a seeded synthetic trace")
     p.add_argument("output")
@@ -185,20 +207,16 @@ def add_trace_commands(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--scan-fraction", type=float, default=0.1, help="scan-mix: share of scans")
     p.add_argument("--scan-length", type=int, default=10_000, help="scan-mix: ids per scan")
     _output_options(p)
-    p.set_defaults(func=_guarded(_generate))
+    p.set_defaults(func=_generate)
     return trace
 
 
 def main(argv: list[str] | None = None) -> int:
     """``tierstore trace ...`` on its own: ``main(["stats", "t.tst"])``."""
-    parser = argparse.ArgumentParser(prog="tierstore")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_trace_commands(sub)
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] != "trace":
         argv = ["trace", *argv]
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return cli_main(argv)
 
 
 if __name__ == "__main__":

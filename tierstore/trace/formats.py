@@ -675,7 +675,9 @@ def parse_hex(values: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray, int]:
 
 
 class CriteoReader(TraceReader):
-    """Criteo TSV: each of the 26 categorical hex columns is a table; empty fields skipped."""
+    """Criteo TSV: each of the 26 categorical hex columns is a table; empty fields skipped.
+    A row may stop early (trailing empty fields stripped, as some copies of the dataset are):
+    the missing fields are empty; a row without even one categorical field is refused."""
 
     fmt = "criteo"
 
@@ -692,12 +694,15 @@ class CriteoReader(TraceReader):
                     return
                 rows = [ln.rstrip(b"\r\n").split(b"\t") for ln in lines]
                 for k, r in enumerate(rows):
-                    if len(r) != CRITEO_FIELDS:
+                    if not CRITEO_FIRST_CAT < len(r) <= CRITEO_FIELDS:
                         raise TraceFormatError(
                             self.path,
-                            f"{len(r)} tab-separated fields, Criteo rows have {CRITEO_FIELDS}",
+                            f"{len(r)} tab-separated fields, Criteo rows have {CRITEO_FIELDS} "
+                            f"(at least {CRITEO_FIRST_CAT + 1} where trailing empty ones are cut)",
                             line=first_line + k,
                         )
+                    if len(r) < CRITEO_FIELDS:  # trailing empty fields stripped
+                        r += [b""] * (CRITEO_FIELDS - len(r))
                 columns = list(zip(*rows))[CRITEO_FIRST_CAT:]
                 for t, col in enumerate(columns):
                     ids, _, bad = parse_hex(col)
