@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 import weakref
 from collections import deque
 
@@ -22,7 +23,7 @@ from .optim import SGD, Optimizer
 from .policy import Policy
 from .stats import CacheStats
 from .store import Batch, RowLayout, TieredStore, initial_rows
-from .validate import normalize_batch
+from .validate import check_has_data, normalize_batch
 
 _MODES = ("sum", "mean")
 
@@ -40,12 +41,26 @@ def _backend_for(device: torch.device):
     return cpu
 
 
+def _serialised(method):
+    """Runs ``method`` holding the table's lock (one call at a time per table), after the
+    releases that finalizers left for it (:meth:`TieredEmbeddingBag._release_soon`)."""
+
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock:
+            while self._deferred_releases:
+                self.store.release(self._deferred_releases.popleft())
+            return method(self, *args, **kwargs)
+
+    return locked
+
+
 class _BatchHandle:
     """Keeps a training batch's rows locked until its backward runs or its graph is freed."""
 
-    def __init__(self, store: TieredStore, batch: Batch):
+    def __init__(self, module: TieredEmbeddingBag, batch: Batch):
         self.batch = batch
-        weakref.finalize(self, store.release, batch)
+        weakref.finalize(self, module._release_soon, batch)
 
 
 class _TieredBagFunction(torch.autograd.Function):
@@ -58,6 +73,11 @@ class _TieredBagFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        with ctx.module._lock:  # autograd may run this on its own thread
+            return _TieredBagFunction._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         module, batch = ctx.module, ctx.handle.batch
         if batch.released:
             raise RuntimeError(
@@ -103,6 +123,13 @@ class TieredEmbeddingBag(nn.Module):
         init_scale: they are uniform on ``[-init_scale, init_scale)`` (default ``1/sqrt(D)``).
         include_last_offset: as ``nn.EmbeddingBag``.
 
+    Threads: a table may be used from several threads. Its calls (forward with its lookup,
+    backward, prefetch, read_rows, write_rows, flush, stats, close) are serialised by a lock of
+    the table, each one whole, in the order the threads reach it; training batches of several
+    threads may be in flight at once, as with :meth:`prefetch`. On CUDA the lock orders the
+    host's calls: threads that run a table's work on different CUDA streams must order those
+    streams themselves, as for any tensor shared between streams.
+
     Example::
 
         >>> import torch, tierstore as ts
@@ -132,6 +159,10 @@ class TieredEmbeddingBag(nn.Module):
         **ssd_options,
     ):
         super().__init__()
+        # One call at a time per table (re-entrant: from_pretrained calls write_rows); batches
+        # whose graphs were freed on another thread while a call ran, released at the next call
+        self._lock = threading.RLock()
+        self._deferred_releases: deque[Batch] = deque()
         if mode not in _MODES:
             raise InvalidInputError(f"mode must be one of {_MODES}, got {mode!r}")
         if dtype != torch.float32:
@@ -205,6 +236,7 @@ class TieredEmbeddingBag(nn.Module):
         self._prefetched: deque[tuple[torch.Tensor, Batch]] = deque()
 
     # --------------------------------------------------------------- nn.EmbeddingBag API
+    @_serialised
     def forward(
         self,
         input: torch.Tensor,
@@ -233,7 +265,7 @@ class TieredEmbeddingBag(nn.Module):
         if captured is not None:
             captured.batch = batch
         if training:
-            handle = _BatchHandle(self.store, batch)
+            handle = _BatchHandle(self, batch)
             # A zero-size leaf that requires grad, so that autograd calls our backward even when
             # nothing else in the batch does; the fused optimizer takes the place of weight
             # grads. A new one per call: a leaf keeps the stream it was first used on, and a
@@ -245,11 +277,24 @@ class TieredEmbeddingBag(nn.Module):
         finally:
             self.store.release(batch)
 
+    @_serialised
     def prefetch(self, input: torch.Tensor, offsets: torch.Tensor | None = None) -> None:
         """Looks up a future batch now (its rows are moved in and locked), so that its
         ``forward`` finds them in place. Batches are consumed in the order they were prefetched."""
         flat, _, _, checks = self._prepare(input, offsets, None)
         self._prefetched.append((flat, self.store.lookup(flat, checks.wait)))
+
+    def _release_soon(self, batch: Batch) -> None:
+        """Releases a batch whose graph was freed without a backward: now if this thread may
+        take the lock, else at the table's next call. Finalizers run on whatever thread frees
+        the graph (an SSD I/O thread that a locked call is waiting for, say): never block."""
+        if self._lock.acquire(blocking=False):
+            try:
+                self.store.release(batch)
+            finally:
+                self._lock.release()
+        else:
+            self._deferred_releases.append(batch)
 
     def _take_prefetched(self, flat: torch.Tensor) -> Batch | None:
         if not self._prefetched:
@@ -271,6 +316,7 @@ class TieredEmbeddingBag(nn.Module):
         )  # fmt: skip
 
     # --------------------------------------------------------------- rows and tiers
+    @_serialised
     def read_rows(self, ids: torch.Tensor, with_state: bool = False) -> torch.Tensor:
         """Current weights ``(len(ids), D)`` of ``ids`` (and the optimizer state after them
         with ``with_state``), wherever they live. Changes nothing, counts nothing."""
@@ -278,9 +324,11 @@ class TieredEmbeddingBag(nn.Module):
         rows = self.store.read_rows(ids)
         return rows if with_state else rows[:, : self.embedding_dim].contiguous()
 
+    @_serialised
     def write_rows(self, ids: torch.Tensor, values: torch.Tensor) -> None:
         """Overwrites the weights of unique ``ids`` with ``values (len(ids), D)``; their
-        optimizer state is kept."""
+        optimizer state is kept. Values that require grad are detached: the table takes their
+        values, never their autograd history."""
         ids = self._check_row_ids(ids)
         if not isinstance(values, torch.Tensor) or values.shape != (
             ids.numel(),
@@ -292,31 +340,37 @@ class TieredEmbeddingBag(nn.Module):
             )
         if not values.is_floating_point():
             raise InvalidInputError(f"values must be floating point, got {values.dtype}")
+        check_has_data(values, "values")
         if torch.unique(ids).numel() != ids.numel():
             raise InvalidInputError("write_rows: ids must be unique")
         rows = self.store.read_rows(ids)
-        rows[:, : self.embedding_dim] = values.to(rows.device, torch.float32)
+        rows[:, : self.embedding_dim] = values.detach().to(rows.device, torch.float32)
         self.store.write_rows(ids, rows)
 
     def _check_row_ids(self, ids) -> torch.Tensor:
         if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int32, torch.int64):
             raise InvalidInputError("ids must be an int32 or int64 tensor")
+        check_has_data(ids, "ids")
         ids = ids.reshape(-1).to(self.device, torch.int64)
         self.store.check_ids(ids, "ids")
         return ids
 
+    @_serialised
     def flush(self) -> None:
         """Writes every dirty row down to the lowest tier (durably, with an SSD tier)."""
         self.store.flush()
 
+    @_serialised
     def stats(self) -> CacheStats:
         """Counters of the caches and the bytes moved between tiers."""
         return self.store.stats()
 
+    @_serialised
     def reset_stats(self) -> None:
         """Zeroes the counters."""
         self.store.reset_stats()
 
+    @_serialised
     def close(self) -> None:
         """Closes the SSD tier (without flushing: call :meth:`flush` first to keep changes)."""
         self.store.host.close()
@@ -341,9 +395,11 @@ class TieredEmbeddingBag(nn.Module):
 
     @classmethod
     def from_pretrained(cls, weight: torch.Tensor, **options) -> TieredEmbeddingBag:
-        """A table initialised with ``weight (N, D)`` (the optimizer state starts fresh)."""
+        """A table initialised with ``weight (N, D)`` (the optimizer state starts fresh); its
+        values are copied, detached from any autograd history ``weight`` has."""
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             raise InvalidInputError("weight must be a 2-D tensor (num_embeddings, embedding_dim)")
+        check_has_data(weight, "weight")
         emb = cls(weight.shape[0], weight.shape[1], **options)
         chunk = 1 << 20
         for lo in range(0, weight.shape[0], chunk):
