@@ -9,10 +9,12 @@ same functions in CUDA; ``tests/test_hashing.py`` checks both against numpy's ui
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
-from .compiled import COMPILED, compiled
+from .compiled import COMPILED, NumbaError, compiled
 
 # splitmix64's finalizer constants, written as the int64 values of the same bit patterns.
 _MIX_A = -4658895280553007687  # 0xbf58476d1ce4e5b9
@@ -87,11 +89,16 @@ def initial_weights(rows: torch.Tensor, dim: int, seed: int, scale: float) -> to
     a compiled loop computes it in one pass (no int64 temporaries of the result's size): the
     same bits as the torch form, several times faster.
     """
-    if rows.device.type == "cpu" and COMPILED:
+    if rows.device.type == "cpu" and _compiles[0]:
         ids = rows.reshape(-1).to(torch.int64).contiguous().numpy()
         out = np.empty((ids.size, dim), dtype=np.float32)
-        _fill_weights(ids, out, np.uint64(seed_key(seed) & _U64), np.float32(scale))
-        return torch.from_numpy(out)
+        try:
+            _fill_weights(ids, out, np.uint64(seed_key(seed) & _U64), np.float32(scale))
+            return torch.from_numpy(out)
+        except NumbaError as e:  # raised while compiling (an untested numba or LLVM)
+            _compiles[0] = False
+            msg = f"numba cannot compile the initial rows, using torch ops: {e}"
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
     return _initial_weights_torch(rows, dim, seed, scale)
 
 
@@ -114,6 +121,7 @@ _NB_MIX_B = np.uint64(_MIX_B & _U64)
 _NB_GOLDEN = np.uint64(_GOLDEN & _U64)
 _NB_UNIT = np.float32(2.0**-23)
 _NB_ONE = np.float32(1.0)
+_compiles = [COMPILED]  # False once numba failed to compile _fill_weights: torch ops from then
 
 
 @compiled
