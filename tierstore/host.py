@@ -80,6 +80,9 @@ class HostTable:
             self.data[lo:hi] = init_rows(torch.arange(lo, hi, dtype=torch.int64))
 
         starts = range(0, num_rows, chunk)
+        if len(starts) == 1:  # a small table: no threads to start
+            fill(0)
+            return
         threads = max(1, min(torch.get_num_threads(), len(starts)))
         long = num_rows * width >= 1 << 28  # a GiB of rows or more: seconds of work
         with ThreadPoolExecutor(threads, thread_name_prefix="tierstore-init") as pool:
