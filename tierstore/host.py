@@ -51,10 +51,11 @@ def allocate_rows(rows: int, width: int, pin: bool, what: str) -> torch.Tensor:
 class HostTable:
     """The whole table in host memory, row ``i`` at address ``i``.
 
-    The table is allocated once at its final size and filled in place, chunk by chunk (a few
-    MB each) on as many threads as torch uses: no temporary of the table's size, and a
-    progress bar on a terminal for a long creation. ``data`` never moves afterwards (the CUDA
-    kernels address its rows directly).
+    The table is allocated once at its final size and filled chunk by chunk (each chunk's
+    initial rows, a few MB, copied into place) on as many threads as torch uses: memory grows
+    once, to the table's size, with no temporary of that size; a terminal shows the progress
+    of a long creation. ``data`` never moves afterwards (the CUDA kernels address its rows
+    directly).
 
     Args:
         num_rows: rows in the table.
