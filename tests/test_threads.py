@@ -190,3 +190,38 @@ def test_graph_freed_while_another_thread_holds_the_table():
     holder.join(timeout=60)
     emb.stats()  # the next call releases it
     assert_no_batch_locks(emb)
+
+
+def test_flush_stats_and_reads_beside_training(tmp_path):
+    """One thread trains while another flushes, reads rows and stats: training ends with the
+    serial run's rows, and the table reopened from disk holds them."""
+    run = random_batches(50, 30, torch.arange(N))
+    serial = make_table("ssd", tmp_path, ts.Adagrad(0.1), "serial")
+    for idx, offs, g in run:
+        serial(idx, offs).backward(g)
+    want = serial.read_rows(torch.arange(N), with_state=True)
+    serial.close()
+    emb = make_table("ssd", tmp_path, ts.Adagrad(0.1), "busy")
+    finished = threading.Event()
+    seen = []
+
+    def work(k):
+        if k == 0:
+            for idx, offs, g in run:
+                emb(idx, offs).backward(g)
+            finished.set()
+        else:
+            while not finished.is_set():
+                emb.flush()
+                seen.append(emb.stats().requested)
+                assert emb.read_rows(torch.arange(N)).shape == (N, D)
+
+    run_threads(work)
+    assert seen == sorted(seen)  # counters only grow
+    assert torch.equal(emb.read_rows(torch.arange(N), with_state=True), want)
+    assert_no_batch_locks(emb)
+    emb.flush()
+    emb.close()
+    back = ts.TieredEmbeddingBag.open(tmp_path / "busy", cache_rows=32, device="cpu")
+    assert torch.equal(back.read_rows(torch.arange(N), with_state=True), want)
+    back.close()
