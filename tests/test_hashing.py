@@ -1,6 +1,7 @@
 """The hash functions against an independent uint64 implementation in plain Python ints."""
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -39,6 +40,7 @@ def test_set_index_is_multiply_shift_of_high_bits(xs, sets):
     assert all(0 <= s < sets for s in got)
 
 
+@settings(deadline=None)  # the first example loads the compiled loop
 @given(
     st.lists(ids64, min_size=1, max_size=20, unique=True), st.integers(0, 2**40), st.integers(1, 40)
 )
@@ -86,3 +88,54 @@ def test_sketch_positions_match_reference(xs, width):
     got = sketch.positions(torch.tensor(xs, dtype=torch.int64)).tolist()
     salts = [s & M64 for s in sketch.salts.tolist()]
     assert got == [[((py_mix64(x ^ s) >> 32) * width) >> 32 for x in xs] for s in salts]
+
+
+@settings(deadline=None)  # the first example compiles the loop
+@given(
+    st.lists(ids64, min_size=0, max_size=200),
+    st.integers(0, 2**62),
+    st.integers(1, 140),
+    st.floats(2.0**-20, 8.0, width=32),
+)
+def test_compiled_initial_weights_are_the_torch_form_bit_for_bit(xs, seed, dim, scale):
+    from tierstore.hashing import _initial_weights_torch
+
+    ids = torch.tensor(xs, dtype=torch.int64)
+    got = initial_weights(ids, dim, seed, scale)
+    want = _initial_weights_torch(ids, dim, seed, scale)
+    assert got.dtype == torch.float32 and got.shape == (len(xs), dim)
+    assert torch.equal(got, want)
+    fits = (ids >= -(2**31)) & (ids < 2**31)  # int32 ids give the rows of the same int64 ids
+    assert torch.equal(initial_weights(ids[fits].to(torch.int32), dim, seed, scale), want[fits])
+
+
+@pytest.mark.parametrize("width_extra", [0, 1, 5])
+def test_host_table_holds_the_initial_rows(monkeypatch, width_extra):
+    """The whole table filled in place, in many small chunks on several threads: every row
+    is its hashed initial value (and the optimizer's initial state after it)."""
+    from tierstore import host
+    from tierstore.hashing import _initial_weights_torch
+    from tierstore.store import RowLayout, initial_rows
+
+    monkeypatch.setattr(host, "_INIT_CHUNK_BYTES", 4 * 64 * 37)  # 37 rows of 64 floats a chunk
+    layout = RowLayout(64 - width_extra, width_extra, 0.25)
+    num_rows = 37 * 11 + 5  # a part chunk at the end
+    table = host.HostTable(
+        num_rows,
+        layout.width,
+        lambda ids: initial_rows(ids, layout, 3, 0.5, torch.device("cpu")),
+    )
+    assert table.data.shape == (num_rows, 64)
+    want = _initial_weights_torch(torch.arange(num_rows), layout.dim, 3, 0.5)
+    assert torch.equal(table.data[:, : layout.dim], want)
+    assert bool((table.data[:, layout.dim :] == 0.25).all())
+
+
+def test_in_memory_table_starts_at_the_hashed_initial_rows():
+    import tierstore as ts
+    from tierstore.hashing import _initial_weights_torch
+
+    emb = ts.TieredEmbeddingBag(5000, 24, device="cpu", seed=11, optimizer=ts.RowWiseAdagrad(0.1))
+    rows = emb.read_rows(torch.arange(5000), with_state=True)
+    assert torch.equal(rows[:, :24], _initial_weights_torch(torch.arange(5000), 24, 11, 24**-0.5))
+    assert torch.equal(rows[:, 24:], torch.zeros(5000, 1))

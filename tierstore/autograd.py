@@ -2,26 +2,30 @@
 
 Both modules (``module.py``'s single table and ``collection.py``'s groups of tables) call
 :class:`TieredBagFunction` with the owner of a store: any object with ``store`` and
-``optimizer`` (the rule with its hyper-parameters of this moment). An update sets the owner's
-``_unflushed`` flag, which ``close()`` reads.
+``optimizer`` (the rule with its hyper-parameters of this moment), and optionally ``_lock``,
+which the backward holds (autograd may run it on a thread of its own). An update sets the
+owner's ``_unflushed`` flag, which ``close()`` reads.
 """
 
 from __future__ import annotations
 
+import contextlib
 import weakref
+from collections.abc import Callable
 
 import torch
 
 from . import bag_max
-from .store import Batch, TieredStore
+from .store import Batch
 
 
 class BatchHandle:
-    """Keeps a training batch's rows locked until its backward runs or its graph is freed."""
+    """Keeps a training batch's rows locked until its backward runs or its graph is freed
+    (then ``release(batch)`` runs, on whichever thread frees it)."""
 
-    def __init__(self, store: TieredStore, batch: Batch):
+    def __init__(self, batch: Batch, release: Callable[[Batch], None]):
         self.batch = batch
-        weakref.finalize(self, store.release, batch)
+        weakref.finalize(self, release, batch)
 
 
 class TieredBagFunction(torch.autograd.Function):
@@ -44,6 +48,11 @@ class TieredBagFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        with getattr(ctx.owner, "_lock", None) or contextlib.nullcontext():
+            return TieredBagFunction._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         owner, batch = ctx.owner, ctx.handle.batch
         if batch.released:
             raise RuntimeError(

@@ -695,7 +695,7 @@ class TieredEmbeddingBagCollection(nn.Module):
         if batch is None:
             batch = store.lookup(gin.ids, None, backward=training, hold=training)
         if training:
-            handle = BatchHandle(store, batch)
+            handle = BatchHandle(batch, store.release)
             anchor = torch.empty(0, device=self.device, requires_grad=True)  # see module.py
             return TieredBagFunction.apply(anchor, psw, g, handle, gin.offsets, gin.mode, update)
         try:

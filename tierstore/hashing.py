@@ -9,8 +9,12 @@ same functions in CUDA; ``tests/test_hashing.py`` checks both against numpy's ui
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
+
+from .compiled import COMPILED, NumbaError, compiled
 
 # splitmix64's finalizer constants, written as the int64 values of the same bit patterns.
 _MIX_A = -4658895280553007687  # 0xbf58476d1ce4e5b9
@@ -77,15 +81,66 @@ def seed_key(seed: int) -> int:
 
 def initial_weights(rows: torch.Tensor, dim: int, seed: int, scale: float) -> torch.Tensor:
     """The value of never-written rows: uniform on ``[-scale, scale)``, a pure function of
-    (seed, row id, column), float32, shape ``(len(rows), dim)``.
+    (seed, row id, column), float32, shape ``(len(rows), dim)``, on ``rows``' device.
 
     Element ``(r, j)`` is ``(u * 2**-23 - 1) * scale`` with ``u`` the top 24 bits of
     ``mix64(mix64(r ^ key) + (j + 1) * golden)``; every step but the last multiply is exact in
-    float32, so the CUDA kernel reproduces it bit for bit.
+    float32, so the CUDA kernel reproduces it bit for bit. On the CPU, where numba is installed,
+    a compiled loop computes it in one pass (no int64 temporaries of the result's size): the
+    same bits as the torch form, several times faster.
     """
+    if rows.device.type == "cpu" and _compiles[0]:
+        ids = rows.reshape(-1).to(torch.int64).contiguous().numpy()
+        out = np.empty((ids.size, dim), dtype=np.float32)
+        try:
+            _fill_weights(ids, out, np.uint64(seed_key(seed) & _U64), np.float32(scale))
+            return torch.from_numpy(out)
+        except NumbaError as e:  # raised while compiling (an untested numba or LLVM)
+            _compiles[0] = False
+            msg = f"numba cannot compile the initial rows, using torch ops: {e}"
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+    return _initial_weights_torch(rows, dim, seed, scale)
+
+
+def _initial_weights_torch(rows: torch.Tensor, dim: int, seed: int, scale: float) -> torch.Tensor:
+    """:func:`initial_weights` in torch ops, on any device (the CUDA tables', and the CPU's
+    where numba is missing)."""
     rows = rows.to(torch.int64).reshape(-1, 1)
     row_key = mix64(rows ^ seed_key(seed))
     cols = torch.arange(1, dim + 1, dtype=torch.int64, device=rows.device) * _GOLDEN
     u = _shr(mix64(row_key + cols), 40).to(torch.float32)
     unit = u * (2.0**-23) - 1.0
     return unit * torch.tensor(scale, dtype=torch.float32, device=rows.device)
+
+
+# The same constants in the unsigned arithmetic numba has (uint64 mixed with a Python int
+# would turn into float64 there).
+_U64 = (1 << 64) - 1
+_NB_MIX_A = np.uint64(_MIX_A & _U64)
+_NB_MIX_B = np.uint64(_MIX_B & _U64)
+_NB_GOLDEN = np.uint64(_GOLDEN & _U64)
+_NB_UNIT = np.float32(2.0**-23)
+_NB_ONE = np.float32(1.0)
+_compiles = [COMPILED]  # False once numba failed to compile _fill_weights: torch ops from then
+
+
+@compiled
+def _nb_mix64(x):
+    x ^= x >> np.uint64(30)
+    x *= _NB_MIX_A
+    x ^= x >> np.uint64(27)
+    x *= _NB_MIX_B
+    return x ^ (x >> np.uint64(31))
+
+
+@compiled
+def _fill_weights(ids, out, key, scale):
+    """``out[i, j]`` = the initial weight of row ``ids[i]``, column ``j`` (``ids`` int64,
+    ``out`` float32 ``(len(ids), dim)``): :func:`initial_weights`' formula, element for
+    element, in float32 where it rounds."""
+    dim = out.shape[1]
+    for i in range(ids.size):
+        row_key = _nb_mix64(np.uint64(ids[i]) ^ key)
+        for j in range(dim):
+            u = _nb_mix64(row_key + np.uint64(j + 1) * _NB_GOLDEN) >> np.uint64(40)
+            out[i, j] = (np.float32(np.int32(u)) * _NB_UNIT - _NB_ONE) * scale

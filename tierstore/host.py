@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from .errors import CapacityError
 from .progress import progress
 
-_INIT_CHUNK = 1 << 20  # rows initialised per call: bounds the temporaries
+# Bytes of rows initialised per call: each thread's temporaries stay this small (they live in
+# the CPU's caches), and a creation of many chunks shows its progress.
+_INIT_CHUNK_BYTES = 1 << 22
 
 
 def available_host_memory() -> int:
@@ -48,10 +51,17 @@ def allocate_rows(rows: int, width: int, pin: bool, what: str) -> torch.Tensor:
 class HostTable:
     """The whole table in host memory, row ``i`` at address ``i``.
 
+    The table is allocated once at its final size and filled chunk by chunk (each chunk's
+    initial rows, a few MB, copied into place) on as many threads as torch uses: memory grows
+    once, to the table's size, with no temporary of that size; a terminal shows the progress
+    of a long creation. ``data`` never moves afterwards (the CUDA kernels address its rows
+    directly).
+
     Args:
         num_rows: rows in the table.
         width: floats per row (weights then optimizer state).
-        init_rows: ``ids -> (n, width)`` initial rows; called in chunks at construction.
+        init_rows: ``ids -> (n, width)`` initial rows; called in chunks at construction, from
+            several threads at once (it must be thread-safe: a pure function of the ids).
         pin: page-lock the memory so that kernels can read it over PCIe (needs CUDA).
     """
 
@@ -68,10 +78,21 @@ class HostTable:
         # initial value, which the device computes from the id instead of reading it over PCIe
         # (kernels/insert.cu move_rows). Kept beside the rows in host memory, never in HBM.
         self.written = torch.zeros(num_rows, dtype=torch.uint8, pin_memory=pin)
-        chunks = range(0, num_rows, _INIT_CHUNK)
-        for lo in progress(chunks, desc="initialising rows", enabled=num_rows > 8 * _INIT_CHUNK):
-            hi = min(lo + _INIT_CHUNK, num_rows)
-            self.data[lo:hi] = init_rows(torch.arange(lo, hi, dtype=torch.int64)).cpu()
+        chunk = max(1, _INIT_CHUNK_BYTES // (4 * width))
+
+        def fill(lo: int) -> None:
+            hi = min(lo + chunk, num_rows)
+            self.data[lo:hi] = init_rows(torch.arange(lo, hi, dtype=torch.int64))
+
+        starts = range(0, num_rows, chunk)
+        if len(starts) == 1:  # a small table: no threads to start
+            fill(0)
+            return
+        threads = max(1, min(torch.get_num_threads(), len(starts)))
+        long = num_rows * width >= 1 << 28  # a GiB of rows or more: seconds of work
+        with ThreadPoolExecutor(threads, thread_name_prefix="tierstore-init") as pool:
+            for _ in progress(pool.map(fill, starts), "initialising rows", long, len(starts)):
+                pass
 
     def acquire(self, ids: torch.Tensor) -> torch.Tensor:
         """L2 addresses of a batch's unique rows (every row has one: its id)."""

@@ -11,7 +11,9 @@ import functools
 import math
 import os
 import pathlib
+import threading
 import warnings
+from collections import deque
 
 import torch
 from torch import nn
@@ -25,8 +27,8 @@ from .optim import SGD, Optimizer
 from .pipeline import PrefetchQueue
 from .policy import Policy, make_policy
 from .stats import CacheStats
-from .store import RowLayout, TieredStore, initial_rows
-from .validate import drop_padding, normalize_batch
+from .store import Batch, RowLayout, TieredStore, initial_rows
+from .validate import check_has_data, drop_padding, normalize_batch
 
 _MODES = ("sum", "mean", "max")
 _WHOLE_TABLE_CHUNK = 1 << 20  # rows per read or write of weight
@@ -52,6 +54,20 @@ class _WeightCopy(torch.Tensor):
     def data(self, value: torch.Tensor) -> None:
         self._table.weight = value
         torch.Tensor.data.__set__(self, self._table._read_all())
+
+
+def _serialised(method):
+    """Runs ``method`` holding the table's lock (one call at a time per table), after the
+    releases that finalizers left for it (:meth:`TieredEmbeddingBag._release_soon`)."""
+
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock:
+            while self._deferred_releases:
+                self.store.release(self._deferred_releases.popleft())
+            return method(self, *args, **kwargs)
+
+    return locked
 
 
 def _backend_for(device: torch.device):
@@ -160,6 +176,13 @@ class TieredEmbeddingBag(nn.Module):
 
     Rows change only in training mode (``train()``, the default) in a backward: a forward in
     ``eval()`` or under ``torch.no_grad()`` is an inference step (no lock, no update).
+    Threads: a table may be used from several threads. Its calls (forward with its lookup,
+    backward, prefetch, read_rows, write_rows, flush, stats, state_dict, close) are serialised
+    by a lock of the table, each one whole, in the order the threads reach it; training batches
+    of several threads may be in flight at once, as with :meth:`prefetch`. On CUDA the lock
+    orders the host's calls: threads that run a table's work on different CUDA streams must
+    order those streams themselves, as for any tensor shared between streams.
+
     ``fused_optimizer`` is the update as a ``torch.optim.Optimizer`` (for schedulers and
     ``state_dict``; see ``tierstore/fused_optimizer.py``); ``weight`` reads and assigns every
     row of a table that fits in memory (a copy).
@@ -246,6 +269,10 @@ class TieredEmbeddingBag(nn.Module):
         io_threads: int = 4,
     ):
         super().__init__()
+        # One call at a time per table (re-entrant: from_pretrained calls write_rows); batches
+        # whose graphs were freed on another thread while a call ran, released at the next call
+        self._lock = threading.RLock()
+        self._deferred_releases: deque[Batch] = deque()
         _refuse_unsupported(max_norm, scale_grad_by_freq)
         if mode not in _MODES:
             raise InvalidInputError(f"mode must be one of {_MODES}, got {mode!r}")
@@ -346,6 +373,7 @@ class TieredEmbeddingBag(nn.Module):
             self._set_weights(torch.zeros(1, embedding_dim), torch.tensor([padding_idx]))
 
     # --------------------------------------------------------------- nn.EmbeddingBag API
+    @_serialised
     def forward(
         self,
         input: torch.Tensor,
@@ -378,7 +406,7 @@ class TieredEmbeddingBag(nn.Module):
         if captured is not None:
             captured.batch = batch
         if training:
-            handle = BatchHandle(self.store, batch)
+            handle = BatchHandle(batch, self._release_soon)
             # A zero-size leaf that requires grad, so that autograd calls our backward even when
             # nothing else in the batch does; the fused optimizer takes the place of weight
             # grads. A new one per call: a leaf keeps the stream it was first used on, and a
@@ -408,6 +436,7 @@ class TieredEmbeddingBag(nn.Module):
                 "shapes depend on the batch's values (the kernels do sum and mean alone)"
             )
 
+    @_serialised
     def prefetch(self, input: torch.Tensor, offsets: torch.Tensor | None = None) -> None:
         """Starts the cache step of a later batch now, so that its ``forward`` finds its rows
         in place. On CUDA the step runs on a side stream while the current batch computes
@@ -417,9 +446,22 @@ class TieredEmbeddingBag(nn.Module):
         flat, _, _, checks = self._prepare(input, offsets, None)
         self._queue.push((input, offsets), flat, checks)
 
+    @_serialised
     def clear_prefetched(self) -> None:
         """Drops every prefetched batch not yet consumed by a forward, releasing its rows."""
         self._queue.clear()
+
+    def _release_soon(self, batch: Batch) -> None:
+        """Releases a batch whose graph was freed without a backward: now if this thread may
+        take the lock, else at the table's next call. Finalizers run on whatever thread frees
+        the graph (an SSD I/O thread that a locked call is waiting for, say): never block."""
+        if self._lock.acquire(blocking=False):
+            try:
+                self.store.release(batch)
+            finally:
+                self._lock.release()
+        else:
+            self._deferred_releases.append(batch)
 
     def _prepare(self, input, offsets, per_sample_weights, values: bool = True):
         # the value checks are read back later, while the device starts on the unique step
@@ -502,6 +544,7 @@ class TieredEmbeddingBag(nn.Module):
         return out
 
     # --------------------------------------------------------------- rows and tiers
+    @_serialised
     def read_rows(self, ids: torch.Tensor, with_state: bool = False) -> torch.Tensor:
         """Current weights ``(len(ids), D)`` of ``ids`` (and the optimizer state after them
         with ``with_state``), wherever they live. Changes nothing, counts nothing."""
@@ -509,9 +552,11 @@ class TieredEmbeddingBag(nn.Module):
         rows = self.store.read_rows(ids)
         return rows if with_state else rows[:, : self.embedding_dim].contiguous()
 
+    @_serialised
     def write_rows(self, ids: torch.Tensor, values: torch.Tensor) -> None:
         """Overwrites the weights of unique ``ids`` with ``values (len(ids), D)``; their
-        optimizer state is kept."""
+        optimizer state is kept. Values that require grad are detached: the table takes their
+        values, never their autograd history."""
         ids = self._check_row_ids(ids)
         if not isinstance(values, torch.Tensor) or values.shape != (
             ids.numel(),
@@ -523,6 +568,7 @@ class TieredEmbeddingBag(nn.Module):
             )
         if not values.is_floating_point():
             raise InvalidInputError(f"values must be floating point, got {values.dtype}")
+        check_has_data(values, "values")
         if torch.unique(ids).numel() != ids.numel():
             raise InvalidInputError("write_rows: ids must be unique")
         rows = self.store.read_rows(ids)
@@ -533,23 +579,28 @@ class TieredEmbeddingBag(nn.Module):
     def _check_row_ids(self, ids) -> torch.Tensor:
         if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int32, torch.int64):
             raise InvalidInputError("ids must be an int32 or int64 tensor")
+        check_has_data(ids, "ids")
         ids = ids.reshape(-1).to(self.device, torch.int64)
         self.store.check_ids(ids, "ids")
         return ids
 
+    @_serialised
     def flush(self) -> None:
         """Writes every dirty row down to the lowest tier (durably, with an SSD tier)."""
         self.store.flush()
         self._unflushed = False
 
+    @_serialised
     def stats(self) -> CacheStats:
         """Counters of the caches and the bytes moved between tiers."""
         return self.store.stats()
 
+    @_serialised
     def reset_stats(self) -> None:
         """Zeroes the counters."""
         self.store.reset_stats()
 
+    @_serialised
     def close(self, flush: bool = False) -> None:
         """Releases prefetched batches and closes the SSD tier. Rows changed since the last :meth:`flush` are dropped (the
         table reopens as of that flush, as after a crash), with a ``UserWarning`` naming
@@ -607,6 +658,7 @@ class TieredEmbeddingBag(nn.Module):
             raise InvalidInputError(
                 "embeddings must be a 2-D tensor (num_embeddings, embedding_dim)"
             )
+        check_has_data(embeddings, "embeddings")
         if freeze:
             if options.get("optimizer") is not None:
                 raise InvalidInputError(
@@ -638,6 +690,7 @@ class TieredEmbeddingBag(nn.Module):
             self.store.write_rows(part_ids, rows)
 
     # --------------------------------------------------------------- device and dtype
+    @_serialised
     def _apply(self, fn, recurse: bool = True):
         """Where ``.to()``, ``.cuda()``, ``.cpu()``, ``.half()``, ``.double()`` and the like reach
         the table (also when a parent module calls them). The conversion is read off a probe
@@ -707,10 +760,12 @@ class TieredEmbeddingBag(nn.Module):
     # --------------------------------------------------------------- checkpoints
     # The rows and their optimizer state are the module's state: ``weight``, ``optimizer_state``
     # and, for a sparse table, ``ids`` (the forms and the memory bound: ``checkpoint.py``).
+    @_serialised
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         checkpoint.save_table(self, destination, prefix)
 
+    @_serialised
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
@@ -719,6 +774,7 @@ class TieredEmbeddingBag(nn.Module):
             rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 
+    @_serialised
     def incremental_state_dict(self, prefix: str = "") -> dict:
         """The rows changed since :meth:`mark_checkpoint` or the last incremental checkpoint
         (sparse form: ``ids (R,)``, ``weight (R, D)``, ``optimizer_state (R, S)``), then flushes;
@@ -726,6 +782,7 @@ class TieredEmbeddingBag(nn.Module):
         SSD tier. See :func:`tierstore.checkpoint.incremental_state_dict`."""
         return checkpoint.incremental_state_dict(self, prefix)
 
+    @_serialised
     def mark_checkpoint(self) -> None:
         """Flushes and makes now the base of the next :meth:`incremental_state_dict` (call it
         right after saving a full ``state_dict``). Needs an SSD tier."""

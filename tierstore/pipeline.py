@@ -107,6 +107,11 @@ class PrefetchQueue:
             with torch.cuda.stream(side):
                 entry.step = self.store.unique(flat)
         self.entries.append(entry)
+        if side is None:  # in order: the next batch in line is placed at once (a batch that
+            self.advance()  # L2 cannot hold raises here, with nothing changed)
+            if entry.error is not None:
+                self.entries.pop()
+                raise entry.error
 
     def advance(self) -> None:
         """Places the next batch in line if it is not placed yet: waits for its checks (a bad
@@ -125,11 +130,16 @@ class PrefetchQueue:
             entry.error, entry.step = e, None
             return
         side = self.store.side_stream()
-        if side is None:
-            entry.batch = self.store.place(entry.step)
-        else:
-            with torch.cuda.stream(side):
+        try:  # a batch that L2 cannot hold is refused before anything changes
+            if side is None:
                 entry.batch = self.store.place(entry.step)
+            else:
+                with torch.cuda.stream(side):
+                    entry.batch = self.store.place(entry.step)
+        except TierstoreError as e:
+            entry.error, entry.step = e, None
+            return
+        if side is not None:
             entry.ready = self.store.mark_side_work()
             _keep_for(torch.cuda.current_stream(self.store.device), entry.batch)
         entry.step = None

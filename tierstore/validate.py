@@ -19,9 +19,19 @@ from .errors import InvalidInputError
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
 
+def check_has_data(t: torch.Tensor, what: str) -> None:
+    """Raises :class:`InvalidInputError` if ``t`` holds no values (a ``meta`` tensor)."""
+    if t.device.type == "meta":
+        raise InvalidInputError(
+            f"{what} is on the 'meta' device, which holds shapes but no values: give a tensor "
+            "with data (on the CPU or the table's device)"
+        )
+
+
 def _check_index_tensor(t, what: str, ndims: tuple[int, ...]) -> None:
     if not isinstance(t, torch.Tensor):
         raise InvalidInputError(f"{what} must be a torch.Tensor, got {type(t).__name__}")
+    check_has_data(t, what)
     if t.dtype not in _INDEX_DTYPES:
         raise InvalidInputError(f"{what} must be int32 or int64, got {t.dtype}")
     if t.dim() not in ndims:
@@ -37,6 +47,7 @@ def _check_weights(psw, indices: torch.Tensor, mode: str) -> None:
         )
     if not isinstance(psw, torch.Tensor) or not psw.is_floating_point():
         raise InvalidInputError("per_sample_weights must be a floating-point tensor")
+    check_has_data(psw, "per_sample_weights")
     if psw.shape != indices.shape:
         raise InvalidInputError(
             f"per_sample_weights must have the shape of indices {tuple(indices.shape)}, "
@@ -104,7 +115,13 @@ class BatchChecks:
             raise InvalidInputError(
                 f"with include_last_offset, the last offset must equal the number of indices ({n}), got {last}"
             )
-        if offs.numel() > 1 and first != 0:
+        if first != 0:  # also where the offsets name no bag but indices has some: refused,
+            # as torch refuses offsets=[n] with include_last_offset
+            if offs.numel() == 1:
+                raise InvalidInputError(
+                    f"offsets name no bag (empty, or only the last offset) but indices has {n} "
+                    "entries: give offsets[0] = 0 for a bag, or no indices for no bag"
+                )
             raise InvalidInputError(f"offsets[0] must be 0, got {first}")
         if largest > n:
             raise InvalidInputError(

@@ -54,7 +54,10 @@ between tables is not kept (each table is replayed against its own cache). The `
 variant is this very byte stream as one or more zstd frames.
 
 Malformed input raises :class:`TraceFormatError` (a ``ValueError``) naming the file and the
-line or byte offset at fault.
+line or byte offset at fault; a damaged length field is checked against the header's bounds
+before anything is read, and reads are never larger than what the file holds, so no damaged
+file makes a reader allocate what its header claims. A ``.tst.zst`` header longer than
+``MAX_STREAM_HEADER`` bytes (64 MiB) is refused.
 """
 
 from __future__ import annotations
@@ -83,6 +86,13 @@ DTYPE_CODES: dict[str, int] = {"int32": 1, "int64": 2, "uint64": 3}
 _CODE_DTYPES = {code: name for name, code in DTYPE_CODES.items()}
 _FIXED = struct.Struct("<8sHBBIQ")  # magic, version, dtype code, reserved, T, D
 DEFAULT_CHUNK = 1 << 20
+# Bytes read per call: a damaged length field cannot make a read allocate more than this
+# beyond what the file really holds.
+_READ_PIECE = 1 << 20
+# The largest header (the data offset) read from a stream (``.tst.zst``), whose length is not
+# known ahead: a damaged header cannot make the reader decompress gigabytes of it. The
+# writer's headers take 8 bytes per table plus the names.
+MAX_STREAM_HEADER = 1 << 26
 FORMATS = ("tst", "tst.zst", "csv", "criteo", "text", "npy")
 WRITABLE = ("tst", "tst.zst", "csv", "text", "npy")
 CRITEO_FIELDS = 40  # label, I1..I13, C1..C26
@@ -179,8 +189,10 @@ class BinaryHeader:
         return fixed + bytes(body) + bytes(self.data_offset - end)
 
     @classmethod
-    def read(cls, f: BinaryIO, path) -> BinaryHeader:
-        """Parses a header from the start of ``f`` and leaves ``f`` at the first id."""
+    def read(cls, f: BinaryIO, path, stream: bool = False) -> BinaryHeader:
+        """Parses a header from the start of ``f`` and leaves ``f`` at the first id. Every
+        length is checked against the data offset, and ``stream`` (a decompressed stream, of
+        no known length) refuses a data offset above ``MAX_STREAM_HEADER``."""
         fixed = _read_exact(f, _FIXED.size, path, 0, "the header")
         magic, version, code, _, ntab, offset = _FIXED.unpack(fixed)
         if magic != MAGIC:
@@ -193,6 +205,20 @@ class BinaryHeader:
             raise TraceFormatError(path, f"unknown dtype code {code} (1, 2 or 3)", offset=10)
         if ntab == 0:
             raise TraceFormatError(path, "table count is 0", offset=12)
+        if stream and offset > MAX_STREAM_HEADER:
+            raise TraceFormatError(
+                path,
+                f"data offset {offset} is beyond the largest header read from a stream "
+                f"({MAX_STREAM_HEADER} bytes)",
+                offset=16,
+            )
+        if _FIXED.size + 8 * ntab > offset:
+            raise TraceFormatError(
+                path,
+                f"{ntab} tables need {_FIXED.size + 8 * ntab} bytes of header, past the data "
+                f"offset {offset}",
+                offset=12,
+            )
         pos = _FIXED.size
         raw = _read_exact(f, 8 * ntab, path, pos, "the table counts")
         counts = list(struct.unpack(f"<{ntab}Q", raw))
@@ -200,6 +226,11 @@ class BinaryHeader:
         names = []
         for _ in range(ntab):
             (length,) = struct.unpack("<H", _read_exact(f, 2, path, pos, "a table name"))
+            if pos + 2 + length > offset:
+                raise TraceFormatError(
+                    path, f"a table name of {length} bytes runs past the data offset {offset}",
+                    offset=pos,
+                )  # fmt: skip
             raw = _read_exact(f, length, path, pos + 2, "a table name")
             try:
                 names.append(raw.decode("utf-8"))
@@ -215,11 +246,12 @@ class BinaryHeader:
 
 
 def _read_exact(f: BinaryIO, n: int, path, offset: int, what: str) -> bytes:
-    """Reads exactly ``n`` bytes (stream readers may return less per call) or fails clearly."""
+    """Reads exactly ``n`` bytes (stream readers may return less per call) or fails clearly;
+    in pieces, so that a damaged ``n`` allocates no more than the file holds."""
     parts = []
     got = 0
     while got < n:
-        b = f.read(n - got)
+        b = f.read(min(n - got, _READ_PIECE))
         if not b:
             raise TraceFormatError(
                 path,
@@ -324,7 +356,7 @@ class ZstdBinaryReader(TraceReader):
     def __init__(self, path, chunk_size: int = DEFAULT_CHUNK):
         super().__init__(path, chunk_size)
         with self._stream() as s:
-            self.header = BinaryHeader.read(s, self.path)
+            self.header = BinaryHeader.read(s, self.path, stream=True)
         self.table_names = list(self.header.names)
 
     @contextlib.contextmanager
@@ -334,7 +366,10 @@ class ZstdBinaryReader(TraceReader):
 
         with open(self.path, "rb") as raw:
             try:
-                with zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True) as s:
+                # closefd=False: raw stays open for the error's position
+                with zstandard.ZstdDecompressor().stream_reader(
+                    raw, read_across_frames=True, closefd=False
+                ) as s:
                     yield s
             except zstandard.ZstdError as e:
                 raise TraceFormatError(
@@ -346,7 +381,7 @@ class ZstdBinaryReader(TraceReader):
     def __iter__(self) -> Iterator[TraceChunk]:
         h = self.header
         with self._stream() as s:
-            BinaryHeader.read(s, self.path)
+            BinaryHeader.read(s, self.path, stream=True)
             pos = h.data_offset  # offset in the decompressed stream
             for t, n in enumerate(h.counts):
                 left = n
@@ -369,8 +404,10 @@ class NpyReader(TraceReader):
         super().__init__(path, chunk_size)
         try:
             self.array = np.load(self.path, mmap_mode="r", allow_pickle=False)
-        except ValueError as e:
-            raise TraceFormatError(self.path, f"not a readable .npy array: {e}", offset=0) from e
+        except Exception as e:  # numpy's header parser raises many kinds (SyntaxError, ...)
+            raise TraceFormatError(
+                self.path, f"not a readable .npy array: {type(e).__name__}: {e}", offset=0
+            ) from e
         a = self.array
         if a.ndim not in (1, 2) or not (np.issubdtype(a.dtype, np.integer) or a.size == 0):
             raise TraceFormatError(
