@@ -141,7 +141,6 @@ REFUSED = [
     ({"_weight": torch.zeros(49, 4)}, "_weight"),
     ({"_weight": torch.zeros(50, 4, dtype=torch.int64)}, "_weight"),
     ({"policy": "fifo"}, "policy"),
-    ({"ways": 65}, "ways"),
     ({"ways": 0}, "ways"),
 ]
 
