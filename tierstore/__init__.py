@@ -12,6 +12,7 @@ from .errors import (
     CorruptBlockError,
     InvalidInputError,
     NotATableError,
+    ReadOnlyTableError,
     StorageError,
     StorageFullError,
     TableLockedError,
@@ -45,5 +46,6 @@ __all__ = [
     "CorruptBlockError",
     "StorageFullError",
     "TableLockedError",
+    "ReadOnlyTableError",
 ]
 __version__ = "0.1.0"

@@ -257,8 +257,11 @@ def check(values: list[bytes], keys: list[bytes]) -> None:
     bad = residue != _CRC_RESIDUE
     if bad.any():
         first = int(np.argmax(bad))
-        problem = "value shorter than its checksum" if len(values[first]) < TRAILER_BYTES else (
-            "checksum mismatch (the block or its key was damaged)")
+        problem = (
+            "value shorter than its checksum"
+            if len(values[first]) < TRAILER_BYTES
+            else ("checksum mismatch (the block or its key was damaged)")
+        )
         raise BadBlock(first, problem)
 
 

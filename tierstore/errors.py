@@ -32,7 +32,9 @@ class TableMismatchError(StorageError):
 
 
 class CorruptBlockError(StorageError):
-    """A stored block does not decode: a bad zstd frame or the wrong length."""
+    """Stored data is damaged: a block or metadata value fails its checksum or does not
+    decode, the B-tree around a block is damaged, metadata is out of range, or ``data.mdb``
+    is shorter than LMDB's own header says. Nothing read from it is returned."""
 
 
 class StorageFullError(StorageError):
@@ -41,3 +43,7 @@ class StorageFullError(StorageError):
 
 class TableLockedError(StorageError):
     """Another process holds the table open for writing."""
+
+
+class ReadOnlyTableError(StorageError):
+    """The table was opened read-only: training, ``write_rows`` and ``flush`` are refused."""

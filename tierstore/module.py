@@ -222,6 +222,8 @@ class TieredEmbeddingBag(nn.Module):
         )
         wants_psw_grad = psw is not None and psw.requires_grad
         training = torch.is_grad_enabled() and (self.optimizer is not None or wants_psw_grad)
+        if training and self.optimizer is not None:
+            self._check_writable("training")
         batch = self._take_prefetched(flat)
         if batch is None:  # waits for the checks before the first change (a capture ends its
             # head graph there instead); an inference batch is released right after its
@@ -282,6 +284,7 @@ class TieredEmbeddingBag(nn.Module):
         """Overwrites the weights of unique ``ids`` with ``values (len(ids), D)``; their
         optimizer state is kept."""
         ids = self._check_row_ids(ids)
+        self._check_writable("write_rows")
         if not isinstance(values, torch.Tensor) or values.shape != (
             ids.numel(),
             self.embedding_dim,
@@ -307,7 +310,14 @@ class TieredEmbeddingBag(nn.Module):
 
     def flush(self) -> None:
         """Writes every dirty row down to the lowest tier (durably, with an SSD tier)."""
+        self._check_writable("flush")
         self.store.flush()
+
+    def _check_writable(self, doing: str) -> None:
+        """ReadOnlyTableError, before anything changes, for a table opened ``read_only=True``."""
+        check = getattr(self.store.host, "check_writable", None)
+        if check is not None:
+            check(doing)
 
     def stats(self) -> CacheStats:
         """Counters of the caches and the bytes moved between tiers."""
@@ -324,11 +334,13 @@ class TieredEmbeddingBag(nn.Module):
     @classmethod
     def open(cls, path, **options) -> TieredEmbeddingBag:
         """Reopens the SSD table at ``path``, taking its shape, optimizer (its hyper-parameters
-        may be overridden with ``optimizer=``), seed and initialisation from its metadata."""
+        may be overridden with ``optimizer=``), seed and initialisation from its metadata.
+        ``read_only=True`` opens it beside a process that may be writing it: reads only, from
+        the latest completed flush; training, ``write_rows`` and ``flush`` are refused."""
+        from .host_cache import read_table_meta
         from .optim import optimizer_from_dict
-        from .ssd import SSDTier
 
-        meta = SSDTier.read_meta(path)
+        meta = read_table_meta(path)
         options.setdefault("optimizer", optimizer_from_dict(meta.get("optimizer")))
         return cls(
             meta["num_embeddings"],

@@ -26,6 +26,7 @@ the last completed flush: the staged environment is discarded on the next open.
 
 from __future__ import annotations
 
+import bisect
 import concurrent.futures
 import errno
 import fcntl
@@ -50,6 +51,7 @@ from tierstore.errors import (
     CorruptBlockError,
     InvalidInputError,
     NotATableError,
+    ReadOnlyTableError,
     StorageError,
     StorageFullError,
     TableLockedError,
@@ -532,7 +534,9 @@ class SSDTier:
             _OPEN_TABLES[self._key] = self
             self._registered = True
         try:
-            fd = os.open((directory or self.path) / _LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = os.open(
+                (directory or self.path) / _LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644
+            )
         except OSError as exc:
             raise StorageError(f"{self.path}: cannot create the writer lock file ({exc})") from exc
         try:
@@ -752,7 +756,11 @@ class SSDTier:
         """Looks sorted unsigned ids up in one database: (found mask, rows of the found ids)."""
         codec = self._codec
         first, blocks = codec.blocks(u)
-        pairs = _getmulti(txn.cursor(db), codec.keys(blocks))
+        cursor = txn.cursor(db)
+        pairs = _getmulti(cursor, codec.keys(blocks))
+        if len(pairs) < len(blocks) and db is self._blocks:
+            found_keys = [k for k, _ in pairs]
+            self._check_absent(cursor, blocks, found_keys)
         if not pairs:
             return np.zeros(len(u), bool), np.empty((0, self.row_width), np.float32)
         values = [v for _, v in pairs]
@@ -774,6 +782,46 @@ class SSDTier:
         entry = np.minimum(entry, len(decoded.key) - 1)
         hit = block_found[block_of] & (decoded.key[entry] == want)
         return hit, decoded.rows(entry[hit])
+
+    def _check_absent(self, cursor: lmdb.Cursor, blocks: np.ndarray, found: list[bytes]) -> None:
+        """Makes sure that the ``blocks`` (sorted) that LMDB did not find are truly absent,
+        and not stored under a damaged key: each gap between stored keys that a missing key
+        falls in has its two bounding entries checked against their own keys (a damaged key,
+        node header or node pointer fails that check). One cursor seek per gap, not per key.
+        """
+        keys = self._codec.keys(blocks)
+        if found:
+            have = set(found)
+            keys = [k for k in keys if k not in have]
+        with _GETMULTI_LOCK:
+            i = 0
+            while i < len(keys):
+                if cursor.set_range(keys[i]):
+                    upper = cursor.key()
+                    bounds = [cursor.item()]
+                    if upper <= keys[i]:  # an exact match that getmulti missed: disorder
+                        self._refuse_absent(keys[i], "the B-tree is out of order")
+                    if cursor.prev():
+                        bounds.append(cursor.item())
+                else:
+                    upper = None
+                    bounds = [cursor.item()] if cursor.last() else []
+                for key, value in bounds:
+                    try:
+                        check([value], [key])
+                    except BadBlock as bad:
+                        self._refuse_absent(key, bad.problem)
+                if upper is None:
+                    return
+                i = bisect.bisect_left(keys, upper, i + 1)
+
+    def _refuse_absent(self, key: bytes, problem: str) -> None:
+        if len(key) == 8:
+            block = int.from_bytes(key, "big")
+            where = f"block key {block:#x} (rows from id {self._codec.first_id(block)})"
+        else:
+            where = f"a {len(key)}-byte block key {key[:16].hex()}"
+        raise CorruptBlockError(f"{self.path}: corrupt block near {where}: {problem}")
 
     def _decode(self, values: list[bytes], blocks: np.ndarray) -> DecodedBlocks:
         """Checks and decodes values stored under the keys of ``blocks``."""
@@ -847,6 +895,8 @@ class SSDTier:
         # Blocks whose every row is rewritten need not be read (with block_rows=1: none).
         partial = np.diff(np.append(first, len(u))) < self.block_rows
         pairs = _getmulti(cursor, codec.keys(blocks[partial])) if partial.any() else []
+        if len(pairs) < int(partial.sum()) and db is self._blocks:
+            self._check_absent(cursor, blocks[partial], [k for k, _ in pairs])
         if pairs:
             old_blocks = np.frombuffer(b"".join([k for k, _ in pairs]), ">u8").astype(np.uint64)
             decoded = self._decode([v for _, v in pairs], old_blocks)
@@ -912,7 +962,7 @@ class SSDTier:
     def _check_writable(self) -> None:
         self._check_usable()
         if self.readonly:
-            raise StorageError(f"{self.path}: table was opened readonly")
+            raise ReadOnlyTableError(f"{self.path}: table was opened readonly")
 
     def _storage_errors(self, doing: str) -> _StorageErrors:
         return _StorageErrors(self.path, doing)
