@@ -214,7 +214,8 @@ class HostCache:
         """Raises :class:`ReadOnlyTableError` if the table was opened read-only."""
         if self.read_only:
             raise ReadOnlyTableError(
-                f"{self.ssd.path}: the table was opened read_only: {doing} is refused"
+                f"{self.ssd.path}: the table was opened read_only: {doing} is refused (run "
+                "inference under torch.no_grad() or open it with optimizer=None)"
             )
 
     def release(self, addresses: torch.Tensor) -> None:
@@ -262,10 +263,10 @@ class HostCache:
         ids, rows = ids.cpu(), rows.cpu()
         slots = self._find(ids)
         cached = slots >= 0
-        self.write(slots[cached], rows[cached])
-        if not bool(cached.all()):
+        if not bool(cached.all()):  # first the write that can fail (a full map or disk)
             rest, order = torch.sort(ids[~cached])
             self.ssd.write(rest, rows[~cached][order])
+        self.write(slots[cached], rows[cached])
 
     # -------------------------------------------------------------- durability
     def flush(self) -> None:

@@ -179,16 +179,18 @@ def _creation_dirs(path: pathlib.Path) -> list[pathlib.Path]:
 
 def _remove_abandoned_creations(path: pathlib.Path) -> None:
     """Deletes half-created tables for ``path`` left by dead processes: those whose writer
-    lock is free, or that have none and are older than a minute. Never touches a live one."""
+    lock is free, or that have none and whose process is gone (or that are over a minute
+    old). Never touches a live one."""
     for tmp in _creation_dirs(path):
         try:
             fd = os.open(tmp / _LOCK_FILE, os.O_RDWR | os.O_CLOEXEC)
-        except FileNotFoundError:
+        except FileNotFoundError:  # killed before it took its lock, or about to take it
             try:
-                if time.time() - tmp.stat().st_mtime > _ABANDONED_AFTER_S:
-                    shutil.rmtree(tmp, ignore_errors=True)
+                old = time.time() - tmp.stat().st_mtime > _ABANDONED_AFTER_S
             except OSError:
-                pass
+                continue
+            if old or not _alive(tmp.name[len(_CREATING.format(name=path.name)) :]):
+                shutil.rmtree(tmp, ignore_errors=True)
             continue
         except OSError:
             continue
@@ -201,6 +203,17 @@ def _remove_abandoned_creations(path: pathlib.Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
         finally:
             os.close(fd)
+
+
+def _alive(suffix: str) -> bool:
+    """Whether the process whose pid starts ``suffix`` ("<pid>.<random>") may be running."""
+    try:
+        os.kill(int(suffix.split(".")[0]), 0)
+    except ProcessLookupError:
+        return False
+    except (ValueError, OSError):
+        return True
+    return True
 
 
 def _fsync_dir(path: pathlib.Path) -> None:
