@@ -21,7 +21,16 @@ one ``getmulti`` and (de)compressed with zstandard's multi-frame calls, and rows
 Durability: ``write()`` goes to the staged environment, which ``read()`` consults first; a
 flush merges staged rows and the dirty rows into ``blocks`` in one LMDB write transaction
 that LMDB fsyncs on commit. A process killed at any moment leaves the table exactly as of
-the last completed flush: the staged environment is discarded on the next open.
+the last completed flush: the staged environment is discarded on the next open. A table is
+created in a sibling directory (``.NAME.tierstore-creating.PID.RANDOM``) and renamed into
+place once its metadata is durable, so a kill during creation leaves no table or an empty one.
+
+Damage (format version 2): every block value and both metadata values end with a CRC-32 of
+their key and bytes (:mod:`tierstore.blocks`), checked on every read; a block that LMDB does
+not find is checked against the B-tree entries around it (a damaged key or node hides it
+there); ``data.mdb`` shorter than its LMDB meta pages say is refused before it is mapped
+(reading past the end of a mapped file is SIGBUS). All raise :class:`CorruptBlockError`
+naming the path. Not detected: a rollback through the meta pages' transaction ids.
 """
 
 from __future__ import annotations
