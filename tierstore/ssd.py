@@ -815,6 +815,9 @@ class SSDTier:
         if found:
             have = set(found)
             keys = [k for k in keys if k not in have]
+        # Entries already checked (a bound shared with the gap before), by key and value: a
+        # damaged key may equal another entry's, so a key alone does not name an entry.
+        checked: set[tuple[bytes, bytes]] = set()
         with _GETMULTI_LOCK:
             i = 0
             while i < len(keys):
@@ -828,11 +831,14 @@ class SSDTier:
                 else:
                     upper = None
                     bounds = [cursor.item()] if cursor.last() else []
-                for key, value in bounds:
+                for entry in bounds:
+                    if entry in checked:
+                        continue
                     try:
-                        check([value], [key])
+                        check([entry[1]], [entry[0]])
                     except BadBlock as bad:
-                        self._refuse_absent(key, bad.problem)
+                        self._refuse_absent(entry[0], bad.problem)
+                    checked.add(entry)
                 if upper is None:
                     return
                 i = bisect.bisect_left(keys, upper, i + 1)
