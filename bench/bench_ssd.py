@@ -6,6 +6,7 @@ a time in a temporary directory)::
     python bench/bench_ssd.py                      # 2 M rows, block_rows 1 4 16 64, levels 0 3
     python bench/bench_ssd.py --rows 262144 --block-rows 1 --levels 3
     python bench/bench_ssd.py --compare --block-rows 1 2 4 --levels 3   # reads only, interleaved
+    python bench/bench_ssd.py --checksums --rows 131072 --block-rows 1 16 --levels 3
 
 As a pytest-benchmark suite (small tables, for regressions)::
 
@@ -34,6 +35,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from tierstore import blocks  # noqa: E402
 from tierstore.hashing import initial_weights  # noqa: E402
 from tierstore.ssd import SSDTier  # noqa: E402
 
@@ -153,6 +155,50 @@ def compare_reads(workdir: str, rows: int, configs: list[tuple[int, int]], round
     return {c: (rate(BATCH, statistics.median(t)), rate(BATCH, min(t))) for c, t in times.items()}
 
 
+def checksum_cost(workdir: str, rows: int, block_rows: int, level: int, rounds: int = 9):
+    """What the format-2 checks cost, in one process and on one table (so that a shared
+    machine's load hits both alike): rows/s of 64K-row random reads and flushes with the
+    checks as shipped and with them switched off, best of ``rounds`` each, interleaved, on two
+    identical tables (the one flushed without checks holds blocks without valid trailers).
+    Each table holds the even ids of ``[0, 2 * rows)``; "half absent" reads draw from all ids,
+    so half of them were never written and take the absence check
+    (:meth:`SSDTier._check_absent`).
+    """
+    ids = np.arange(0, 2 * rows, 2, dtype=np.int64)
+    tiers = {}
+    for name in ("on", "off"):
+        path = os.path.join(workdir, f"ck{block_rows}_{level}_{name}")
+        tiers[name], _ = build(path, ids, block_rows, level, np.random.default_rng(1))
+        for start in range(0, len(ids), BATCH):  # warm the page cache
+            tiers[name].read(torch.from_numpy(ids[start : start + BATCH]))
+    rng = np.random.default_rng(block_rows * 10 + level)
+    shipped = (blocks.check, blocks.seal, SSDTier._check_absent)
+
+    def no_crc_seal(keys, bodies):  # the trailer's 4 bytes, not computed
+        return [b + b"\0\0\0\0" for b in bodies]
+
+    off = (lambda values, keys: None, no_crc_seal, lambda *args: None)
+    best = {}
+    for _ in range(rounds):
+        for name, (check, seal, absent) in (("on", shipped), ("off", off)):
+            blocks.check, blocks.seal, SSDTier._check_absent = check, seal, absent
+            tier = tiers[name]
+            present = random_batch(rng, ids)
+            mixed = random_batch(rng, np.arange(2 * rows, dtype=np.int64))
+            dirty = (random_batch(rng, ids), trained_rows(rng, BATCH))
+            for what, fn in (
+                ("read", lambda: tier.read(present)),  # noqa: B023
+                ("read, half absent", lambda: tier.read(mixed)),  # noqa: B023
+                ("flush", lambda: tier.flush(*dirty)),  # noqa: B023
+            ):
+                seconds = timed(fn, 1)[0]
+                best[what, name] = max(best.get((what, name), 0.0), rate(BATCH, seconds))
+    blocks.check, blocks.seal, SSDTier._check_absent = shipped
+    for tier in tiers.values():
+        tier.close()
+    return best
+
+
 COLUMNS = [
     ("ids", "ids", "{}"),
     ("block_rows", "block_rows", "{}"),
@@ -188,9 +234,25 @@ def main() -> None:
     parser.add_argument(
         "--compare", action="store_true", help="only random reads, interleaved across configs"
     )
+    parser.add_argument(
+        "--checksums", action="store_true", help="reads and flushes with and without checks"
+    )
     args = parser.parse_args()
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
           f"{torch.__version__}, load average before: {os.getloadavg()}", flush=True)  # fmt: skip
+    if args.checksums:
+        print("| block_rows | zstd level | operation | checks on, M rows/s | off | on / off |")
+        print("|---|---|---|---|---|---|")
+        with tempfile.TemporaryDirectory(dir=args.dir) as workdir:
+            for block_rows in args.block_rows:
+                for level in args.levels:
+                    best = checksum_cost(workdir, args.rows, block_rows, level)
+                    for what in ("read", "read, half absent", "flush"):
+                        on, off = best[what, "on"], best[what, "off"]
+                        print(f"| {block_rows} | {level} | {what} | {on:.3f} | {off:.3f} | "
+                              f"{on / off:.2f} |", flush=True)  # fmt: skip
+        print(f"load average after: {os.getloadavg()}")
+        return
     if args.compare:
         configs = [(s, lv) for lv in args.levels for s in args.block_rows]
         with tempfile.TemporaryDirectory(dir=args.dir) as workdir:

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import tempfile
 import time
+import zlib
 
 import lmdb
 import numpy as np
@@ -412,18 +413,25 @@ def test_mismatched_table(tmp_path):
             SSDTier.open(path, init_rows, expect={"row_width": W, **expect})
         assert str(path) in str(info.value)
         assert list(expect)[0] in str(info.value)
-    env = lmdb.open(str(path), max_dbs=4)  # a table from a future format version
+    env = lmdb.open(str(path), max_dbs=4)  # a table from another format version
     with env.begin(write=True) as txn:
         db = env.open_db(b"meta", txn=txn)
-        stored = json.loads(txn.get(b"meta", db=db))
-        txn.put(b"meta", json.dumps({**stored, "format_version": 99}).encode(), db=db)
+        raw = txn.get(b"meta", db=db)
+        stored = json.loads(raw[:-4])  # the JSON, then its CRC-32
     env.close()
-    with pytest.raises(TableMismatchError, match="format_version") as info:
-        SSDTier.open(path, init_rows)
-    assert str(path) in str(info.value)
+    for version, plain in ((99, False), (1, True)):  # version 1 had no checksums
+        body = json.dumps({**stored, "format_version": version}).encode()
+        value = body if plain else body + zlib.crc32(b"meta" + body).to_bytes(4, "little")
+        env = lmdb.open(str(path), max_dbs=4)
+        with env.begin(write=True) as txn:
+            txn.put(b"meta", value, db=env.open_db(b"meta", txn=txn))
+        env.close()
+        with pytest.raises(TableMismatchError, match=f"format_version={version}") as info:
+            SSDTier.open(path, init_rows)
+        assert str(path) in str(info.value)
     env = lmdb.open(str(path), max_dbs=4)
     with env.begin(write=True) as txn:
-        txn.put(b"meta", json.dumps(stored).encode(), db=env.open_db(b"meta", txn=txn))
+        txn.put(b"meta", raw, db=env.open_db(b"meta", txn=txn))
     env.close()
     check_still_readable(path, ids, rows)
     assert SSDTier.read_meta(path)["row_width"] == W
@@ -455,7 +463,11 @@ def test_not_a_table(tmp_path):
         SSDTier.create(cases["random"], meta(), init_rows)
 
 
-def corrupt(path, block_key: bytes, value: bytes) -> None:
+def corrupt(path, block_key: bytes, value: bytes, sealed: bool = True) -> None:
+    """Replaces a stored block by ``value``, with a valid checksum trailer if ``sealed`` (so
+    that the decoder's own checks are reached)."""
+    if sealed:
+        value += zlib.crc32(block_key + value).to_bytes(4, "little")
     env = lmdb.open(str(path), max_dbs=4)
     with env.begin(write=True) as txn:
         db = env.open_db(b"blocks", txn=txn)
@@ -481,13 +493,20 @@ def bad_value(kind: str) -> bytes:
 
 
 @pytest.mark.parametrize(
-    "level,kind",
-    [(3, "bad_frame"), (3, "wrong_length"), (3, "short_header"), (0, "raw_short")],
+    "level,kind,sealed",
+    [
+        (3, "bad_frame", True),
+        (3, "wrong_length", True),
+        (3, "short_header", True),
+        (0, "raw_short", True),
+        (3, "bad_frame", False),
+        (0, "raw_short", False),
+    ],
 )
-def test_corrupt_block(tmp_path, level, kind):
+def test_corrupt_block(tmp_path, level, kind, sealed):
     path = tmp_path / "t"
     ids, rows = flushed_table(path, block_rows=8, compression_level=level)
-    corrupt(path, block_key(16, 8), bad_value(kind))
+    corrupt(path, block_key(16, 8), bad_value(kind), sealed)
     tier = SSDTier.open(path, init_rows)
     with pytest.raises(CorruptBlockError) as info:
         tier.read(ids_of([17]))

@@ -140,6 +140,49 @@ def test_batch_too_large_for_host_rows_fails_before_any_change(tmp_path):
     )
 
 
+@pytest.mark.parametrize("ahead", [0, 1])
+def test_smallest_host_rows_the_rule_allows_never_fails(device, tmp_path, ahead):
+    """README's capacity rule: L2 holds L1's rows plus every unique row of the batches in
+    flight (``1 + ahead`` of them, prefetching ``ahead`` batches). At exactly that size, with
+    few ways (so that sets overflow often), many steps of random Zipf-ish batches train
+    without a CapacityError, and the rows equal an all-in-memory table's (the overflow is
+    transparent), before and after a flush and reopen."""
+    num, dim, per_batch, l1_rows = 5000, 8, 256, 64
+    gen = torch.Generator().manual_seed(11)
+    weights = 1.0 / torch.arange(1, num + 1, dtype=torch.float64) ** 0.9
+    perm = torch.randperm(num, generator=gen)  # hot rows anywhere, not clustered by id
+    run = []
+    for _ in range(40):
+        idx = perm[torch.multinomial(weights, per_batch, replacement=True, generator=gen)]
+        run.append((idx, torch.arange(0, per_batch, 8), torch.randn(per_batch // 8, dim)))
+    run = [tuple(t.to(device) for t in batch) for batch in run]
+    ref = ts.TieredEmbeddingBag(num, dim, cache_rows=num, optimizer=ts.Adagrad(0.1), device=device)
+    emb = ts.TieredEmbeddingBag(
+        num, dim, cache_rows=l1_rows, ways=8, host_rows=l1_rows + (1 + ahead) * per_batch,
+        host_ways=4, path=tmp_path / "t", optimizer=ts.Adagrad(0.1), device=device,
+    )  # fmt: skip
+    assert emb.store.host.cache.capacity == l1_rows + (1 + ahead) * per_batch  # no slack
+    most_lent = 0
+    for idx, offs, _ in run[:ahead]:
+        emb.prefetch(idx, offs)
+    for step, (idx, offs, g) in enumerate(run):
+        if step + ahead < len(run) and ahead:
+            emb.prefetch(*run[step + ahead][:2])
+        ref(idx, offs).backward(g)
+        emb(idx, offs).backward(g)
+        most_lent = max(most_lent, emb.store.host.overflow_ids.numel())
+        if step % 20 == 19:
+            emb.flush()
+    assert most_lent > 0  # sets did overflow: the test exercised the overflow
+    want = rows_of(ref, torch.arange(num))
+    assert torch.equal(rows_of(emb, torch.arange(num)), want)
+    emb.flush()
+    emb.close()
+    again = ts.TieredEmbeddingBag.open(tmp_path / "t", cache_rows=8, host_rows=64, device=device)
+    assert torch.equal(rows_of(again, torch.arange(num)), want)
+    again.close()
+
+
 def test_reopening_with_another_shape_or_optimizer_fails(tmp_path):
     emb = ts.TieredEmbeddingBag(
         N, D, cache_rows=8, host_rows=64, path=tmp_path / "t", optimizer=ts.Adagrad(0.1)

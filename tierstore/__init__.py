@@ -21,6 +21,7 @@ from .errors import (
     InvalidInputError,
     NotATableError,
     NotPicklableError,
+    ReadOnlyTableError,
     StorageError,
     StorageFullError,
     TableLockedError,
@@ -70,5 +71,6 @@ __all__ = [
     "spill_state_dict",
     "sparse_state_dict",
     "dcp_load",
+    "ReadOnlyTableError",
 ]
 __version__ = "0.1.0"

@@ -366,10 +366,10 @@ def stored_ids(store) -> torch.Tensor:
 def changed_ids(store) -> torch.Tensor:
     """Ids an SSD table changed since its last flush, ascending: staged on SSD, dirty in L2 or
     L1 (a flush writes exactly these)."""
-    l1, l2 = store.l1, store.host.cache
+    l1 = store.l1
     parts = [
         store.host.ssd.stored_ids(flushed=False),
-        by_slot(l2.tags)[by_slot(l2.dirty)].cpu(),
+        store.host.dirty_ids(),  # borrowed ways (L2's overflow) hold rows under no tag
         by_slot(l1.tags)[by_slot(l1.dirty)].cpu(),
     ]
     return torch.unique(torch.cat(parts))

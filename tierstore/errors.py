@@ -32,7 +32,9 @@ class TableMismatchError(StorageError):
 
 
 class CorruptBlockError(StorageError):
-    """A stored block does not decode: a bad zstd frame or the wrong length."""
+    """Stored data is damaged: a block or metadata value fails its checksum or does not
+    decode, the B-tree around a block is damaged, metadata is out of range, or ``data.mdb``
+    is shorter than LMDB's own header says. Nothing read from it is returned."""
 
 
 class StorageFullError(StorageError):
@@ -50,3 +52,7 @@ class InternalError(TierstoreError, RuntimeError):
 
 class NotPicklableError(TierstoreError, TypeError):
     """A table was pickled or deep-copied: its rows live in the tiers; use ``state_dict``."""
+
+
+class ReadOnlyTableError(StorageError):
+    """The table was opened read-only: training, ``write_rows`` and ``flush`` are refused."""

@@ -229,6 +229,9 @@ class TieredEmbeddingBag(nn.Module):
             when the table is created, as ``block_rows``.
         map_size: the LMDB map's size in bytes (default 1 TiB: address space, not disk).
         io_threads: threads reading the SSD tier (default 4).
+        read_only: open an existing SSD table without its writer lock, beside a process that
+            may be writing it: reads see the latest completed flush; training, ``write_rows``
+            and ``flush`` raise :class:`ReadOnlyTableError` (see :meth:`open`).
 
     Example::
 
@@ -267,6 +270,7 @@ class TieredEmbeddingBag(nn.Module):
         compression_level: int | None = None,
         map_size: int | None = None,
         io_threads: int = 4,
+        read_only: bool = False,
     ):
         super().__init__()
         # One call at a time per table (re-entrant: from_pretrained calls write_rows); batches
@@ -306,6 +310,7 @@ class TieredEmbeddingBag(nn.Module):
                 ("compression_level", compression_level, None),
                 ("map_size", map_size, None),
                 ("io_threads", io_threads, 4),
+                ("read_only", read_only, False),
             )
             if value != default
         }
@@ -395,6 +400,8 @@ class TieredEmbeddingBag(nn.Module):
         # inference step for the table (no lock, no update) unless per-sample weights want a grad
         update = self.training and torch.is_grad_enabled() and self.fused_optimizer is not None
         training = update or (torch.is_grad_enabled() and wants_psw_grad)
+        if update:
+            self._check_writable("training")
         batch = self._queue.pop((input, offsets), flat)
         if batch is None:  # waits for the checks before the first change (a capture ends its
             # head graph there instead); an inference batch is released right after its
@@ -558,6 +565,7 @@ class TieredEmbeddingBag(nn.Module):
         optimizer state is kept. Values that require grad are detached: the table takes their
         values, never their autograd history."""
         ids = self._check_row_ids(ids)
+        self._check_writable("write_rows")
         if not isinstance(values, torch.Tensor) or values.shape != (
             ids.numel(),
             self.embedding_dim,
@@ -587,8 +595,15 @@ class TieredEmbeddingBag(nn.Module):
     @_serialised
     def flush(self) -> None:
         """Writes every dirty row down to the lowest tier (durably, with an SSD tier)."""
+        self._check_writable("flush")
         self.store.flush()
         self._unflushed = False
+
+    def _check_writable(self, doing: str) -> None:
+        """ReadOnlyTableError, before anything changes, for a table opened ``read_only=True``."""
+        check = getattr(self.store.host, "check_writable", None)
+        if check is not None:
+            check(doing)
 
     @_serialised
     def stats(self) -> CacheStats:
@@ -602,8 +617,8 @@ class TieredEmbeddingBag(nn.Module):
 
     @_serialised
     def close(self, flush: bool = False) -> None:
-        """Releases prefetched batches and closes the SSD tier. Rows changed since the last :meth:`flush` are dropped (the
-        table reopens as of that flush, as after a crash), with a ``UserWarning`` naming
+        """Releases prefetched batches and closes the SSD tier. Rows changed since the last
+        :meth:`flush` are dropped (the table reopens as of that flush, as after a crash), with a ``UserWarning`` naming
         ``flush``; ``close(flush=True)`` flushes first."""
         self.clear_prefetched()
         if flush:
@@ -621,11 +636,13 @@ class TieredEmbeddingBag(nn.Module):
     def open(cls, path, **options) -> TieredEmbeddingBag:
         """Reopens the SSD table at ``path``, taking its shape, optimizer (its hyper-parameters
         may be overridden with ``optimizer=``), seed and initialisation from its metadata;
-        ``options`` are the constructor's other keywords (``mode``, ``cache_rows``, ...)."""
+        ``options`` are the constructor's other keywords (``mode``, ``cache_rows``, ...).
+        ``read_only=True`` opens it beside a process that may be writing it: reads only, from
+        the latest completed flush; training, ``write_rows`` and ``flush`` are refused."""
+        from .host_cache import read_table_meta
         from .optim import optimizer_from_dict
-        from .ssd import SSDTier
 
-        meta = SSDTier.read_meta(path)
+        meta = read_table_meta(path)
         options.setdefault("optimizer", optimizer_from_dict(meta.get("optimizer")))
         return cls(
             meta["num_embeddings"],

@@ -21,19 +21,33 @@ one ``getmulti`` and (de)compressed with zstandard's multi-frame calls, and rows
 Durability: ``write()`` goes to the staged environment, which ``read()`` consults first; a
 flush merges staged rows and the dirty rows into ``blocks`` in one LMDB write transaction
 that LMDB fsyncs on commit. A process killed at any moment leaves the table exactly as of
-the last completed flush: the staged environment is discarded on the next open.
+the last completed flush: the staged environment is discarded on the next open. A table is
+created in a sibling directory (``.NAME.tierstore-creating.PID.RANDOM``) and renamed into
+place once its metadata is durable, so a kill during creation leaves no table or an empty one.
+
+Damage (format version 2): every block value and both metadata values end with a CRC-32 of
+their key and bytes (:mod:`tierstore.blocks`), checked on every read; a block that LMDB does
+not find is checked against the B-tree entries around it (a damaged key or node hides it
+there); ``data.mdb`` shorter than its LMDB meta pages say is refused before it is mapped
+(reading past the end of a mapped file is SIGBUS). All raise :class:`CorruptBlockError`
+naming the path. Not detected: a rollback through the meta pages' transaction ids.
 """
 
 from __future__ import annotations
 
+import bisect
 import concurrent.futures
+import errno
 import fcntl
 import itertools
 import json
 import os
 import pathlib
+import secrets
 import shutil
+import struct
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -42,11 +56,12 @@ import lmdb
 import numpy as np
 import torch
 
-from tierstore.blocks import SIGN, BadBlock, BlockCodec, DecodedBlocks
+from tierstore.blocks import SIGN, BadBlock, BlockCodec, DecodedBlocks, check, seal
 from tierstore.errors import (
     CorruptBlockError,
     InvalidInputError,
     NotATableError,
+    ReadOnlyTableError,
     StorageError,
     StorageFullError,
     TableLockedError,
@@ -59,6 +74,19 @@ _META_KEY = b"meta"
 _FLUSH_KEY = b"flush_count"
 _LOCK_FILE = "writer.lock"
 _STAGED_DIR = "staged"
+# A table being created lives in a sibling directory named so, until it is renamed into place.
+_CREATING = ".{name}.tierstore-creating."
+# An abandoned creation without a writer lock file is removed once it is this old (seconds).
+_ABANDONED_AFTER_S = 60.0
+# LMDB's meta pages (pages 0 and 1, on 64-bit builds): after the 16-byte page header, the
+# magic and version (uint32 each), the map address and size, two 48-byte database records
+# (the first one's leading uint32 holds the page size), the last page number and the
+# transaction id (uint64 each). Read with plain file reads before LMDB maps the file.
+_LMDB_MAGIC = 0xBEEFC0DE
+_META_LAYOUT = struct.Struct("<16xII8x8xI44x48xQQ")
+# EIO on a write is a full disk when less than this is left free (LMDB reports a short write
+# as EIO; the filesystem's ENOSPC does not reach the caller).
+_FULL_DISK_BYTES = 64 << 20
 # Rows per chunk when merging staged rows into the flush transaction (bounds memory).
 _MERGE_CHUNK_ROWS = 1 << 16
 
@@ -102,6 +130,102 @@ def _getmulti(cursor: lmdb.Cursor, keys: list[bytes]) -> list[tuple[bytes, bytes
         return cursor.getmulti(keys)
 
 
+def _seal(key: bytes, body: bytes) -> bytes:
+    """A metadata value: its body and the CRC-32 of key and body (the block trailer)."""
+    return seal([key], [body])[0]
+
+
+def _unseal(path: pathlib.Path, key: bytes, value: bytes | None) -> bytes:
+    """The body of a sealed metadata value; CorruptBlockError if it is missing or damaged."""
+    if value is None:
+        raise CorruptBlockError(f"{path}: the stored metadata has no {key.decode()!r} entry")
+    try:
+        check([value], [key])
+    except BadBlock as bad:
+        raise CorruptBlockError(
+            f"{path}: damaged metadata entry {key.decode()!r}: {bad.problem}"
+        ) from None
+    return value[:-4]
+
+
+def _lmdb_size_check(path: pathlib.Path) -> None:
+    """Refuses a ``data.mdb`` shorter than its own meta pages say, before LMDB maps it (reading
+    a page past the end of a mapped file kills the process with SIGBUS)."""
+    data = path / "data.mdb"
+    try:
+        with open(data, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(_META_LAYOUT.size)
+            page_size = _META_LAYOUT.unpack(head)[2] if len(head) == _META_LAYOUT.size else 0
+            f.seek(max(page_size, 1))
+            second = f.read(_META_LAYOUT.size)
+    except OSError as exc:
+        raise StorageError(f"{path}: cannot read data.mdb ({exc})") from exc
+    if len(head) < _META_LAYOUT.size:
+        raise NotATableError(f"{path}: data.mdb is {size} bytes, too short for LMDB")
+    magic, _, page_size, last_page, _ = _META_LAYOUT.unpack(head)
+    if magic != _LMDB_MAGIC or not 512 <= page_size <= 1 << 16:
+        raise NotATableError(f"{path}: data.mdb is not an LMDB file (bad meta page)")
+    pages = last_page + 1
+    if len(second) == _META_LAYOUT.size:
+        magic2, _, page_size2, last_page2, _ = _META_LAYOUT.unpack(second)
+        if magic2 == _LMDB_MAGIC and page_size2 == page_size:
+            pages = max(pages, last_page2 + 1)
+    if size < max(2, pages) * page_size:
+        raise CorruptBlockError(
+            f"{path}: data.mdb is truncated: {size} bytes, but its meta pages say "
+            f"{max(2, pages)} pages of {page_size} bytes ({max(2, pages) * page_size} bytes)"
+        )
+
+
+def _creation_dirs(path: pathlib.Path) -> list[pathlib.Path]:
+    """Sibling directories where a table at ``path`` is or was being created."""
+    prefix = _CREATING.format(name=path.name)
+    try:
+        return [p for p in path.parent.iterdir() if p.name.startswith(prefix)]
+    except OSError:
+        return []
+
+
+def _remove_abandoned_creations(path: pathlib.Path) -> None:
+    """Deletes half-created tables for ``path`` left by dead processes: those whose writer
+    lock is free, or that have none and whose process is gone (or that are over a minute
+    old). Never touches a live one."""
+    for tmp in _creation_dirs(path):
+        try:
+            fd = os.open(tmp / _LOCK_FILE, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:  # killed before it took its lock, or about to take it
+            try:
+                old = time.time() - tmp.stat().st_mtime > _ABANDONED_AFTER_S
+            except OSError:
+                continue
+            if old or not _alive(tmp.name[len(_CREATING.format(name=path.name)) :]):
+                shutil.rmtree(tmp, ignore_errors=True)
+            continue
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)  # its creator is alive
+            continue
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            os.close(fd)
+
+
+def _alive(suffix: str) -> bool:
+    """Whether the process whose pid starts ``suffix`` ("<pid>.<random>") may be running."""
+    try:
+        os.kill(int(suffix.split(".")[0]), 0)
+    except ProcessLookupError:
+        return False
+    except (ValueError, OSError):
+        return True
+    return True
+
+
 def _fsync_dir(path: pathlib.Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -120,6 +244,40 @@ def _allocated_bytes(path: pathlib.Path) -> int:
             except FileNotFoundError:
                 pass
     return total
+
+
+def _check_meta(path: pathlib.Path, meta: Any, count: bytes, version: int) -> int:
+    """Validates the stored metadata's SSD keys by type and range; returns the flush count."""
+
+    def bad(what: str) -> CorruptBlockError:
+        return CorruptBlockError(f"{path}: stored metadata is invalid: {what}")
+
+    if not isinstance(meta, dict):
+        raise bad(f"a JSON {type(meta).__name__}, expected an object")
+    if meta.get("format_version") != version:
+        raise TableMismatchError(
+            f"{path}: table has format_version={meta.get('format_version')!r}, this code "
+            f"reads {version}"
+        )
+
+    def integer(key: str, lo: int, hi: int) -> int:
+        value = meta.get(key)
+        if type(value) is not int or not lo <= value <= hi:
+            raise bad(f"{key}={value!r}, expected an int in [{lo}, {hi}]")
+        return value
+
+    integer("row_width", 1, 1 << 24)
+    block_rows = integer("block_rows", 1, 1 << 16)
+    if block_rows & (block_rows - 1):
+        raise bad(f"block_rows={block_rows}, expected a power of two")
+    integer("compression_level", -7, 22)
+    try:
+        flushes = int(count.decode("ascii"))
+    except ValueError:
+        raise bad(f"flush count {count[:20]!r} is not an integer") from None
+    if flushes < 0:
+        raise bad(f"flush count {flushes} is negative")
+    return flushes
 
 
 class FlushWriter:
@@ -183,7 +341,8 @@ class FlushWriter:
                 count = tier._flush_count + 1
                 with tier._storage_errors("flush"):
                     try:
-                        txn.put(_FLUSH_KEY, str(count).encode(), db=tier._meta_db)
+                        txn.put(_FLUSH_KEY, _seal(_FLUSH_KEY, str(count).encode()),
+                                db=tier._meta_db)  # fmt: skip
                         txn.commit()
                     except BaseException:
                         txn.abort()
@@ -209,7 +368,9 @@ class SSDTier:
     processes may open it ``readonly`` while one writes.
     """
 
-    FORMAT_VERSION: int = 1
+    # 2: every block and metadata value carries a CRC-32 (``tierstore.blocks``). Tables of
+    # version 1 (no checksums) are refused with a message saying so.
+    FORMAT_VERSION: int = 2
 
     meta: dict
     row_width: int
@@ -238,6 +399,10 @@ class SSDTier:
         ``meta`` must be JSON-serialisable and hold ``row_width``; ``format_version``,
         ``block_rows`` and ``compression_level`` (0 = stored raw) are added. Nothing is
         written per row, so the size of the id space costs nothing.
+
+        Atomic: the table is built in a sibling directory and renamed into place once its
+        metadata is durable, so a process killed at any moment leaves either no table at
+        ``path`` or a complete, empty one. Half-built siblings of dead processes are removed.
         """
         path = pathlib.Path(path)
         row_width = meta.get("row_width") if isinstance(meta, dict) else None
@@ -259,24 +424,45 @@ class SSDTier:
             raise InvalidInputError(f"{path}: meta is not JSON-serialisable ({exc})") from exc
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise StorageError(f"{path}: already exists and is not an empty directory")
+        _remove_abandoned_creations(path)
+        name = _CREATING.format(name=path.name) + f"{os.getpid()}.{secrets.token_hex(4)}"
+        building = path.parent / name
         try:
-            path.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            building.mkdir()
         except OSError as exc:
             raise StorageError(f"{path}: cannot create the table directory ({exc})") from exc
         self = cls._new(path, readonly=False)
         try:
-            self._lock_for_writing()
-            self._env = self._open_env(map_size, readonly=False, create=True)
-            with self._storage_errors("create"), self._env.begin(write=True) as txn:
-                self._meta_db = self._env.open_db(b"meta", txn=txn)
-                self._blocks = self._env.open_db(b"blocks", txn=txn)
-                txn.put(_META_KEY, meta_json, db=self._meta_db)
-                txn.put(_FLUSH_KEY, b"0", db=self._meta_db)
-            self._flush_count = 0
+            self._lock_for_writing(building)  # held across the rename: the lock file moves too
+            env = lmdb.open(
+                str(building), map_size=map_size, max_dbs=4, readahead=False, meminit=False
+            )
+            try:
+                with self._storage_errors("create"), env.begin(write=True) as txn:
+                    meta_db = env.open_db(b"meta", txn=txn)
+                    env.open_db(b"blocks", txn=txn)
+                    txn.put(_META_KEY, _seal(_META_KEY, meta_json), db=meta_db)
+                    txn.put(_FLUSH_KEY, _seal(_FLUSH_KEY, b"0"), db=meta_db)
+            finally:
+                env.close()
+            _fsync_dir(building)  # the new files' directory entries, before they appear
+            try:
+                # Replaces an empty directory; fails if another process created one first.
+                os.rename(building, path)
+            except OSError as exc:
+                raise StorageError(
+                    f"{path}: already exists and is not an empty directory ({exc})"
+                ) from exc
+            building = None
+            _fsync_dir(path.parent)
+            self._env = self._open_env(map_size, readonly=False, create=False)
+            meta = self._load_meta()
             self._finish_open(meta, init_rows, map_size, io_threads)
-            _fsync_dir(path)  # make the new files' directory entries durable too
         except BaseException:
             self._release()
+            if building is not None:
+                shutil.rmtree(building, ignore_errors=True)
             raise
         return self
 
@@ -306,6 +492,7 @@ class SSDTier:
         try:
             if not readonly:
                 self._lock_for_writing()
+            _lmdb_size_check(path)
             self._env = self._open_env(map_size, readonly, create=False)
             meta = self._load_meta()
             # Compare as JSON would store them (a tuple is stored as a list).
@@ -334,6 +521,7 @@ class SSDTier:
             raise NotATableError(f"{path}: not a tierstore table (no LMDB data.mdb)")
         self = SSDTier._new(path, readonly=True)
         try:
+            _lmdb_size_check(path)
             self._env = self._open_env(1 << 40, readonly=True, create=False)
             return self._load_meta()
         finally:
@@ -360,15 +548,18 @@ class SSDTier:
         )  # fmt: skip
         return self
 
-    def _lock_for_writing(self) -> None:
-        """Registers the table in this process and takes its writer lock (non-blocking)."""
+    def _lock_for_writing(self, directory: pathlib.Path | None = None) -> None:
+        """Registers the table in this process and takes its writer lock (non-blocking), in
+        ``directory`` (default: the table's)."""
         with _OPEN_TABLES_LOCK:
             if self._key in _OPEN_TABLES:
                 raise TableLockedError(f"{self.path}: table is already open in this process")
             _OPEN_TABLES[self._key] = self
             self._registered = True
         try:
-            fd = os.open(self.path / _LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = os.open(
+                (directory or self.path) / _LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644
+            )
         except OSError as exc:
             raise StorageError(f"{self.path}: cannot create the writer lock file ({exc})") from exc
         try:
@@ -416,18 +607,35 @@ class SSDTier:
             raise NotATableError(
                 f"{self.path}: LMDB environment without tierstore metadata"
             ) from exc
+        if raw is None:
+            raise NotATableError(f"{self.path}: LMDB environment without tierstore metadata")
         try:
-            meta = json.loads(raw)
-            version = meta["format_version"]
-            self._flush_count = int(flushes)
-        except (TypeError, ValueError, KeyError) as exc:
-            raise NotATableError(f"{self.path}: unreadable tierstore metadata ({exc})") from exc
-        if version != self.FORMAT_VERSION:
-            raise TableMismatchError(
-                f"{self.path}: table has format_version={version}, this code reads "
-                f"{self.FORMAT_VERSION}"
-            )
+            body = _unseal(self.path, _META_KEY, raw)
+        except CorruptBlockError:
+            self._refuse_unsealed(raw)
+            raise
+        try:
+            meta = json.loads(body)
+        except ValueError as exc:
+            raise CorruptBlockError(f"{self.path}: stored metadata is not JSON ({exc})") from exc
+        count = _unseal(self.path, _FLUSH_KEY, flushes)
+        self._flush_count = _check_meta(self.path, meta, count, self.FORMAT_VERSION)
         return meta
+
+    def _refuse_unsealed(self, raw: bytes) -> None:
+        """A metadata value without a valid checksum: a table of another format version
+        (version 1 stored plain JSON) is refused as such; anything else is damage."""
+        try:
+            version = json.loads(raw).get("format_version")
+        except (ValueError, AttributeError):
+            return
+        if version == self.FORMAT_VERSION:
+            return  # a current table whose checksum fails: damaged
+        raise TableMismatchError(
+            f"{self.path}: table has format_version={version!r}, this code reads "
+            f"{self.FORMAT_VERSION} (version 1 tables carry no checksums: read the rows with "
+            "the tierstore that wrote them and write them into a new table)"
+        )
 
     def _finish_open(self, meta: dict, init_rows: InitRows, map_size: int, threads: int) -> None:
         self.meta = meta
@@ -522,7 +730,8 @@ class SSDTier:
                 if staged_txn is not None:
                     base = int(staged_txn.get(_FLUSH_KEY, db=self._staged_info))
                     # A flush committed after our staged snapshot has merged all of it.
-                    current = base == int(main_txn.get(_FLUSH_KEY, db=self._meta_db))
+                    stored = main_txn.get(_FLUSH_KEY, db=self._meta_db)
+                    current = base == int(_unseal(self.path, _FLUSH_KEY, stored))
                     if current and staged_txn.stat(self._staged_rows)["entries"]:
                         sources.append((staged_txn, self._staged_rows))
                 sources.append((main_txn, self._blocks))
@@ -568,7 +777,8 @@ class SSDTier:
                 sources = [(main_txn, self._blocks)] if flushed else []
                 if staged and staged_txn is not None:
                     base = int(staged_txn.get(_FLUSH_KEY, db=self._staged_info))
-                    if base == int(main_txn.get(_FLUSH_KEY, db=self._meta_db)):  # not merged
+                    stored = main_txn.get(_FLUSH_KEY, db=self._meta_db)
+                    if base == int(_unseal(self.path, _FLUSH_KEY, stored)):  # not merged
                         sources.append((staged_txn, self._staged_rows))
                 for txn, db in sources:
                     parts += self._block_ids(txn.cursor(db))
@@ -609,7 +819,11 @@ class SSDTier:
         """Looks sorted unsigned ids up in one database: (found mask, rows of the found ids)."""
         codec = self._codec
         first, blocks = codec.blocks(u)
-        pairs = _getmulti(txn.cursor(db), codec.keys(blocks))
+        cursor = txn.cursor(db)
+        pairs = _getmulti(cursor, codec.keys(blocks))
+        if len(pairs) < len(blocks) and db is self._blocks:
+            found_keys = [k for k, _ in pairs]
+            self._check_absent(cursor, blocks, found_keys)
         if not pairs:
             return np.zeros(len(u), bool), np.empty((0, self.row_width), np.float32)
         values = [v for _, v in pairs]
@@ -632,13 +846,61 @@ class SSDTier:
         hit = block_found[block_of] & (decoded.key[entry] == want)
         return hit, decoded.rows(entry[hit])
 
+    def _check_absent(self, cursor: lmdb.Cursor, blocks: np.ndarray, found: list[bytes]) -> None:
+        """Makes sure that the ``blocks`` (sorted) that LMDB did not find are truly absent,
+        and not stored under a damaged key: each gap between stored keys that a missing key
+        falls in has its two bounding entries checked against their own keys (a damaged key,
+        node header or node pointer fails that check). One cursor seek per gap, not per key.
+        """
+        keys = self._codec.keys(blocks)
+        if found:
+            have = set(found)
+            keys = [k for k in keys if k not in have]
+        # Entries already checked (a bound shared with the gap before), by key and value: a
+        # damaged key may equal another entry's, so a key alone does not name an entry.
+        checked: set[tuple[bytes, bytes]] = set()
+        with _GETMULTI_LOCK:
+            i = 0
+            while i < len(keys):
+                if cursor.set_range(keys[i]):
+                    upper = cursor.key()
+                    bounds = [cursor.item()]
+                    if upper <= keys[i]:  # an exact match that getmulti missed: disorder
+                        self._refuse_absent(keys[i], "the B-tree is out of order")
+                    if cursor.prev():
+                        bounds.append(cursor.item())
+                else:
+                    upper = None
+                    bounds = [cursor.item()] if cursor.last() else []
+                for entry in bounds:
+                    if entry in checked:
+                        continue
+                    try:
+                        check([entry[1]], [entry[0]])
+                    except BadBlock as bad:
+                        self._refuse_absent(entry[0], bad.problem)
+                    checked.add(entry)
+                if upper is None:
+                    return
+                i = bisect.bisect_left(keys, upper, i + 1)
+
+    def _refuse_absent(self, key: bytes, problem: str) -> None:
+        if len(key) == 8:
+            block = int.from_bytes(key, "big")
+            where = f"block key {block:#x} (rows from id {self._codec.first_id(block)})"
+        else:
+            where = f"a {len(key)}-byte block key {key[:16].hex()}"
+        raise CorruptBlockError(f"{self.path}: corrupt block near {where}: {problem}")
+
     def _decode(self, values: list[bytes], blocks: np.ndarray) -> DecodedBlocks:
+        """Checks and decodes values stored under the keys of ``blocks``."""
         try:
-            return self._codec.decode(values)
+            return self._codec.decode(values, self._codec.keys(blocks))
         except BadBlock as bad:
             first = self._codec.first_id(int(blocks[bad.index]))
             raise CorruptBlockError(
-                f"{self.path}: corrupt block starting at id {first}: {bad.problem}"
+                f"{self.path}: corrupt block starting at id {first} (block key "
+                f"{int(blocks[bad.index]):#x}): {bad.problem}"
             ) from None
 
     # ----------------------------------------------------------------------------- writing
@@ -702,6 +964,8 @@ class SSDTier:
         # Blocks whose every row is rewritten need not be read (with block_rows=1: none).
         partial = np.diff(np.append(first, len(u))) < self.block_rows
         pairs = _getmulti(cursor, codec.keys(blocks[partial])) if partial.any() else []
+        if len(pairs) < int(partial.sum()) and db is self._blocks:
+            self._check_absent(cursor, blocks[partial], [k for k, _ in pairs])
         if pairs:
             old_blocks = np.frombuffer(b"".join([k for k, _ in pairs]), ">u8").astype(np.uint64)
             decoded = self._decode([v for _, v in pairs], old_blocks)
@@ -767,7 +1031,7 @@ class SSDTier:
     def _check_writable(self) -> None:
         self._check_usable()
         if self.readonly:
-            raise StorageError(f"{self.path}: table was opened readonly")
+            raise ReadOnlyTableError(f"{self.path}: table was opened readonly")
 
     def _storage_errors(self, doing: str) -> _StorageErrors:
         return _StorageErrors(self.path, doing)
@@ -793,6 +1057,22 @@ class _StorageErrors:
                 f"{self.path}: {self.doing} failed, the LMDB map or the disk is full "
                 f"(rolled back; reopen with a larger map_size): {exc}"
             ) from exc
+        if code == errno.EIO and self._disk_is_full():
+            raise StorageFullError(
+                f"{self.path}: {self.doing} failed, the disk is full ({self._free_bytes()} "
+                f"bytes free; rolled back, the last flush is intact): {exc}"
+            ) from exc
         if isinstance(exc, (lmdb.CorruptedError, lmdb.PageNotFoundError)):
             raise CorruptBlockError(f"{self.path}: {self.doing}: LMDB corruption ({exc})") from exc
         raise StorageError(f"{self.path}: {self.doing} failed: {exc}") from exc
+
+    def _free_bytes(self) -> int:
+        try:
+            st = os.statvfs(self.path)
+        except OSError:
+            return -1
+        return st.f_bavail * st.f_frsize
+
+    def _disk_is_full(self) -> bool:
+        """LMDB reports a short write as EIO: call it a full disk when little space is left."""
+        return 0 <= self._free_bytes() < _FULL_DISK_BYTES
