@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -55,7 +55,6 @@ class _Prefetched:
     batch: Batch | None = None
     ready: torch.cuda.Event | None = None
     error: TierstoreError | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def _versions(tensors: tuple[Any, ...]) -> tuple[int, ...]:
