@@ -186,10 +186,13 @@ class TieredStore:
         data = getattr(self.host, "data", None)
         in_place = data is not None and data.dtype == torch.float32 and data.is_contiguous()
         self.l2_address = interop.device_pointer(data) if in_place else None
-        # and of L2's map of rows ever written (HostTable.written), 0 where it keeps none
+        # and of L2's map of rows ever written (HostTable.written), 0 where it keeps none or
+        # where the initial rows are not the kernels' hash of (seed, id) (a store whose
+        # init_rows is its own, as a collection's group: its fills then read every row)
         written = getattr(self.host, "written", None)
         self.l2_written = 0
-        if self.l2_address is not None and written is not None:
+        hashed = type(self).init_rows is TieredStore.init_rows
+        if self.l2_address is not None and written is not None and hashed:
             self.l2_written = interop.device_pointer(written) or 0
         # Prefetched lookups run on a side stream (side_stream); the event of the last one the
         # current stream has not been ordered after yet (join_side)
