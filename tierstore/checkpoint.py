@@ -339,6 +339,9 @@ def _write_whole_l2(store, weight: torch.Tensor, state: torch.Tensor | None) -> 
         data[lo : lo + step, :dim] = weight[lo : lo + step]
         if state is not None:  # else the table keeps its own state
             data[lo : lo + step, dim:] = state[lo : lo + step]
+    written = getattr(store.host, "written", None)
+    if written is not None:  # every row now holds the checkpoint's value, not its initial one
+        written.fill_(1)  # (the device computes fills of unwritten rows: kernels/insert.cu)
     tags = by_slot(store.l1.tags)
     slots = (tags != EMPTY).nonzero().squeeze(1)
     # The L1 rows now equal L2's, dirty or not: a later writeback rewrites the same values.
