@@ -198,3 +198,24 @@ def test_l2_marks_every_row_it_was_written():
         ref(idx.cpu(), offs.cpu()).sum().backward()
     rows = torch.arange(N)
     assert torch.allclose(emb.read_rows(rows.cuda()).cpu(), ref.read_rows(rows), atol=1e-6)
+
+
+def test_l2_map_of_written_rows_covers_every_write_path(tmp_path):
+    """Every way a row reaches L2 (evictions, write_rows, flush, a checkpoint load) marks it
+    written: a row left unmarked must still hold its initial value, which the CUDA fills then
+    compute instead of reading."""
+    emb = make("cpu", 8, optimizer=ts.SGD(0.3))
+    for idx, offs in zipf_batches(21, 12):
+        emb(idx, offs).sum().backward()
+    emb.write_rows(torch.tensor([N - 1, N - 2]), torch.randn(2, D))
+    emb.flush()
+    host = emb.store.host
+    initial = emb.store.init_rows(torch.arange(N))
+    unmarked = host.written == 0
+    assert bool(unmarked.any()) and bool((~unmarked).any())
+    assert torch.equal(host.data[unmarked], initial[unmarked])
+    other = make("cpu", 8, optimizer=ts.SGD(0.3))
+    other.load_state_dict(emb.state_dict())
+    host = other.store.host
+    assert torch.equal(host.data[host.written == 0], initial[host.written == 0])
+    assert torch.equal(other.read_rows(torch.arange(N), True), emb.read_rows(torch.arange(N), True))
