@@ -431,13 +431,16 @@ def _chunk_rows(store) -> int:
 
 
 def _tables(module: nn.Module):
+    from .collection import TieredEmbeddingBagCollection
     from .module import TieredEmbeddingBag
 
-    found = [
-        (name + "." if name else "", m)
-        for name, m in module.named_modules()
-        if isinstance(m, TieredEmbeddingBag)
-    ]
+    found = []
+    for name, m in module.named_modules():
+        prefix = name + "." if name else ""
+        if isinstance(m, TieredEmbeddingBag):
+            found.append((prefix, m))
+        elif isinstance(m, TieredEmbeddingBagCollection):  # each table a view of its group
+            found.extend((prefix + key, view) for key, view in m.table_views())
     if not found:
         raise InvalidInputError(f"{type(module).__name__} holds no TieredEmbeddingBag")
     return found
