@@ -11,9 +11,11 @@ from __future__ import annotations
 import copy
 import io
 import pickle
+import warnings
 
 import pytest
 import torch
+from torch import nn
 
 import tierstore as ts
 from tierstore import checkpoint
@@ -349,3 +351,23 @@ def test_pickle_and_deepcopy_raise_naming_state_dict():
     for attempt in (lambda: pickle.dumps(col), lambda: copy.deepcopy(col)):
         with pytest.raises(NotPicklableError, match="state_dict"):
             attempt()
+
+
+def test_distributed_checkpoint_of_a_model_holding_a_collection(tmp_path):
+    dcp = pytest.importorskip("torch.distributed.checkpoint")
+    tables, opt = sparse_tables(), ts.RowWiseAdagrad(lr=0.1)
+
+    def model(name, cache_rows):
+        col = build(tables, opt, cache_rows=cache_rows, host_rows=64, path=tmp_path / name)
+        return nn.ModuleDict({"emb": col, "top": nn.Linear(8, 2)})
+
+    a, b = model("a", 6), model("b", 11)
+    train(a["emb"], random_batches(14, tables, 3, big=BIG))
+    train(b["emb"], random_batches(15, tables, 2, big=BIG[2:]))
+    with warnings.catch_warnings():  # single process: DCP warns that no process group exists
+        warnings.simplefilter("ignore")
+        dcp.save(a.state_dict(), checkpoint_id=tmp_path / "dcp")
+        checkpoint.dcp_load(b, tmp_path / "dcp")
+    assert torch.equal(b["top"].weight, a["top"].weight)
+    probe = {"ids": BIG}
+    assert_rows_equal(rows_of(b["emb"], probe), rows_of(a["emb"], probe))

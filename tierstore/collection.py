@@ -13,6 +13,13 @@ instead (row ``(k << 47) + r``, so such ids must lie in ``[0, 2**47)``). The eng
 unchanged: a group is one ordinary table to it, whose never-written rows take their value
 from their own table's seed and table-local id (so a table here starts from exactly the rows
 a ``TieredEmbeddingBag`` with that seed starts from).
+
+Checkpoints are per table: ``state_dict()`` holds, under ``tables.<name>.``, the keys a
+``TieredEmbeddingBag`` of that table would hold (``weight (R, D_t)``, ``optimizer_state``,
+sparse ``ids``, ``_extra_state``), with the table's own row ids, written and read by
+:mod:`~tierstore.checkpoint` through a view of the table's part of its group. So a checkpoint
+loads into a collection of other cache sizes, table order, grouping or tiers, and one table's
+entries into a single ``TieredEmbeddingBag`` of the same seed, and back.
 """
 
 from __future__ import annotations
@@ -276,10 +283,14 @@ class _TableRows:
     """One table of a group seen as a store of its own (what :mod:`~tierstore.checkpoint` reads
     and writes): the table's own row ids ``[0, limit)``, shifted by ``base`` into the group's,
     and its own seed and init scale. Listings of stored, dirty and cached rows keep only the
-    table's and give them table-local ids."""
+    table's and give them table-local ids.
 
-    def __init__(self, group: _Group, k: int):
+    ``listings``, shared by the views of one group while nothing writes (a save), keeps the
+    group's SSD listing: it is read once per group, not once per table."""
+
+    def __init__(self, group: _Group, k: int, listings: dict | None = None):
         cfg = group.tables[k]
+        self.listings = listings
         self.group, self.base, self.limit = group, group.bases[k], group.limits[k]
         self.seed, self.init_scale = cfg.seed, cfg.init_scale
         store = group.store
@@ -323,7 +334,13 @@ class _TableHost:
         return r.group.store.host.data[r.base : r.base + r.limit]
 
     def stored_ids(self, flushed: bool = True, staged: bool = True) -> torch.Tensor:
-        return self._rows.local(self._rows.group.store.host.ssd.stored_ids(flushed, staged))
+        r = self._rows
+        memo = r.listings
+        if memo is None:
+            return r.local(r.group.store.host.ssd.stored_ids(flushed, staged))
+        if (flushed, staged) not in memo:
+            memo[flushed, staged] = r.group.store.host.ssd.stored_ids(flushed, staged)
+        return r.local(memo[flushed, staged])
 
     def dirty_ids(self) -> torch.Tensor:
         return self._rows.local(self._rows.group.store.host.dirty_ids())
@@ -365,9 +382,9 @@ class _TableL1:
 class _TableView:
     """A collection's table as :mod:`~tierstore.checkpoint` sees a ``TieredEmbeddingBag``."""
 
-    def __init__(self, group: _Group, k: int):
+    def __init__(self, group: _Group, k: int, listings: dict | None = None):
         cfg = group.tables[k]
-        self.store = _TableRows(group, k)
+        self.store = _TableRows(group, k, listings)
         self.embedding_dim, self.num_embeddings = cfg.embedding_dim, cfg.num_embeddings
         self.optimizer = group.optimizer
 
@@ -930,14 +947,21 @@ class TieredEmbeddingBagCollection(nn.Module):
     # ``optimizer_state``, sparse ``ids``, ``_extra_state``) with the table's own row ids, so
     # that a checkpoint loads into a collection of any cache sizes, grouping or tiers, and one
     # table's entries load into a single ``TieredEmbeddingBag`` of the same seed.
-    def table_views(self) -> list[tuple[str, _TableView]]:
+    def table_views(self, reading: bool = False) -> list[tuple[str, _TableView]]:
         """``(key prefix, view)`` per table, in table order: each table as
-        :mod:`~tierstore.checkpoint` reads and writes a ``TieredEmbeddingBag``."""
-        return [(f"tables.{t.name}.", _TableView(*self._table_at[t.name])) for t in self.tables]
+        :mod:`~tierstore.checkpoint` reads and writes a ``TieredEmbeddingBag``. With
+        ``reading`` (no row may change while the views are used), a group's SSD listing is
+        read once for all its tables."""
+        listings: dict[str, dict | None] = {g.name: {} if reading else None for g in self.groups}
+        out = []
+        for t in self.tables:
+            g, k = self._table_at[t.name]
+            out.append((f"tables.{t.name}.", _TableView(g, k, listings[g.name])))
+        return out
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        for key, view in self.table_views():
+        for key, view in self.table_views(reading=True):
             checkpoint.save_table(view, destination, prefix + key)
 
     def _load_from_state_dict(
@@ -950,10 +974,7 @@ class TieredEmbeddingBagCollection(nn.Module):
         views = self.table_views()
         ours = {prefix + key + k for key, _ in views for k in checkpoint.KEYS}
         for key, view in views:  # every table checked before the first row changes
-            p = prefix + key
-            got = {k: state_dict[p + k] for k in checkpoint.KEYS if p + k in state_dict}
-            if "weight" in got:
-                checkpoint._check(view, p, got)
+            checkpoint.check_table(view, state_dict, prefix + key)
         for key, view in views:
             checkpoint.load_table(view, state_dict, prefix + key, missing_keys)
         rest = {k: v for k, v in state_dict.items() if k not in ours}
