@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import copy
 import io
+import pathlib
 import pickle
+import tempfile
 import warnings
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import tierstore as ts
@@ -146,6 +150,51 @@ def test_save_load_continues_training_bitwise(optimizer, source, target, tmp_pat
     assert str(other.load_state_dict(state)) == "<All keys matched successfully>"
     assert_outputs_equal(train(other, second), want_outs[3:])
     assert_rows_equal(rows_of(other, {}), want)
+
+
+@st.composite
+def layouts(draw):
+    """Random tables, and a source and a target cache size (rows, ways) for them."""
+    tables = [
+        ts.TableConfig(
+            name=f"t{i}",
+            embedding_dim=draw(st.sampled_from([4, 8])),
+            num_embeddings=draw(st.integers(3, 40)),
+            feature_names=[f"t{i}f{j}" for j in range(draw(st.integers(1, 2)))],
+            pooling=draw(st.sampled_from(["sum", "mean"])),
+        )
+        for i in range(draw(st.integers(1, 4)))
+    ]
+    caches = [(draw(st.integers(4, 160)), draw(st.sampled_from([1, 2, 4, 8]))) for _ in "ab"]
+    return tables, caches, draw(st.booleans()), draw(st.booleans())
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    layout=layouts(),
+    optimizer=st.sampled_from(OPTIMIZERS),
+    steps=st.integers(0, 3),
+    seed=st.integers(0, 2**16),
+)
+def test_any_tables_and_caches_resume_bitwise(layout, optimizer, steps, seed):
+    tables, ((rows_a, ways_a), (rows_b, ways_b)), reverse, ssd = layout
+    first, second = random_batches(seed, tables, steps), random_batches(seed + 1, tables, 2)
+    whole = build(tables, optimizer)
+    want_outs = train(whole, first + second)[steps:]
+    col = build(tables, optimizer, cache_rows=rows_a, ways=ways_a)
+    train(col, first)
+    with tempfile.TemporaryDirectory() as tmp:
+        tiers = {}
+        if ssd:  # L2 big enough for any batch (L2 must hold L1's rows plus a batch's)
+            total = sum(t.num_embeddings for t in tables)
+            tiers = dict(path=pathlib.Path(tmp) / "b", host_rows=rows_b + 2 * total + 8)
+        other = build(tables[::-1] if reverse else tables, optimizer, cache_rows=rows_b,
+                      ways=ways_b, **tiers)  # fmt: skip
+        other.load_state_dict(through_a_file(col.state_dict()))
+        assert_outputs_equal(train(other, second), want_outs)
+        assert_rows_equal(rows_of(other, {}), rows_of(whole, {}))
+        if ssd:
+            other.close()
 
 
 def test_a_tables_state_loads_into_a_single_module_and_back():
