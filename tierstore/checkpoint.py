@@ -3,8 +3,9 @@
 The table has no ``nn.Parameter``: its rows live in the tiers. The module's
 ``_save_to_state_dict`` / ``_load_from_state_dict`` call :func:`save_table` / :func:`load_table`
 so that ``model.state_dict()``, ``torch.save``, ``model.load_state_dict`` and
-``torch.distributed.checkpoint`` see the table as tensors. Shapes: ``R`` rows in the checkpoint,
-``D`` embedding dim, ``S`` optimizer-state floats per row (0 for SGD or no optimizer, 1 for
+``torch.distributed.checkpoint`` see the table as tensors (a ``TieredEmbeddingBagCollection``
+does the same per table, under ``tables.<name>.``, through a view of each table). Shapes:
+``R`` rows in the checkpoint, ``D`` embedding dim, ``S`` optimizer-state floats per row (0 for SGD or no optimizer, 1 for
 row-wise AdaGrad, ``D`` for AdaGrad). Keys, under the module's prefix:
 
 ==================  =================  ==========================================================
@@ -221,6 +222,14 @@ def load_table(emb, state_dict: dict, prefix: str, missing_keys: list) -> dict:
     return rest
 
 
+def check_table(emb, state_dict: dict, prefix: str) -> None:
+    """Raises as :func:`load_table` would on ``emb``'s entries in ``state_dict`` under
+    ``prefix``, changing nothing: a module of several tables checks them all before loading."""
+    got = {k: state_dict[prefix + k] for k in KEYS if prefix + k in state_dict}
+    if "weight" in got:
+        _check(emb, prefix, got)
+
+
 def _check(emb, prefix: str, got: dict) -> tuple[torch.Tensor | None, bool]:
     """Validates a checkpoint's table entries against ``emb``: ``(ids, incremental)``."""
     dim, width, n = emb.embedding_dim, emb.store.layout.state_width, emb.num_embeddings
@@ -434,13 +443,16 @@ def _chunk_rows(store) -> int:
 
 
 def _tables(module: nn.Module):
+    from .collection import TieredEmbeddingBagCollection
     from .module import TieredEmbeddingBag
 
-    found = [
-        (name + "." if name else "", m)
-        for name, m in module.named_modules()
-        if isinstance(m, TieredEmbeddingBag)
-    ]
+    found = []
+    for name, m in module.named_modules():
+        prefix = name + "." if name else ""
+        if isinstance(m, TieredEmbeddingBag):
+            found.append((prefix, m))
+        elif isinstance(m, TieredEmbeddingBagCollection):  # each table a view of its group
+            found.extend((prefix + key, view) for key, view in m.table_views())
     if not found:
         raise InvalidInputError(f"{type(module).__name__} holds no TieredEmbeddingBag")
     return found

@@ -13,6 +13,13 @@ instead (row ``(k << 47) + r``, so such ids must lie in ``[0, 2**47)``). The eng
 unchanged: a group is one ordinary table to it, whose never-written rows take their value
 from their own table's seed and table-local id (so a table here starts from exactly the rows
 a ``TieredEmbeddingBag`` with that seed starts from).
+
+Checkpoints are per table: ``state_dict()`` holds, under ``tables.<name>.``, the keys a
+``TieredEmbeddingBag`` of that table would hold (``weight (R, D_t)``, ``optimizer_state``,
+sparse ``ids``, ``_extra_state``), with the table's own row ids, written and read by
+:mod:`~tierstore.checkpoint` through a view of the table's part of its group. So a checkpoint
+loads into a collection of other cache sizes, table order, grouping or tiers, and one table's
+entries into a single ``TieredEmbeddingBag`` of the same seed, and back.
 """
 
 from __future__ import annotations
@@ -31,9 +38,9 @@ from dataclasses import dataclass, field, fields
 import torch
 from torch import nn
 
-from . import graphs
+from . import checkpoint, graphs
 from .autograd import BatchHandle, TieredBagFunction
-from .cache import cache_shape
+from .cache import EMPTY, by_slot, cache_shape
 from .errors import InvalidInputError, NotATableError, StorageError, TableMismatchError
 from .keyed import JaggedBatch, KeyedTensor, check_jagged, parse_jagged
 from .module import _backend_for
@@ -270,6 +277,116 @@ class _Group:
     def size_weight(self, unbounded: int) -> int:
         """The group's rows, an unbounded table counting as ``unbounded``."""
         return sum(t.num_embeddings or unbounded for t in self.tables)
+
+
+class _TableRows:
+    """One table of a group seen as a store of its own (what :mod:`~tierstore.checkpoint` reads
+    and writes): the table's own row ids ``[0, limit)``, shifted by ``base`` into the group's,
+    and its own seed and init scale. Listings of stored, dirty and cached rows keep only the
+    table's and give them table-local ids.
+
+    ``listings``, shared by the views of one group while nothing writes (a save), keeps the
+    group's SSD listing: it is read once per group, not once per table."""
+
+    def __init__(self, group: _Group, k: int, listings: dict | None = None):
+        cfg = group.tables[k]
+        self.listings = listings
+        self.group, self.base, self.limit = group, group.bases[k], group.limits[k]
+        self.seed, self.init_scale = cfg.seed, cfg.init_scale
+        store = group.store
+        self.layout, self.device = store.layout, store.device
+        self.inclusive_host = store.inclusive_host
+        self.host = _TableHost(self)
+        self.l1 = _TableL1(self)
+
+    def local(self, ids: torch.Tensor) -> torch.Tensor:
+        """The table-local ids among group row ``ids`` (order kept)."""
+        inside = (ids >= self.base) & (ids < self.base + self.limit)
+        return ids[inside] - self.base
+
+    def flush(self) -> None:
+        self.group.store.flush()
+
+    def init_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        return initial_rows(ids, self.layout, self.seed, self.init_scale, self.device)
+
+    def read_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.group.store.read_rows(ids.to(torch.int64) + self.base)
+
+    def write_rows(self, ids: torch.Tensor, rows: torch.Tensor) -> None:
+        self.group.store.write_rows(ids.to(torch.int64) + self.base, rows)
+
+    def set_l1_rows(self, slots: torch.Tensor, rows: torch.Tensor) -> None:
+        self.group.store.set_l1_rows(slots, rows)
+
+
+class _TableHost:
+    """The table's part of its group's L2 and SSD tier (see :class:`_TableRows`)."""
+
+    def __init__(self, rows: _TableRows):
+        self._rows = rows
+        self.ssd = self
+
+    @property
+    def data(self) -> torch.Tensor:
+        """The table's rows of a group held whole in L2 (a view: the table's rows are a slice)."""
+        r = self._rows
+        return r.group.store.host.data[r.base : r.base + r.limit]
+
+    def stored_ids(self, flushed: bool = True, staged: bool = True) -> torch.Tensor:
+        r = self._rows
+        memo = r.listings
+        if memo is None:
+            return r.local(r.group.store.host.ssd.stored_ids(flushed, staged))
+        if (flushed, staged) not in memo:
+            memo[flushed, staged] = r.group.store.host.ssd.stored_ids(flushed, staged)
+        return r.local(memo[flushed, staged])
+
+    def dirty_ids(self) -> torch.Tensor:
+        return self._rows.local(self._rows.group.store.host.dirty_ids())
+
+    @property
+    def flushed_since_mark(self) -> torch.Tensor | None:
+        """The table's ids among those its group flushed since the incremental base (or None)."""
+        log = self._rows.group.store.host.flushed_since_mark
+        return None if log is None else self._rows.local(log)
+
+    @flushed_since_mark.setter
+    def flushed_since_mark(self, log: torch.Tensor) -> None:
+        # restarting the log restarts the group's (every table of it is read by then)
+        self._rows.group.store.host.flushed_since_mark = log
+
+
+class _TableL1:
+    """The group's L1 with only the table's rows tagged, by table-local id (slots unchanged)."""
+
+    def __init__(self, rows: _TableRows):
+        self._rows = rows
+
+    def _mine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        r = self._rows
+        tags = by_slot(r.group.store.l1.tags)
+        return tags, (tags >= r.base) & (tags < r.base + r.limit)
+
+    @property
+    def tags(self) -> torch.Tensor:
+        tags, mine = self._mine()
+        return torch.where(mine, tags - self._rows.base, torch.full_like(tags, EMPTY))
+
+    @property
+    def dirty(self) -> torch.Tensor:
+        _, mine = self._mine()
+        return by_slot(self._rows.group.store.l1.dirty) & mine
+
+
+class _TableView:
+    """A collection's table as :mod:`~tierstore.checkpoint` sees a ``TieredEmbeddingBag``."""
+
+    def __init__(self, group: _Group, k: int, listings: dict | None = None):
+        cfg = group.tables[k]
+        self.store = _TableRows(group, k, listings)
+        self.embedding_dim, self.num_embeddings = cfg.embedding_dim, cfg.num_embeddings
+        self.optimizer = group.optimizer
 
 
 @dataclass
@@ -824,6 +941,85 @@ class TieredEmbeddingBagCollection(nn.Module):
         for g in self.groups:
             g.store.reset_stats()
         self._requested = dict.fromkeys(self._requested, 0)
+
+    # ------------------------------------------------------------------ checkpoints
+    # Per table, under ``tables.<name>.``: the keys of a ``TieredEmbeddingBag`` (``weight``,
+    # ``optimizer_state``, sparse ``ids``, ``_extra_state``) with the table's own row ids, so
+    # that a checkpoint loads into a collection of any cache sizes, grouping or tiers, and one
+    # table's entries load into a single ``TieredEmbeddingBag`` of the same seed.
+    def table_views(self, reading: bool = False) -> list[tuple[str, _TableView]]:
+        """``(key prefix, view)`` per table, in table order: each table as
+        :mod:`~tierstore.checkpoint` reads and writes a ``TieredEmbeddingBag``. With
+        ``reading`` (no row may change while the views are used), a group's SSD listing is
+        read once for all its tables."""
+        listings: dict[str, dict | None] = {g.name: {} if reading else None for g in self.groups}
+        out = []
+        for t in self.tables:
+            g, k = self._table_at[t.name]
+            out.append((f"tables.{t.name}.", _TableView(g, k, listings[g.name])))
+        return out
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for key, view in self.table_views(reading=True):
+            checkpoint.save_table(view, destination, prefix + key)
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        if self._prefetched:
+            raise InvalidInputError(
+                "load_state_dict with prefetched batches pending: run their forwards first"
+            )
+        views = self.table_views()
+        ours = {prefix + key + k for key, _ in views for k in checkpoint.KEYS}
+        for key, view in views:  # every table checked before the first row changes
+            checkpoint.check_table(view, state_dict, prefix + key)
+        for key, view in views:
+            checkpoint.load_table(view, state_dict, prefix + key, missing_keys)
+        rest = {k: v for k, v in state_dict.items() if k not in ours}
+        super()._load_from_state_dict(
+            rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """As ``nn.Module.load_state_dict``; with ``strict``, missing and unexpected keys raise
+        before any row changes (torch reports them only after loading the rest)."""
+        if strict:
+            views = self.table_views()
+            ours = {key + k for key, _ in views for k in checkpoint.KEYS}
+            missing = [
+                key + k
+                for key, view in views
+                for k in ("weight", "optimizer_state")
+                if key + k not in state_dict and (k == "weight" or view.store.layout.state_width)
+            ]
+            unexpected = [k for k in state_dict if k not in ours]
+            if missing or unexpected:
+                msgs = []
+                if unexpected:
+                    msgs.append(f"Unexpected key(s) in state_dict: {unexpected}. ")
+                if missing:
+                    msgs.append(f"Missing key(s) in state_dict: {missing}. ")
+                raise RuntimeError(
+                    f"Error(s) in loading state_dict for {type(self).__name__}:\n\t"
+                    + "\n\t".join(msgs)
+                )
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def incremental_state_dict(self, prefix: str = "") -> dict:
+        """Every table's rows changed since :meth:`mark_checkpoint` or the last incremental
+        checkpoint, keyed as ``state_dict`` keys them (sparse form), then flushes; see
+        :func:`tierstore.checkpoint.incremental_state_dict`. Needs an SSD tier (``path``)."""
+        return checkpoint.incremental_state_dict(self, prefix)
+
+    def mark_checkpoint(self) -> None:
+        """Flushes and makes now the base of the next :meth:`incremental_state_dict` (call it
+        right after saving a full ``state_dict``). Needs an SSD tier (``path``)."""
+        checkpoint.mark_checkpoint(self)
+
+    def __reduce_ex__(self, protocol):
+        raise checkpoint.not_picklable(self)
 
     @classmethod
     def open(cls, path: str | os.PathLike, **options) -> TieredEmbeddingBagCollection:
