@@ -51,15 +51,13 @@ import torch
 from . import compiled as _compiled
 from . import stats as st
 from .compiled import NumbaError, compiled, prefetch
+from .hashing import mix64_compiled as _mix64  # splitmix64's finalizer (hashing.mix64)
 from .policy import LFU, LRU
 
 if TYPE_CHECKING:
     from .cache import SetAssociativeCache
 
 _EMPTY = np.int64(-(1 << 63))  # cache.EMPTY (cache.py imports this module, not the reverse)
-# splitmix64's finalizer (hashing.mix64), in the unsigned arithmetic numba has
-_MIX_A = np.uint64(0xBF58476D1CE4E5B9)
-_MIX_B = np.uint64(0x94D049BB133111EB)
 _LOW32 = np.int64(0xFFFFFFFF)
 _TAKEN = np.int64((1 << 63) - 1)  # above every packed victim key: a way that is no choice
 _PACKED_MAX = np.int64((1 << 57) - 3)  # keys in [-1, this] pack with a way below _TAKEN
@@ -77,16 +75,6 @@ _MISSES_AHEAD = 16
 
 
 # ------------------------------------------------------------------------------- hashing
-@compiled
-def _mix64(x):
-    """hashing.mix64 on a uint64."""
-    x ^= x >> np.uint64(30)
-    x *= _MIX_A
-    x ^= x >> np.uint64(27)
-    x *= _MIX_B
-    return x ^ (x >> np.uint64(31))
-
-
 @compiled
 def _reduce_range(h, n):
     """hashing.reduce_range of a uint64 hash onto ``[0, n)``, as int64."""

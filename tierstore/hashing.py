@@ -125,7 +125,8 @@ _compiles = [COMPILED]  # False once numba failed to compile _fill_weights: torc
 
 
 @compiled
-def _nb_mix64(x):
+def mix64_compiled(x):
+    """:func:`mix64` of one uint64, compiled (numba; a plain Python function without it)."""
     x ^= x >> np.uint64(30)
     x *= _NB_MIX_A
     x ^= x >> np.uint64(27)
@@ -140,7 +141,7 @@ def _fill_weights(ids, out, key, scale):
     element, in float32 where it rounds."""
     dim = out.shape[1]
     for i in range(ids.size):
-        row_key = _nb_mix64(np.uint64(ids[i]) ^ key)
+        row_key = mix64_compiled(np.uint64(ids[i]) ^ key)
         for j in range(dim):
-            u = _nb_mix64(row_key + np.uint64(j + 1) * _NB_GOLDEN) >> np.uint64(40)
+            u = mix64_compiled(row_key + np.uint64(j + 1) * _NB_GOLDEN) >> np.uint64(40)
             out[i, j] = (np.float32(np.int32(u)) * _NB_UNIT - _NB_ONE) * scale
