@@ -513,6 +513,7 @@ class TieredEmbeddingBag(nn.Module):
         return _WeightCopy(self._read_all(), self)
 
     @weight.setter
+    @_serialised
     def weight(self, value: torch.Tensor) -> None:
         self._check_whole_table("weight")
         if not isinstance(value, torch.Tensor) or value.shape != (
@@ -525,9 +526,9 @@ class TieredEmbeddingBag(nn.Module):
             )
         if not value.is_floating_point():
             raise InvalidInputError(f"weight must be floating point, got {value.dtype}")
-        for lo in range(0, self.num_embeddings, _WHOLE_TABLE_CHUNK):
-            hi = min(lo + _WHOLE_TABLE_CHUNK, self.num_embeddings)
-            self.write_rows(torch.arange(lo, hi), value[lo:hi])
+        check_has_data(value, "weight")
+        self._set_weights(value)
+        self._unflushed = True
 
     def _check_whole_table(self, what: str) -> None:
         if self.num_embeddings is None:
@@ -692,7 +693,7 @@ class TieredEmbeddingBag(nn.Module):
     def _set_weights(self, weight: torch.Tensor, ids: torch.Tensor | None = None) -> None:
         """Writes ``weight (len(ids), D)`` into rows ``ids`` (default: every row, in chunks
         of bounded memory), keeping their optimizer state."""
-        chunk = 1 << 20
+        chunk = _WHOLE_TABLE_CHUNK
         if ids is not None:
             parts = [(ids, weight)]
         else:
