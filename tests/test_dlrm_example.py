@@ -125,9 +125,14 @@ def test_swapped_dlrm_trains_as_stock_dlrm(kind):
     assert torch.nn.EmbeddingBag is not launch.DLRMEmbeddingBag  # put back on exit
     for step, (ours, theirs) in enumerate(zip(losses, stock_losses)):
         torch.testing.assert_close(ours, theirs, msg=f"loss at step {step} (seed {seed})")
+    # The fused update and torch.optim round in different orders, and the MLP's gradients
+    # differ by rounding too; element-wise Adagrad divides each gradient by the root of its
+    # own small sum, which magnifies those differences to ~1e-5 over 12 steps at lr 0.5
+    # (measured over many seeds), where a wrong update is off by the lr's scale.
+    tol = {"sgd": 1e-5, "adagrad": 2e-4}[kind]
     for k, (ours, theirs) in enumerate(zip(swapped.tables, stock.tables)):
         torch.testing.assert_close(
-            ours.weight, theirs.weight.detach(), rtol=1e-5, atol=1e-6,
+            ours.weight, theirs.weight.detach(), rtol=tol, atol=tol / 10,
             msg=lambda m, k=k: f"table {k} (seed {seed}): {m}",
         )  # fmt: skip
     # the schedule reached the tables: lr 0 at the first step, the decayed lr at the end
