@@ -8,7 +8,9 @@ and trained rows equal within 1e-6 relative.
 from __future__ import annotations
 
 import random
+import warnings
 from collections import deque
+from dataclasses import dataclass
 
 import cuda_checks
 import numpy as np
@@ -18,6 +20,7 @@ import torch
 import tierstore as ts
 from tierstore import cuda_bags, cuda_unique, hashing
 from tierstore.cache import EMPTY, SetAssociativeCache
+from tierstore.errors import FallbackWarning
 from tierstore.hashing import tag_digest
 from tierstore.policy import LRU, FrequencySketch
 
@@ -248,6 +251,45 @@ def test_cache_step_large_batch():
             _same_cache(gpu_cache, cpu_cache)
             cpu_cache.release(want.slots)
             gpu_cache.release(got.slots)
+
+
+def test_the_cuda_cache_takes_its_kernels_from_the_policy():
+    """A policy's declared functor picks the kernels; one that declares none is stepped by
+    torch (not sync-free), and a warning says so; the registered ones warn nothing."""
+    cuda = _cuda()
+    with pytest.warns(FallbackWarning, match="'lru_torch' declares no cuda_functor"):
+        cache = cuda.new_cache(64, 8, _TorchOnlyLru(), torch.device("cuda"))
+    assert cache.functor is None and not cache.sync_free
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FallbackWarning)
+        for policy in ("lru", "lfu"):
+            cache = cuda.new_cache(64, 8, policy, torch.device("cuda"))
+            assert cache.functor is cache.policy.cuda_functor and cache.sync_free
+
+
+@dataclass(frozen=True)
+class _TorchOnlySgd(ts.SGD):
+    """SGD declaring no CUDA functor (a subclass inherits none): its updates run as torch ops."""
+
+    name = "sgd_torch"
+
+
+def test_an_optimizer_without_a_functor_trains_as_torch_with_a_warning():
+    """The CUDA backward of an optimizer with no functor is the CPU's torch update, run on the
+    device: rows as the CPU table's, stats and cache alike, and a FallbackWarning."""
+    num, dim = 300, 12
+    cpu_emb, gpu_emb = _pair(num, dim, mode="sum", cache_rows=40, ways=8,
+                             optimizer=_TorchOnlySgd(lr=0.1))  # fmt: skip
+    rng = np.random.default_rng(17)
+    for _ in range(6):
+        x = _trace(rng, "zipf", num, 24 * 5).view(24, 5)
+        g = torch.randn(24, dim)
+        cpu_emb(x).backward(g)
+        with pytest.warns(FallbackWarning, match="'sgd_torch' declares no cuda_functor"):
+            gpu_emb(x.cuda()).backward(g.cuda())
+        _check_rows(cpu_emb, gpu_emb, num)
+    assert gpu_emb.stats() == cpu_emb.stats()
+    _same_cache(gpu_emb.store.l1, cpu_emb.store.l1)
 
 
 # ----------------------------------------------------------------- the module, end to end

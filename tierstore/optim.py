@@ -69,7 +69,7 @@ class SGD(Optimizer):
     """Plain SGD: ``w -= lr * g`` (``torch.optim.SGD`` without momentum)."""
 
     name: ClassVar[str] = "sgd"
-    cuda_functor: ClassVar[CudaFunctor | None] = CudaFunctor("SgdUpdate", "sgd")
+    cuda_functor = CudaFunctor("SgdUpdate", "sgd")
 
     def update(self, rows, grad):
         out = rows.clone()
@@ -85,7 +85,7 @@ class Adagrad(Optimizer):
     eps: float = 1e-10
     initial_accumulator_value: float = 0.0
     name: ClassVar[str] = "adagrad"
-    cuda_functor: ClassVar[CudaFunctor | None] = CudaFunctor("AdagradUpdate", "adagrad")
+    cuda_functor = CudaFunctor("AdagradUpdate", "adagrad")
 
     @property
     def initial_state(self) -> float:  # type: ignore[override]
@@ -110,7 +110,7 @@ class RowWiseAdagrad(Optimizer):
 
     eps: float = 1e-10
     name: ClassVar[str] = "rowwise_adagrad"
-    cuda_functor: ClassVar[CudaFunctor | None] = CudaFunctor("RowWiseAdagradUpdate", "rowwise_adagrad")
+    cuda_functor = CudaFunctor("RowWiseAdagradUpdate", "rowwise_adagrad")
 
     def state_width(self, dim):
         return 1
