@@ -564,10 +564,12 @@ TS_SUM_GROUPS(8)
 TS_SUM_GROUPS(16)
 
 // Kernel names: reduce_chunks_<optimizer>_g<G>_k<K> for rows of up to G K weights,
-// finish_crossing_<optimizer>_k<K> for up to 32 K. Only G = 32 is instantiated: measured on the
-// H100 (bench/RESULTS.md), groups of 8 lanes (four rows in flight per warp) were no faster
-// on uniform ids, where the row updates are bound by HBM bandwidth, and slower on Zipf ids,
-// where a hot row then leaves four times as many partial sums.
+// finish_crossing_<optimizer>_k<K> for up to 32 K, <optimizer> being the suffix of the functor
+// an optimizer declares (optim.py: cuda_functor = CudaFunctor("SgdUpdate", "sgd")). Only
+// G = 32 is instantiated: measured on the H100 (bench/RESULTS.md), groups of 8 lanes (four
+// rows in flight per warp) were no faster on uniform ids, where the row updates are bound by
+// HBM bandwidth, and slower on Zipf ids, where a hot row then leaves four times as many partial
+// sums.
 #define TS_BACKWARD_ALL(NAME, OPT) \
   TS_REDUCE(NAME, 32, 1, OPT)       \
   TS_REDUCE(NAME, 32, 2, OPT)       \

@@ -261,7 +261,7 @@ __device__ __forceinline__ void move_part(T* const (&l1)[ROWS], T* const (&back)
 // slot back to its L2 address l1_home[slot], then the missed row comes in from L2 and the slot
 // records its L2 address. Where L2 keeps a map of the rows ever written (`written`, a byte per
 // row in pinned host memory, or null; host.py HostTable), a fill whose row was never written is
-// computed here from its id (init.cu's initial rows, bit for bit: the L2 address of such a table
+// computed here from its id (hashing.initial_weights' rows, bit for bit: the L2 address of such a table
 // is the row id) instead of crossing PCIe, and a writeback marks its row written. A warp moves ROWS fills at once, K elements of type T (float, or
 // float4 when both parts of a row are 16-byte aligned) per lane and row per pass. Victims and
 // fills never share an L2 row (a victim is cached and not in the batch, a fill is in the batch),

@@ -2,7 +2,9 @@
 // every policy (tierstore/policy.py). A full set evicts its lowest score, ties by way index;
 // a policy only says what score a touched row gets and how scores age when the frequency
 // sketch halves. Adding a policy: one struct here, one `extern "C"` line per kernel that takes
-// it (lookup.cu, insert.cu, sketch.cu), one class in policy.py.
+// it (lookup.cu, insert.cu, sketch.cu), one class in policy.py that declares the struct and the
+// kernels' suffix (`cuda_functor = CudaFunctor("LruPolicy", "lru")`: the backend launches
+// probe_lru; tests/test_policy.py checks the two agree).
 #pragma once
 #include "common.cuh"
 

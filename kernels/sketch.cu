@@ -1,4 +1,4 @@
-// The LFU frequency sketch (policy.FrequencySketch) on the device: add, estimate, and the
+// The LFU frequency sketch (policy.FrequencySketch) on the device: add, and the
 // periodic halving, which also ages the cache's scores through the policy functor.
 //
 // Shapes: U unique ids, depth x width counters, S x W ways.
@@ -23,17 +23,6 @@ extern "C" __global__ void sketch_add(const i64* __restrict__ ids,     // (U,)
     total += counts[i];
   }
   ts_block_count(additions, total);
-}
-
-// Current estimates of `ids` (no change). One thread per id.
-extern "C" __global__ void sketch_estimate(const i64* __restrict__ ids,  // (U,)
-                                           i64 n, int* counters,         // (depth, width)
-                                           const i64* salts,             // (depth,)
-                                           i64 depth, i64 width,
-                                           int* __restrict__ out) {      // (U,)
-  const Sketch sketch = {counters, salts, nullptr, depth, width, 0};
-  for (i64 i = ts_global_thread(); i < n; i += ts_thread_count())
-    out[i] = sketch.estimate(ids[i]);
 }
 
 // Once `sample_size` additions have accumulated: halves every counter and ages every stored

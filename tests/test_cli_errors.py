@@ -1,5 +1,5 @@
 """Every error a user can cause on the command line is one line on stderr and exit status 2,
-never a traceback, and comes before any work (``tierstore.cli``: ``Parser``, ``run_command``)."""
+never a traceback, and comes before any work (``tierstore.cli_common``: ``Parser``, ``run_command``)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tierstore.cli import CLOSED_PIPE, main
+from tierstore.cli import main
+from tierstore.cli_common import CLOSED_PIPE
 from tierstore.trace import write_trace, zipf_trace
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,15 +8,19 @@ and trained rows equal within 1e-6 relative.
 from __future__ import annotations
 
 import random
+import warnings
 from collections import deque
+from dataclasses import dataclass
 
+import cuda_checks
 import numpy as np
 import pytest
 import torch
 
 import tierstore as ts
-from tierstore import hashing
+from tierstore import cuda_bags, cuda_unique, hashing
 from tierstore.cache import EMPTY, SetAssociativeCache
+from tierstore.errors import FallbackWarning
 from tierstore.hashing import tag_digest
 from tierstore.policy import LRU, FrequencySketch
 
@@ -49,12 +53,11 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # ----------------------------------------------------------------------------- hashing
 def test_hashing_bit_identical():
-    cuda = _cuda()
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(-(1 << 62), 1 << 62, (100_000,), generator=gen)
     ids[:4] = torch.tensor([0, 1, -1, (1 << 63) - 1])
     for sets in (1, 3, 1000, (1 << 31) - 1):
-        mixed, set_of = cuda.hash_ids(ids.cuda(), sets)
+        mixed, set_of = cuda_checks.hash_ids(ids.cuda(), sets)
         assert torch.equal(mixed.cpu(), hashing.mix64(ids))
         assert torch.equal(set_of.cpu(), hashing.set_index(ids, sets))
 
@@ -63,26 +66,24 @@ def test_hashing_bit_identical():
     "dim,state,seed,scale", [(128, 1, 0, 0.088), (7, 7, 3, 1.0), (33, 0, -5, 0.5)]
 )
 def test_initial_rows_bit_identical(dim, state, seed, scale):
-    cuda = _cuda()
     ids = torch.randint(0, 1 << 40, (5000,))
-    got = cuda.initial_rows(ids.cuda(), dim, dim + state, seed, scale, 0.25).cpu()
+    got = cuda_checks.initial_rows(ids.cuda(), dim, dim + state, seed, scale, 0.25).cpu()
     want = hashing.initial_weights(ids, dim, seed, scale)
     assert torch.equal(got[:, :dim], want)
     assert (got[:, dim:] == 0.25).all()
 
 
 def test_sketch_kernels_match():
-    cuda = _cuda()
     cpu_sk = FrequencySketch(256, 500)
     gpu_sk = FrequencySketch(256, 500, "cuda")
     rng = np.random.default_rng(2)
     for _ in range(30):
         ids, counts = torch.unique(_trace(rng, "zipf", 5000, 300), return_counts=True)
         want = cpu_sk.add(ids, counts)
-        cuda.sketch_add(gpu_sk, ids.cuda(), counts.cuda())
-        assert torch.equal(cuda.sketch_estimate(gpu_sk, ids.cuda()).cpu(), want)
+        cuda_checks.sketch_add(gpu_sk, ids.cuda(), counts.cuda())
+        assert torch.equal(cuda_checks.sketch_estimate(gpu_sk, ids.cuda()).cpu(), want)
         aged = bool(cpu_sk.age_if_due())
-        assert bool(cuda.sketch_age_if_due(gpu_sk).item()) == aged
+        assert bool(cuda_checks.sketch_age_if_due(gpu_sk).item()) == aged
         assert torch.equal(gpu_sk.counters.cpu(), cpu_sk.counters)
         assert int(gpu_sk.additions) == int(cpu_sk.additions)
 
@@ -229,7 +230,8 @@ def test_cache_step_with_colliding_digests(policy):
 
 
 class _TorchOnlyLru(LRU):
-    """LRU under a name the kernels do not know: the CUDA cache steps it with torch ops."""
+    """LRU declaring no CUDA functor (a subclass inherits none): the CUDA cache steps it with
+    torch ops."""
 
     name = "lru_torch"
 
@@ -249,6 +251,45 @@ def test_cache_step_large_batch():
             _same_cache(gpu_cache, cpu_cache)
             cpu_cache.release(want.slots)
             gpu_cache.release(got.slots)
+
+
+def test_the_cuda_cache_takes_its_kernels_from_the_policy():
+    """A policy's declared functor picks the kernels; one that declares none is stepped by
+    torch (not sync-free), and a warning says so; the registered ones warn nothing."""
+    cuda = _cuda()
+    with pytest.warns(FallbackWarning, match="'lru_torch' declares no cuda_functor"):
+        cache = cuda.new_cache(64, 8, _TorchOnlyLru(), torch.device("cuda"))
+    assert cache.functor is None and not cache.sync_free
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FallbackWarning)
+        for policy in ("lru", "lfu"):
+            cache = cuda.new_cache(64, 8, policy, torch.device("cuda"))
+            assert cache.functor is cache.policy.cuda_functor and cache.sync_free
+
+
+@dataclass(frozen=True)
+class _TorchOnlySgd(ts.SGD):
+    """SGD declaring no CUDA functor (a subclass inherits none): its updates run as torch ops."""
+
+    name = "sgd_torch"
+
+
+def test_an_optimizer_without_a_functor_trains_as_torch_with_a_warning():
+    """The CUDA backward of an optimizer with no functor is the CPU's torch update, run on the
+    device: rows as the CPU table's, stats and cache alike, and a FallbackWarning."""
+    num, dim = 300, 12
+    cpu_emb, gpu_emb = _pair(num, dim, mode="sum", cache_rows=40, ways=8,
+                             optimizer=_TorchOnlySgd(lr=0.1))  # fmt: skip
+    rng = np.random.default_rng(17)
+    for _ in range(6):
+        x = _trace(rng, "zipf", num, 24 * 5).view(24, 5)
+        g = torch.randn(24, dim)
+        cpu_emb(x).backward(g)
+        with pytest.warns(FallbackWarning, match="'sgd_torch' declares no cuda_functor"):
+            gpu_emb(x.cuda()).backward(g.cuda())
+        _check_rows(cpu_emb, gpu_emb, num)
+    assert gpu_emb.stats() == cpu_emb.stats()
+    _same_cache(gpu_emb.store.l1, cpu_emb.store.l1)
 
 
 # ----------------------------------------------------------------- the module, end to end
@@ -365,14 +406,13 @@ def test_places_point_at_each_index_row():
     """A training batch's places are each index's L1 slot, or the complement of its L2 address
     for a conflict miss, times two, plus one where no other index of the batch reads the row;
     checked against torch.unique's inverse of the batch."""
-    cuda = _cuda()
     num, dim = 5000, 8
     emb = ts.TieredEmbeddingBag(num, dim, cache_rows=64, ways=4, device="cuda")
     store = emb.store
     seed = int(np.random.SeedSequence().entropy % 2**32)  # fresh ids each run, named on failure
     flat = _trace(np.random.default_rng(seed), "zipf", num, 4000).cuda()
     batch = store.lookup(flat)
-    places = cuda._places(batch, store.device)
+    places = cuda_bags._places(batch, store.device)
     t = batch.trimmed()
     _, inverse, counts = torch.unique(flat, return_inverse=True, return_counts=True)
     slot = t.slots[inverse]
@@ -501,10 +541,9 @@ def test_unique_without_transpose_matches_torch(num_rows, n, padded):
 
 def test_step_same_with_and_without_fast_paths():
     """The unique step's transpose (no second sort) changes no bit of a training run."""
-    cuda = _cuda()
     results = []
     for fast in (False, True):
-        cuda.FAST_UNIQUE = fast
+        cuda_unique.FAST_UNIQUE = fast
         try:
             emb = ts.TieredEmbeddingBag(
                 5000, 129, cache_rows=300, optimizer=ts.RowWiseAdagrad(lr=0.1), device="cuda"
@@ -515,5 +554,5 @@ def test_step_same_with_and_without_fast_paths():
                 emb(x).backward(torch.from_numpy(gen.standard_normal((64, 129))).float().cuda())
             results.append(emb.read_rows(torch.arange(5000), with_state=True).cpu())
         finally:
-            cuda.FAST_UNIQUE = True
+            cuda_unique.FAST_UNIQUE = True
     assert torch.equal(results[0], results[1])

@@ -1,7 +1,7 @@
 """The set-associative cache: the semantics every backend shares (docs/DESIGN.md, "L1").
 
 This is the CPU backend and the specification: torch ops, vectorised, no Python loop per id.
-The CUDA backend (``tierstore/cuda.py``) keeps the same state in HBM and must end every step in
+The CUDA backend (``tierstore/cuda_cache.py``) keeps the same state in HBM and must end every step in
 the same tags, scores, dirty bits, locks and counters. On the CPU, where numba is installed,
 :meth:`SetAssociativeCache.lookup` runs a compiled twin of this step instead
 (``cache_compiled.py``: the same work in a few passes rather than some thirty), which
@@ -191,7 +191,8 @@ class SetAssociativeCache:
         anything changes (for a tier that must hold every row of a batch).
 
         This method's torch form is :meth:`plan` then :meth:`commit`; on the CPU with numba,
-        unless ``strict``, the compiled twin in ``cache_compiled.py`` does the same in place.
+        unless ``strict``, the compiled twin in ``cache_compiled.py`` does the same in place
+        (for a policy that declares a ``compiled_score``).
         """
         if not strict and COMPILED_STEP and cache_compiled.supports(self, ids, counts):
             found = cache_compiled.lookup(self, ids, counts)

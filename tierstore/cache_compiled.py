@@ -52,7 +52,7 @@ from . import compiled as _compiled
 from . import stats as st
 from .compiled import NumbaError, compiled, prefetch
 from .hashing import mix64_compiled as _mix64  # splitmix64's finalizer (hashing.mix64)
-from .policy import LFU, LRU
+from .policy import CompiledScore
 
 if TYPE_CHECKING:
     from .cache import SetAssociativeCache
@@ -64,9 +64,6 @@ _PACKED_MAX = np.int64((1 << 57) - 3)  # keys in [-1, this] pack with a way belo
 # A counting sort of the misses by set costs a pass over the sets: worth it unless the sets
 # outnumber the misses by more than this (then a sort of packed keys is cheaper).
 _SETS_PER_MISS = 8
-# The policies this step knows, by type (a subclass may score differently: it takes the torch
-# step), mapped to their kernel_id, which selects the score as in the CUDA kernels.
-_POLICY_KERNELS = {LRU: LRU.kernel_id, LFU: LFU.kernel_id}
 _NO_INDEX = np.empty(0, np.int32)  # stands for the slot index of a cache that keeps none
 # Prefetch distances: the passes read memory at random (the sketch, the ways of a set), and a
 # loop's own reads come too late to overlap enough of them.
@@ -419,9 +416,9 @@ def _step(ids, counts, slot_of, state, counters, sets, ways, step, frequency, sk
     """The whole step in place (see the module docstring); returns what :func:`_place` does.
     (The sketch halves before the ways are placed rather than after, as the torch step does:
     the same, as neither part reads what the other writes.)"""
-    if frequency:  # LFU: the estimates once the whole batch is in the sketch
+    if frequency:  # FREQUENCY (LFU): the estimates once the whole batch is in the sketch
         scores, aged = _sketch_step(ids, counts, sketch_state)
-    else:  # LRU: the step
+    else:  # STEP (LRU): the step
         scores, aged = np.full(ids.size, step, np.int64), False
     return _place(ids, counts, scores, aged, slot_of, state, counters, sets, ways)
 
@@ -447,12 +444,13 @@ _compiles = [_compiled.COMPILED]
 
 def supports(cache: SetAssociativeCache, ids: torch.Tensor, counts: torch.Tensor) -> bool:
     """Whether :func:`lookup` can step ``cache`` with this batch: numba is installed, the cache
-    lives on the CPU, its policy is plain LRU (no sketch) or LFU (with its sketch), and the ids
-    are int64 and the counts integers, one per id, on the CPU."""
-    kernel = _POLICY_KERNELS.get(type(cache.policy))
-    if not _compiles[0] or kernel is None or cache.device.type != "cpu":
+    lives on the CPU, its policy declares a ``compiled_score`` (``STEP`` with no sketch, or
+    ``FREQUENCY`` with its sketch: LRU, LFU), and the ids are int64 and the counts integers,
+    one per id, on the CPU."""
+    rule = cache.policy.compiled_score
+    if not _compiles[0] or rule is None or cache.device.type != "cpu":
         return False
-    if (cache.sketch is not None) != (kernel == LFU.kernel_id):
+    if (cache.sketch is not None) != (rule is CompiledScore.FREQUENCY):
         return False
     return (
         ids.dtype == torch.int64

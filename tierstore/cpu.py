@@ -7,10 +7,14 @@ them. Shapes: ``n`` indices, ``B`` bags, ``U`` unique rows, ``D`` embedding dim.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
 from .cache import Lookup, SetAssociativeCache
+from .compiled import COMPILED
+from .errors import FallbackWarning
 from .optim import Optimizer
 
 name = "cpu"
@@ -23,8 +27,17 @@ def graph_unsupported(store, optimizer: Optimizer | None) -> str | None:
 
 
 def new_cache(rows: int, ways: int, policy, device: torch.device) -> SetAssociativeCache:
-    """The L1 cache state on ``device``."""
-    return SetAssociativeCache(rows, ways, policy, device)
+    """The L1 cache state on ``device``. On the CPU with numba, a policy that declares no
+    ``compiled_score`` is stepped by the torch specification, with a ``FallbackWarning``."""
+    cache = SetAssociativeCache(rows, ways, policy, device)
+    if COMPILED and cache.device.type == "cpu" and cache.policy.compiled_score is None:
+        warnings.warn(
+            f"the policy {getattr(cache.policy, 'name', type(cache.policy).__name__)!r} declares "
+            "no compiled_score: the CPU cache steps it with the torch step (slower)",
+            FallbackWarning,
+            stacklevel=2,
+        )
+    return cache
 
 
 def lookup(

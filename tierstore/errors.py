@@ -56,3 +56,9 @@ class NotPicklableError(TierstoreError, TypeError):
 
 class ReadOnlyTableError(StorageError):
     """The table was opened read-only: training, ``write_rows`` and ``flush`` are refused."""
+
+
+class FallbackWarning(UserWarning):
+    """A policy or optimizer declares no implementation for a fast path (``cuda_functor``,
+    ``compiled_score``): its torch specification runs there instead, with the same results,
+    more slowly (and, on CUDA, reading the device: no CUDA graph)."""

@@ -8,9 +8,12 @@ prepended so that a compiler error names the real file and line. The compiler op
 Sources are found in the repository's ``kernels/`` directory or, in an installed wheel, in the
 package ``tierstore._kernels`` (``pyproject.toml`` maps one onto the other).
 
+A policy or an optimizer names the kernels it runs on with a
+:class:`~tierstore.cuda_functor.CudaFunctor`.
+
 Run ``python -m tierstore.kernel_loader --nvcc`` to compile every ``.cu`` with the machine's
-``nvcc`` for sm_90 (what CI does on a machine with no GPU); it exits non-zero on any error and
-does not import CuPy.
+``nvcc`` for sm_90 (what CI does on a machine with no GPU), the tests' own kernels of
+``kernels/testing/`` included; it exits non-zero on any error and does not import CuPy.
 """
 
 from __future__ import annotations
@@ -41,8 +44,9 @@ def kernel_dir() -> Path:
 
 
 def sources() -> list[Path]:
-    """Every kernel source file (``*.cu``), sorted by name."""
-    return sorted(kernel_dir().glob("*.cu"))
+    """Every kernel source file (``*.cu``) sorted by name, then the tests' own kernels
+    (``testing/*.cu``: not shipped in the wheel, absent from an installed one)."""
+    return sorted(kernel_dir().glob("*.cu")) + sorted(kernel_dir().glob("testing/*.cu"))
 
 
 def source_text(name: str) -> str:
@@ -53,7 +57,8 @@ def source_text(name: str) -> str:
 
 @functools.cache
 def module(name: str, device_index: int):
-    """The compiled ``cupy.RawModule`` of ``kernels/<name>`` on one device (compiled once)."""
+    """The compiled ``cupy.RawModule`` of ``kernels/<name>`` on one device (compiled once).
+    ``name`` may name a file of ``kernels/testing/`` (``"testing/hashing.cu"``)."""
     import cupy
 
     options = (*NVRTC_OPTIONS, f"-I{kernel_dir()}")
@@ -80,13 +85,14 @@ def compile_all_with_nvcc(nvcc: str = "nvcc", verbose: bool = False) -> int:
     kdir = kernel_dir()
     with tempfile.TemporaryDirectory() as tmp:
         for src in sources():
-            out = Path(tmp) / (src.stem + ".o")
+            rel = src.relative_to(kdir)
+            out = Path(tmp) / (str(rel.with_suffix(".o")).replace(os.sep, "_"))
             cmd = [exe, *NVCC_OPTIONS, f"-I{kdir}", "-c", str(src), "-o", str(out)]
             if verbose:
                 cmd += ["-Xptxas", "-v"]
             res = subprocess.run(cmd, capture_output=True, text=True)
             status = "ok" if res.returncode == 0 else "FAILED"
-            print(f"{src.name}: {status}")
+            print(f"{rel}: {status}")
             if res.returncode != 0 or verbose:
                 sys.stderr.write(res.stdout + res.stderr)
             failed += res.returncode != 0

@@ -8,7 +8,13 @@ a row moves as one unit. Each optimizer here is a frozen dataclass of hyper-para
     update(rows, grad) the new rows (weights and state) for rows (n, width) and summed grads (n, dim)
 
 The CPU update follows torch.optim's sparse code path op for op, so that results agree to
-rounding; the CUDA kernels (``kernels/backward.cu``) implement the same formulas.
+rounding; the CUDA kernels (``kernels/backward.cu``) implement the same formulas, each as an
+update functor that an optimizer declares as its ``cuda_functor``
+(``cuda_functor.CudaFunctor``): the CUDA backend launches the kernels instantiated with it and
+never chooses by name. ``None`` declares that there is none: the CUDA backward then runs the
+torch update above (``cpu.backward``, which reads the device, so no CUDA graph), with a
+:class:`~tierstore.errors.FallbackWarning`. The declaration is not inherited: a subclass that
+does not declare its own gets ``None`` (it may update differently from its base).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from typing import ClassVar
 
 import torch
 
+from .cuda_functor import CudaFunctor
 from .errors import InvalidInputError
 
 
@@ -28,8 +35,14 @@ class Optimizer:
 
     lr: float = 0.01
     name: ClassVar[str] = ""
-    kernel_id: ClassVar[int] = -1  # selects the same update in the CUDA kernels
+    # the update functor in kernels/backward.cu; None: none (per class, never inherited)
+    cuda_functor: ClassVar[CudaFunctor | None] = None
     initial_state: ClassVar[float] = 0.0
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "cuda_functor" not in vars(cls):
+            cls.cuda_functor = None
 
     def __post_init__(self):
         # 0 is allowed, as in torch.optim: a scheduler's warm-up may start there
@@ -56,7 +69,7 @@ class SGD(Optimizer):
     """Plain SGD: ``w -= lr * g`` (``torch.optim.SGD`` without momentum)."""
 
     name: ClassVar[str] = "sgd"
-    kernel_id: ClassVar[int] = 0
+    cuda_functor = CudaFunctor("SgdUpdate", "sgd")
 
     def update(self, rows, grad):
         out = rows.clone()
@@ -72,7 +85,7 @@ class Adagrad(Optimizer):
     eps: float = 1e-10
     initial_accumulator_value: float = 0.0
     name: ClassVar[str] = "adagrad"
-    kernel_id: ClassVar[int] = 1
+    cuda_functor = CudaFunctor("AdagradUpdate", "adagrad")
 
     @property
     def initial_state(self) -> float:  # type: ignore[override]
@@ -97,7 +110,7 @@ class RowWiseAdagrad(Optimizer):
 
     eps: float = 1e-10
     name: ClassVar[str] = "rowwise_adagrad"
-    kernel_id: ClassVar[int] = 2
+    cuda_functor = CudaFunctor("RowWiseAdagradUpdate", "rowwise_adagrad")
 
     def state_width(self, dim):
         return 1

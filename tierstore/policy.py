@@ -4,26 +4,68 @@ Every policy reduces to one int64 *score* per cached way: a full set replaces it
 ties broken by way index (HierarchicalKV's idea). A policy only says what score a row gets when
 it is touched at step ``t`` and how scores age; the cache code (CPU in ``cache.py``, CUDA in
 ``kernels/``) is the same for all of them. Adding a policy is one class here and one registry
-line, plus one score functor in ``kernels/policy.cuh``.
+line (the replay takes every registered policy), plus, for the kernels, one score functor in
+``kernels/policy.cuh`` that the class declares.
+
+A policy object is the one authority on how it runs. Its :meth:`~Policy.score` and
+:meth:`~Policy.age` are the specification, which the torch step (``cache.py``) runs; beside
+them it declares its fast paths, and every backend reads them from it (never from its name):
+
+    cuda_functor     its score functor in ``kernels/policy.cuh``, which the CUDA cache's kernels
+                     take as a template argument (``cuda_functor.CudaFunctor``)
+    compiled_score   the score rule of the compiled CPU step (``cache_compiled.py``, and the
+                     replay's ``replay/single.py``) that computes the same scores
+
+``None`` declares that there is none. Then, explicitly: the CUDA cache steps the policy as
+torch ops (reading the device each step, so no CUDA graph), and the CPU cache takes the torch
+step; a :class:`~tierstore.errors.FallbackWarning` says so when an L1 cache is made with it.
+Declarations are not inherited: a subclass that does not declare its own gets ``None`` (it may
+score differently from its base, and the fast paths would not know), so a user-defined policy
+never runs on kernels it did not name.
 """
 
 from __future__ import annotations
 
+import enum
 from abc import ABC, abstractmethod
+from typing import ClassVar
 
 import numpy as np
 import torch
 
+from .cuda_functor import CudaFunctor
 from .errors import InvalidInputError
 from .hashing import mix64, mix64_np, reduce_range, reduce_range_np
 
+# The declarations of the fast paths: per class, never inherited (Policy.__init_subclass__)
+_FAST_PATHS = ("cuda_functor", "compiled_score")
+
+
+class CompiledScore(enum.Enum):
+    """The score rules the compiled CPU step implements (``cache_compiled.py``): a policy that
+    computes the same scores declares one as its ``compiled_score``."""
+
+    STEP = "step"  # the step of the last access; scores never age (LRU)
+    FREQUENCY = "frequency"  # the sketch's estimate; scores halve with the sketch (LFU)
+
 
 class Policy(ABC):
-    """How a set-associative cache scores its ways (lowest score is evicted first)."""
+    """How a set-associative cache scores its ways (lowest score is evicted first).
+
+    ``cuda_functor`` and ``compiled_score`` declare the policy's fast paths, ``None`` that it
+    has none (the module docstring says what runs then); a subclass declares its own or gets
+    ``None``."""
 
     name: str
-    kernel_id: int  # the template argument that selects the same functor in the CUDA kernels
     uses_frequency: bool = False
+    cuda_functor: ClassVar[CudaFunctor | None] = None
+    compiled_score: ClassVar[CompiledScore | None] = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        for attr in _FAST_PATHS:
+            if attr not in vars(cls):
+                setattr(cls, attr, None)
 
     @abstractmethod
     def score(
@@ -40,7 +82,8 @@ class LRU(Policy):
     """Least recently used: the score is the step of the last access."""
 
     name = "lru"
-    kernel_id = 0
+    cuda_functor = CudaFunctor("LruPolicy", "lru")
+    compiled_score = CompiledScore.STEP
 
     def score(self, step, freq, n, device):
         return torch.full((n,), step, dtype=torch.int64, device=device)
@@ -51,8 +94,9 @@ class LFU(Policy):
     keeps a row's history after eviction at a bounded cost (no per-table-row counter)."""
 
     name = "lfu"
-    kernel_id = 1
     uses_frequency = True
+    cuda_functor = CudaFunctor("LfuPolicy", "lfu")
+    compiled_score = CompiledScore.FREQUENCY
 
     def score(self, step, freq, n, device):
         return freq.to(torch.int64)

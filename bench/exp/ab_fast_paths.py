@@ -4,7 +4,7 @@ process (RowWiseAdagrad, every row in L1).
     python3 bench/exp/ab_fast_paths.py [--quick] [--json out.json]
 
 'before' is ``torch.unique`` (the host reads the unique count: a second sync in the step) and a
-second sort in the backward (``cuda.FAST_UNIQUE = False``); 'sync-free' is the unique step of
+second sort in the backward (``cuda_unique.FAST_UNIQUE = False``); 'sync-free' is the unique step of
 ``kernels/unique.cu`` with the count left on the device and its sort reused as the backward's
 transpose; 'graphed' is the same step, and an inference forward, through ``GraphedStep``. Each
 configuration twice, [0] and [1]. Formerly the ``ab`` section of ``bench/bench_cuda.py``.
@@ -24,7 +24,7 @@ import common  # noqa: E402
 from common import B, D, L, N, Table, t_ms, trace, wall_ms  # noqa: E402
 
 import tierstore as ts  # noqa: E402
-from tierstore import cuda  # noqa: E402
+from tierstore import cuda_unique  # noqa: E402
 
 
 def _ab_rows(out: Table, name: str, dist: str, step, look_fwd, ref: float, it: int) -> None:
@@ -62,7 +62,7 @@ def bench_ab(quick: bool) -> Table:
             out.row(f"torch F.embedding_bag fwd, table in HBM, {dist}", ref)
             for rep in range(2):
                 for name, fast in (("before", False), ("sync-free", True)):
-                    cuda.FAST_UNIQUE = fast
+                    cuda_unique.FAST_UNIQUE = fast
 
                     def step(x=x):
                         emb(x).backward(g)
@@ -81,7 +81,7 @@ def bench_ab(quick: bool) -> Table:
                 )  # fmt: skip
                 del train_g, infer_g  # their graphs' memory
     finally:
-        cuda.FAST_UNIQUE = True
+        cuda_unique.FAST_UNIQUE = True
     return out
 
 

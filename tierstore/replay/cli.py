@@ -11,7 +11,7 @@ import argparse
 
 import numpy as np
 
-from ..cli import cuda_or_error, positive_int, writable_path
+from ..cli_common import cuda_or_error, positive_int, writable_path
 from ..errors import InvalidInputError
 from ..report import format_table, plot_lines, write_csv
 from ..trace.cli import add_csv_options, csv_options

@@ -28,7 +28,7 @@ from .. import stats as st
 from ..cache import SetAssociativeCache
 from ..cache_compiled import _EMPTY, _mix64, _reduce_range, _set_of
 from ..compiled import COMPILED, compiled, prefetch
-from ..policy import LFU, LRU
+from ..policy import POLICIES, CompiledScore
 from ..progress import progress
 from .invariants import check_replay
 
@@ -137,13 +137,14 @@ def _step_each(ids, slot_of, state, counters, sets, ways, step, frequency, sketc
 
 
 def supports(cache: SetAssociativeCache) -> bool:
-    """Whether :func:`step_each` applies to ``cache``: a CPU cache under plain LRU or LFU (with
-    its sketch) that holds no lock."""
-    policy = type(cache.policy)
+    """Whether :func:`step_each` applies to ``cache``: a CPU cache that holds no lock, under a
+    policy that declares a ``compiled_score`` (``STEP`` with no sketch, or ``FREQUENCY`` with its
+    sketch: LRU, LFU)."""
+    rule = cache.policy.compiled_score
     return (
         cache.device.type == "cpu"
-        and policy in (LRU, LFU)
-        and (cache.sketch is not None) == (policy is LFU)
+        and rule is not None
+        and (cache.sketch is not None) == (rule is CompiledScore.FREQUENCY)
         and not bool((cache.locks > 0).any())
     )
 
@@ -154,7 +155,9 @@ def step_each(cache: SetAssociativeCache, ids: np.ndarray, show: bool = False) -
     loop. ``cache`` must satisfy :func:`supports`; ids must lie in its ``id_bound`` if it
     has one (else IndexError, before any change)."""
     if not supports(cache):
-        raise ValueError("step_each needs a CPU LRU or LFU cache holding no lock")
+        raise ValueError(
+            "step_each needs a CPU cache holding no lock, under a policy with a compiled_score"
+        )
     ids = np.ascontiguousarray(ids, dtype=np.int64)
     slot_of = np.zeros(0, np.int32)
     if cache._slot_of is not None:
@@ -191,8 +194,9 @@ def step_each(cache: SetAssociativeCache, ids: np.ndarray, show: bool = False) -
 
 
 def warm_up() -> None:
-    """Compiles (or loads from numba's cache) :func:`step_each`'s loop for both policies."""
-    for policy in ("lru", "lfu"):
+    """Compiles (or loads from numba's cache) :func:`step_each`'s loop for every registered
+    policy that declares a ``compiled_score``."""
+    for policy in [name for name, cls in POLICIES.items() if cls.compiled_score is not None]:
         for bound in (None, 4):
             step_each(SetAssociativeCache(2, 2, policy, id_bound=bound), np.arange(4))
 

@@ -16,13 +16,16 @@ import numpy as np
 import torch
 
 from ..errors import InvalidInputError
+from ..policy import POLICIES, make_policy
 from ..progress import progress
 from . import REFERENCE, reference_hits
 from .bounds import compulsory_misses
 from .engine import replay_engine
 from .single import replay_requests
 
-ENGINE_POLICIES = ("lru", "lfu")
+# The engine's own policies: every one of the registry (policy.POLICIES), stepped by the
+# engine's cache code with whatever fast paths each declares
+ENGINE_POLICIES = tuple(POLICIES)
 # The names of CacheStats (stats()) and of `tierstore run`'s table, one name for one metric.
 # `asked_rows` is the size asked for; `cache_rows` the rows the cache holds (the engine's cache
 # has whole sets: ceil(asked / ways) * ways rows); `batch` the ids per step (1: per request).
@@ -80,8 +83,10 @@ def engine_label(policy: str, ways: int, batch: int) -> str:
 
 def _replay_engine_policy(ids, size, policy, *, ways, batch, device, host_rows, num_rows, desc):
     """One engine replay: request by request in one compiled loop where that applies (batch 1,
-    one level, the CPU), else batch by batch."""
-    if batch == 1 and host_rows is None and device == "cpu":
+    one level, the CPU, a policy that declares a ``compiled_score``), else batch by batch (at
+    batch 1 too: a policy with no compiled score takes the torch step per request)."""
+    compiled = make_policy(policy).compiled_score is not None
+    if batch == 1 and host_rows is None and device == "cpu" and compiled:
         return replay_requests(ids, size, policy, ways, num_rows=num_rows, show=True)
     # on the GPU the whole trace goes over once, and each step slices it there
     source = torch.from_numpy(ids).to(device) if device == "cuda" else ids

@@ -4,7 +4,8 @@
 object (the ``tierstore`` CLI calls it); ``main(argv)`` runs it standalone
 (``python -m tierstore.trace.cli stats t.tst``). Each subcommand sets ``func``, which takes the
 parsed arguments and returns an exit status; errors are raised as tierstore exceptions and
-become one line on stderr and status 2 in ``tierstore.cli.run_command``, as for every command.
+become one line on stderr and status 2 in ``tierstore.cli_common.run_command``, as for every
+command.
 """
 
 from __future__ import annotations
@@ -16,8 +17,7 @@ import time
 
 import numpy as np
 
-from ..cli import main as cli_main
-from ..cli import positive_int
+from ..cli_common import Parser, positive_int, run_parser
 from ..errors import TierstoreError
 from ..progress import progress
 from .formats import FORMATS, WRITABLE, Trace, read_trace
@@ -216,7 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] != "trace":
         argv = ["trace", *argv]
-    return cli_main(argv)
+    parser = Parser(prog="tierstore")  # the trace commands alone, as `tierstore trace` runs them
+    add_trace_commands(parser.add_subparsers(dest="command"))
+    return run_parser(parser, argv)
 
 
 if __name__ == "__main__":

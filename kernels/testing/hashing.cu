@@ -1,3 +1,8 @@
+// For the tests only (tests/cuda_checks.py; not shipped in the wheel): common.cuh's hashing and
+// initial values, launched alone so that tests/test_cuda.py can hold them to hashing.py. The
+// engine computes them inside its own kernels (insert.cu's fills of never-written rows, the
+// probe's sets).
+//
 // Initial rows of never-written ids (hashing.initial_weights, bit for bit): D weights uniform on
 // [-scale, scale) from a counter-based hash of (seed, id, column), then the optimizer state at
 // its initial value.

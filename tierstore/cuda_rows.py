@@ -1,0 +1,125 @@
+"""Moving rows between the tiers on the device (kernels/insert.cu, kernels/rows.cu): fills and
+write-backs of a cache step, and a batch's rows gathered and scattered where they live. L2's
+rows are read and written in pinned host memory directly over PCIe (zero-copy).
+
+Shapes: ``U`` unique rows, ``D`` embedding dim, rows of ``width`` floats.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import cpu
+from .cuda_cache import DeviceLookup
+from .cuda_launch import int64_on, run_kernel
+from .hashing import seed_key
+from .host import HostTable
+
+_MOVE_ROWS = {True: 8, False: 4}  # fills per warp of move_rows_vec4 / move_rows_scalar
+
+
+def kernel_l2(store):
+    """The device address of L2's rows (pinned host memory), or None if the device can't reach
+    them (``TieredStore.l2_address``)."""
+    return store.l2_address
+
+
+def kernel_l1(store) -> tuple:
+    """L1's rows as the kernels take them (common.cuh ``Tiers``): the weights, the state and
+    the state's pitch in floats (8 where it lives in the way records: ``CudaCache.row_state``;
+    0 where rows have no state)."""
+    pitch = store.l1_state.stride(0) if store.layout.state_width else 0
+    return store.l1_weights, store.l1_state, pitch
+
+
+def note_l2_written(store, addresses: torch.Tensor, where: torch.Tensor | None = None) -> None:
+    """Tells an L2 that tracks dirty rows (the SSD tier's host cache) that kernels wrote the rows
+    at ``addresses[where]``; the full host table tracks nothing. (The CPU backend does this
+    through ``host.write``.) Reads the addresses to the host: only on the SSD tier's path."""
+    host = store.host
+    if isinstance(host, HostTable):
+        return
+    if where is not None:
+        addresses = addresses[where]
+    host.mark_dirty(addresses)
+
+
+def mark_written(store, batch) -> None:
+    """Marks the batch's conflict misses, updated in L2, in L2's map of written rows (if any)."""
+    if store.l2_written:
+        n = batch.ids.numel()
+        args = (batch.slots, int64_on(batch.addresses, store.device), n, batch.count,
+                store.l2_written)  # fmt: skip
+        run_kernel("rows.cu", "mark_written", store.device, n, args, per_warp=False)
+
+
+def refresh_conflicts(store, batch, l2) -> None:
+    """A conflict miss of ``batch`` was updated in L2; if a prefetched batch has filled it into
+    L1 since (from the L2 row as it was then), copy the updated row over that L1 copy, as the
+    CPU backend's ``scatter`` does. No host read: the kernel finds the rows itself."""
+    dev = store.device
+    n = batch.ids.numel()
+    l1 = store.l1
+    args = (batch.ids, batch.slots, int64_on(batch.addresses, dev), n, batch.count, l1.way_state,
+            l1.digests, l1.sets, l1.ways, *kernel_l1(store), l2, store.layout.dim,
+            store.layout.width)  # fmt: skip
+    run_kernel("rows.cu", "refresh_conflict_rows", dev, (n + 31) // 32, args, per_warp=True)
+
+
+def move_rows(store, found, addresses: torch.Tensor) -> None:
+    """Writes dirty victims back to their L2 address, then copies the filled rows in from L2
+    (ascending ids) and records their L2 address; one kernel, zero-copy over PCIe."""
+    l2 = kernel_l2(store)
+    if not isinstance(found, DeviceLookup) or l2 is None:
+        found = found.trimmed() if isinstance(found, DeviceLookup) else found
+        return cpu.move_rows(store, found, addresses)
+    dev = store.device
+    n = found.ids.numel()
+    if not isinstance(store.host, HostTable):  # dirty victims dirty their L2 rows
+        t = found.trimmed()
+        note_l2_written(store, store.l1_home[t.fill_slots[t.victim_dirty]])
+    dim, width = store.layout.dim, store.layout.width
+    l1 = kernel_l1(store)
+    vec4 = width % 4 == 0 and dim % 4 == 0 and l1[2] % 4 == 0  # every part 16-byte aligned
+    # a never-written row's fill is computed from its id where L2 maps its written rows
+    args = (found.fill_index_buffer, found.fill_slots_buffer, found.victim_dirty_buffer,
+            found.n_fill, int64_on(addresses, dev), *l1, store.l1_home, l2, dim, width,
+            store.l2_written, seed_key(store.seed), float(store.init_scale),
+            float(store.layout.initial_state))  # fmt: skip
+    rows = _MOVE_ROWS[vec4]
+    fn = "move_rows_vec4" if vec4 else "move_rows_scalar"
+    run_kernel("insert.cu", fn, dev, (n + rows - 1) // rows, args, per_warp=True)
+
+
+def gather(store, batch, cols: int | None = None) -> torch.Tensor:
+    """Rows ``(U, cols)`` of a batch from where they live: L1 slots, else L2 addresses."""
+    cols = store.layout.width if cols is None else cols
+    batch = batch.trimmed()
+    l2 = kernel_l2(store)
+    if l2 is None:
+        return cpu.gather(store, batch, cols)
+    dev = store.device
+    n = batch.ids.numel()
+    out = torch.empty((n, cols), device=dev)
+    args = (batch.slots, int64_on(batch.addresses, dev), n, *kernel_l1(store), l2, store.layout.dim,
+            store.layout.width, cols, out)  # fmt: skip
+    run_kernel("rows.cu", "gather_rows", dev, n, args, per_warp=True)
+    return out
+
+
+def scatter(store, batch, rows: torch.Tensor) -> None:
+    """Stores updated rows where they live; cached ones become dirty."""
+    batch = batch.trimmed()
+    l2 = kernel_l2(store)
+    if l2 is None:
+        return cpu.scatter(store, batch, rows)
+    dev = store.device
+    n = batch.ids.numel()
+    rows = rows.to(dev, torch.float32).contiguous()
+    args = (batch.slots, int64_on(batch.addresses, dev), n, *kernel_l1(store), l2, store.l1.way_state,
+            store.layout.dim, store.layout.width, rows)  # fmt: skip
+    run_kernel("rows.cu", "scatter_rows", dev, n, args, per_warp=True)
+    mark_written(store, batch)
+    refresh_conflicts(store, batch, l2)
+    if n and not isinstance(store.host, HostTable):
+        note_l2_written(store, batch.addresses, batch.slots < 0)
