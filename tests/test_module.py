@@ -270,8 +270,8 @@ def test_initial_rows_are_deterministic_in_seed_and_id(device):
 
 
 def test_a_table_too_large_for_host_memory_fails_at_construction():
-    with pytest.raises(ts.CapacityError, match="path="):
-        ts.TieredEmbeddingBag(10**12, 128, cache_rows=1000, device="cpu")
+    with pytest.raises(ts.CapacityError, match=r"SSD tier \(ssd=ts.SSDConfig"):
+        ts.TieredEmbeddingBag(10**12, 128, cache=ts.CacheConfig(rows=1000), device="cpu")
 
 
 # ---------------------------------------------------------------------------- bad input
@@ -352,14 +352,15 @@ def test_psw_with_mean_and_bad_rows_raise(device):
     [
         ({"mode": "median"}, "mode"),
         ({"dtype": torch.float16}, "dtype"),
-        ({"policy": "fifo"}, "policy"),
-        ({"ways": 0}, "ways"),
-        ({"cache_rows": 0}, "at least one row"),
-        ({"host_rows": 10}, "path="),
+        ({"cache": 16}, "cache must be a ts.CacheConfig"),
+        ({"ssd": "table"}, "ssd must be a ts.SSDConfig"),
+        ({"seed": 1.5}, "seed"),
+        ({"init_scale": 0.0}, "init_scale"),
     ],
 )
 def test_bad_construction_arguments(kwargs, message):
-    args = {"cache_rows": 16, "device": "cpu", **kwargs}
+    """(The configs' own checks: tests/test_config.py.)"""
+    args = {"cache": ts.CacheConfig(rows=16), "device": "cpu", **kwargs}
     with pytest.raises(ts.InvalidInputError, match=message):
         ts.TieredEmbeddingBag(N, D, **args)
 

@@ -133,7 +133,8 @@ def mark_checkpoint(module: nn.Module) -> None:
     for _, emb in _tables(module):
         if not emb.store.inclusive_host:
             raise InvalidInputError(
-                "incremental checkpoints need an SSD tier (path=): a table in host memory "
+                "incremental checkpoints need an SSD tier (ssd=ts.SSDConfig(path), a collection's "
+                "path=): a table in host memory "
                 "keeps no record of changed rows; save its state_dict instead"
             )
     for _, emb in _tables(module):
@@ -443,16 +444,14 @@ def _chunk_rows(store) -> int:
 
 
 def _tables(module: nn.Module):
-    from .collection import TieredEmbeddingBagCollection
-    from .module import TieredEmbeddingBag
-
+    # Tables are known by what they offer, not by class: the modules import this one
     found = []
     for name, m in module.named_modules():
         prefix = name + "." if name else ""
-        if isinstance(m, TieredEmbeddingBag):
-            found.append((prefix, m))
-        elif isinstance(m, TieredEmbeddingBagCollection):  # each table a view of its group
+        if callable(getattr(m, "table_views", None)):  # a collection: a view of each table
             found.extend((prefix + key, view) for key, view in m.table_views())
+        elif callable(getattr(m, "mark_checkpoint", None)) and hasattr(m, "store"):  # a table
+            found.append((prefix, m))
     if not found:
         raise InvalidInputError(f"{type(module).__name__} holds no TieredEmbeddingBag")
     return found
@@ -464,7 +463,7 @@ def _change_log(emb) -> torch.Tensor:
     if log is None:
         raise InvalidInputError(
             "incremental_state_dict needs a base: call mark_checkpoint() right after saving a "
-            "full state_dict (and the table needs an SSD tier, path=)"
+            "full state_dict (and the table needs an SSD tier: ssd=ts.SSDConfig(path))"
         )
     return log
 
