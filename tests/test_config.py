@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -113,6 +114,13 @@ def test_an_ssd_config_needs_a_path(path):
 def test_ssd_options_after_the_path_are_keyword_only(tmp_path):
     with pytest.raises(TypeError):
         ts.SSDConfig(tmp_path, 1024)
+
+
+def test_numpy_integers_are_taken_as_ints():
+    cache = ts.CacheConfig(rows=np.int64(40), ways=np.int32(8))
+    ssd = ts.SSDConfig("t", host_rows=np.int64(1 << 20), block_rows=np.uint16(4))
+    assert (cache.rows, cache.ways, ssd.host_rows, ssd.block_rows) == (40, 8, 1 << 20, 4)
+    assert all(type(v) is int for v in (cache.rows, cache.ways, ssd.host_rows, ssd.block_rows))
 
 
 def test_configs_are_frozen_values():

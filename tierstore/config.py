@@ -14,6 +14,7 @@ The flat keywords of earlier versions (``cache_rows=``, ``ways=``, ``policy=``, 
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import pathlib
 import warnings
@@ -24,6 +25,7 @@ import torch
 from .cache import EMPTY, cache_shape
 from .errors import InvalidInputError, TableMismatchError
 from .policy import Policy, make_policy
+from .ssd import SSDTier
 
 MODES = ("sum", "mean", "max")
 DEFAULT_CACHE_FRACTION = 0.2  # L1's share of a table's rows unless told (FBGEMM's load factor)
@@ -33,10 +35,16 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check_int(where: str, name: str, value, low: int, high: int | None = None) -> None:
-    if not _is_int(value) or value < low or (high is not None and value > high):
+def _check_int(config, name: str, low: int, high: int | None = None) -> None:
+    """Refuses ``config.name`` unless an integer in ``[low, high]``; keeps it as an ``int``
+    (numpy integers are taken)."""
+    value = getattr(config, name)
+    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if not ok or value < low or (high is not None and value > high):
         span = f"at least {low}" if high is None else f"in [{low}, {high}]"
+        where = type(config).__name__
         raise InvalidInputError(f"{where}: {name} must be an int {span}, got {value!r}")
+    object.__setattr__(config, name, int(value))
 
 
 @dataclass(frozen=True)
@@ -65,8 +73,8 @@ class CacheConfig:
 
     def __post_init__(self):
         if self.rows is not None:
-            _check_int("CacheConfig", "rows", self.rows, 1)
-        _check_int("CacheConfig", "ways", self.ways, 1)
+            _check_int(self, "rows", 1)
+        _check_int(self, "ways", 1)
         try:
             make_policy(self.policy)
         except InvalidInputError as e:
@@ -129,18 +137,18 @@ class SSDConfig:
             raise InvalidInputError(f"{where}: path must be a directory path, got {self.path!r}")
         object.__setattr__(self, "path", pathlib.Path(self.path))
         if self.host_rows is not None:
-            _check_int(where, "host_rows", self.host_rows, 1)
-        _check_int(where, "host_ways", self.host_ways, 1)
+            _check_int(self, "host_rows", 1)
+        _check_int(self, "host_ways", 1)
         if self.block_rows is not None:
-            _check_int(where, "block_rows", self.block_rows, 1, 1 << 16)
+            _check_int(self, "block_rows", 1, 1 << 16)
             if self.block_rows & (self.block_rows - 1):
                 raise InvalidInputError(
                     f"{where}: block_rows must be a power of two, got {self.block_rows}"
                 )
         if self.compression_level is not None:
-            _check_int(where, "compression_level", self.compression_level, -7, 22)
-        _check_int(where, "map_size", self.map_size, 1)
-        _check_int(where, "io_threads", self.io_threads, 1)
+            _check_int(self, "compression_level", -7, 22)
+        _check_int(self, "map_size", 1)
+        _check_int(self, "io_threads", 1)
         if not isinstance(self.read_only, bool):
             raise InvalidInputError(f"{where}: read_only must be a bool, got {self.read_only!r}")
 
@@ -160,8 +168,6 @@ class SSDConfig:
             if (value := getattr(self, name)) is not None
         }
         if not fresh and created:
-            from .ssd import SSDTier
-
             stored = SSDTier.read_meta(self.path)
             for name, value in created.items():
                 if stored.get(name) != value:

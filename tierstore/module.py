@@ -1,8 +1,9 @@
 """``TieredEmbeddingBag``: a drop-in ``torch.nn.EmbeddingBag`` whose table lives in the tiers.
 
 Shapes: ``B`` bags, ``L`` indices per bag (2-D input), ``n`` indices in all, ``D`` embedding dim.
-The module only translates the user's calls: validation (``validate.py``), the batch step
-(``store.py``) and the kernels (``cpu.py`` / ``cuda.py``) do the work.
+The module only translates the user's calls: its options (``config.py``), validation
+(``validate.py``), the batch step (``store.py``) and the kernels (``cpu.py`` / ``cuda.py``) do
+the work.
 """
 
 from __future__ import annotations
