@@ -103,8 +103,10 @@ def free() -> None:
 
 def inference_lookup(store, ids: torch.Tensor):
     """A batch looked up as an inference forward looks it up: no backward will follow, so no
-    transpose and no locks (``store.lookup(backward=False, hold=False)``)."""
-    return store.lookup(ids, backward=False, hold=False)
+    transpose and no locks (``store.lookup(mode=BatchMode.EVAL)``)."""
+    from tierstore.store import BatchMode
+
+    return store.lookup(ids, mode=BatchMode.EVAL)
 
 
 def forward_pooled(store, batch, offsets: torch.Tensor) -> torch.Tensor:

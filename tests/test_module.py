@@ -31,9 +31,7 @@ def table(device, cache_rows=32, policy="lru", optimizer=None, mode="sum", ways=
         N,
         D,
         mode=mode,
-        cache_rows=cache_rows,
-        ways=ways,
-        policy=policy,
+        cache=ts.CacheConfig(rows=cache_rows, ways=ways, policy=policy),
         optimizer=optimizer,
         device=device,
         seed=3,
@@ -89,7 +87,7 @@ def test_forward_2d_input_and_include_last_offset(device):
 
 def test_from_pretrained_and_write_rows(device):
     w = torch.randn(N, D)
-    emb = ts.TieredEmbeddingBag.from_pretrained(w, cache_rows=20, ways=4, device=device)
+    emb = ts.TieredEmbeddingBag.from_pretrained(w, cache=ts.CacheConfig(20, 4), device=device)
     assert torch.equal(emb.read_rows(torch.arange(N)).cpu(), w)
     ids = torch.tensor([5, 299, 0])
     emb(torch.tensor([5, 0, 1]), torch.tensor([0]))  # bring some rows into L1
@@ -260,9 +258,9 @@ def test_stats_count_requests_hits_and_misses(device):
 
 # ---------------------------------------------------------------------------- init and capacity
 def test_initial_rows_are_deterministic_in_seed_and_id(device):
-    a = ts.TieredEmbeddingBag(1000, 8, cache_rows=10, seed=5, device=device)
-    b = ts.TieredEmbeddingBag(1000, 8, cache_rows=500, seed=5, device="cpu")
-    c = ts.TieredEmbeddingBag(1000, 8, cache_rows=10, seed=6, device="cpu")
+    a = ts.TieredEmbeddingBag(1000, 8, cache=ts.CacheConfig(rows=10), seed=5, device=device)
+    b = ts.TieredEmbeddingBag(1000, 8, cache=ts.CacheConfig(rows=500), seed=5, device="cpu")
+    c = ts.TieredEmbeddingBag(1000, 8, cache=ts.CacheConfig(rows=10), seed=6, device="cpu")
     ids = torch.tensor([0, 17, 999])
     assert torch.equal(a.read_rows(ids).cpu(), b.read_rows(ids))
     assert not torch.equal(b.read_rows(ids), c.read_rows(ids))
@@ -270,8 +268,8 @@ def test_initial_rows_are_deterministic_in_seed_and_id(device):
 
 
 def test_a_table_too_large_for_host_memory_fails_at_construction():
-    with pytest.raises(ts.CapacityError, match="path="):
-        ts.TieredEmbeddingBag(10**12, 128, cache_rows=1000, device="cpu")
+    with pytest.raises(ts.CapacityError, match=r"SSD tier \(ssd=ts.SSDConfig"):
+        ts.TieredEmbeddingBag(10**12, 128, cache=ts.CacheConfig(rows=1000), device="cpu")
 
 
 # ---------------------------------------------------------------------------- bad input
@@ -352,14 +350,15 @@ def test_psw_with_mean_and_bad_rows_raise(device):
     [
         ({"mode": "median"}, "mode"),
         ({"dtype": torch.float16}, "dtype"),
-        ({"policy": "fifo"}, "policy"),
-        ({"ways": 0}, "ways"),
-        ({"cache_rows": 0}, "at least one row"),
-        ({"host_rows": 10}, "path="),
+        ({"cache": 16}, "cache must be a ts.CacheConfig"),
+        ({"ssd": "table"}, "ssd must be a ts.SSDConfig"),
+        ({"seed": 1.5}, "seed"),
+        ({"init_scale": 0.0}, "init_scale"),
     ],
 )
 def test_bad_construction_arguments(kwargs, message):
-    args = {"cache_rows": 16, "device": "cpu", **kwargs}
+    """(The configs' own checks: tests/test_config.py.)"""
+    args = {"cache": ts.CacheConfig(rows=16), "device": "cpu", **kwargs}
     with pytest.raises(ts.InvalidInputError, match=message):
         ts.TieredEmbeddingBag(N, D, **args)
 

@@ -103,8 +103,10 @@ def test_an_unknown_keyword_is_a_type_error_and_never_reaches_the_ssd_tier(tmp_p
      {"host_ways": 8}, {"host_rows": 64}],
 )  # fmt: skip
 def test_ssd_options_without_a_path_are_refused_by_name(kwargs):
-    with pytest.raises(ts.InvalidInputError, match=f"{next(iter(kwargs))}.*path="):
-        ts.TieredEmbeddingBag(100, 4, cache_rows=8, device="cpu", **kwargs)
+    """(The deprecated flat keywords; an SSDConfig always has its path: tests/test_config.py.)"""
+    match = rf"{next(iter(kwargs))}.*SSD tier: give ssd=ts.SSDConfig\(path"
+    with pytest.warns(DeprecationWarning), pytest.raises(ts.InvalidInputError, match=match):
+        ts.TieredEmbeddingBag(100, 4, device="cpu", **kwargs)
 
 
 def test_ssd_options_reach_the_tier_and_are_checked_on_reopening(tmp_path):

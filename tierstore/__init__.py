@@ -15,6 +15,7 @@ from .checkpoint import (
     spill_state_dict,
 )
 from .collection import CollectionStats, TableConfig, TieredEmbeddingBagCollection
+from .config import CacheConfig, SSDConfig
 from .errors import (
     CapacityError,
     CorruptBlockError,
@@ -41,6 +42,8 @@ __all__ = [
     "TieredEmbeddingBag",
     "TieredEmbeddingBagCollection",
     "TableConfig",
+    "CacheConfig",
+    "SSDConfig",
     "KeyedTensor",
     "CollectionStats",
     "GraphedStep",

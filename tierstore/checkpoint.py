@@ -134,7 +134,8 @@ def mark_checkpoint(module: nn.Module) -> None:
     for _, emb in _tables(module):
         if not emb.store.inclusive_host:
             raise InvalidInputError(
-                "incremental checkpoints need an SSD tier (path=): a table in host memory "
+                "incremental checkpoints need an SSD tier (ssd=ts.SSDConfig(path), a collection's "
+                "path=): a table in host memory "
                 "keeps no record of changed rows; save its state_dict instead"
             )
     for _, emb in _tables(module):
@@ -464,7 +465,7 @@ def _change_log(emb) -> torch.Tensor:
     if log is None:
         raise InvalidInputError(
             "incremental_state_dict needs a base: call mark_checkpoint() right after saving a "
-            "full state_dict (and the table needs an SSD tier, path=)"
+            "full state_dict (and the table needs an SSD tier: ssd=ts.SSDConfig(path))"
         )
     return log
 

@@ -46,7 +46,7 @@ from .keyed import JaggedBatch, KeyedTensor, check_jagged, parse_jagged
 from .module import _backend_for
 from .optim import SGD, Optimizer, optimizer_from_dict
 from .stats import CacheStats
-from .store import Batch, RowLayout, TieredStore, initial_rows
+from .store import Batch, BatchMode, RowLayout, TieredStore, initial_rows
 
 _POOLINGS = ("sum", "mean")
 TAG_SHIFT = 47  # ids of a table in a group with an unbounded table: [0, 2**47)
@@ -810,7 +810,7 @@ class TieredEmbeddingBagCollection(nn.Module):
         training = update or (torch.is_grad_enabled() and psw is not None and psw.requires_grad)
         store = g.store
         if batch is None:
-            batch = store.lookup(gin.ids, None, backward=training, hold=training)
+            batch = store.lookup(gin.ids, None, BatchMode.TRAIN if training else BatchMode.EVAL)
         if training:
             handle = BatchHandle(batch, store.release)
             anchor = torch.empty(0, device=self.device, requires_grad=True)  # see module.py
@@ -851,7 +851,7 @@ class TieredEmbeddingBagCollection(nn.Module):
         batches: list[Batch] = []
         try:
             for g, gin in zip(self.groups, prep.groups, strict=True):
-                batches.append(g.store.lookup(gin.ids))
+                batches.append(g.store.lookup(gin.ids, None, BatchMode.TRAIN))
         except BaseException:
             for g, b in zip(self.groups, batches, strict=False):
                 g.store.release(b)

@@ -42,8 +42,8 @@ def allocate_rows(rows: int, width: int, pin: bool, what: str) -> torch.Tensor:
     if need > have:
         raise CapacityError(
             f"{what} needs {need / 2**30:.1f} GiB of host memory ({rows} rows x {width} floats) "
-            f"but only {have / 2**30:.1f} GiB is available: give the table a path= (an SSD "
-            "tier) and a smaller host_rows"
+            f"but only {have / 2**30:.1f} GiB is available: give the table an SSD tier "
+            "(ssd=ts.SSDConfig(path, host_rows=...) with a smaller host_rows; a collection's path=)"
         )
     return torch.empty((rows, width), dtype=torch.float32, pin_memory=pin)
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from .cache import cache_shape
+from .config import CacheConfig, SSDConfig
 from .errors import InvalidInputError
 from .module import TieredEmbeddingBag
 from .optim import SGD, Adagrad, RowWiseAdagrad
@@ -97,23 +98,21 @@ def zipf_batches(cfg: JobConfig) -> list[torch.Tensor]:
 
 def run_one(cfg: JobConfig, policy: str, cache_rows: int, batches, workdir) -> tuple[dict, float]:
     """Trains one configuration; returns its result row and a checksum of the trained rows."""
-    options = {}
+    ssd = None
     if cfg.ssd:
-        options = {
-            "path": pathlib.Path(workdir) / f"{policy}-{cache_rows}",
-            "host_rows": max(2 * cache_rows, 4 * cfg.bags * cfg.pooling),
-        }
+        ssd = SSDConfig(
+            pathlib.Path(workdir) / f"{policy}-{cache_rows}",
+            host_rows=max(2 * cache_rows, 4 * cfg.bags * cfg.pooling),
+        )
     emb = TieredEmbeddingBag(
         cfg.rows,
         cfg.dim,
         mode="sum",
-        cache_rows=cache_rows,
-        ways=cfg.ways,
-        policy=policy,
+        cache=CacheConfig(rows=cache_rows, ways=cfg.ways, policy=policy),
+        ssd=ssd,
         optimizer=OPTIMIZERS[cfg.optimizer](lr=cfg.lr),
         device=cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"),
         seed=cfg.seed,
-        **options,
     )
     offsets = torch.arange(0, cfg.bags * cfg.pooling, cfg.pooling, device=emb.device)
     grad = torch.randn(cfg.bags, cfg.dim, generator=torch.Generator().manual_seed(1)).to(emb.device)

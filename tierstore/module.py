@@ -1,16 +1,16 @@
 """``TieredEmbeddingBag``: a drop-in ``torch.nn.EmbeddingBag`` whose table lives in the tiers.
 
 Shapes: ``B`` bags, ``L`` indices per bag (2-D input), ``n`` indices in all, ``D`` embedding dim.
-The module only translates the user's calls: validation (``validate.py``), the batch step
-(``store.py``) and the kernels (``cpu.py`` / ``cuda.py``) do the work.
+The module only translates the user's calls: its options (``config.py``), validation
+(``validate.py``), the batch step (``store.py``) and the kernels (``cpu.py`` / ``cuda.py``) do
+the work.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import math
 import os
-import pathlib
 import threading
 import warnings
 from collections import deque
@@ -18,42 +18,21 @@ from collections import deque
 import torch
 from torch import nn
 
-from . import bag_max, checkpoint, cpu, graphs
+from . import bag_max, checkpoint, config, graphs, weights
 from .autograd import BatchHandle, TieredBagFunction
-from .cache import EMPTY, by_slot, cache_shape
-from .errors import CapacityError, InvalidInputError, TableMismatchError
+from .backends import backend_for as _backend_for  # the name collection.py imports
+from .backends import same_device
+from .config import CacheConfig, SSDConfig
+from .errors import InvalidInputError
 from .fused_optimizer import FusedOptimizer, resolve_optimizer
-from .optim import SGD, Optimizer
+from .host_cache import open_host_cache, read_table_meta, table_meta
+from .optim import SGD, Optimizer, optimizer_from_dict
 from .pipeline import PrefetchQueue
-from .policy import Policy, make_policy
 from .stats import CacheStats
-from .store import Batch, RowLayout, TieredStore, initial_rows
+from .store import Batch, BatchMode, RowLayout, TieredStore, initial_rows
 from .validate import check_has_data, drop_padding, normalize_batch
 
-_MODES = ("sum", "mean", "max")
-_WHOLE_TABLE_CHUNK = 1 << 20  # rows per read or write of weight
-
-
-class _WeightCopy(torch.Tensor):
-    """What ``TieredEmbeddingBag.weight`` returns: a plain copy of the weights, except that
-    assigning its ``.data`` writes the table (``emb.weight.data = W``, as DLRM initialises)."""
-
-    __torch_function__ = torch._C._disabled_torch_function_impl  # results are plain tensors
-
-    def __new__(cls, data: torch.Tensor, table: TieredEmbeddingBag):
-        copy = torch.Tensor._make_subclass(cls, data, False)
-        copy._table = table
-        return copy
-
-    @property
-    def data(self) -> torch.Tensor:
-        """The copy as a plain tensor."""
-        return self.as_subclass(torch.Tensor).detach()
-
-    @data.setter
-    def data(self, value: torch.Tensor) -> None:
-        self._table.weight = value
-        torch.Tensor.data.__set__(self, self._table._read_all())
+_FROM_TABLE = object()  # open(): the optimizer stored with the table; from_pretrained: default
 
 
 def _serialised(method):
@@ -70,109 +49,14 @@ def _serialised(method):
     return locked
 
 
-def _backend_for(device: torch.device):
-    """The kernels for ``device``: CuPy kernels on CUDA when CuPy is there, torch ops otherwise."""
-    if device.type == "cuda":
-        try:
-            from . import cuda
-
-            if cuda.available():
-                return cuda
-        except ImportError:
-            pass
-    return cpu
-
-
-def _refuse_unsupported(max_norm, scale_grad_by_freq) -> None:
-    """Refuses the ``nn.EmbeddingBag`` arguments whose meaning the tiers cannot keep."""
-    if max_norm is not None:
-        raise InvalidInputError(
-            f"max_norm={max_norm!r} is not supported: nn.EmbeddingBag renormalises the rows a "
-            "forward reads, in place, where tierstore's rows change only through the fused "
-            "optimizer and write_rows (a lookup never writes a tier); leave max_norm=None"
-        )
-    if scale_grad_by_freq:
-        raise InvalidInputError(
-            "scale_grad_by_freq=True is not supported: the fused optimizer applies each row's "
-            "gradient summed over the batch, unscaled; leave scale_grad_by_freq=False"
-        )
-
-
-def _check_padding_idx(padding_idx, num_embeddings: int | None) -> int | None:
-    """``padding_idx`` as a row id (negative counted from the end, as torch), or ``None``."""
-    if padding_idx is None:
-        return None
-    if isinstance(padding_idx, bool) or not isinstance(padding_idx, int):
-        raise InvalidInputError(f"padding_idx must be an int or None, got {padding_idx!r}")
-    if num_embeddings is None:  # any int64 id is a row
-        if not EMPTY < padding_idx < 2**63:
-            raise InvalidInputError(f"padding_idx must be an int64 above -2**63, got {padding_idx}")
-        return padding_idx
-    if not -num_embeddings <= padding_idx < num_embeddings:
-        raise InvalidInputError(
-            f"padding_idx must be in [-{num_embeddings}, {num_embeddings}) (num_embeddings), "
-            f"got {padding_idx}"
-        )
-    return padding_idx % num_embeddings
-
-
-def _check_weight(weight, num_embeddings: int | None, embedding_dim: int) -> None:
-    """Refuses a ``_weight`` that is not a ``(num_embeddings, embedding_dim)`` float tensor."""
-    if weight is None:
-        return
-    if num_embeddings is None:
-        raise InvalidInputError("_weight needs a table of num_embeddings rows, not None")
-    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
-        raise InvalidInputError(
-            f"_weight must be a floating-point tensor, got "
-            f"{weight.dtype if isinstance(weight, torch.Tensor) else type(weight).__name__}"
-        )
-    if tuple(weight.shape) != (num_embeddings, embedding_dim):
-        raise InvalidInputError(
-            f"_weight must have shape ({num_embeddings}, {embedding_dim}) (num_embeddings, "
-            f"embedding_dim), got {tuple(weight.shape)}"
-        )
-
-
-def _holds_table(path) -> bool:
-    """Whether ``path`` is something to reopen (a table, or an error) rather than to create:
-    the rule of ``host_cache.open_host_cache``."""
-    path = pathlib.Path(path)
-    return path.exists() and (not path.is_dir() or any(path.iterdir()))
-
-
-def _check_created_options(path, created: dict) -> None:
-    """Options fixed when a table is created, given again to reopen it, must be its own."""
-    if not created:
-        return
-    from .ssd import SSDTier
-
-    stored = SSDTier.read_meta(path)
-    for name, value in created.items():
-        if stored.get(name) != value:
-            raise TableMismatchError(
-                f"{path}: the table was created with {name}={stored.get(name)!r}, not {value!r} "
-                f"(fixed at creation: leave {name} out to reopen it)"
-            )
-
-
-def _same_device(a: torch.device, b: torch.device) -> bool:
-    """Whether ``a`` and ``b`` are one device (``cuda`` is the current CUDA device)."""
-    if a.type != b.type:
-        return False
-    if a.type != "cuda" or a.index == b.index:
-        return True
-    current = torch.cuda.current_device()
-    return (current if a.index is None else a.index) == (current if b.index is None else b.index)
-
-
 class TieredEmbeddingBag(nn.Module):
     """An ``nn.EmbeddingBag`` over a table kept in tiers: an L1 cache on the device, L2 in host
-    memory and, with ``path``, L3 on SSD. The backward pass applies ``optimizer`` to the rows
+    memory and, with ``ssd``, L3 on SSD. The backward pass applies ``optimizer`` to the rows
     where they live (a fused, exact sparse update); the module has no dense weight parameter.
 
     The positional arguments and their defaults are ``nn.EmbeddingBag``'s; tierstore's own
-    options follow, keyword-only.
+    options follow, keyword-only: the tiers as configs (:class:`~tierstore.CacheConfig`,
+    :class:`~tierstore.SSDConfig`, ``tierstore/config.py``), the optimizer and the initial rows.
 
     Rows change only in training mode (``train()``, the default) in a backward: a forward in
     ``eval()`` or under ``torch.no_grad()`` is an inference step (no lock, no update).
@@ -185,10 +69,11 @@ class TieredEmbeddingBag(nn.Module):
 
     ``fused_optimizer`` is the update as a ``torch.optim.Optimizer`` (for schedulers and
     ``state_dict``; see ``tierstore/fused_optimizer.py``); ``weight`` reads and assigns every
-    row of a table that fits in memory (a copy).
+    row of a table that fits in memory (a copy). ``cache_config`` and ``ssd_config`` are the
+    configs in use (``cache_config.rows`` resolved).
 
     Args:
-        num_embeddings: rows in the table; ``None`` (with ``path``) for any int64 id.
+        num_embeddings: rows in the table; ``None`` (with ``ssd``) for any int64 id.
         embedding_dim: ``D``.
         max_norm: must be ``None``: renormalising rows as a forward reads them would write
             every tier on a lookup (refused with :class:`InvalidInputError`).
@@ -209,34 +94,29 @@ class TieredEmbeddingBag(nn.Module):
         dtype: ``None`` or ``torch.float32`` (the only row type so far).
 
     Keyword-only (tierstore's own):
-        cache_rows: L1 size in rows (default: 20 % of the table, as FBGEMM's cache load factor).
-        ways: L1 associativity (default 32).
-        policy: ``"lru"`` or ``"lfu"``.
+        cache: L1, a :class:`~tierstore.CacheConfig` (default ``CacheConfig()``: 20 % of the
+            table, 32 ways, LRU).
+        ssd: the SSD tier and L2 over it, a :class:`~tierstore.SSDConfig`; ``None`` (default):
+            the whole table in host memory (L2), no L3.
         optimizer: the fused update applied in backward while the module is in training mode
             (``train()``, the default): :class:`SGD` (default ``SGD(lr=0.01)``),
             :class:`Adagrad`, :class:`RowWiseAdagrad`, a ``torch.optim`` class with its keyword
             arguments as ``(torch.optim.Adagrad, {"lr": 0.01})`` (see
             :func:`~tierstore.fused_optimizer.optimizer_from_torch`), or ``None`` (no training).
             Its hyper-parameters are ``self.fused_optimizer.param_groups[0]``.
-        seed: never-written rows are a deterministic function of (seed, row id).
+        seed: never-written rows are a deterministic function of (seed, row id) (default 0).
         init_scale: they are uniform on ``[-init_scale, init_scale)`` (default ``1/sqrt(D)``).
-        path: directory of the SSD tier (an LMDB environment), created if it holds no table.
-        host_rows: L2 size in rows with an SSD tier (default: ``max(4 * L1 rows, 65536)``).
-        host_ways: L2 associativity with an SSD tier (default 32).
-        block_rows: rows per compressed SSD block, a power of two (default 1); fixed when the
-            table is created (given for an existing table, it must equal the stored value).
-        compression_level: zstd level of the SSD blocks, 0 = stored raw (default 3); fixed
-            when the table is created, as ``block_rows``.
-        map_size: the LMDB map's size in bytes (default 1 TiB: address space, not disk).
-        io_threads: threads reading the SSD tier (default 4).
-        read_only: open an existing SSD table without its writer lock, beside a process that
-            may be writing it: reads see the latest completed flush; training, ``write_rows``
-            and ``flush`` raise :class:`ReadOnlyTableError` (see :meth:`open`).
+            ``seed`` and ``init_scale`` stay flat, as in :class:`~tierstore.TableConfig`: they
+            say what the table's rows are, not how a tier holds them.
+        **deprecated: the flat keywords of earlier versions (``cache_rows``, ``ways``,
+            ``policy``, ``path``, ``host_rows``, ...), each a config's field, accepted with a
+            ``DeprecationWarning`` (:func:`tierstore.config.from_flat_keywords`).
 
     Example::
 
         >>> import torch, tierstore as ts
-        >>> emb = ts.TieredEmbeddingBag(1000, 8, mode="sum", cache_rows=64, device="cpu")
+        >>> emb = ts.TieredEmbeddingBag(1000, 8, mode="sum", device="cpu",
+        ...                             cache=ts.CacheConfig(rows=64))
         >>> y = emb(torch.tensor([1, 2, 3, 2]), torch.tensor([0, 2]))
         >>> y.shape
         torch.Size([2, 8])
@@ -257,72 +137,33 @@ class TieredEmbeddingBag(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         *,
-        cache_rows: int | None = None,
-        ways: int = 32,
-        policy: str | Policy = "lru",
+        cache: CacheConfig | None = None,
+        ssd: SSDConfig | None = None,
         optimizer: Optimizer | None = SGD(lr=0.01),  # noqa: B008 (frozen, immutable)
         seed: int = 0,
         init_scale: float | None = None,
-        path: str | os.PathLike | None = None,
-        host_rows: int | None = None,
-        host_ways: int = 32,
-        block_rows: int | None = None,
-        compression_level: int | None = None,
-        map_size: int | None = None,
-        io_threads: int = 4,
-        read_only: bool = False,
+        **deprecated,
     ):
         super().__init__()
         # One call at a time per table (re-entrant: from_pretrained calls write_rows); batches
         # whose graphs were freed on another thread while a call ran, released at the next call
         self._lock = threading.RLock()
         self._deferred_releases: deque[Batch] = deque()
-        _refuse_unsupported(max_norm, scale_grad_by_freq)
-        if mode not in _MODES:
-            raise InvalidInputError(f"mode must be one of {_MODES}, got {mode!r}")
-        if dtype is not None and dtype != torch.float32:
-            raise InvalidInputError(
-                f"dtype must be torch.float32 (the only row type so far), got {dtype}"
-            )
-        if not isinstance(embedding_dim, int) or embedding_dim < 1:
-            raise InvalidInputError(f"embedding_dim must be a positive int, got {embedding_dim!r}")
-        if num_embeddings is None and path is None:
-            raise InvalidInputError(
-                "num_embeddings=None (any int64 id) needs an SSD tier: give path="
-            )
-        if num_embeddings is not None and num_embeddings < 1:
-            raise InvalidInputError(f"num_embeddings must be positive, got {num_embeddings}")
+        cache, ssd = config.from_flat_keywords("TieredEmbeddingBag", deprecated, cache, ssd)
+        config.check_configs(cache, ssd)
+        cache = cache or CacheConfig()
+        padding_idx = config.check_bag_arguments(
+            num_embeddings, embedding_dim, max_norm, scale_grad_by_freq, mode, _weight,
+            padding_idx, dtype, ssd,
+        )  # fmt: skip
+        init_scale = config.check_init(seed, init_scale, embedding_dim)
         optimizer = resolve_optimizer(optimizer)  # a tierstore rule or None
-        padding_idx = _check_padding_idx(padding_idx, num_embeddings)
-        _check_weight(_weight, num_embeddings, embedding_dim)
-        if cache_rows is None:
-            if num_embeddings is None:
-                raise InvalidInputError("cache_rows is required when num_embeddings is None")
-            cache_rows = max(1, math.ceil(0.2 * num_embeddings))
-        cache_shape(cache_rows, ways)  # bad L1 options are refused before an SSD tier is made
-        make_policy(policy)
-        ssd_given = {
-            name: value
-            for name, value, default in (
-                ("host_rows", host_rows, None),
-                ("host_ways", host_ways, 32),
-                ("block_rows", block_rows, None),
-                ("compression_level", compression_level, None),
-                ("map_size", map_size, None),
-                ("io_threads", io_threads, 4),
-                ("read_only", read_only, False),
-            )
-            if value != default
-        }
-        fresh = path is None or not _holds_table(path)  # a new table (else one to reopen)
-        if path is None and ssd_given:
-            raise InvalidInputError(f"{sorted(ssd_given)} only apply with an SSD tier: give path=")
-        created = {k: ssd_given[k] for k in ("block_rows", "compression_level") if k in ssd_given}
-        if not fresh:  # the table keeps the block format it was created with
-            _check_created_options(path, created)
-        ssd_options = {k: v for k, v in ssd_given.items() if k != "host_rows"}
-        if not fresh:
-            ssd_options = {k: v for k, v in ssd_options.items() if k not in created}
+        # L1's options are refused before an SSD tier is made
+        cache_rows, l1_capacity = config.check_l1(cache, num_embeddings)
+        self.cache_config = dataclasses.replace(cache, rows=cache_rows)
+        self.ssd_config = ssd
+        fresh = ssd is None or not ssd.holds_table()  # a new table (else one to reopen)
+        ssd_options = None if ssd is None else ssd.tier_options(fresh)
         device = torch.device(device) if device is not None else torch.get_default_device()
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.mode, self.include_last_offset = mode, include_last_offset
@@ -330,52 +171,32 @@ class TieredEmbeddingBag(nn.Module):
         self.max_norm, self.norm_type, self.scale_grad_by_freq = None, norm_type, False
         self.optimizer = optimizer
         self.device = device
-        self._l1_options = (cache_rows, ways, policy)  # to rebuild L1 on another device
         layout = RowLayout(
             embedding_dim,
             optimizer.state_width(embedding_dim) if optimizer else 0,
             optimizer.initial_state if optimizer else 0.0,
         )
-        init_scale = 1.0 / math.sqrt(embedding_dim) if init_scale is None else float(init_scale)
         host = None
-        if path is not None:
-            from .host_cache import open_host_cache, table_meta  # the SSD tier and its L2
-
-            sets, l1_ways = cache_shape(cache_rows, ways)
+        if ssd is not None:
             meta = table_meta(num_embeddings, layout, seed, init_scale, optimizer)
             init = functools.partial(
                 initial_rows, layout=layout, seed=seed, init_scale=init_scale, device=device
             )
             host = open_host_cache(
-                path,
-                num_embeddings,
-                layout,
-                host_rows,
-                sets * l1_ways,
-                policy,
-                device,
-                init,
-                meta,
-                **ssd_options,
-            )
+                ssd.path, num_embeddings, layout, ssd.host_rows, l1_capacity, cache.policy,
+                device, init, meta, **ssd_options,
+            )  # fmt: skip
         self.store = TieredStore(
-            num_embeddings,
-            layout,
-            cache_rows,
-            ways,
-            policy,
-            device,
-            seed,
-            init_scale,
-            _backend_for(device),
-            host=host,
-        )
+            num_embeddings, layout, cache_rows, cache.ways, cache.policy, device, seed,
+            init_scale, _backend_for(device), host=host,
+        )  # fmt: skip
         self._queue = PrefetchQueue(self.store)  # batches prefetched, oldest first
         self._unflushed = False  # rows changed since the last flush (close() warns of them)
         if _weight is not None:
-            self._set_weights(_weight)
+            weights.write_weights(self.store, _weight)
         elif padding_idx is not None and fresh:  # as torch: a new table's padding row is zero
-            self._set_weights(torch.zeros(1, embedding_dim), torch.tensor([padding_idx]))
+            zero = torch.zeros(1, embedding_dim)
+            weights.write_weights(self.store, zero, torch.tensor([padding_idx]))
 
     # --------------------------------------------------------------- nn.EmbeddingBag API
     @_serialised
@@ -407,7 +228,8 @@ class TieredEmbeddingBag(nn.Module):
             # head graph there instead); an inference batch is released right after its
             # forward: its L1 step need not lock its rows
             before_change = checks.wait if captured is None else graphs.before_first_change
-            batch = self.store.lookup(flat, before_change, backward=training, hold=training)
+            mode = BatchMode.TRAIN if training else BatchMode.EVAL
+            batch = self.store.lookup(flat, before_change, mode)
         else:
             checks.wait()
         if captured is not None:
@@ -510,46 +332,14 @@ class TieredEmbeddingBag(nn.Module):
         (detached) into every row, keeping the optimizer state; other in-place changes of the
         copy do not reach the table. Tables with ``num_embeddings=None`` or larger than
         :attr:`weight_max_bytes` raise: use :meth:`read_rows` / :meth:`write_rows`."""
-        return _WeightCopy(self._read_all(), self)
+        return weights.WeightCopy(weights.read_all(self), self)
 
     @weight.setter
     @_serialised
     def weight(self, value: torch.Tensor) -> None:
-        self._check_whole_table("weight")
-        if not isinstance(value, torch.Tensor) or value.shape != (
-            self.num_embeddings,
-            self.embedding_dim,
-        ):
-            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-            raise InvalidInputError(
-                f"weight must have shape ({self.num_embeddings}, {self.embedding_dim}), got {got}"
-            )
-        if not value.is_floating_point():
-            raise InvalidInputError(f"weight must be floating point, got {value.dtype}")
-        check_has_data(value, "weight")
-        self._set_weights(value)
+        weights.check_weight_value(self, value)
+        weights.write_weights(self.store, value)
         self._unflushed = True
-
-    def _check_whole_table(self, what: str) -> None:
-        if self.num_embeddings is None:
-            raise InvalidInputError(
-                f"{what}: a table with num_embeddings=None has no dense weight; use read_rows / "
-                "write_rows"
-            )
-        size = self.num_embeddings * self.embedding_dim * 4
-        if size > self.weight_max_bytes:
-            raise InvalidInputError(
-                f"{what}: the table's weights take {size} bytes, above weight_max_bytes="
-                f"{self.weight_max_bytes} (a copy is made); raise it or use read_rows / write_rows"
-            )
-
-    def _read_all(self) -> torch.Tensor:
-        self._check_whole_table("weight")
-        out = torch.empty((self.num_embeddings, self.embedding_dim), device=self.device)
-        for lo in range(0, self.num_embeddings, _WHOLE_TABLE_CHUNK):
-            hi = min(lo + _WHOLE_TABLE_CHUNK, self.num_embeddings)
-            out[lo:hi] = self.read_rows(torch.arange(lo, hi))
-        return out
 
     # --------------------------------------------------------------- rows and tiers
     @_serialised
@@ -580,9 +370,7 @@ class TieredEmbeddingBag(nn.Module):
         check_has_data(values, "values")
         if torch.unique(ids).numel() != ids.numel():
             raise InvalidInputError("write_rows: ids must be unique")
-        rows = self.store.read_rows(ids)
-        rows[:, : self.embedding_dim] = values.detach().to(rows.device, torch.float32)
-        self.store.write_rows(ids, rows)
+        weights.write_weights(self.store, values, ids)
         self._unflushed = True
 
     def _check_row_ids(self, ids) -> torch.Tensor:
@@ -634,25 +422,46 @@ class TieredEmbeddingBag(nn.Module):
         self.store.host.close()
 
     @classmethod
-    def open(cls, path, **options) -> TieredEmbeddingBag:
-        """Reopens the SSD table at ``path``, taking its shape, optimizer (its hyper-parameters
-        may be overridden with ``optimizer=``), seed and initialisation from its metadata;
-        ``options`` are the constructor's other keywords (``mode``, ``cache_rows``, ...).
-        ``read_only=True`` opens it beside a process that may be writing it: reads only, from
-        the latest completed flush; training, ``write_rows`` and ``flush`` are refused."""
-        from .host_cache import read_table_meta
-        from .optim import optimizer_from_dict
-
-        meta = read_table_meta(path)
-        options.setdefault("optimizer", optimizer_from_dict(meta.get("optimizer")))
-        return cls(
-            meta["num_embeddings"],
-            meta["embedding_dim"],
-            path=path,
-            seed=meta["seed"],
-            init_scale=meta["init_scale"],
-            **options,
+    def open(
+        cls,
+        ssd: SSDConfig | str | os.PathLike,
+        *,
+        max_norm: float | None = None,
+        norm_type: float = 2.0,
+        scale_grad_by_freq: bool = False,
+        mode: str = "mean",
+        sparse: bool = False,
+        include_last_offset: bool = False,
+        padding_idx: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        cache: CacheConfig | None = None,
+        optimizer: Optimizer | None | object = _FROM_TABLE,
+        **deprecated,
+    ) -> TieredEmbeddingBag:
+        """Reopens the SSD table at ``ssd`` (its directory, or an :class:`SSDConfig` with the
+        L2 and SSD options), taking its shape, optimizer (its hyper-parameters may be
+        overridden with ``optimizer=``), seed and initialisation from its metadata; the other
+        keywords are the constructor's. ``SSDConfig(path, read_only=True)`` opens it beside a
+        process that may be writing it: reads only, from the latest completed flush; training,
+        ``write_rows`` and ``flush`` are refused. ``**deprecated``: the constructor's flat
+        keywords but ``path``, with a ``DeprecationWarning``."""
+        if "path" in deprecated:
+            raise TypeError("TieredEmbeddingBag.open() got multiple values for the table's path")
+        ssd_config, path = (ssd, None) if isinstance(ssd, SSDConfig) else (None, ssd)
+        cache, ssd_config = config.from_flat_keywords(
+            "TieredEmbeddingBag.open", deprecated, cache, ssd_config, path
         )
+        ssd_config = ssd_config or SSDConfig(path)
+        meta = read_table_meta(ssd_config.path)
+        if optimizer is _FROM_TABLE:
+            optimizer = optimizer_from_dict(meta.get("optimizer"))
+        return cls(
+            meta["num_embeddings"], meta["embedding_dim"], max_norm, norm_type,
+            scale_grad_by_freq, mode, sparse, None, include_last_offset, padding_idx, device,
+            dtype, cache=cache, ssd=ssd_config, optimizer=optimizer, seed=meta["seed"],
+            init_scale=meta["init_scale"],
+        )  # fmt: skip
 
     @classmethod
     def from_pretrained(
@@ -666,46 +475,43 @@ class TieredEmbeddingBag(nn.Module):
         sparse: bool = False,
         include_last_offset: bool = False,
         padding_idx: int | None = None,
-        **options,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        cache: CacheConfig | None = None,
+        ssd: SSDConfig | None = None,
+        optimizer: Optimizer | None | object = _FROM_TABLE,
+        seed: int = 0,
+        init_scale: float | None = None,
+        **deprecated,
     ) -> TieredEmbeddingBag:
         """A table initialised with ``embeddings (N, D)``, as ``nn.EmbeddingBag.from_pretrained``:
         ``freeze=True`` (the default) trains nothing (no optimizer: a backward updates no row);
         ``freeze=False`` trains with ``optimizer=`` (default ``SGD(lr=0.01)``), its state fresh.
-        ``options`` are the constructor's keywords (``device``, ``cache_rows``, ``path``, ...)."""
+        The keyword-only arguments are the constructor's (``**deprecated`` too)."""
+        cache, ssd = config.from_flat_keywords(
+            "TieredEmbeddingBag.from_pretrained", deprecated, cache, ssd
+        )
         if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2:
             raise InvalidInputError(
                 "embeddings must be a 2-D tensor (num_embeddings, embedding_dim)"
             )
         check_has_data(embeddings, "embeddings")
         if freeze:
-            if options.get("optimizer") is not None:
+            if optimizer is not _FROM_TABLE and optimizer is not None:
                 raise InvalidInputError(
                     "freeze=True trains nothing, so it takes no optimizer: pass freeze=False "
                     "to train with optimizer="
                 )
-            options["optimizer"] = None
+            optimizer = None
+        elif optimizer is _FROM_TABLE:  # the constructor's default
+            optimizer = SGD(lr=0.01)
         rows, dim = embeddings.shape
         return cls(
             rows, dim, max_norm, norm_type, scale_grad_by_freq, mode, sparse, embeddings,
-            include_last_offset, padding_idx, **options,
+            include_last_offset, padding_idx, device, dtype, cache=cache, ssd=ssd,
+            optimizer=optimizer, seed=seed, init_scale=init_scale,
         )  # fmt: skip
-
-    def _set_weights(self, weight: torch.Tensor, ids: torch.Tensor | None = None) -> None:
-        """Writes ``weight (len(ids), D)`` into rows ``ids`` (default: every row, in chunks
-        of bounded memory), keeping their optimizer state."""
-        chunk = _WHOLE_TABLE_CHUNK
-        if ids is not None:
-            parts = [(ids, weight)]
-        else:
-            parts = (
-                (torch.arange(lo, min(lo + chunk, weight.shape[0])), weight[lo : lo + chunk])
-                for lo in range(0, weight.shape[0], chunk)
-            )
-        dim = self.embedding_dim
-        for part_ids, values in parts:
-            rows = self.store.read_rows(part_ids)
-            rows[:, :dim] = values.detach().to(rows.device, torch.float32)
-            self.store.write_rows(part_ids, rows)
 
     # --------------------------------------------------------------- device and dtype
     @_serialised
@@ -722,58 +528,27 @@ class TieredEmbeddingBag(nn.Module):
                     f"it cannot be converted to {probe.dtype} (.half(), .double(), .bfloat16(), "
                     ".to(dtype)); the table is unchanged"
                 )
-            if not _same_device(probe.device, self.device):
+            if not same_device(probe.device, self.device):
                 self._move_to(probe.device)
         return super()._apply(fn, recurse)
 
     def _move_to(self, device: torch.device) -> None:
-        """Moves L1 and the kernels to ``device``: L1's dirty rows are written back to L2,
-        then L1 is made anew (empty) on ``device`` over the same L2 (page-locked for a CUDA
-        device: that copies L2 once) and L3. Rows, optimizer state and counters are kept;
-        the cache's contents are not (which, by the cache's transparency, changes no value).
-        Refused while a batch is in flight (prefetched, or a forward whose backward has not
-        run), with nothing changed."""
+        """Moves L1 and the kernels to ``device`` (:meth:`TieredStore.moved_to`: rows,
+        optimizer state and counters are kept, L1 starts empty). Refused while a batch is in
+        flight (prefetched, or a forward whose backward has not run), with nothing changed."""
         if device.type not in ("cpu", "cuda"):
             raise InvalidInputError(
                 f"a TieredEmbeddingBag runs on a CPU or CUDA device, not {device}"
             )
-        old = self.store
-        if len(self._queue) or bool((old.l1.locks != 0).any()):
+        if len(self._queue):
             raise InvalidInputError(
                 f"the table cannot move to {device} while a batch is in flight (prefetched, or "
                 "a training forward whose backward has not run): move it between steps"
             )
-        slots, _ = old.l1.clean()  # L1's dirty rows down to L2 (a step's write-back)
-        if slots.numel():
-            old.host.write(old.l1_home[slots], old.l1_rows(slots))
-            old.flushed_rows += slots.numel()
-        data = getattr(old.host, "data", None)
-        pinned = None
-        if device.type == "cuda" and data is not None and not data.is_pinned():
-            try:  # kernels read L2 in place over PCIe: only from page-locked memory
-                pinned = data.pin_memory()
-            except RuntimeError as e:
-                raise CapacityError(
-                    f"moving the table to {device} page-locks its host tier (L2: "
-                    f"{data.numel() * 4 / 2**30:.1f} GiB, copied once), which failed: {e}"
-                ) from e
-        if old.inclusive_host:  # the old L1's rows leave L2's pins
-            cached = by_slot(old.l1.tags) != EMPTY
-            old.host.unpin(old.l1_home[cached.to(old.l1_home.device)])
-        if pinned is not None:
-            old.host.data = pinned
-            written = getattr(old.host, "written", None)  # L2's map of written rows goes too
-            if written is not None:
-                old.host.written = written.pin_memory()
-        cache_rows, ways, policy = self._l1_options
-        new = TieredStore(
-            self.num_embeddings, old.layout, cache_rows, ways, policy, device, old.seed,
-            old.init_scale, _backend_for(device), host=old.host,
-        )  # fmt: skip
-        new.l1.counters.copy_(old.l1.counters)
-        new.flushed_rows = old.flushed_rows
-        self.store, self.device = new, device
-        self._queue = PrefetchQueue(new)
+        l1 = self.cache_config
+        self.store = self.store.moved_to(device, _backend_for(device), l1.rows, l1.ways, l1.policy)
+        self.device = device
+        self._queue = PrefetchQueue(self.store)
 
     # --------------------------------------------------------------- checkpoints
     # The rows and their optimizer state are the module's state: ``weight``, ``optimizer_state``

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from .errors import InvalidInputError, TierstoreError
-from .store import Batch, TieredStore, UniqueStep
+from .store import Batch, BatchMode, TieredStore, UniqueStep
 from .validate import BatchChecks
 
 
@@ -100,11 +100,11 @@ class PrefetchQueue:
         entry = _Prefetched(key, _versions(key), flat, checks, None)
         if side is None:
             checks.wait()  # in order: the host reads the checks now, and a bad batch raises
-            entry.step = self.store.unique(flat)
+            entry.step = self.store.unique(flat, BatchMode.TRAIN)
         else:
             side.wait_stream(torch.cuda.current_stream(self.store.device))
             with torch.cuda.stream(side):
-                entry.step = self.store.unique(flat)
+                entry.step = self.store.unique(flat, BatchMode.TRAIN)
         self.entries.append(entry)
         if side is None:  # in order: the next batch in line is placed at once (a batch that
             self.advance()  # L2 cannot hold raises here, with nothing changed)
@@ -131,10 +131,10 @@ class PrefetchQueue:
         side = self.store.side_stream()
         try:  # a batch that L2 cannot hold is refused before anything changes
             if side is None:
-                entry.batch = self.store.place(entry.step)
+                entry.batch = self.store.place(entry.step, BatchMode.TRAIN)
             else:
                 with torch.cuda.stream(side):
-                    entry.batch = self.store.place(entry.step)
+                    entry.batch = self.store.place(entry.step, BatchMode.TRAIN)
         except TierstoreError as e:
             entry.error, entry.step = e, None
             return

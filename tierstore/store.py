@@ -8,6 +8,7 @@ of bags, pooling or autograd: that is ``module.py``'s job.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -15,11 +16,35 @@ import torch
 
 from . import interop
 from . import stats as st
-from .cache import EMPTY
+from .cache import EMPTY, by_slot
+from .errors import CapacityError, InvalidInputError
 from .hashing import initial_weights
 from .host import HostTable
 from .policy import Policy
 from .validate import check_id_range
+
+
+class BatchMode(enum.Enum):
+    """What a batch is looked up for: the one flag of :meth:`TieredStore.lookup`.
+
+    ``TRAIN``: a backward will use the batch (a training forward, or one whose per-sample
+    weights want a gradient, and every prefetched batch). Its rows stay locked in L1 until
+    :meth:`TieredStore.release`, and a backend's unique step makes the sparse transpose that
+    the backward reuses.
+
+    ``EVAL``: an inference forward. No backward follows and the batch is released right after
+    it is pooled, before any other lookup of the store: the unique step may skip the transpose
+    (on CUDA, a histogram of the id space may replace the sort), and the CUDA cache step need
+    not lock its rows. The cache's state afterwards is that of a ``TRAIN`` step and release.
+    """
+
+    TRAIN = "train"
+    EVAL = "eval"
+
+    @property
+    def backward(self) -> bool:
+        """Whether a backward follows (the transpose is made, the rows are held until release)."""
+        return self is BatchMode.TRAIN
 
 
 @dataclass(frozen=True)
@@ -102,7 +127,7 @@ class Batch:
     # A sync-free step's unique count U as a (1,) int32 device tensor: then ids, slots and
     # addresses are buffers of n entries of which the first U are used. None: exactly U.
     count: torch.Tensor | None = None
-    # Whether L1 holds locks for the batch until release (False: a lookup with hold=False)
+    # Whether L1 holds locks for the batch until release (False: an EVAL lookup's on CUDA)
     holds: bool = True
     # Whether the backward's kernels released the batch's L1 locks as they updated its rows
     # (the CUDA backend's): the release then leaves L1 alone
@@ -239,40 +264,40 @@ class TieredStore:
         self,
         indices: torch.Tensor,
         before_change: Callable[[], None] | None = None,
-        backward: bool = True,
-        hold: bool = True,
+        mode: BatchMode = BatchMode.TRAIN,
     ) -> Batch:
         """Places every row of a batch (flat int64 indices) and locks it. ``before_change`` is
         called after the unique step (which changes nothing) and before anything changes: the
         input's checks (``BatchChecks.wait``), so that the device has work while the host
-        waits; without it the indices must be validated already. ``backward=False`` says no
-        backward pass will use the batch (an inference forward): the unique step may then skip
-        the sparse transpose that backward reuses (the CUDA backend's histogram unique).
-        ``hold=False`` says the batch is used and released before any other lookup of this
-        store (an inference forward): the CUDA step then need not lock its L1 rows.
+        waits; without it the indices must be validated already. ``mode`` says whether a
+        backward will use the batch (:class:`BatchMode`): ``EVAL``, an inference forward, lets
+        the unique step skip the sparse transpose and the CUDA cache step skip its locks.
 
         The two halves are also callable apart (:meth:`unique` then :meth:`place`), which the
         prefetch pipeline (``pipeline.py``) does on a side stream.
         """
         self.join_side()
-        pending = self.unique(indices, backward)
+        pending = self.unique(indices, mode)
         if before_change is not None:
             before_change()
-        return self.place(pending, hold)
+        return self.place(pending, mode)
 
-    def unique(self, indices: torch.Tensor, backward: bool = True) -> UniqueStep:
-        """A batch's unique step: its unique ids ascending and what backward reuses. Changes
-        nothing and reads no id out of bounds, so it may run before the batch's checks pass."""
+    def unique(self, indices: torch.Tensor, mode: BatchMode = BatchMode.TRAIN) -> UniqueStep:
+        """A batch's unique step: its unique ids ascending and what backward reuses (the
+        transpose, made only for a ``TRAIN`` batch). Changes nothing and reads no id out of
+        bounds, so it may run before the batch's checks pass."""
         padded = not self.inclusive_host and getattr(self.l1, "sync_free", False)
-        return UniqueStep(*batch_unique(self.backend, indices, self.num_rows, padded, backward))
+        transpose = mode.backward
+        return UniqueStep(*batch_unique(self.backend, indices, self.num_rows, padded, transpose))
 
-    def place(self, step: UniqueStep, hold: bool = True) -> Batch:
+    def place(self, step: UniqueStep, mode: BatchMode = BatchMode.TRAIN) -> Batch:
         """The rest of a lookup, once the batch's checks passed: L2 first, so that a batch too
         large for ``host_rows`` fails before anything changes; then L1: dirty victims go back
         to L2, missed rows come in from L2 in ascending id order. With the whole table in L2
         and a cache whose step runs on the device, the host never waits for the device here
         (the unique count stays there: ``Batch.count``)."""
         ids, count = step.ids, step.count
+        hold = mode.backward  # an EVAL batch is released before any other lookup: no locks
         addresses = self.host.acquire(ids)
         if count is None:
             found = self.backend.lookup(self.l1, ids, step.counts, hold=hold)
@@ -340,6 +365,50 @@ class TieredStore:
             self.host.write(self.l1_home[slots], self.l1_rows(slots))
             self.flushed_rows += slots.numel()
         self.host.flush()
+
+    def moved_to(
+        self, device: torch.device, backend, cache_rows: int, ways: int, policy: str | Policy
+    ) -> TieredStore:
+        """This table's store with L1 and the kernels on ``device``: L1's dirty rows are
+        written back to L2, then L1 is made anew (empty) on ``device`` over the same L2
+        (page-locked for a CUDA device: that copies L2 once) and L3. Rows, optimizer state and
+        counters are kept; the cache's contents are not (which, by the cache's transparency,
+        changes no value). Refused while L1 holds a batch's locks, with nothing changed; this
+        store is not to be used afterwards."""
+        self.join_side()
+        if bool((self.l1.locks != 0).any()):
+            raise InvalidInputError(
+                f"the table cannot move to {device} while a batch is in flight (prefetched, or "
+                "a training forward whose backward has not run): move it between steps"
+            )
+        host = self.host
+        slots, _ = self.l1.clean()  # L1's dirty rows down to L2 (a step's write-back)
+        if slots.numel():
+            host.write(self.l1_home[slots], self.l1_rows(slots))
+            self.flushed_rows += slots.numel()
+        data = getattr(host, "data", None)
+        pinned = None
+        if device.type == "cuda" and data is not None and not data.is_pinned():
+            try:  # kernels read L2 in place over PCIe: only from page-locked memory
+                pinned = data.pin_memory()
+            except RuntimeError as e:
+                raise CapacityError(
+                    f"moving the table to {device} page-locks its host tier (L2: "
+                    f"{data.numel() * 4 / 2**30:.1f} GiB, copied once), which failed: {e}"
+                ) from e
+        if self.inclusive_host:  # the old L1's rows leave L2's pins
+            cached = by_slot(self.l1.tags) != EMPTY
+            host.unpin(self.l1_home[cached.to(self.l1_home.device)])
+        if pinned is not None:
+            host.data = pinned
+            written = getattr(host, "written", None)  # L2's map of written rows goes too
+            if written is not None:
+                host.written = written.pin_memory()
+        new = TieredStore(self.num_rows, self.layout, cache_rows, ways, policy, device,
+                          self.seed, self.init_scale, backend, host=host)  # fmt: skip
+        new.l1.counters.copy_(self.l1.counters)
+        new.flushed_rows = self.flushed_rows
+        return new
 
     # ------------------------------------------------------------------ stats
     def stats(self) -> st.CacheStats:

@@ -95,8 +95,9 @@ class DLRMEmbeddingBag(ts.TieredEmbeddingBag):
             n,
             dim,
             mode=mode,
-            cache_rows=max(1, math.ceil(_Settings.cache_fraction * n)),
-            policy=_Settings.policy,
+            cache=ts.CacheConfig(
+                rows=max(1, math.ceil(_Settings.cache_fraction * n)), policy=_Settings.policy
+            ),
             optimizer=_Settings.rule,
             device=device if device is not None else _Settings.device,
             include_last_offset=include_last_offset,
