@@ -104,6 +104,16 @@ class Trace:
         grouped = np.split(as_id_array(ids)[perm], ends[:-1]) if names else []
         return cls(grouped, list(names), tables)
 
+    def select(self, keep: list[int]) -> Trace:
+        """The trace of tables ``keep`` (indices, in this order), with their order kept."""
+        order = None
+        if self.order is not None:
+            remap = np.full(len(self.tables), -1, np.int64)
+            remap[keep] = np.arange(len(keep))
+            order = remap[self.order]
+            order = order[order >= 0]
+        return Trace([self.tables[i] for i in keep], [self.names[i] for i in keep], order)
+
     @property
     def requests(self) -> int:
         """Ids over all tables."""
