@@ -87,8 +87,11 @@ class Trace:
             )
         if self.order is not None:
             order = np.asarray(self.order)
-            counts = np.bincount(order, minlength=len(self.tables)) if order.size else []
-            if order.ndim != 1 or list(counts) != [t.size for t in self.tables]:
+            n = len(self.tables)
+            fits = order.ndim == 1 and (order.size == 0 or 0 <= order.min() <= order.max() < n)
+            if not fits or np.bincount(order.astype(np.int64), minlength=n).tolist() != [
+                t.size for t in self.tables
+            ]:
                 raise InvalidInputError(
                     "Trace order must name each table once per id it holds, in request order"
                 )
