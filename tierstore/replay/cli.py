@@ -171,9 +171,10 @@ def run_replay(args) -> int:
         whole = [r for r in rows if "request_share" not in r]
         print(format_table(whole, columns + ["cache"], title))
         print()
-        per_table = sorted(
+        rank = {p: k for k, p in enumerate(dict.fromkeys(r["policy"] for r in rows))}
+        per_table = sorted(  # stable: the tables in trace order
             (r for r in rows if "request_share" in r),
-            key=lambda r: (r["cache"] != "shared", r["policy"], r["asked_rows"]),
+            key=lambda r: (r["cache"] != "shared", rank[r["policy"]], r["asked_rows"]),
         )
         print(format_table(per_table, TABLE_COLUMNS, "per table:"))
         print("\n".join(notes))
