@@ -159,35 +159,10 @@ def load_trace(path: str | os.PathLike, fmt: str | None = None, **opts) -> Trace
     return read_trace(path, fmt, **opts).load()
 
 
-__all__ = [
-    "CRITEO_FIELDS",
-    "CRITEO_FIRST_CAT",
-    "DEFAULT_CHUNK",
-    "DTYPE_CODES",
-    "FORMATS",
-    "MAGIC",
-    "MAX_STREAM_HEADER",
-    "NPY_MAGIC",
-    "READERS",
-    "VERSION",
-    "WRITABLE",
-    "WRITERS",
-    "ZSTD_MAGIC",
-    "BinaryHeader",
-    "BinaryReader",
-    "CriteoReader",
-    "CsvReader",
-    "NpyReader",
-    "RequestChunk",
-    "TextReader",
-    "Trace",
-    "TraceChunk",
-    "TraceFormatError",
-    "TraceReader",
-    "ZstdBinaryReader",
-    "detect_format",
-    "format_for_output",
-    "load_trace",
-    "parse_hex",
-    "read_trace",
-]
+__all__ = [  # the names this module held before the formats had a module each, and the registry
+    "CRITEO_FIELDS", "CRITEO_FIRST_CAT", "DEFAULT_CHUNK", "DTYPE_CODES", "FORMATS", "MAGIC",
+    "MAX_STREAM_HEADER", "NPY_MAGIC", "READERS", "VERSION", "WRITABLE", "WRITERS", "ZSTD_MAGIC",
+    "BinaryHeader", "BinaryReader", "CriteoReader", "CsvReader", "NpyReader", "RequestChunk",
+    "TextReader", "Trace", "TraceChunk", "TraceFormatError", "TraceReader", "ZstdBinaryReader",
+    "detect_format", "format_for_output", "load_trace", "parse_hex", "read_trace",
+]  # fmt: skip
