@@ -21,7 +21,8 @@ from tierstore import cache as cache_module
 from tierstore.cli import main
 from tierstore.errors import InternalError
 from tierstore.replay import engine
-from tierstore.replay.engine import EngineResult
+from tierstore.replay.bounds import opt_hits
+from tierstore.replay.engine import EngineResult, replay_engine
 from tierstore.replay.invariants import check_attribution
 from tierstore.replay.keys import KEY_SHIFT, key_tables, table_keys
 from tierstore.replay.shared import replay_shared, split_sizes
@@ -160,22 +161,27 @@ def test_fa_lru_per_table_against_a_literal_lru():
 
 
 def test_per_table_caches_are_separate_replays_of_split_sizes():
+    """Each table's own cache, of its share of the size, is stepped with its requests of each
+    batch of the shared replay (per request, at batch 1)."""
     rng = np.random.default_rng(2)
-    parts = [rng.zipf(1.1, 2000) % m for m in (50, 400, 1000)]
-    trace = Trace(parts, ["s", "m", "l"])
-    rows = replay_shared(trace, [200], ["lru", "opt"], batch=100, per_table_cache=True)
-    own = [r for r in rows if r["cache"] == "per-table"]
-    split = split_sizes(200, [np.unique(p).size for p in parts])
-    for name, ids, size in zip(trace.names, parts, split):
-        want = replay_table(ids, [size], ["lru", "opt"], batch=100)
-        mine = [r for r in own if r["table"] == name]
-        assert [(r["cache_rows"], r["hits"], r["misses"]) for r in mine] == [
-            (w["cache_rows"], w["hits"], w["misses"]) for w in want
-        ]
-    for whole in (r for r in own if r["table"] == "all"):
-        parts_of = [r for r in own if r["table"] != "all" and r["policy"] == whole["policy"]]
-        for key in ("cache_rows", *COUNTS):
-            assert whole[key] == sum(r[key] for r in parts_of), key
+    tables = rng.choice(3, 6000, p=[0.2, 0.3, 0.5])
+    ids = rng.zipf(1.1, 6000) % np.array([50, 400, 1000])[tables]
+    trace = Trace.from_requests(tables, ids, ["s", "m", "l"])
+    split = split_sizes(200, [np.unique(ids[tables == t]).size for t in range(3)])
+    for batch in (1, 100):
+        rows = replay_shared(trace, [200], ["lru", "opt"], batch=batch, per_table_cache=True)
+        own = [r for r in rows if r["cache"] == "per-table"]
+        for t, (name, size) in enumerate(zip(trace.names, split)):
+            parts = [ids[a : a + batch][tables[a : a + batch] == t] for a in range(0, 6000, batch)]
+            lru = replay_engine([p for p in parts if p.size], size, "lru", 32)
+            opt = int(opt_hits(ids[tables == t], [size])[0])
+            mine = {r["policy"][:3]: r for r in own if r["table"] == name}
+            assert (mine["lru"]["cache_rows"], mine["lru"]["hits"]) == (lru.cache_rows, lru.hits)
+            assert (mine["lru"]["unique"], mine["opt"]["hits"]) == (lru.unique, opt)
+        for whole in (r for r in own if r["table"] == "all"):
+            of = [r for r in own if r["table"] != "all" and r["policy"] == whole["policy"]]
+            for key in ("cache_rows", *COUNTS):
+                assert whole[key] == sum(r[key] for r in of), key
 
 
 @settings(max_examples=50, deadline=None)

@@ -24,7 +24,9 @@ import numpy as np
 import torch
 
 from ..errors import InvalidInputError
+from ..progress import progress
 from ..trace.base import Trace
+from .engine import replay_engine
 from .fully_assoc import hits_from_distances, lru_stack_distances
 from .invariants import check_attribution
 from .keys import key_tables, table_keys
@@ -182,30 +184,59 @@ def _fa_lru(s: SharedTrace, sizes, label: str) -> list[dict]:
 _SUMMED = ("cache_rows", "requested", "unique", "hits", "misses")
 
 
+def _own_engine(ids, own, policy, cuts, opts: dict, name: str) -> list[dict]:
+    """A table's own cache under an engine policy at each of ``own`` sizes, stepped with the
+    table's part of each batch of the shared replay (``cuts``: where its ids' batches end)."""
+    batches = [b for b in np.split(ids, cuts) if b.size]
+    run = dict(ways=opts["ways"], device=opts["device"], host_rows=opts["host_rows"])
+    rows = []
+    for size in own:
+        source = (torch.from_numpy(b).to(run["device"]) for b in batches)
+        shown = progress(source, f"{name} {policy} {size}", len(batches) > 50, len(batches))
+        r = replay_engine(shown, size, policy, **run)
+        rows.append(engine_row(r, size, run["ways"], opts["batch"], bool(run["host_rows"])))
+    return rows
+
+
 def _own_caches(s: SharedTrace, trace: Trace, sizes, policies, opts: dict, label: str):
-    """Each table in its own cache, ``sizes`` split by distinct ids: per-table rows, then a
-    whole row per (policy, size) summing them (``cache_rows``: the rows all of them hold)."""
+    """Each table in its own cache, ``sizes`` split by distinct ids, stepped with its part of
+    each batch of the shared replay: per-table rows, then a whole row per (policy, size)
+    summing them (``cache_rows``: the rows all of them hold)."""
     split = [split_sizes(size, s.distinct) for size in sizes]
+    batch = opts["batch"]
+    batched = not steps_per_request(batch, opts["host_rows"], opts["device"])
+    bounds = np.arange(batch, s.keys.size, batch)
+    for policy in policies:  # untimed: compiles the loops once, not per table
+        if policy in ENGINE_POLICIES and batched:
+            warm_up_engine(s.keys, max(sizes), policy, batch, num_rows=None, ways=opts["ways"],
+                           device=opts["device"], host_rows=opts["host_rows"])  # fmt: skip
     rows, sums = [], {}
     for t, (name, ids) in enumerate(zip(trace.names, trace.tables)):
         own = [sp[t] for sp in split]
         if not ids.size:
             continue
-        got = replay_table(ids, own, policies, table=name, **opts)
-        for k, row in enumerate(got):  # each policy's rows come in the order of sizes
-            size = sizes[k % len(sizes)]
-            row.update(
-                asked_rows=size, cache="per-table", request_share=_ratio(ids.size, s.keys.size)
-            )
-            rows.append(row)
-            if (row["policy"], size) not in sums:
-                first = {**row, "table": label, "seconds": 0.0, **dict.fromkeys(_SUMMED, 0)}
-                del first["request_share"]
-                sums[row["policy"], size] = first
-            total = sums[row["policy"], size]
-            for key in _SUMMED:
-                total[key] += row[key]
-            total["seconds"] += row["requested"] / row["req_per_s"]
+        cuts = np.searchsorted(np.flatnonzero(s.tables == t), bounds)
+        for policy in policies:
+            if policy in ENGINE_POLICIES and batched:
+                got = _own_engine(ids, own, policy, cuts, opts, name)
+                floor = 1.0 - _ratio(s.distinct[t], ids.size)
+                for row in got:
+                    row.update(table=name, floor_hit_ratio=floor)
+            else:
+                got = replay_table(ids, own, [policy], table=name, **opts)
+            for size, row in zip(sizes, got):  # in the order of sizes
+                row.update(
+                    asked_rows=size, cache="per-table", request_share=_ratio(ids.size, s.keys.size)
+                )
+                rows.append(row)
+                if (row["policy"], size) not in sums:
+                    first = {**row, "table": label, "seconds": 0.0, **dict.fromkeys(_SUMMED, 0)}
+                    del first["request_share"]
+                    sums[row["policy"], size] = first
+                total = sums[row["policy"], size]
+                for key in _SUMMED:
+                    total[key] += row[key]
+                total["seconds"] += row["requested"] / row["req_per_s"]
     whole = []
     for total in sums.values():
         n, u = total["requested"], total["unique"]
