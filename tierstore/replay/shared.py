@@ -131,6 +131,8 @@ def _table_rows(s: SharedTrace, base: dict, unique, hits) -> list[dict]:
             "unique_hit_ratio": _ratio(h, u), "evictions": "", "req_per_s": "",
             "floor_hit_ratio": 1.0 - _ratio(s.distinct[t], req) if req else 0.0,
         })  # fmt: skip
+        if "l2_hits" in base:  # L2 and L3 are not attributed to tables
+            rows[-1].update(l1_hits=h, l2_hits="", l3_reads="")
     return rows
 
 
