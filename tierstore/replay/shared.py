@@ -103,11 +103,9 @@ class SharedTrace:
         n_tables = len(trace.names)
         tables, ids = trace.interleaved()
         keys, exact = table_keys(tables, ids, n_tables)
-        uniq = np.unique(keys)
-        return cls(
-            list(trace.names), tables, keys, exact,
-            np.bincount(tables, minlength=n_tables), np.bincount(key_tables(uniq, n_tables), minlength=n_tables),
-        )  # fmt: skip
+        requested = np.bincount(tables, minlength=n_tables)
+        distinct = np.bincount(key_tables(np.unique(keys), n_tables), minlength=n_tables)
+        return cls(list(trace.names), tables, keys, exact, requested, distinct)
 
     @property
     def distinct_keys(self) -> int:
@@ -149,7 +147,7 @@ def _engine(s: SharedTrace, sizes, policy, opts: dict, label: str) -> list[dict]
         flags = np.zeros(s.keys.size, np.bool_) if per_request else None
         r = _replay_engine_policy(
             s.keys, size, policy, batch=batch, num_rows=None, desc=f"{label} {policy} {size}",
-            hits=flags if per_request else None, observe=counts, **run,
+            hits=flags, observe=counts, **run,
         )  # fmt: skip
         unique, hits = counts.unique.cpu().numpy(), counts.hits.cpu().numpy()
         if per_request:  # each request a lookup; the flags say which hit

@@ -179,8 +179,10 @@ def split_tables(ids: np.ndarray, tables: np.ndarray | None) -> Iterator[TraceCh
     if tables is None:
         yield TraceChunk(0, ids)
         return
-    for t in np.unique(tables).tolist():
-        yield TraceChunk(int(t), ids[tables == t])
+    order = np.argsort(tables, kind="stable")  # one pass, however many tables
+    present, starts = np.unique(tables[order], return_index=True)
+    for t, part in zip(present.tolist(), np.split(ids[order], starts[1:])):
+        yield TraceChunk(int(t), part)
 
 
 class TraceReader:
