@@ -266,3 +266,14 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "nope" in err
+
+
+@pytest.mark.parametrize("per_table_cache", [False, True])
+def test_every_device_attributes_alike(device, per_table_cache):
+    """On CUDA the engine's kernels step the shared cache: every row equals the CPU's."""
+    trace = load_trace(SHARED, table_col="table")
+    kw = dict(ways=8, batch=64, per_table_cache=per_table_cache)
+    got = replay_shared(trace, [40, 100], ["lru", "lfu"], device=device, **kw)
+    want = replay_shared(trace, [40, 100], ["lru", "lfu"], device="cpu", **kw)
+    keys = ("table", "cache", "policy", "cache_rows", *COUNTS)
+    assert [[r[k] for k in keys] for r in got] == [[r[k] for k in keys] for r in want]

@@ -42,10 +42,11 @@ def add_replay_command(subparsers) -> argparse.ArgumentParser:
         "replay",
         help="replay access traces through the cache policies, with OPT and LRU bounds",
         description=(
-            "Replays each table of each trace through the engine's set-associative LRU/LFU "
-            "(its own code, batch by batch; at --batch 1 request by request) and through OPT, "
-            "fully associative LRU and modern policies, at every cache size, and prints one "
-            "table."
+            "Replays each trace through the engine's set-associative LRU/LFU (its own code, "
+            "batch by batch; at --batch 1 request by request) and through OPT, fully "
+            "associative LRU and modern policies, at every cache size, and prints a table. The "
+            "tables of a multi-table trace share one cache keyed by (table, id), and a second "
+            "table attributes its figures to each table."
         ),
     )
     p.add_argument("traces", nargs="+", help="trace files (any format `tierstore trace` reads)")
