@@ -7,7 +7,13 @@ from pathlib import Path
 
 import numpy as np
 
-from tierstore.trace.analyze import format_stats, log2_buckets, table_stats, trace_stats
+from tierstore.trace.analyze import (
+    format_stats,
+    log2_buckets,
+    shared_stats,
+    table_stats,
+    trace_stats,
+)
 from tierstore.trace.cli import main as trace_main
 from tierstore.trace.formats import Trace, load_trace
 
@@ -51,3 +57,39 @@ def test_cli_stats(tmp_path, capsys):
     assert [t["name"] for t in data["tables"]] == ["C3"]
     assert trace_main(["stats", str(tmp_path / "missing.tst")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_shared_stats_are_those_of_the_keys_in_request_order():
+    """The shared view: distinct (table, id) keys, and the stack distances of the requests in
+    their order across tables, against a literal LRU stack."""
+    rng = np.random.default_rng(3)
+    tables, ids = rng.integers(0, 3, 500), rng.integers(0, 40, 500)
+    trace = Trace.from_requests(tables, ids, ["a", "b", "c"])
+    s = shared_stats(trace)
+    keys = list(zip(tables.tolist(), ids.tolist()))
+    stack, dist = [], []
+    for k in keys:
+        if k in stack:
+            dist.append(stack.index(k))  # rows used since, most recent first
+            stack.remove(k)
+        stack.insert(0, k)
+    assert (s.requests, s.distinct) == (500, len(set(keys)))
+    assert s.reuse_log2_hist == log2_buckets(np.array(dist)).tolist()
+    per, total = trace_stats(trace)
+    assert [p.request_share for p in per] == [np.mean(tables == t) for t in range(3)]
+    assert total.distinct == s.distinct  # the same keys; only the order differs
+    text = format_stats(per, total, s)
+    assert "shared" in text and "(table, id) keys" in text
+
+
+def test_cli_stats_reports_the_shared_view(capsys):
+    argv = ["stats", str(DATA / "shared_trace.csv"), "--table-col", "table"]
+    assert trace_main([*argv, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    trace = load_trace(DATA / "shared_trace.csv", table_col="table")
+    assert data["shared"] == shared_stats(trace).to_dict()
+    assert data["shared"]["distinct"] == 77 + 66 + 50
+    shares = [t["request_share"] for t in data["tables"]]
+    assert shares == [286 / 900, 432 / 900, 182 / 900]  # item, user, ad: by first appearance
+    assert trace_main(argv) == 0
+    assert "LRU of 256 rows shared hits  78.56%" in capsys.readouterr().out

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tierstore.errors import InvalidInputError
 from tierstore.trace.cli import main as trace_main
@@ -313,3 +315,76 @@ def test_cli_convert_chain(tmp_path, capsys):
     np.testing.assert_array_equal(got.tables[0], [100, 101, 102, 105])
     assert trace_main(["convert", str(tmp_path / "r.tst"), str(tmp_path / "r.txt")]) == 2
     assert "holds one table" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Requests in order across tables (what a cache shared by the tables replays)
+
+
+def test_criteo_requests_come_row_by_row():
+    path = DATA / "criteo_sample.txt"
+    want_tables, want_ids = [], []
+    for line in path.read_text().splitlines():
+        for t, field in enumerate(line.split("\t")[14:]):
+            if field:
+                want_tables.append(t)
+                want_ids.append(int(field, 16))
+    for chunk in (1, 4, 100):
+        reader = read_trace(path, chunk_size=chunk)
+        got = list(reader.requests())
+        assert np.concatenate([c.tables for c in got]).tolist() == want_tables
+        assert np.concatenate([c.ids for c in got]).tolist() == want_ids
+    trace = load_trace(path)
+    tables, ids = trace.interleaved()
+    assert (tables.tolist(), ids.tolist()) == (want_tables, want_ids)
+    assert [t.size for t in trace.tables] == np.bincount(want_tables, minlength=26).tolist()
+
+
+def test_npy_and_csv_requests_keep_the_file_order(tmp_path):
+    a = np.arange(12).reshape(4, 3) * 10
+    np.save(tmp_path / "a.npy", a)
+    tables, ids = load_trace(tmp_path / "a.npy", chunk_size=3).interleaved()
+    assert ids.tolist() == a.reshape(-1).tolist() and tables.tolist() == [0, 1, 2] * 4
+    (tmp_path / "r.csv").write_text("t,id,ts\nb,1,5\na,2,1\nb,3,2\na,4,9\nc,5,3\n")
+    trace = load_trace(tmp_path / "r.csv", table_col="t", chunk_size=2)
+    assert trace.names == ["b", "a", "c"]
+    tables, ids = trace.interleaved()
+    assert (tables.tolist(), ids.tolist()) == ([0, 1, 0, 1, 2], [1, 2, 3, 4, 5])
+    tables, ids = load_trace(tmp_path / "r.csv", table_col="t", sort_col="ts").interleaved()
+    assert (tables.tolist(), ids.tolist()) == ([1, 0, 2, 0, 1], [2, 3, 5, 1, 4])
+
+
+def test_tst_merges_tables_in_proportion(tmp_path):
+    """.tst keeps no order between tables: equal tables interleave row by row, others by
+    their position in their own table."""
+    write_trace(tmp_path / "t.tst", [np.array([1, 2, 3]), np.array([7, 8, 9])])
+    trace = load_trace(tmp_path / "t.tst")
+    assert trace.order is None
+    tables, ids = trace.interleaved()
+    assert (tables.tolist(), ids.tolist()) == ([0, 1, 0, 1, 0, 1], [1, 7, 2, 8, 3, 9])
+    tables, ids = Trace([np.array([1, 2, 3, 4]), np.array([9])]).interleaved()
+    assert (tables.tolist(), ids.tolist()) == ([0, 0, 1, 0, 0], [1, 2, 9, 3, 4])
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(-5, 5)), max_size=60))
+def test_requests_round_trip_and_select(pairs):
+    tables = np.array([t for t, _ in pairs], dtype=np.int64)
+    ids = np.array([i for _, i in pairs], dtype=np.int64)
+    trace = Trace.from_requests(tables, ids, ["a", "b", "c", "d"])
+    for t in range(4):
+        assert trace.tables[t].tolist() == ids[tables == t].tolist()
+    got = trace.interleaved()
+    assert (got.tables.tolist(), got.ids.tolist()) == (tables.tolist(), ids.tolist())
+    sub = trace.select([2, 0])
+    keep = (tables == 2) | (tables == 0)
+    got = sub.interleaved()
+    assert got.ids.tolist() == ids[keep].tolist()
+    assert got.tables.tolist() == [0 if t == 2 else 1 for t in tables[keep]]
+
+
+def test_an_order_that_does_not_match_the_tables_is_refused():
+    with pytest.raises(InvalidInputError, match="order"):
+        Trace([np.array([1, 2]), np.array([3])], order=np.array([0, 1, 1]))
+    with pytest.raises(InvalidInputError, match="order"):
+        Trace([np.array([1])], order=np.array([2]))

@@ -10,7 +10,7 @@ of L1, as in the engine) and every unique lookup is attributed to L1, L2 or L3.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -156,7 +156,13 @@ def _cores() -> int:
     return os.cpu_count() or 1
 
 
-def _scored_ahead(l1: SetAssociativeCache, batches: Iterator, narrow: bool) -> bool:
+# Called with each batch's unique ids (U,) and whether each was cached before the step (U,)
+Observer = Callable[[torch.Tensor, torch.Tensor], None]
+
+
+def _scored_ahead(
+    l1: SetAssociativeCache, batches: Iterator, narrow: bool, observe: Observer | None = None
+) -> bool:
     """Steps ``l1`` (a CPU cache, stepped once already) with the rest of ``batches`` on two
     threads: a worker takes each batch's unique step and the sketch's part of its cache step
     (``cache_compiled.score``) while this thread places the batch before it and releases it
@@ -164,7 +170,7 @@ def _scored_ahead(l1: SetAssociativeCache, batches: Iterator, narrow: bool) -> b
     that releases the GIL, so on two cores they overlap (for Zipf 0.8 and LFU, the worker's
     part is nearly half of a step). The same state as stepping batch after batch. Returns
     False, having stepped nothing, where the compiled step does not apply to ``l1`` or one
-    core is all there is."""
+    core is all there is. ``observe``: as :func:`replay_engine`'s."""
     probe = torch.zeros(0, dtype=torch.int64)
     if not (cache_module.COMPILED_STEP and cache_compiled.supports(l1, probe, probe)):
         return False
@@ -175,6 +181,12 @@ def _scored_ahead(l1: SetAssociativeCache, batches: Iterator, narrow: bool) -> b
         ids = torch.as_tensor(batch, dtype=torch.int64).cpu().numpy()
         return cache_compiled.score(l1, *_unique(ids, narrow))
 
+    def place(ready: cache_compiled.Scored) -> None:
+        out = cache_compiled.place(l1, ready)
+        if observe is not None:
+            observe(torch.from_numpy(ready.ids), out[-1])  # the last is ``hit``
+        l1.release(out[0])
+
     with ThreadPoolExecutor(1, thread_name_prefix="replay-score") as worker:
         pending = None
         for batch in batches:
@@ -183,9 +195,9 @@ def _scored_ahead(l1: SetAssociativeCache, batches: Iterator, narrow: bool) -> b
             ready = pending.result() if pending is not None else None
             pending = worker.submit(score, batch)
             if ready is not None:
-                l1.release(cache_compiled.place(l1, ready)[0])
+                place(ready)
         if pending is not None:
-            l1.release(cache_compiled.place(l1, pending.result())[0])
+            place(pending.result())
     return True
 
 
@@ -197,6 +209,7 @@ def replay_engine(
     host_rows: int | None = None,
     device: str = "cpu",
     num_rows: int | None = None,
+    observe: Observer | None = None,
 ) -> EngineResult:
     """Steps the engine's cache with each batch of ids (one training step each) and counts.
 
@@ -224,7 +237,7 @@ def replay_engine(
     res = EngineResult(policy, l1.capacity)
     # One level on the kernels: the training path's sync-free step, the unique count never
     # read by the host, so that the batches queue up on the device back to back.
-    sync_free = l2 is None and getattr(l1, "sync_free", False)
+    sync_free = l2 is None and observe is None and getattr(l1, "sync_free", False)
     narrow = num_rows is not None and num_rows <= 1 << 31
     captured: _CapturedStep | None = None
     # set on the device by a step that meets an id outside [0, num_rows); read once, at the end
@@ -257,6 +270,8 @@ def replay_engine(
             l2_slots = found2.slots
             res.l2_conflicts += int(l2.counters[st.CONFLICTS] - before[st.CONFLICTS])
         found = backend.lookup(l1, uniq, counts)
+        if observe is not None:
+            observe(uniq, found.hit)
         if l2 is not None:
             fill_slots = found.fill_slots.cpu()
             evicted = (found.victim_ids != EMPTY).cpu()
@@ -272,7 +287,7 @@ def replay_engine(
             home[fill_slots] = new
             l2.release(l2_slots)
         l1.release(found.slots)
-        if ahead and _scored_ahead(l1, batches, narrow):
+        if ahead and _scored_ahead(l1, batches, narrow, observe):
             break
         ahead = False
     if dev.type == "cuda":

@@ -64,3 +64,23 @@ def check_replay(result, l1, l2=None, l1_homes: torch.Tensor | None = None) -> N
                 broken.append(f"L2 holds {pins} locks, but {homes} L1 rows are pinned in it")
     if broken:
         raise InternalError(f"replay of {r.policy}, {r.cache_rows} rows: " + "; ".join(broken))
+
+
+def check_attribution(result, requested, unique, hits) -> None:
+    """Raises :class:`InternalError` unless the tables' figures of a shared-cache replay add
+    up to the cache's: ``requested``, ``unique``, ``hits`` (``(T,)`` each) sum to the result's
+    ``requests``, ``unique`` and ``hits``, and no table hits more often than it looks up."""
+    broken = []
+    for what, per_table, whole in (
+        ("requests", requested, result.requests),
+        ("unique", unique, result.unique),
+        ("hits", hits, result.hits),
+    ):
+        if int(per_table.sum()) != whole:
+            broken.append(f"the tables' {what} sum to {int(per_table.sum())}, not {whole}")
+    if bool((hits > unique).any()):
+        broken.append("a table hits more often than it looks up")
+    if broken:
+        raise InternalError(
+            f"replay of {result.policy}, {result.cache_rows} rows, per table: " + "; ".join(broken)
+        )

@@ -37,9 +37,10 @@ _AHEAD = 8  # requests between a prefetch and the request that reads it
 
 
 @compiled
-def _step_each(ids, slot_of, state, counters, sets, ways, step, frequency, sketch_state):
+def _step_each(ids, slot_of, state, counters, sets, ways, step, frequency, sketch_state, hit_out):
     """Steps the cache with each id of ``ids`` as a batch of its own, in place; returns the
-    step number after the last one. ``state``: tags, stamps, dirty bits by slot; ``slot_of``:
+    step number after the last one; ``hit_out`` (bool, ``ids.size`` or empty): set where the
+    id hit. ``state``: tags, stamps, dirty bits by slot; ``slot_of``:
     the slot index, or empty (then the tags of the id's set are compared); ``sketch_state``:
     counters (depth, width), salts, additions (1,), sample size, as ``cache_compiled``."""
     tags, stamps, dirty = state
@@ -47,6 +48,7 @@ def _step_each(ids, slot_of, state, counters, sets, ways, step, frequency, sketc
     depth, width = sketch2d.shape
     sketch = sketch2d.reshape(depth * width)  # a view: row d's cell c at d * width + c
     indexed = slot_of.size > 0
+    record = hit_out.size > 0
     hits = 0
     evictions = 0
     writebacks = 0
@@ -104,6 +106,8 @@ def _step_each(ids, slot_of, state, counters, sets, ways, step, frequency, sketc
         if slot >= 0:
             stamps[slot] = score
             hits += 1
+            if record:
+                hit_out[i] = True
         else:
             if base < 0:
                 base = _set_of(row, sets) * ways
@@ -149,11 +153,14 @@ def supports(cache: SetAssociativeCache) -> bool:
     )
 
 
-def step_each(cache: SetAssociativeCache, ids: np.ndarray, show: bool = False) -> None:
+def step_each(
+    cache: SetAssociativeCache, ids: np.ndarray, show: bool = False, hits: np.ndarray | None = None
+) -> None:
     """Steps ``cache`` with every id of ``ids`` as a batch of one (a ``lookup`` of the id with
     count 1, then its ``release``), in order: the same state and counters, in one compiled
     loop. ``cache`` must satisfy :func:`supports`; ids must lie in its ``id_bound`` if it
-    has one (else IndexError, before any change)."""
+    has one (else IndexError, before any change). ``hits``: a ``(len(ids),)`` bool array,
+    set where the request hit (left as it was elsewhere)."""
     if not supports(cache):
         raise ValueError(
             "step_each needs a CPU cache holding no lock, under a policy with a compiled_score"
@@ -183,12 +190,16 @@ def step_each(cache: SetAssociativeCache, ids: np.ndarray, show: bool = False) -
             sketch.sample_size,
         )
     counters = cache.counters.numpy()
+    if hits is not None and hits.shape != ids.shape:
+        raise ValueError(f"hits must have the ids' shape {ids.shape}, got {hits.shape}")
+    no_record = np.zeros(0, np.bool_)
     chunks = range(0, ids.size, _CHUNK)
     for a in progress(chunks, "replay (batch 1)", enabled=show and len(chunks) > 2):
         cache.step = int(
             _step_each(
                 ids[a : a + _CHUNK], slot_of, state, counters, cache.sets, cache.ways,
                 cache.step, sketch is not None, sketch_state,
+                no_record if hits is None else hits[a : a + _CHUNK],
             )
         )  # fmt: skip
 
@@ -203,12 +214,12 @@ def warm_up() -> None:
 
 def replay_requests(
     ids: np.ndarray, cache_rows: int, policy: str = "lru", ways: int = 32,
-    num_rows: int | None = None, show: bool = False,
+    num_rows: int | None = None, show: bool = False, hits: np.ndarray | None = None,
 ):  # fmt: skip
     """:func:`~tierstore.replay.engine.replay_engine` at batch 1 (every id a step of its own),
     for a CPU cache: returns its ``EngineResult``. ``num_rows``: every id lies in
     ``[0, num_rows)`` (a cache of more than 64 ways then keeps a slot index per id, up to 2**26
-    ids)."""
+    ids); ``hits``: as :func:`step_each`'s."""
     from .engine import _INDEX_IDS, EngineResult
 
     # the slot index pays where sets are wide; up to 64 ways, a scan of the set's tags is
@@ -218,7 +229,7 @@ def replay_requests(
     cache = SetAssociativeCache(cache_rows, ways, policy, "cpu", id_bound=bound)
     res = EngineResult(policy, cache.capacity)
     t0 = time.perf_counter()
-    step_each(cache, ids, show)
+    step_each(cache, ids, show, hits)
     res.seconds = time.perf_counter() - t0
     c = cache.counters.tolist()
     res.requests, res.unique, res.hits = c[st.REQUESTS], c[st.UNIQUE], c[st.HITS]

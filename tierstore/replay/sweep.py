@@ -81,20 +81,70 @@ def engine_label(policy: str, ways: int, batch: int) -> str:
     return f"{policy} ({ways}-way)" if batch == 1 else f"{policy} ({ways}-way, batched {batch})"
 
 
-def _replay_engine_policy(ids, size, policy, *, ways, batch, device, host_rows, num_rows, desc):
+def steps_per_request(batch: int, host_rows: int | None, device: str, policy=None) -> bool:
+    """Whether an engine replay goes request by request in one compiled loop (batch 1, one
+    level, the CPU, and ``policy``, where given, declares a ``compiled_score``:
+    ``single.replay_requests``) rather than batch by batch."""
+    compiled = policy is None or make_policy(policy).compiled_score is not None
+    return batch == 1 and host_rows is None and device == "cpu" and compiled
+
+
+def _replay_engine_policy(
+    ids, size, policy, *, ways, batch, device, host_rows, num_rows, desc, hits=None, observe=None
+):
     """One engine replay: request by request in one compiled loop where that applies (batch 1,
-    one level, the CPU, a policy that declares a ``compiled_score``), else batch by batch (at
-    batch 1 too: a policy with no compiled score takes the torch step per request)."""
-    compiled = make_policy(policy).compiled_score is not None
-    if batch == 1 and host_rows is None and device == "cpu" and compiled:
-        return replay_requests(ids, size, policy, ways, num_rows=num_rows, show=True)
+    one level, the CPU, a policy that declares a ``compiled_score``; ``hits``: a bool per
+    request, set where it hit), else batch by batch (at batch 1 too: a policy with no compiled
+    score takes the torch step per request; ``observe``: as ``replay_engine``'s). A caller that
+    attributes hits passes both."""
+    if steps_per_request(batch, host_rows, device, policy):
+        return replay_requests(ids, size, policy, ways, num_rows=num_rows, show=True, hits=hits)
     # on the GPU the whole trace goes over once, and each step slices it there
     source = torch.from_numpy(ids).to(device) if device == "cuda" else ids
     batches = [source[a : a + batch] for a in range(0, ids.size, batch)]
     shown = progress(batches, desc=desc, enabled=len(batches) > 50)
     return replay_engine(
-        shown, size, policy, ways, host_rows=host_rows, device=device, num_rows=num_rows
-    )
+        shown, size, policy, ways, host_rows=host_rows, device=device, num_rows=num_rows,
+        observe=observe,
+    )  # fmt: skip
+
+
+def warm_up_engine(ids: np.ndarray, size: int, policy: str, batch: int, **opts) -> None:
+    """An untimed replay of the first few thousand ids (at least two batches: the later ones
+    take other loops, ``engine._scored_ahead``): compiles the loops (or loads them) and the
+    kernels, and meets the first allocations of a batch's size. ``opts``: the timed replay's
+    ``ways``, ``device``, ``host_rows``, ``num_rows``."""
+    if ids.size:
+        warm = ids[: max(_WARM_UP_IDS, 3 * batch)]
+        step = batch if warm.size >= 2 * batch else max(1, warm.size // 4)
+        _replay_engine_policy(warm, size, policy, batch=step, desc="warm-up", **opts)
+
+
+def engine_row(r, size: int, ways: int, batch: int, two_level: bool = False) -> dict:
+    """The result row (:data:`COLUMNS` but ``table`` and ``floor_hit_ratio``) of an engine
+    replay's ``EngineResult`` ``r`` at asked size ``size``."""
+    row = {
+        "policy": engine_label(r.policy, ways, batch), "batch": batch,
+        "asked_rows": size, "cache_rows": r.cache_rows, "requested": r.requests,
+        "unique": r.unique, "hits": r.hits, "misses": r.misses,
+        "hit_ratio": r.hit_ratio, "unique_hit_ratio": r.unique_hit_ratio,
+        "evictions": r.evictions, "req_per_s": r.requests / max(r.seconds, 1e-9),
+    }  # fmt: skip
+    if two_level:
+        row.update(l1_hits=r.hits, l2_hits=r.l2_hits, l3_reads=r.l3_reads)
+    return row
+
+
+def reference_row(policy: str, size: int, n: int, hits: int, seconds: float) -> dict:
+    """The result row (as :func:`engine_row`'s) of a reference policy of ``size`` rows that hit
+    ``hits`` of ``n`` requests in ``seconds``."""
+    h = int(hits)
+    return {
+        "policy": policy, "batch": 1, "asked_rows": size, "cache_rows": size,
+        "requested": n, "unique": n, "hits": h, "misses": n - h,
+        "hit_ratio": h / n if n else 0.0, "unique_hit_ratio": h / n if n else 0.0,
+        "evictions": "", "req_per_s": n / max(seconds, 1e-9),
+    }  # fmt: skip
 
 
 def replay_table(
@@ -126,38 +176,18 @@ def replay_table(
     for policy in policies:
         if policy in ENGINE_POLICIES:
             opts = dict(ways=ways, device=device, host_rows=host_rows, num_rows=num_rows)
-            if n:  # untimed: compiles the loops (or loads them) and the kernels, and meets
-                # the first allocations of a batch's size; in at least two batches (the later
-                # ones take other loops: engine._scored_ahead)
-                warm = ids[: max(_WARM_UP_IDS, 3 * batch)]
-                step = batch if warm.size >= 2 * batch else max(1, warm.size // 4)
-                _replay_engine_policy(warm, max(sizes), policy, batch=step, desc="warm-up", **opts)
+            warm_up_engine(ids, max(sizes), policy, batch, **opts)
             for size in sizes:
                 desc = f"{table} {policy} {size}"
                 r = _replay_engine_policy(ids, size, policy, batch=batch, desc=desc, **opts)
-                row = {
-                    "policy": engine_label(policy, ways, batch), "batch": batch,
-                    "asked_rows": size, "cache_rows": r.cache_rows, "requested": r.requests,
-                    "unique": r.unique, "hits": r.hits, "misses": r.misses,
-                    "hit_ratio": r.hit_ratio, "unique_hit_ratio": r.unique_hit_ratio,
-                    "evictions": r.evictions, "req_per_s": r.requests / max(r.seconds, 1e-9),
-                }  # fmt: skip
-                if host_rows:
-                    row.update(l1_hits=r.hits, l2_hits=r.l2_hits, l3_reads=r.l3_reads)
-                rows.append(row)
+                rows.append(engine_row(r, size, ways, batch, two_level=bool(host_rows)))
         else:
             if n:
                 reference_hits(policy, ids[:_WARM_UP_IDS], [min(sizes)])  # untimed: compiles
             t0 = time.perf_counter()
             hits = reference_hits(policy, ids, list(sizes))
             per_size = (time.perf_counter() - t0) / max(len(sizes), 1)
-            for size, h in zip(sizes, hits.tolist()):
-                rows.append({
-                    "policy": policy, "batch": 1, "asked_rows": size, "cache_rows": size,
-                    "requested": n, "unique": n, "hits": h, "misses": n - h,
-                    "hit_ratio": h / n if n else 0.0, "unique_hit_ratio": h / n if n else 0.0,
-                    "evictions": "", "req_per_s": n / max(per_size, 1e-9),
-                })  # fmt: skip
+            rows += [reference_row(policy, size, n, h, per_size) for size, h in zip(sizes, hits)]
     for row in rows:
         row["table"] = table
         row["floor_hit_ratio"] = floor

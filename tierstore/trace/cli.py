@@ -15,12 +15,10 @@ import json
 import sys
 import time
 
-import numpy as np
-
 from ..cli_common import Parser, positive_int, run_parser
 from ..errors import TierstoreError
 from ..progress import progress
-from .formats import FORMATS, WRITABLE, Trace, read_trace
+from .formats import FORMATS, WRITABLE, read_trace
 from .writers import write_trace
 
 
@@ -106,33 +104,24 @@ def _convert(args) -> int:
 
 
 def _stats(args) -> int:
-    from .analyze import format_stats, trace_stats
+    from .analyze import format_stats, shared_stats, trace_stats
 
-    data = _load_shown(_open(args))
+    data = _open(args).load("reading")
     if args.table:
         keep = [i for i, n in enumerate(data.names) if n in args.table]
         if not keep:
             raise TierstoreError(f"no table named {args.table}; tables: {data.names}")
-        data.tables = [data.tables[i] for i in keep]
-        data.names = [data.names[i] for i in keep]
+        data = data.select(keep)
     per_table, total = trace_stats(data)
+    shared = shared_stats(data) if len(per_table) > 1 else None
     if args.json:
-        print(json.dumps({"tables": [s.to_dict() for s in per_table], "all": total.to_dict()}))
+        out = {"tables": [s.to_dict() for s in per_table], "all": total.to_dict()}
+        if shared is not None:
+            out["shared"] = shared.to_dict()
+        print(json.dumps(out))
     else:
-        print(format_stats(per_table, total))
+        print(format_stats(per_table, total, shared))
     return 0
-
-
-def _load_shown(reader) -> Trace:
-    """The whole trace in memory, with a progress bar while reading on a terminal."""
-    parts: dict[int, list[np.ndarray]] = {}
-    for chunk in progress(reader, "reading"):
-        parts.setdefault(chunk.table, []).append(chunk.ids)
-    names = list(reader.table_names)
-    empty = np.empty(0, np.int64)
-    return Trace(
-        [np.concatenate(parts[t]) if t in parts else empty for t in range(len(names))], names
-    )
 
 
 def _generate(args) -> int:

@@ -1,35 +1,24 @@
 """Writing traces in any writable format (``tierstore trace convert`` and ``generate``).
 
-A source is a :class:`~tierstore.trace.formats.Trace`, a reader, or per-table arrays; a stream
+:func:`write_trace` gathers the source's tables and hands them to the format's writer (each in
+its format's module, listed in :data:`tierstore.trace.formats.WRITERS`). A source is a :class:`~tierstore.trace.formats.Trace`, a reader, or per-table arrays; a stream
 whose tables interleave is spooled through per-table temporary files, so a trace larger than
-memory converts in chunks. The formats are described in :mod:`tierstore.trace.formats`.
+memory converts in chunks.
 """
 
 from __future__ import annotations
 
-import csv
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 
 from ..errors import InvalidInputError
-from .formats import (
-    DEFAULT_CHUNK,
-    DTYPE_CODES,
-    WRITABLE,
-    BinaryHeader,
-    Trace,
-    TraceChunk,
-    format_for_output,
-)
-
-
-def _choose_dtype(lo: int, hi: int) -> str:
-    return "int32" if -(1 << 31) <= lo and hi < (1 << 31) else "int64"
+from .base import DEFAULT_CHUNK, TableSource, Trace, TraceChunk, WriteOptions
+from .formats import DTYPE_CODES, WRITABLE, WRITERS, format_for_output
 
 
 class _Spool:
@@ -66,24 +55,6 @@ class _Spool:
         for f in self.files:
             f.close()
         self.dir.cleanup()
-
-
-def _write_binary(
-    out: BinaryIO,
-    names: list[str],
-    counts: list[int],
-    dtype: str,
-    table_chunks: Callable[[int], Iterable[np.ndarray]],
-) -> None:
-    header = BinaryHeader(dtype, counts, names)
-    out.write(header.pack())
-    target = np.dtype(dtype).newbyteorder("<")
-    for t in range(len(counts)):
-        for ids in table_chunks(t):
-            if dtype == "uint64":
-                out.write(ids.view(np.uint64).astype(target).tobytes())
-            else:
-                out.write(ids.astype(target).tobytes())
 
 
 def write_trace(
@@ -149,55 +120,9 @@ def write_trace(
             counts, tnames = [0], tnames or ["0"]
         if len(tnames) != len(counts):
             raise InvalidInputError(f"{len(counts)} tables but {len(tnames)} names")
-        _write_format(path, fmt, tnames, counts, dtype, lo, hi, table_chunks, level)
+        tables_out = TableSource(tnames, list(counts), lo, hi, table_chunks)
+        WRITERS[fmt](path, tables_out, WriteOptions(dtype, level))
     finally:
         if spool is not None:
             spool.close()
     return list(counts)
-
-
-def _write_format(path, fmt, names, counts, dtype, lo, hi, table_chunks, level) -> None:
-    if fmt in ("tst", "tst.zst"):
-        if dtype == "auto":
-            dtype = _choose_dtype(lo, hi)
-        elif dtype == "int32" and _choose_dtype(lo, hi) != "int32":
-            raise InvalidInputError(f"ids in [{lo}, {hi}] do not fit int32")
-        if fmt == "tst":
-            with open(path, "wb") as f:
-                _write_binary(f, names, counts, dtype, table_chunks)
-            return
-        import zstandard
-
-        with open(path, "wb") as raw:
-            with zstandard.ZstdCompressor(level=level).stream_writer(raw, closefd=False) as z:
-                _write_binary(z, names, counts, dtype, table_chunks)
-        return
-    if fmt in ("text", "npy") and len(counts) != 1:
-        raise InvalidInputError(
-            f"{os.fspath(path)}: format {fmt!r} holds one table; this trace has {len(counts)}"
-            " (write .tst, .tst.zst or .csv)"
-        )
-    if fmt == "npy":
-        if counts[0] == 0:
-            np.save(path, np.empty(0, np.int64))
-            return
-        mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.int64, shape=(counts[0],))
-        a = 0
-        for ids in table_chunks(0):
-            mm[a : a + ids.size] = ids
-            a += ids.size
-        mm.flush()
-        del mm
-        return
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        if fmt == "text":
-            for ids in table_chunks(0):
-                if ids.size:
-                    f.write("\n".join(map(str, ids.tolist())) + "\n")
-            return
-        delim = "\t" if path.suffix.lower() == ".tsv" else ","
-        w = csv.writer(f, delimiter=delim, lineterminator="\n")
-        w.writerow(["table", "id"])
-        for t, name in enumerate(names):
-            for ids in table_chunks(t):
-                w.writerows((name, v) for v in ids.tolist())
