@@ -136,7 +136,10 @@ def _weights_tensor(w, n: int, what: str) -> torch.Tensor:
     return w
 
 
-def _looks_like_kjt(obj) -> bool:
+def looks_like_keyed_jagged(obj) -> bool:
+    """Whether ``obj`` has the methods of TorchRec's ``KeyedJaggedTensor`` that a batch needs
+    (``keys()``, ``values()``, and ``lengths()`` or ``offsets()``; torchrec is not a
+    dependency)."""
     return all(callable(getattr(obj, m, None)) for m in ("keys", "values")) and (
         callable(getattr(obj, "lengths", None)) or callable(getattr(obj, "offsets", None))
     )
@@ -169,7 +172,7 @@ def parse_jagged(
             )
         if isinstance(features, Mapping):
             return _parse_dict(features, device, check_keys)
-        if _looks_like_kjt(features):
+        if looks_like_keyed_jagged(features):
             lengths_of = getattr(features, "lengths", None)
             got_weights = getattr(features, "weights_or_none", None)
             keys = list(features.keys())

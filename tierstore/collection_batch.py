@@ -1,0 +1,193 @@
+"""A collection's batch: from the user's keyed input to each group's flat batch, and from the
+groups' pooled outputs to one :class:`~tierstore.keyed.KeyedTensor`.
+
+Shapes: ``B`` samples, ``F`` features (``F_g`` of them in group ``g``), ``n`` ids (``n_g`` in
+group ``g``), ``D_g`` the dim of group ``g``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .errors import InvalidInputError
+from .keyed import JaggedBatch, KeyedTensor, check_jagged, looks_like_keyed_jagged, parse_jagged
+from .table_config import TableConfig
+from .table_groups import TableGroup
+
+
+@dataclass
+class GroupInput:
+    """A group's share of a batch: its ids (group row ids), offsets and weights."""
+
+    ids: torch.Tensor  # (n_g,) int64 group row ids, feature-major
+    offsets: torch.Tensor  # (F_g * B + 1,) int64
+    weights: torch.Tensor | None  # (n_g,) float32, or None
+    mode: str
+
+
+@dataclass
+class PreparedBatch:
+    """A checked batch: each group's input (in group order) and ``B``. ``key`` and ``grad``
+    identify the user's tensors it was made from (see :func:`batch_key`), so that a prefetched
+    batch's forward can take it as it is, without reading the device again."""
+
+    groups: list[GroupInput]
+    batch_size: int
+    key: tuple[Any, ...] = ()
+    grad: tuple[bool, ...] = ()
+
+
+def batch_key(features, keys, values, lengths, offsets, weights) -> tuple[Any, ...]:
+    """The user's tensors (and feature names) of a batch in any of its forms: what tells a
+    forward that its batch is the one prefetched (the same objects, unchanged) with no device
+    read."""
+    if features is None:
+        return (tuple(keys or ()), values, lengths, offsets, weights)
+    if isinstance(features, Mapping):
+        out: list[Any] = []
+        for name, item in features.items():
+            out.append(name)
+            out.extend(item if isinstance(item, tuple | list) else (item,))
+        return tuple(out)
+    if looks_like_keyed_jagged(features):
+        parts = [tuple(features.keys()), features.values()]
+        for method in ("lengths", "offsets", "weights_or_none"):
+            get = getattr(features, method, None)
+            parts.append(get() if callable(get) else None)
+        return tuple(parts)
+    return (features,)  # not a batch: the forward's checks will say so
+
+
+def grad_signature(key: tuple[Any, ...]) -> tuple[bool, ...]:
+    """Whether grad mode is on, and which of ``key``'s tensors require grad: a prefetched
+    batch's weights were prepared under these (its forward prepares them again otherwise)."""
+    wants = [t.requires_grad for t in key if isinstance(t, torch.Tensor)]
+    return (torch.is_grad_enabled(), *wants)
+
+
+class FeatureLayout:
+    """Where a collection's features go: each feature's table and group, the output's keys
+    (tables in order, each table's features in order) and columns.
+
+    Args:
+        tables: the collection's tables, in order.
+        groups: their groups (:func:`~tierstore.table_groups.group_tables`).
+        device: where batches are prepared.
+    """
+
+    def __init__(self, tables: list[TableConfig], groups: list[TableGroup], device):
+        self.groups, self.device = groups, device
+        self.table_at = {t.name: (g, k) for g in groups for k, t in enumerate(g.tables)}
+        self.feature_keys = [f for t in tables for f in t.feature_names]
+        self.feature_table = {f: t for t in tables for f in t.feature_names}
+        self.dims = [self.feature_table[f].embedding_dim for f in self.feature_keys]
+        self.columns = self._column_order()
+
+    def _column_order(self) -> torch.Tensor | None:
+        """Where each output column (key order) is in the groups' outputs side by side, or
+        ``None`` where the two orders agree (every collection of one group)."""
+        start, at = 0, {}
+        for g in self.groups:
+            for f in g.features:
+                at[f] = start
+                start += g.dim
+        cols = [
+            at[f] + c for f in self.feature_keys for c in range(self.feature_table[f].embedding_dim)
+        ]
+        if cols == list(range(len(cols))):
+            return None
+        return torch.tensor(cols, dtype=torch.int64, device=self.device)
+
+    def prepare(self, features, keys, values, lengths, offsets, weights) -> PreparedBatch:
+        """The batch checked (one device read) and split into each group's flat batch; raises
+        :class:`InvalidInputError` naming the feature and table, before anything changes."""
+        batch = parse_jagged(features, keys=keys, values=values, lengths=lengths,
+                             offsets=offsets, weights=weights, device=self.device,
+                             check_keys=self.match_keys)  # fmt: skip
+        position = self.match_keys(batch.keys)
+        owners = [self.feature_table[k].name for k in batch.keys]
+        limits = [self._limit(t) for t in owners]
+        counts = check_jagged(batch, limits, owners)
+        starts = [0]
+        for c in counts:
+            starts.append(starts[-1] + c)
+        groups = [self._group_input(g, batch, position, starts) for g in self.groups]
+        key = batch_key(features, keys, values, lengths, offsets, weights)
+        return PreparedBatch(groups, batch.batch_size, key, grad_signature(key))
+
+    def _limit(self, table: str) -> int:
+        g, k = self.table_at[table]
+        return g.limits[k]
+
+    def match_keys(self, keys: list[str]) -> dict[str, int]:
+        """The batch's position of each configured feature; refuses unknown, missing and
+        repeated keys."""
+        position: dict[str, int] = {}
+        for i, k in enumerate(keys):
+            if k in position:
+                raise InvalidInputError(f"feature {k!r} appears twice in the batch's keys")
+            if k not in self.feature_table:
+                raise InvalidInputError(
+                    f"feature {k!r} is not a feature of any table; features: {self.feature_keys}"
+                )
+            position[k] = i
+        missing = [k for k in self.feature_keys if k not in position]
+        if missing:
+            raise InvalidInputError(
+                f"the batch lacks feature {missing[0]!r} (table "
+                f"{self.feature_table[missing[0]].name!r})"
+                + (f" and {missing[1:]}" if missing[1:] else "")
+            )
+        return position
+
+    def _group_input(self, g: TableGroup, batch: JaggedBatch, position, starts) -> GroupInput:
+        """The group's features (configured order) as one flat batch of group row ids, in a
+        fixed number of tensor ops whatever the number of features: each feature's values are
+        gathered from where the input put them and shifted by their table's base."""
+        sel = [position[f] for f in g.features]  # each group feature's place in the input
+        counts = [starts[i + 1] - starts[i] for i in sel]
+        n = sum(counts)
+        dev = self.device
+        seg = torch.tensor(counts, dtype=torch.int64, device=dev)
+        if sel == list(range(sel[0], sel[0] + len(sel))):  # in input order, one slice
+            src = slice(starts[sel[0]], starts[sel[0]] + n)
+        else:  # value j of the group comes from input value src[j]
+            begin = torch.tensor([starts[i] for i in sel], dtype=torch.int64, device=dev)
+            shift = begin - (seg.cumsum(0) - seg)  # input start minus group start, per feature
+            src = torch.arange(n, device=dev) + shift.repeat_interleave(seg, output_size=n)
+        ids = batch.values[src] + g.feature_base.repeat_interleave(seg, output_size=n)
+        lengths = batch.lengths[sel].reshape(-1)  # (F_g * B,) feature-major
+        offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+        psw = None if batch.weights is None else batch.weights[src]
+        if g.poolings == {"mean"} and psw is None:
+            mode = "mean"
+        elif "mean" not in g.poolings:
+            mode = "sum"
+        else:  # a mean bag as a sum with each id weighted 1/len (times its own weight)
+            mode = "sum"
+            per_bag = torch.where(
+                g.feature_mean.unsqueeze(1),
+                1.0 / batch.lengths[sel].clamp(min=1).to(torch.float32),
+                torch.ones((), device=dev),
+            ).reshape(-1)
+            scale = per_bag.repeat_interleave(lengths, output_size=n)
+            psw = scale if psw is None else psw * scale
+        return GroupInput(ids, offsets, psw, mode)
+
+    def keyed(self, outs: Sequence[torch.Tensor], b: int) -> KeyedTensor:
+        """The groups' ``(F_g * B, D_g)`` outputs as one ``(B, sum D)`` tensor in key order: per
+        group one transposing copy, then one column gather where the groups' features
+        interleave in the key order (a select and a cat per feature would cost a full-size
+        gradient per feature in the backward)."""
+        parts = [
+            out.view(len(g.features), b, g.dim).transpose(0, 1).reshape(b, len(g.features) * g.dim)
+            for g, out in zip(self.groups, outs, strict=True)
+        ]
+        values = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+        if self.columns is not None:
+            values = values.index_select(1, self.columns)
+        return KeyedTensor(self.feature_keys, self.dims, values)
