@@ -63,6 +63,7 @@ from torch import nn
 
 from .cache import EMPTY, by_slot
 from .errors import InvalidInputError, NotPicklableError, TableMismatchError
+from .store import TieredStore
 
 FORMAT = "tierstore.rows/1"
 KEYS = ("weight", "optimizer_state", "ids", "_extra_state")
@@ -443,16 +444,14 @@ def _chunk_rows(store) -> int:
 
 
 def _tables(module: nn.Module):
-    from .collection import TieredEmbeddingBagCollection
-    from .module import TieredEmbeddingBag
-
+    # Known by what they hold, not by class: module.py and collection.py import this module
     found = []
     for name, m in module.named_modules():
         prefix = name + "." if name else ""
-        if isinstance(m, TieredEmbeddingBag):
-            found.append((prefix, m))
-        elif isinstance(m, TieredEmbeddingBagCollection):  # each table a view of its group
+        if callable(getattr(m, "table_views", None)):  # a collection: a view per table
             found.extend((prefix + key, view) for key, view in m.table_views())
+        elif isinstance(getattr(m, "store", None), TieredStore):  # a TieredEmbeddingBag
+            found.append((prefix, m))
     if not found:
         raise InvalidInputError(f"{type(module).__name__} holds no TieredEmbeddingBag")
     return found
