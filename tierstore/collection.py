@@ -21,6 +21,7 @@ entries into a single ``TieredEmbeddingBag`` of the same seed, and back.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 from collections import deque
@@ -349,6 +350,13 @@ class TieredEmbeddingBagCollection(nn.Module):
         for q in self._queues:
             q.clear()
         self._ahead.clear()
+
+    def set_learning_rate(self, lr: float) -> None:
+        """Every group's update uses learning rate ``lr`` from the next backward on (what a
+        scheduler does to ``param_groups[0]["lr"]``); the other hyper-parameters are kept."""
+        for g in self.groups:
+            if g.optimizer is not None:
+                g.optimizer = dataclasses.replace(g.optimizer, lr=lr)  # validated there
 
     # ------------------------------------------------------------------ rows and tiers
     def _table(self, name: str) -> tuple[TableGroup, int]:
