@@ -25,7 +25,7 @@ import dataclasses
 import os
 import pathlib
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -69,15 +69,6 @@ __all__ = [
     "TieredEmbeddingBagCollection",
     "split_rows",
 ]
-
-
-class _Checked:
-    """The checks of a batch already read (:meth:`FeatureLayout.prepare` reads them once for
-    every group): what a :class:`PrefetchQueue` waits for before placing its rows."""
-
-    @staticmethod
-    def wait() -> None:
-        pass
 
 
 class TieredEmbeddingBagCollection(nn.Module):
@@ -247,7 +238,8 @@ class TieredEmbeddingBagCollection(nn.Module):
         held: list[tuple[TableGroup, Batch]] = []  # inference batches, released at the end
         try:
             for i, (g, gin) in enumerate(zip(self.groups, prep.groups, strict=True)):
-                outs.append(self._group_forward(g, gin, batches[i] if batches else None, held))
+                batch = batches[i] if batches else None
+                outs.append(self._group_forward(g, gin, batch, held, prep.checks.wait))
             for q in self._queues:  # the next batches' cache steps, beside this one's compute
                 q.advance()
         except BaseException:
@@ -266,17 +258,20 @@ class TieredEmbeddingBagCollection(nn.Module):
         gin: GroupInput,
         batch: Batch | None,
         held: list[tuple[TableGroup, Batch]],
+        checked: Callable[[], object],
     ) -> torch.Tensor:
-        """A group's pooled bags ``(F_g * B, D_g)``; a training batch's rows stay locked until
-        its backward, an inference batch's are added to ``held`` (released by the caller once
-        every group's forward and the next batches' steps are queued)."""
+        """A group's pooled bags ``(F_g * B, D_g)``, looking the group's rows up unless
+        ``batch`` was prefetched (``checked``, the batch's checks, is waited for between the
+        unique step and the first change); a training batch's rows stay locked until its
+        backward, an inference batch's are added to ``held`` (released by the caller once every
+        group's forward and the next batches' steps are queued)."""
         psw = gin.weights
         # rows are updated only in training mode with grad enabled, as the single-table module
         update = self.training and torch.is_grad_enabled() and g.optimizer is not None
         training = update or (torch.is_grad_enabled() and psw is not None and psw.requires_grad)
         store = g.store
         if batch is None:
-            batch = store.lookup(gin.ids, None, backward=training, hold=training)
+            batch = store.lookup(gin.ids, checked, backward=training, hold=training)
         if training:
             handle = BatchHandle(batch, store.release)
             anchor = torch.empty(0, device=self.device, requires_grad=True)  # see module.py
@@ -297,15 +292,17 @@ class TieredEmbeddingBagCollection(nn.Module):
         """Starts the cache steps of a later batch now (same forms as :meth:`forward`), so
         that its forward finds its rows in place: one :class:`~tierstore.pipeline.PrefetchQueue`
         per group, whose steps run on the group's side stream on CUDA (whole tables in L2),
-        in order otherwise. The batch is checked here (one device read); its rows are locked
-        until its backward (or its inference forward) releases them. Batches are consumed in
+        in order otherwise. Its checks are read here in order, else (CUDA, one group) before
+        its rows are placed: a bad batch then raises at its forward, having changed nothing;
+        with several groups they are read here (each group's share is sized on the host). Its
+        rows are locked until its backward (or its inference forward) releases them. Batches are consumed in
         the order they were prefetched; :func:`tierstore.prefetching` keeps a loop's next
         batches prefetched, and :meth:`clear_prefetched` drops them."""
         prep = self._layout.prepare(features, keys, values, lengths, offsets, weights)
         pushed = 0
         try:
             for q, gin in zip(self._queues, prep.groups, strict=True):
-                q.push(prep.key, gin.ids, _Checked)
+                q.push(prep.key, gin.ids, prep.checks)
                 pushed += 1
         except BaseException:  # a group refused it (L2 cannot hold it): undo the others'
             for q in self._queues[:pushed]:
@@ -324,6 +321,8 @@ class TieredEmbeddingBagCollection(nn.Module):
         head, key = self._ahead[0], batch_key(*given)
         same = head.grad == grad_signature(key) and all(q.is_next(key) for q in self._queues)
         prep = head if same else self._layout.prepare(*given)
+        if not same:
+            prep.checks.wait()  # compared by value (a device read), so checked now
         if not same and not all(
             q.is_next(key, gin.ids) for q, gin in zip(self._queues, prep.groups, strict=True)
         ):

@@ -14,7 +14,14 @@ from typing import Any
 import torch
 
 from .errors import InvalidInputError
-from .keyed import JaggedBatch, KeyedTensor, check_jagged, looks_like_keyed_jagged, parse_jagged
+from .keyed import (
+    JaggedBatch,
+    JaggedChecks,
+    KeyedTensor,
+    looks_like_keyed_jagged,
+    parse_jagged,
+    safe_lengths,
+)
 from .table_config import TableConfig
 from .table_groups import TableGroup
 
@@ -31,12 +38,14 @@ class GroupInput:
 
 @dataclass
 class PreparedBatch:
-    """A checked batch: each group's input (in group order) and ``B``. ``key`` and ``grad``
+    """A batch checked for form: each group's input (in group order), ``B`` and the value
+    checks. ``key`` and ``grad``
     identify the user's tensors it was made from (see :func:`batch_key`), so that a prefetched
     batch's forward can take it as it is, without reading the device again."""
 
     groups: list[GroupInput]
     batch_size: int
+    checks: JaggedChecks  # wait() before the first change
     key: tuple[Any, ...] = ()
     grad: tuple[bool, ...] = ()
 
@@ -103,21 +112,29 @@ class FeatureLayout:
         return torch.tensor(cols, dtype=torch.int64, device=self.device)
 
     def prepare(self, features, keys, values, lengths, offsets, weights) -> PreparedBatch:
-        """The batch checked (one device read) and split into each group's flat batch; raises
+        """The batch checked for form and split into each group's flat batch, with its value
+        checks in ``checks`` (:class:`~tierstore.keyed.JaggedChecks`): a collection of one
+        group (one dim, one optimizer) needs no count on the host, so its checks are read
+        later (``checks.wait()`` before the first change); with several groups, each group's
+        share of the values is sized on the host, so they are read here. Bad input raises
         :class:`InvalidInputError` naming the feature and table, before anything changes."""
         batch = parse_jagged(features, keys=keys, values=values, lengths=lengths,
                              offsets=offsets, weights=weights, device=self.device,
                              check_keys=self.match_keys)  # fmt: skip
         position = self.match_keys(batch.keys)
         owners = [self.feature_table[k].name for k in batch.keys]
-        limits = [self._limit(t) for t in owners]
-        counts = check_jagged(batch, limits, owners)
-        starts = [0]
-        for c in counts:
-            starts.append(starts[-1] + c)
-        groups = [self._group_input(g, batch, position, starts) for g in self.groups]
+        checks = JaggedChecks(batch, [self._limit(t) for t in owners], owners)
+        n, bags = batch.values.numel(), batch.lengths.shape[1]
+        if len(self.groups) == 1 and (bags or not n):  # (values without bags: refused below)
+            groups = [self._whole_input(self.groups[0], batch, position)]
+        else:
+            counts = checks.wait()
+            starts = [0]
+            for c in counts:
+                starts.append(starts[-1] + c)
+            groups = [self._group_input(g, batch, position, starts) for g in self.groups]
         key = batch_key(features, keys, values, lengths, offsets, weights)
-        return PreparedBatch(groups, batch.batch_size, key, grad_signature(key))
+        return PreparedBatch(groups, batch.batch_size, checks, key, grad_signature(key))
 
     def _limit(self, table: str) -> int:
         g, k = self.table_at[table]
@@ -159,8 +176,31 @@ class FeatureLayout:
             begin = torch.tensor([starts[i] for i in sel], dtype=torch.int64, device=dev)
             shift = begin - (seg.cumsum(0) - seg)  # input start minus group start, per feature
             src = torch.arange(n, device=dev) + shift.repeat_interleave(seg, output_size=n)
+        return self._finish(g, batch, src, seg, batch.lengths[sel], n)
+
+    def _whole_input(self, g: TableGroup, batch: JaggedBatch, position) -> GroupInput:
+        """The batch of a collection of one group (every feature is the group's) with no read
+        of the device: sized by the number of values alone. Until the checks pass, the lengths
+        are made safe (``safe_lengths``: equal for a valid batch), so that a bad batch's ops
+        stay in bounds before it is refused."""
+        (nf, bags), n, dev = batch.lengths.shape, batch.values.numel(), self.device
+        lengths = safe_lengths(batch.lengths.reshape(-1), n).view(nf, bags)  # input order
+        sel = [position[f] for f in g.features]
+        if sel == list(range(nf)):  # the input in the group's order: one slice
+            return self._finish(g, batch, slice(0, n), lengths.sum(1), lengths, n)
+        at = torch.tensor(sel, dtype=torch.int64, device=dev)
+        counts = lengths.sum(1)
+        seg = counts.index_select(0, at)  # (F_g,) ids per group feature
+        begin = (counts.cumsum(0) - counts).index_select(0, at)
+        shift = begin - (seg.cumsum(0) - seg)  # input start minus group start, per feature
+        src = torch.arange(n, device=dev) + shift.repeat_interleave(seg, output_size=n)
+        return self._finish(g, batch, src, seg, lengths.index_select(0, at), n)
+
+    def _finish(self, g: TableGroup, batch: JaggedBatch, src, seg, lengths, n) -> GroupInput:
+        """The group's input from ``src`` (where each of its ``n`` values is in the input),
+        ``seg (F_g,)`` (values per group feature) and ``lengths (F_g, B)`` (group order)."""
         ids = batch.values[src] + g.feature_base.repeat_interleave(seg, output_size=n)
-        lengths = batch.lengths[sel].reshape(-1)  # (F_g * B,) feature-major
+        lengths = lengths.reshape(-1)  # (F_g * B,) feature-major
         offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
         psw = None if batch.weights is None else batch.weights[src]
         if g.poolings == {"mean"} and psw is None:
@@ -171,8 +211,8 @@ class FeatureLayout:
             mode = "sum"
             per_bag = torch.where(
                 g.feature_mean.unsqueeze(1),
-                1.0 / batch.lengths[sel].clamp(min=1).to(torch.float32),
-                torch.ones((), device=dev),
+                1.0 / lengths.view(len(g.features), batch.batch_size).clamp(min=1).float(),
+                torch.ones((), device=self.device),
             ).reshape(-1)
             scale = per_bag.repeat_interleave(lengths, output_size=n)
             psw = scale if psw is None else psw * scale

@@ -165,6 +165,7 @@ class PrefetchQueue:
         entry = self.entries.pop()
         if entry.batch is not None:
             self.store.release(entry.batch)
+        self.store.join_side()  # its side-stream step read its ids: done before they are freed
 
     def pop(self, key: tuple[Any, ...], flat: torch.Tensor) -> Batch | None:
         """The oldest queued batch if ``key`` is its forward (the same tensors, unchanged, or
