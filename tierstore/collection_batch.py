@@ -95,6 +95,7 @@ class FeatureLayout:
         self.feature_table = {f: t for t in tables for f in t.feature_names}
         self.dims = [self.feature_table[f].embedding_dim for f in self.feature_keys]
         self.columns = self._column_order()
+        self._orders: dict[tuple[int, ...], torch.Tensor] = {}  # see _whole_input
 
     def _column_order(self) -> torch.Tensor | None:
         """Where each output column (key order) is in the groups' outputs side by side, or
@@ -188,7 +189,9 @@ class FeatureLayout:
         sel = [position[f] for f in g.features]
         if sel == list(range(nf)):  # the input in the group's order: one slice
             return self._finish(g, batch, slice(0, n), lengths.sum(1), lengths, n)
-        at = torch.tensor(sel, dtype=torch.int64, device=dev)
+        at = self._orders.get(tuple(sel))
+        if at is None:  # made once per input order: a copy to the device may wait for it
+            at = self._orders[tuple(sel)] = torch.tensor(sel, dtype=torch.int64, device=dev)
         counts = lengths.sum(1)
         seg = counts.index_select(0, at)  # (F_g,) ids per group feature
         begin = (counts.cumsum(0) - counts).index_select(0, at)
