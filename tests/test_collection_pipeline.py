@@ -56,27 +56,34 @@ def build(tables, opt, cache_rows, **kw):
 
 
 def assert_unlocked(col):
+    """No batch holds a row: every group's L1 is unlocked, and an SSD tier's L2 holds only its
+    pins of L1's rows."""
     for g in col.groups:
-        assert int(g.store.l1.locks.abs().sum()) == 0, f"group {g.name} holds locks"
+        l1, l2 = g.store.l1, getattr(g.store.host, "cache", None)
+        assert int(l1.locks.abs().sum()) == 0, f"group {g.name} holds L1 locks"
+        pins = int((l1.tags.cpu() != ts.cache.EMPTY).sum())
+        assert l2 is None or int(l2.locks.sum()) == pins, f"group {g.name} holds L2 locks"
 
 
 def run_loop(col, batches, prefetch_depth, gen_seed, train=True):
-    """Outputs of every batch, with a backward of a fixed random gradient when training."""
+    """Outputs of every batch (on the CPU), with a backward of a fixed random gradient when
+    training."""
     gen = torch.Generator().manual_seed(gen_seed)
     loop = batches if prefetch_depth is None else ts.prefetching(batches, [col], prefetch_depth)
     outs = []
     for b in loop:
         kt = col(b)
-        outs.append(kt.values().detach().clone())
+        outs.append(kt.values().detach().cpu().clone())
         if train:
-            kt.values().backward(torch.randn(kt.values().shape, generator=gen))
+            grad = torch.randn(kt.values().shape, generator=gen).to(kt.values().device)
+            kt.values().backward(grad)
     return outs
 
 
 @settings(max_examples=12, deadline=None)
 @given(
     seed=st.integers(0, 2**31 - 1),
-    depth=st.integers(1, 3),
+    depth=st.integers(0, 3),
     cache_rows=st.sampled_from([2, 3, 6, 40]),
     opt=st.sampled_from(OPTIMIZERS),
     form=st.sampled_from(["dict", "kjt"]),
@@ -217,3 +224,60 @@ def test_a_group_that_cannot_hold_the_batch_undoes_the_others(tmp_path):
     assert_unlocked(col)
     col.flush()
     col.close()
+
+
+@pytest.mark.parametrize("one_group", [False, True])
+@pytest.mark.parametrize("depth", [1, 2])
+@pytest.mark.parametrize("cache_rows", [2, 64])
+def test_prefetching_on_the_device(device, one_group, depth, cache_rows):
+    """On the test's backend (on CUDA: each group's steps on its side stream, a one-group
+    collection's batch prepared with no device read): bitwise the plain loop."""
+    seed = random.randrange(1 << 31)
+    gen = torch.Generator().manual_seed(seed)
+    tables = mixed_tables(gen)
+    if one_group:
+        tables = [ts.TableConfig(name=t.name, embedding_dim=8, num_embeddings=t.num_embeddings,
+                                 feature_names=t.feature_names) for t in tables]  # fmt: skip
+    opt = ts.RowWiseAdagrad(lr=0.1)
+    plain, piped = (
+        ts.TieredEmbeddingBagCollection(
+            tables, cache_rows=cache_rows, ways=2, optimizer=opt, device=device
+        )
+        for _ in range(2)
+    )
+    assert len(piped.groups) == (1 if one_group else 2)
+    batches = []
+    for _ in range(6):
+        b = as_dict(make_batch(gen, tables, 8))
+        batches.append({f: tuple(x.to(device) for x in v) for f, v in b.items()})
+    want = run_loop(plain, batches, None, seed)
+    got = run_loop(piped, batches, depth, seed)
+    for step, (x, y) in enumerate(zip(got, want, strict=True)):
+        assert torch.equal(x, y), f"output of batch {step} (seed {seed})"
+    for t in tables:
+        assert torch.equal(all_rows(piped, t), all_rows(plain, t)), f"table {t.name} ({seed})"
+    assert_unlocked(piped)
+
+
+def test_prefetching_with_an_ssd_tier_is_transparent(tmp_path):
+    seed = random.randrange(1 << 31)
+    gen = torch.Generator().manual_seed(seed)
+    tables = mixed_tables(gen)
+    cols = [
+        ts.TieredEmbeddingBagCollection(
+            tables, cache_rows=4, ways=2, host_rows=60, path=tmp_path / name, device="cpu",
+            optimizer=ts.Adagrad(lr=0.1), ssd_options={"block_rows": 4},
+        )
+        for name in ("plain", "piped")
+    ]  # fmt: skip
+    batches = [as_dict(make_batch(gen, tables, 4)) for _ in range(6)]
+    want = run_loop(cols[0], batches, None, seed)
+    got = run_loop(cols[1], batches, 2, seed)
+    for step, (x, y) in enumerate(zip(got, want, strict=True)):
+        assert torch.equal(x, y), f"output of batch {step} (seed {seed})"
+    for t in tables:
+        assert torch.equal(all_rows(cols[1], t), all_rows(cols[0], t)), f"table {t.name}"
+    assert_unlocked(cols[1])
+    for col in cols:
+        col.flush()
+        col.close()
