@@ -170,7 +170,9 @@ class CollectedEmbeddingBag(torch.nn.Module):
     per call for all of them (tables of one dim and optimizer share every tier).
 
     DLRM calls its tables one at a time, so each call looks its table's bags up in the shared
-    collection, the other tables' features given as empty bags. ``weight`` reads and assigns
+    collection, the other tables' features given as empty bags (a few tensor ops, whatever the
+    number of tables; the output is ``(B, sum of the dims)``, of which this table's columns
+    are returned). ``weight`` reads and assigns
     the table's rows as ``TieredEmbeddingBag.weight`` does (``EE.weight.data = W`` included);
     ``state_dict`` holds the keys a ``TieredEmbeddingBag`` of the table would.
     ``include_last_offset`` and ``mode="max"`` are refused, as :class:`DLRMEmbeddingBag`'s
@@ -219,17 +221,20 @@ class CollectedEmbeddingBag(torch.nn.Module):
         lr = _leader_lr()
         if lr is not None:
             col.set_learning_rate(lr)
-        bags = input.shape[0] if input.dim() == 2 else offsets.numel()
-        nothing = (input.new_empty(0, dtype=torch.int64),
-                   torch.zeros(bags, dtype=torch.int64, device=input.device))  # fmt: skip
-        if per_sample_weights is not None:
-            nothing += (per_sample_weights.new_empty(0),)
-        batch = {t.config.name: nothing for t in self._gathering.tables}
-        mine = (input, offsets)
-        batch[self.config.name] = (
-            mine if per_sample_weights is None else (*mine, per_sample_weights)
-        )
-        return col(batch)[self.config.name]
+        if input.dim() == 2:  # (B, L): B bags of L ids
+            lengths = torch.full(input.shape[:1], input.shape[1], device=input.device)
+        else:  # nn.EmbeddingBag's offsets: the last bag runs to the end
+            end = torch.full((1,), input.numel(), device=input.device)
+            lengths = torch.diff(offsets.to(torch.int64), append=end)
+        # The batch in a KeyedJaggedTensor's layout: every table's feature, in order, each with
+        # B bags; the other tables' bags are empty (the keys in order: one slice per group)
+        tables = self._gathering.tables
+        k, bags = tables.index(self), lengths.numel()
+        lengths = torch.cat([lengths.new_zeros(k * bags), lengths,
+                             lengths.new_zeros((len(tables) - k - 1) * bags)])  # fmt: skip
+        keys = [t.config.name for t in tables]
+        kt = col(keys=keys, values=input.reshape(-1), lengths=lengths, weights=per_sample_weights)
+        return kt[self.config.name]
 
     def _read_all(self) -> torch.Tensor:
         if self._gathering.built:
