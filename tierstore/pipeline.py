@@ -25,6 +25,10 @@ which rows are cached when may differ.
 On the CPU backend, and with an SSD tier (whose lookup reads the device on the host), the same
 queue runs every step in order on the current stream.
 
+A ``TieredEmbeddingBagCollection`` keeps one queue per group of tables (one store each), pushes
+a batch's share to every group's queue under one key, and undoes the pushes already made
+(:meth:`PrefetchQueue.drop_newest`) when a later group refuses the batch.
+
 Shapes: ``n`` indices of a batch.
 """
 
