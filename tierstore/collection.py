@@ -240,8 +240,7 @@ class TieredEmbeddingBagCollection(nn.Module):
             for i, (g, gin) in enumerate(zip(self.groups, prep.groups, strict=True)):
                 batch = batches[i] if batches else None
                 outs.append(self._group_forward(g, gin, batch, held, prep.checks.wait))
-            for q in self._queues:  # the next batches' cache steps, beside this one's compute
-                q.advance()
+            self._advance()  # the next batches' cache steps, beside this one's compute
         except BaseException:
             if batches:  # the prefetched batches not yet handed to a forward
                 for g, b in zip(self.groups[len(outs) :], batches[len(outs) :], strict=True):
@@ -289,36 +288,86 @@ class TieredEmbeddingBagCollection(nn.Module):
         offsets: torch.Tensor | None = None,
         weights: torch.Tensor | None = None,
     ) -> None:
-        """Starts the cache steps of a later batch now (same forms as :meth:`forward`), so
-        that its forward finds its rows in place: one :class:`~tierstore.pipeline.PrefetchQueue`
-        per group, whose steps run on the group's side stream on CUDA (whole tables in L2),
-        in order otherwise. Its checks are read here in order, else (CUDA, one group) before
-        its rows are placed: a bad batch then raises at its forward, having changed nothing;
-        with several groups they are read here (each group's share is sized on the host). Its
-        rows are locked until its backward (or its inference forward) releases them. Batches are consumed in
-        the order they were prefetched; :func:`tierstore.prefetching` keeps a loop's next
-        batches prefetched, and :meth:`clear_prefetched` drops them."""
-        prep = self._layout.prepare(features, keys, values, lengths, offsets, weights)
+        """Starts the cache steps of a later batch (same forms as :meth:`forward`), so that its
+        forward finds its rows in place: one :class:`~tierstore.pipeline.PrefetchQueue` per
+        group, whose steps run on the group's side stream on CUDA (whole tables in L2), in
+        order otherwise. Its rows are locked until its backward (or its inference forward)
+        releases them. Batches are consumed in the order they were prefetched;
+        :func:`tierstore.prefetching` keeps a loop's next batches prefetched, and
+        :meth:`clear_prefetched` drops them.
+
+        Where the steps run in order, a bad batch raises here, with nothing changed. On the
+        side streams the host never waits here: the batch's checks are read before its rows
+        are placed (at the end of the previous forward, when the device has work queued), and
+        a collection of several groups splits the batch into its groups' shares then too (the
+        shares are sized on the host); a bad batch then raises at its forward, having changed
+        nothing."""
+        prep = self._layout.parse(features, keys, values, lengths, offsets, weights)
+        keep_order = any(not p.pushed and p.error is None for p in self._ahead)
+        self._ahead.append(prep)
+        if keep_order or (prep.split_reads and self._on_side_streams()):
+            return  # split and pushed at the next _advance
+        try:
+            self._push(prep)
+        except BaseException:
+            self._ahead.pop()
+            raise
+
+    def _on_side_streams(self) -> bool:
+        """Whether every group's prefetched steps run on a side stream (CUDA, whole tables in
+        L2): then the host should not wait at a prefetch."""
+        return all(g.store.side_stream() is not None for g in self.groups)
+
+    def _push(self, prep: PreparedBatch) -> None:
+        """Splits a prefetched batch into its groups' shares (reading its checks where that
+        needs the counts) and queues each in its group's queue; a group that refuses it (L2
+        cannot hold it, in order) undoes the others' pushes."""
+        self._layout.split(prep)
         pushed = 0
         try:
             for q, gin in zip(self._queues, prep.groups, strict=True):
                 q.push(prep.key, gin.ids, prep.checks)
                 pushed += 1
-        except BaseException:  # a group refused it (L2 cannot hold it): undo the others'
+        except BaseException:
             for q in self._queues[:pushed]:
                 q.drop_newest()
             raise
-        self._ahead.append(prep)
+        prep.pushed = True
+
+    def _advance(self) -> None:
+        """At the end of a forward (its kernels queued: the host may wait without idling the
+        device): pushes the prefetched batches not pushed yet, then places the next batch in
+        every group."""
+        self._push_staged()
+        for q in self._queues:
+            q.advance()
+
+    def _push_staged(self) -> None:
+        """Pushes the prefetched batches not pushed yet, in order; a refused one keeps its
+        error, to raise at its forward."""
+        for prep in self._ahead:
+            if not prep.pushed and prep.error is None:
+                try:
+                    self._push(prep)
+                except TierstoreError as e:
+                    prep.error = e
 
     def _take_prefetched(self, given: tuple) -> tuple[PreparedBatch | None, list[Batch] | None]:
         """The oldest prefetched batch if ``given`` is it, with its placed batch in every group;
         ``(None, None)`` if nothing is prefetched. The same tensors, unchanged and in the same
         grad mode, are recognised without a device read; other tensors are prepared and their
         ids compared (a device read). A batch that is not the oldest prefetched one raises
-        :class:`InvalidInputError` with nothing changed."""
+        :class:`InvalidInputError` with nothing changed; the oldest one's refusal (bad values,
+        or more rows than L2 holds), found after its prefetch returned, raises here."""
         if not self._ahead:
             return None, None
-        head, key = self._ahead[0], batch_key(*given)
+        head = self._ahead[0]
+        if not head.pushed and head.error is None:
+            self._push_staged()
+        if head.error is not None:
+            self._ahead.popleft()
+            raise head.error
+        key = batch_key(*given)
         same = head.grad == grad_signature(key) and all(q.is_next(key) for q in self._queues)
         prep = head if same else self._layout.prepare(*given)
         if not same:

@@ -38,16 +38,27 @@ class GroupInput:
 
 @dataclass
 class PreparedBatch:
-    """A batch checked for form: each group's input (in group order), ``B`` and the value
-    checks. ``key`` and ``grad``
+    """A batch checked for form: ``B``, the value checks and, once split
+    (:meth:`FeatureLayout.split`), each group's input in group order. ``key`` and ``grad``
     identify the user's tensors it was made from (see :func:`batch_key`), so that a prefetched
     batch's forward can take it as it is, without reading the device again."""
 
-    groups: list[GroupInput]
-    batch_size: int
+    batch: JaggedBatch
+    position: dict[str, int]  # the input's place of each feature
     checks: JaggedChecks  # wait() before the first change
     key: tuple[Any, ...] = ()
     grad: tuple[bool, ...] = ()
+    # Whether :meth:`FeatureLayout.split` reads the checks (several groups: each group's share
+    # of the values is sized on the host)
+    split_reads: bool = False
+    groups: list[GroupInput] | None = None  # None until split
+    pushed: bool = False  # a prefetched batch: in its groups' queues yet
+    error: Exception | None = None  # a prefetched batch refused before it was pushed
+
+    @property
+    def batch_size(self) -> int:
+        """``B``."""
+        return self.batch.batch_size
 
 
 def batch_key(features, keys, values, lengths, offsets, weights) -> tuple[Any, ...]:
@@ -113,29 +124,41 @@ class FeatureLayout:
         return torch.tensor(cols, dtype=torch.int64, device=self.device)
 
     def prepare(self, features, keys, values, lengths, offsets, weights) -> PreparedBatch:
-        """The batch checked for form and split into each group's flat batch, with its value
-        checks in ``checks`` (:class:`~tierstore.keyed.JaggedChecks`): a collection of one
-        group (one dim, one optimizer) needs no count on the host, so its checks are read
-        later (``checks.wait()`` before the first change); with several groups, each group's
-        share of the values is sized on the host, so they are read here. Bad input raises
-        :class:`InvalidInputError` naming the feature and table, before anything changes."""
+        """:meth:`parse` then :meth:`split`."""
+        prep = self.parse(features, keys, values, lengths, offsets, weights)
+        self.split(prep)
+        return prep
+
+    def parse(self, features, keys, values, lengths, offsets, weights) -> PreparedBatch:
+        """The batch checked for form, its value checks started
+        (:class:`~tierstore.keyed.JaggedChecks`: their copy to the host is under way, not
+        waited for). Bad form raises :class:`InvalidInputError` naming the feature and table,
+        before anything changes."""
         batch = parse_jagged(features, keys=keys, values=values, lengths=lengths,
                              offsets=offsets, weights=weights, device=self.device,
                              check_keys=self.match_keys)  # fmt: skip
         position = self.match_keys(batch.keys)
         owners = [self.feature_table[k].name for k in batch.keys]
         checks = JaggedChecks(batch, [self._limit(t) for t in owners], owners)
-        n, bags = batch.values.numel(), batch.lengths.shape[1]
-        if len(self.groups) == 1 and (bags or not n):  # (values without bags: refused below)
-            groups = [self._whole_input(self.groups[0], batch, position)]
-        else:
-            counts = checks.wait()
-            starts = [0]
-            for c in counts:
-                starts.append(starts[-1] + c)
-            groups = [self._group_input(g, batch, position, starts) for g in self.groups]
         key = batch_key(features, keys, values, lengths, offsets, weights)
-        return PreparedBatch(groups, batch.batch_size, checks, key, grad_signature(key))
+        n, bags = batch.values.numel(), batch.lengths.shape[1]
+        reads = len(self.groups) > 1 or not (bags or not n)  # (values without bags: refused)
+        return PreparedBatch(batch, position, checks, key, grad_signature(key), reads)
+
+    def split(self, prep: PreparedBatch) -> None:
+        """Sets each group's input of a parsed batch. A collection of one group (one dim, one
+        optimizer) needs no count on the host, so its checks are left to be read before the
+        first change (``checks.wait()``); with several groups, each group's share of the
+        values is sized on the host, so they are read here (raising
+        :class:`InvalidInputError` on bad values, before anything changes)."""
+        batch, position = prep.batch, prep.position
+        if not prep.split_reads:
+            prep.groups = [self._whole_input(self.groups[0], batch, position)]
+            return
+        starts = [0]
+        for c in prep.checks.wait():
+            starts.append(starts[-1] + c)
+        prep.groups = [self._group_input(g, batch, position, starts) for g in self.groups]
 
     def _limit(self, table: str) -> int:
         g, k = self.table_at[table]
