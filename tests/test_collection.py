@@ -285,12 +285,13 @@ class FakeKJT:
         return self._w
 
 
-def small_collection(**kw):
+def small_collection(item_dim=4, **kw):
+    """Two tables, in two groups (or with ``item_dim=8``, one)."""
     tables = [
         ts.TableConfig(name="user", embedding_dim=8, num_embeddings=20),
         ts.TableConfig(
             name="item",
-            embedding_dim=4,
+            embedding_dim=item_dim,
             num_embeddings=10,
             feature_names=["item", "last"],
             pooling="mean",
@@ -469,9 +470,11 @@ BAD_BATCHES = [
 ]
 
 
+@pytest.mark.parametrize("one_group", [False, True])  # checks read at once / before a change
 @pytest.mark.parametrize("change,message", BAD_BATCHES)
-def test_bad_batch_changes_nothing(change, message):
-    col = small_collection()
+def test_bad_batch_changes_nothing(change, message, one_group):
+    col = small_collection(item_dim=8 if one_group else 4)
+    assert len(col.groups) == (1 if one_group else 2)
     gen = torch.Generator().manual_seed(5)
     good = dict(
         keys=["user", "item", "last"],
@@ -488,8 +491,9 @@ def test_bad_batch_changes_nothing(change, message):
     col(**good).values().sum().backward()  # and it still works
 
 
-def test_bad_dict_batches():
-    col = small_collection()
+@pytest.mark.parametrize("one_group", [False, True])
+def test_bad_dict_batches(one_group):
+    col = small_collection(item_dim=8 if one_group else 4)
     before = snapshot(col)
     z = torch.tensor([0])
     cases = [
@@ -514,6 +518,8 @@ def test_bad_dict_batches():
     for batch, message in cases:
         with pytest.raises(InvalidInputError, match=message):
             col(batch)
+        with pytest.raises(InvalidInputError, match=message):
+            col.prefetch(batch)
     assert_same(before, snapshot(col))
 
 

@@ -141,12 +141,42 @@ def test_swapped_dlrm_trains_as_stock_dlrm(kind):
     )
 
 
-def test_swapped_dlrm_checkpoint_continues_training():
+@pytest.mark.parametrize("kind", ["sgd", "adagrad"])
+def test_collected_dlrm_trains_as_stock_dlrm(kind):
+    """``swapped(collect=True)``: every table of the model in one collection (one group: one
+    L1, one L2 for all), with the same losses and trained tables as the stock run."""
+    seed = random.randrange(1 << 32)
+    launch, batches, lr = _launcher(), _batches(seed, 12), 0.5
+    stock = TinyDLRM(np.random.default_rng(seed))
+    stock_losses, _, _ = _train(stock, batches, lr, kind=kind)
+    with launch.swapped(kind, lr, cache_fraction=0.1, collect=True):
+        collected = TinyDLRM(np.random.default_rng(seed))
+        assert all(isinstance(t, launch.CollectedEmbeddingBag) for t in collected.tables)
+        losses, _, _ = _train(collected, batches, lr, kind=kind)
+    col = collected.tables[0].collection
+    assert all(t.collection is col for t in collected.tables) and len(col.groups) == 1
+    assert [t.name for t in col.tables] == ["table0", "table1", "table2"]
+    assert col.groups[0].store.l1.capacity < sum(ROWS)  # a shared cache smaller than the rows
+    for step, (ours, theirs) in enumerate(zip(losses, stock_losses)):
+        torch.testing.assert_close(ours, theirs, msg=f"loss at step {step} (seed {seed})")
+    tol = {"sgd": 1e-5, "adagrad": 2e-4}[kind]  # as in the test above
+    for k, (ours, theirs) in enumerate(zip(collected.tables, stock.tables)):
+        torch.testing.assert_close(
+            ours.weight, theirs.weight.detach(), rtol=tol, atol=tol / 10,
+            msg=lambda m, k=k: f"table {k} (seed {seed}): {m}",
+        )  # fmt: skip
+    assert col.groups[0].optimizer.lr == pytest.approx(lr * max(0.05, (1 - (11 - 3) / 8) ** 2))
+    stats = col.stats()  # every table's lookups counted in the one shared cache
+    assert all(stats.tables[t.name].requested > 0 for t in col.tables)
+
+
+@pytest.mark.parametrize("collect", [False, True])
+def test_swapped_dlrm_checkpoint_continues_training(collect):
     """DLRM's --save-model / --load-model: model.state_dict() and the optimizer's, loaded into a
     freshly built model, continue exactly as the uninterrupted run."""
     seed = random.randrange(1 << 32)
     launch, batches, lr = _launcher(), _batches(seed, 8), 0.5
-    with launch.swapped("sgd", lr):
+    with launch.swapped("sgd", lr, collect=collect):
         model = TinyDLRM(np.random.default_rng(seed))
         state = model.state_dict()
         if not any(key.startswith("tables.") for key in state):

@@ -136,7 +136,10 @@ def _weights_tensor(w, n: int, what: str) -> torch.Tensor:
     return w
 
 
-def _looks_like_kjt(obj) -> bool:
+def looks_like_keyed_jagged(obj) -> bool:
+    """Whether ``obj`` has the methods of TorchRec's ``KeyedJaggedTensor`` that a batch needs
+    (``keys()``, ``values()``, and ``lengths()`` or ``offsets()``; torchrec is not a
+    dependency)."""
     return all(callable(getattr(obj, m, None)) for m in ("keys", "values")) and (
         callable(getattr(obj, "lengths", None)) or callable(getattr(obj, "offsets", None))
     )
@@ -169,7 +172,7 @@ def parse_jagged(
             )
         if isinstance(features, Mapping):
             return _parse_dict(features, device, check_keys)
-        if _looks_like_kjt(features):
+        if looks_like_keyed_jagged(features):
             lengths_of = getattr(features, "lengths", None)
             got_weights = getattr(features, "weights_or_none", None)
             keys = list(features.keys())
@@ -302,59 +305,106 @@ def _parse_dict(features: Mapping, device: torch.device, check_keys) -> JaggedBa
     )
 
 
+class JaggedChecks:
+    """The value checks of a jagged batch against its tables, reduced on the device into one
+    small tensor whose copy to the host starts at once (as ``validate.BatchChecks``): the host
+    may queue work that changes nothing (a unique step) before :meth:`wait` reads it.
+
+    ``limits`` holds the id limit of each feature's table (``0 <= id < limit``) and ``owners``
+    the table of each feature (for the messages), in the batch's key order.
+    """
+
+    def __init__(self, batch: JaggedBatch, limits: Sequence[int], owners: Sequence[str]):
+        self._batch, self._limits, self._owners = batch, list(limits), list(owners)
+        lengths, values = batch.lengths, batch.values
+        dev = values.device
+        nf, n = lengths.shape[0], values.numel()
+        counts = lengths.sum(1)  # (F,)
+        # Each value's feature without reading the counts first: the first feature whose end
+        # lies past the value's position (the clamp keeps a batch with too few lengths in
+        # range; the check of the sum refuses it)
+        ends = counts.cumsum(0)
+        feat = torch.searchsorted(ends, torch.arange(n, device=dev), right=True).clamp(max=nf - 1)
+        lo = torch.full((nf,), torch.iinfo(torch.int64).max, dtype=torch.int64, device=dev)
+        hi = torch.full((nf,), -1, dtype=torch.int64, device=dev)
+        if n:
+            lo = lo.scatter_reduce(0, feat, values, "amin")
+            hi = hi.scatter_reduce(0, feat, values, "amax")
+        zero = torch.zeros(nf, dtype=torch.int64, device=dev)
+        smallest = lengths.amin(1) if lengths.shape[1] else zero
+        starts = [s.to(dev) for _, s in batch.starts]
+        facts = torch.cat([counts, smallest, lo, hi, *starts])
+        self._event = None
+        if facts.is_cuda:
+            self._facts = torch.empty(facts.shape, dtype=facts.dtype, pin_memory=True)
+            self._facts.copy_(facts, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._facts = facts
+        self._counts: list[int] | None = None
+
+    def wait(self) -> list[int]:
+        """The number of ids of each feature (host ints, in the batch's key order), once the
+        checks passed (waits for the read); else raises :class:`InvalidInputError` naming the
+        feature and its table: negative lengths (decreasing offsets), lengths that do not sum
+        to the number of values, offsets that do not start at 0, ids out of the table's
+        range."""
+        if self._counts is None:
+            if self._event is not None:
+                self._event.synchronize()
+            self._counts = self._check(self._facts.tolist())
+        return self._counts
+
+    def _check(self, facts: list[int]) -> list[int]:
+        batch, limits, owners = self._batch, self._limits, self._owners
+        nf, n = batch.lengths.shape[0], batch.values.numel()
+        counts_h, smallest_h = facts[:nf], facts[nf : 2 * nf]
+        lo_h, hi_h, starts_h = facts[2 * nf : 3 * nf], facts[3 * nf : 4 * nf], facts[4 * nf :]
+        keys = batch.keys
+
+        def name(f: int) -> str:
+            return f"feature {keys[f]!r} (table {owners[f]!r})"
+
+        for (key, _), first in zip(batch.starts, starts_h, strict=True):
+            if first != 0:
+                where = "offsets[0]" if key is None else f"feature {key!r}: offsets[0]"
+                raise InvalidInputError(f"{where} must be 0, got {first}")
+        for f in range(nf):
+            if smallest_h[f] < 0:
+                what = (
+                    "offsets must be non-decreasing"
+                    if batch.offsets_given
+                    else "lengths must be >= 0"
+                )
+                raise InvalidInputError(f"{name(f)}: {what} (a bag has length {smallest_h[f]})")
+        if sum(counts_h) != n:
+            what = "the offsets" if batch.offsets_given else "the lengths"
+            raise InvalidInputError(
+                f"{what} must cover every value exactly: they sum to {sum(counts_h)} ids but "
+                f"values holds {n} (ids per feature: {dict(zip(keys, counts_h, strict=True))})"
+            )
+        for f in range(nf):
+            if counts_h[f] and (lo_h[f] < 0 or hi_h[f] >= limits[f]):
+                bad = lo_h[f] if lo_h[f] < 0 else hi_h[f]
+                raise InvalidInputError(f"{name(f)}: ids must be in [0, {limits[f]}), found {bad}")
+        return counts_h
+
+
 def check_jagged(batch: JaggedBatch, limits: Sequence[int], owners: Sequence[str]) -> list[int]:
     """Checks a batch's values against its tables, in one device-to-host read, and returns
-    the number of ids of each feature (host ints, in the batch's key order).
+    the number of ids of each feature (host ints, in the batch's key order); see
+    :class:`JaggedChecks`."""
+    return JaggedChecks(batch, limits, owners).wait()
 
-    ``limits`` holds the id limit of each feature's table (``0 <= id < limit``) and
-    ``owners`` the table of each feature (for the messages). Raises
-    :class:`InvalidInputError` naming the feature and its table: negative lengths (decreasing
-    offsets), lengths that do not sum to the number of values, offsets that do not start at 0,
-    ids out of the table's range.
-    """
-    lengths, values = batch.lengths, batch.values
-    dev = values.device
-    nf, n = lengths.shape[0], values.numel()
-    counts = lengths.sum(1)  # (F,)
-    # Each value's feature without reading the counts first: the first feature whose end lies
-    # past the value's position (the clamp keeps a batch with too few lengths in range; the
-    # check of the sum below refuses it)
-    ends = counts.cumsum(0)
-    feat = torch.searchsorted(ends, torch.arange(n, device=dev), right=True).clamp(max=nf - 1)
-    lo = torch.full((nf,), torch.iinfo(torch.int64).max, dtype=torch.int64, device=dev)
-    hi = torch.full((nf,), -1, dtype=torch.int64, device=dev)
-    if n:
-        lo = lo.scatter_reduce(0, feat, values, "amin")
-        hi = hi.scatter_reduce(0, feat, values, "amax")
-    zero = torch.zeros(nf, dtype=torch.int64, device=dev)
-    smallest = lengths.amin(1) if lengths.shape[1] else zero
-    starts = [s.to(dev) for _, s in batch.starts]
-    facts = torch.cat([counts, smallest, lo, hi, *starts]).tolist()
-    counts_h, smallest_h = facts[:nf], facts[nf : 2 * nf]
-    lo_h, hi_h, starts_h = facts[2 * nf : 3 * nf], facts[3 * nf : 4 * nf], facts[4 * nf :]
-    keys = batch.keys
 
-    def name(f: int) -> str:
-        return f"feature {keys[f]!r} (table {owners[f]!r})"
-
-    for (key, _), first in zip(batch.starts, starts_h, strict=True):
-        if first != 0:
-            where = "offsets[0]" if key is None else f"feature {key!r}: offsets[0]"
-            raise InvalidInputError(f"{where} must be 0, got {first}")
-    for f in range(nf):
-        if smallest_h[f] < 0:
-            what = (
-                "offsets must be non-decreasing" if batch.offsets_given else "lengths must be >= 0"
-            )
-            raise InvalidInputError(f"{name(f)}: {what} (a bag has length {smallest_h[f]})")
-    if sum(counts_h) != n:
-        what = "the offsets" if batch.offsets_given else "the lengths"
-        raise InvalidInputError(
-            f"{what} must cover every value exactly: they sum to {sum(counts_h)} ids but "
-            f"values holds {n} (ids per feature: {dict(zip(keys, counts_h, strict=True))})"
-        )
-    for f in range(nf):
-        if counts_h[f] and (lo_h[f] < 0 or hi_h[f] >= limits[f]):
-            bad = lo_h[f] if lo_h[f] < 0 else hi_h[f]
-            raise InvalidInputError(f"{name(f)}: ids must be in [0, {limits[f]}), found {bad}")
-    return counts_h
+def safe_lengths(lengths: torch.Tensor, n: int) -> torch.Tensor:
+    """``lengths (k,)`` made safe to shape ``n`` values with before they are checked: each
+    non-negative and all summing to ``n`` (the ends clamped to ``[0, n]``, made non-decreasing,
+    the last one ``n``). Equal to ``lengths`` for a batch that passes its checks; for one that
+    does not (refused before anything changes), the ops that use them stay in bounds."""
+    if not lengths.numel():
+        return lengths
+    ends = torch.cummax(lengths.cumsum(0).clamp(0, n), 0).values
+    ends[-1] = n
+    return torch.diff(ends, prepend=ends.new_zeros(1))

@@ -25,19 +25,24 @@ which rows are cached when may differ.
 On the CPU backend, and with an SSD tier (whose lookup reads the device on the host), the same
 queue runs every step in order on the current stream.
 
+A ``TieredEmbeddingBagCollection`` keeps one queue per group of tables (one store each), pushes
+a batch's share to every group's queue under one key, and undoes the pushes already made
+(:meth:`PrefetchQueue.drop_newest`) when a later group refuses the batch.
+
 Shapes: ``n`` indices of a batch.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .errors import InvalidInputError, TierstoreError
+from .keyed import looks_like_keyed_jagged
 from .store import Batch, BatchMode, TieredStore, UniqueStep
 from .validate import BatchChecks
 
@@ -62,7 +67,11 @@ def _versions(tensors: tuple[Any, ...]) -> tuple[int, ...]:
 
 
 def _same_tensors(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
-    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
+    """The same tensor objects (and equal non-tensor parts: feature names, ``None``)."""
+    return len(a) == len(b) and all(
+        x is y or (not isinstance(x, torch.Tensor) and not isinstance(y, torch.Tensor) and x == y)
+        for x, y in zip(a, b)
+    )
 
 
 def _keep_for(stream: torch.cuda.Stream, batch: Batch) -> None:
@@ -143,6 +152,25 @@ class PrefetchQueue:
             _keep_for(torch.cuda.current_stream(self.store.device), entry.batch)
         entry.step = None
 
+    def is_next(self, key: tuple[Any, ...], flat: torch.Tensor | None = None) -> bool:
+        """Whether the oldest queued batch is the one of ``key``: the same tensors, unchanged
+        since :meth:`push` (no device read), or, given ``flat``, the same ids (a device read:
+        not the fast way). False if nothing is queued."""
+        if not self.entries:
+            return False
+        entry = self.entries[0]
+        if _same_tensors(entry.key, key) and entry.versions == _versions(key):
+            return True
+        return flat is not None and torch.equal(entry.flat, flat)
+
+    def drop_newest(self) -> None:
+        """Undoes the last :meth:`push` (a caller whose same batch another queue refused: a
+        collection's later group), releasing its rows if they were placed."""
+        entry = self.entries.pop()
+        if entry.batch is not None:
+            self.store.release(entry.batch)
+        self.store.join_side()  # its side-stream step read its ids: done before they are freed
+
     def pop(self, key: tuple[Any, ...], flat: torch.Tensor) -> Batch | None:
         """The oldest queued batch if ``key`` is its forward (the same tensors, unchanged, or
         equal ids), ready to use on the current stream; None if nothing is queued. Raises
@@ -150,8 +178,7 @@ class PrefetchQueue:
         if not self.entries:
             return None
         entry = self.entries[0]
-        same = _same_tensors(entry.key, key) and entry.versions == _versions(key)
-        if not same and not torch.equal(entry.flat, flat):  # reads the device: not the fast way
+        if not self.is_next(key, flat):
             raise InvalidInputError(
                 "forward's indices differ from the oldest prefetched batch: prefetch batches "
                 "in the order forward will see them (or call clear_prefetched() first)"
@@ -180,7 +207,9 @@ def prefetching(batches: Iterable[Any], modules: Any, depth: int = 2) -> Iterato
 
     A batch is what the modules' forward takes: an index tensor, or an ``(indices, offsets)``
     or ``(indices, offsets, per_sample_weights)`` tuple; every module is prefetched with the
-    same indices and offsets. The loop body must call each module's forward on the yielded
+    same indices and offsets. For a :class:`~tierstore.TieredEmbeddingBagCollection`, a batch
+    is a ``KeyedJaggedTensor`` or a dict of feature name to ``(indices, offsets)``, passed
+    whole. The loop body must call each module's forward on the yielded
     batch, in order (a batch skipped or changed in between raises at the next forward). The
     trained rows and outputs are bitwise those of the same loop without ``prefetching``.
 
@@ -204,10 +233,13 @@ def prefetching(batches: Iterable[Any], modules: Any, depth: int = 2) -> Iterato
             args: tuple[Any, ...] = (batch,)
         elif isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
             args = tuple(batch[:2])
+        elif isinstance(batch, Mapping) or looks_like_keyed_jagged(batch):
+            args = (batch,)  # a collection's batch, whole
         else:
             raise InvalidInputError(
-                "prefetching: a batch must be an index tensor or an (indices, offsets[, "
-                f"per_sample_weights]) tuple, got {type(batch).__name__}"
+                "prefetching: a batch must be an index tensor, an (indices, offsets[, "
+                "per_sample_weights]) tuple, a KeyedJaggedTensor or a dict of feature name to "
+                f"(indices, offsets), got {type(batch).__name__}"
             )
         for m in modules:
             m.prefetch(*args)

@@ -303,6 +303,7 @@ class TieredStore:
             found = self.backend.lookup(self.l1, ids, step.counts, hold=hold)
         else:
             found = self.backend.lookup(self.l1, ids, step.counts, count, hold)
+        self.count_step(step, found)
         if self.inclusive_host:  # L2 keeps what L1 holds: move the pins with the rows
             evicted = found.victim_ids != EMPTY
             self.host.unpin(self.l1_home[found.fill_slots[evicted]])
@@ -311,6 +312,11 @@ class TieredStore:
         holds = getattr(found, "holds", True)
         return Batch(ids, step.inverse, found.slots, addresses, transpose=step.transpose,
                      count=count, holds=holds, lookup_number=self.l1.step)  # fmt: skip
+
+    def count_step(self, step: UniqueStep, found) -> None:
+        """Called with each cache step's decisions (a ``Lookup``, or the CUDA backend's
+        ``DeviceLookup``) for counters beyond L1's own: none here; a collection's group
+        attributes hits and misses to its tables."""
 
     # ------------------------------------------------------------------ the side stream
     def side_stream(self) -> torch.cuda.Stream | None:

@@ -3,7 +3,7 @@
 Usage::
 
     python examples/dlrm/launch.py /path/to/dlrm [--tierstore-cache 0.2] [--tierstore-policy lru] \\
-        [any dlrm_s_pytorch.py argument ...]
+        [--tierstore-collection] [any dlrm_s_pytorch.py argument ...]
 
 ``/path/to/dlrm`` is your checkout of https://github.com/facebookresearch/dlrm (not shipped
 here). The script runs unmodified; the launcher makes one swap before it starts,
@@ -20,6 +20,11 @@ here). The script runs unmodified; the launcher makes one swap before it starts,
   leader's ``param_groups[0]["lr"]`` into its ``fused_optimizer`` at every forward (DLRM's
   scheduler steps after ``optimizer.step()``, so the backward that follows a forward uses the
   lr that the dense step of the same iteration uses).
+
+With ``--tierstore-collection`` the swap is ``torch.nn.EmbeddingBag = CollectedEmbeddingBag``
+instead: every table DLRM builds becomes one table of a single
+:class:`tierstore.TieredEmbeddingBagCollection` (one L1 and one L2 shared by all of them), built
+at the first use of any of them.
 
 ``--save-model`` / ``--load-model`` save and load ``dlrm.state_dict()``: the tables are in it
 through ``TieredEmbeddingBag.state_dict()``, and the learning rate through DLRM's saved
@@ -40,7 +45,10 @@ from pathlib import Path
 import torch
 
 import tierstore as ts
+from tierstore import checkpoint
 from tierstore.errors import InvalidInputError
+from tierstore.hashing import initial_weights
+from tierstore.module import _WeightCopy  # weight.data = W writes the table (as DLRM inits)
 
 # DLRM's --optimizer name -> (the torch class DLRM builds, the fused rule the tables get)
 RULES = {
@@ -57,6 +65,27 @@ class _Settings:
     cache_fraction: float = 0.2
     policy: str = "lru"
     leader: weakref.ref | None = None  # the optimizer DLRM built: its lr reaches the tables
+    collect: bool = False  # every table into one collection (CollectedEmbeddingBag)
+    gathering: _Gathering | None = None  # where the tables being built now are gathered
+
+
+def _leader_lr() -> float | None:
+    leader = _Settings.leader() if _Settings.leader is not None else None
+    return None if leader is None else leader.param_groups[0]["lr"]
+
+
+def _refuse(max_norm, scale_grad_by_freq, _weight, padding_idx, **more) -> None:
+    refused = {
+        "max_norm": max_norm is not None,
+        "scale_grad_by_freq": scale_grad_by_freq,
+        "_weight": _weight is not None,
+        "padding_idx": padding_idx is not None,
+        **more,
+    }
+    if any(refused.values()):
+        raise InvalidInputError(
+            f"DLRMEmbeddingBag: {[k for k, v in refused.items() if v]} are not supported"
+        )
 
 
 class DLRMEmbeddingBag(ts.TieredEmbeddingBag):
@@ -80,16 +109,7 @@ class DLRMEmbeddingBag(ts.TieredEmbeddingBag):
         device=None,
         dtype=None,
     ):
-        refused = {
-            "max_norm": max_norm is not None,
-            "scale_grad_by_freq": scale_grad_by_freq,
-            "_weight": _weight is not None,
-            "padding_idx": padding_idx is not None,
-        }
-        if any(refused.values()):
-            raise InvalidInputError(
-                f"DLRMEmbeddingBag: {[k for k, v in refused.items() if v]} are not supported"
-            )
+        _refuse(max_norm, scale_grad_by_freq, _weight, padding_idx)
         n, dim = int(num_embeddings), int(embedding_dim)  # DLRM passes numpy integers
         super().__init__(
             n,
@@ -105,10 +125,161 @@ class DLRMEmbeddingBag(ts.TieredEmbeddingBag):
 
     def forward(self, input, offsets=None, per_sample_weights=None):
         """``TieredEmbeddingBag.forward`` at the leader optimizer's current learning rate."""
-        leader = _Settings.leader() if _Settings.leader is not None else None
-        if leader is not None and self.fused_optimizer is not None:
-            self.fused_optimizer.param_groups[0]["lr"] = leader.param_groups[0]["lr"]
+        lr = _leader_lr()
+        if lr is not None and self.fused_optimizer is not None:
+            self.fused_optimizer.param_groups[0]["lr"] = lr
         return super().forward(input, offsets, per_sample_weights)
+
+
+class _Gathering:
+    """The tables DLRM builds, gathered into one :class:`tierstore.TieredEmbeddingBagCollection`
+    at their first use (DLRM builds every table before it runs a batch). A table built after
+    that starts a new gathering (a second model)."""
+
+    def __init__(self):
+        self.tables: list[CollectedEmbeddingBag] = []
+        self._collection: ts.TieredEmbeddingBagCollection | None = None
+
+    @property
+    def built(self) -> bool:
+        return self._collection is not None
+
+    def collection(self) -> ts.TieredEmbeddingBagCollection:
+        """The collection of every gathered table (built on first call, each table starting
+        from the weights assigned to it)."""
+        if self._collection is None:
+            configs = [t.config for t in self.tables]
+            rows = sum(t.num_embeddings for t in self.tables)
+            cache_rows = max(len(configs), math.ceil(_Settings.cache_fraction * rows))
+            col = ts.TieredEmbeddingBagCollection(
+                configs, cache_rows=cache_rows, policy=_Settings.policy,
+                optimizer=_Settings.rule, device=_Settings.device,
+            )  # fmt: skip
+            for t in self.tables:
+                if t._pending is not None:
+                    col.write_rows(t.config.name, torch.arange(t.num_embeddings), t._pending)
+                    t._pending = None
+            self._collection = col
+            if _Settings.gathering is self:
+                _Settings.gathering = None
+        return self._collection
+
+
+class CollectedEmbeddingBag(torch.nn.Module):
+    """``nn.EmbeddingBag``'s constructor over one table of a collection that holds every table
+    built while :func:`swapped` (``collect=True``) is active: one L1, one L2 and one lookup step
+    per call for all of them (tables of one dim and optimizer share every tier).
+
+    DLRM calls its tables one at a time, so each call looks its table's bags up in the shared
+    collection, the other tables' features given as empty bags (a few tensor ops, whatever the
+    number of tables; the output is ``(B, sum of the dims)``, of which this table's columns
+    are returned). ``weight`` reads and assigns
+    the table's rows as ``TieredEmbeddingBag.weight`` does (``EE.weight.data = W`` included);
+    ``state_dict`` holds the keys a ``TieredEmbeddingBag`` of the table would.
+    ``include_last_offset`` and ``mode="max"`` are refused, as :class:`DLRMEmbeddingBag`'s
+    refusals."""
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        max_norm: float | None = None,
+        norm_type: float = 2.0,
+        scale_grad_by_freq: bool = False,
+        mode: str = "mean",
+        sparse: bool = False,
+        _weight: torch.Tensor | None = None,
+        include_last_offset: bool = False,
+        padding_idx: int | None = None,
+        device=None,
+        dtype=None,
+    ):
+        _refuse(max_norm, scale_grad_by_freq, _weight, padding_idx,
+                include_last_offset=include_last_offset, max=mode == "max")  # fmt: skip
+        super().__init__()
+        if _Settings.gathering is None:
+            _Settings.gathering = _Gathering()
+        self._gathering = _Settings.gathering
+        self.num_embeddings, self.embedding_dim = int(num_embeddings), int(embedding_dim)
+        self.config = ts.TableConfig(
+            name=f"table{len(self._gathering.tables)}",
+            embedding_dim=self.embedding_dim,
+            num_embeddings=self.num_embeddings,
+            pooling=mode,
+        )
+        self._pending: torch.Tensor | None = None  # weights assigned before the collection
+        self._gathering.tables.append(self)
+
+    @property
+    def collection(self) -> ts.TieredEmbeddingBagCollection:
+        """The collection that holds this table (and every table gathered with it)."""
+        return self._gathering.collection()
+
+    def forward(self, input, offsets=None, per_sample_weights=None):
+        """This table's pooled bags ``(B, D)``, looked up in the shared collection at the
+        leader optimizer's current learning rate."""
+        col = self.collection
+        lr = _leader_lr()
+        if lr is not None:
+            col.set_learning_rate(lr)
+        if input.dim() == 2:  # (B, L): B bags of L ids
+            lengths = torch.full(input.shape[:1], input.shape[1], device=input.device)
+        else:  # nn.EmbeddingBag's offsets: the last bag runs to the end
+            end = torch.full((1,), input.numel(), device=input.device)
+            lengths = torch.diff(offsets.to(torch.int64), append=end)
+        # The batch in a KeyedJaggedTensor's layout: every table's feature, in order, each with
+        # B bags; the other tables' bags are empty (the keys in order: one slice per group)
+        tables = self._gathering.tables
+        k, bags = tables.index(self), lengths.numel()
+        lengths = torch.cat([lengths.new_zeros(k * bags), lengths,
+                             lengths.new_zeros((len(tables) - k - 1) * bags)])  # fmt: skip
+        keys = [t.config.name for t in tables]
+        kt = col(keys=keys, values=input.reshape(-1), lengths=lengths, weights=per_sample_weights)
+        return kt[self.config.name]
+
+    def _read_all(self) -> torch.Tensor:
+        if self._gathering.built:
+            return self.collection.read_rows(self.config.name, torch.arange(self.num_embeddings))
+        if self._pending is not None:
+            return self._pending.clone()
+        c = self.config
+        return initial_weights(torch.arange(self.num_embeddings), c.embedding_dim, c.seed,
+                               c.init_scale)  # fmt: skip
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """A copy ``(num_embeddings, D)`` of the table's weights; assigning it, or its
+        ``.data``, writes every row (detached)."""
+        return _WeightCopy(self._read_all(), self)
+
+    @weight.setter
+    def weight(self, value: torch.Tensor) -> None:
+        shape = (self.num_embeddings, self.embedding_dim)
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
+            raise InvalidInputError(f"weight must have shape {shape}")
+        value = value.detach().to(torch.float32)
+        if self._gathering.built:
+            self.collection.write_rows(self.config.name, torch.arange(shape[0]), value)
+        else:
+            self._pending = value.clone()
+
+    def _view(self, reading: bool):
+        views = dict(self.collection.table_views(reading=reading))
+        return views[f"tables.{self.config.name}."]
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        checkpoint.save_table(self._view(reading=True), destination, prefix)
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        view = self._view(reading=False)
+        checkpoint.check_table(view, state_dict, prefix)
+        rest = checkpoint.load_table(view, state_dict, prefix, missing_keys)
+        super()._load_from_state_dict(
+            rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
 
 def _leading(base: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
@@ -130,10 +301,13 @@ def swapped(
     device: str = "cpu",
     cache_fraction: float = 0.2,
     policy: str = "lru",
+    collect: bool = False,
 ) -> Iterator[None]:
     """While active, ``torch.nn.EmbeddingBag`` is :class:`DLRMEmbeddingBag` (tables with the
-    fused ``optimizer`` at ``learning_rate``, an L1 of ``cache_fraction`` of their rows) and
-    ``torch.optim.SGD`` / ``Adagrad`` are subclasses that the tables follow for the lr."""
+    fused ``optimizer`` at ``learning_rate``, an L1 of ``cache_fraction`` of their rows), or
+    with ``collect`` :class:`CollectedEmbeddingBag` (every table in one collection, whose
+    shared L1 holds ``cache_fraction`` of all their rows); ``torch.optim.SGD`` / ``Adagrad``
+    are subclasses that the tables follow for the lr."""
     if optimizer not in RULES:
         raise InvalidInputError(
             f"--optimizer {optimizer!r}: the tables' fused update supports {sorted(RULES)}"
@@ -143,14 +317,15 @@ def swapped(
     saved = (torch.nn.EmbeddingBag, torch.optim.SGD, torch.optim.Adagrad, vars(_Settings).copy())
     _Settings.rule = RULES[optimizer][1](lr=learning_rate)
     _Settings.device, _Settings.cache_fraction, _Settings.policy = device, cache_fraction, policy
-    _Settings.leader = None
-    torch.nn.EmbeddingBag = DLRMEmbeddingBag  # the one-line swap
+    _Settings.leader, _Settings.collect, _Settings.gathering = None, collect, None
+    torch.nn.EmbeddingBag = CollectedEmbeddingBag if collect else DLRMEmbeddingBag  # the swap
     torch.optim.SGD, torch.optim.Adagrad = _leading(saved[1]), _leading(saved[2])
     try:
         yield
     finally:
         torch.nn.EmbeddingBag, torch.optim.SGD, torch.optim.Adagrad = saved[:3]
-        for key in ("rule", "device", "cache_fraction", "policy", "leader"):
+        for key in ("rule", "device", "cache_fraction", "policy", "leader", "collect",
+                    "gathering"):  # fmt: skip
             setattr(_Settings, key, saved[3][key])
 
 
@@ -164,6 +339,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tierstore-cache", type=float, default=0.2,
                         help="L1 rows per table as a fraction of its rows (default 0.2)")  # fmt: skip
     parser.add_argument("--tierstore-policy", choices=("lru", "lfu"), default="lru")
+    parser.add_argument("--tierstore-collection", action="store_true",
+                        help="every table in one collection: one shared L1 and L2 for all "
+                        "(--tierstore-cache is then a fraction of all their rows)")  # fmt: skip
     ours, rest = parser.parse_known_args(argv)
     script = ours.dlrm_dir / "dlrm_s_pytorch.py"
     if not script.is_file():
@@ -180,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     sys.argv = [str(script), *rest]
     try:
         with swapped(dlrm_args.optimizer, dlrm_args.learning_rate, device,
-                     ours.tierstore_cache, ours.tierstore_policy):  # fmt: skip
+                     ours.tierstore_cache, ours.tierstore_policy,
+                     ours.tierstore_collection):  # fmt: skip
             runpy.run_path(str(script), run_name="__main__")
     except InvalidInputError as e:
         print(f"launch.py: {e}", file=sys.stderr)

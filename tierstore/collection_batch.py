@@ -1,0 +1,259 @@
+"""A collection's batch: from the user's keyed input to each group's flat batch, and from the
+groups' pooled outputs to one :class:`~tierstore.keyed.KeyedTensor`.
+
+Shapes: ``B`` samples, ``F`` features (``F_g`` of them in group ``g``), ``n`` ids (``n_g`` in
+group ``g``), ``D_g`` the dim of group ``g``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .errors import InvalidInputError
+from .keyed import (
+    JaggedBatch,
+    JaggedChecks,
+    KeyedTensor,
+    looks_like_keyed_jagged,
+    parse_jagged,
+    safe_lengths,
+)
+from .table_config import TableConfig
+from .table_groups import TableGroup
+
+
+@dataclass
+class GroupInput:
+    """A group's share of a batch: its ids (group row ids), offsets and weights."""
+
+    ids: torch.Tensor  # (n_g,) int64 group row ids, feature-major
+    offsets: torch.Tensor  # (F_g * B + 1,) int64
+    weights: torch.Tensor | None  # (n_g,) float32, or None
+    mode: str
+
+
+@dataclass
+class PreparedBatch:
+    """A batch checked for form: ``B``, the value checks and, once split
+    (:meth:`FeatureLayout.split`), each group's input in group order. ``key`` and ``grad``
+    identify the user's tensors it was made from (see :func:`batch_key`), so that a prefetched
+    batch's forward can take it as it is, without reading the device again."""
+
+    batch: JaggedBatch
+    position: dict[str, int]  # the input's place of each feature
+    checks: JaggedChecks  # wait() before the first change
+    key: tuple[Any, ...] = ()
+    grad: tuple[bool, ...] = ()
+    # Whether :meth:`FeatureLayout.split` reads the checks (several groups: each group's share
+    # of the values is sized on the host)
+    split_reads: bool = False
+    groups: list[GroupInput] | None = None  # None until split
+    pushed: bool = False  # a prefetched batch: in its groups' queues yet
+    error: Exception | None = None  # a prefetched batch refused before it was pushed
+
+    @property
+    def batch_size(self) -> int:
+        """``B``."""
+        return self.batch.batch_size
+
+
+def batch_key(features, keys, values, lengths, offsets, weights) -> tuple[Any, ...]:
+    """The user's tensors (and feature names) of a batch in any of its forms: what tells a
+    forward that its batch is the one prefetched (the same objects, unchanged) with no device
+    read."""
+    if features is None:
+        return (tuple(keys or ()), values, lengths, offsets, weights)
+    if isinstance(features, Mapping):
+        out: list[Any] = []
+        for name, item in features.items():
+            out.append(name)
+            out.extend(item if isinstance(item, tuple | list) else (item,))
+        return tuple(out)
+    if looks_like_keyed_jagged(features):
+        parts = [tuple(features.keys()), features.values()]
+        for method in ("lengths", "offsets", "weights_or_none"):
+            get = getattr(features, method, None)
+            parts.append(get() if callable(get) else None)
+        return tuple(parts)
+    return (features,)  # not a batch: the forward's checks will say so
+
+
+def grad_signature(key: tuple[Any, ...]) -> tuple[bool, ...]:
+    """Whether grad mode is on, and which of ``key``'s tensors require grad: a prefetched
+    batch's weights were prepared under these (its forward prepares them again otherwise)."""
+    wants = [t.requires_grad for t in key if isinstance(t, torch.Tensor)]
+    return (torch.is_grad_enabled(), *wants)
+
+
+class FeatureLayout:
+    """Where a collection's features go: each feature's table and group, the output's keys
+    (tables in order, each table's features in order) and columns.
+
+    Args:
+        tables: the collection's tables, in order.
+        groups: their groups (:func:`~tierstore.table_groups.group_tables`).
+        device: where batches are prepared.
+    """
+
+    def __init__(self, tables: list[TableConfig], groups: list[TableGroup], device):
+        self.groups, self.device = groups, device
+        self.table_at = {t.name: (g, k) for g in groups for k, t in enumerate(g.tables)}
+        self.feature_keys = [f for t in tables for f in t.feature_names]
+        self.feature_table = {f: t for t in tables for f in t.feature_names}
+        self.dims = [self.feature_table[f].embedding_dim for f in self.feature_keys]
+        self.columns = self._column_order()
+        self._orders: dict[tuple[int, ...], torch.Tensor] = {}  # see _whole_input
+
+    def _column_order(self) -> torch.Tensor | None:
+        """Where each output column (key order) is in the groups' outputs side by side, or
+        ``None`` where the two orders agree (every collection of one group)."""
+        start, at = 0, {}
+        for g in self.groups:
+            for f in g.features:
+                at[f] = start
+                start += g.dim
+        cols = [
+            at[f] + c for f in self.feature_keys for c in range(self.feature_table[f].embedding_dim)
+        ]
+        if cols == list(range(len(cols))):
+            return None
+        return torch.tensor(cols, dtype=torch.int64, device=self.device)
+
+    def prepare(self, features, keys, values, lengths, offsets, weights) -> PreparedBatch:
+        """:meth:`parse` then :meth:`split`."""
+        prep = self.parse(features, keys, values, lengths, offsets, weights)
+        self.split(prep)
+        return prep
+
+    def parse(self, features, keys, values, lengths, offsets, weights) -> PreparedBatch:
+        """The batch checked for form, its value checks started
+        (:class:`~tierstore.keyed.JaggedChecks`: their copy to the host is under way, not
+        waited for). Bad form raises :class:`InvalidInputError` naming the feature and table,
+        before anything changes."""
+        batch = parse_jagged(features, keys=keys, values=values, lengths=lengths,
+                             offsets=offsets, weights=weights, device=self.device,
+                             check_keys=self.match_keys)  # fmt: skip
+        position = self.match_keys(batch.keys)
+        owners = [self.feature_table[k].name for k in batch.keys]
+        checks = JaggedChecks(batch, [self._limit(t) for t in owners], owners)
+        key = batch_key(features, keys, values, lengths, offsets, weights)
+        n, bags = batch.values.numel(), batch.lengths.shape[1]
+        reads = len(self.groups) > 1 or not (bags or not n)  # (values without bags: refused)
+        return PreparedBatch(batch, position, checks, key, grad_signature(key), reads)
+
+    def split(self, prep: PreparedBatch) -> None:
+        """Sets each group's input of a parsed batch. A collection of one group (one dim, one
+        optimizer) needs no count on the host, so its checks are left to be read before the
+        first change (``checks.wait()``); with several groups, each group's share of the
+        values is sized on the host, so they are read here (raising
+        :class:`InvalidInputError` on bad values, before anything changes)."""
+        batch, position = prep.batch, prep.position
+        if not prep.split_reads:
+            prep.groups = [self._whole_input(self.groups[0], batch, position)]
+            return
+        starts = [0]
+        for c in prep.checks.wait():
+            starts.append(starts[-1] + c)
+        prep.groups = [self._group_input(g, batch, position, starts) for g in self.groups]
+
+    def _limit(self, table: str) -> int:
+        g, k = self.table_at[table]
+        return g.limits[k]
+
+    def match_keys(self, keys: list[str]) -> dict[str, int]:
+        """The batch's position of each configured feature; refuses unknown, missing and
+        repeated keys."""
+        position: dict[str, int] = {}
+        for i, k in enumerate(keys):
+            if k in position:
+                raise InvalidInputError(f"feature {k!r} appears twice in the batch's keys")
+            if k not in self.feature_table:
+                raise InvalidInputError(
+                    f"feature {k!r} is not a feature of any table; features: {self.feature_keys}"
+                )
+            position[k] = i
+        missing = [k for k in self.feature_keys if k not in position]
+        if missing:
+            raise InvalidInputError(
+                f"the batch lacks feature {missing[0]!r} (table "
+                f"{self.feature_table[missing[0]].name!r})"
+                + (f" and {missing[1:]}" if missing[1:] else "")
+            )
+        return position
+
+    def _group_input(self, g: TableGroup, batch: JaggedBatch, position, starts) -> GroupInput:
+        """The group's features (configured order) as one flat batch of group row ids, in a
+        fixed number of tensor ops whatever the number of features: each feature's values are
+        gathered from where the input put them and shifted by their table's base."""
+        sel = [position[f] for f in g.features]  # each group feature's place in the input
+        counts = [starts[i + 1] - starts[i] for i in sel]
+        n = sum(counts)
+        dev = self.device
+        seg = torch.tensor(counts, dtype=torch.int64, device=dev)
+        if sel == list(range(sel[0], sel[0] + len(sel))):  # in input order, one slice
+            src = slice(starts[sel[0]], starts[sel[0]] + n)
+        else:  # value j of the group comes from input value src[j]
+            begin = torch.tensor([starts[i] for i in sel], dtype=torch.int64, device=dev)
+            shift = begin - (seg.cumsum(0) - seg)  # input start minus group start, per feature
+            src = torch.arange(n, device=dev) + shift.repeat_interleave(seg, output_size=n)
+        return self._finish(g, batch, src, seg, batch.lengths[sel], n)
+
+    def _whole_input(self, g: TableGroup, batch: JaggedBatch, position) -> GroupInput:
+        """The batch of a collection of one group (every feature is the group's) with no read
+        of the device: sized by the number of values alone. Until the checks pass, the lengths
+        are made safe (``safe_lengths``: equal for a valid batch), so that a bad batch's ops
+        stay in bounds before it is refused."""
+        (nf, bags), n, dev = batch.lengths.shape, batch.values.numel(), self.device
+        lengths = safe_lengths(batch.lengths.reshape(-1), n).view(nf, bags)  # input order
+        sel = [position[f] for f in g.features]
+        if sel == list(range(nf)):  # the input in the group's order: one slice
+            return self._finish(g, batch, slice(0, n), lengths.sum(1), lengths, n)
+        at = self._orders.get(tuple(sel))
+        if at is None:  # made once per input order: a copy to the device may wait for it
+            at = self._orders[tuple(sel)] = torch.tensor(sel, dtype=torch.int64, device=dev)
+        counts = lengths.sum(1)
+        seg = counts.index_select(0, at)  # (F_g,) ids per group feature
+        begin = (counts.cumsum(0) - counts).index_select(0, at)
+        shift = begin - (seg.cumsum(0) - seg)  # input start minus group start, per feature
+        src = torch.arange(n, device=dev) + shift.repeat_interleave(seg, output_size=n)
+        return self._finish(g, batch, src, seg, lengths.index_select(0, at), n)
+
+    def _finish(self, g: TableGroup, batch: JaggedBatch, src, seg, lengths, n) -> GroupInput:
+        """The group's input from ``src`` (where each of its ``n`` values is in the input),
+        ``seg (F_g,)`` (values per group feature) and ``lengths (F_g, B)`` (group order)."""
+        ids = batch.values[src] + g.feature_base.repeat_interleave(seg, output_size=n)
+        lengths = lengths.reshape(-1)  # (F_g * B,) feature-major
+        offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+        psw = None if batch.weights is None else batch.weights[src]
+        if g.poolings == {"mean"} and psw is None:
+            mode = "mean"
+        elif "mean" not in g.poolings:
+            mode = "sum"
+        else:  # a mean bag as a sum with each id weighted 1/len (times its own weight)
+            mode = "sum"
+            per_bag = torch.where(
+                g.feature_mean.unsqueeze(1),
+                1.0 / lengths.view(len(g.features), batch.batch_size).clamp(min=1).float(),
+                torch.ones((), device=self.device),
+            ).reshape(-1)
+            scale = per_bag.repeat_interleave(lengths, output_size=n)
+            psw = scale if psw is None else psw * scale
+        return GroupInput(ids, offsets, psw, mode)
+
+    def keyed(self, outs: Sequence[torch.Tensor], b: int) -> KeyedTensor:
+        """The groups' ``(F_g * B, D_g)`` outputs as one ``(B, sum D)`` tensor in key order: per
+        group one transposing copy, then one column gather where the groups' features
+        interleave in the key order (a select and a cat per feature would cost a full-size
+        gradient per feature in the backward)."""
+        parts = [
+            out.view(len(g.features), b, g.dim).transpose(0, 1).reshape(b, len(g.features) * g.dim)
+            for g, out in zip(self.groups, outs, strict=True)
+        ]
+        values = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+        if self.columns is not None:
+            values = values.index_select(1, self.columns)
+        return KeyedTensor(self.feature_keys, self.dims, values)
