@@ -37,7 +37,7 @@ class WeightCopy(torch.Tensor):
     @data.setter
     def data(self, value: torch.Tensor) -> None:
         self._table.weight = value
-        torch.Tensor.data.__set__(self, read_all(self._table))
+        torch.Tensor.data.__set__(self, self._table.weight.data)  # the table's rows, re-read
 
 
 def check_whole_table(table, what: str) -> None:

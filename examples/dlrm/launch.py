@@ -48,7 +48,7 @@ import tierstore as ts
 from tierstore import checkpoint
 from tierstore.errors import InvalidInputError
 from tierstore.hashing import initial_weights
-from tierstore.module import _WeightCopy  # weight.data = W writes the table (as DLRM inits)
+from tierstore.weights import WeightCopy  # weight.data = W writes the table (as DLRM inits)
 
 # DLRM's --optimizer name -> (the torch class DLRM builds, the fused rule the tables get)
 RULES = {
@@ -250,7 +250,7 @@ class CollectedEmbeddingBag(torch.nn.Module):
     def weight(self) -> torch.Tensor:
         """A copy ``(num_embeddings, D)`` of the table's weights; assigning it, or its
         ``.data``, writes every row (detached)."""
-        return _WeightCopy(self._read_all(), self)
+        return WeightCopy(self._read_all(), self)
 
     @weight.setter
     def weight(self, value: torch.Tensor) -> None:
