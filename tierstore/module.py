@@ -390,9 +390,7 @@ class TieredEmbeddingBag(nn.Module):
 
     def _check_writable(self, doing: str) -> None:
         """ReadOnlyTableError, before anything changes, for a table opened ``read_only=True``."""
-        check = getattr(self.store.host, "check_writable", None)
-        if check is not None:
-            check(doing)
+        self.store.host.check_writable(doing)
 
     @_serialised
     def stats(self) -> CacheStats:

@@ -21,6 +21,7 @@ from .errors import CapacityError, InvalidInputError
 from .hashing import initial_weights
 from .host import HostTable
 from .policy import Policy
+from .tiers import HostTier
 from .validate import check_id_range
 
 
@@ -183,7 +184,7 @@ class TieredStore:
         seed: int,
         init_scale: float,
         backend,
-        host=None,
+        host: HostTier | None = None,
     ):
         self.num_rows, self.layout = num_rows, layout
         self.device, self.seed, self.init_scale = device, seed, init_scale
@@ -200,7 +201,7 @@ class TieredStore:
         # L2 address of the row in each L1 slot (L2 is inclusive of L1, so it stays valid while
         # the row is cached): where a dirty victim is written back.
         self.l1_home = torch.full((self.l1.capacity,), -1, dtype=torch.int64, device=device)
-        self.host = host or HostTable(
+        self.host: HostTier = host or HostTable(
             num_rows, layout.width, self.init_rows, pin=device.type == "cuda"
         )
         self.inclusive_host = not isinstance(self.host, HostTable)
@@ -208,13 +209,13 @@ class TieredStore:
         # Where kernels read and write L2's rows in place: the device address of pinned fp32
         # host rows, None if the device cannot reach them. Asked once (it costs a driver call
         # on CUDA): L2's rows never move.
-        data = getattr(self.host, "data", None)
-        in_place = data is not None and data.dtype == torch.float32 and data.is_contiguous()
+        data = self.host.data
+        in_place = data.dtype == torch.float32 and data.is_contiguous()
         self.l2_address = interop.device_pointer(data) if in_place else None
         # and of L2's map of rows ever written (HostTable.written), 0 where it keeps none or
         # where the initial rows are not the kernels' hash of (seed, id) (a store whose
         # init_rows is its own, as a collection's group: its fills then read every row)
-        written = getattr(self.host, "written", None)
+        written = self.host.written
         self.l2_written = 0
         hashed = type(self).init_rows is TieredStore.init_rows
         if self.l2_address is not None and written is not None and hashed:
@@ -386,11 +387,10 @@ class TieredStore:
         if slots.numel():
             host.write(self.l1_home[slots], self.l1_rows(slots))
             self.flushed_rows += slots.numel()
-        data = getattr(host, "data", None)
-        pinned = None
-        if device.type == "cuda" and data is not None and not data.is_pinned():
+        data = host.data
+        if device.type == "cuda" and not data.is_pinned():
             try:  # kernels read L2 in place over PCIe: only from page-locked memory
-                pinned = data.pin_memory()
+                host.page_lock()
             except RuntimeError as e:
                 raise CapacityError(
                     f"moving the table to {device} page-locks its host tier (L2: "
@@ -399,11 +399,6 @@ class TieredStore:
         if self.inclusive_host:  # the old L1's rows leave L2's pins
             cached = by_slot(self.l1.tags) != EMPTY
             host.unpin(self.l1_home[cached.to(self.l1_home.device)])
-        if pinned is not None:
-            host.data = pinned
-            written = getattr(host, "written", None)  # L2's map of written rows goes too
-            if written is not None:
-                host.written = written.pin_memory()
         new = TieredStore(self.num_rows, self.layout, cache_rows, ways, policy, device,
                           self.seed, self.init_scale, backend, host=host)  # fmt: skip
         new.l1.counters.copy_(self.l1.counters)
@@ -429,10 +424,8 @@ class TieredStore:
             bytes_l1_to_l2=(c[st.WRITEBACKS] + self.flushed_rows) * rb,
             bytes_l2_read_direct=c[st.CONFLICTS] * rb,
         )
-        host_stats = getattr(self.host, "stats", None)
-        if host_stats is not None:
-            for k, v in host_stats().items():
-                setattr(out, k, v)
+        for k, v in self.host.stats().items():
+            setattr(out, k, v)
         return out
 
     def reset_stats(self) -> None:
@@ -440,8 +433,7 @@ class TieredStore:
         self.join_side()
         self.l1.reset_counters()
         self.flushed_rows = 0
-        if hasattr(self.host, "reset_stats"):
-            self.host.reset_stats()
+        self.host.reset_stats()
 
     def check_ids(self, ids: torch.Tensor, what: str = "indices") -> None:
         """Raises :class:`InvalidInputError` if any id is outside the table."""
