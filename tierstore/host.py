@@ -130,9 +130,8 @@ class HostTable:
 
     def page_lock(self) -> None:
         """Page-locks the rows and the map of written rows (a copy each, once)."""
-        if not self.data.is_pinned():
-            data, written = self.data.pin_memory(), self.written.pin_memory()
-            self.data, self.written = data, written
+        if not self.data.is_pinned():  # both copies made, then both kept
+            self.data, self.written = self.data.pin_memory(), self.written.pin_memory()
 
     def flush(self) -> None:
         """Nothing below a full table."""

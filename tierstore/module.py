@@ -275,6 +275,11 @@ class TieredEmbeddingBag(nn.Module):
         flat, _, _, checks = self._prepare(input, offsets, None)
         self._queue.push((input, offsets), flat, checks)
 
+    @property
+    def prefetched(self) -> int:
+        """Batches prefetched and not yet consumed by a forward."""
+        return len(self._queue)
+
     @_serialised
     def clear_prefetched(self) -> None:
         """Drops every prefetched batch not yet consumed by a forward, releasing its rows."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -20,6 +20,7 @@ from .cache import EMPTY, by_slot
 from .errors import CapacityError, InvalidInputError
 from .hashing import initial_weights
 from .host import HostTable
+from .optim import Optimizer
 from .policy import Policy
 from .tiers import HostTier
 from .validate import check_id_range
@@ -113,7 +114,8 @@ class UniqueStep:
 
 @dataclass
 class Batch:
-    """A batch in flight: its unique rows and where each one is until :meth:`TieredStore.release`.
+    """A batch in flight: its unique rows and where each one is until :meth:`TieredStore.release`
+    (the same fields for every backend; one's own record of the batch is its ``transpose``).
 
     Shapes: ``n`` indices, ``U`` unique rows.
     """
@@ -124,19 +126,15 @@ class Batch:
     slots: torch.Tensor  # (U,) int64 L1 slot, -1 for a conflict miss
     addresses: torch.Tensor  # (U,) int64 L2 address
     released: bool = False
-    transpose: object | None = None  # the backend's sparse transpose, if its unique made one
-    # A sync-free step's unique count U as a (1,) int32 device tensor: then ids, slots and
-    # addresses are buffers of n entries of which the first U are used. None: exactly U.
+    # The backend's own record of the unique step, if it made one (CUDA: the sparse transpose
+    # and the places, cuda_unique.Transpose); it makes the inverse on demand
+    transpose: object | None = None
+    # U as a (1,) int32 device tensor where the step kept it there (no host sync): then ids,
+    # slots and addresses are buffers of n entries, the first U used. None: exactly U.
     count: torch.Tensor | None = None
-    # Whether L1 holds locks for the batch until release (False: an EVAL lookup's on CUDA)
-    holds: bool = True
-    # Whether the backward's kernels released the batch's L1 locks as they updated its rows
-    # (the CUDA backend's): the release then leaves L1 alone
+    holds: bool = True  # whether the lookup locked the rows in L1 (an EVAL one may not)
+    # Whether the backward's kernels unlocked them in L1 already: release leaves L1 alone
     l1_released: bool = False
-    # (n,) int64, the CUDA backend's: where each index's row lives (its L1 slot, or the
-    # complement of its L2 address) and whether it alone reads the row, written for a training
-    # batch's forward and backward
-    places: torch.Tensor | None = None
     # L1's step number just after this batch's lookup (each lookup is one step): where it is
     # still that at the backward, no other batch can have filled a conflict miss of this one
     # into L1 since
@@ -156,9 +154,8 @@ class Batch:
         if self.count is None:
             return self
         u = int(self.count[0])
-        return Batch(self.ids[:u], self._inverse, self.slots[:u], self.addresses[:u],
-                     self.released, self.transpose, holds=self.holds,
-                     l1_released=self.l1_released, lookup_number=self.lookup_number)  # fmt: skip
+        return replace(self, ids=self.ids[:u], slots=self.slots[:u],
+                       addresses=self.addresses[:u], count=None)  # fmt: skip
 
 
 class TieredStore:
@@ -312,6 +309,24 @@ class TieredStore:
         holds = getattr(found, "holds", True)
         return Batch(ids, step.inverse, found.slots, addresses, transpose=step.transpose,
                      count=count, holds=holds, lookup_number=self.l1.step)  # fmt: skip
+
+    @property
+    def step(self) -> int:
+        """L1's count of lookups (its host-side step number; ``graphs.py`` sets it back after a
+        capture and forward by each replay's lookups)."""
+        return self.l1.step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.l1.step = value
+
+    def graph_unsupported(self, optimizer: Optimizer | None) -> str | None:
+        """Why this table's step cannot be captured in a CUDA graph (the backend's), or None."""
+        return self.backend.graph_unsupported(self, optimizer)
+
+    def load_hyper(self, optimizer: Optimizer | None) -> None:
+        """Brings the kernels' copy of ``optimizer``'s lr and eps up to date (graphs.py)."""
+        self.backend.load_hyper(self, optimizer)
 
     # ------------------------------------------------------------------ the side stream
     def side_stream(self) -> torch.cuda.Stream | None:
