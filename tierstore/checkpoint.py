@@ -350,7 +350,7 @@ def _write_whole_l2(store, weight: torch.Tensor, state: torch.Tensor | None) -> 
         data[lo : lo + step, :dim] = weight[lo : lo + step]
         if state is not None:  # else the table keeps its own state
             data[lo : lo + step, dim:] = state[lo : lo + step]
-    written = store.host.written
+    written = getattr(store.host, "written", None)
     if written is not None:  # every row now holds the checkpoint's value, not its initial one
         written.fill_(1)  # (the device computes fills of unwritten rows: kernels/insert.cu)
     tags = by_slot(store.l1.tags)

@@ -3,7 +3,8 @@ call on the tier below L1.
 
 Two classes implement it: :class:`~tierstore.host.HostTable` (the whole table in host memory)
 and :class:`~tierstore.host_cache.HostCache` (L2 as a cache over the SSD tier). The store holds
-one as ``TieredStore.host`` and reaches it through these names only.
+one as ``TieredStore.host`` and reaches it through these names only. (A collection's table, as
+the checkpoint sees it, has a view of its group's L2 with only the names the checkpoint reads.)
 
 Shapes: ``U`` unique rows of a batch, ``k`` rows, rows of ``width`` floats.
 """
