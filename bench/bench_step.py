@@ -56,7 +56,7 @@ def bench_forward(quick: bool) -> Table:
         note(f"{dist}: {unique_ids.numel():,} unique ids, rel err vs embedding_bag {err:.1e}")
 
         def forward(b=batch):
-            b.places = None  # each call resolves the batch's places anew: part of its forward
+            b.transpose.places = None  # each call resolves its places anew: part of its forward
             common.forward_pooled(store, b, offsets)
 
         t = t_ms(forward, it)

@@ -268,3 +268,24 @@ def test_tables_that_cannot_run_from_a_graph_are_refused(monkeypatch, gpu):
     with pytest.raises(InvalidInputError, match="cannot be captured"):
         emb(torch.tensor([[1, 2]], device=device))
     assert graphs._capturing.forwards == []
+
+
+def test_what_a_capture_reads_of_a_table_on_the_cpu():
+    """What ``graphs.py`` reads of a table (its store's step and reasons, its prefetched
+    count): the store's step is L1's count of lookups, set through to L1, and the CPU backend's
+    step is never capturable."""
+    seed = random.randrange(1 << 32)
+    gen = torch.Generator().manual_seed(seed)
+    emb = ts.TieredEmbeddingBag(100, 4, device="cpu", cache=ts.CacheConfig(rows=16))
+    batches = [torch.randint(0, 100, (3, 5), generator=gen) for _ in range(3)]
+    for k, ids in enumerate(batches):
+        emb.prefetch(ids)
+        assert emb.prefetched == k + 1 and emb.store.step <= k + 1, seed
+    for k, ids in enumerate(batches):
+        emb(ids).sum().backward()
+        assert emb.prefetched == 2 - k, seed
+    assert emb.store.step == 3, seed  # one lookup per batch
+    emb.store.step += 5
+    assert emb.store.l1.step == 8, seed
+    assert "not available" in emb.store.graph_unsupported(emb.optimizer)
+    emb.store.load_hyper(emb.optimizer)  # nothing to load for torch ops

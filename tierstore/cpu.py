@@ -26,6 +26,10 @@ def graph_unsupported(store, optimizer: Optimizer | None) -> str | None:
     return "the CUDA kernels (CuPy) are not available, and the torch fallback reads the device"
 
 
+def load_hyper(store, optimizer: Optimizer | None) -> None:
+    """Nothing: the torch ops read the rule's ``lr`` and ``eps`` at each step."""
+
+
 def new_cache(rows: int, ways: int, policy, device: torch.device) -> SetAssociativeCache:
     """The L1 cache state on ``device``. On the CPU with numba, a policy that declares no
     ``compiled_score`` is stepped by the torch specification, with a ``FallbackWarning``."""

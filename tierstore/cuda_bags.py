@@ -66,15 +66,15 @@ def _places(batch, dev: torch.device) -> torch.Tensor:
     """Each index's place (kernels/common.cuh ``ts_place``: its row's L1 slot, or the complement
     of its L2 address, and whether no other index reads the row), written from the batch's
     transpose once its rows are placed (kernels/unique.cu ``scatter_places``) and kept on it
-    (``Batch.places``) for the forward and the backward."""
-    if batch.places is None:
+    (``Transpose.places``) for the forward and the backward."""
+    if batch.transpose.places is None:
         tr = batch.transpose
         n = tr.order.numel()
-        batch.places = torch.empty(n, dtype=torch.int64, device=dev)
+        tr.places = torch.empty(n, dtype=torch.int64, device=dev)
         suffix = "i32" if tr.order.dtype == torch.int32 else "i64"
-        args = (tr.order, tr.rank, n, batch.slots, int64_on(batch.addresses, dev), batch.places)
+        args = (tr.order, tr.rank, n, batch.slots, int64_on(batch.addresses, dev), tr.places)
         run_kernel("unique.cu", f"scatter_places_{suffix}", dev, n, args, per_warp=False)
-    return batch.places
+    return batch.transpose.places
 
 
 def _index_rows(batch, dev: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:

@@ -22,7 +22,8 @@ class Transpose:
 
     The multi list's buffers have ``n`` entries of which the first ``list_length`` (a (1,)
     int32 device tensor) are used. ``order`` and ``rank`` are the sort and its prefix sum, from
-    which the batch's places (:func:`_places`) and, if asked, its inverse are written."""
+    which the batch's places (``places``, :func:`~tierstore.cuda_bags._places`, once its rows
+    are placed) and, if asked, its inverse are written."""
 
     def __init__(
         self,
@@ -41,6 +42,7 @@ class Transpose:
         self.multi_index = multi_index  # (n,) int32: index of each such entry
         self.multi_first = multi_first  # (n,) int32: where row u begins in that list
         self.list_length = list_length  # (1,) int32 device tensor
+        self.places: torch.Tensor | None = None  # (n,) int64, once written (cuda_bags._places)
 
     def inverse(self) -> torch.Tensor:
         """(n,) int64: each index's unique row, ``torch.unique``'s inverse. The training step

@@ -97,12 +97,12 @@ def record_forward(module, input, offsets, per_sample_weights) -> CapturedForwar
     if module.device.type != "cuda":
         why = f"it lives on {module.device}, and a CUDA graph replays device work only"
     else:
-        why = module.store.backend.graph_unsupported(module.store, module.optimizer)
-    if why is None and len(module._queue):
+        why = module.store.graph_unsupported(module.optimizer)
+    if why is None and module.prefetched:
         why = "a prefetched batch is waiting (prefetch does not mix with a captured step)"
     if why is not None:
         raise InvalidInputError(f"this TieredEmbeddingBag cannot be captured: {why}")
-    entry = CapturedForward(module, input, offsets, per_sample_weights, module.store.l1.step)
+    entry = CapturedForward(module, input, offsets, per_sample_weights, module.store.step)
     entry.training = module.training
     _capturing.forwards.append(entry)
     return entry
@@ -141,7 +141,7 @@ class GraphedStep:
         self.inputs: tuple[torch.Tensor, ...] = ()
         self.outputs: Any = None
         self.forwards: list[CapturedForward] = []
-        self.step_advance: list[tuple[Any, int]] = []  # (cache, host steps per replay)
+        self.step_advance: list[tuple[Any, int]] = []  # (store, host steps per replay)
         self._check_stream: torch.cuda.Stream | None = None
 
     def __call__(self, *inputs: torch.Tensor) -> Any:
@@ -171,8 +171,8 @@ class GraphedStep:
             for c in checks:
                 c.wait()  # raises before the tail changes anything
             self.tail.replay()
-        for cache, steps in self.step_advance:
-            cache.step += steps
+        for store, steps in self.step_advance:
+            store.step += steps
         return self.outputs
 
     def _eager(self, inputs: tuple[torch.Tensor, ...]) -> Any:
@@ -206,10 +206,10 @@ class GraphedStep:
             # it may ever be released eagerly (its buffers belong to the graph).
             first: dict[int, tuple[Any, int]] = {}
             for f in forwards:
-                first.setdefault(id(f.module), (f.module.store.l1, f.first_step))
-            advance = [(l1, l1.step - start) for l1, start in first.values()]
-            for l1, start in first.values():
-                l1.step = start
+                first.setdefault(id(f.module), (f.module.store, f.first_step))
+            advance = [(store, store.step - start) for store, start in first.values()]
+            for store, start in first.values():
+                store.step = start
             unreleased = [f for f in forwards if f.batch is not None and not f.batch.released]
             for f in forwards:
                 if f.batch is not None:
@@ -245,9 +245,7 @@ class GraphedStep:
                     f"{'train' if f.training else 'eval'}() mode and is now in the other; the "
                     "graph would update its rows as captured: capture another GraphedStep"
                 )
-            load = getattr(m.store.backend, "load_hyper", None)
-            if load is not None:
-                load(m.store, m.optimizer)
+            m.store.load_hyper(m.optimizer)
 
     def _load(self, inputs: tuple[torch.Tensor, ...]) -> list[BatchChecks]:
         """Copies a batch into the captured inputs and queues its checks for every table, on a

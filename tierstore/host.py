@@ -128,8 +128,23 @@ class HostTable:
         """Overwrites rows of ``ids`` without touching any cache state."""
         self.write(ids, rows)
 
+    def page_lock(self) -> None:
+        """Page-locks the rows and the map of written rows (a copy each, once)."""
+        if not self.data.is_pinned():  # both copies made, then both kept
+            self.data, self.written = self.data.pin_memory(), self.written.pin_memory()
+
     def flush(self) -> None:
         """Nothing below a full table."""
+
+    def check_writable(self, doing: str) -> None:
+        """A full table is always writable."""
+
+    def stats(self) -> dict[str, int]:
+        """No counters of its own."""
+        return {}
+
+    def reset_stats(self) -> None:
+        """No counters of its own."""
 
     def close(self) -> None:
         """Nothing to close."""

@@ -71,6 +71,7 @@ class HostCache:
         self.flushed_since_mark: torch.Tensor | None = None
         self.l1_rows = l1_rows
         self.read_only = ssd.readonly
+        self.written = None  # no map of written rows (HostTier.written): fills read every row
         # The overflow: rows living in borrowed ways (tag EMPTY, locked), ids ascending.
         self.overflow_ids = torch.empty(0, dtype=torch.int64)  # (V,)
         self.overflow_slots = torch.empty(0, dtype=torch.int64)  # (V,) their ways
@@ -274,6 +275,11 @@ class HostCache:
             rest, order = torch.sort(ids[~cached])
             self.ssd.write(rest, rows[~cached][order])
         self.write(slots[cached], rows[cached])
+
+    def page_lock(self) -> None:
+        """Page-locks ``data`` (a copy, once); L2 keeps no map of written rows (``written``)."""
+        if not self.data.is_pinned():
+            self.data = self.data.pin_memory()
 
     # -------------------------------------------------------------- durability
     def flush(self) -> None:

@@ -275,6 +275,11 @@ class TieredEmbeddingBag(nn.Module):
         flat, _, _, checks = self._prepare(input, offsets, None)
         self._queue.push((input, offsets), flat, checks)
 
+    @property
+    def prefetched(self) -> int:
+        """Batches prefetched and not yet consumed by a forward."""
+        return len(self._queue)
+
     @_serialised
     def clear_prefetched(self) -> None:
         """Drops every prefetched batch not yet consumed by a forward, releasing its rows."""
@@ -390,9 +395,7 @@ class TieredEmbeddingBag(nn.Module):
 
     def _check_writable(self, doing: str) -> None:
         """ReadOnlyTableError, before anything changes, for a table opened ``read_only=True``."""
-        check = getattr(self.store.host, "check_writable", None)
-        if check is not None:
-            check(doing)
+        self.store.host.check_writable(doing)
 
     @_serialised
     def stats(self) -> CacheStats:

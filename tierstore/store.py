@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -20,7 +20,9 @@ from .cache import EMPTY, by_slot
 from .errors import CapacityError, InvalidInputError
 from .hashing import initial_weights
 from .host import HostTable
+from .optim import Optimizer
 from .policy import Policy
+from .tiers import HostTier
 from .validate import check_id_range
 
 
@@ -112,7 +114,8 @@ class UniqueStep:
 
 @dataclass
 class Batch:
-    """A batch in flight: its unique rows and where each one is until :meth:`TieredStore.release`.
+    """A batch in flight: its unique rows and where each one is until :meth:`TieredStore.release`
+    (the same fields for every backend; one's own record of the batch is its ``transpose``).
 
     Shapes: ``n`` indices, ``U`` unique rows.
     """
@@ -123,19 +126,15 @@ class Batch:
     slots: torch.Tensor  # (U,) int64 L1 slot, -1 for a conflict miss
     addresses: torch.Tensor  # (U,) int64 L2 address
     released: bool = False
-    transpose: object | None = None  # the backend's sparse transpose, if its unique made one
-    # A sync-free step's unique count U as a (1,) int32 device tensor: then ids, slots and
-    # addresses are buffers of n entries of which the first U are used. None: exactly U.
+    # The backend's own record of the unique step, if it made one (CUDA: the sparse transpose
+    # and the places, cuda_unique.Transpose); it makes the inverse on demand
+    transpose: object | None = None
+    # U as a (1,) int32 device tensor where the step kept it there (no host sync): then ids,
+    # slots and addresses are buffers of n entries, the first U used. None: exactly U.
     count: torch.Tensor | None = None
-    # Whether L1 holds locks for the batch until release (False: an EVAL lookup's on CUDA)
-    holds: bool = True
-    # Whether the backward's kernels released the batch's L1 locks as they updated its rows
-    # (the CUDA backend's): the release then leaves L1 alone
+    holds: bool = True  # whether the lookup locked the rows in L1 (an EVAL one may not)
+    # Whether the backward's kernels unlocked them in L1 already: release leaves L1 alone
     l1_released: bool = False
-    # (n,) int64, the CUDA backend's: where each index's row lives (its L1 slot, or the
-    # complement of its L2 address) and whether it alone reads the row, written for a training
-    # batch's forward and backward
-    places: torch.Tensor | None = None
     # L1's step number just after this batch's lookup (each lookup is one step): where it is
     # still that at the backward, no other batch can have filled a conflict miss of this one
     # into L1 since
@@ -155,9 +154,8 @@ class Batch:
         if self.count is None:
             return self
         u = int(self.count[0])
-        return Batch(self.ids[:u], self._inverse, self.slots[:u], self.addresses[:u],
-                     self.released, self.transpose, holds=self.holds,
-                     l1_released=self.l1_released, lookup_number=self.lookup_number)  # fmt: skip
+        return replace(self, ids=self.ids[:u], slots=self.slots[:u],
+                       addresses=self.addresses[:u], count=None)  # fmt: skip
 
 
 class TieredStore:
@@ -183,7 +181,7 @@ class TieredStore:
         seed: int,
         init_scale: float,
         backend,
-        host=None,
+        host: HostTier | None = None,
     ):
         self.num_rows, self.layout = num_rows, layout
         self.device, self.seed, self.init_scale = device, seed, init_scale
@@ -200,7 +198,7 @@ class TieredStore:
         # L2 address of the row in each L1 slot (L2 is inclusive of L1, so it stays valid while
         # the row is cached): where a dirty victim is written back.
         self.l1_home = torch.full((self.l1.capacity,), -1, dtype=torch.int64, device=device)
-        self.host = host or HostTable(
+        self.host: HostTier = host or HostTable(
             num_rows, layout.width, self.init_rows, pin=device.type == "cuda"
         )
         self.inclusive_host = not isinstance(self.host, HostTable)
@@ -208,13 +206,13 @@ class TieredStore:
         # Where kernels read and write L2's rows in place: the device address of pinned fp32
         # host rows, None if the device cannot reach them. Asked once (it costs a driver call
         # on CUDA): L2's rows never move.
-        data = getattr(self.host, "data", None)
-        in_place = data is not None and data.dtype == torch.float32 and data.is_contiguous()
+        data = self.host.data
+        in_place = data.dtype == torch.float32 and data.is_contiguous()
         self.l2_address = interop.device_pointer(data) if in_place else None
         # and of L2's map of rows ever written (HostTable.written), 0 where it keeps none or
         # where the initial rows are not the kernels' hash of (seed, id) (a store whose
         # init_rows is its own, as a collection's group: its fills then read every row)
-        written = getattr(self.host, "written", None)
+        written = self.host.written
         self.l2_written = 0
         hashed = type(self).init_rows is TieredStore.init_rows
         if self.l2_address is not None and written is not None and hashed:
@@ -318,6 +316,24 @@ class TieredStore:
         ``DeviceLookup``) for counters beyond L1's own: none here; a collection's group
         attributes hits and misses to its tables."""
 
+    @property
+    def step(self) -> int:
+        """L1's count of lookups (its host-side step number; ``graphs.py`` sets it back after a
+        capture and forward by each replay's lookups)."""
+        return self.l1.step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.l1.step = value
+
+    def graph_unsupported(self, optimizer: Optimizer | None) -> str | None:
+        """Why this table's step cannot be captured in a CUDA graph (the backend's), or None."""
+        return self.backend.graph_unsupported(self, optimizer)
+
+    def load_hyper(self, optimizer: Optimizer | None) -> None:
+        """Brings the kernels' copy of ``optimizer``'s lr and eps up to date (graphs.py)."""
+        self.backend.load_hyper(self, optimizer)
+
     # ------------------------------------------------------------------ the side stream
     def side_stream(self) -> torch.cuda.Stream | None:
         """The stream prefetched lookups run on (CUDA, whole table in L2), else None: with an
@@ -392,11 +408,10 @@ class TieredStore:
         if slots.numel():
             host.write(self.l1_home[slots], self.l1_rows(slots))
             self.flushed_rows += slots.numel()
-        data = getattr(host, "data", None)
-        pinned = None
-        if device.type == "cuda" and data is not None and not data.is_pinned():
+        data = host.data
+        if device.type == "cuda" and not data.is_pinned():
             try:  # kernels read L2 in place over PCIe: only from page-locked memory
-                pinned = data.pin_memory()
+                host.page_lock()
             except RuntimeError as e:
                 raise CapacityError(
                     f"moving the table to {device} page-locks its host tier (L2: "
@@ -405,11 +420,6 @@ class TieredStore:
         if self.inclusive_host:  # the old L1's rows leave L2's pins
             cached = by_slot(self.l1.tags) != EMPTY
             host.unpin(self.l1_home[cached.to(self.l1_home.device)])
-        if pinned is not None:
-            host.data = pinned
-            written = getattr(host, "written", None)  # L2's map of written rows goes too
-            if written is not None:
-                host.written = written.pin_memory()
         new = TieredStore(self.num_rows, self.layout, cache_rows, ways, policy, device,
                           self.seed, self.init_scale, backend, host=host)  # fmt: skip
         new.l1.counters.copy_(self.l1.counters)
@@ -435,10 +445,8 @@ class TieredStore:
             bytes_l1_to_l2=(c[st.WRITEBACKS] + self.flushed_rows) * rb,
             bytes_l2_read_direct=c[st.CONFLICTS] * rb,
         )
-        host_stats = getattr(self.host, "stats", None)
-        if host_stats is not None:
-            for k, v in host_stats().items():
-                setattr(out, k, v)
+        for k, v in self.host.stats().items():
+            setattr(out, k, v)
         return out
 
     def reset_stats(self) -> None:
@@ -446,8 +454,7 @@ class TieredStore:
         self.join_side()
         self.l1.reset_counters()
         self.flushed_rows = 0
-        if hasattr(self.host, "reset_stats"):
-            self.host.reset_stats()
+        self.host.reset_stats()
 
     def check_ids(self, ids: torch.Tensor, what: str = "indices") -> None:
         """Raises :class:`InvalidInputError` if any id is outside the table."""

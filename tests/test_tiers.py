@@ -1,0 +1,80 @@
+"""The host tier's interface (``tierstore/tiers.py``): both host tiers implement it, and the
+store, the module and the backends call nothing on a host tier beyond it."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+import pytest
+import torch
+
+import tierstore as ts
+from tierstore.host import HostTable
+from tierstore.host_cache import HostCache
+from tierstore.tiers import HostTier
+
+PACKAGE = pathlib.Path(ts.__file__).parent
+# the modules of the batch step: what they call on a host tier must be the interface's
+CALLERS = ["store.py", "module.py", "cpu.py", "cuda_rows.py", "cuda_bags.py", "cuda.py",
+           "weights.py", "bag_max.py", "graphs.py", "checkpoint.py"]  # fmt: skip
+# the SSD tier's own names, used only on its paths (checkpoint.py's incremental form)
+SSD_ONLY = {"ssd", "dirty_ids", "flushed_since_mark"}
+
+
+def _host_names(path: pathlib.Path) -> set[str]:
+    """Names reached as ``<anything>.host.<name>``, or as ``host.<name>`` (a local alias of a
+    store's ``host``)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(node, ast.Attribute):
+            continue
+        owner = node.value
+        if isinstance(owner, ast.Attribute) and owner.attr == "host":
+            names.add(node.attr)
+        elif isinstance(owner, ast.Name) and owner.id == "host":
+            names.add(node.attr)
+    return names
+
+
+def _interface() -> set[str]:
+    return {n for n in vars(HostTier) if not n.startswith("_")} | set(HostTier.__annotations__)
+
+
+def test_the_callers_use_only_the_interface():
+    used = set().union(*(_host_names(PACKAGE / m) for m in CALLERS))
+    assert {"acquire", "mark_dirty", "page_lock", "data", "written"} <= used  # the scan sees them
+    assert used - SSD_ONLY <= _interface(), sorted(used - SSD_ONLY - _interface())
+
+
+def test_both_host_tiers_implement_it(tmp_path):
+    table = ts.TieredEmbeddingBag(50, 4, device="cpu")
+    cached = ts.TieredEmbeddingBag(
+        200,
+        4,
+        device="cpu",
+        cache=ts.CacheConfig(rows=8),
+        ssd=ts.SSDConfig(tmp_path / "t", host_rows=64),
+    )
+    assert type(table.store.host) is HostTable and isinstance(table.store.host, HostTier)
+    assert type(cached.store.host) is HostCache and isinstance(cached.store.host, HostTier)
+    for name in _interface():  # each class's own, not a default of the Protocol
+        assert hasattr(HostTable(4, 2, lambda ids: torch.zeros(len(ids), 2)), name), name
+        assert name in vars(HostCache) or name in {"data", "written"}, name
+    assert cached.store.host.written is None  # its fills read every row
+    assert table.store.host.stats() == {} and set(cached.store.host.stats()) <= set(
+        vars(table.stats())
+    )
+    cached.close()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="page-locking works with CUDA")
+def test_page_lock_without_cuda_raises_with_nothing_changed():
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randn(16, 3, generator=gen)
+    table = HostTable(16, 3, lambda ids: rows[ids])
+    data, written = table.data, table.written
+    with pytest.raises(RuntimeError):
+        table.page_lock()
+    assert table.data is data and table.written is written
+    torch.testing.assert_close(table.data, rows, rtol=0, atol=0)
