@@ -32,6 +32,7 @@ from torch import nn
 
 from . import checkpoint, graphs
 from .autograd import BatchHandle, TieredBagFunction
+from .backends import backend_for
 from .collection_batch import FeatureLayout, GroupInput, PreparedBatch, batch_key, grad_signature
 from .collection_dir import (
     MANIFEST,
@@ -42,9 +43,9 @@ from .collection_dir import (
     tables_of,
 )
 from .collection_stats import CollectionStats, collection_stats
+from .config import CacheConfig, SSDConfig, from_flat_keywords
 from .errors import InvalidInputError, TierstoreError
 from .keyed import KeyedTensor
-from .module import _backend_for
 from .optim import SGD, Optimizer
 from .pipeline import PrefetchQueue
 from .store import Batch, BatchMode
@@ -105,15 +106,18 @@ class TieredEmbeddingBagCollection(nn.Module):
     Args:
         tables: the :class:`TableConfig` list; the output's keys are their features, tables in
             order and each table's features in order.
-        cache_rows: L1 rows, all groups together (default: 20 % of each group's rows).
-        ways, policy: L1's associativity and replacement policy (every group's).
-        host_rows: L2 rows with an SSD tier, all groups together (default per group: as
-            ``TieredEmbeddingBag``'s).
-        path: the collection's directory (an SSD tier for every group).
+        cache: L1 (:class:`~tierstore.CacheConfig`): ``rows`` for all groups together
+            (default ``None``: 20 % of each group's rows), ``ways`` and ``policy`` every
+            group's.
+        ssd: the SSD tier (:class:`~tierstore.SSDConfig`): ``path`` the collection's
+            directory (an SSD tier for every group inside), ``host_rows`` L2's rows for all
+            groups together (default per group: as ``TieredEmbeddingBag``'s); the other
+            options each group's tier's.
         optimizer: the tables' optimizer unless a table gives its own; ``None``: no training.
         device: where L1 and the kernels live (default ``"cuda"`` when available).
-        ssd_options: passed to each group's SSD tier (``block_rows``, ``compression_level``,
-            ``map_size``, ``io_threads``, ``host_ways``).
+        **deprecated: the flat keywords of earlier versions (``cache_rows``, ``ways``,
+            ``policy``, ``path``, ``host_rows``, ``ssd_options``), with a
+            ``DeprecationWarning`` naming the config to use.
 
     Example::
 
@@ -122,7 +126,7 @@ class TieredEmbeddingBagCollection(nn.Module):
         ...     tables=[ts.TableConfig(name="user", embedding_dim=8, num_embeddings=100),
         ...             ts.TableConfig(name="item", embedding_dim=4, num_embeddings=50,
         ...                            feature_names=["item", "last_item"])],
-        ...     cache_rows=32, device="cpu")
+        ...     cache=ts.CacheConfig(rows=32), device="cpu")
         >>> kt = col(keys=["user", "item", "last_item"], values=torch.tensor([1, 2, 3, 4, 5]),
         ...          lengths=torch.tensor([1, 1, 2, 0, 1, 0]))
         >>> kt.values().shape, kt.keys(), kt.to_dict()["item"].shape
@@ -133,17 +137,20 @@ class TieredEmbeddingBagCollection(nn.Module):
         self,
         tables: Sequence[TableConfig],
         *,
-        cache_rows: int | None = None,
-        ways: int = 32,
-        policy: str = "lru",
-        host_rows: int | None = None,
-        path: str | os.PathLike | None = None,
+        cache: CacheConfig | None = None,
+        ssd: SSDConfig | None = None,
         optimizer: Optimizer | None = SGD(lr=0.01),  # noqa: B008 (frozen, immutable)
         device: torch.device | str | None = None,
-        ssd_options: dict | None = None,
+        **deprecated,
     ):
         super().__init__()
         tables = list(tables)
+        if "ssd_options" in deprecated:  # the SSD keywords of an earlier version, as a dict
+            deprecated.update(deprecated.pop("ssd_options") or {})
+        cache, ssd = from_flat_keywords("TieredEmbeddingBagCollection", deprecated, cache, ssd)
+        cache_rows, ways, policy = dataclasses.astuple(cache or CacheConfig())
+        path, host_rows = (ssd.path, ssd.host_rows) if ssd is not None else (None, None)
+        ssd_options = ssd.tier_options(fresh=True) if ssd is not None else {}  # the groups'
         self._check_tables(tables, path)
         if optimizer is not None and not isinstance(optimizer, Optimizer):
             raise InvalidInputError(
@@ -165,8 +172,8 @@ class TieredEmbeddingBagCollection(nn.Module):
         opened: list[TableGroup] = []
         try:
             for g, c, h in zip(self.groups, caches, hosts, strict=True):
-                build_store(g, c, ways, policy, h, root, self.device, _backend_for(self.device),
-                            ssd_options or {})  # fmt: skip
+                build_store(g, c, ways, policy, h, root, self.device, backend_for(self.device),
+                            ssd_options)  # fmt: skip
                 opened.append(g)
         except BaseException:
             for g in opened:
@@ -554,18 +561,34 @@ class TieredEmbeddingBagCollection(nn.Module):
         raise checkpoint.not_picklable(self)
 
     @classmethod
-    def open(cls, path: str | os.PathLike, **options) -> TieredEmbeddingBagCollection:
-        """Reopens the collection at ``path`` with the tables (and their optimizers) its
-        ``collection.json`` lists; ``options`` as the constructor's (not ``tables`` nor
-        ``optimizer``: to train on with other hyper-parameters, build the collection with
-        ``TableConfig``s whose optimizers differ from the stored ones in those alone)."""
-        if "tables" in options or "optimizer" in options:
+    def open(
+        cls,
+        ssd: str | os.PathLike | SSDConfig,
+        *,
+        cache: CacheConfig | None = None,
+        device: torch.device | str | None = None,
+        **deprecated,
+    ) -> TieredEmbeddingBagCollection:
+        """Reopens the collection at ``ssd`` (its directory, or an :class:`SSDConfig` naming
+        it) with the tables (and their optimizers) its ``collection.json`` lists; ``cache``,
+        ``device`` and ``**deprecated`` as the constructor's (not ``tables`` nor ``optimizer``:
+        to train on with other hyper-parameters, build the collection with ``TableConfig``s
+        whose optimizers differ from the stored ones in those alone)."""
+        if "tables" in deprecated or "optimizer" in deprecated:
             raise InvalidInputError(
                 "open() takes the tables and their optimizers from the collection's directory; "
-                "construct TieredEmbeddingBagCollection(tables, path=...) to give them"
+                "construct TieredEmbeddingBagCollection(tables, ssd=ts.SSDConfig(path)) to give "
+                "them"
             )
-        tables = tables_of(read_manifest(path))
-        return cls(tables, path=path, optimizer=None, **options)  # each table brings its own
+        if "path" in deprecated:
+            raise TypeError("open() got multiple values for the collection's path")
+        ssd_config, path = (ssd, None) if isinstance(ssd, SSDConfig) else (None, ssd)
+        cache, ssd_config = from_flat_keywords(
+            "TieredEmbeddingBagCollection.open", deprecated, cache, ssd_config, path
+        )
+        ssd_config = ssd_config or SSDConfig(path)
+        tables = tables_of(read_manifest(ssd_config.path))
+        return cls(tables, cache=cache, ssd=ssd_config, optimizer=None, device=device)
 
     def extra_repr(self) -> str:
         parts = []

@@ -20,7 +20,7 @@ from torch import nn
 
 from . import bag_max, checkpoint, config, graphs, weights
 from .autograd import BatchHandle, TieredBagFunction
-from .backends import backend_for as _backend_for  # the name collection.py imports
+from .backends import backend_for as _backend_for
 from .backends import same_device
 from .config import CacheConfig, SSDConfig
 from .errors import InvalidInputError

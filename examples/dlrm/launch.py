@@ -152,7 +152,7 @@ class _Gathering:
             rows = sum(t.num_embeddings for t in self.tables)
             cache_rows = max(len(configs), math.ceil(_Settings.cache_fraction * rows))
             col = ts.TieredEmbeddingBagCollection(
-                configs, cache_rows=cache_rows, policy=_Settings.policy,
+                configs, cache=ts.CacheConfig(rows=cache_rows, policy=_Settings.policy),
                 optimizer=_Settings.rule, device=_Settings.device,
             )  # fmt: skip
             for t in self.tables:
