@@ -1,0 +1,285 @@
+"""Batched reads and writes of one LMDB database of blocks (:mod:`tierstore.blocks`).
+
+:class:`BlockDB` serves the SSD tier (:mod:`tierstore.ssd`) for its two databases, the flushed
+``blocks`` and the staged rows. Everything is done per batch: block keys come from numpy, the
+blocks of a batch are fetched with ``getmulti`` (a few thousand keys a call, so that decoding
+starts early), and decoded on the tier's I/O threads by the compiled decoder
+(:mod:`tierstore.blocks_compiled`, off the GIL) straight into the caller's rows, or by the
+codec's numpy path where that decoder is not available. A block is fetched and decoded once
+per batch however many of its rows the batch asks for.
+
+Reads refuse damage (:class:`CorruptBlockError` naming the path and block): every block is
+checked before any of its rows is written out, and a block that LMDB does not find in the
+flushed database is checked against the B-tree entries around it (:meth:`check_absent`).
+"""
+
+from __future__ import annotations
+
+import bisect
+import concurrent.futures
+import itertools
+import pathlib
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import lmdb
+import numpy as np
+
+from tierstore import blocks_compiled
+from tierstore.blocks import BadBlock, BlockCodec, DecodedBlocks, check
+from tierstore.errors import CorruptBlockError
+
+# py-lmdb's getmulti releases and retakes the GIL around every key: two threads running it
+# at once ping-pong the GIL and take twice as long as one after the other (measured).
+_GETMULTI_LOCK = threading.Lock()
+# Keys per getmulti call of a read: the blocks of one call are decoded on the I/O threads
+# while the next call runs.
+_READ_CHUNK_BLOCKS = 4096
+# Blocks per chunk when listing a database's rows (bounds memory).
+_LIST_CHUNK_ROWS = 1 << 16
+
+
+def getmulti(cursor: lmdb.Cursor, keys: list[bytes]) -> list[tuple[bytes, bytes]]:
+    """``cursor.getmulti(keys)``, one thread of the process at a time."""
+    with _GETMULTI_LOCK:
+        return cursor.getmulti(keys)
+
+
+class BlockDB:
+    """Batched access to the blocks of one table (both of its LMDB databases).
+
+    Args:
+        path: the table's directory, named in errors.
+        codec: the table's block format.
+        io_threads: threads that decode a read's blocks (the caller fetches them meanwhile).
+        count: adds to the tier's statistics (``count(blocks_read=n, ...)``).
+    """
+
+    def __init__(
+        self, path: pathlib.Path, codec: BlockCodec, io_threads: int, count: Callable[..., None]
+    ) -> None:
+        self.path, self.codec, self._count = path, codec, count
+        self.row_width, self.block_rows = codec.row_width, codec.block_rows
+        # Whether reads decode with the compiled decoder (tests switch it off to compare).
+        self.compiled = blocks_compiled.AVAILABLE
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=max(1, io_threads), thread_name_prefix="tierstore-ssd-decode"
+        )
+
+    def close(self) -> None:
+        """Waits for decodes in flight and stops the decoding threads."""
+        self._pool.shutdown(wait=True)
+
+    # ----------------------------------------------------------------------------- reading
+
+    def read_into(
+        self, txn: lmdb.Transaction, db: Any, u: np.ndarray, out: np.ndarray, where: np.ndarray,
+        flushed: bool,
+    ) -> np.ndarray:  # fmt: skip
+        """Reads the stored rows of sorted unique unsigned ids ``u`` (n,) from ``db``: the row
+        of ``u[i]``, if stored, goes to ``out[where[i]]`` (out: (rows, row_width) float32).
+        Returns the (n,) bool mask of the ids found. ``flushed``: ``db`` is the flushed
+        database, whose absent blocks are checked (:meth:`check_absent`)."""
+        codec = self.codec
+        first, blocks = codec.blocks(u)
+        cursor = txn.cursor(db)
+        if not self.compiled:
+            return self._read_with_codec(cursor, u, first, blocks, out, where, flushed)
+        # Per requested id: its offset in its block, its output row; per block: its ids.
+        want_count = np.diff(np.append(first, len(u)))
+        want_offset = (u & np.uint64(self.block_rows - 1)).astype(np.int64)
+        dest = np.ascontiguousarray(where, dtype=np.int64)
+        out_bytes = out.view(np.uint8).reshape(len(out), 4 * self.row_width)
+        hit = np.zeros(len(u), np.uint8)
+        block_found = np.zeros(len(blocks), bool)
+        pending: list[concurrent.futures.Future] = []
+        try:
+            for start in range(0, len(blocks), _READ_CHUNK_BLOCKS):
+                span = blocks[start : start + _READ_CHUNK_BLOCKS]
+                pairs = getmulti(cursor, codec.keys(span))
+                if not pairs:
+                    continue
+                if len(pairs) == len(span):
+                    found = np.arange(start, start + len(span))
+                else:
+                    keys = np.frombuffer(b"".join([k for k, _ in pairs]), ">u8")
+                    found = start + np.searchsorted(span, keys.astype(np.uint64))
+                block_found[found] = True
+                values = [v for _, v in pairs]
+                size = np.fromiter(map(len, values), np.int64, len(values))
+                self._count(blocks_read=len(values), bytes_read=int(size.sum()))
+                args = (
+                    np.frombuffer(b"".join(values), np.uint8), np.cumsum(size) - size, size,
+                    blocks[found].astype(">u8").view(np.uint8), first[found].astype(np.int64),
+                    want_count[found], want_offset, dest, out_bytes, hit,
+                )  # fmt: skip
+                pending.append(self._pool.submit(self._decode_span, found, args))
+        finally:
+            errors = [f.exception() for f in pending]
+        bad = [e for e in errors if e is not None]
+        if bad:
+            raise min(bad, key=lambda e: getattr(e, "block", 0))
+        if flushed and not block_found.all():
+            self.check_absent(cursor, codec.keys(blocks[~block_found]))
+        return hit.view(bool)
+
+    def _decode_span(self, found: np.ndarray, args: tuple) -> None:
+        """One getmulti call's blocks, decoded into the read's rows (on an I/O thread)."""
+        try:
+            blocks_compiled.decode_into(
+                *args, (0, len(found)), self.row_width, self.block_rows, self.codec.level
+            )
+        except BadBlock as bad:
+            # The blocks' own numbers are the keys decoded, in args[3].
+            number = int(args[3][8 * bad.index : 8 * bad.index + 8].view(">u8")[0])
+            raise self._corrupt(number, bad.problem) from None
+
+    def _read_with_codec(
+        self, cursor: lmdb.Cursor, u: np.ndarray, first: np.ndarray, blocks: np.ndarray,
+        out: np.ndarray, where: np.ndarray, flushed: bool,
+    ) -> np.ndarray:  # fmt: skip
+        """:meth:`read_into` with the codec's numpy path (no compiled decoder)."""
+        pairs = getmulti(cursor, self.codec.keys(blocks))
+        if len(pairs) < len(blocks) and flushed:
+            have = {k for k, _ in pairs}
+            self.check_absent(cursor, [k for k in self.codec.keys(blocks) if k not in have])
+        if not pairs:
+            return np.zeros(len(u), bool)
+        values = [v for _, v in pairs]
+        if len(pairs) == len(blocks):
+            found_blocks = blocks
+        else:
+            found_blocks = np.frombuffer(b"".join([k for k, _ in pairs]), ">u8").astype(np.uint64)
+        decoded = self.decode(values, found_blocks)
+        self._count(blocks_read=len(values), bytes_read=sum(map(len, values)))
+        # For every id: the position of its block among the found ones, then its entry.
+        count = np.diff(np.append(first, len(u)))
+        block_of = np.repeat(np.arange(len(blocks)), count)
+        pos = np.searchsorted(found_blocks, blocks)
+        block_found = pos < len(found_blocks)
+        block_found[block_found] = found_blocks[pos[block_found]] == blocks[block_found]
+        offset = (u & np.uint64(self.block_rows - 1)).astype(np.int64)
+        want = pos[block_of] * self.block_rows + offset
+        entry = np.searchsorted(decoded.key, want)
+        entry = np.minimum(entry, len(decoded.key) - 1)
+        hit = block_found[block_of] & (decoded.key[entry] == want)
+        out[where[hit]] = decoded.rows(entry[hit])
+        return hit
+
+    def check_absent(self, cursor: lmdb.Cursor, keys: list[bytes]) -> None:
+        """Makes sure that blocks whose keys (sorted) LMDB did not find are truly absent, and
+        not stored under a damaged key: each gap between stored keys that a missing key
+        falls in has its two bounding entries checked against their own keys (a damaged key,
+        node header or node pointer fails that check). One cursor seek per gap, not per key.
+        """
+        # Entries already checked (a bound shared with the gap before), by key and value: a
+        # damaged key may equal another entry's, so a key alone does not name an entry.
+        checked: set[tuple[bytes, bytes]] = set()
+        with _GETMULTI_LOCK:
+            i = 0
+            while i < len(keys):
+                if cursor.set_range(keys[i]):
+                    upper = cursor.key()
+                    bounds = [cursor.item()]
+                    if upper <= keys[i]:  # an exact match that getmulti missed: disorder
+                        self._refuse_absent(keys[i], "the B-tree is out of order")
+                    if cursor.prev():
+                        bounds.append(cursor.item())
+                else:
+                    upper = None
+                    bounds = [cursor.item()] if cursor.last() else []
+                for entry in bounds:
+                    if entry in checked:
+                        continue
+                    try:
+                        check([entry[1]], [entry[0]])
+                    except BadBlock as bad:
+                        self._refuse_absent(entry[0], bad.problem)
+                    checked.add(entry)
+                if upper is None:
+                    return
+                i = bisect.bisect_left(keys, upper, i + 1)
+
+    def _refuse_absent(self, key: bytes, problem: str) -> None:
+        if len(key) == 8:
+            block = int.from_bytes(key, "big")
+            where = f"block key {block:#x} (rows from id {self.codec.first_id(block)})"
+        else:
+            where = f"a {len(key)}-byte block key {key[:16].hex()}"
+        raise CorruptBlockError(f"{self.path}: corrupt block near {where}: {problem}")
+
+    def _corrupt(self, block: int, problem: str) -> CorruptBlockError:
+        error = CorruptBlockError(
+            f"{self.path}: corrupt block starting at id {self.codec.first_id(block)} (block "
+            f"key {block:#x}): {problem}"
+        )
+        error.block = block  # the lowest of several bad blocks is reported
+        return error
+
+    def decode(self, values: list[bytes], blocks: np.ndarray) -> DecodedBlocks:
+        """Checks and decodes values stored under the keys of ``blocks`` (the codec's path)."""
+        try:
+            return self.codec.decode(values, self.codec.keys(blocks))
+        except BadBlock as bad:
+            raise self._corrupt(int(blocks[bad.index]), bad.problem) from None
+
+    def stored_ids(self, cursor: lmdb.Cursor) -> list[np.ndarray]:
+        """The unsigned ids of every row in a database's blocks, a chunk of blocks at a time."""
+        out, chunk = [], max(1, _LIST_CHUNK_ROWS // self.block_rows)
+        keys = cursor.iternext(keys=True, values=self.block_rows > 1)
+        while batch := list(itertools.islice(keys, chunk)):
+            if self.block_rows == 1:  # a block is one row: its key is the id
+                out.append(np.frombuffer(b"".join(batch), ">u8").astype(np.uint64))
+                continue
+            blocks = np.frombuffer(b"".join([k for k, _ in batch]), ">u8").astype(np.uint64)
+            decoded = self.decode([v for _, v in batch], blocks)
+            out.append(
+                (blocks[decoded.block] << self.codec.shift) | decoded.offset.astype(np.uint64)
+            )
+        return out
+
+    # ----------------------------------------------------------------------------- writing
+
+    def merge(
+        self, txn: lmdb.Transaction, db: Any, u: np.ndarray, rows: np.ndarray, flushed: bool
+    ) -> None:
+        """Read-modify-write of every block that rows of sorted unique unsigned ids ``u``
+        touch, in one batch: existing rows of those blocks are kept unless overwritten."""
+        if len(u) == 0:
+            return
+        codec = self.codec
+        first, blocks = codec.blocks(u)
+        cursor = txn.cursor(db)
+        # Blocks whose every row is rewritten need not be read (with block_rows=1: none).
+        partial = np.diff(np.append(first, len(u))) < self.block_rows
+        pairs = getmulti(cursor, codec.keys(blocks[partial])) if partial.any() else []
+        if len(pairs) < int(partial.sum()) and flushed:
+            have = {k for k, _ in pairs}
+            self.check_absent(cursor, [k for k in codec.keys(blocks[partial]) if k not in have])
+        if pairs:
+            old_blocks = np.frombuffer(b"".join([k for k, _ in pairs]), ">u8").astype(np.uint64)
+            decoded = self.decode([v for _, v in pairs], old_blocks)
+            old_u = (old_blocks[decoded.block] << codec.shift) | decoded.offset.astype(np.uint64)
+            pos = np.minimum(np.searchsorted(u, old_u), len(u) - 1)
+            keep = np.flatnonzero(u[pos] != old_u)
+            if len(keep):
+                u = np.concatenate((u, old_u[keep]))
+                order = np.argsort(u, kind="stable")
+                u = u[order]
+                rows = np.concatenate((rows, decoded.rows(keep)))[order]
+        keys, values, nbytes = codec.encode(u, rows)
+        # Past the last key (a bulk load in id order), LMDB's append mode fills pages full
+        # instead of splitting them in half.
+        append = not pairs and (not cursor.last() or cursor.key() < keys[0])
+        cursor.putmulti(list(zip(keys, values)), append=append)
+        self._count(blocks_written=len(keys), bytes_written=nbytes)
+
+    def merge_pairs(self, txn: lmdb.Transaction, db: Any, pairs: list[tuple[bytes, bytes]]) -> None:
+        """Merges stored blocks (key, value pairs of another database) into ``db``."""
+        if not pairs:
+            return
+        blocks = np.frombuffer(b"".join([k for k, _ in pairs]), ">u8").astype(np.uint64)
+        decoded = self.decode([v for _, v in pairs], blocks)
+        u = (blocks[decoded.block] << self.codec.shift) | decoded.offset.astype(np.uint64)
+        self.merge(txn, db, u, decoded.rows(np.arange(len(u))), flushed=True)
