@@ -29,6 +29,10 @@ from tierstore.compiled import COMPILED, compiled
 # crc32(key + value) of a value whose trailer is the CRC-32 of its key and body (blocks.py).
 _CRC_RESIDUE = 0x2144DF1C
 
+# libzstd's results above this are errors (ZSTD_isError); -70 is dstSize_tooSmall.
+_ZSTD_MAX_SIZE = np.uint64(2**64 - 121)
+_DST_TOO_SMALL = np.uint64(2**64 - 70)
+
 # What kernel status codes mean (0: all blocks good), as the codec words them.
 PROBLEMS = {
     1: "value shorter than its checksum",
@@ -111,7 +115,9 @@ def _decode_into(
             if count * 3 * w != rest or count < 1 or count > block_rows:
                 return 5, i
             got = decompress(dctx, hptr, count * (2 + w), vptr + v0 + 4, frame)
-            if got > np.uint64(0xFFFFFFFFFFFFFF00):  # ZSTD_isError: the top 120 values
+            if got == _DST_TOO_SMALL:  # more rows in the frame than the value holds
+                return 5, i
+            if got > _ZSTD_MAX_SIZE:  # ZSTD_isError
                 return 6, i
             if got != count * (2 + w):
                 return 5, i

@@ -14,9 +14,16 @@ ids onto unsigned ones in the same order, so LMDB's byte order is the ids' order
 block format (byte planes, zstd on the sign/exponent plane only, and why) is
 :mod:`tierstore.blocks`.
 
-Every batch is handled in bulk: block keys are computed with numpy, blocks are fetched with
-one ``getmulti`` and (de)compressed with zstandard's multi-frame calls, and rows are
-(un)shuffled by fancy indexing across all blocks at once. No Python code runs per row.
+Every batch is handled in bulk (:mod:`tierstore.ssd_blockdb`): block keys are computed with
+numpy, blocks are fetched with ``getmulti`` and decoded on the I/O threads by a compiled
+decoder off the GIL (:mod:`tierstore.blocks_compiled`), or by the codec's numpy and
+multi-frame zstd calls. No Python code runs per row.
+
+The tier is this module (the table's API, opening, reading, writing) and its helpers, one
+job each: :mod:`tierstore.ssd_files` (the directory, locks, LMDB file checks, storage errors),
+:mod:`tierstore.ssd_meta` (the sealed metadata), :mod:`tierstore.ssd_blockdb` (batched block
+reads and read-modify-writes), :mod:`tierstore.ssd_flush` (the flush handle),
+:mod:`tierstore.blocks` and :mod:`tierstore.blocks_compiled` (the block format).
 
 Durability: ``write()`` goes to the staged environment, which ``read()`` consults first; a
 flush merges staged rows and the dirty rows into ``blocks`` in one LMDB write transaction
@@ -36,14 +43,12 @@ naming the path. Not detected: a rollback through the meta pages' transaction id
 from __future__ import annotations
 
 import concurrent.futures
-import fcntl
 import json
 import os
 import pathlib
 import secrets
 import shutil
 import threading
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -58,19 +63,22 @@ from tierstore.errors import (
     NotATableError,
     ReadOnlyTableError,
     StorageError,
-    TableLockedError,
     TableMismatchError,
 )
-from tierstore.ssd_blockdb import BlockDB
+from tierstore.ssd_blockdb import BlockDB, as_ids, as_rows
 from tierstore.ssd_files import (
     CREATING,
-    LOCK_FILE,
     STAGED_DIR,
     StorageErrors,
     allocated_bytes,
     fsync_dir,
     lmdb_size_check,
+    open_lmdb,
+    open_table,
+    register_open,
     remove_abandoned_creations,
+    take_writer_lock,
+    unregister_open,
 )
 from tierstore.ssd_flush import FlushWriter
 from tierstore.ssd_meta import (
@@ -87,39 +95,6 @@ _StorageErrors = StorageErrors
 __all__ = ["FlushWriter", "InitRows", "SSDTier"]
 
 InitRows = Callable[[torch.Tensor], torch.Tensor]
-
-# Rows per chunk when merging staged rows into the flush transaction (bounds memory).
-_MERGE_CHUNK_ROWS = 1 << 16
-
-# Tables open in this process, by resolved path: LMDB forbids opening one environment twice
-# in a process (closing either handle would drop the other's POSIX locks).
-_OPEN_TABLES: weakref.WeakValueDictionary[str, SSDTier] = weakref.WeakValueDictionary()
-_OPEN_TABLES_LOCK = threading.Lock()
-
-
-def _as_ids(ids: torch.Tensor, what: str = "ids") -> np.ndarray:
-    """Validates a 1-D sorted unique integer id tensor; returns its int64 numpy array."""
-    if not isinstance(ids, torch.Tensor) or ids.dim() != 1:
-        raise InvalidInputError(f"{what} must be a 1-D integer tensor, got {type(ids).__name__}")
-    if ids.dtype not in (torch.int64, torch.int32):
-        raise InvalidInputError(f"{what} must be int64 or int32, got {ids.dtype}")
-    arr = ids.detach().cpu().to(torch.int64).numpy()
-    if len(arr) > 1 and not (arr[1:] > arr[:-1]).all():
-        raise InvalidInputError(f"{what} must be sorted ascending and unique")
-    return arr
-
-
-def _as_rows(rows: torch.Tensor, n: int, width: int) -> np.ndarray:
-    """Validates a (n, width) float32 row tensor; returns a C-contiguous numpy array."""
-    if not isinstance(rows, torch.Tensor) or rows.dtype != torch.float32:
-        raise InvalidInputError(
-            f"rows must be a float32 tensor, got {getattr(rows, 'dtype', rows)}"
-        )
-    if tuple(rows.shape) != (n, width):
-        raise InvalidInputError(f"rows must have shape ({n}, {width}), got {tuple(rows.shape)}")
-    return np.ascontiguousarray(rows.detach().cpu().numpy())
-
-
 
 class SSDTier:
     """L3: every row ever written, in one LMDB environment, as zstd-compressed blocks of
@@ -276,8 +251,7 @@ class SSDTier:
     def read_meta(path: str | os.PathLike) -> dict:
         """The stored metadata of the table at ``path`` (to reopen a table by path alone)."""
         path = pathlib.Path(path)
-        with _OPEN_TABLES_LOCK:
-            table = _OPEN_TABLES.get(str(path.resolve()))
+        table = open_table(str(path.resolve()))
         if table is not None:
             return dict(table.meta)
         if not path.exists():
@@ -316,49 +290,15 @@ class SSDTier:
     def _lock_for_writing(self, directory: pathlib.Path | None = None) -> None:
         """Registers the table in this process and takes its writer lock (non-blocking), in
         ``directory`` (default: the table's)."""
-        with _OPEN_TABLES_LOCK:
-            if self._key in _OPEN_TABLES:
-                raise TableLockedError(f"{self.path}: table is already open in this process")
-            _OPEN_TABLES[self._key] = self
-            self._registered = True
-        try:
-            fd = os.open(
-                (directory or self.path) / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644
-            )
-        except OSError as exc:
-            raise StorageError(f"{self.path}: cannot create the writer lock file ({exc})") from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            raise TableLockedError(
-                f"{self.path}: table is open for writing by another process"
-            ) from exc
-        self._lock_fd = fd
+        register_open(self._key, self, self.path)
+        self._registered = True
+        self._lock_fd = take_writer_lock(self.path, directory or self.path)
 
     def _open_env(self, map_size: int, readonly: bool, create: bool) -> lmdb.Environment:
         if readonly:
-            with _OPEN_TABLES_LOCK:
-                if self._key in _OPEN_TABLES:
-                    raise TableLockedError(f"{self.path}: table is already open in this process")
-                _OPEN_TABLES[self._key] = self
-                self._registered = True
-        kwargs = dict(
-            map_size=map_size, readonly=readonly, create=create, max_dbs=4, readahead=False,
-            meminit=False,
-        )  # fmt: skip
-        try:
-            return lmdb.open(str(self.path), **kwargs)
-        except lmdb.InvalidError as exc:
-            raise NotATableError(f"{self.path}: not a tierstore table ({exc})") from exc
-        except lmdb.Error as exc:
-            if readonly and getattr(exc, "code", None) in (13, 30):  # EACCES, EROFS
-                # A read-only directory or lock file: read without LMDB's reader table.
-                try:
-                    return lmdb.open(str(self.path), lock=False, **kwargs)
-                except lmdb.Error as exc2:
-                    exc = exc2
-            raise StorageError(f"{self.path}: cannot open the LMDB environment ({exc})") from exc
+            register_open(self._key, self, self.path)
+            self._registered = True
+        return open_lmdb(self.path, map_size, readonly, create)
 
     def _load_meta(self) -> dict:
         """Reads and checks the metadata; opens the named databases."""
@@ -440,9 +380,7 @@ class SSDTier:
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = None
         if self._registered:
-            with _OPEN_TABLES_LOCK:
-                if _OPEN_TABLES.get(self._key) is self:
-                    del _OPEN_TABLES[self._key]
+            unregister_open(self._key, self)
             self._registered = False
 
     def __enter__(self) -> SSDTier:
@@ -469,7 +407,7 @@ class SSDTier:
         """Rows of ``ids`` (1-D, sorted ascending, unique, any int64), as a (len(ids),
         row_width) float32 tensor: staged rows first, then flushed rows, then ``init_rows``."""
         self._check_usable()
-        ids_np = _as_ids(ids)
+        ids_np = as_ids(ids)
         u = ids_np.view(np.uint64) ^ SIGN
         out = np.empty((len(u), self.row_width), np.float32)
         todo = np.arange(len(u))
@@ -586,8 +524,8 @@ class SSDTier:
             writer.write(ids, rows)
 
     def _prepare(self, ids: torch.Tensor, rows: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        ids_np = _as_ids(ids)
-        rows_np = _as_rows(rows, len(ids_np), self.row_width)
+        ids_np = as_ids(ids)
+        rows_np = as_rows(rows, len(ids_np), self.row_width)
         return ids_np.view(np.uint64) ^ SIGN, rows_np
 
     def _flush_merge(self, txn: lmdb.Transaction, ids: torch.Tensor, rows: torch.Tensor) -> None:
@@ -620,15 +558,8 @@ class SSDTier:
 
     def _merge_staged(self, txn: lmdb.Transaction) -> None:
         """Copies the staged rows into a flush transaction, a bounded chunk at a time."""
-        chunk_blocks = max(1, _MERGE_CHUNK_ROWS // self.block_rows)
         with self._staged_env.begin(db=self._staged_rows) as staged:
-            pairs: list[tuple[bytes, bytes]] = []
-            for pair in staged.cursor():
-                pairs.append(pair)
-                if len(pairs) == chunk_blocks:
-                    self._db.merge_pairs(txn, self._blocks, pairs)
-                    pairs = []
-            self._db.merge_pairs(txn, self._blocks, pairs)
+            self._db.merge_all(txn, self._blocks, staged.cursor())
 
     def _clear_staged(self, txn: lmdb.Transaction | None = None) -> None:
         """Empties the staged rows and records the flush they now build on."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import bisect
 import concurrent.futures
+import dataclasses
 import itertools
 import pathlib
 import threading
@@ -25,10 +26,11 @@ from typing import Any
 
 import lmdb
 import numpy as np
+import torch
 
-from tierstore import blocks_compiled
+from tierstore import blocks_compiled, lmdb_pages
 from tierstore.blocks import BadBlock, BlockCodec, DecodedBlocks, check
-from tierstore.errors import CorruptBlockError
+from tierstore.errors import CorruptBlockError, InvalidInputError
 
 # py-lmdb's getmulti releases and retakes the GIL around every key: two threads running it
 # at once ping-pong the GIL and take twice as long as one after the other (measured).
@@ -36,7 +38,9 @@ _GETMULTI_LOCK = threading.Lock()
 # Keys per getmulti call of a read: the blocks of one call are decoded on the I/O threads
 # while the next call runs.
 _READ_CHUNK_BLOCKS = 4096
-# Blocks per chunk when listing a database's rows (bounds memory).
+# Fewest blocks per I/O thread task when looking keys up in the mapped file.
+_MAPPED_SPAN_BLOCKS = 1024
+# Rows per chunk when listing or merging a whole database's blocks (bounds memory).
 _LIST_CHUNK_ROWS = 1 << 16
 
 
@@ -44,6 +48,49 @@ def getmulti(cursor: lmdb.Cursor, keys: list[bytes]) -> list[tuple[bytes, bytes]
     """``cursor.getmulti(keys)``, one thread of the process at a time."""
     with _GETMULTI_LOCK:
         return cursor.getmulti(keys)
+
+
+def as_ids(ids: torch.Tensor, what: str = "ids") -> np.ndarray:
+    """Validates a 1-D sorted unique integer id tensor; returns its int64 numpy array."""
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 1:
+        raise InvalidInputError(f"{what} must be a 1-D integer tensor, got {type(ids).__name__}")
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise InvalidInputError(f"{what} must be int64 or int32, got {ids.dtype}")
+    arr = ids.detach().cpu().to(torch.int64).numpy()
+    if len(arr) > 1 and not (arr[1:] > arr[:-1]).all():
+        raise InvalidInputError(f"{what} must be sorted ascending and unique")
+    return arr
+
+
+def as_rows(rows: torch.Tensor, n: int, width: int) -> np.ndarray:
+    """Validates a (n, width) float32 row tensor; returns a C-contiguous numpy array."""
+    if not isinstance(rows, torch.Tensor) or rows.dtype != torch.float32:
+        raise InvalidInputError(
+            f"rows must be a float32 tensor, got {getattr(rows, 'dtype', rows)}"
+        )
+    if tuple(rows.shape) != (n, width):
+        raise InvalidInputError(f"rows must have shape ({n}, {width}), got {tuple(rows.shape)}")
+    return np.ascontiguousarray(rows.detach().cpu().numpy())
+
+
+@dataclasses.dataclass
+class _Read:
+    """One read's arrays, shared by the threads that decode its blocks (n ids, m blocks)."""
+
+    first: np.ndarray  # (m,) int64: each block's first id, an index into offset and dest
+    count: np.ndarray  # (m,) int64: each block's ids
+    offset: np.ndarray  # (n,) int64: each id's offset in its block
+    dest: np.ndarray  # (n,) int64: each id's row in out
+    out: np.ndarray  # (rows, 4 * row_width) uint8: the caller's rows
+    hit: np.ndarray  # (n,) uint8: 1 where the id's row was found
+    keys: np.ndarray  # (8 * m,) uint8: the blocks' keys
+
+
+def _raise_first(errors: list[BaseException | None]) -> None:
+    """Raises the error of the lowest block among several threads' errors, if any."""
+    bad = [e for e in errors if e is not None]
+    if bad:
+        raise min(bad, key=lambda e: getattr(e, "block", -1))
 
 
 class BlockDB:
@@ -63,6 +110,10 @@ class BlockDB:
         self.row_width, self.block_rows = codec.row_width, codec.block_rows
         # Whether reads decode with the compiled decoder (tests switch it off to compare).
         self.compiled = blocks_compiled.AVAILABLE
+        # Whether reads of flushed blocks look keys up in the mapped file (lmdb_pages.py).
+        self.mapped = lmdb_pages.AVAILABLE
+        self._tree = lmdb_pages.MappedTree(str(path / "data.mdb")) if self.mapped else None
+        self._threads = max(1, io_threads)
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=max(1, io_threads), thread_name_prefix="tierstore-ssd-decode"
         )
@@ -70,6 +121,8 @@ class BlockDB:
     def close(self) -> None:
         """Waits for decodes in flight and stops the decoding threads."""
         self._pool.shutdown(wait=True)
+        if self._tree is not None:
+            self._tree.close()
 
     # ----------------------------------------------------------------------------- reading
 
@@ -87,53 +140,86 @@ class BlockDB:
         if not self.compiled:
             return self._read_with_codec(cursor, u, first, blocks, out, where, flushed)
         # Per requested id: its offset in its block, its output row; per block: its ids.
-        want_count = np.diff(np.append(first, len(u)))
-        want_offset = (u & np.uint64(self.block_rows - 1)).astype(np.int64)
-        dest = np.ascontiguousarray(where, dtype=np.int64)
-        out_bytes = out.view(np.uint8).reshape(len(out), 4 * self.row_width)
-        hit = np.zeros(len(u), np.uint8)
-        block_found = np.zeros(len(blocks), bool)
+        read = _Read(
+            first=first.astype(np.int64), count=np.diff(np.append(first, len(u))),
+            offset=(u & np.uint64(self.block_rows - 1)).astype(np.int64),
+            dest=np.ascontiguousarray(where, dtype=np.int64),
+            out=out.view(np.uint8).reshape(len(out), 4 * self.row_width),
+            hit=np.zeros(len(u), np.uint8), keys=blocks.astype(">u8").view(np.uint8),
+        )  # fmt: skip
+        found = np.zeros(len(blocks), bool)
+        snapshot = None
+        if flushed and self.mapped and self._tree is not None:
+            snapshot = self._tree.snapshot(txn.id(), b"blocks")
+        if snapshot is not None and not self._read_mapped(snapshot, blocks, read, found):
+            read.hit[:], found[:] = 0, False  # the walk failed a check: getmulti reads all
+        missing = np.flatnonzero(~found)
         pending: list[concurrent.futures.Future] = []
         try:
-            for start in range(0, len(blocks), _READ_CHUNK_BLOCKS):
-                span = blocks[start : start + _READ_CHUNK_BLOCKS]
-                pairs = getmulti(cursor, codec.keys(span))
+            for start in range(0, len(missing), _READ_CHUNK_BLOCKS):
+                span = missing[start : start + _READ_CHUNK_BLOCKS]
+                pairs = getmulti(cursor, codec.keys(blocks[span]))
                 if not pairs:
                     continue
-                if len(pairs) == len(span):
-                    found = np.arange(start, start + len(span))
-                else:
+                if len(pairs) < len(span):
                     keys = np.frombuffer(b"".join([k for k, _ in pairs]), ">u8")
-                    found = start + np.searchsorted(span, keys.astype(np.uint64))
-                block_found[found] = True
+                    span = span[np.searchsorted(blocks[span], keys.astype(np.uint64))]
+                found[span] = True
                 values = [v for _, v in pairs]
                 size = np.fromiter(map(len, values), np.int64, len(values))
                 self._count(blocks_read=len(values), bytes_read=int(size.sum()))
-                args = (
-                    np.frombuffer(b"".join(values), np.uint8), np.cumsum(size) - size, size,
-                    blocks[found].astype(">u8").view(np.uint8), first[found].astype(np.int64),
-                    want_count[found], want_offset, dest, out_bytes, hit,
-                )  # fmt: skip
-                pending.append(self._pool.submit(self._decode_span, found, args))
+                data = np.frombuffer(b"".join(values), np.uint8)
+                pending.append(self._pool.submit(
+                    self._decode_span, read, span, data, np.cumsum(size) - size, size, blocks
+                ))  # fmt: skip
         finally:
-            errors = [f.exception() for f in pending]
-        bad = [e for e in errors if e is not None]
-        if bad:
-            raise min(bad, key=lambda e: getattr(e, "block", 0))
-        if flushed and not block_found.all():
-            self.check_absent(cursor, codec.keys(blocks[~block_found]))
-        return hit.view(bool)
+            _raise_first([f.exception() for f in pending])
+        if flushed and not found.all():
+            self.check_absent(cursor, codec.keys(blocks[~found]))
+        return read.hit.view(bool)
 
-    def _decode_span(self, found: np.ndarray, args: tuple) -> None:
-        """One getmulti call's blocks, decoded into the read's rows (on an I/O thread)."""
+    def _read_mapped(
+        self, snapshot: tuple, blocks: np.ndarray, read: _Read, found: np.ndarray
+    ) -> bool:
+        """Looks the blocks up in the mapped file and decodes those found, on the I/O threads
+        (:mod:`tierstore.lmdb_pages`); sets ``found``. False if the walk failed a check."""
+        where = np.empty(len(blocks), np.int64)
+        size = np.empty(len(blocks), np.int64)
+        step = max(_MAPPED_SPAN_BLOCKS, -(-len(blocks) // self._threads))
+        spans = [(a, min(a + step, len(blocks))) for a in range(0, len(blocks), step)]
+
+        def lookup_and_decode(a: int, b: int) -> bool:
+            if not self._tree.lookup(snapshot, read.keys, (a, b), where, size):
+                return False
+            span = a + np.flatnonzero(where[a:b] >= 0)
+            self._decode_span(read, span, snapshot[0], where[span], size[span], blocks)
+            return True
+
+        futures = [self._pool.submit(lookup_and_decode, a, b) for a, b in spans]
+        _raise_first([f.exception() for f in futures])
+        if not all(f.result() for f in futures):
+            return False
+        found[:] = where >= 0
+        self._count(blocks_read=int(found.sum()), bytes_read=int(size[found].sum()))
+        return True
+
+    def _decode_span(
+        self, read: _Read, span: np.ndarray, data: np.ndarray, base: np.ndarray,
+        size: np.ndarray, blocks: np.ndarray,
+    ) -> None:  # fmt: skip
+        """Blocks ``span`` of a read (indices into its blocks), stored at ``data[base[i]:
+        base[i] + size[i]]``, checked and decoded into the read's rows (on an I/O thread)."""
+        if len(span) == 0:
+            return
+        keys = read.keys.reshape(-1, 8)[span].reshape(-1)
         try:
             blocks_compiled.decode_into(
-                *args, (0, len(found)), self.row_width, self.block_rows, self.codec.level
-            )
+                data, base, size, keys, read.first[span], read.count[span], read.offset,
+                read.dest, read.out, read.hit, (0, len(span)), self.row_width,
+                self.block_rows, self.codec.level,
+            )  # fmt: skip
         except BadBlock as bad:
-            # The blocks' own numbers are the keys decoded, in args[3].
-            number = int(args[3][8 * bad.index : 8 * bad.index + 8].view(">u8")[0])
-            raise self._corrupt(number, bad.problem) from None
+            raise self._corrupt(int(blocks[span[bad.index]]), bad.problem) from None
 
     def _read_with_codec(
         self, cursor: lmdb.Cursor, u: np.ndarray, first: np.ndarray, blocks: np.ndarray,
@@ -275,11 +361,12 @@ class BlockDB:
         cursor.putmulti(list(zip(keys, values)), append=append)
         self._count(blocks_written=len(keys), bytes_written=nbytes)
 
-    def merge_pairs(self, txn: lmdb.Transaction, db: Any, pairs: list[tuple[bytes, bytes]]) -> None:
-        """Merges stored blocks (key, value pairs of another database) into ``db``."""
-        if not pairs:
-            return
-        blocks = np.frombuffer(b"".join([k for k, _ in pairs]), ">u8").astype(np.uint64)
-        decoded = self.decode([v for _, v in pairs], blocks)
-        u = (blocks[decoded.block] << self.codec.shift) | decoded.offset.astype(np.uint64)
-        self.merge(txn, db, u, decoded.rows(np.arange(len(u))), flushed=True)
+    def merge_all(self, txn: lmdb.Transaction, db: Any, source: lmdb.Cursor) -> None:
+        """Merges every block of another database (read through the cursor ``source``) into
+        ``db``, a bounded chunk of blocks at a time."""
+        chunk = max(1, _LIST_CHUNK_ROWS // self.block_rows)
+        while pairs := list(itertools.islice(source, chunk)):
+            blocks = np.frombuffer(b"".join([k for k, _ in pairs]), ">u8").astype(np.uint64)
+            decoded = self.decode([v for _, v in pairs], blocks)
+            u = (blocks[decoded.block] << self.codec.shift) | decoded.offset.astype(np.uint64)
+            self.merge(txn, db, u, decoded.rows(np.arange(len(u))), flushed=True)

@@ -14,15 +14,27 @@ import os
 import pathlib
 import shutil
 import struct
+import threading
 import time
+import weakref
 from typing import Any
 
 import lmdb
 
-from tierstore.errors import CorruptBlockError, NotATableError, StorageError, StorageFullError
+from tierstore.errors import (
+    CorruptBlockError,
+    NotATableError,
+    StorageError,
+    StorageFullError,
+    TableLockedError,
+)
 
 LOCK_FILE = "writer.lock"
 STAGED_DIR = "staged"
+# Tables open in this process, by resolved path: LMDB forbids opening one environment twice
+# in a process (closing either handle would drop the other's POSIX locks).
+_OPEN_TABLES: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
+_OPEN_TABLES_LOCK = threading.Lock()
 # A table being created lives in a sibling directory named so, until it is renamed into place.
 CREATING = ".{name}.tierstore-creating."
 # An abandoned creation without a writer lock file is removed once it is this old (seconds).
@@ -36,6 +48,63 @@ _META_LAYOUT = struct.Struct("<16xII8x8xI44x48xQQ")
 # EIO on a write is a full disk when less than this is left free (LMDB reports a short write
 # as EIO; the filesystem's ENOSPC does not reach the caller).
 _FULL_DISK_BYTES = 64 << 20
+
+
+def register_open(key: str, table: Any, path: pathlib.Path) -> None:
+    """Records ``table`` (at ``path``) as open in this process under ``key`` (its resolved
+    path); TableLockedError if a table is open there already."""
+    with _OPEN_TABLES_LOCK:
+        if key in _OPEN_TABLES:
+            raise TableLockedError(f"{path}: table is already open in this process")
+        _OPEN_TABLES[key] = table
+
+
+def unregister_open(key: str, table: Any) -> None:
+    """Forgets ``table`` as open under ``key`` (if it is the one recorded)."""
+    with _OPEN_TABLES_LOCK:
+        if _OPEN_TABLES.get(key) is table:
+            del _OPEN_TABLES[key]
+
+
+def open_table(key: str) -> Any | None:
+    """The table open in this process under ``key`` (its resolved path), if any."""
+    with _OPEN_TABLES_LOCK:
+        return _OPEN_TABLES.get(key)
+
+
+def take_writer_lock(path: pathlib.Path, directory: pathlib.Path) -> int:
+    """Takes the writer lock of the table at ``path`` in ``directory`` without waiting;
+    returns the lock file's descriptor (closing it releases the lock)."""
+    try:
+        fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise StorageError(f"{path}: cannot create the writer lock file ({exc})") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        raise TableLockedError(f"{path}: table is open for writing by another process") from exc
+    return fd
+
+
+def open_lmdb(path: pathlib.Path, map_size: int, readonly: bool, create: bool) -> lmdb.Environment:
+    """The table's LMDB environment (databases ``meta`` and ``blocks``), errors named."""
+    kwargs = dict(
+        map_size=map_size, readonly=readonly, create=create, max_dbs=4, readahead=False,
+        meminit=False,
+    )  # fmt: skip
+    try:
+        return lmdb.open(str(path), **kwargs)
+    except lmdb.InvalidError as exc:
+        raise NotATableError(f"{path}: not a tierstore table ({exc})") from exc
+    except lmdb.Error as exc:
+        if readonly and getattr(exc, "code", None) in (13, 30):  # EACCES, EROFS
+            # A read-only directory or lock file: read without LMDB's reader table.
+            try:
+                return lmdb.open(str(path), lock=False, **kwargs)
+            except lmdb.Error as exc2:
+                exc = exc2
+        raise StorageError(f"{path}: cannot open the LMDB environment ({exc})") from exc
 
 
 def lmdb_size_check(path: pathlib.Path) -> None:
@@ -135,7 +204,6 @@ def allocated_bytes(path: pathlib.Path) -> int:
             except FileNotFoundError:
                 pass
     return total
-
 
 
 class StorageErrors:
