@@ -216,7 +216,8 @@ def read_scaling(
 ) -> list[dict]:  # fmt: skip
     """Random reads of ``batch`` unique ids (the misses of a batch, sorted as the engine sends
     them) from a table of ``rows`` rows of ``dim`` weights + 1 AdaGrad state, page cache warm,
-    by ``io_threads`` and decoder (the compiled one and the codec's numpy path): median and
+    by ``io_threads`` and read path (keys looked up in the mapped file and the compiled decoder,
+    the default; getmulti and the compiled decoder; getmulti and the codec): median and
     best rows/s, CPU seconds of the process per row (all threads: per-core cost), and
     ``getmulti`` of the same keys alone (the part that runs on one thread)."""
     rng = np.random.default_rng(0)
@@ -231,14 +232,14 @@ def read_scaling(
         for start in range(0, rows, 1 << 17):  # warms the page cache and the map
             tier.read(torch.from_numpy(ids[start : start + (1 << 17)]))
         db = getattr(tier, "_db", None)  # None: the tier before the split (one decoder)
-        decoders = (
-            ["compiled", "codec"]
-            if blocks_compiled and blocks_compiled.AVAILABLE and db
-            else ["codec"]
-        )
+        decoders = ["codec"]
+        if db is not None and blocks_compiled.AVAILABLE:
+            decoders = ["mapped", "getmulti+compiled", "codec"]
         for decoder in decoders:
             if db is not None:
-                db.compiled = decoder == "compiled"  # internal switch, as the tests use it
+                # Internal switches, as the tests use them: mapped lookups and the compiled
+                # decoder (the default), getmulti and the compiled decoder, the codec.
+                db.compiled, db.mapped = decoder != "codec", decoder == "mapped"
             walls, cpus = [], []
             for _ in range(rounds):
                 b = random_batch(rng, ids, batch)

@@ -77,7 +77,9 @@ def expected(model: dict, ids: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("compiled", DECODERS)
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(
     block_rows=st.sampled_from([1, 4, 64]), level=st.sampled_from([0, 3]),
     io_threads=st.sampled_from([1, 2, 3]), seed=st.integers(0, 2**31),
@@ -202,7 +204,8 @@ EDITS = {
     "bad frame": (_bad_frame, "bad zstd frame"),
     "oversized frame": (_oversized_frame, "does not match the layout"),
     "bad offset": (
-        lambda key, value: _reseal(key, b"\x07\x00" + value[2:-4]), "offsets out of order"
+        lambda key, value: _reseal(key, b"\x07\x00" + value[2:-4]),
+        "offsets out of order",
     ),
 }
 
@@ -221,5 +224,28 @@ def test_damaged_blocks_are_refused_by_both_decoders(tmp_path, compiled, edit):
         assert f"{block:#x}" in str(info.value) and str(tmp_path / "t") in str(info.value)
         good = ids[ids != 1000]
         assert tier.read(good).shape == (len(good), W)  # the other blocks still read
+    finally:
+        tier.close()
+
+
+@pytest.mark.skipif(not lmdb_pages.AVAILABLE or not blocks_compiled.AVAILABLE, reason="no numba")
+def test_flushed_rows_are_read_without_getmulti(tmp_path, monkeypatch):
+    """With the mapped file, a read of flushed rows looks no key up through py-lmdb; keys it
+    does not find there (absent ones) still go through getmulti and the absence check."""
+    calls = []
+    real = ssd_blockdb.getmulti
+    monkeypatch.setattr(
+        ssd_blockdb, "getmulti", lambda c, keys: calls.append(keys) or real(c, keys)
+    )
+    tier = SSDTier.create(tmp_path / "t", {"row_width": W}, init_rows, io_threads=2)
+    try:
+        ids = torch.arange(0, 4000, 2)
+        rows = random_bits(np.random.default_rng(3), len(ids))
+        tier.flush(ids, rows)
+        assert bitwise_equal(tier.read(ids), rows) and calls == []
+        assert bitwise_equal(
+            tier.read(torch.tensor([1, 2])), torch.cat([init_rows(torch.tensor([1])), rows[1:2]])
+        )
+        assert [len(k) for k in calls] == [1]
     finally:
         tier.close()

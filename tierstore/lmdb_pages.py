@@ -48,14 +48,15 @@ def _u16(page: np.ndarray, at: int) -> int:
 
 def _lookup_keys(
     data: np.ndarray, psize: int, last_page: int, root: int, depth: int, keys: np.ndarray,
-    where: np.ndarray, size: np.ndarray, lo: int, hi: int,
+    klen: int, where: np.ndarray, size: np.ndarray, lo: int, hi: int,
 ) -> int:  # fmt: skip
-    """Looks keys ``lo..hi`` (``keys``: 8 bytes each) up in the B-tree of root page ``root``:
+    """Looks keys ``lo..hi`` (``keys``: ``klen`` bytes each) up in the B-tree of root page
+    ``root`` (``depth`` levels of branch pages above the leaves):
     ``where[i]``/``size[i]`` is the file offset and length of key i's value, ``-1``/0 if the
     key is absent. Returns 0, or 1 at the first structure that does not check."""
     n_pages = last_page + 1
     for i in range(lo, hi):
-        key = keys[8 * i : 8 * i + 8]
+        key = keys[klen * i : klen * (i + 1)]
         page_no = root
         where[i], size[i] = -1, 0
         for level in range(depth + 1):
@@ -89,13 +90,13 @@ def _lookup_keys(
                 if flags & _BRANCH and mid == 0:
                     order = -1  # a branch page's first key is implicitly lower than all
                 else:
-                    for b in range(min(ksize, 8)):
+                    for b in range(min(ksize, klen)):
                         x, y = data[node + 8 + b], key[b]
                         if x != y:
                             order = -1 if x < y else 1
                             break
-                    if order == 0 and ksize != 8:
-                        order = -1 if ksize < 8 else 1
+                    if order == 0 and ksize != klen:
+                        order = -1 if ksize < klen else 1
                 if order < 0:
                     low = mid + 1
                 else:
@@ -116,7 +117,7 @@ def _lookup_keys(
                 break  # absent
             node = base + _u16(data, base + _PAGE_HEADER + 2 * low)
             length = _u16(data, node) | (_u16(data, node + 2) << 16)
-            start = node + 8 + 8
+            start = node + 8 + klen
             if _u16(data, node + 4) & _BIGDATA:
                 first = np.int64(0)
                 for b in range(8):
@@ -163,8 +164,8 @@ class MappedTree:
                 self._data = np.frombuffer(self._map, np.uint8)
             return self._data
 
-    def snapshot(self, txn_id: int, db_root_key: bytes) -> tuple | None:
-        """(data, page size, last page, root, depth) of the database named ``db_root_key`` in
+    def snapshot(self, txn_id: int, name: bytes) -> tuple | None:
+        """(data, page size, last page, root, depth) of the database named ``name`` in
         the snapshot of transaction ``txn_id``, or None where that cannot be read safely."""
         data = self._mapped(2 * 4096)
         if data is None:
@@ -180,7 +181,7 @@ class MappedTree:
             data = self._mapped((last_page + 1) * psize)
             if data is None:
                 return None
-            found = _find_name(data, psize, last_page, main_root, main_depth, db_root_key)
+            found = _find_name(data, psize, last_page, main_root, main_depth - 1, name)
             again = _META.unpack_from(data, page * psize + _PAGE_HEADER)[-1]
             if found is None or again != txn_id:  # rewritten while read: not this snapshot
                 return None
@@ -196,45 +197,20 @@ class MappedTree:
             where[span[0] : span[1]], size[span[0] : span[1]] = -1, 0
             return True
         return not _lookup_compiled(
-            data, psize, last_page, root, depth, keys, where, size, span[0], span[1]
+            data, psize, last_page, root, depth, keys, 8, where, size, span[0], span[1]
         )
 
 
 def _find_name(data, psize, last_page, root, depth, name: bytes) -> tuple[int, int] | None:
-    """(root, depth - 1) of a named database, walking the (small) main database in Python;
+    """(root, depth) of the database ``name`` from its record in the main database's tree;
     root -1 for an empty one."""
     if root == _NO_PAGE:
         return None
-    page_no = root
-    for _level in range(depth):
-        base = page_no * psize
-        if page_no >= last_page + 1 or base + psize > len(data):
-            return None
-        flags = int(data[base + 10]) | int(data[base + 11]) << 8
-        lower = int(data[base + 12]) | int(data[base + 13]) << 8
-        count = (lower - _PAGE_HEADER) >> 1
-        nodes = []
-        for j in range(count):
-            at = base + int(data[base + 16 + 2 * j]) + (int(data[base + 17 + 2 * j]) << 8)
-            if at + 8 > base + psize:
-                return None
-            lo16, hi16, fl, ksize = struct.unpack_from("<HHHH", data, at)
-            if at + 8 + ksize > base + psize:
-                return None
-            nodes.append((bytes(data[at + 8 : at + 8 + ksize]), lo16, hi16, fl, at + 8 + ksize))
-        if flags & _BRANCH:
-            child = 0
-            for j in range(1, count):
-                if nodes[j][0] <= name:
-                    child = j
-            _, lo16, hi16, fl, _ = nodes[child]
-            page_no = lo16 | hi16 << 16 | fl << 32
-            continue
-        if not flags & _LEAF:
-            return None
-        for k, lo16, hi16, _fl, value_at in nodes:
-            if k == name and (lo16 | hi16 << 16) == 48 and value_at + 48 <= base + psize:
-                db_depth, db_root = struct.unpack_from("<6xH32xQ", data, value_at)
-                return (-1, 0) if db_root == _NO_PAGE else (db_root, db_depth - 1)
+    key = np.frombuffer(name, np.uint8)
+    where, size = np.empty(1, np.int64), np.empty(1, np.int64)
+    if _lookup_compiled(data, psize, last_page, root, depth, key, len(name), where, size, 0, 1):
         return None
-    return None
+    if where[0] < 0 or size[0] != 48:
+        return None
+    db_depth, db_root = struct.unpack_from("<6xH32xQ", data, int(where[0]))
+    return (-1, 0) if db_root == _NO_PAGE else (db_root, db_depth - 1)

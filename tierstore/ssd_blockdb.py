@@ -28,9 +28,12 @@ import lmdb
 import numpy as np
 import torch
 
-from tierstore import blocks_compiled, lmdb_pages
 from tierstore.blocks import BadBlock, BlockCodec, DecodedBlocks, check
+from tierstore.blocks_compiled import AVAILABLE as DECODER_COMPILED
+from tierstore.blocks_compiled import decode_into
 from tierstore.errors import CorruptBlockError, InvalidInputError
+from tierstore.lmdb_pages import AVAILABLE as LOOKUPS_MAPPED
+from tierstore.lmdb_pages import MappedTree
 
 # py-lmdb's getmulti releases and retakes the GIL around every key: two threads running it
 # at once ping-pong the GIL and take twice as long as one after the other (measured).
@@ -109,10 +112,10 @@ class BlockDB:
         self.path, self.codec, self._count = path, codec, count
         self.row_width, self.block_rows = codec.row_width, codec.block_rows
         # Whether reads decode with the compiled decoder (tests switch it off to compare).
-        self.compiled = blocks_compiled.AVAILABLE
+        self.compiled = DECODER_COMPILED
         # Whether reads of flushed blocks look keys up in the mapped file (lmdb_pages.py).
-        self.mapped = lmdb_pages.AVAILABLE
-        self._tree = lmdb_pages.MappedTree(str(path / "data.mdb")) if self.mapped else None
+        self.mapped = LOOKUPS_MAPPED
+        self._tree = MappedTree(str(path / "data.mdb")) if self.mapped else None
         self._threads = max(1, io_threads)
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=max(1, io_threads), thread_name_prefix="tierstore-ssd-decode"
@@ -137,8 +140,6 @@ class BlockDB:
         codec = self.codec
         first, blocks = codec.blocks(u)
         cursor = txn.cursor(db)
-        if not self.compiled:
-            return self._read_with_codec(cursor, u, first, blocks, out, where, flushed)
         # Per requested id: its offset in its block, its output row; per block: its ids.
         read = _Read(
             first=first.astype(np.int64), count=np.diff(np.append(first, len(u))),
@@ -149,7 +150,7 @@ class BlockDB:
         )  # fmt: skip
         found = np.zeros(len(blocks), bool)
         snapshot = None
-        if flushed and self.mapped and self._tree is not None:
+        if flushed and self.mapped and self.compiled and self._tree is not None:
             snapshot = self._tree.snapshot(txn.id(), b"blocks")
         if snapshot is not None and not self._read_mapped(snapshot, blocks, read, found):
             read.hit[:], found[:] = 0, False  # the walk failed a check: getmulti reads all
@@ -168,6 +169,9 @@ class BlockDB:
                 values = [v for _, v in pairs]
                 size = np.fromiter(map(len, values), np.int64, len(values))
                 self._count(blocks_read=len(values), bytes_read=int(size.sum()))
+                if not self.compiled:
+                    self._decode_with_codec(read, span, values, blocks)
+                    continue
                 data = np.frombuffer(b"".join(values), np.uint8)
                 pending.append(self._pool.submit(
                     self._decode_span, read, span, data, np.cumsum(size) - size, size, blocks
@@ -213,7 +217,7 @@ class BlockDB:
             return
         keys = read.keys.reshape(-1, 8)[span].reshape(-1)
         try:
-            blocks_compiled.decode_into(
+            decode_into(
                 data, base, size, keys, read.first[span], read.count[span], read.offset,
                 read.dest, read.out, read.hit, (0, len(span)), self.row_width,
                 self.block_rows, self.codec.level,
@@ -221,37 +225,22 @@ class BlockDB:
         except BadBlock as bad:
             raise self._corrupt(int(blocks[span[bad.index]]), bad.problem) from None
 
-    def _read_with_codec(
-        self, cursor: lmdb.Cursor, u: np.ndarray, first: np.ndarray, blocks: np.ndarray,
-        out: np.ndarray, where: np.ndarray, flushed: bool,
-    ) -> np.ndarray:  # fmt: skip
-        """:meth:`read_into` with the codec's numpy path (no compiled decoder)."""
-        pairs = getmulti(cursor, self.codec.keys(blocks))
-        if len(pairs) < len(blocks) and flushed:
-            have = {k for k, _ in pairs}
-            self.check_absent(cursor, [k for k in self.codec.keys(blocks) if k not in have])
-        if not pairs:
-            return np.zeros(len(u), bool)
-        values = [v for _, v in pairs]
-        if len(pairs) == len(blocks):
-            found_blocks = blocks
-        else:
-            found_blocks = np.frombuffer(b"".join([k for k, _ in pairs]), ">u8").astype(np.uint64)
-        decoded = self.decode(values, found_blocks)
-        self._count(blocks_read=len(values), bytes_read=sum(map(len, values)))
-        # For every id: the position of its block among the found ones, then its entry.
-        count = np.diff(np.append(first, len(u)))
-        block_of = np.repeat(np.arange(len(blocks)), count)
-        pos = np.searchsorted(found_blocks, blocks)
-        block_found = pos < len(found_blocks)
-        block_found[block_found] = found_blocks[pos[block_found]] == blocks[block_found]
-        offset = (u & np.uint64(self.block_rows - 1)).astype(np.int64)
-        want = pos[block_of] * self.block_rows + offset
-        entry = np.searchsorted(decoded.key, want)
-        entry = np.minimum(entry, len(decoded.key) - 1)
-        hit = block_found[block_of] & (decoded.key[entry] == want)
-        out[where[hit]] = decoded.rows(entry[hit])
-        return hit
+    def _decode_with_codec(
+        self, read: _Read, span: np.ndarray, values: list[bytes], blocks: np.ndarray
+    ) -> None:
+        """:meth:`_decode_span` by the codec's numpy path (where nothing is compiled)."""
+        decoded = self.decode(values, blocks[span])
+        count = read.count[span]
+        block_of = np.repeat(np.arange(len(span)), count)
+        ids = np.repeat(read.first[span] - (np.cumsum(count) - count), count) + np.arange(
+            int(count.sum())
+        )  # the read's index of every id of these blocks
+        want = block_of * self.block_rows + read.offset[ids]
+        entry = np.minimum(np.searchsorted(decoded.key, want), len(decoded.key) - 1)
+        hit = decoded.key[entry] == want
+        rows = decoded.rows(entry[hit])
+        read.out[read.dest[ids[hit]]] = rows.view(np.uint8).reshape(len(rows), 4 * self.row_width)
+        read.hit[ids[hit]] = 1
 
     def check_absent(self, cursor: lmdb.Cursor, keys: list[bytes]) -> None:
         """Makes sure that blocks whose keys (sorted) LMDB did not find are truly absent, and
