@@ -104,10 +104,9 @@ def _decode_into(
         else:
             if body < 4:
                 return 3, i
-            frame = (
-                values[v0] | (values[v0 + 1] << 8) | (values[v0 + 2] << 16)
-                | (np.int64(values[v0 + 3]) << 24)
-            )  # fmt: skip
+            frame = np.int64(0)
+            for b in range(4):  # the little-endian uint32 frame length
+                frame |= np.int64(values[v0 + b]) << (8 * b)
             if frame > body - 4:
                 return 4, i
             rest = body - 4 - frame

@@ -206,7 +206,7 @@ def _find_name(data, psize, last_page, root, depth, name: bytes) -> tuple[int, i
     root -1 for an empty one."""
     if root == _NO_PAGE:
         return None
-    key = np.frombuffer(name, np.uint8)
+    key = np.frombuffer(name, np.uint8).copy()  # writable: the same compiled signature
     where, size = np.empty(1, np.int64), np.empty(1, np.int64)
     if _lookup_compiled(data, psize, last_page, root, depth, key, len(name), where, size, 0, 1):
         return None
