@@ -353,8 +353,9 @@ class BlockDB:
     def merge_all(self, txn: lmdb.Transaction, db: Any, source: lmdb.Cursor) -> None:
         """Merges every block of another database (read through the cursor ``source``) into
         ``db``, a bounded chunk of blocks at a time."""
-        chunk = max(1, _LIST_CHUNK_ROWS // self.block_rows)
-        while pairs := list(itertools.islice(source, chunk)):
+        chunk, items = max(1, _LIST_CHUNK_ROWS // self.block_rows), iter(source)
+        # One iterator: a new one on the cursor would start again at its current entry.
+        while pairs := list(itertools.islice(items, chunk)):
             blocks = np.frombuffer(b"".join([k for k, _ in pairs]), ">u8").astype(np.uint64)
             decoded = self.decode([v for _, v in pairs], blocks)
             u = (blocks[decoded.block] << self.codec.shift) | decoded.offset.astype(np.uint64)
