@@ -249,3 +249,25 @@ def test_flushed_rows_are_read_without_getmulti(tmp_path, monkeypatch):
         assert [len(k) for k in calls] == [1]
     finally:
         tier.close()
+
+
+@pytest.mark.parametrize("block_rows", [1, 4])
+def test_staged_rows_merge_and_list_in_many_chunks(tmp_path, monkeypatch, block_rows):
+    """A flush merges the staged rows a bounded chunk at a time (here 7 rows: 7 blocks, or 1
+    block of 4 rows), each block once; listing the rows goes by the same chunks."""
+    monkeypatch.setattr(ssd_blockdb, "_LIST_CHUNK_ROWS", 7)
+    rng = np.random.default_rng(block_rows)
+    tier = SSDTier.create(tmp_path / "t", {"row_width": W}, init_rows, block_rows=block_rows)
+    try:
+        ids = torch.from_numpy(np.unique(rng.integers(-500, 500, 60)))
+        rows = random_bits(rng, len(ids))
+        tier.write(ids, rows)
+        assert torch.equal(tier.stored_ids(flushed=False), ids)
+        written = tier.stats["blocks_written"]
+        tier.flush(ids[:0], rows[:0])
+        blocks = len(np.unique(ids.numpy() // block_rows))
+        assert tier.stats["blocks_written"] - written == blocks
+        assert bitwise_equal(tier.read(ids), rows)
+        assert torch.equal(tier.stored_ids(), ids)
+    finally:
+        tier.close()
