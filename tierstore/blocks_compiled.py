@@ -47,9 +47,8 @@ PROBLEMS = {
 
 def _bind() -> tuple[object, object, object, object] | None:
     """ctypes bindings of zlib's crc32 and libzstd's decompression, or None where missing."""
-    names = (ctypes.util.find_library("z"), ctypes.util.find_library("zstd"))
-    if None in names:
-        return None
+    # find_library needs ldconfig's cache; the sonames are the fallback where it has none.
+    names = [ctypes.util.find_library(n) or f"lib{n}.so.1" for n in ("z", "zstd")]
     try:
         libz, libzstd = (ctypes.CDLL(name) for name in names)
         crc32, decompress = libz.crc32, libzstd.ZSTD_decompressDCtx
