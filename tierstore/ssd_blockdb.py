@@ -189,7 +189,8 @@ class BlockDB:
         (:mod:`tierstore.lmdb_pages`); sets ``found``. False if the walk failed a check."""
         where = np.empty(len(blocks), np.int64)
         size = np.empty(len(blocks), np.int64)
-        step = max(_MAPPED_SPAN_BLOCKS, -(-len(blocks) // self._threads))
+        # A span per I/O thread and one for the calling thread, which would otherwise wait.
+        step = max(_MAPPED_SPAN_BLOCKS, -(-len(blocks) // (self._threads + 1)))
         spans = [(a, min(a + step, len(blocks))) for a in range(0, len(blocks), step)]
 
         def lookup_and_decode(a: int, b: int) -> bool:
@@ -199,9 +200,12 @@ class BlockDB:
             self._decode_span(read, span, snapshot[0], where[span], size[span], blocks)
             return True
 
-        futures = [self._pool.submit(lookup_and_decode, a, b) for a, b in spans]
-        _raise_first([f.exception() for f in futures])
-        if not all(f.result() for f in futures):
+        futures = [self._pool.submit(lookup_and_decode, a, b) for a, b in spans[1:]]
+        try:
+            here = lookup_and_decode(*spans[0])
+        finally:
+            _raise_first([f.exception() for f in futures])
+        if not (here and all(f.result() for f in futures)):
             return False
         found[:] = where >= 0
         self._count(blocks_read=int(found.sum()), bytes_read=int(size[found].sum()))
