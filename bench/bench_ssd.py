@@ -47,7 +47,6 @@ except ImportError:  # the tier before the compiled decoder (for before/after fi
     blocks_compiled = None
 from tierstore.hashing import initial_weights  # noqa: E402
 from tierstore.ssd import SSDTier  # noqa: E402
-from tierstore.ssd_blockdb import BlockDB  # noqa: E402
 
 DIM, WIDTH = 128, 129
 BATCH = 1 << 16
@@ -177,6 +176,8 @@ def checksum_cost(workdir: str, rows: int, block_rows: int, level: int, rounds: 
     (:meth:`BlockDB.check_absent`). Reads take the codec's path, whose checks can be switched
     off (the compiled decoder checks inside its loop).
     """
+    from tierstore.ssd_blockdb import BlockDB  # here: the script also runs on older trees
+
     ids = np.arange(0, 2 * rows, 2, dtype=np.int64)
     tiers = {}
     for name in ("on", "off"):
