@@ -15,9 +15,11 @@ block format (byte planes, zstd on the sign/exponent plane only, and why) is
 :mod:`tierstore.blocks`.
 
 Every batch is handled in bulk (:mod:`tierstore.ssd_blockdb`): block keys are computed with
-numpy, blocks are fetched with ``getmulti`` and decoded on the I/O threads by a compiled
-decoder off the GIL (:mod:`tierstore.blocks_compiled`), or by the codec's numpy and
-multi-frame zstd calls. No Python code runs per row.
+numpy; flushed blocks are looked up in the mapped ``data.mdb`` (:mod:`tierstore.lmdb_pages`)
+and checked and decoded by a compiled decoder (:mod:`tierstore.blocks_compiled`), both off
+the GIL, on the I/O threads; other blocks are fetched with ``getmulti`` a few thousand keys a
+call, and decoded the same way, or by the codec's numpy and multi-frame zstd calls where
+nothing is compiled. No Python code runs per row or per block.
 
 The tier is this module (the table's API, opening, reading, writing) and its helpers, one
 job each: :mod:`tierstore.ssd_files` (the directory, locks, LMDB file checks, storage errors),
@@ -96,12 +98,13 @@ __all__ = ["FlushWriter", "InitRows", "SSDTier"]
 
 InitRows = Callable[[torch.Tensor], torch.Tensor]
 
+
 class SSDTier:
     """L3: every row ever written, in one LMDB environment, as zstd-compressed blocks of
     consecutive ids.
 
-    Thread safety: :meth:`read` and :meth:`read_async` may run from any threads at once (the
-    LMDB lookups themselves take turns: see ``_GETMULTI_LOCK``); :meth:`write` and flushes are
+    Thread safety: :meth:`read` and :meth:`read_async` may run from any threads at once
+    (py-lmdb lookups take turns: ``tierstore.ssd_blockdb.getmulti``); :meth:`write` and flushes are
     serialised (a :meth:`write` waits for a flush open on another thread, and is refused on the
     thread that holds one). :meth:`close` waits for pending :meth:`read_async` calls; commit or
     abort an open flush first. One process may open a table once (LMDB's rule); other
@@ -592,4 +595,3 @@ class SSDTier:
 
     def _storage_errors(self, doing: str) -> StorageErrors:
         return StorageErrors(self.path, doing)
-
