@@ -7,6 +7,8 @@ a time in a temporary directory)::
     python bench/bench_ssd.py --rows 262144 --block-rows 1 --levels 3
     python bench/bench_ssd.py --compare --block-rows 1 2 4 --levels 3   # reads only, interleaved
     python bench/bench_ssd.py --checksums --rows 131072 --block-rows 1 16 --levels 3
+    python bench/bench_ssd.py --random-reads --block-rows 1 --levels 3 --dim 64 \
+        --rows 2097152 --batch 100000 --threads 1 2 4 8 16 --json reads.json
 
 As a pytest-benchmark suite (small tables, for regressions)::
 
@@ -20,6 +22,8 @@ sends them, with the page cache warm (the table has just been written and read o
 from __future__ import annotations
 
 import argparse
+import functools
+import json
 import os
 import platform
 import shutil
@@ -36,6 +40,11 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from tierstore import blocks  # noqa: E402
+
+try:
+    from tierstore import blocks_compiled  # noqa: E402
+except ImportError:  # the tier before the compiled decoder (for before/after figures)
+    blocks_compiled = None
 from tierstore.hashing import initial_weights  # noqa: E402
 from tierstore.ssd import SSDTier  # noqa: E402
 
@@ -43,14 +52,14 @@ DIM, WIDTH = 128, 129
 BATCH = 1 << 16
 
 
-def init_rows(ids: torch.Tensor) -> torch.Tensor:
-    return initial_weights(ids, WIDTH, 7, 0.05)
+def init_rows(ids: torch.Tensor, width: int = WIDTH) -> torch.Tensor:
+    return initial_weights(ids, width, 7, 0.05)
 
 
-def trained_rows(rng: np.random.Generator, n: int) -> torch.Tensor:
-    rows = np.empty((n, WIDTH), np.float32)
-    rows[:, :DIM] = rng.normal(0, 0.01, (n, DIM))
-    rows[:, DIM] = np.abs(rng.normal(0, 0.05, n))  # AdaGrad's sum of squared gradients
+def trained_rows(rng: np.random.Generator, n: int, width: int = WIDTH) -> torch.Tensor:
+    rows = np.empty((n, width), np.float32)
+    rows[:, : width - 1] = rng.normal(0, 0.01, (n, width - 1))
+    rows[:, width - 1] = np.abs(rng.normal(0, 0.05, n))  # AdaGrad's sum of squared gradients
     return torch.from_numpy(rows)
 
 
@@ -71,12 +80,14 @@ def timed(fn, repeats: int) -> list[float]:
     return times
 
 
-def build(path, ids: np.ndarray, block_rows: int, level: int, rng) -> tuple[SSDTier, float]:
+def build(
+    path, ids: np.ndarray, block_rows: int, level: int, rng, width: int = WIDTH
+) -> tuple[SSDTier, float]:
     """Creates a table holding ``ids`` (sorted) in one flush; returns it and the flush time."""
     tier = SSDTier.create(
         path,
-        {"row_width": WIDTH},
-        init_rows,
+        {"row_width": width},
+        functools.partial(init_rows, width=width),
         block_rows=block_rows,
         compression_level=level,
         io_threads=2,
@@ -85,7 +96,7 @@ def build(path, ids: np.ndarray, block_rows: int, level: int, rng) -> tuple[SSDT
     writer = tier.flush_begin()
     for start in range(0, len(ids), BATCH):
         chunk = torch.from_numpy(ids[start : start + BATCH])
-        rows = trained_rows(rng, len(chunk))  # generated outside the timed part
+        rows = trained_rows(rng, len(chunk), width)  # generated outside the timed part
         t0 = time.perf_counter()
         writer.write(chunk, rows)
         spent += time.perf_counter() - t0
@@ -162,17 +173,21 @@ def checksum_cost(workdir: str, rows: int, block_rows: int, level: int, rounds: 
     identical tables (the one flushed without checks holds blocks without valid trailers).
     Each table holds the even ids of ``[0, 2 * rows)``; "half absent" reads draw from all ids,
     so half of them were never written and take the absence check
-    (:meth:`SSDTier._check_absent`).
+    (:meth:`BlockDB.check_absent`). Reads take the codec's path, whose checks can be switched
+    off (the compiled decoder checks inside its loop).
     """
+    from tierstore.ssd_blockdb import BlockDB  # here: the script also runs on older trees
+
     ids = np.arange(0, 2 * rows, 2, dtype=np.int64)
     tiers = {}
     for name in ("on", "off"):
         path = os.path.join(workdir, f"ck{block_rows}_{level}_{name}")
         tiers[name], _ = build(path, ids, block_rows, level, np.random.default_rng(1))
+        tiers[name]._db.compiled = False  # internal switch: the codec's checks, patched below
         for start in range(0, len(ids), BATCH):  # warm the page cache
             tiers[name].read(torch.from_numpy(ids[start : start + BATCH]))
     rng = np.random.default_rng(block_rows * 10 + level)
-    shipped = (blocks.check, blocks.seal, SSDTier._check_absent)
+    shipped = (blocks.check, blocks.seal, BlockDB.check_absent)
 
     def no_crc_seal(keys, bodies):  # the trailer's 4 bytes, not computed
         return [b + b"\0\0\0\0" for b in bodies]
@@ -181,7 +196,7 @@ def checksum_cost(workdir: str, rows: int, block_rows: int, level: int, rounds: 
     best = {}
     for _ in range(rounds):
         for name, (check, seal, absent) in (("on", shipped), ("off", off)):
-            blocks.check, blocks.seal, SSDTier._check_absent = check, seal, absent
+            blocks.check, blocks.seal, BlockDB.check_absent = check, seal, absent
             tier = tiers[name]
             present = random_batch(rng, ids)
             mixed = random_batch(rng, np.arange(2 * rows, dtype=np.int64))
@@ -193,10 +208,76 @@ def checksum_cost(workdir: str, rows: int, block_rows: int, level: int, rounds: 
             ):
                 seconds = timed(fn, 1)[0]
                 best[what, name] = max(best.get((what, name), 0.0), rate(BATCH, seconds))
-    blocks.check, blocks.seal, SSDTier._check_absent = shipped
+    blocks.check, blocks.seal, BlockDB.check_absent = shipped
     for tier in tiers.values():
         tier.close()
     return best
+
+
+def read_scaling(
+    workdir: str, rows: int, dim: int, block_rows: int, level: int, batch: int,
+    threads: list[int], rounds: int,
+) -> list[dict]:  # fmt: skip
+    """Random reads of ``batch`` unique ids (the misses of a batch, sorted as the engine sends
+    them) from a table of ``rows`` rows of ``dim`` weights + 1 AdaGrad state, page cache warm,
+    by ``io_threads`` and read path (keys looked up in the mapped file and the compiled decoder,
+    the default; getmulti and the compiled decoder; getmulti and the codec): median and
+    best rows/s, CPU seconds of the process per row (all threads: per-core cost), and
+    ``getmulti`` of the same keys alone (the part that runs on one thread)."""
+    rng = np.random.default_rng(0)
+    ids = np.arange(rows, dtype=np.int64)
+    path = os.path.join(workdir, f"scaling{block_rows}_{level}")
+    width = dim + 1
+    tier, _ = build(path, ids, block_rows, level, rng, width)
+    tier.close()
+    found = []
+    for n_threads in threads:
+        tier = SSDTier.open(path, functools.partial(init_rows, width=width), io_threads=n_threads)
+        for start in range(0, rows, 1 << 17):  # warms the page cache and the map
+            tier.read(torch.from_numpy(ids[start : start + (1 << 17)]))
+        db = getattr(tier, "_db", None)  # None: the tier before the split (one decoder)
+        decoders = ["codec"]
+        if db is not None and blocks_compiled.AVAILABLE:
+            decoders = ["mapped", "getmulti+compiled", "codec"]
+        for decoder in decoders:
+            if db is not None:
+                # Internal switches, as the tests use them: mapped lookups and the compiled
+                # decoder (the default), getmulti and the compiled decoder, the codec.
+                db.compiled, db.mapped = decoder != "codec", decoder == "mapped"
+            walls, cpus = [], []
+            for _ in range(rounds):
+                b = random_batch(rng, ids, batch)
+                cpu0, wall0 = time.process_time(), time.perf_counter()
+                tier.read(b)
+                walls.append(time.perf_counter() - wall0)
+                cpus.append(time.process_time() - cpu0)
+            b = random_batch(rng, ids, batch)
+            codec = db.codec if db is not None else tier._codec
+            keys = codec.keys(codec.blocks(b.numpy().view(np.uint64) ^ blocks.SIGN)[1])
+            with tier._env.begin() as txn:
+                cursor = txn.cursor(tier._blocks)
+                getmulti_s = min(timed(lambda: cursor.getmulti(keys), 3))  # noqa: B023
+            found.append({
+                "io_threads": n_threads, "decoder": decoder, "rows": rows, "dim": dim,
+                "block_rows": block_rows, "level": level, "batch": batch,
+                "read": rate(batch, statistics.median(walls)), "best": rate(batch, min(walls)),
+                "cpu_us_per_row": 1e6 * statistics.median(cpus) / batch,
+                "getmulti_alone": rate(batch, getmulti_s),
+            })  # fmt: skip
+            print(found[-1], f"load {os.getloadavg()[0]:.1f}", flush=True)
+        tier.close()
+    shutil.rmtree(path)
+    return found
+
+
+SCALING_COLUMNS = [
+    ("io_threads", "io_threads", "{}"),
+    ("decoder", "read path", "{}"),
+    ("read", "random read, M rows/s (median)", "{:.3f}"),
+    ("best", "best", "{:.3f}"),
+    ("cpu_us_per_row", "CPU us per row (all threads)", "{:.2f}"),
+    ("getmulti_alone", "getmulti alone, M rows/s", "{:.3f}"),
+]
 
 
 COLUMNS = [
@@ -215,11 +296,11 @@ COLUMNS = [
 ]
 
 
-def markdown(results: list[dict]) -> str:
-    lines = ["| " + " | ".join(title for _, title, _ in COLUMNS) + " |"]
-    lines.append("|" + "---|" * len(COLUMNS))
+def markdown(results: list[dict], columns: list = COLUMNS) -> str:
+    lines = ["| " + " | ".join(title for _, title, _ in columns) + " |"]
+    lines.append("|" + "---|" * len(columns))
     for r in results:
-        lines.append("| " + " | ".join(fmt.format(r[key]) for key, _, fmt in COLUMNS) + " |")
+        lines.append("| " + " | ".join(fmt.format(r[key]) for key, _, fmt in columns) + " |")
     return "\n".join(lines)
 
 
@@ -237,9 +318,38 @@ def main() -> None:
     parser.add_argument(
         "--checksums", action="store_true", help="reads and flushes with and without checks"
     )
+    parser.add_argument(
+        "--random-reads", action="store_true",
+        help="only random reads by io_threads and decoder (--threads, --dim, --batch)",
+    )  # fmt: skip
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    parser.add_argument("--dim", type=int, default=DIM, help="weights per row (+1 state)")
+    parser.add_argument("--batch", type=int, default=100_000, help="ids per random read")
+    parser.add_argument("--json", default=None, help="with --random-reads: write figures here")
     args = parser.parse_args()
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
           f"{torch.__version__}, load average before: {os.getloadavg()}", flush=True)  # fmt: skip
+    if args.random_reads:
+        results = []
+        with tempfile.TemporaryDirectory(dir=args.dir) as workdir:
+            for block_rows in args.block_rows:
+                for level in args.levels:
+                    results += read_scaling(
+                        workdir, args.rows, args.dim, block_rows, level, args.batch,
+                        args.threads, args.reads,
+                    )  # fmt: skip
+        print(f"load average after: {os.getloadavg()}")
+        print(f"\nrandom reads of {args.batch} unique ids from {args.rows} x {args.dim + 1} fp32 "
+              f"rows, page cache warm, median of {args.reads}")  # fmt: skip
+        for block_rows in args.block_rows:
+            for level in args.levels:
+                print(f"\nblock_rows {block_rows}, zstd level {level}\n")
+                print(markdown([r for r in results if (r["block_rows"], r["level"])
+                                == (block_rows, level)], SCALING_COLUMNS))  # fmt: skip
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1)
+        return
     if args.checksums:
         print("| block_rows | zstd level | operation | checks on, M rows/s | off | on / off |")
         print("|---|---|---|---|---|---|")

@@ -1,0 +1,273 @@
+"""Tests of the SSD tier's batched block reads (tierstore/ssd_blockdb.py) and the compiled
+decoder (tierstore/blocks_compiled.py): exactly the stored rows, whatever the decoder, the
+I/O threads, the block layout and the batch; damaged blocks refused by both decoders."""
+
+from __future__ import annotations
+
+import lmdb
+import numpy as np
+import pytest
+import torch
+import zstandard
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tierstore import blocks_compiled, lmdb_pages, ssd_blockdb
+from tierstore.blocks import seal
+from tierstore.errors import CorruptBlockError
+from tierstore.hashing import initial_weights
+from tierstore.ssd import SSDTier
+
+W = 5  # odd: no row or plane falls on an aligned boundary
+_NO_COMPILED = pytest.mark.skipif(
+    not blocks_compiled.AVAILABLE, reason="no numba or no libz/libzstd shared library"
+)
+# How reads find and decode blocks: the mapped file's B-tree and the compiled decoder (the
+# default), getmulti and the compiled decoder, getmulti and the codec's numpy path.
+DECODERS = [
+    pytest.param("mapped", marks=_NO_COMPILED),
+    pytest.param("compiled", marks=_NO_COMPILED),
+    pytest.param("codec"),
+]
+
+
+def use(tier: SSDTier, decoder: str) -> None:
+    tier._db.compiled = decoder != "codec"
+    tier._db.mapped = decoder == "mapped" and lmdb_pages.AVAILABLE
+
+
+def init_rows(ids: torch.Tensor) -> torch.Tensor:
+    return initial_weights(ids, W, 5, 0.1)
+
+
+def random_bits(rng: np.random.Generator, n: int) -> torch.Tensor:
+    """Rows of arbitrary float32 bit patterns (NaNs, infinities, denormals)."""
+    return torch.from_numpy(rng.integers(0, 2**32, (n, W), dtype=np.uint32).view(np.float32))
+
+
+def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+def make_table(path, block_rows: int, level: int, io_threads: int, rng, n_flushed: int = 600):
+    """A table with ``n_flushed`` flushed rows and a few staged ones, and its model:
+    a dict id -> row (the staged rows win)."""
+    tier = SSDTier.create(
+        path, {"row_width": W}, init_rows, block_rows=block_rows, compression_level=level,
+        io_threads=io_threads,
+    )  # fmt: skip
+    ids = np.unique(rng.integers(-(2**40), 2**40, n_flushed))
+    ids = np.unique(np.concatenate((ids, np.arange(-40, 40))))  # dense run: shared blocks
+    rows = random_bits(rng, len(ids))
+    tier.flush(torch.from_numpy(ids), rows)
+    model = dict(zip(ids.tolist(), rows.numpy()))
+    staged = np.unique(np.concatenate((rng.choice(ids, 30), rng.integers(-60, 60, 30))))
+    staged_rows = random_bits(rng, len(staged))
+    tier.write(torch.from_numpy(staged), staged_rows)
+    model.update(zip(staged.tolist(), staged_rows.numpy()))
+    return tier, model
+
+
+def expected(model: dict, ids: torch.Tensor) -> torch.Tensor:
+    out = init_rows(ids).clone()
+    for i, x in enumerate(ids.tolist()):
+        if x in model:
+            out[i] = torch.from_numpy(model[x])
+    return out
+
+
+@pytest.mark.parametrize("compiled", DECODERS)
+@settings(
+    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    block_rows=st.sampled_from([1, 4, 64]), level=st.sampled_from([0, 3]),
+    io_threads=st.sampled_from([1, 2, 3]), seed=st.integers(0, 2**31),
+)  # fmt: skip
+def test_reads_return_exactly_the_stored_rows(tmp_path_factory, compiled, block_rows, level,
+                                              io_threads, seed):  # fmt: skip
+    rng = np.random.default_rng(seed)
+    tier, model = make_table(tmp_path_factory.mktemp("t") / "t", block_rows, level, io_threads, rng)
+    try:
+        use(tier, compiled)
+        stored = np.fromiter(model, np.int64)
+        # A batch as the engine sends it: duplicates, stored ids and never-written ones,
+        # uniqued (sorted) before the read, gathered back through the inverse.
+        batch = torch.from_numpy(np.concatenate((
+            rng.choice(stored, 200), rng.integers(-(2**40), 2**40, 50), rng.integers(-80, 80, 50),
+        )))  # fmt: skip
+        unique, inverse = torch.unique(batch, return_inverse=True)
+        assert bitwise_equal(tier.read(unique)[inverse], expected(model, batch))
+        assert bitwise_equal(tier.read(unique[:0]), torch.empty(0, W))
+    finally:
+        tier.close()
+
+
+@pytest.mark.parametrize("level", [0, 3])
+def test_a_batch_of_many_getmulti_chunks_matches_the_codec(tmp_path, monkeypatch, level):
+    """Batches larger than one getmulti call: chunks decoded on several threads at once give
+    the codec's rows, bitwise; stats count each block once."""
+    if not blocks_compiled.AVAILABLE:
+        pytest.skip("no compiled decoder here")
+    monkeypatch.setattr(ssd_blockdb, "_READ_CHUNK_BLOCKS", 97)  # many chunks, odd sizes
+    rng = np.random.default_rng(level)
+    tier, model = make_table(tmp_path / "t", 4, level, 4, rng, n_flushed=3000)
+    try:
+        ids = torch.from_numpy(np.unique(np.concatenate((
+            np.fromiter(model, np.int64), rng.integers(-(2**40), 2**40, 500)))))  # fmt: skip
+        before = dict(tier.stats)
+        fast = tier.read(ids)
+        read_blocks = tier.stats["blocks_read"] - before["blocks_read"]
+        use(tier, "codec")
+        slow = tier.read(ids)
+        assert bitwise_equal(fast, slow)
+        assert bitwise_equal(fast, expected(model, ids))
+        assert tier.stats["blocks_read"] - before["blocks_read"] == 2 * read_blocks
+        use(tier, "compiled")
+        assert bitwise_equal(tier.read(ids), slow)
+    finally:
+        tier.close()
+
+
+@pytest.mark.skipif(not lmdb_pages.AVAILABLE, reason="no numba")
+@pytest.mark.parametrize("block_rows, width", [(1, 3), (64, 40)])  # 64 x 40: overflow pages
+def test_the_mapped_tree_finds_what_getmulti_finds(tmp_path, block_rows, width):
+    """Keys looked up in the mapped data.mdb: the same values as py-lmdb's getmulti, bytes
+    for bytes, absent keys absent, over several flushes (a B-tree of depth 3 or more)."""
+    rng = np.random.default_rng(block_rows)
+    tier = SSDTier.create(tmp_path / "t", {"row_width": width},
+                          lambda ids: torch.zeros(len(ids), width), block_rows=block_rows,
+                          compression_level=0)  # fmt: skip
+    try:
+        for _ in range(3):
+            ids = np.unique(rng.integers(0, 1 << 22, 20000 // block_rows))
+            tier.flush(torch.from_numpy(ids), torch.rand(len(ids), width))
+        u = np.unique(rng.integers(0, 1 << 22, 30000)).astype(np.uint64) ^ np.uint64(1 << 63)
+        _, blocks = tier._db.codec.blocks(u)
+        keys = tier._db.codec.keys(blocks)
+        tree = lmdb_pages.MappedTree(str(tmp_path / "t" / "data.mdb"))
+        with tier._env.begin() as txn:
+            stored = dict(txn.cursor(tier._blocks).getmulti(keys))
+            snapshot = tree.snapshot(txn.id(), b"blocks")
+            assert snapshot is not None and snapshot[4] >= 1  # a branch level at least
+            where, size = np.empty(len(keys), np.int64), np.empty(len(keys), np.int64)
+            key_bytes = blocks.astype(">u8").view(np.uint8)
+            assert tree.lookup(snapshot, key_bytes, (0, len(keys)), where, size)
+            got = {k: bytes(snapshot[0][w : w + n]) for k, w, n in zip(keys, where, size) if w >= 0}
+        assert got == stored and 0 < len(stored) < len(keys)
+        # A snapshot that is not the file's (an old transaction id) is not read.
+        assert tree.snapshot(0, b"blocks") is None
+        tree.close()
+    finally:
+        tier.close()
+
+
+def _damaged_table(path, level: int, edit) -> tuple[torch.Tensor, int]:
+    """A flushed table whose block holding id 1000 is replaced by ``edit(key, value)``;
+    returns every id stored and that block's key."""
+    tier = SSDTier.create(path, {"row_width": W}, init_rows, block_rows=1, compression_level=level)
+    ids = torch.arange(0, 3000, 2)
+    tier.flush(ids, random_bits(np.random.default_rng(1), len(ids)))
+    tier.close()
+    key = np.array([1000 ^ (1 << 63)], ">u8").tobytes()
+    env = lmdb.open(str(path), max_dbs=4)
+    with env.begin(write=True) as txn:
+        db = env.open_db(b"blocks", txn=txn)
+        txn.put(key, edit(key, txn.get(key, db=db)), db=db)
+    env.close()
+    return ids, int.from_bytes(key, "big")
+
+
+def _reseal(key: bytes, body: bytes) -> bytes:
+    """A value with a valid checksum for ``body``: damage that only the layout checks see."""
+    return seal([key], [body])[0]
+
+
+def _bad_frame(key: bytes, value: bytes) -> bytes:
+    frame_len = int.from_bytes(value[:4], "little")
+    junk = bytes(b ^ 0x5A for b in value[4 : 4 + frame_len])
+    return _reseal(key, value[:4] + junk + value[4 + frame_len : -4])
+
+
+def _oversized_frame(key: bytes, value: bytes) -> bytes:
+    frame = zstandard.ZstdCompressor(level=3).compress(bytes(3 * (2 + W)))  # too many rows
+    return _reseal(key, len(frame).to_bytes(4, "little") + frame + value[-4 - 3 * W : -4])
+
+
+EDITS = {
+    "flipped byte": (lambda key, value: value[:7] + bytes([value[7] ^ 1]) + value[8:], "checksum"),
+    "short value": (lambda key, value: value[:3], "shorter than its checksum"),
+    "frame length": (
+        lambda key, value: _reseal(key, (10**6).to_bytes(4, "little") + value[4:-4]),
+        "frame length past the end",
+    ),
+    "bad frame": (_bad_frame, "bad zstd frame"),
+    "oversized frame": (_oversized_frame, "does not match the layout"),
+    "bad offset": (
+        lambda key, value: _reseal(key, b"\x07\x00" + value[2:-4]),
+        "offsets out of order",
+    ),
+}
+
+
+@pytest.mark.parametrize("compiled", DECODERS)
+@pytest.mark.parametrize("edit", list(EDITS))
+def test_damaged_blocks_are_refused_by_both_decoders(tmp_path, compiled, edit):
+    level = 0 if edit == "bad offset" else 3
+    fn, problem = EDITS[edit]
+    ids, block = _damaged_table(tmp_path / "t", level, fn)
+    tier = SSDTier.open(tmp_path / "t", init_rows, io_threads=3)
+    try:
+        use(tier, compiled)
+        with pytest.raises(CorruptBlockError, match=problem) as info:
+            tier.read(ids)
+        assert f"{block:#x}" in str(info.value) and str(tmp_path / "t") in str(info.value)
+        good = ids[ids != 1000]
+        assert tier.read(good).shape == (len(good), W)  # the other blocks still read
+    finally:
+        tier.close()
+
+
+@pytest.mark.skipif(not lmdb_pages.AVAILABLE or not blocks_compiled.AVAILABLE, reason="no numba")
+def test_flushed_rows_are_read_without_getmulti(tmp_path, monkeypatch):
+    """With the mapped file, a read of flushed rows looks no key up through py-lmdb; keys it
+    does not find there (absent ones) still go through getmulti and the absence check."""
+    calls = []
+    real = ssd_blockdb.getmulti
+    monkeypatch.setattr(
+        ssd_blockdb, "getmulti", lambda c, keys: calls.append(keys) or real(c, keys)
+    )
+    tier = SSDTier.create(tmp_path / "t", {"row_width": W}, init_rows, io_threads=2)
+    try:
+        ids = torch.arange(0, 4000, 2)
+        rows = random_bits(np.random.default_rng(3), len(ids))
+        tier.flush(ids, rows)
+        assert bitwise_equal(tier.read(ids), rows) and calls == []
+        assert bitwise_equal(
+            tier.read(torch.tensor([1, 2])), torch.cat([init_rows(torch.tensor([1])), rows[1:2]])
+        )
+        assert [len(k) for k in calls] == [1]
+    finally:
+        tier.close()
+
+
+@pytest.mark.parametrize("block_rows", [1, 4])
+def test_staged_rows_merge_and_list_in_many_chunks(tmp_path, monkeypatch, block_rows):
+    """A flush merges the staged rows a bounded chunk at a time (here 7 rows: 7 blocks, or 1
+    block of 4 rows), each block once; listing the rows goes by the same chunks."""
+    monkeypatch.setattr(ssd_blockdb, "_LIST_CHUNK_ROWS", 7)
+    rng = np.random.default_rng(block_rows)
+    tier = SSDTier.create(tmp_path / "t", {"row_width": W}, init_rows, block_rows=block_rows)
+    try:
+        ids = torch.from_numpy(np.unique(rng.integers(-500, 500, 60)))
+        rows = random_bits(rng, len(ids))
+        tier.write(ids, rows)
+        assert torch.equal(tier.stored_ids(flushed=False), ids)
+        written = tier.stats["blocks_written"]
+        tier.flush(ids[:0], rows[:0])
+        blocks = len(np.unique(ids.numpy() // block_rows))
+        assert tier.stats["blocks_written"] - written == blocks
+        assert bitwise_equal(tier.read(ids), rows)
+        assert torch.equal(tier.stored_ids(), ids)
+    finally:
+        tier.close()
