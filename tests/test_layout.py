@@ -1,4 +1,4 @@
-"""The package's layout: its import graph has no cycle.
+"""The package's layout: its import graph has no cycle, and no module is over 600 lines.
 
 Every ``import`` of a module of ``tierstore/`` by another counts, at module level or inside a
 function (a function-level import only hides a cycle until the function runs); imports under
@@ -153,3 +153,16 @@ def test_the_check_finds_cycles_through_function_level_imports(tmp_path):
     assert graph["pkg.b"] == {"pkg.a": 2}
     assert "pkg.d" not in graph["pkg.c"]  # under TYPE_CHECKING
     assert sorted(find_cycles(graph)) == [["pkg.a", "pkg.b"], ["pkg.sub", "pkg.sub.e"]]
+
+
+MAX_MODULE_LINES = 600  # issue 26: a module a reader takes in at one sitting
+
+
+def test_no_module_of_the_package_is_over_600_lines():
+    sizes = {
+        str(path.relative_to(PACKAGE.parent)): len(path.read_text().splitlines())
+        for path in PACKAGE.rglob("*.py")
+    }
+    assert len(sizes) > 40 and max(sizes.values()) > 100  # the files were read
+    over = {name: n for name, n in sorted(sizes.items()) if n > MAX_MODULE_LINES}
+    assert not over, f"modules over {MAX_MODULE_LINES} lines: {over}"
