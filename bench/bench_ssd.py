@@ -123,7 +123,7 @@ def measure(workdir: str, rows: int, block_rows: int, level: int, sparse: bool, 
         "ratio": len(ids) * WIDTH * 4 / tier.stats["bytes_written"],
         "disk_per_row": tier.disk_bytes() / len(ids),
     }
-    t0 = time.perf_counter()  # warms the page cache and the map's page tables
+    t0 = time.perf_counter()  # warms the page cache's page tables
     for start in range(0, len(ids), BATCH):
         tier.read(torch.from_numpy(ids[start : start + BATCH]))
     out["seq_read"] = rate(len(ids), time.perf_counter() - t0)
@@ -220,8 +220,8 @@ def read_scaling(
 ) -> list[dict]:  # fmt: skip
     """Random reads of ``batch`` unique ids (the misses of a batch, sorted as the engine sends
     them) from a table of ``rows`` rows of ``dim`` weights + 1 AdaGrad state, page cache warm,
-    by ``io_threads`` and read path (keys looked up in the mapped file and the compiled decoder,
-    the default; getmulti and the compiled decoder; getmulti and the codec): median and
+    by ``io_threads`` and read path (getmulti and the compiled decoder, the default; getmulti
+    and the codec): median and
     best rows/s, CPU seconds of the process per row (all threads: per-core cost), and
     ``getmulti`` of the same keys alone (the part that runs on one thread)."""
     rng = np.random.default_rng(0)
@@ -233,17 +233,17 @@ def read_scaling(
     found = []
     for n_threads in threads:
         tier = SSDTier.open(path, functools.partial(init_rows, width=width), io_threads=n_threads)
-        for start in range(0, rows, 1 << 17):  # warms the page cache and the map
+        for start in range(0, rows, 1 << 17):  # warms the page cache
             tier.read(torch.from_numpy(ids[start : start + (1 << 17)]))
         db = getattr(tier, "_db", None)  # None: the tier before the split (one decoder)
         decoders = ["codec"]
         if db is not None and blocks_compiled.AVAILABLE:
-            decoders = ["mapped", "getmulti+compiled", "codec"]
+            decoders = ["getmulti+compiled", "codec"]
         for decoder in decoders:
             if db is not None:
-                # Internal switches, as the tests use them: mapped lookups and the compiled
-                # decoder (the default), getmulti and the compiled decoder, the codec.
-                db.compiled, db.mapped = decoder != "codec", decoder == "mapped"
+                # Internal switch, as the tests use it: the compiled decoder (the default)
+                # or the codec.
+                db.compiled = decoder != "codec"
             walls, cpus = [], []
             for _ in range(rounds):
                 b = random_batch(rng, ids, batch)

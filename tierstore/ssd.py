@@ -15,11 +15,10 @@ block format (byte planes, zstd on the sign/exponent plane only, and why) is
 :mod:`tierstore.blocks`.
 
 Every batch is handled in bulk (:mod:`tierstore.ssd_blockdb`): block keys are computed with
-numpy; flushed blocks are looked up in the mapped ``data.mdb`` (:mod:`tierstore.lmdb_pages`)
-and checked and decoded by a compiled decoder (:mod:`tierstore.blocks_compiled`), both off
-the GIL, on the I/O threads; other blocks are fetched with ``getmulti`` a few thousand keys a
-call, and decoded the same way, or by the codec's numpy and multi-frame zstd calls where
-nothing is compiled. No Python code runs per row or per block.
+numpy; blocks are fetched with ``getmulti`` a few thousand keys a call, and checked and
+decoded by a compiled decoder (:mod:`tierstore.blocks_compiled`) off the GIL on the I/O
+threads, or by the codec's numpy and multi-frame zstd calls where nothing is compiled. No
+Python code runs per row or per block.
 
 The tier is this module (the table's API, opening, reading, writing) and its helpers, one
 job each: :mod:`tierstore.ssd_files` (the directory, locks, LMDB file checks, storage errors),

@@ -32,8 +32,6 @@ from tierstore.blocks import BadBlock, BlockCodec, DecodedBlocks, check
 from tierstore.blocks_compiled import AVAILABLE as DECODER_COMPILED
 from tierstore.blocks_compiled import decode_into
 from tierstore.errors import CorruptBlockError, InvalidInputError
-from tierstore.lmdb_pages import AVAILABLE as LOOKUPS_MAPPED
-from tierstore.lmdb_pages import MappedTree
 
 # py-lmdb's getmulti releases and retakes the GIL around every key: two threads running it
 # at once ping-pong the GIL and take twice as long as one after the other (measured).
@@ -41,8 +39,6 @@ _GETMULTI_LOCK = threading.Lock()
 # Keys per getmulti call of a read: the blocks of one call are decoded on the I/O threads
 # while the next call runs.
 _READ_CHUNK_BLOCKS = 4096
-# Fewest blocks per I/O thread task when looking keys up in the mapped file.
-_MAPPED_SPAN_BLOCKS = 1024
 # Rows per chunk when listing or merging a whole database's blocks (bounds memory).
 _LIST_CHUNK_ROWS = 1 << 16
 
@@ -113,10 +109,6 @@ class BlockDB:
         self.row_width, self.block_rows = codec.row_width, codec.block_rows
         # Whether reads decode with the compiled decoder (tests switch it off to compare).
         self.compiled = DECODER_COMPILED
-        # Whether reads of flushed blocks look keys up in the mapped file (lmdb_pages.py).
-        self.mapped = LOOKUPS_MAPPED
-        self._tree = MappedTree(str(path / "data.mdb")) if self.mapped else None
-        self._threads = max(1, io_threads)
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=max(1, io_threads), thread_name_prefix="tierstore-ssd-decode"
         )
@@ -124,8 +116,6 @@ class BlockDB:
     def close(self) -> None:
         """Waits for decodes in flight and stops the decoding threads."""
         self._pool.shutdown(wait=True)
-        if self._tree is not None:
-            self._tree.close()
 
     # ----------------------------------------------------------------------------- reading
 
@@ -149,16 +139,10 @@ class BlockDB:
             hit=np.zeros(len(u), np.uint8), keys=blocks.astype(">u8").view(np.uint8),
         )  # fmt: skip
         found = np.zeros(len(blocks), bool)
-        snapshot = None
-        if flushed and self.mapped and self.compiled and self._tree is not None:
-            snapshot = self._tree.snapshot(txn.id(), b"blocks")
-        if snapshot is not None and not self._read_mapped(snapshot, blocks, read, found):
-            read.hit[:], found[:] = 0, False  # the walk failed a check: getmulti reads all
-        missing = np.flatnonzero(~found)
         pending: list[concurrent.futures.Future] = []
         try:
-            for start in range(0, len(missing), _READ_CHUNK_BLOCKS):
-                span = missing[start : start + _READ_CHUNK_BLOCKS]
+            for start in range(0, len(blocks), _READ_CHUNK_BLOCKS):
+                span = np.arange(start, min(start + _READ_CHUNK_BLOCKS, len(blocks)))
                 pairs = getmulti(cursor, codec.keys(blocks[span]))
                 if not pairs:
                     continue
@@ -181,35 +165,6 @@ class BlockDB:
         if flushed and not found.all():
             self.check_absent(cursor, codec.keys(blocks[~found]))
         return read.hit.view(bool)
-
-    def _read_mapped(
-        self, snapshot: tuple, blocks: np.ndarray, read: _Read, found: np.ndarray
-    ) -> bool:
-        """Looks the blocks up in the mapped file and decodes those found, on the I/O threads
-        (:mod:`tierstore.lmdb_pages`); sets ``found``. False if the walk failed a check."""
-        where = np.empty(len(blocks), np.int64)
-        size = np.empty(len(blocks), np.int64)
-        # A span per I/O thread and one for the calling thread, which would otherwise wait.
-        step = max(_MAPPED_SPAN_BLOCKS, -(-len(blocks) // (self._threads + 1)))
-        spans = [(a, min(a + step, len(blocks))) for a in range(0, len(blocks), step)]
-
-        def lookup_and_decode(a: int, b: int) -> bool:
-            if not self._tree.lookup(snapshot, read.keys, (a, b), where, size):
-                return False
-            span = a + np.flatnonzero(where[a:b] >= 0)
-            self._decode_span(read, span, snapshot[0], where[span], size[span], blocks)
-            return True
-
-        futures = [self._pool.submit(lookup_and_decode, a, b) for a, b in spans[1:]]
-        try:
-            here = lookup_and_decode(*spans[0])
-        finally:
-            _raise_first([f.exception() for f in futures])
-        if not (here and all(f.result() for f in futures)):
-            return False
-        found[:] = where >= 0
-        self._count(blocks_read=int(found.sum()), bytes_read=int(size[found].sum()))
-        return True
 
     def _decode_span(
         self, read: _Read, span: np.ndarray, data: np.ndarray, base: np.ndarray,
