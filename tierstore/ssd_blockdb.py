@@ -32,6 +32,7 @@ from tierstore.blocks import BadBlock, BlockCodec, DecodedBlocks, check
 from tierstore.blocks_compiled import AVAILABLE as DECODER_COMPILED
 from tierstore.blocks_compiled import decode_into
 from tierstore.errors import CorruptBlockError, InvalidInputError
+from tierstore.ssd_readers import ReaderPool, StaleSnapshot
 
 # py-lmdb's getmulti releases and retakes the GIL around every key: two threads running it
 # at once ping-pong the GIL and take twice as long as one after the other (measured).
@@ -39,6 +40,8 @@ _GETMULTI_LOCK = threading.Lock()
 # Keys per getmulti call of a read: the blocks of one call are decoded on the I/O threads
 # while the next call runs.
 _READ_CHUNK_BLOCKS = 4096
+# Fewest blocks a read must have to go to the reader processes (and to start them).
+_PROCESS_MIN_BLOCKS = 2048
 # Rows per chunk when listing or merging a whole database's blocks (bounds memory).
 _LIST_CHUNK_ROWS = 1 << 16
 
@@ -100,12 +103,16 @@ class BlockDB:
         codec: the table's block format.
         io_threads: threads that decode a read's blocks (the caller fetches them meanwhile).
         count: adds to the tier's statistics (``count(blocks_read=n, ...)``).
+        readers: reader processes that look keys of large reads of the flushed database up
+            (:mod:`tierstore.ssd_readers`), or None: all lookups in this process.
     """
 
     def __init__(
-        self, path: pathlib.Path, codec: BlockCodec, io_threads: int, count: Callable[..., None]
-    ) -> None:
+        self, path: pathlib.Path, codec: BlockCodec, io_threads: int, count: Callable[..., None],
+        readers: ReaderPool | None = None,
+    ) -> None:  # fmt: skip
         self.path, self.codec, self._count = path, codec, count
+        self.readers = readers
         self.row_width, self.block_rows = codec.row_width, codec.block_rows
         # Whether reads decode with the compiled decoder (tests switch it off to compare).
         self.compiled = DECODER_COMPILED
@@ -114,8 +121,10 @@ class BlockDB:
         )
 
     def close(self) -> None:
-        """Waits for decodes in flight and stops the decoding threads."""
+        """Waits for decodes in flight and stops the decoding threads and reader processes."""
         self._pool.shutdown(wait=True)
+        if self.readers is not None:
+            self.readers.close()
 
     # ----------------------------------------------------------------------------- reading
 
@@ -139,10 +148,15 @@ class BlockDB:
             hit=np.zeros(len(u), np.uint8), keys=blocks.astype(">u8").view(np.uint8),
         )  # fmt: skip
         found = np.zeros(len(blocks), bool)
+        # Blocks looked up (found or not) and decoded by the reader processes.
+        done = np.zeros(len(blocks), bool)
+        if flushed and self.compiled and self.readers is not None:
+            self._read_by_processes(txn.id(), blocks, read, found, done)
+        todo = np.flatnonzero(~done)
         pending: list[concurrent.futures.Future] = []
         try:
-            for start in range(0, len(blocks), _READ_CHUNK_BLOCKS):
-                span = np.arange(start, min(start + _READ_CHUNK_BLOCKS, len(blocks)))
+            for start in range(0, len(todo), _READ_CHUNK_BLOCKS):
+                span = todo[start : start + _READ_CHUNK_BLOCKS]
                 pairs = getmulti(cursor, codec.keys(blocks[span]))
                 if not pairs:
                     continue
@@ -165,6 +179,64 @@ class BlockDB:
         if flushed and not found.all():
             self.check_absent(cursor, codec.keys(blocks[~found]))
         return read.hit.view(bool)
+
+    def _read_by_processes(
+        self, txn_id: int, blocks: np.ndarray, read: _Read, found: np.ndarray, done: np.ndarray
+    ) -> None:
+        """Has the reader processes look the blocks up, a slice each, in the snapshot
+        ``txn_id``, and decodes their answers on the I/O threads (and this one) as they come;
+        sets ``found`` and ``done``. Slices not answered (a stale snapshot, a failed worker)
+        are left not ``done``, for this process to look up. A read too small, or a pool not
+        started or not yet ready, does nothing (a large read starts the pool)."""
+        pool = self.readers
+        if pool is None or len(blocks) < _PROCESS_MIN_BLOCKS or pool.closed:
+            return
+        if not pool.ready():
+            pool.start()
+            return
+        chunk = _READ_CHUNK_BLOCKS
+        step = -(-len(blocks) // pool.processes)
+        keys = blocks.astype(">u8")
+        sent = []
+        for worker, a in enumerate(range(0, len(blocks), step)):
+            b = min(a + step, len(blocks))
+            try:
+                pool.send(worker, txn_id, keys[a:b], chunk)
+            except Exception:  # a dead worker: this process reads the rest
+                pool.broken = True
+                break
+            sent.append((worker, a, b))
+
+        def exchange(worker: int, a: int, b: int) -> list[BaseException]:
+            errors: list[BaseException] = []
+            try:
+                for start, where, size, data in pool.answers(worker, b - a, chunk):
+                    span = a + where
+                    if errors:
+                        continue  # a bad block already: read the rest, keep the pipe in step
+                    try:
+                        self._decode_span(read, span, data, np.cumsum(size) - size, size, blocks)
+                    except CorruptBlockError as exc:
+                        errors.append(exc)
+                        continue
+                    found[span] = True
+                    done[a + start : min(a + start + chunk, b)] = True
+                    self._count(blocks_read=len(span), bytes_read=int(size.sum()))
+            except StaleSnapshot:
+                pass
+            except Exception:  # a failed worker or pipe: this process reads the rest
+                pool.broken = True
+            finally:
+                pool.release(worker)
+            return errors
+
+        futures = [self._pool.submit(exchange, *job) for job in sent[1:]]
+        errors = exchange(*sent[0]) if sent else []
+        for future in futures:
+            errors += future.result()
+        if pool.broken:
+            pool.close()
+        _raise_first(errors)
 
     def _decode_span(
         self, read: _Read, span: np.ndarray, data: np.ndarray, base: np.ndarray,
