@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import os
 import platform
@@ -216,12 +217,13 @@ def checksum_cost(workdir: str, rows: int, block_rows: int, level: int, rounds: 
 
 def read_scaling(
     workdir: str, rows: int, dim: int, block_rows: int, level: int, batch: int,
-    threads: list[int], rounds: int,
+    threads: list[int], rounds: int, processes: list[int] = (0,),
 ) -> list[dict]:  # fmt: skip
     """Random reads of ``batch`` unique ids (the misses of a batch, sorted as the engine sends
     them) from a table of ``rows`` rows of ``dim`` weights + 1 AdaGrad state, page cache warm,
     by ``io_threads`` and read path (getmulti and the compiled decoder, the default; getmulti
-    and the codec): median and
+    and the codec) and ``io_processes`` (reader processes looking keys up, compiled decoder
+    only; 0: none): median and
     best rows/s, CPU seconds of the process per row (all threads: per-core cost), and
     ``getmulti`` of the same keys alone (the part that runs on one thread)."""
     rng = np.random.default_rng(0)
@@ -231,14 +233,21 @@ def read_scaling(
     tier, _ = build(path, ids, block_rows, level, rng, width)
     tier.close()
     found = []
-    for n_threads in threads:
-        tier = SSDTier.open(path, functools.partial(init_rows, width=width), io_threads=n_threads)
-        for start in range(0, rows, 1 << 17):  # warms the page cache
+    for n_threads, n_processes in itertools.product(threads, processes):
+        more = {"io_processes": n_processes} if n_processes else {}  # older tiers lack it
+        tier = SSDTier.open(path, functools.partial(init_rows, width=width), io_threads=n_threads,
+                            **more)  # fmt: skip
+        for start in range(0, rows, 1 << 17):  # warms the page cache (and starts the readers)
             tier.read(torch.from_numpy(ids[start : start + (1 << 17)]))
         db = getattr(tier, "_db", None)  # None: the tier before the split (one decoder)
         decoders = ["codec"]
         if db is not None and blocks_compiled.AVAILABLE:
             decoders = ["getmulti+compiled", "codec"]
+        if n_processes:
+            decoders = ["getmulti+compiled"]
+            if not db.readers.ready(timeout=60):
+                raise SystemExit("the reader processes did not start")
+            tier.read(torch.from_numpy(ids[: 1 << 17]))  # warms the readers' maps
         for decoder in decoders:
             if db is not None:
                 # Internal switch, as the tests use it: the compiled decoder (the default)
@@ -258,13 +267,15 @@ def read_scaling(
                 cursor = txn.cursor(tier._blocks)
                 getmulti_s = min(timed(lambda: cursor.getmulti(keys), 3))  # noqa: B023
             found.append({
-                "io_threads": n_threads, "decoder": decoder, "rows": rows, "dim": dim,
+                "io_threads": n_threads, "io_processes": n_processes, "decoder": decoder, "rows": rows, "dim": dim,
                 "block_rows": block_rows, "level": level, "batch": batch,
                 "read": rate(batch, statistics.median(walls)), "best": rate(batch, min(walls)),
                 "cpu_us_per_row": 1e6 * statistics.median(cpus) / batch,
                 "getmulti_alone": rate(batch, getmulti_s),
             })  # fmt: skip
             print(found[-1], f"load {os.getloadavg()[0]:.1f}", flush=True)
+        if n_processes and (db.readers.closed or db.readers.broken):
+            raise SystemExit("the reader processes failed: figures would be in-process ones")
         tier.close()
     shutil.rmtree(path)
     return found
@@ -272,6 +283,7 @@ def read_scaling(
 
 SCALING_COLUMNS = [
     ("io_threads", "io_threads", "{}"),
+    ("io_processes", "io_processes", "{}"),
     ("decoder", "read path", "{}"),
     ("read", "random read, M rows/s (median)", "{:.3f}"),
     ("best", "best", "{:.3f}"),
@@ -320,9 +332,14 @@ def main() -> None:
     )
     parser.add_argument(
         "--random-reads", action="store_true",
-        help="only random reads by io_threads and decoder (--threads, --dim, --batch)",
+        help="only random reads by io_threads, io_processes and decoder (--threads, "
+        "--processes, --dim, --batch)",
     )  # fmt: skip
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    parser.add_argument(
+        "--processes", type=int, nargs="+", default=[0],
+        help="with --random-reads: io_processes (reader processes) to try, 0 = none",
+    )  # fmt: skip
     parser.add_argument("--dim", type=int, default=DIM, help="weights per row (+1 state)")
     parser.add_argument("--batch", type=int, default=100_000, help="ids per random read")
     parser.add_argument("--json", default=None, help="with --random-reads: write figures here")
@@ -336,7 +353,7 @@ def main() -> None:
                 for level in args.levels:
                     results += read_scaling(
                         workdir, args.rows, args.dim, block_rows, level, args.batch,
-                        args.threads, args.reads,
+                        args.threads, args.reads, args.processes,
                     )  # fmt: skip
         print(f"load average after: {os.getloadavg()}")
         print(f"\nrandom reads of {args.batch} unique ids from {args.rows} x {args.dim + 1} fp32 "
