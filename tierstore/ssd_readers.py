@@ -6,7 +6,8 @@ threads a process has, its lookups run one at a time. :class:`ReaderPool` runs t
 (``lmdb.open(readonly=True)``, LMDB's reader table shared with the writer): the tier sends a
 worker a slice of a read's sorted block keys and the transaction id of its own snapshot; the
 worker looks them up in a fresh read transaction and streams back, a chunk at a time over a
-pipe, which keys it found and their raw values. The tier checks and decodes those values as
+pipe, which keys it found and their raw values (read with ``os.readv`` straight into numpy
+arrays: one copy, off the GIL). The tier checks and decodes those values as
 it does its own (every block's CRC-32 covers its key and bytes, so a value under a wrong key
 is refused, not returned).
 
@@ -23,7 +24,9 @@ when the pool closes or its parent dies (its request pipe reaches end of file).
 from __future__ import annotations
 
 import atexit
+import fcntl
 import os
+import select
 import subprocess
 import sys
 import threading
@@ -36,11 +39,42 @@ import numpy as np
 _JOIN_SECONDS = 5.0
 
 
-def _serve(path: str, map_size: int, requests: Connection, conn: Connection) -> None:
+# Answer headers: (start, found, bytes) int64, or one of these starts with zeros.
+_STALE, _READY, _FAILED = -1, -2, -3
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while len(view):
+        view = view[os.write(fd, view) :]
+
+
+def _read_exact(fd: int, nbytes: int) -> np.ndarray:
+    """``nbytes`` from a pipe into a fresh array (os.readv: one copy, the GIL released)."""
+    out = np.empty(nbytes, np.uint8)
+    view, got = memoryview(out), 0
+    while got < nbytes:
+        n = os.readv(fd, [view[got:]])
+        if n == 0:
+            raise EOFError("a reader process closed its pipe")
+        got += n
+    return out
+
+
+def _widen(fd: int) -> None:
+    """A 1 MiB pipe buffer where Linux allows it (fewer, larger reads); else as it is."""
+    try:
+        fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)
+    except OSError:
+        pass
+
+
+def _serve(path: str, map_size: int, requests: Connection, answers: int) -> None:
     """A worker's loop. Request: ``(txn_id, chunk_blocks)`` then the keys' bytes (8 per key,
-    sorted). Answer per chunk: a header ``(chunk_start, n_found)`` ``(2,) int64``, the found
-    keys' indices in the request ``(n_found,) int64``, their values' sizes ``(n_found,)
-    int64`` and the values joined; or a header ``(-1, 0)``: the snapshot is not ``txn_id``'s.
+    sorted). Answer per chunk, raw bytes on the pipe ``answers``: a header ``(chunk_start,
+    n_found, nbytes)`` ``(3,) int64``, then the found keys' indices in the request
+    ``(n_found,) int64``, their values' sizes ``(n_found,) int64`` and the values joined
+    (``nbytes``); or a header ``(_STALE, 0, 0)``: the snapshot is not ``txn_id``'s.
     ``None`` stops the worker."""
     import lmdb  # here, not at import: a spawned worker imports only what it needs
 
@@ -48,9 +82,10 @@ def _serve(path: str, map_size: int, requests: Connection, conn: Connection) -> 
         env = lmdb.open(path, readonly=True, map_size=map_size, max_dbs=4, readahead=False)
         blocks_db = env.open_db(b"blocks", create=False)
     except lmdb.Error as exc:
-        conn.send(("failed", str(exc)))
+        print(f"tierstore reader: cannot open {path}: {exc}", file=sys.stderr)
+        _write_all(answers, np.array([_FAILED, 0, 0], np.int64).tobytes())
         return
-    conn.send(("ready", None))
+    _write_all(answers, np.array([_READY, 0, 0], np.int64).tobytes())
     while True:
         try:
             request = requests.recv()
@@ -65,7 +100,7 @@ def _serve(path: str, map_size: int, requests: Connection, conn: Connection) -> 
         except lmdb.Error:  # e.g. the writer grew the map past ours: answered as stale
             txn = None
         if txn is None or txn.id() != txn_id:
-            conn.send_bytes(np.array([-1, 0], np.int64).tobytes())
+            _write_all(answers, np.array([_STALE, 0, 0], np.int64).tobytes())
             if txn is not None:
                 txn.abort()
             continue
@@ -78,10 +113,10 @@ def _serve(path: str, map_size: int, requests: Connection, conn: Connection) -> 
                 found = np.frombuffer(b"".join([k for k, _ in pairs]), ">u8")
                 where = start + np.searchsorted(span, found)
                 size = np.fromiter(map(len, [v for _, v in pairs]), np.int64, len(pairs))
-                conn.send_bytes(np.array([start, len(pairs)], np.int64).tobytes())
-                conn.send_bytes(where.astype(np.int64).tobytes())
-                conn.send_bytes(size.tobytes())
-                conn.send_bytes(b"".join([v for _, v in pairs]))
+                data = b"".join([v for _, v in pairs])
+                head = np.array([start, len(pairs), len(data)], np.int64)
+                where = where.astype(np.int64)
+                _write_all(answers, head.tobytes() + where.tobytes() + size.tobytes() + data)
         finally:
             txn.abort()
     env.close()
@@ -97,7 +132,7 @@ class ReaderPool:
 
     def __init__(self, path: str, map_size: int, processes: int) -> None:
         self.path, self.map_size, self.processes = path, map_size, processes
-        self._conns: list[tuple[Connection, Connection]] = []  # (requests, answers) per worker
+        self._conns: list[tuple[Connection, int]] = []  # (requests, answers' fd) per worker
         self._procs: list[subprocess.Popen] = []
         self._ready = [False] * processes
         self._locks = [threading.Lock() for _ in range(processes)]
@@ -119,6 +154,7 @@ class ReaderPool:
             for _ in range(self.processes):
                 req_r, req_w = os.pipe()
                 ans_r, ans_w = os.pipe()
+                _widen(ans_r)
                 try:
                     proc = subprocess.Popen(
                         [sys.executable, __file__, str(req_r), str(ans_w), self.path,
@@ -129,8 +165,7 @@ class ReaderPool:
                     os.close(req_r)
                     os.close(ans_w)
                 self._procs.append(proc)
-                self._conns.append((Connection(req_w, readable=False),
-                                    Connection(ans_r, writable=False)))  # fmt: skip
+                self._conns.append((Connection(req_w, readable=False), ans_r))
         except BaseException:
             self.close()
             raise
@@ -141,12 +176,11 @@ class ReaderPool:
         if self.closed or self.broken or not self.started:
             return False
         try:
-            for i, (_, conn) in enumerate(self._conns):
+            for i, (_, fd) in enumerate(self._conns):
                 if not self._ready[i]:
-                    if not conn.poll(timeout):
+                    if not select.select([fd], [], [], timeout)[0]:
                         return False
-                    status, _ = conn.recv()
-                    if status != "ready":
+                    if np.frombuffer(_read_exact(fd, 24), np.int64)[0] != _READY:
                         raise RuntimeError("a reader process could not open the table")
                     self._ready[i] = True
         except (OSError, EOFError, RuntimeError):
@@ -172,17 +206,18 @@ class ReaderPool:
         """The answers of ``worker`` to a request of ``count`` keys: per chunk, ``(start,
         where (n,) int64, size (n,) int64, data (sum(size),) uint8)``, ``where`` indexing
         the request's keys. Raises :class:`StaleSnapshot` for a snapshot not the tier's."""
-        conn = self._conns[worker][1]
+        fd = self._conns[worker][1]
         for _ in range(-(-count // chunk)):
-            start, n = np.frombuffer(conn.recv_bytes(), np.int64)
-            if start < 0:
+            start, n, nbytes = (int(x) for x in _read_exact(fd, 24).view(np.int64))
+            if start == _STALE:
                 raise StaleSnapshot
-            where = np.frombuffer(conn.recv_bytes(), np.int64)
-            size = np.frombuffer(conn.recv_bytes(), np.int64)
-            data = np.frombuffer(conn.recv_bytes(), np.uint8)
-            if len(where) != n or len(size) != n or int(size.sum()) != len(data):
+            if start < 0 or n < 0 or nbytes < 0:
                 raise RuntimeError("a reader process sent a malformed answer")
-            yield int(start), where, size, data
+            body = _read_exact(fd, 16 * n + nbytes)
+            where, size = body[: 16 * n].view(np.int64).reshape(2, n)
+            if int(size.sum()) != nbytes:
+                raise RuntimeError("a reader process sent a malformed answer")
+            yield start, where, size, body[16 * n :]
 
     def release(self, worker: int) -> None:
         """Ends an exchange with ``worker`` (its answers all read, or the pool broken)."""
@@ -206,9 +241,9 @@ class ReaderPool:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(_JOIN_SECONDS)
-        for ends in self._conns:
-            for conn in ends:
-                conn.close()
+        for conn, fd in self._conns:
+            conn.close()
+            os.close(fd)
         self._conns, self._procs = [], []
 
     def pids(self) -> list[int]:
@@ -218,4 +253,4 @@ class ReaderPool:
 
 if __name__ == "__main__":  # a worker: request fd, answer fd, table path, map size
     _serve(sys.argv[3], int(sys.argv[4]), Connection(int(sys.argv[1]), writable=False),
-           Connection(int(sys.argv[2]), readable=False))  # fmt: skip
+           int(sys.argv[2]))  # fmt: skip
