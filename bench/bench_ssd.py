@@ -215,6 +215,16 @@ def checksum_cost(workdir: str, rows: int, block_rows: int, level: int, rounds: 
     return best
 
 
+def children_cpu(pids: list[int]) -> float:
+    """CPU seconds (user + system) the processes ``pids`` have used so far (Linux /proc)."""
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def read_scaling(
     workdir: str, rows: int, dim: int, block_rows: int, level: int, batch: int,
     threads: list[int], rounds: int, processes: list[int] = (0,),
@@ -253,13 +263,16 @@ def read_scaling(
                 # Internal switch, as the tests use it: the compiled decoder (the default)
                 # or the codec.
                 db.compiled = decoder != "codec"
-            walls, cpus = [], []
+            walls, cpus, reader_cpus = [], [], []
+            pids = db.readers.pids() if n_processes else []
             for _ in range(rounds):
                 b = random_batch(rng, ids, batch)
                 cpu0, wall0 = time.process_time(), time.perf_counter()
+                readers0 = children_cpu(pids)
                 tier.read(b)
                 walls.append(time.perf_counter() - wall0)
                 cpus.append(time.process_time() - cpu0)
+                reader_cpus.append(children_cpu(pids) - readers0)
             b = random_batch(rng, ids, batch)
             codec = db.codec if db is not None else tier._codec
             keys = codec.keys(codec.blocks(b.numpy().view(np.uint64) ^ blocks.SIGN)[1])
@@ -271,6 +284,7 @@ def read_scaling(
                 "block_rows": block_rows, "level": level, "batch": batch,
                 "read": rate(batch, statistics.median(walls)), "best": rate(batch, min(walls)),
                 "cpu_us_per_row": 1e6 * statistics.median(cpus) / batch,
+                "reader_cpu_us_per_row": 1e6 * statistics.median(reader_cpus) / batch,
                 "getmulti_alone": rate(batch, getmulti_s),
             })  # fmt: skip
             print(found[-1], f"load {os.getloadavg()[0]:.1f}", flush=True)
@@ -287,7 +301,8 @@ SCALING_COLUMNS = [
     ("decoder", "read path", "{}"),
     ("read", "random read, M rows/s (median)", "{:.3f}"),
     ("best", "best", "{:.3f}"),
-    ("cpu_us_per_row", "CPU us per row (all threads)", "{:.2f}"),
+    ("cpu_us_per_row", "CPU us per row (this process, all threads)", "{:.2f}"),
+    ("reader_cpu_us_per_row", "CPU us per row (reader processes)", "{:.2f}"),
     ("getmulti_alone", "getmulti alone, M rows/s", "{:.3f}"),
 ]
 

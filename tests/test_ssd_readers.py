@@ -198,3 +198,24 @@ def test_io_processes_is_checked(tmp_path):
     assert not (tmp_path / "t").exists()
     assert SSDConfig(tmp_path / "t", io_processes=2).tier_options(True)["io_processes"] == 2
     assert "io_processes" not in SSDConfig(tmp_path / "t").tier_options(True)
+
+
+def test_reads_on_several_threads_at_once_share_the_processes(tmp_path, small_reads):
+    """Reads in flight together (read_async) take turns on each worker: every one gets its
+    own rows."""
+    rng = np.random.default_rng(11)
+    tier = SSDTier.create(tmp_path / "t", {"row_width": W}, init_rows, io_threads=3,
+                          io_processes=2)  # fmt: skip
+    try:
+        ids = torch.from_numpy(np.unique(rng.integers(-(2**40), 2**40, 3000)))
+        rows = random_bits(rng, len(ids))
+        tier.flush(ids, rows)
+        started(tier, ids)
+        picks = [torch.from_numpy(np.sort(rng.choice(len(ids), 500, replace=False)))
+                 for _ in range(8)]  # fmt: skip
+        futures = [tier.read_async(ids[p]) for p in picks]
+        for p, future in zip(picks, futures):
+            assert bitwise_equal(future.result(), rows[p])
+        assert not tier._db.readers.broken and not tier._db.readers.closed
+    finally:
+        tier.close()
