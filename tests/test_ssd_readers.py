@@ -4,6 +4,7 @@ snapshot falls back to this process, and close() leaves no process behind."""
 
 from __future__ import annotations
 
+import gc
 import os
 
 import lmdb
@@ -219,3 +220,15 @@ def test_reads_on_several_threads_at_once_share_the_processes(tmp_path, small_re
         assert not tier._db.readers.broken and not tier._db.readers.closed
     finally:
         tier.close()
+
+
+def test_a_table_dropped_without_close_stops_its_processes(tmp_path, small_reads):
+    tier = SSDTier.create(tmp_path / "t", {"row_width": W}, init_rows, io_processes=2)
+    ids = torch.arange(0, 2000, 3)
+    tier.flush(ids, torch.rand(len(ids), W))
+    started(tier, ids)
+    pids = tier._db.readers.pids()
+    assert not gone(pids)
+    del tier
+    gc.collect()
+    assert gone(pids)

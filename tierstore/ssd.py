@@ -393,6 +393,9 @@ class SSDTier:
         self._release()
 
     def _release(self) -> None:
+        db = getattr(self, "_db", None)
+        if db is not None and db.readers is not None:
+            db.readers.close()  # also for a table dropped without close()
         for env in (self._staged_env, self._env):
             if env is not None:
                 env.close()
