@@ -209,6 +209,7 @@ class BlockDB:
 
         def exchange(worker: int, a: int, b: int) -> list[BaseException]:
             errors: list[BaseException] = []
+            in_step = False  # whether the worker's answers were all read (or it said stale)
             try:
                 for start, where, size, data in pool.answers(worker, b - a, chunk):
                     span = a + where
@@ -222,11 +223,13 @@ class BlockDB:
                     found[span] = True
                     done[a + start : min(a + start + chunk, b)] = True
                     self._count(blocks_read=len(span), bytes_read=int(size.sum()))
+                in_step = True
             except StaleSnapshot:
-                pass
+                in_step = True
             except Exception:  # a failed worker or pipe: this process reads the rest
-                pool.broken = True
+                pass
             finally:
+                pool.broken |= not in_step
                 pool.release(worker)
             return errors
 

@@ -215,7 +215,12 @@ class ReaderPool:
                 raise RuntimeError("a reader process sent a malformed answer")
             body = _read_exact(fd, 16 * n + nbytes)
             where, size = body[: 16 * n].view(np.int64).reshape(2, n)
-            if int(size.sum()) != nbytes:
+            # Indices of this chunk's keys, ascending; sizes that add up.
+            ordered = n == 0 or (
+                where[0] >= start and where[-1] < min(start + chunk, count)
+                and bool((where[1:] > where[:-1]).all()) and bool((size >= 0).all())
+            )  # fmt: skip
+            if not ordered or int(size.sum()) != nbytes:
                 raise RuntimeError("a reader process sent a malformed answer")
             yield start, where, size, body[16 * n :]
 
