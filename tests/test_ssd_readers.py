@@ -232,3 +232,22 @@ def test_a_table_dropped_without_close_stops_its_processes(tmp_path, small_reads
     del tier
     gc.collect()
     assert gone(pids)
+
+
+def test_the_module_passes_io_processes_to_its_table(tmp_path):
+    """SSDConfig(io_processes=...) reaches the SSD tier of a TieredEmbeddingBag; close()
+    stops the processes it started."""
+    import tierstore as ts
+
+    emb = ts.TieredEmbeddingBag(1000, 4, device="cpu",
+                                ssd=ts.SSDConfig(tmp_path / "t", io_processes=2))  # fmt: skip
+    readers = emb.store.host.ssd._db.readers
+    assert readers is not None and readers.processes == 2
+    readers.start()
+    assert readers.ready(timeout=60)
+    pids = readers.pids()
+    emb.close()
+    assert readers.closed and gone(pids)
+    emb = ts.TieredEmbeddingBag(1000, 4, device="cpu", ssd=ts.SSDConfig(tmp_path / "t"))
+    assert emb.store.host.ssd._db.readers is None
+    emb.close()
