@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import os
 import platform
@@ -123,7 +124,7 @@ def measure(workdir: str, rows: int, block_rows: int, level: int, sparse: bool, 
         "ratio": len(ids) * WIDTH * 4 / tier.stats["bytes_written"],
         "disk_per_row": tier.disk_bytes() / len(ids),
     }
-    t0 = time.perf_counter()  # warms the page cache and the map's page tables
+    t0 = time.perf_counter()  # warms the page cache's page tables
     for start in range(0, len(ids), BATCH):
         tier.read(torch.from_numpy(ids[start : start + BATCH]))
     out["seq_read"] = rate(len(ids), time.perf_counter() - t0)
@@ -214,14 +215,25 @@ def checksum_cost(workdir: str, rows: int, block_rows: int, level: int, rounds: 
     return best
 
 
+def children_cpu(pids: list[int]) -> float:
+    """CPU seconds (user + system) the processes ``pids`` have used so far (Linux /proc)."""
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def read_scaling(
     workdir: str, rows: int, dim: int, block_rows: int, level: int, batch: int,
-    threads: list[int], rounds: int,
+    threads: list[int], rounds: int, processes: list[int] = (0,),
 ) -> list[dict]:  # fmt: skip
     """Random reads of ``batch`` unique ids (the misses of a batch, sorted as the engine sends
     them) from a table of ``rows`` rows of ``dim`` weights + 1 AdaGrad state, page cache warm,
-    by ``io_threads`` and read path (keys looked up in the mapped file and the compiled decoder,
-    the default; getmulti and the compiled decoder; getmulti and the codec): median and
+    by ``io_threads`` and read path (getmulti and the compiled decoder, the default; getmulti
+    and the codec) and ``io_processes`` (reader processes looking keys up, compiled decoder
+    only; 0: none): median and
     best rows/s, CPU seconds of the process per row (all threads: per-core cost), and
     ``getmulti`` of the same keys alone (the part that runs on one thread)."""
     rng = np.random.default_rng(0)
@@ -231,26 +243,36 @@ def read_scaling(
     tier, _ = build(path, ids, block_rows, level, rng, width)
     tier.close()
     found = []
-    for n_threads in threads:
-        tier = SSDTier.open(path, functools.partial(init_rows, width=width), io_threads=n_threads)
-        for start in range(0, rows, 1 << 17):  # warms the page cache and the map
+    for n_threads, n_processes in itertools.product(threads, processes):
+        more = {"io_processes": n_processes} if n_processes else {}  # older tiers lack it
+        tier = SSDTier.open(path, functools.partial(init_rows, width=width), io_threads=n_threads,
+                            **more)  # fmt: skip
+        for start in range(0, rows, 1 << 17):  # warms the page cache (and starts the readers)
             tier.read(torch.from_numpy(ids[start : start + (1 << 17)]))
         db = getattr(tier, "_db", None)  # None: the tier before the split (one decoder)
         decoders = ["codec"]
         if db is not None and blocks_compiled.AVAILABLE:
-            decoders = ["mapped", "getmulti+compiled", "codec"]
+            decoders = ["getmulti+compiled", "codec"]
+        if n_processes:
+            decoders = ["getmulti+compiled"]
+            if not db.readers.ready(timeout=60):
+                raise SystemExit("the reader processes did not start")
+            tier.read(torch.from_numpy(ids[: 1 << 17]))  # warms the readers' maps
         for decoder in decoders:
             if db is not None:
-                # Internal switches, as the tests use them: mapped lookups and the compiled
-                # decoder (the default), getmulti and the compiled decoder, the codec.
-                db.compiled, db.mapped = decoder != "codec", decoder == "mapped"
-            walls, cpus = [], []
+                # Internal switch, as the tests use it: the compiled decoder (the default)
+                # or the codec.
+                db.compiled = decoder != "codec"
+            walls, cpus, reader_cpus = [], [], []
+            pids = db.readers.pids() if n_processes else []
             for _ in range(rounds):
                 b = random_batch(rng, ids, batch)
                 cpu0, wall0 = time.process_time(), time.perf_counter()
+                readers0 = children_cpu(pids)
                 tier.read(b)
                 walls.append(time.perf_counter() - wall0)
                 cpus.append(time.process_time() - cpu0)
+                reader_cpus.append(children_cpu(pids) - readers0)
             b = random_batch(rng, ids, batch)
             codec = db.codec if db is not None else tier._codec
             keys = codec.keys(codec.blocks(b.numpy().view(np.uint64) ^ blocks.SIGN)[1])
@@ -258,13 +280,16 @@ def read_scaling(
                 cursor = txn.cursor(tier._blocks)
                 getmulti_s = min(timed(lambda: cursor.getmulti(keys), 3))  # noqa: B023
             found.append({
-                "io_threads": n_threads, "decoder": decoder, "rows": rows, "dim": dim,
+                "io_threads": n_threads, "io_processes": n_processes, "decoder": decoder, "rows": rows, "dim": dim,
                 "block_rows": block_rows, "level": level, "batch": batch,
                 "read": rate(batch, statistics.median(walls)), "best": rate(batch, min(walls)),
                 "cpu_us_per_row": 1e6 * statistics.median(cpus) / batch,
+                "reader_cpu_us_per_row": 1e6 * statistics.median(reader_cpus) / batch,
                 "getmulti_alone": rate(batch, getmulti_s),
             })  # fmt: skip
             print(found[-1], f"load {os.getloadavg()[0]:.1f}", flush=True)
+        if n_processes and (db.readers.closed or db.readers.broken):
+            raise SystemExit("the reader processes failed: figures would be in-process ones")
         tier.close()
     shutil.rmtree(path)
     return found
@@ -272,10 +297,12 @@ def read_scaling(
 
 SCALING_COLUMNS = [
     ("io_threads", "io_threads", "{}"),
+    ("io_processes", "io_processes", "{}"),
     ("decoder", "read path", "{}"),
     ("read", "random read, M rows/s (median)", "{:.3f}"),
     ("best", "best", "{:.3f}"),
-    ("cpu_us_per_row", "CPU us per row (all threads)", "{:.2f}"),
+    ("cpu_us_per_row", "CPU us per row (this process, all threads)", "{:.2f}"),
+    ("reader_cpu_us_per_row", "CPU us per row (reader processes)", "{:.2f}"),
     ("getmulti_alone", "getmulti alone, M rows/s", "{:.3f}"),
 ]
 
@@ -320,9 +347,14 @@ def main() -> None:
     )
     parser.add_argument(
         "--random-reads", action="store_true",
-        help="only random reads by io_threads and decoder (--threads, --dim, --batch)",
+        help="only random reads by io_threads, io_processes and decoder (--threads, "
+        "--processes, --dim, --batch)",
     )  # fmt: skip
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    parser.add_argument(
+        "--processes", type=int, nargs="+", default=[0],
+        help="with --random-reads: io_processes (reader processes) to try, 0 = none",
+    )  # fmt: skip
     parser.add_argument("--dim", type=int, default=DIM, help="weights per row (+1 state)")
     parser.add_argument("--batch", type=int, default=100_000, help="ids per random read")
     parser.add_argument("--json", default=None, help="with --random-reads: write figures here")
@@ -336,7 +368,7 @@ def main() -> None:
                 for level in args.levels:
                     results += read_scaling(
                         workdir, args.rows, args.dim, block_rows, level, args.batch,
-                        args.threads, args.reads,
+                        args.threads, args.reads, args.processes,
                     )  # fmt: skip
         print(f"load average after: {os.getloadavg()}")
         print(f"\nrandom reads of {args.batch} unique ids from {args.rows} x {args.dim + 1} fp32 "

@@ -12,7 +12,7 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tierstore import blocks_compiled, lmdb_pages, ssd_blockdb
+from tierstore import blocks_compiled, ssd_blockdb
 from tierstore.blocks import seal
 from tierstore.errors import CorruptBlockError
 from tierstore.hashing import initial_weights
@@ -22,10 +22,9 @@ W = 5  # odd: no row or plane falls on an aligned boundary
 _NO_COMPILED = pytest.mark.skipif(
     not blocks_compiled.AVAILABLE, reason="no numba or no libz/libzstd shared library"
 )
-# How reads find and decode blocks: the mapped file's B-tree and the compiled decoder (the
-# default), getmulti and the compiled decoder, getmulti and the codec's numpy path.
+# How reads decode blocks fetched by getmulti: the compiled decoder (the default) or the
+# codec's numpy path.
 DECODERS = [
-    pytest.param("mapped", marks=_NO_COMPILED),
     pytest.param("compiled", marks=_NO_COMPILED),
     pytest.param("codec"),
 ]
@@ -33,7 +32,6 @@ DECODERS = [
 
 def use(tier: SSDTier, decoder: str) -> None:
     tier._db.compiled = decoder != "codec"
-    tier._db.mapped = decoder == "mapped" and lmdb_pages.AVAILABLE
 
 
 def init_rows(ids: torch.Tensor) -> torch.Tensor:
@@ -129,39 +127,6 @@ def test_a_batch_of_many_getmulti_chunks_matches_the_codec(tmp_path, monkeypatch
         tier.close()
 
 
-@pytest.mark.skipif(not lmdb_pages.AVAILABLE, reason="no numba")
-@pytest.mark.parametrize("block_rows, width", [(1, 3), (64, 40)])  # 64 x 40: overflow pages
-def test_the_mapped_tree_finds_what_getmulti_finds(tmp_path, block_rows, width):
-    """Keys looked up in the mapped data.mdb: the same values as py-lmdb's getmulti, bytes
-    for bytes, absent keys absent, over several flushes (a B-tree of depth 3 or more)."""
-    rng = np.random.default_rng(block_rows)
-    tier = SSDTier.create(tmp_path / "t", {"row_width": width},
-                          lambda ids: torch.zeros(len(ids), width), block_rows=block_rows,
-                          compression_level=0)  # fmt: skip
-    try:
-        for _ in range(3):
-            ids = np.unique(rng.integers(0, 1 << 22, 20000 // block_rows))
-            tier.flush(torch.from_numpy(ids), torch.rand(len(ids), width))
-        u = np.unique(rng.integers(0, 1 << 22, 30000)).astype(np.uint64) ^ np.uint64(1 << 63)
-        _, blocks = tier._db.codec.blocks(u)
-        keys = tier._db.codec.keys(blocks)
-        tree = lmdb_pages.MappedTree(str(tmp_path / "t" / "data.mdb"))
-        with tier._env.begin() as txn:
-            stored = dict(txn.cursor(tier._blocks).getmulti(keys))
-            snapshot = tree.snapshot(txn.id(), b"blocks")
-            assert snapshot is not None and snapshot[4] >= 1  # a branch level at least
-            where, size = np.empty(len(keys), np.int64), np.empty(len(keys), np.int64)
-            key_bytes = blocks.astype(">u8").view(np.uint8)
-            assert tree.lookup(snapshot, key_bytes, (0, len(keys)), where, size)
-            got = {k: bytes(snapshot[0][w : w + n]) for k, w, n in zip(keys, where, size) if w >= 0}
-        assert got == stored and 0 < len(stored) < len(keys)
-        # A snapshot that is not the file's (an old transaction id) is not read.
-        assert tree.snapshot(0, b"blocks") is None
-        tree.close()
-    finally:
-        tier.close()
-
-
 def _damaged_table(path, level: int, edit) -> tuple[torch.Tensor, int]:
     """A flushed table whose block holding id 1000 is replaced by ``edit(key, value)``;
     returns every id stored and that block's key."""
@@ -224,29 +189,6 @@ def test_damaged_blocks_are_refused_by_both_decoders(tmp_path, compiled, edit):
         assert f"{block:#x}" in str(info.value) and str(tmp_path / "t") in str(info.value)
         good = ids[ids != 1000]
         assert tier.read(good).shape == (len(good), W)  # the other blocks still read
-    finally:
-        tier.close()
-
-
-@pytest.mark.skipif(not lmdb_pages.AVAILABLE or not blocks_compiled.AVAILABLE, reason="no numba")
-def test_flushed_rows_are_read_without_getmulti(tmp_path, monkeypatch):
-    """With the mapped file, a read of flushed rows looks no key up through py-lmdb; keys it
-    does not find there (absent ones) still go through getmulti and the absence check."""
-    calls = []
-    real = ssd_blockdb.getmulti
-    monkeypatch.setattr(
-        ssd_blockdb, "getmulti", lambda c, keys: calls.append(keys) or real(c, keys)
-    )
-    tier = SSDTier.create(tmp_path / "t", {"row_width": W}, init_rows, io_threads=2)
-    try:
-        ids = torch.arange(0, 4000, 2)
-        rows = random_bits(np.random.default_rng(3), len(ids))
-        tier.flush(ids, rows)
-        assert bitwise_equal(tier.read(ids), rows) and calls == []
-        assert bitwise_equal(
-            tier.read(torch.tensor([1, 2])), torch.cat([init_rows(torch.tensor([1])), rows[1:2]])
-        )
-        assert [len(k) for k in calls] == [1]
     finally:
         tier.close()
 

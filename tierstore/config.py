@@ -110,6 +110,10 @@ class SSDConfig:
             creation as ``block_rows``: ``None`` (default) is 3 for a new table.
         map_size: the LMDB map's size in bytes (default 1 TiB: address space, not disk).
         io_threads: threads reading and compressing blocks (default 4).
+        io_processes: reader processes that look up the block keys of large L3 reads (default
+            0: none, all in this process). py-lmdb holds the GIL per key, so more threads do
+            not speed lookups up; processes do (spawned at the first read of a few thousand
+            blocks, stopped when the table closes; see ``tierstore.ssd_readers``).
         read_only: open an existing table without its writer lock, beside a process that may
             be writing it (default ``False``): reads see the latest completed flush;
             training, ``write_rows`` and ``flush`` raise :class:`ReadOnlyTableError`.
@@ -130,6 +134,7 @@ class SSDConfig:
     map_size: int = 1 << 40
     io_threads: int = 4
     read_only: bool = False
+    io_processes: int = 0
 
     def __post_init__(self):
         where = "SSDConfig"
@@ -149,6 +154,7 @@ class SSDConfig:
             _check_int(self, "compression_level", -7, 22)
         _check_int(self, "map_size", 1)
         _check_int(self, "io_threads", 1)
+        _check_int(self, "io_processes", 0)
         if not isinstance(self.read_only, bool):
             raise InvalidInputError(f"{where}: read_only must be a bool, got {self.read_only!r}")
 
@@ -177,6 +183,8 @@ class SSDConfig:
                     )
         options = {"host_ways": self.host_ways, "read_only": self.read_only}
         options.update(map_size=self.map_size, io_threads=self.io_threads)
+        if self.io_processes:
+            options.update(io_processes=self.io_processes)
         if fresh:
             options.update(created)
         return options

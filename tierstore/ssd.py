@@ -15,11 +15,10 @@ block format (byte planes, zstd on the sign/exponent plane only, and why) is
 :mod:`tierstore.blocks`.
 
 Every batch is handled in bulk (:mod:`tierstore.ssd_blockdb`): block keys are computed with
-numpy; flushed blocks are looked up in the mapped ``data.mdb`` (:mod:`tierstore.lmdb_pages`)
-and checked and decoded by a compiled decoder (:mod:`tierstore.blocks_compiled`), both off
-the GIL, on the I/O threads; other blocks are fetched with ``getmulti`` a few thousand keys a
-call, and decoded the same way, or by the codec's numpy and multi-frame zstd calls where
-nothing is compiled. No Python code runs per row or per block.
+numpy; blocks are fetched with ``getmulti`` a few thousand keys a call, and checked and
+decoded by a compiled decoder (:mod:`tierstore.blocks_compiled`) off the GIL on the I/O
+threads, or by the codec's numpy and multi-frame zstd calls where nothing is compiled. No
+Python code runs per row or per block.
 
 The tier is this module (the table's API, opening, reading, writing) and its helpers, one
 job each: :mod:`tierstore.ssd_files` (the directory, locks, LMDB file checks, storage errors),
@@ -91,12 +90,18 @@ from tierstore.ssd_meta import (
     seal_value,
     unseal,
 )
+from tierstore.ssd_readers import ReaderPool
 
 # Re-exported: the names this module had before it was split.
 _StorageErrors = StorageErrors
 __all__ = ["FlushWriter", "InitRows", "SSDTier"]
 
 InitRows = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _check_processes(path: pathlib.Path, io_processes: object) -> None:
+    if not isinstance(io_processes, int) or isinstance(io_processes, bool) or io_processes < 0:
+        raise InvalidInputError(f"{path}: io_processes must be an int >= 0, got {io_processes!r}")
 
 
 class SSDTier:
@@ -109,6 +114,11 @@ class SSDTier:
     thread that holds one). :meth:`close` waits for pending :meth:`read_async` calls; commit or
     abort an open flush first. One process may open a table once (LMDB's rule); other
     processes may open it ``readonly`` while one writes.
+
+    ``io_threads`` (of :meth:`create` and :meth:`open`) decode blocks; ``io_processes`` > 0
+    (default 0: none) reader processes look up the keys of large reads of flushed rows
+    (:mod:`tierstore.ssd_readers`: py-lmdb holds the GIL per key), started by the first
+    read of a few thousand blocks and stopped by :meth:`close`.
     """
 
     # 2: every block and metadata value carries a CRC-32 (``tierstore.blocks``). Tables of
@@ -136,6 +146,7 @@ class SSDTier:
         compression_level: int = 3,
         map_size: int = 1 << 40,
         io_threads: int = 4,
+        io_processes: int = 0,
     ) -> SSDTier:
         """Creates an empty table at ``path`` (a new or empty directory) and opens it for writing.
 
@@ -175,6 +186,7 @@ class SSDTier:
             building.mkdir()
         except OSError as exc:
             raise StorageError(f"{path}: cannot create the table directory ({exc})") from exc
+        _check_processes(path, io_processes)
         self = cls._new(path, readonly=False)
         try:
             self._lock_for_writing(building)  # held across the rename: the lock file moves too
@@ -201,7 +213,7 @@ class SSDTier:
             fsync_dir(path.parent)
             self._env = self._open_env(map_size, readonly=False, create=False)
             meta = self._load_meta()
-            self._finish_open(meta, init_rows, map_size, io_threads)
+            self._finish_open(meta, init_rows, map_size, io_threads, io_processes)
         except BaseException:
             self._release()
             if building is not None:
@@ -219,6 +231,7 @@ class SSDTier:
         readonly: bool = False,
         map_size: int | None = None,
         io_threads: int = 4,
+        io_processes: int = 0,
     ) -> SSDTier:
         """Opens an existing table. Every key of ``expect`` must equal the stored metadata's
         (TableMismatchError otherwise). Opening for writing takes the table's writer lock and
@@ -231,6 +244,7 @@ class SSDTier:
         if not readonly and not os.access(path, os.W_OK):
             raise StorageError(f"{path}: directory is read-only; open it with readonly=True")
         map_size = map_size or 1 << 40
+        _check_processes(path, io_processes)
         self = cls._new(path, readonly)
         try:
             if not readonly:
@@ -244,7 +258,7 @@ class SSDTier:
                      if meta.get(k) != v]  # fmt: skip
             if wrong:
                 raise TableMismatchError(f"{path}: table was made with " + ", ".join(wrong))
-            self._finish_open(meta, init_rows, map_size, io_threads)
+            self._finish_open(meta, init_rows, map_size, io_threads, io_processes)
         except BaseException:
             self._release()
             raise
@@ -330,14 +344,18 @@ class SSDTier:
         self._flush_count = check_meta(self.path, meta, count, self.FORMAT_VERSION)
         return meta
 
-    def _finish_open(self, meta: dict, init_rows: InitRows, map_size: int, threads: int) -> None:
+    def _finish_open(
+        self, meta: dict, init_rows: InitRows, map_size: int, threads: int, processes: int
+    ) -> None:
         self.meta = meta
         self.row_width = int(meta["row_width"])
         self.block_rows = int(meta["block_rows"])
         self.compression_level = int(meta["compression_level"])
         self._init_rows = init_rows
         codec = BlockCodec(self.row_width, self.block_rows, self.compression_level, threads)
-        self._db = BlockDB(self.path, codec, threads, self._count)
+        # Reader processes (ssd_readers.py): started by the first large read.
+        readers = ReaderPool(str(self.path), map_size, processes) if processes > 0 else None
+        self._db = BlockDB(self.path, codec, threads, self._count, readers)
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=max(1, threads), thread_name_prefix="tierstore-ssd"
         )
@@ -375,6 +393,9 @@ class SSDTier:
         self._release()
 
     def _release(self) -> None:
+        db = getattr(self, "_db", None)
+        if db is not None and db.readers is not None:
+            db.readers.close()  # also for a table dropped without close()
         for env in (self._staged_env, self._env):
             if env is not None:
                 env.close()

@@ -32,8 +32,7 @@ from tierstore.blocks import BadBlock, BlockCodec, DecodedBlocks, check
 from tierstore.blocks_compiled import AVAILABLE as DECODER_COMPILED
 from tierstore.blocks_compiled import decode_into
 from tierstore.errors import CorruptBlockError, InvalidInputError
-from tierstore.lmdb_pages import AVAILABLE as LOOKUPS_MAPPED
-from tierstore.lmdb_pages import MappedTree
+from tierstore.ssd_readers import ReaderPool, StaleSnapshot
 
 # py-lmdb's getmulti releases and retakes the GIL around every key: two threads running it
 # at once ping-pong the GIL and take twice as long as one after the other (measured).
@@ -41,8 +40,8 @@ _GETMULTI_LOCK = threading.Lock()
 # Keys per getmulti call of a read: the blocks of one call are decoded on the I/O threads
 # while the next call runs.
 _READ_CHUNK_BLOCKS = 4096
-# Fewest blocks per I/O thread task when looking keys up in the mapped file.
-_MAPPED_SPAN_BLOCKS = 1024
+# Fewest blocks a read must have to go to the reader processes (and to start them).
+_PROCESS_MIN_BLOCKS = 2048
 # Rows per chunk when listing or merging a whole database's blocks (bounds memory).
 _LIST_CHUNK_ROWS = 1 << 16
 
@@ -104,28 +103,28 @@ class BlockDB:
         codec: the table's block format.
         io_threads: threads that decode a read's blocks (the caller fetches them meanwhile).
         count: adds to the tier's statistics (``count(blocks_read=n, ...)``).
+        readers: reader processes that look keys of large reads of the flushed database up
+            (:mod:`tierstore.ssd_readers`), or None: all lookups in this process.
     """
 
     def __init__(
-        self, path: pathlib.Path, codec: BlockCodec, io_threads: int, count: Callable[..., None]
-    ) -> None:
+        self, path: pathlib.Path, codec: BlockCodec, io_threads: int, count: Callable[..., None],
+        readers: ReaderPool | None = None,
+    ) -> None:  # fmt: skip
         self.path, self.codec, self._count = path, codec, count
+        self.readers = readers
         self.row_width, self.block_rows = codec.row_width, codec.block_rows
         # Whether reads decode with the compiled decoder (tests switch it off to compare).
         self.compiled = DECODER_COMPILED
-        # Whether reads of flushed blocks look keys up in the mapped file (lmdb_pages.py).
-        self.mapped = LOOKUPS_MAPPED
-        self._tree = MappedTree(str(path / "data.mdb")) if self.mapped else None
-        self._threads = max(1, io_threads)
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=max(1, io_threads), thread_name_prefix="tierstore-ssd-decode"
         )
 
     def close(self) -> None:
-        """Waits for decodes in flight and stops the decoding threads."""
+        """Waits for decodes in flight and stops the decoding threads and reader processes."""
         self._pool.shutdown(wait=True)
-        if self._tree is not None:
-            self._tree.close()
+        if self.readers is not None:
+            self.readers.close()
 
     # ----------------------------------------------------------------------------- reading
 
@@ -149,16 +148,15 @@ class BlockDB:
             hit=np.zeros(len(u), np.uint8), keys=blocks.astype(">u8").view(np.uint8),
         )  # fmt: skip
         found = np.zeros(len(blocks), bool)
-        snapshot = None
-        if flushed and self.mapped and self.compiled and self._tree is not None:
-            snapshot = self._tree.snapshot(txn.id(), b"blocks")
-        if snapshot is not None and not self._read_mapped(snapshot, blocks, read, found):
-            read.hit[:], found[:] = 0, False  # the walk failed a check: getmulti reads all
-        missing = np.flatnonzero(~found)
+        # Blocks looked up (found or not) and decoded by the reader processes.
+        done = np.zeros(len(blocks), bool)
+        if flushed and self.compiled and self.readers is not None:
+            self._read_by_processes(txn.id(), blocks, read, found, done)
+        todo = np.flatnonzero(~done)
         pending: list[concurrent.futures.Future] = []
         try:
-            for start in range(0, len(missing), _READ_CHUNK_BLOCKS):
-                span = missing[start : start + _READ_CHUNK_BLOCKS]
+            for start in range(0, len(todo), _READ_CHUNK_BLOCKS):
+                span = todo[start : start + _READ_CHUNK_BLOCKS]
                 pairs = getmulti(cursor, codec.keys(blocks[span]))
                 if not pairs:
                     continue
@@ -182,34 +180,66 @@ class BlockDB:
             self.check_absent(cursor, codec.keys(blocks[~found]))
         return read.hit.view(bool)
 
-    def _read_mapped(
-        self, snapshot: tuple, blocks: np.ndarray, read: _Read, found: np.ndarray
-    ) -> bool:
-        """Looks the blocks up in the mapped file and decodes those found, on the I/O threads
-        (:mod:`tierstore.lmdb_pages`); sets ``found``. False if the walk failed a check."""
-        where = np.empty(len(blocks), np.int64)
-        size = np.empty(len(blocks), np.int64)
-        # A span per I/O thread and one for the calling thread, which would otherwise wait.
-        step = max(_MAPPED_SPAN_BLOCKS, -(-len(blocks) // (self._threads + 1)))
-        spans = [(a, min(a + step, len(blocks))) for a in range(0, len(blocks), step)]
+    def _read_by_processes(
+        self, txn_id: int, blocks: np.ndarray, read: _Read, found: np.ndarray, done: np.ndarray
+    ) -> None:
+        """Has the reader processes look the blocks up, a slice each, in the snapshot
+        ``txn_id``, and decodes their answers on the I/O threads (and this one) as they come;
+        sets ``found`` and ``done``. Slices not answered (a stale snapshot, a failed worker)
+        are left not ``done``, for this process to look up. A read too small, or a pool not
+        started or not yet ready, does nothing (a large read starts the pool)."""
+        pool = self.readers
+        if pool is None or len(blocks) < _PROCESS_MIN_BLOCKS or pool.closed:
+            return
+        if not pool.ready():
+            pool.start()
+            return
+        chunk = _READ_CHUNK_BLOCKS
+        step = -(-len(blocks) // pool.processes)
+        keys = blocks.astype(">u8")
+        sent = []
+        for worker, a in enumerate(range(0, len(blocks), step)):
+            b = min(a + step, len(blocks))
+            try:
+                pool.send(worker, txn_id, keys[a:b], chunk)
+            except Exception:  # a dead worker: this process reads the rest
+                pool.broken = True
+                break
+            sent.append((worker, a, b))
 
-        def lookup_and_decode(a: int, b: int) -> bool:
-            if not self._tree.lookup(snapshot, read.keys, (a, b), where, size):
-                return False
-            span = a + np.flatnonzero(where[a:b] >= 0)
-            self._decode_span(read, span, snapshot[0], where[span], size[span], blocks)
-            return True
+        def exchange(worker: int, a: int, b: int) -> list[BaseException]:
+            errors: list[BaseException] = []
+            in_step = False  # whether the worker's answers were all read (or it said stale)
+            try:
+                for start, where, size, data in pool.answers(worker, b - a, chunk):
+                    span = a + where
+                    if errors:
+                        continue  # a bad block already: read the rest, keep the pipe in step
+                    try:
+                        self._decode_span(read, span, data, np.cumsum(size) - size, size, blocks)
+                    except CorruptBlockError as exc:
+                        errors.append(exc)
+                        continue
+                    found[span] = True
+                    done[a + start : min(a + start + chunk, b)] = True
+                    self._count(blocks_read=len(span), bytes_read=int(size.sum()))
+                in_step = True
+            except StaleSnapshot:
+                in_step = True
+            except Exception:  # a failed worker or pipe: this process reads the rest
+                pass
+            finally:
+                pool.broken |= not in_step
+                pool.release(worker)
+            return errors
 
-        futures = [self._pool.submit(lookup_and_decode, a, b) for a, b in spans[1:]]
-        try:
-            here = lookup_and_decode(*spans[0])
-        finally:
-            _raise_first([f.exception() for f in futures])
-        if not (here and all(f.result() for f in futures)):
-            return False
-        found[:] = where >= 0
-        self._count(blocks_read=int(found.sum()), bytes_read=int(size[found].sum()))
-        return True
+        futures = [self._pool.submit(exchange, *job) for job in sent[1:]]
+        errors = exchange(*sent[0]) if sent else []
+        for future in futures:
+            errors += future.result()
+        if pool.broken:
+            pool.close()
+        _raise_first(errors)
 
     def _decode_span(
         self, read: _Read, span: np.ndarray, data: np.ndarray, base: np.ndarray,
