@@ -20,11 +20,10 @@ decoded by a compiled decoder (:mod:`tierstore.blocks_compiled`) off the GIL on 
 threads, or by the codec's numpy and multi-frame zstd calls where nothing is compiled. No
 Python code runs per row or per block.
 
-The tier is this module (the table's API, opening, reading, writing) and its helpers, one
-job each: :mod:`tierstore.ssd_files` (the directory, locks, LMDB file checks, storage errors),
-:mod:`tierstore.ssd_meta` (the sealed metadata), :mod:`tierstore.ssd_blockdb` (batched block
-reads and read-modify-writes), :mod:`tierstore.ssd_flush` (the flush handle),
-:mod:`tierstore.blocks` and :mod:`tierstore.blocks_compiled` (the block format).
+This module is the table's API; its helpers: :mod:`~tierstore.ssd_files` (directory, locks,
+file checks, errors), :mod:`~tierstore.ssd_meta` (metadata), :mod:`~tierstore.ssd_blockdb`
+(batched block I/O), :mod:`~tierstore.ssd_readers` (reader processes),
+:mod:`~tierstore.ssd_flush`, :mod:`~tierstore.blocks` and :mod:`~tierstore.blocks_compiled`.
 
 Durability: ``write()`` goes to the staged environment, which ``read()`` consults first; a
 flush merges staged rows and the dirty rows into ``blocks`` in one LMDB write transaction
@@ -82,26 +81,14 @@ from tierstore.ssd_files import (
     unregister_open,
 )
 from tierstore.ssd_flush import FlushWriter
-from tierstore.ssd_meta import (
-    FLUSH_KEY,
-    META_KEY,
-    check_meta,
-    refuse_unsealed,
-    seal_value,
-    unseal,
-)
-from tierstore.ssd_readers import ReaderPool
+from tierstore.ssd_meta import FLUSH_KEY, META_KEY, check_meta, refuse_unsealed, seal_value, unseal
+from tierstore.ssd_readers import ReaderPool, check_processes
 
 # Re-exported: the names this module had before it was split.
 _StorageErrors = StorageErrors
 __all__ = ["FlushWriter", "InitRows", "SSDTier"]
 
 InitRows = Callable[[torch.Tensor], torch.Tensor]
-
-
-def _check_processes(path: pathlib.Path, io_processes: object) -> None:
-    if not isinstance(io_processes, int) or isinstance(io_processes, bool) or io_processes < 0:
-        raise InvalidInputError(f"{path}: io_processes must be an int >= 0, got {io_processes!r}")
 
 
 class SSDTier:
@@ -114,11 +101,8 @@ class SSDTier:
     thread that holds one). :meth:`close` waits for pending :meth:`read_async` calls; commit or
     abort an open flush first. One process may open a table once (LMDB's rule); other
     processes may open it ``readonly`` while one writes.
-
-    ``io_threads`` (of :meth:`create` and :meth:`open`) decode blocks; ``io_processes`` > 0
-    (default 0: none) reader processes look up the keys of large reads of flushed rows
-    (:mod:`tierstore.ssd_readers`: py-lmdb holds the GIL per key), started by the first
-    read of a few thousand blocks and stopped by :meth:`close`.
+    ``io_threads`` decode blocks; ``io_processes`` reader processes (default 0) look up the
+    keys of large reads of flushed rows (:mod:`tierstore.ssd_readers`).
     """
 
     # 2: every block and metadata value carries a CRC-32 (``tierstore.blocks``). Tables of
@@ -186,7 +170,7 @@ class SSDTier:
             building.mkdir()
         except OSError as exc:
             raise StorageError(f"{path}: cannot create the table directory ({exc})") from exc
-        _check_processes(path, io_processes)
+        check_processes(path, io_processes)
         self = cls._new(path, readonly=False)
         try:
             self._lock_for_writing(building)  # held across the rename: the lock file moves too
@@ -244,7 +228,7 @@ class SSDTier:
         if not readonly and not os.access(path, os.W_OK):
             raise StorageError(f"{path}: directory is read-only; open it with readonly=True")
         map_size = map_size or 1 << 40
-        _check_processes(path, io_processes)
+        check_processes(path, io_processes)
         self = cls._new(path, readonly)
         try:
             if not readonly:
@@ -344,16 +328,13 @@ class SSDTier:
         self._flush_count = check_meta(self.path, meta, count, self.FORMAT_VERSION)
         return meta
 
-    def _finish_open(
-        self, meta: dict, init_rows: InitRows, map_size: int, threads: int, processes: int
-    ) -> None:
+    def _finish_open(self, meta: dict, init_rows: InitRows, map_size: int, threads, processes):
         self.meta = meta
         self.row_width = int(meta["row_width"])
         self.block_rows = int(meta["block_rows"])
         self.compression_level = int(meta["compression_level"])
         self._init_rows = init_rows
         codec = BlockCodec(self.row_width, self.block_rows, self.compression_level, threads)
-        # Reader processes (ssd_readers.py): started by the first large read.
         readers = ReaderPool(str(self.path), map_size, processes) if processes > 0 else None
         self._db = BlockDB(self.path, codec, threads, self._count, readers)
         self._executor = concurrent.futures.ThreadPoolExecutor(

@@ -126,6 +126,14 @@ class StaleSnapshot(Exception):
     """The worker's snapshot is not the tier's: a flush committed in between."""
 
 
+def check_processes(path, io_processes: object) -> None:
+    """Refuses an ``io_processes`` that is not an int >= 0 (:class:`InvalidInputError`)."""
+    from tierstore.errors import InvalidInputError  # here: a worker imports numpy and lmdb only
+
+    if not isinstance(io_processes, int) or isinstance(io_processes, bool) or io_processes < 0:
+        raise InvalidInputError(f"{path}: io_processes must be an int >= 0, got {io_processes!r}")
+
+
 class ReaderPool:
     """``processes`` reader processes for the LMDB environment at ``path`` (started by
     :meth:`start`, used once :meth:`ready`, stopped by :meth:`close`)."""
