@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import InvalidInputError
+from .validate import read_back_later
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -334,14 +335,7 @@ class JaggedChecks:
         smallest = lengths.amin(1) if lengths.shape[1] else zero
         starts = [s.to(dev) for _, s in batch.starts]
         facts = torch.cat([counts, smallest, lo, hi, *starts])
-        self._event = None
-        if facts.is_cuda:
-            self._facts = torch.empty(facts.shape, dtype=facts.dtype, pin_memory=True)
-            self._facts.copy_(facts, non_blocking=True)
-            self._event = torch.cuda.Event()
-            self._event.record()
-        else:
-            self._facts = facts
+        self._facts, self._event = read_back_later(facts)
         self._counts: list[int] | None = None
 
     def wait(self) -> list[int]:

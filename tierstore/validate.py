@@ -68,6 +68,18 @@ def check_id_range(lo: int, hi: int, num_rows: int | None, what: str = "indices"
         raise InvalidInputError(f"{what}: -2**63 is reserved (the cache's empty tag)")
 
 
+def read_back_later(facts: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """``facts`` on the host without waiting: on CUDA a pinned copy queued on the current
+    stream and the event to wait on before reading it; on the CPU ``facts`` itself and None."""
+    if not facts.is_cuda:
+        return facts, None
+    host = torch.empty(facts.shape, dtype=facts.dtype, pin_memory=True)
+    host.copy_(facts, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
+
+
 class BatchChecks:
     """The value checks of a batch (id range; for offsets the caller gave, their first, last
     and largest entry and smallest step), reduced on the device into one small tensor whose
@@ -78,14 +90,7 @@ class BatchChecks:
     def __init__(self, facts, n: int, offs, include_last_offset: bool, num_rows: int | None):
         self._n, self._offs = n, offs
         self._include_last_offset, self._num_rows = include_last_offset, num_rows
-        self._event = None
-        if facts.is_cuda:
-            self._facts = torch.empty(facts.shape, dtype=facts.dtype, pin_memory=True)
-            self._facts.copy_(facts, non_blocking=True)
-            self._event = torch.cuda.Event()
-            self._event.record()
-        else:
-            self._facts = facts
+        self._facts, self._event = read_back_later(facts)
         self._passed = False
 
     @classmethod
