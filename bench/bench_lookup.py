@@ -32,7 +32,12 @@ def batches(kind: str, n: int = 6) -> list[torch.Tensor]:
 @pytest.mark.parametrize("cache_pct", [5, 20])
 def test_cpu_lookup(benchmark, kind, cache_pct):
     emb = ts.TieredEmbeddingBag(
-        ROWS, DIM, mode="sum", cache_rows=ROWS * cache_pct // 100, optimizer=None, device="cpu"
+        ROWS,
+        DIM,
+        mode="sum",
+        cache=ts.CacheConfig(rows=ROWS * cache_pct // 100),
+        optimizer=None,
+        device="cpu",
     )
     data = batches(kind)
     for ids in data[:2]:  # warm the cache

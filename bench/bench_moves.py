@@ -35,7 +35,7 @@ def bench_moves(quick: bool) -> list[Table]:
             "GB/s",
         )  # fmt: skip
         emb = ts.TieredEmbeddingBag(
-            N, D, mode="sum", cache_rows=MISSES, optimizer=opt, device="cuda"
+            N, D, mode="sum", cache=ts.CacheConfig(rows=MISSES), optimizer=opt, device="cuda"
         )
         store = emb.store
         row_bytes = store.layout.row_bytes

@@ -165,8 +165,8 @@ def main() -> None:
         for share in (1.0, 0.2, 0.05):
             t0 = time.perf_counter()
             emb = ts.TieredEmbeddingBag(
-                args.rows, D, mode="sum", cache_rows=int(share * args.rows), optimizer=opt,
-                device="cuda",
+                args.rows, D, mode="sum", cache=ts.CacheConfig(rows=int(share * args.rows)),
+                optimizer=opt, device="cuda",
             )  # fmt: skip
             made_s = time.perf_counter() - t0
 

@@ -39,7 +39,7 @@ def bench_forward(quick: bool) -> Table:
     offsets = offsets_of_bags()
     weight = torch.randn(N, D, device="cuda")
     emb = ts.TieredEmbeddingBag(
-        N, D, mode="sum", cache_rows=N, optimizer=ts.SGD(lr=0.01), device="cuda"
+        N, D, mode="sum", cache=ts.CacheConfig(rows=N), optimizer=ts.SGD(lr=0.01), device="cuda"
     )
     store = emb.store
     for dist in ("uniform", "zipf"):
@@ -94,10 +94,15 @@ def bench_train(quick: bool) -> Table:
     g = torch.randn(B, D, device="cuda")
     tables = {
         "SGD": ts.TieredEmbeddingBag(
-            N, D, mode="sum", cache_rows=N, optimizer=ts.SGD(lr=0.01), device="cuda"
+            N, D, mode="sum", cache=ts.CacheConfig(rows=N), optimizer=ts.SGD(lr=0.01), device="cuda"
         ),
         "RowWiseAdagrad": ts.TieredEmbeddingBag(
-            N, D, mode="sum", cache_rows=N, optimizer=ts.RowWiseAdagrad(lr=0.01), device="cuda"
+            N,
+            D,
+            mode="sum",
+            cache=ts.CacheConfig(rows=N),
+            optimizer=ts.RowWiseAdagrad(lr=0.01),
+            device="cuda",
         ),
     }
     for dist in ("uniform", "zipf"):

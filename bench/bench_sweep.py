@@ -33,7 +33,7 @@ def bench_sweep(quick: bool) -> Table:
             N,
             D,
             mode="sum",
-            cache_rows=N * pct // 100,
+            cache=ts.CacheConfig(rows=N * pct // 100),
             optimizer=ts.RowWiseAdagrad(lr=0.01),
             device="cuda",
         )

@@ -49,16 +49,17 @@ def rows_of(emb, ids):
 
 def table(kind, tmp_path, name, optimizer, device="cpu", num=N, seed=0, **kw):
     """A table of one of several layouts: the cache is transparent, so all train alike."""
-    layouts = {
-        "memory": dict(cache_rows=num, policy="lru"),
-        "memory-small": dict(cache_rows=5, ways=4, policy="lfu"),
-        "ssd": dict(cache_rows=16, ways=4, host_rows=64),
-        "ssd-tiny": dict(cache_rows=1, host_rows=48, ways=8, policy="lfu"),
+    layouts = {  # (L1, L2's rows)
+        "memory": (ts.CacheConfig(rows=num, policy="lru"), None),
+        "memory-small": (ts.CacheConfig(rows=5, ways=4, policy="lfu"), None),
+        "ssd": (ts.CacheConfig(rows=16, ways=4), 64),
+        "ssd-tiny": (ts.CacheConfig(rows=1, ways=8, policy="lfu"), 48),
     }
-    opts = {**layouts[kind], **kw}
-    if kind.startswith("ssd"):
-        opts["path"] = tmp_path / name
-    return ts.TieredEmbeddingBag(num, D, optimizer=optimizer, device=device, seed=seed, **opts)
+    cache, host_rows = layouts[kind]
+    ssd = ts.SSDConfig(tmp_path / name, host_rows=host_rows) if kind.startswith("ssd") else None
+    return ts.TieredEmbeddingBag(
+        num, D, cache=cache, ssd=ssd, optimizer=optimizer, device=device, seed=seed, **kw
+    )
 
 
 def saved(state):
@@ -102,10 +103,10 @@ def test_save_load_continues_training_bitwise(source, target, optimizer, tmp_pat
 def test_a_model_round_trips_through_a_file(tmp_path):
     def model(seed, path):
         m = nn.Sequential()
-        ssd = dict(path=path, host_rows=40) if path else {}
+        ssd = dict(ssd=ts.SSDConfig(path, host_rows=40)) if path else {}
         m.add_module("emb", ts.TieredEmbeddingBag(
-            N, D, cache_rows=7, ways=4, optimizer=ts.RowWiseAdagrad(0.1), device="cpu",
-            seed=seed, **ssd,
+            N, D, cache=ts.CacheConfig(rows=7, ways=4), optimizer=ts.RowWiseAdagrad(0.1),
+            device="cpu", seed=seed, **ssd,
         ))  # fmt: skip
         m.add_module("top", nn.Linear(D, 1))
         return m
@@ -134,9 +135,11 @@ def test_state_of_an_in_memory_table_is_its_rows_without_a_copy():
 # ------------------------------------------------------------------------- sparse tables
 
 
-def sparse_table(tmp_path, name, seed=0, **kw):
-    opts = dict(cache_rows=8, ways=4, host_rows=64, optimizer=ts.RowWiseAdagrad(0.2), seed=seed)
-    return ts.TieredEmbeddingBag(None, D, path=tmp_path / name, **{**opts, **kw})
+def sparse_table(tmp_path, name, seed=0, cache_rows=8, ways=4, host_rows=64, block_rows=None, **kw):
+    opts = dict(optimizer=ts.RowWiseAdagrad(0.2), seed=seed)
+    cache = ts.CacheConfig(rows=cache_rows, ways=ways)
+    ssd = ts.SSDConfig(tmp_path / name, host_rows=host_rows, block_rows=block_rows)
+    return ts.TieredEmbeddingBag(None, D, cache=cache, ssd=ssd, **{**opts, **kw})
 
 
 def test_sparse_table_saves_only_written_rows_and_continues_bitwise(tmp_path):

@@ -56,8 +56,7 @@ def reference_modules(tables, optimizer, cache_rows=None, weighted=False):
             num_embeddings=n,
             embedding_dim=t.embedding_dim,
             mode="sum" if weighted else t.pooling,
-            cache_rows=cache_rows or n,
-            ways=4,
+            cache=ts.CacheConfig(rows=cache_rows or n, ways=4),
             optimizer=t.optimizer or optimizer,
             device="cpu",
             seed=t.seed,
@@ -147,7 +146,7 @@ def test_matches_one_module_per_table(tables, opt, cache_frac, batch_size, weigh
     groups = len({(t.embedding_dim, t.optimizer or opt) for t in tables})
     cache_rows = max(groups, int(cache_frac * total))
     col = ts.TieredEmbeddingBagCollection(
-        tables, cache_rows=cache_rows, ways=4, optimizer=opt, device="cpu"
+        tables, cache=ts.CacheConfig(rows=cache_rows, ways=4), optimizer=opt, device="cpu"
     )
     refs = reference_modules(tables, opt, weighted=weighted)
     for t in tables:  # the same initial rows: each table's from its own seed
@@ -205,7 +204,9 @@ def test_uniform_group_is_bitwise_equal():
         for i in range(3)
     ]
     opt = ts.RowWiseAdagrad(lr=0.1)
-    col = ts.TieredEmbeddingBagCollection(tables, cache_rows=5, ways=2, optimizer=opt, device="cpu")
+    col = ts.TieredEmbeddingBagCollection(
+        tables, cache=ts.CacheConfig(rows=5, ways=2), optimizer=opt, device="cpu"
+    )
     assert len(col.groups) == 1
     refs = reference_modules(tables, opt, cache_rows=3)
     features = [f for t in tables for f in t.feature_names]
@@ -235,7 +236,7 @@ def test_matches_nn_embedding_bag_and_torch_sgd(pooling):
         ts.TableConfig(name="wide", embedding_dim=32, num_embeddings=50, pooling=pooling),
     ]
     col = ts.TieredEmbeddingBagCollection(
-        tables, cache_rows=24, ways=4, optimizer=ts.SGD(lr=0.2), device="cpu"
+        tables, cache=ts.CacheConfig(rows=24, ways=4), optimizer=ts.SGD(lr=0.2), device="cpu"
     )
     refs = {
         t.name: torch.nn.EmbeddingBag.from_pretrained(
@@ -297,7 +298,9 @@ def small_collection(item_dim=4, **kw):
             pooling="mean",
         ),
     ]
-    return ts.TieredEmbeddingBagCollection(tables, cache_rows=8, ways=2, device="cpu", **kw)
+    return ts.TieredEmbeddingBagCollection(
+        tables, cache=ts.CacheConfig(rows=8, ways=2), device="cpu", **kw
+    )
 
 
 def test_input_forms_agree():
@@ -418,7 +421,7 @@ def test_initial_rows_follow_the_table_seed():
     t = ts.TableConfig(name="x", embedding_dim=8, num_embeddings=50, seed=7, init_scale=0.3)
     col = ts.TieredEmbeddingBagCollection(
         [ts.TableConfig(name="w", embedding_dim=8, num_embeddings=13), t],
-        cache_rows=4,
+        cache=ts.CacheConfig(rows=4),
         device="cpu",
     )
     emb = ts.TieredEmbeddingBag(
@@ -428,7 +431,7 @@ def test_initial_rows_follow_the_table_seed():
     # default seeds differ between tables (they come from the names)
     a = ts.TableConfig(name="a", embedding_dim=8, num_embeddings=5)
     b = ts.TableConfig(name="b", embedding_dim=8, num_embeddings=5)
-    col2 = ts.TieredEmbeddingBagCollection([a, b], cache_rows=2, device="cpu")
+    col2 = ts.TieredEmbeddingBagCollection([a, b], cache=ts.CacheConfig(rows=2), device="cpu")
     assert not torch.equal(
         col2.read_rows("a", torch.arange(5)), col2.read_rows("b", torch.arange(5))
     )
@@ -440,7 +443,9 @@ def test_cache_rows_split_in_proportion():
         ts.TableConfig(name="b", embedding_dim=8, num_embeddings=100),
         ts.TableConfig(name="c", embedding_dim=4, num_embeddings=600),
     ]
-    col = ts.TieredEmbeddingBagCollection(tables, cache_rows=100, ways=1, device="cpu")
+    col = ts.TieredEmbeddingBagCollection(
+        tables, cache=ts.CacheConfig(rows=100, ways=1), device="cpu"
+    )
     caps = {g.name: g.store.l1.capacity for g in col.groups}
     assert caps == {"dim4-sgd": 90, "dim8-sgd": 10}
     shares = ts.collection.split_rows(10, [1, 1, 1])
@@ -540,7 +545,7 @@ def test_bad_configs():
         ts.TieredEmbeddingBagCollection([a, b], device="cpu")
     u = ts.TableConfig(name="u", embedding_dim=8, num_embeddings=None)
     with pytest.raises(InvalidInputError, match="table 'u': num_embeddings=None"):
-        ts.TieredEmbeddingBagCollection([u], cache_rows=4, device="cpu")
+        ts.TieredEmbeddingBagCollection([u], cache=ts.CacheConfig(rows=4), device="cpu")
 
 
 # ---------------------------------------------------------------------------- SSD tier
@@ -557,10 +562,16 @@ def test_ssd_collection_trains_flushes_and_reopens(tmp_path):
     opt = ts.RowWiseAdagrad(lr=0.1)
     tables = ssd_tables()
     col = ts.TieredEmbeddingBagCollection(
-        tables, cache_rows=8, host_rows=64, ways=2, path=path, optimizer=opt, device="cpu"
+        tables,
+        cache=ts.CacheConfig(rows=8, ways=2),
+        ssd=ts.SSDConfig(path, host_rows=64),
+        optimizer=opt,
+        device="cpu",
     )
-    ref = ts.TieredEmbeddingBag(num_embeddings=None, embedding_dim=8, mode="sum", cache_rows=4, path=tmp_path / "ref",
-                                optimizer=opt, device="cpu", seed=tables[0].seed, init_scale=tables[0].init_scale)  # fmt: skip
+    ref = ts.TieredEmbeddingBag(num_embeddings=None, embedding_dim=8, mode="sum",
+                                cache=ts.CacheConfig(rows=4), ssd=ts.SSDConfig(tmp_path / "ref"),
+                                optimizer=opt, device="cpu", seed=tables[0].seed,
+                                init_scale=tables[0].init_scale)  # fmt: skip
     gen = torch.Generator().manual_seed(6)
     big = torch.tensor([0, 5, 2**40, 2**47 - 1, 123456789])
     for _ in range(4):
@@ -586,7 +597,9 @@ def test_ssd_collection_trains_flushes_and_reopens(tmp_path):
         "dim16-rowwise_adagrad",
         "dim8-rowwise_adagrad",
     ]
-    again = ts.TieredEmbeddingBagCollection.open(path, cache_rows=8, host_rows=64, device="cpu")
+    again = ts.TieredEmbeddingBagCollection.open(
+        ts.SSDConfig(path, host_rows=64), cache=ts.CacheConfig(rows=8), device="cpu"
+    )
     for t in tables:
         ids = big if t.num_embeddings is None else torch.arange(t.num_embeddings)
         assert torch.equal(again.read_rows(t.name, ids, True), saved[t.name])
@@ -598,34 +611,57 @@ def test_ssd_collection_trains_flushes_and_reopens(tmp_path):
 def test_ssd_directory_of_other_tables_is_refused(tmp_path):
     path = tmp_path / "col"
     tables = ssd_tables()
-    col = ts.TieredEmbeddingBagCollection(tables, cache_rows=8, path=path, device="cpu")
+    col = ts.TieredEmbeddingBagCollection(
+        tables, cache=ts.CacheConfig(rows=8), ssd=ts.SSDConfig(path), device="cpu"
+    )
     col.close()
     listing = sorted(p.name for p in path.rglob("*"))
     other = [tables[0], ts.TableConfig(name="cat", embedding_dim=8, num_embeddings=31), tables[2]]
     with pytest.raises(TableMismatchError, match="table 'cat' was made with num_embeddings=30"):
-        ts.TieredEmbeddingBagCollection(other, cache_rows=8, path=path, device="cpu")
+        ts.TieredEmbeddingBagCollection(
+            other, cache=ts.CacheConfig(rows=8), ssd=ts.SSDConfig(path), device="cpu"
+        )
     with pytest.raises(TableMismatchError, match="holds other tables"):
-        ts.TieredEmbeddingBagCollection(tables[:2], cache_rows=8, path=path, device="cpu")
+        ts.TieredEmbeddingBagCollection(
+            tables[:2], cache=ts.CacheConfig(rows=8), ssd=ts.SSDConfig(path), device="cpu"
+        )
     new = ts.TableConfig(name="new", embedding_dim=8, num_embeddings=3)
     with pytest.raises(TableMismatchError, match="table 'new' is not one"):
-        ts.TieredEmbeddingBagCollection([*tables, new], cache_rows=8, path=path, device="cpu")
+        ts.TieredEmbeddingBagCollection(
+            [*tables, new], cache=ts.CacheConfig(rows=8), ssd=ts.SSDConfig(path), device="cpu"
+        )
     with pytest.raises(TableMismatchError, match="table 'ids' was made with optimizer 'sgd'"):
         ts.TieredEmbeddingBagCollection(
-            tables, cache_rows=8, path=path, optimizer=ts.Adagrad(0.1), device="cpu"
+            tables,
+            cache=ts.CacheConfig(rows=8),
+            ssd=ts.SSDConfig(path),
+            optimizer=ts.Adagrad(0.1),
+            device="cpu",
         )
     assert sorted(p.name for p in path.rglob("*")) == listing  # nothing created
     # other hyper-parameters of the same optimizer: the same collection, trained on
     ts.TieredEmbeddingBagCollection(
-        tables, cache_rows=8, path=path, optimizer=ts.SGD(lr=0.5), device="cpu"
+        tables,
+        cache=ts.CacheConfig(rows=8),
+        ssd=ts.SSDConfig(path),
+        optimizer=ts.SGD(lr=0.5),
+        device="cpu",
     ).close()
     with pytest.raises(InvalidInputError, match=r"open\(\) takes the tables"):
         ts.TieredEmbeddingBagCollection.open(path, optimizer=ts.SGD(lr=0.5))
     single = tmp_path / "single"
     ts.TieredEmbeddingBag(
-        num_embeddings=10, embedding_dim=8, mode="sum", cache_rows=2, path=single, device="cpu"
+        num_embeddings=10,
+        embedding_dim=8,
+        mode="sum",
+        cache=ts.CacheConfig(rows=2),
+        ssd=ts.SSDConfig(single),
+        device="cpu",
     ).close()
     with pytest.raises(NotATableError, match="holds a single table"):
-        ts.TieredEmbeddingBagCollection(tables, cache_rows=8, path=single, device="cpu")
+        ts.TieredEmbeddingBagCollection(
+            tables, cache=ts.CacheConfig(rows=8), ssd=ts.SSDConfig(single), device="cpu"
+        )
 
 
 def test_failed_creation_leaves_no_trace(tmp_path):
@@ -634,13 +670,19 @@ def test_failed_creation_leaves_no_trace(tmp_path):
     tables = ssd_tables()
     with pytest.raises(InvalidInputError, match="host_rows"):
         ts.TieredEmbeddingBagCollection(
-            tables, cache_rows=40, host_rows=20, ways=1, path=tmp_path / "new", device="cpu"
+            tables,
+            cache=ts.CacheConfig(rows=40, ways=1),
+            ssd=ts.SSDConfig(tmp_path / "new", host_rows=20),
+            device="cpu",
         )
     assert not (tmp_path / "new").exists()
     (tmp_path / "empty").mkdir()
     with pytest.raises(InvalidInputError, match="host_rows"):
         ts.TieredEmbeddingBagCollection(
-            tables, cache_rows=40, host_rows=20, ways=1, path=tmp_path / "empty", device="cpu"
+            tables,
+            cache=ts.CacheConfig(rows=40, ways=1),
+            ssd=ts.SSDConfig(tmp_path / "empty", host_rows=20),
+            device="cpu",
         )
     assert list((tmp_path / "empty").iterdir()) == []
 
@@ -657,13 +699,14 @@ def test_mixed_collection_on_device(device):
     ]
     opt = ts.RowWiseAdagrad(lr=0.1)
     col = ts.TieredEmbeddingBagCollection(
-        tables, cache_rows=12, ways=4, optimizer=opt, device=device
+        tables, cache=ts.CacheConfig(rows=12, ways=4), optimizer=opt, device=device
     )
     refs = {}
     for t in tables:
         refs[t.name] = ts.TieredEmbeddingBag(
             num_embeddings=t.num_embeddings, embedding_dim=t.embedding_dim, mode="sum",
-            cache_rows=8, ways=4, optimizer=opt, device=device, seed=t.seed, init_scale=t.init_scale,
+            cache=ts.CacheConfig(rows=8, ways=4), optimizer=opt, device=device, seed=t.seed,
+            init_scale=t.init_scale,
         )  # fmt: skip
     features = col.feature_keys
     for _ in range(4):
@@ -698,7 +741,9 @@ def test_readme_collection_example_runs(tmp_path, monkeypatch):
 
 def test_eval_never_changes_rows():
     tables = [ts.TableConfig(name="t", embedding_dim=4, num_embeddings=50)]
-    col = ts.TieredEmbeddingBagCollection(tables, cache_rows=8, optimizer=ts.SGD(0.5), device="cpu")
+    col = ts.TieredEmbeddingBagCollection(
+        tables, cache=ts.CacheConfig(rows=8), optimizer=ts.SGD(0.5), device="cpu"
+    )
     batch = dict(keys=["t"], values=torch.tensor([1, 2, 3]), lengths=torch.tensor([2, 1]))
     before = col.read_rows("t", torch.arange(50))
     col.eval()

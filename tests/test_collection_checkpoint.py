@@ -107,20 +107,25 @@ def through_a_file(state):
 
 
 def build(tables, optimizer, **kw):
-    return ts.TieredEmbeddingBagCollection(
-        tables=tables, optimizer=optimizer, device="cpu", **{"cache_rows": 24, "ways": 4, **kw}
-    )
+    kw.setdefault("cache", ts.CacheConfig(rows=24, ways=4))
+    return ts.TieredEmbeddingBagCollection(tables=tables, optimizer=optimizer, device="cpu", **kw)
 
 
 # ---------------------------------------------------------------------------- resuming
 TARGETS = {
-    "other cache": lambda tmp: dict(cache_rows=7, ways=2, policy="lfu"),
-    "whole in L1, tables reordered": lambda tmp: dict(cache_rows=200, reverse=True),
-    "ssd tier": lambda tmp: dict(cache_rows=6, ways=2, host_rows=80, path=tmp / "target"),
+    "other cache": lambda tmp: dict(cache=ts.CacheConfig(rows=7, ways=2, policy="lfu")),
+    "whole in L1, tables reordered": lambda tmp: dict(
+        cache=ts.CacheConfig(rows=200, ways=4), reverse=True
+    ),
+    "ssd tier": lambda tmp: dict(
+        cache=ts.CacheConfig(rows=6, ways=2), ssd=ts.SSDConfig(tmp / "target", host_rows=80)
+    ),
 }
 SOURCES = {
     "in memory": lambda tmp: dict(),
-    "ssd tier": lambda tmp: dict(cache_rows=6, ways=1, host_rows=64, path=tmp / "source"),
+    "ssd tier": lambda tmp: dict(
+        cache=ts.CacheConfig(rows=6, ways=1), ssd=ts.SSDConfig(tmp / "source", host_rows=64)
+    ),
 }
 
 
@@ -181,15 +186,17 @@ def test_any_tables_and_caches_resume_bitwise(layout, optimizer, steps, seed):
     first, second = random_batches(seed, tables, steps), random_batches(seed + 1, tables, 2)
     whole = build(tables, optimizer)
     want_outs = train(whole, first + second)[steps:]
-    col = build(tables, optimizer, cache_rows=rows_a, ways=ways_a)
+    col = build(tables, optimizer, cache=ts.CacheConfig(rows=rows_a, ways=ways_a))
     train(col, first)
     with tempfile.TemporaryDirectory() as tmp:
         tiers = {}
         if ssd:  # L2 big enough for any batch (L2 must hold L1's rows plus a batch's)
             total = sum(t.num_embeddings for t in tables)
-            tiers = dict(path=pathlib.Path(tmp) / "b", host_rows=rows_b + 2 * total + 8)
-        other = build(tables[::-1] if reverse else tables, optimizer, cache_rows=rows_b,
-                      ways=ways_b, **tiers)  # fmt: skip
+            tiers = dict(
+                ssd=ts.SSDConfig(pathlib.Path(tmp) / "b", host_rows=rows_b + 2 * total + 8)
+            )
+        other = build(tables[::-1] if reverse else tables, optimizer,
+                      cache=ts.CacheConfig(rows=rows_b, ways=ways_b), **tiers)  # fmt: skip
         other.load_state_dict(through_a_file(col.state_dict()))
         assert_outputs_equal(train(other, second), want_outs)
         assert_rows_equal(rows_of(other, {}), rows_of(whole, {}))
@@ -203,8 +210,8 @@ def test_a_tables_state_loads_into_a_single_module_and_back():
     train(col, random_batches(3, tables, 3))
     state = col.state_dict()
     item = tables[1]
-    single = ts.TieredEmbeddingBag(num_embeddings=40, embedding_dim=8, mode="sum", cache_rows=8,
-                                   ways=2, optimizer=opt, device="cpu", seed=item.seed,
+    single = ts.TieredEmbeddingBag(num_embeddings=40, embedding_dim=8, mode="sum",
+                                   cache=ts.CacheConfig(rows=8, ways=2), optimizer=opt, device="cpu", seed=item.seed,
                                    init_scale=item.init_scale)  # fmt: skip
     prefix = "tables.item."
     mine = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
@@ -238,19 +245,31 @@ def test_sparse_table_round_trip_through_ssd_tiers(tmp_path):
     tables, opt = sparse_tables(), ts.RowWiseAdagrad(lr=0.1)
     first = random_batches(4, tables, 3, big=BIG[:4])
     second = random_batches(5, tables, 3, big=BIG)
-    whole = build(tables, opt, cache_rows=64, path=tmp_path / "whole")
+    whole = build(
+        tables, opt, cache=ts.CacheConfig(rows=64, ways=4), ssd=ts.SSDConfig(tmp_path / "whole")
+    )
     want_outs = train(whole, first + second)[3:]
     probe = {"ids": torch.cat([BIG, torch.tensor([9, 2**46])])}  # untouched rows too
     want = rows_of(whole, probe)
 
-    col = build(tables, opt, cache_rows=6, ways=2, host_rows=64, path=tmp_path / "a")
+    col = build(
+        tables,
+        opt,
+        cache=ts.CacheConfig(rows=6, ways=2),
+        ssd=ts.SSDConfig(tmp_path / "a", host_rows=64),
+    )
     train(col, first)
     state = through_a_file(col.state_dict())
     ids = state["tables.ids.ids"]
     assert torch.equal(ids, torch.unique(ids)) and set(ids.tolist()) <= set(BIG[:4].tolist())
     assert state["tables.ids.weight"].shape == (ids.numel(), 8)
     assert "tables.cat.ids" not in state  # a bounded table is dense unless asked
-    other = build(tables, opt, cache_rows=9, ways=3, host_rows=90, path=tmp_path / "b")
+    other = build(
+        tables,
+        opt,
+        cache=ts.CacheConfig(rows=9, ways=3),
+        ssd=ts.SSDConfig(tmp_path / "b", host_rows=90),
+    )
     other.load_state_dict(state)
     assert_outputs_equal(train(other, second), want_outs)
     assert_rows_equal(rows_of(other, probe), want)
@@ -259,14 +278,19 @@ def test_sparse_table_round_trip_through_ssd_tiers(tmp_path):
 def test_sparse_form_on_request_loads_into_a_collection_in_memory(tmp_path):
     tables, opt = dense_tables(), ts.Adagrad(lr=0.05)
     run = random_batches(6, tables, 3)
-    col = build(tables, opt, cache_rows=6, ways=2, host_rows=80, path=tmp_path / "ssd")
+    col = build(
+        tables,
+        opt,
+        cache=ts.CacheConfig(rows=6, ways=2),
+        ssd=ts.SSDConfig(tmp_path / "ssd", host_rows=80),
+    )
     train(col, run)
     with checkpoint.sparse_state_dict():
         state = col.state_dict()
     for t in tables:
         ids = state[f"tables.{t.name}.ids"]
         assert 0 < ids.numel() < t.num_embeddings  # only the written rows
-    mem = build(tables, opt, cache_rows=10)
+    mem = build(tables, opt, cache=ts.CacheConfig(rows=10, ways=4))
     train(mem, random_batches(7, tables, 2))  # rows the checkpoint lacks go back to their init
     mem.load_state_dict(state)
     assert_rows_equal(rows_of(mem, {}), rows_of(col, {}))
@@ -275,14 +299,21 @@ def test_sparse_form_on_request_loads_into_a_collection_in_memory(tmp_path):
 def test_incremental_checkpoints_of_a_collection_restore_exactly(tmp_path):
     tables, opt = sparse_tables(), ts.RowWiseAdagrad(lr=0.1)
     probe = {"ids": BIG}
-    col = build(tables, opt, cache_rows=6, ways=2, host_rows=64, path=tmp_path / "a")
+    col = build(
+        tables,
+        opt,
+        cache=ts.CacheConfig(rows=6, ways=2),
+        ssd=ts.SSDConfig(tmp_path / "a", host_rows=64),
+    )
     train(col, random_batches(8, tables, 2, big=BIG))
     full = col.state_dict()
     col.mark_checkpoint()
     train(col, random_batches(9, tables, 2, big=BIG))
     inc = col.incremental_state_dict()
     assert inc["tables.cat.ids"].numel() < 30  # only the rows changed
-    other = build(tables, opt, cache_rows=8, path=tmp_path / "b")
+    other = build(
+        tables, opt, cache=ts.CacheConfig(rows=8, ways=4), ssd=ts.SSDConfig(tmp_path / "b")
+    )
     other.load_state_dict(full)
     other.load_state_dict(inc, strict=False)
     assert_rows_equal(rows_of(other, probe), rows_of(col, probe))
@@ -290,11 +321,13 @@ def test_incremental_checkpoints_of_a_collection_restore_exactly(tmp_path):
 
 def test_spilled_state_loads_from_mmap(tmp_path):
     tables, opt = sparse_tables(), ts.SGD(lr=0.1)
-    col = build(tables, opt, cache_rows=6, path=tmp_path / "a")
+    col = build(tables, opt, cache=ts.CacheConfig(rows=6, ways=4), ssd=ts.SSDConfig(tmp_path / "a"))
     train(col, random_batches(10, tables, 2, big=BIG))
     with checkpoint.spill_state_dict(tmp_path / "spill"):
         torch.save(col.state_dict(), tmp_path / "ckpt.pt")
-    other = build(tables, opt, cache_rows=7, path=tmp_path / "b")
+    other = build(
+        tables, opt, cache=ts.CacheConfig(rows=7, ways=4), ssd=ts.SSDConfig(tmp_path / "b")
+    )
     other.load_state_dict(torch.load(tmp_path / "ckpt.pt", mmap=True))
     assert_rows_equal(rows_of(other, {"ids": BIG}), rows_of(col, {"ids": BIG}))
 
@@ -309,7 +342,7 @@ def trained():
     tables, opt = dense_tables(), ts.RowWiseAdagrad(lr=0.05)
     src = build(tables, opt)
     train(src, random_batches(11, tables, 2))
-    dst = build(tables, opt, cache_rows=9)
+    dst = build(tables, opt, cache=ts.CacheConfig(rows=9, ways=4))
     train(dst, random_batches(12, tables, 2))
     return src.state_dict(), dst
 
@@ -407,7 +440,12 @@ def test_distributed_checkpoint_of_a_model_holding_a_collection(tmp_path):
     tables, opt = sparse_tables(), ts.RowWiseAdagrad(lr=0.1)
 
     def model(name, cache_rows):
-        col = build(tables, opt, cache_rows=cache_rows, host_rows=64, path=tmp_path / name)
+        col = build(
+            tables,
+            opt,
+            cache=ts.CacheConfig(rows=cache_rows, ways=4),
+            ssd=ts.SSDConfig(tmp_path / name, host_rows=64),
+        )
         return nn.ModuleDict({"emb": col, "top": nn.Linear(8, 2)})
 
     a, b = model("a", 6), model("b", 11)

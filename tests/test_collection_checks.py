@@ -30,8 +30,12 @@ FEATURES = ["a1", "a2", "b"]
     order=st.permutations(FEATURES),
 )
 def test_any_lengths_give_the_output_or_a_clean_refusal(bags, lengths, extra, ids, order):
-    col = ts.TieredEmbeddingBagCollection(TABLES, cache_rows=4, ways=2, device="cpu")
-    ref = ts.TieredEmbeddingBagCollection(TABLES, cache_rows=40, ways=2, device="cpu")
+    col = ts.TieredEmbeddingBagCollection(
+        TABLES, cache=ts.CacheConfig(rows=4, ways=2), device="cpu"
+    )
+    ref = ts.TieredEmbeddingBagCollection(
+        TABLES, cache=ts.CacheConfig(rows=40, ways=2), device="cpu"
+    )
     assert len(col.groups) == 1
     lens = torch.tensor(lengths[: 3 * bags], dtype=torch.int64)
     n = max(0, int(lens.clamp(min=0).sum()) + extra)

@@ -51,7 +51,7 @@ def as_kjt(batch, keys):
 
 def build(tables, opt, cache_rows, **kw):
     return ts.TieredEmbeddingBagCollection(
-        tables, cache_rows=cache_rows, ways=2, optimizer=opt, device="cpu", **kw
+        tables, cache=ts.CacheConfig(rows=cache_rows, ways=2), optimizer=opt, device="cpu", **kw
     )
 
 
@@ -209,7 +209,10 @@ def test_a_group_that_cannot_hold_the_batch_undoes_the_others(tmp_path):
         ts.TableConfig(name="narrow", embedding_dim=4, num_embeddings=50),
     ]
     col = ts.TieredEmbeddingBagCollection(
-        tables, cache_rows=2, ways=1, host_rows=8, path=tmp_path / "c", device="cpu"
+        tables,
+        cache=ts.CacheConfig(rows=2, ways=1),
+        ssd=ts.SSDConfig(tmp_path / "c", host_rows=8),
+        device="cpu",
     )
     small = {"wide": (torch.tensor([1, 2]), torch.tensor([0])),
              "narrow": (torch.tensor([3]), torch.tensor([0]))}  # fmt: skip
@@ -241,7 +244,7 @@ def test_prefetching_on_the_device(device, one_group, depth, cache_rows):
     opt = ts.RowWiseAdagrad(lr=0.1)
     plain, piped = (
         ts.TieredEmbeddingBagCollection(
-            tables, cache_rows=cache_rows, ways=2, optimizer=opt, device=device
+            tables, cache=ts.CacheConfig(rows=cache_rows, ways=2), optimizer=opt, device=device
         )
         for _ in range(2)
     )
@@ -265,8 +268,9 @@ def test_prefetching_with_an_ssd_tier_is_transparent(tmp_path):
     tables = mixed_tables(gen)
     cols = [
         ts.TieredEmbeddingBagCollection(
-            tables, cache_rows=4, ways=2, host_rows=60, path=tmp_path / name, device="cpu",
-            optimizer=ts.Adagrad(lr=0.1), ssd_options={"block_rows": 4},
+            tables, cache=ts.CacheConfig(rows=4, ways=2),
+            ssd=ts.SSDConfig(tmp_path / name, host_rows=60, block_rows=4), device="cpu",
+            optimizer=ts.Adagrad(lr=0.1),
         )
         for name in ("plain", "piped")
     ]  # fmt: skip
@@ -338,7 +342,10 @@ def test_a_batch_split_later_that_l2_cannot_hold(monkeypatch, tmp_path):
         ts.TableConfig(name="narrow", embedding_dim=4, num_embeddings=50),
     ]
     col = ts.TieredEmbeddingBagCollection(
-        tables, cache_rows=2, ways=1, host_rows=8, path=tmp_path / "c", device="cpu"
+        tables,
+        cache=ts.CacheConfig(rows=2, ways=1),
+        ssd=ts.SSDConfig(tmp_path / "c", host_rows=8),
+        device="cpu",
     )
     small = {"wide": (torch.tensor([1, 2]), torch.tensor([0])),
              "narrow": (torch.tensor([3]), torch.tensor([0]))}  # fmt: skip

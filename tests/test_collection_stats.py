@@ -49,7 +49,7 @@ def shared_tables(draw):
 def test_per_table_counts_match_a_brute_force_count(tables, cache_rows, ways, policy, train, seed):
     gen = torch.Generator().manual_seed(seed)
     col = ts.TieredEmbeddingBagCollection(
-        tables, cache_rows=cache_rows, ways=ways, policy=policy, device="cpu"
+        tables, cache=ts.CacheConfig(rows=cache_rows, ways=ways, policy=policy), device="cpu"
     )
     col.train(train)
     want = {t.name: dict.fromkeys(FIELDS, 0) for t in tables}

@@ -159,7 +159,8 @@ TRUNCATED = textwrap.dedent(
             except TierstoreError as exc:
                 print(path, "refused", type(exc).__name__, path in str(exc), flush=True)
         try:
-            ts.TieredEmbeddingBag.open(path, cache_rows=8, host_rows=64).flush()
+            config = ts.SSDConfig(path, host_rows=64)
+            ts.TieredEmbeddingBag.open(config, cache=ts.CacheConfig(rows=8)).flush()
             print(path, "opened", flush=True)
         except TierstoreError as exc:
             print(path, "refused", type(exc).__name__, path in str(exc), flush=True)
@@ -170,7 +171,9 @@ TRUNCATED = textwrap.dedent(
 def test_truncated_table_is_refused_without_a_signal(tmp_path):
     """A data.mdb cut short anywhere is refused at open (SSD tier and module, read-only and
     for writing) with an error naming the path, and the process never dies of SIGBUS."""
-    emb = ts.TieredEmbeddingBag(4000, 9, cache_rows=64, host_rows=4096, path=tmp_path / "t")
+    emb = ts.TieredEmbeddingBag(
+        4000, 9, cache=ts.CacheConfig(rows=64), ssd=ts.SSDConfig(tmp_path / "t", host_rows=4096)
+    )
     emb.write_rows(torch.arange(4000), torch.randn(4000, 9))
     emb.flush()
     emb.close()
@@ -285,7 +288,9 @@ def test_edited_metadata_is_refused_clearly(tmp_path, edit):
     is refused by type and range with a tierstore error naming the path; changed without
     resealing, it fails its checksum."""
     base = tmp_path / "base"
-    emb = ts.TieredEmbeddingBag(100, 4, cache_rows=8, host_rows=64, path=base)
+    emb = ts.TieredEmbeddingBag(
+        100, 4, cache=ts.CacheConfig(rows=8), ssd=ts.SSDConfig(base, host_rows=64)
+    )
     emb.flush()
     emb.close()
     for sealed in (True, False):
@@ -293,7 +298,9 @@ def test_edited_metadata_is_refused_clearly(tmp_path, edit):
         shutil.copytree(base, path)
         _edit_meta(path, EDITS[edit], sealed)
         with pytest.raises(TierstoreError) as info:
-            ts.TieredEmbeddingBag.open(path, cache_rows=8, host_rows=64)
+            ts.TieredEmbeddingBag.open(
+                ts.SSDConfig(path, host_rows=64), cache=ts.CacheConfig(rows=8)
+            )
         assert str(path) in str(info.value)
         if not sealed:
             assert isinstance(info.value, (CorruptBlockError, ts.TableMismatchError))
@@ -324,8 +331,8 @@ def test_eio_with_the_disk_full_is_storage_full(tmp_path, monkeypatch):
 def test_full_map_keeps_the_last_flush_and_serves_reads(tmp_path):
     path = tmp_path / "t"
     emb = ts.TieredEmbeddingBag(
-        20_000, 32, mode="sum", cache_rows=64, host_rows=20_480, path=path, map_size=1 << 20,
-        compression_level=0,
+        20_000, 32, mode="sum", cache=ts.CacheConfig(rows=64),
+        ssd=ts.SSDConfig(path, host_rows=20_480, compression_level=0, map_size=1 << 20),
     )  # fmt: skip
     first = torch.randn(100, 32)
     emb.write_rows(torch.arange(100), first)
@@ -339,7 +346,9 @@ def test_full_map_keeps_the_last_flush_and_serves_reads(tmp_path):
     y = emb(torch.arange(10), torch.tensor([0, 5]))
     assert torch.allclose(y, torch.stack([latest[:5].sum(0), latest[5:10].sum(0)]))
     emb.close()
-    again = ts.TieredEmbeddingBag.open(path, cache_rows=64, host_rows=20_480)
+    again = ts.TieredEmbeddingBag.open(
+        ts.SSDConfig(path, host_rows=20_480), cache=ts.CacheConfig(rows=64)
+    )
     assert torch.equal(again.read_rows(torch.arange(100)), first)
     again.close()
 
@@ -349,7 +358,9 @@ def test_full_map_keeps_the_last_flush_and_serves_reads(tmp_path):
 READER = textwrap.dedent(
     """
     import torch, tierstore as ts
-    emb = ts.TieredEmbeddingBag.open({path!r}, cache_rows=8, host_rows=256, read_only=True)
+    emb = ts.TieredEmbeddingBag.open(
+        ts.SSDConfig({path!r}, host_rows=256, read_only=True), cache=ts.CacheConfig(rows=8)
+    )
     torch.save(emb.read_rows(torch.arange(200)), {out!r})
     with torch.no_grad():  # inference is allowed
         emb(torch.arange(6), torch.tensor([0, 3]))
@@ -373,7 +384,9 @@ def test_read_only_open_beside_a_writer_sees_the_last_flush(tmp_path):
     unflushed changes: it reads the last flushed rows, and refuses training, write_rows and
     flush before changing anything."""
     path = tmp_path / "t"
-    emb = ts.TieredEmbeddingBag(200, 4, cache_rows=16, host_rows=256, path=path)
+    emb = ts.TieredEmbeddingBag(
+        200, 4, cache=ts.CacheConfig(rows=16), ssd=ts.SSDConfig(path, host_rows=256)
+    )
     flushed = torch.randn(200, 4)
     emb.write_rows(torch.arange(200), flushed)
     emb.flush()
@@ -392,5 +405,7 @@ def test_read_only_open_beside_a_writer_sees_the_last_flush(tmp_path):
     ]
     emb.close()
     with pytest.raises(ts.NotATableError):
-        ts.TieredEmbeddingBag(10, 4, cache_rows=4, host_rows=64, path=tmp_path / "e",
-                              read_only=True)  # fmt: skip
+        ts.TieredEmbeddingBag(
+            10, 4, cache=ts.CacheConfig(rows=4),
+            ssd=ts.SSDConfig(tmp_path / "e", host_rows=64, read_only=True),
+        )  # fmt: skip

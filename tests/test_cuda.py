@@ -278,7 +278,7 @@ def test_an_optimizer_without_a_functor_trains_as_torch_with_a_warning():
     """The CUDA backward of an optimizer with no functor is the CPU's torch update, run on the
     device: rows as the CPU table's, stats and cache alike, and a FallbackWarning."""
     num, dim = 300, 12
-    cpu_emb, gpu_emb = _pair(num, dim, mode="sum", cache_rows=40, ways=8,
+    cpu_emb, gpu_emb = _pair(num, dim, mode="sum", cache=ts.CacheConfig(rows=40, ways=8),
                              optimizer=_TorchOnlySgd(lr=0.1))  # fmt: skip
     rng = np.random.default_rng(17)
     for _ in range(6):
@@ -316,8 +316,8 @@ def _check_rows(cpu_emb, gpu_emb, num):
 @pytest.mark.parametrize("policy", ["lru", "lfu"])
 def test_module_matches_cpu(opt, mode, cache_rows, policy):
     num, dim = 700, 24
-    cpu_emb, gpu_emb = _pair(num, dim, mode=mode, cache_rows=cache_rows, ways=8, policy=policy,
-                             optimizer=opt)  # fmt: skip
+    cache = ts.CacheConfig(rows=cache_rows, ways=8, policy=policy)
+    cpu_emb, gpu_emb = _pair(num, dim, mode=mode, cache=cache, optimizer=opt)
     assert gpu_emb.store.backend.name == "cuda"
     rng = np.random.default_rng(cache_rows + len(mode))
     for step in range(12):
@@ -346,7 +346,9 @@ def test_module_dims_and_offsets(dim):
     """Ragged bags given by offsets (empty bags too), odd dims, psw gradients."""
     num = 500
     opt = ts.RowWiseAdagrad(lr=0.05) if dim % 2 else ts.Adagrad(lr=0.05)
-    cpu_emb, gpu_emb = _pair(num, dim, mode="sum", cache_rows=64, ways=4, optimizer=opt)
+    cpu_emb, gpu_emb = _pair(
+        num, dim, mode="sum", cache=ts.CacheConfig(rows=64, ways=4), optimizer=opt
+    )
     rng = np.random.default_rng(dim)
     for _ in range(6):
         n = int(rng.integers(1, 300))
@@ -368,7 +370,7 @@ def test_module_dims_and_offsets(dim):
 
 def test_flush_writes_every_row_back():
     num, dim = 3000, 16
-    cpu_emb, gpu_emb = _pair(num, dim, cache_rows=200, optimizer=ts.SGD(lr=0.5))
+    cpu_emb, gpu_emb = _pair(num, dim, cache=ts.CacheConfig(rows=200), optimizer=ts.SGD(lr=0.5))
     rng = np.random.default_rng(9)
     for _ in range(10):
         x = _trace(rng, "zipf", num, 64 * 8).view(64, 8)
@@ -384,7 +386,9 @@ def test_flush_writes_every_row_back():
 def test_gather_scatter_and_prefetch():
     cuda = _cuda()
     num, dim = 400, 12
-    cpu_emb, gpu_emb = _pair(num, dim, cache_rows=16, ways=4, optimizer=ts.Adagrad(lr=0.1))
+    cpu_emb, gpu_emb = _pair(
+        num, dim, cache=ts.CacheConfig(rows=16, ways=4), optimizer=ts.Adagrad(lr=0.1)
+    )
     x = torch.randint(0, num, (50, 4))
     gpu_emb.prefetch(x.cuda())
     cpu_emb.prefetch(x)
@@ -407,7 +411,7 @@ def test_places_point_at_each_index_row():
     for a conflict miss, times two, plus one where no other index of the batch reads the row;
     checked against torch.unique's inverse of the batch."""
     num, dim = 5000, 8
-    emb = ts.TieredEmbeddingBag(num, dim, cache_rows=64, ways=4, device="cuda")
+    emb = ts.TieredEmbeddingBag(num, dim, cache=ts.CacheConfig(rows=64, ways=4), device="cuda")
     store = emb.store
     seed = int(np.random.SeedSequence().entropy % 2**32)  # fresh ids each run, named on failure
     flat = _trace(np.random.default_rng(seed), "zipf", num, 4000).cuda()
@@ -546,7 +550,11 @@ def test_step_same_with_and_without_fast_paths():
         cuda_unique.FAST_UNIQUE = fast
         try:
             emb = ts.TieredEmbeddingBag(
-                5000, 129, cache_rows=300, optimizer=ts.RowWiseAdagrad(lr=0.1), device="cuda"
+                5000,
+                129,
+                cache=ts.CacheConfig(rows=300),
+                optimizer=ts.RowWiseAdagrad(lr=0.1),
+                device="cuda",
             )
             gen = np.random.default_rng(6)
             for _ in range(4):

@@ -31,8 +31,8 @@ def _batch(gen, bags=10, max_len=6):
 
 
 def _table(device, optimizer=ts.SGD(lr=0.1), **kw):  # noqa: B008
-    return ts.TieredEmbeddingBag(N, D, mode="sum", cache_rows=24, ways=8, optimizer=optimizer,
-                                 device=device, seed=5, **kw)  # fmt: skip
+    return ts.TieredEmbeddingBag(N, D, mode="sum", cache=ts.CacheConfig(rows=24, ways=8),
+                                 optimizer=optimizer, device=device, seed=5, **kw)  # fmt: skip
 
 
 def _rows(emb):
@@ -350,7 +350,9 @@ def test_weight_refuses_bad_values_and_unbounded_tables(tmp_path):
     emb.weight_max_bytes = N * D * 4 - 1
     with pytest.raises(InvalidInputError, match="weight_max_bytes"):
         emb.weight  # noqa: B018
-    hashed = ts.TieredEmbeddingBag(None, D, cache_rows=8, path=tmp_path / "t", device="cpu")
+    hashed = ts.TieredEmbeddingBag(
+        None, D, cache=ts.CacheConfig(rows=8), ssd=ts.SSDConfig(tmp_path / "t"), device="cpu"
+    )
     with pytest.raises(InvalidInputError, match="num_embeddings=None"):
         hashed.weight  # noqa: B018
     hashed.close()
@@ -359,13 +361,17 @@ def test_weight_refuses_bad_values_and_unbounded_tables(tmp_path):
 # ----------------------------------------------------------------------- close()
 def test_close_warns_when_it_drops_training_and_flushes_when_asked(tmp_path):
     seed, gen = _seeded()
-    kw = dict(mode="sum", cache_rows=16, host_rows=64, device="cpu", seed=5)
-    emb = ts.TieredEmbeddingBag(N, D, path=tmp_path / "a", optimizer=ts.SGD(lr=0.5), **kw)
+    kw = dict(mode="sum", cache=ts.CacheConfig(rows=16), device="cpu", seed=5)
+    emb = ts.TieredEmbeddingBag(
+        N, D, ssd=ts.SSDConfig(tmp_path / "a", host_rows=64), optimizer=ts.SGD(lr=0.5), **kw
+    )
     initial = _rows(emb)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing trained yet: nothing to warn about
         emb.close()
-    emb = ts.TieredEmbeddingBag.open(tmp_path / "a", cache_rows=16, host_rows=64, device="cpu")
+    emb = ts.TieredEmbeddingBag.open(
+        ts.SSDConfig(tmp_path / "a", host_rows=64), cache=ts.CacheConfig(rows=16), device="cpu"
+    )
     for _ in range(3):
         idx, offs = _batch(gen)
         emb(idx, offs).sum().backward()
@@ -373,13 +379,17 @@ def test_close_warns_when_it_drops_training_and_flushes_when_asked(tmp_path):
     assert not torch.equal(trained, initial)
     with pytest.warns(UserWarning, match="flush"):
         emb.close()  # drops the training, and says so
-    again = ts.TieredEmbeddingBag.open(tmp_path / "a", cache_rows=16, host_rows=64, device="cpu")
+    again = ts.TieredEmbeddingBag.open(
+        ts.SSDConfig(tmp_path / "a", host_rows=64), cache=ts.CacheConfig(rows=16), device="cpu"
+    )
     assert torch.equal(_rows(again), initial), f"seed {seed}"
     again.weight = trained
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         again.close(flush=True)
-    third = ts.TieredEmbeddingBag.open(tmp_path / "a", cache_rows=16, host_rows=64, device="cpu")
+    third = ts.TieredEmbeddingBag.open(
+        ts.SSDConfig(tmp_path / "a", host_rows=64), cache=ts.CacheConfig(rows=16), device="cpu"
+    )
     assert torch.equal(_rows(third), trained), f"close(flush=True) lost rows (seed {seed})"
     third.flush()
     with warnings.catch_warnings():
@@ -393,7 +403,7 @@ def test_graphed_step_follows_the_scheduler_and_refuses_a_mode_change():
     """The kernels read lr from a device scalar: a GraphedStep replays each step with the lr a
     scheduler set since, bit for bit as the eager step; eval() after capture is refused."""
     seed, gen = _seeded()
-    kw = dict(mode="sum", cache_rows=64, ways=8, device="cuda", seed=5,
+    kw = dict(mode="sum", cache=ts.CacheConfig(rows=64, ways=8), device="cuda", seed=5,
               optimizer=ts.RowWiseAdagrad(lr=0.2))  # fmt: skip
     eager, graphed = ts.TieredEmbeddingBag(N, D, **kw), ts.TieredEmbeddingBag(N, D, **kw)
     scheds = [

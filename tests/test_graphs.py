@@ -20,8 +20,8 @@ ROWS, BAGS, LENGTH = 4000, 64, 8
 
 def _pair(policy: str, mode: str, cache_rows: int, dim: int = 24):
     """Two identical tables: one trained eagerly (the reference), one through GraphedStep."""
-    kw = dict(mode=mode, cache_rows=cache_rows, ways=8, policy=policy, device="cuda", seed=3,
-              optimizer=ts.RowWiseAdagrad(lr=0.05))  # fmt: skip
+    kw = dict(mode=mode, cache=ts.CacheConfig(rows=cache_rows, ways=8, policy=policy),
+              device="cuda", seed=3, optimizer=ts.RowWiseAdagrad(lr=0.05))  # fmt: skip
     return ts.TieredEmbeddingBag(ROWS, dim, **kw), ts.TieredEmbeddingBag(ROWS, dim, **kw)
 
 
@@ -108,10 +108,12 @@ class _TwoTowers(torch.nn.Module):
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
-        self.users = ts.TieredEmbeddingBag(ROWS, 24, cache_rows=300, ways=8, device="cuda",
+        self.users = ts.TieredEmbeddingBag(ROWS, 24, cache=ts.CacheConfig(rows=300, ways=8),
+                                           device="cuda",
                                            optimizer=ts.RowWiseAdagrad(lr=0.05))  # fmt: skip
-        self.items = ts.TieredEmbeddingBag(ROWS // 2, 16, mode="mean", cache_rows=150,
-                                           policy="lfu", device="cuda", seed=9,
+        self.items = ts.TieredEmbeddingBag(ROWS // 2, 16, mode="mean",
+                                           cache=ts.CacheConfig(rows=150, policy="lfu"),
+                                           device="cuda", seed=9,
                                            optimizer=ts.Adagrad(lr=0.1))  # fmt: skip
         self.top = torch.nn.Linear(24 + 16, 1).cuda()
 
@@ -261,7 +263,7 @@ def test_tables_that_cannot_run_from_a_graph_are_refused(monkeypatch, gpu):
     """A table on the CPU, or one whose step reads the device (an SSD tier): refused by name
     before the capture records anything. (The capture is simulated: GraphedStep's record.)"""
     device = "cuda" if gpu else "cpu"
-    emb = ts.TieredEmbeddingBag(100, 8, cache_rows=16, device=device)
+    emb = ts.TieredEmbeddingBag(100, 8, cache=ts.CacheConfig(rows=16), device=device)
     if gpu:  # a policy without kernels: its step reads counts back to the host
         monkeypatch.setattr(emb.store.l1, "sync_free", False)
     monkeypatch.setattr(graphs._capturing, "forwards", [], raising=False)

@@ -80,7 +80,9 @@ def test_positional_arguments_and_defaults_are_torchs():
 @SLOW_DRAWS
 @given(data=st.data(), num=st.integers(2, 40), dim=st.integers(1, 9))
 def test_the_default_mode_is_mean(data, num, dim):
-    emb = ts.TieredEmbeddingBag(num, dim, None, 2.0, False, cache_rows=5, ways=2, device="cpu")
+    emb = ts.TieredEmbeddingBag(
+        num, dim, None, 2.0, False, cache=ts.CacheConfig(rows=5, ways=2), device="cpu"
+    )
     assert emb.mode == "mean"
     ref = torch.nn.EmbeddingBag.from_pretrained(emb.read_rows(torch.arange(num)))
     idx, offs = data.draw(bags(num))
@@ -91,7 +93,7 @@ def test_an_unknown_keyword_is_a_type_error_and_never_reaches_the_ssd_tier(tmp_p
     with pytest.raises(TypeError, match="bogus"):
         ts.TieredEmbeddingBag(10, 4, bogus=1, device="cpu")
     with pytest.raises(TypeError, match="bogus"):
-        ts.TieredEmbeddingBag(10, 4, path=tmp_path / "t", bogus=1, device="cpu")
+        ts.TieredEmbeddingBag(10, 4, ssd=ts.SSDConfig(tmp_path / "t"), bogus=1, device="cpu")
     assert not (tmp_path / "t").exists()
     with pytest.raises(TypeError, match="bogus"):
         ts.TieredEmbeddingBag.from_pretrained(torch.randn(5, 2), bogus=1)
@@ -112,8 +114,10 @@ def test_ssd_options_without_a_path_are_refused_by_name(kwargs):
 def test_ssd_options_reach_the_tier_and_are_checked_on_reopening(tmp_path):
     path = tmp_path / "t"
     emb = ts.TieredEmbeddingBag(
-        100, 4, mode="sum", cache_rows=8, host_rows=64, host_ways=8, path=path, block_rows=4,
-        compression_level=0, map_size=1 << 26, io_threads=2, device="cpu",
+        100, 4, mode="sum", cache=ts.CacheConfig(rows=8),
+        ssd=ts.SSDConfig(path, host_rows=64, host_ways=8, block_rows=4, compression_level=0,
+                         map_size=1 << 26, io_threads=2),
+        device="cpu",
     )  # fmt: skip
     assert emb.store.host.cache.ways == 8
     assert emb.store.host.ssd.meta["block_rows"] == 4
@@ -123,9 +127,14 @@ def test_ssd_options_reach_the_tier_and_are_checked_on_reopening(tmp_path):
     want = emb.read_rows(torch.arange(100))
     emb.close()
     with pytest.raises(ts.TableMismatchError, match="block_rows=4"):
-        ts.TieredEmbeddingBag(100, 4, cache_rows=8, host_rows=64, path=path, block_rows=8)
+        ts.TieredEmbeddingBag(
+            100, 4, cache=ts.CacheConfig(rows=8), ssd=ts.SSDConfig(path, host_rows=64, block_rows=8)
+        )
     again = ts.TieredEmbeddingBag(
-        100, 4, cache_rows=8, host_rows=64, path=path, block_rows=4, compression_level=0
+        100,
+        4,
+        cache=ts.CacheConfig(rows=8),
+        ssd=ts.SSDConfig(path, host_rows=64, block_rows=4, compression_level=0),
     )
     assert torch.equal(again.read_rows(torch.arange(100)), want)
     again.close()
@@ -142,8 +151,8 @@ REFUSED = [
     ({"padding_idx": 1.5}, "padding_idx"),
     ({"_weight": torch.zeros(49, 4)}, "_weight"),
     ({"_weight": torch.zeros(50, 4, dtype=torch.int64)}, "_weight"),
-    ({"policy": "fifo"}, "policy"),
-    ({"ways": 0}, "ways"),
+    ({"cache": {"policy": "fifo"}}, "policy"),
+    ({"cache": {"ways": 0}}, "ways"),
 ]
 
 
@@ -152,11 +161,18 @@ REFUSED = [
 )
 def test_refused_arguments_say_why_and_create_nothing(tmp_path, kwargs, message):
     path = tmp_path / "t"
+    kwargs = dict(kwargs)
+    cache = kwargs.pop("cache", {})  # CacheConfig's options, refused when it is made
     with pytest.raises(ts.InvalidInputError, match=message):
-        ts.TieredEmbeddingBag(50, 4, cache_rows=8, host_rows=64, path=path, **kwargs)
+        ts.TieredEmbeddingBag(
+            50, 4, cache=ts.CacheConfig(rows=8, **cache), ssd=ts.SSDConfig(path, host_rows=64),
+            **kwargs,
+        )  # fmt: skip
     assert not path.exists()
     with pytest.raises(ts.InvalidInputError, match=message):
-        ts.TieredEmbeddingBag(50, 4, cache_rows=8, device="cpu", **kwargs)
+        ts.TieredEmbeddingBag(
+            50, 4, cache=ts.CacheConfig(rows=8, **cache), device="cpu", **kwargs
+        )  # fmt: skip
 
 
 def test_refused_from_pretrained_arguments_say_why():
@@ -179,8 +195,8 @@ def test_sparse_true_is_accepted_and_changes_nothing(data, num, mode):
     rows = []
     for sparse in (False, True):
         emb = ts.TieredEmbeddingBag(
-            num, 3, mode=mode, sparse=sparse, cache_rows=4, ways=2, optimizer=ts.SGD(0.3),
-            device="cpu",
+            num, 3, mode=mode, sparse=sparse, cache=ts.CacheConfig(rows=4, ways=2),
+            optimizer=ts.SGD(0.3), device="cpu",
         )  # fmt: skip
         emb(idx, offs).backward(g)
         rows.append(emb.read_rows(torch.arange(num), with_state=True))
@@ -208,8 +224,8 @@ def test_padding_idx_forward_and_training_match_torch(
     gen = generator(data)
     w0 = torch.randn(num, dim, generator=gen)
     emb = ts.TieredEmbeddingBag.from_pretrained(
-        w0, freeze=False, mode=mode, padding_idx=padding_idx, cache_rows=cache_rows, ways=4,
-        optimizer=ts.SGD(lr), device="cpu",
+        w0, freeze=False, mode=mode, padding_idx=padding_idx,
+        cache=ts.CacheConfig(rows=cache_rows, ways=4), optimizer=ts.SGD(lr), device="cpu",
     )  # fmt: skip
     ref = torch.nn.EmbeddingBag.from_pretrained(
         w0.clone(), freeze=False, mode=mode, sparse=mode != "max", padding_idx=padding_idx
@@ -238,17 +254,21 @@ def test_padding_idx_forward_and_training_match_torch(
 
 
 def test_a_new_tables_padding_row_is_zero_as_torchs(tmp_path):
-    emb = ts.TieredEmbeddingBag(30, 4, padding_idx=-2, cache_rows=8, device="cpu")
+    emb = ts.TieredEmbeddingBag(30, 4, padding_idx=-2, cache=ts.CacheConfig(rows=8), device="cpu")
     assert emb.padding_idx == 28
     assert torch.equal(emb.read_rows(torch.tensor([28])), torch.zeros(1, 4))
     assert emb.read_rows(torch.tensor([27])).abs().sum() > 0
     path = tmp_path / "t"
-    ssd = ts.TieredEmbeddingBag(30, 4, padding_idx=3, cache_rows=8, host_rows=64, path=path)
+    ssd = ts.TieredEmbeddingBag(
+        30, 4, padding_idx=3, cache=ts.CacheConfig(rows=8), ssd=ts.SSDConfig(path, host_rows=64)
+    )
     assert torch.equal(ssd.read_rows(torch.tensor([3])), torch.zeros(1, 4))
     ssd.write_rows(torch.tensor([3]), torch.ones(1, 4))
     ssd.flush()
     ssd.close()  # a reopened table keeps its row: only a new one starts at zero
-    again = ts.TieredEmbeddingBag(30, 4, padding_idx=3, cache_rows=8, host_rows=64, path=path)
+    again = ts.TieredEmbeddingBag(
+        30, 4, padding_idx=3, cache=ts.CacheConfig(rows=8), ssd=ts.SSDConfig(path, host_rows=64)
+    )
     assert torch.equal(again.read_rows(torch.tensor([3])), torch.ones(1, 4))
     again.close()
 
@@ -258,7 +278,7 @@ def test_padding_with_prefetch_2d_input_and_include_last_offset(device):
     w0 = torch.randn(num, dim)
     kw = dict(freeze=False, mode="mean", padding_idx=pad, include_last_offset=True)
     emb = ts.TieredEmbeddingBag.from_pretrained(
-        w0, **kw, cache_rows=6, ways=2, optimizer=ts.SGD(0.5), device=device
+        w0, **kw, cache=ts.CacheConfig(rows=6, ways=2), optimizer=ts.SGD(0.5), device=device
     )
     ref = torch.nn.EmbeddingBag.from_pretrained(w0.clone(), **kw, sparse=True)
     opt = torch.optim.SGD(ref.parameters(), lr=0.5)
@@ -302,8 +322,8 @@ def test_max_mode_forward_and_training_match_torch(data, num, dim, cache_rows, o
     w0 = torch.randn(num, dim, generator=gen)
     ours = ts.SGD(lr) if opt == "sgd" else ts.Adagrad(lr)
     emb = ts.TieredEmbeddingBag(
-        num, dim, mode="max", _weight=w0, cache_rows=cache_rows, ways=2, optimizer=ours,
-        device="cpu",
+        num, dim, mode="max", _weight=w0, cache=ts.CacheConfig(rows=cache_rows, ways=2),
+        optimizer=ours, device="cpu",
     )  # fmt: skip
     ref = torch.nn.EmbeddingBag.from_pretrained(w0.clone(), freeze=False, mode="max")
     theirs = (torch.optim.SGD if opt == "sgd" else torch.optim.Adagrad)(ref.parameters(), lr=lr)
@@ -335,7 +355,9 @@ def test_max_mode_on_each_backend_and_its_refusals(device):
     per-sample weights (as torch)."""
     num, dim = 300, 33
     gen = torch.Generator().manual_seed(8)
-    kw = dict(mode="max", cache_rows=24, ways=4, optimizer=ts.RowWiseAdagrad(0.1), seed=2)
+    kw = dict(
+        mode="max", cache=ts.CacheConfig(rows=24, ways=4), optimizer=ts.RowWiseAdagrad(0.1), seed=2
+    )
     emb, ref = (
         ts.TieredEmbeddingBag(num, dim, device=device, **kw),
         ts.TieredEmbeddingBag(num, dim, device="cpu", **kw),
@@ -376,7 +398,9 @@ def test_from_pretrained_freeze_semantics(data, num, dim, mode):
     and no row ever changes; freeze=False trains as torch.optim.SGD on the unfrozen table."""
     gen = generator(data)
     w = torch.randn(num, dim, generator=gen)
-    frozen = ts.TieredEmbeddingBag.from_pretrained(w, mode=mode, cache_rows=4, device="cpu")
+    frozen = ts.TieredEmbeddingBag.from_pretrained(
+        w, mode=mode, cache=ts.CacheConfig(rows=4), device="cpu"
+    )
     ref = torch.nn.EmbeddingBag.from_pretrained(w.clone(), mode=mode)
     assert frozen.optimizer is None
     idx, offs = data.draw(bags(num))
@@ -386,7 +410,12 @@ def test_from_pretrained_freeze_semantics(data, num, dim, mode):
     assert torch.equal(frozen.read_rows(torch.arange(num)), w)
 
     trained = ts.TieredEmbeddingBag.from_pretrained(
-        w, freeze=False, mode=mode, cache_rows=4, ways=2, optimizer=ts.SGD(0.5), device="cpu"
+        w,
+        freeze=False,
+        mode=mode,
+        cache=ts.CacheConfig(rows=4, ways=2),
+        optimizer=ts.SGD(0.5),
+        device="cpu",
     )
     ref = torch.nn.EmbeddingBag.from_pretrained(
         w.clone(), freeze=False, mode=mode, sparse=mode != "max"
@@ -403,21 +432,35 @@ def test_from_pretrained_freeze_semantics(data, num, dim, mode):
 
 def test_weight_initialises_the_rows(tmp_path):
     w = torch.randn(64, 5, dtype=torch.float64)
-    emb = ts.TieredEmbeddingBag(64, 5, None, 2.0, False, "sum", False, w, cache_rows=8)
+    emb = ts.TieredEmbeddingBag(
+        64, 5, None, 2.0, False, "sum", False, w, cache=ts.CacheConfig(rows=8)
+    )
     assert emb.device == torch.device("cpu")  # torch's default device
     assert torch.equal(emb.read_rows(torch.arange(64)), w.float())
-    ssd = ts.TieredEmbeddingBag(64, 5, _weight=w, cache_rows=8, host_rows=64, path=tmp_path / "t")
+    ssd = ts.TieredEmbeddingBag(
+        64,
+        5,
+        _weight=w,
+        cache=ts.CacheConfig(rows=8),
+        ssd=ts.SSDConfig(tmp_path / "t", host_rows=64),
+    )
     assert torch.equal(ssd.read_rows(torch.arange(64)), w.float())
     ssd.close()
     with pytest.raises(ts.InvalidInputError, match="_weight"):
-        ts.TieredEmbeddingBag(None, 5, _weight=w, cache_rows=8, host_rows=64, path=tmp_path / "u")
+        ts.TieredEmbeddingBag(
+            None,
+            5,
+            _weight=w,
+            cache=ts.CacheConfig(rows=8),
+            ssd=ts.SSDConfig(tmp_path / "u", host_rows=64),
+        )
 
 
 # ---------------------------------------------------------------------------- device and dtype
 def trained_table(device="cpu", **kw):
     num = 60
     emb = ts.TieredEmbeddingBag(
-        num, 6, mode="sum", cache_rows=8, ways=4, optimizer=ts.Adagrad(0.2), seed=1,
+        num, 6, mode="sum", cache=ts.CacheConfig(rows=8, ways=4), optimizer=ts.Adagrad(0.2), seed=1,
         device=device, **kw,
     )  # fmt: skip
     gen = torch.Generator().manual_seed(3)
@@ -467,7 +510,7 @@ def test_to_the_same_device_train_and_eval_work():
 def test_moving_the_cache_keeps_every_row(tmp_path, ssd):
     """The move's rebuild (dirty L1 rows written back, L1 made anew over the same L2/L3),
     exercised from the CPU to the CPU: training goes on bitwise as a table that never moved."""
-    kw = {"host_rows": 64, "path": tmp_path / "t"} if ssd else {}
+    kw = {"ssd": ts.SSDConfig(tmp_path / "t", host_rows=64)} if ssd else {}
     emb, num = trained_table(**kw)
     ref, _ = trained_table()
     stats = emb.stats()
@@ -533,7 +576,7 @@ def test_generic_paths_refuse_a_graph_capture(monkeypatch):
     of them is refused by name, before anything is recorded."""
     monkeypatch.setattr(graphs._capturing, "forwards", [], raising=False)
     for kw, name in [({"padding_idx": 0}, "padding_idx"), ({"mode": "max"}, "max")]:
-        emb = ts.TieredEmbeddingBag(20, 4, cache_rows=8, device="cpu", **kw)
+        emb = ts.TieredEmbeddingBag(20, 4, cache=ts.CacheConfig(rows=8), device="cpu", **kw)
         with pytest.raises(ts.InvalidInputError, match=f"cannot be captured: .*{name}"):
             emb(torch.tensor([[1, 2]]))
     assert graphs._capturing.forwards == []

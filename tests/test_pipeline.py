@@ -29,7 +29,7 @@ def zipf_batches(seed: int, steps: int, bags: int = 10, max_len: int = 7, num: i
 
 def make(device, cache_rows, policy="lru", optimizer=None, ways=4, **kw):
     return ts.TieredEmbeddingBag(
-        N, D, mode="sum", cache_rows=cache_rows, ways=ways, policy=policy,
+        N, D, mode="sum", cache=ts.CacheConfig(rows=cache_rows, ways=ways, policy=policy),
         optimizer=optimizer or ts.RowWiseAdagrad(lr=0.1), device=device, seed=5, **kw,
     )  # fmt: skip
 
@@ -99,7 +99,7 @@ def test_prefetching_is_transparent_on_cpu(seed, depth, cache_rows, ways, policy
 def test_prefetching_with_an_ssd_tier_is_transparent(tmp_path):
     batches = zipf_batches(11, 10)
     ref = make("cpu", 4)
-    emb = make("cpu", 4, path=tmp_path / "t", host_rows=96)
+    emb = make("cpu", 4, ssd=ts.SSDConfig(tmp_path / "t", host_rows=96))
     for a, b in zip(train(ref, batches, "cpu"), train(emb, batches, "cpu", 2)):
         assert torch.equal(a, b)
     rows = torch.arange(N)

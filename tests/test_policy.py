@@ -133,7 +133,7 @@ def test_a_policy_of_its_own_trains_as_its_torch_specification():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FallbackWarning)
             emb = ts.TieredEmbeddingBag(
-                200, 8, mode="sum", cache_rows=12, ways=4, policy=policy, seed=seed,
+                200, 8, mode="sum", cache=ts.CacheConfig(rows=12, ways=4, policy=policy), seed=seed,
                 optimizer=ts.SGD(lr=0.1), device="cpu",
             )  # fmt: skip
         gen = np.random.default_rng(seed)

@@ -26,9 +26,7 @@ def test_replay_equals_engine_stats(device, policy, cache_rows, ways):
     emb = ts.TieredEmbeddingBag(
         500,
         4,
-        cache_rows=cache_rows,
-        ways=ways,
-        policy=policy,
+        cache=ts.CacheConfig(rows=cache_rows, ways=ways, policy=policy),
         device=device,
         optimizer=ts.SGD(0.1),
     )
@@ -56,7 +54,11 @@ def test_two_level_replay_attributes_every_miss(tmp_path):
     r = replay_engine(batches, 20, "lru", 4, host_rows=128)
     assert r.l2_hits + r.l3_reads == r.misses
     emb = ts.TieredEmbeddingBag(
-        500, 4, cache_rows=20, ways=4, host_rows=128, path=tmp_path / "t", optimizer=None
+        500,
+        4,
+        cache=ts.CacheConfig(rows=20, ways=4),
+        ssd=ts.SSDConfig(tmp_path / "t", host_rows=128),
+        optimizer=None,
     )
     for ids in batches:
         emb(ids, torch.tensor([0]))

@@ -22,9 +22,11 @@ BAGS, PER_BAG = 8, 6
 
 
 def make_table(config: str, tmp_path, optimizer=None, name="t"):
-    opts = dict(mode="sum", cache_rows=32, ways=4, device="cpu", optimizer=optimizer)
+    opts = dict(
+        mode="sum", cache=ts.CacheConfig(rows=32, ways=4), device="cpu", optimizer=optimizer
+    )
     if config == "ssd":
-        opts.update(path=tmp_path / name, host_rows=128)
+        opts.update(ssd=ts.SSDConfig(tmp_path / name, host_rows=128))
     return ts.TieredEmbeddingBag(N, D, **opts)
 
 
@@ -124,7 +126,9 @@ def test_two_threads_training_equals_a_serial_run(config, tmp_path):
     emb.flush()
     if config == "ssd":
         emb.close()
-        emb = ts.TieredEmbeddingBag.open(tmp_path / "threads", cache_rows=32, device="cpu")
+        emb = ts.TieredEmbeddingBag.open(
+            tmp_path / "threads", cache=ts.CacheConfig(rows=32), device="cpu"
+        )
     assert torch.equal(emb.read_rows(torch.arange(N), with_state=True), want)
     emb.close()
 
@@ -222,6 +226,8 @@ def test_flush_stats_and_reads_beside_training(tmp_path):
     assert_no_batch_locks(emb)
     emb.flush()
     emb.close()
-    back = ts.TieredEmbeddingBag.open(tmp_path / "busy", cache_rows=32, device="cpu")
+    back = ts.TieredEmbeddingBag.open(
+        tmp_path / "busy", cache=ts.CacheConfig(rows=32), device="cpu"
+    )
     assert torch.equal(back.read_rows(torch.arange(N), with_state=True), want)
     back.close()

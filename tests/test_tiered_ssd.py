@@ -42,17 +42,17 @@ def rows_of(emb, ids):
 
 def test_ssd_tier_is_transparent(device, tmp_path):
     run = batches(1, 25)
-    ref = ts.TieredEmbeddingBag(N, D, cache_rows=N, optimizer=ts.Adagrad(0.1), device=device)
+    ref = ts.TieredEmbeddingBag(
+        N, D, cache=ts.CacheConfig(rows=N), optimizer=ts.Adagrad(0.1), device=device
+    )
     train(ref, run, device)
     want = rows_of(ref, torch.arange(N))
     for i, (cache_rows, host_rows) in enumerate([(1, 64), (16, 128), (N, 4 * N)]):
         emb = ts.TieredEmbeddingBag(
             N,
             D,
-            cache_rows=cache_rows,
-            host_rows=host_rows,
-            ways=4,
-            path=tmp_path / f"t{i}",
+            cache=ts.CacheConfig(rows=cache_rows, ways=4),
+            ssd=ts.SSDConfig(tmp_path / f"t{i}", host_rows=host_rows),
             optimizer=ts.Adagrad(0.1),
             device=device,
         )
@@ -61,7 +61,9 @@ def test_ssd_tier_is_transparent(device, tmp_path):
         emb.flush()
         emb.close()
         again = ts.TieredEmbeddingBag.open(
-            tmp_path / f"t{i}", cache_rows=8, host_rows=64, device=device
+            ts.SSDConfig(tmp_path / f"t{i}", host_rows=64),
+            cache=ts.CacheConfig(rows=8),
+            device=device,
         )
         assert torch.equal(rows_of(again, torch.arange(N)), want)
         assert again.optimizer == ts.Adagrad(0.1)
@@ -70,7 +72,11 @@ def test_ssd_tier_is_transparent(device, tmp_path):
 
 def test_close_without_flush_goes_back_to_the_last_flush(tmp_path):
     emb = ts.TieredEmbeddingBag(
-        N, D, cache_rows=8, host_rows=64, path=tmp_path / "t", optimizer=ts.SGD(0.5)
+        N,
+        D,
+        cache=ts.CacheConfig(rows=8),
+        ssd=ts.SSDConfig(tmp_path / "t", host_rows=64),
+        optimizer=ts.SGD(0.5),
     )
     train(emb, batches(2, 10))
     emb.flush()
@@ -78,23 +84,24 @@ def test_close_without_flush_goes_back_to_the_last_flush(tmp_path):
     train(emb, batches(3, 10))  # evictions stage rows in L3, nothing is flushed
     assert not torch.equal(rows_of(emb, torch.arange(N)), flushed)
     emb.close()
-    again = ts.TieredEmbeddingBag.open(tmp_path / "t", cache_rows=8, host_rows=64)
+    again = ts.TieredEmbeddingBag.open(
+        ts.SSDConfig(tmp_path / "t", host_rows=64), cache=ts.CacheConfig(rows=8)
+    )
     assert torch.equal(rows_of(again, torch.arange(N)), flushed)
 
 
 def test_unbounded_hashed_ids(tmp_path):
     run = batches(4, 15, sparse=True)
     a = ts.TieredEmbeddingBag(
-        None, D, mode="sum", cache_rows=16, host_rows=128, path=tmp_path / "a",
-        optimizer=ts.RowWiseAdagrad(0.2),
+        None, D, mode="sum", cache=ts.CacheConfig(rows=16),
+        ssd=ts.SSDConfig(tmp_path / "a", host_rows=128), optimizer=ts.RowWiseAdagrad(0.2),
     )  # fmt: skip
     b = ts.TieredEmbeddingBag(
         None,
         D,
         mode="sum",
-        cache_rows=4096,
-        host_rows=8192,
-        path=tmp_path / "b",
+        cache=ts.CacheConfig(rows=4096),
+        ssd=ts.SSDConfig(tmp_path / "b", host_rows=8192),
         optimizer=ts.RowWiseAdagrad(0.2),
     )
     ids = torch.unique(torch.cat([r[0] for r in run]))
@@ -114,7 +121,10 @@ def test_unbounded_hashed_ids(tmp_path):
 def test_a_billion_row_table_is_created_at_once(tmp_path):
     t0 = time.perf_counter()
     emb = ts.TieredEmbeddingBag(
-        10**9, 64, cache_rows=1024, host_rows=1 << 14, path=tmp_path / "big"
+        10**9,
+        64,
+        cache=ts.CacheConfig(rows=1024),
+        ssd=ts.SSDConfig(tmp_path / "big", host_rows=1 << 14),
     )
     assert time.perf_counter() - t0 < 30  # generous: a dense 10^9-row table would need 256 GB
     ids = torch.tensor([0, 123_456_789, 10**9 - 1])
@@ -125,7 +135,9 @@ def test_a_billion_row_table_is_created_at_once(tmp_path):
 
 
 def test_batch_too_large_for_host_rows_fails_before_any_change(tmp_path):
-    emb = ts.TieredEmbeddingBag(N, D, cache_rows=8, ways=8, host_rows=128, path=tmp_path / "t")
+    emb = ts.TieredEmbeddingBag(
+        N, D, cache=ts.CacheConfig(rows=8, ways=8), ssd=ts.SSDConfig(tmp_path / "t", host_rows=128)
+    )
     train(emb, batches(5, 3))
     before = rows_of(emb, torch.arange(N)), emb.stats(), emb.store.host.cache.locks.clone()
     idx = torch.arange(200)
@@ -156,10 +168,13 @@ def test_smallest_host_rows_the_rule_allows_never_fails(device, tmp_path, ahead)
         idx = perm[torch.multinomial(weights, per_batch, replacement=True, generator=gen)]
         run.append((idx, torch.arange(0, per_batch, 8), torch.randn(per_batch // 8, dim)))
     run = [tuple(t.to(device) for t in batch) for batch in run]
-    ref = ts.TieredEmbeddingBag(num, dim, cache_rows=num, optimizer=ts.Adagrad(0.1), device=device)
+    ref = ts.TieredEmbeddingBag(
+        num, dim, cache=ts.CacheConfig(rows=num), optimizer=ts.Adagrad(0.1), device=device
+    )
     emb = ts.TieredEmbeddingBag(
-        num, dim, cache_rows=l1_rows, ways=8, host_rows=l1_rows + (1 + ahead) * per_batch,
-        host_ways=4, path=tmp_path / "t", optimizer=ts.Adagrad(0.1), device=device,
+        num, dim, cache=ts.CacheConfig(rows=l1_rows, ways=8),
+        ssd=ts.SSDConfig(tmp_path / "t", host_rows=l1_rows + (1 + ahead) * per_batch, host_ways=4),
+        optimizer=ts.Adagrad(0.1), device=device,
     )  # fmt: skip
     assert emb.store.host.cache.capacity == l1_rows + (1 + ahead) * per_batch  # no slack
     most_lent = 0
@@ -178,14 +193,20 @@ def test_smallest_host_rows_the_rule_allows_never_fails(device, tmp_path, ahead)
     assert torch.equal(rows_of(emb, torch.arange(num)), want)
     emb.flush()
     emb.close()
-    again = ts.TieredEmbeddingBag.open(tmp_path / "t", cache_rows=8, host_rows=64, device=device)
+    again = ts.TieredEmbeddingBag.open(
+        ts.SSDConfig(tmp_path / "t", host_rows=64), cache=ts.CacheConfig(rows=8), device=device
+    )
     assert torch.equal(rows_of(again, torch.arange(num)), want)
     again.close()
 
 
 def test_reopening_with_another_shape_or_optimizer_fails(tmp_path):
     emb = ts.TieredEmbeddingBag(
-        N, D, cache_rows=8, host_rows=64, path=tmp_path / "t", optimizer=ts.Adagrad(0.1)
+        N,
+        D,
+        cache=ts.CacheConfig(rows=8),
+        ssd=ts.SSDConfig(tmp_path / "t", host_rows=64),
+        optimizer=ts.Adagrad(0.1),
     )
     train(emb, batches(6, 3))
     emb.flush()
@@ -193,24 +214,41 @@ def test_reopening_with_another_shape_or_optimizer_fails(tmp_path):
     emb.close()
     with pytest.raises(ts.TableMismatchError, match="embedding_dim"):
         ts.TieredEmbeddingBag(
-            N, D + 1, cache_rows=8, host_rows=64, path=tmp_path / "t", optimizer=ts.Adagrad(0.1)
+            N,
+            D + 1,
+            cache=ts.CacheConfig(rows=8),
+            ssd=ts.SSDConfig(tmp_path / "t", host_rows=64),
+            optimizer=ts.Adagrad(0.1),
         )
     with pytest.raises(ts.TableMismatchError, match="row_width|optimizer"):
         ts.TieredEmbeddingBag(
-            N, D, cache_rows=8, host_rows=64, path=tmp_path / "t", optimizer=ts.SGD(0.1)
+            N,
+            D,
+            cache=ts.CacheConfig(rows=8),
+            ssd=ts.SSDConfig(tmp_path / "t", host_rows=64),
+            optimizer=ts.SGD(0.1),
         )
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "notes.txt").write_text("hello")
     with pytest.raises(ts.NotATableError, match="junk"):
-        ts.TieredEmbeddingBag(N, D, cache_rows=8, host_rows=64, path=tmp_path / "junk")
-    again = ts.TieredEmbeddingBag.open(tmp_path / "t", cache_rows=8, host_rows=64)
+        ts.TieredEmbeddingBag(
+            N, D, cache=ts.CacheConfig(rows=8), ssd=ts.SSDConfig(tmp_path / "junk", host_rows=64)
+        )
+    again = ts.TieredEmbeddingBag.open(
+        ts.SSDConfig(tmp_path / "t", host_rows=64), cache=ts.CacheConfig(rows=8)
+    )
     assert torch.equal(rows_of(again, torch.arange(N)), want)
 
 
 def test_second_writer_is_refused(tmp_path):
-    emb = ts.TieredEmbeddingBag(N, D, cache_rows=8, host_rows=64, path=tmp_path / "t")
+    emb = ts.TieredEmbeddingBag(
+        N, D, cache=ts.CacheConfig(rows=8), ssd=ts.SSDConfig(tmp_path / "t", host_rows=64)
+    )
     emb.flush()
-    code = f"import tierstore as ts; ts.TieredEmbeddingBag.open({str(tmp_path / 't')!r}, cache_rows=8, host_rows=64)"
+    code = (
+        "import tierstore as ts; ts.TieredEmbeddingBag.open("
+        f"ts.SSDConfig({str(tmp_path / 't')!r}, host_rows=64), cache=ts.CacheConfig(rows=8))"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env())
     assert proc.returncode != 0 and "TableLockedError" in proc.stderr
 
@@ -225,7 +263,8 @@ TRAINER = textwrap.dedent(
     import sys, torch, tierstore as ts
     sys.path.insert(0, {tests!r})
     from test_tiered_ssd import batches, train, N, D
-    emb = ts.TieredEmbeddingBag(N, D, cache_rows=8, host_rows=64, path={path!r}, optimizer=ts.Adagrad(0.1))
+    emb = ts.TieredEmbeddingBag(N, D, cache=ts.CacheConfig(rows=8),
+                                ssd=ts.SSDConfig({path!r}, host_rows=64), optimizer=ts.Adagrad(0.1))
     run = batches(9, 400)
     for step in range(len(run)):
         train(emb, run[step : step + 1])
@@ -242,7 +281,7 @@ def test_kill_9_during_training_keeps_the_last_flush(tmp_path):
     path = str(tmp_path / "t")
     run = batches(9, 400)
     tests = os.path.dirname(os.path.abspath(__file__))
-    ref = ts.TieredEmbeddingBag(N, D, cache_rows=N, optimizer=ts.Adagrad(0.1))
+    ref = ts.TieredEmbeddingBag(N, D, cache=ts.CacheConfig(rows=N), optimizer=ts.Adagrad(0.1))
     done = -1  # steps of `run` that ref has trained
     for kill in range(6):
         proc = subprocess.Popen(
@@ -257,7 +296,9 @@ def test_kill_9_during_training_keeps_the_last_flush(tmp_path):
         out, _ = proc.communicate()
         flushed = [int(x) for x in (first + out).split()]
         assert flushed
-        emb = ts.TieredEmbeddingBag.open(path, cache_rows=8, host_rows=64)
+        emb = ts.TieredEmbeddingBag.open(
+            ts.SSDConfig(path, host_rows=64), cache=ts.CacheConfig(rows=8)
+        )
         got = rows_of(emb, torch.arange(N))
         emb.close()
         # each restart trains from step 0 again on the reopened rows: the reference follows
@@ -266,7 +307,9 @@ def test_kill_9_during_training_keeps_the_last_flush(tmp_path):
         candidates = [last, last + 3]  # + 3: killed after a commit, before its print
         ok = False
         for last in candidates:
-            trial = ts.TieredEmbeddingBag(N, D, cache_rows=N, optimizer=ts.Adagrad(0.1))
+            trial = ts.TieredEmbeddingBag(
+                N, D, cache=ts.CacheConfig(rows=N), optimizer=ts.Adagrad(0.1)
+            )
             trial.store.write_rows(torch.arange(N), rows_of(ref, torch.arange(N)))
             train(trial, run[: last + 1])
             if torch.equal(rows_of(trial, torch.arange(N)), got):
@@ -282,8 +325,9 @@ def test_a_full_map_fails_the_flush_and_loses_nothing(tmp_path):
     rows in memory, and what was flushed before is intact on disk."""
     path = tmp_path / "t"
     emb = ts.TieredEmbeddingBag(
-        20_000, 64, cache_rows=64, host_rows=40_000, path=path, optimizer=ts.SGD(0.1),
-        map_size=2 << 20, compression_level=0,
+        20_000, 64, cache=ts.CacheConfig(rows=64),
+        ssd=ts.SSDConfig(path, host_rows=40_000, compression_level=0, map_size=2 << 20),
+        optimizer=ts.SGD(0.1),
     )  # fmt: skip
     ids = torch.arange(200)
     emb(ids, torch.tensor([0])).sum().backward()
@@ -296,7 +340,9 @@ def test_a_full_map_fails_the_flush_and_loses_nothing(tmp_path):
         emb.flush()
     assert torch.equal(rows_of(emb, torch.arange(20_000)), trained)
     emb.close()
-    again = ts.TieredEmbeddingBag.open(path, cache_rows=64, host_rows=40_000)
+    again = ts.TieredEmbeddingBag.open(
+        ts.SSDConfig(path, host_rows=40_000), cache=ts.CacheConfig(rows=64)
+    )
     assert torch.equal(rows_of(again, torch.arange(20_000)), flushed)
 
 
@@ -304,7 +350,13 @@ def test_a_corrupt_block_is_named(tmp_path):
     import lmdb
 
     path = tmp_path / "t"
-    emb = ts.TieredEmbeddingBag(N, D, cache_rows=8, host_rows=64, path=path, optimizer=ts.SGD(0.1))
+    emb = ts.TieredEmbeddingBag(
+        N,
+        D,
+        cache=ts.CacheConfig(rows=8),
+        ssd=ts.SSDConfig(path, host_rows=64),
+        optimizer=ts.SGD(0.1),
+    )
     train(emb, batches(7, 2))
     emb.flush()
     emb.close()
@@ -314,6 +366,8 @@ def test_a_corrupt_block_is_named(tmp_path):
         key, value = next(iter(txn.cursor(db)))
         txn.put(key, value[: len(value) // 2], db=db)
     env.close()
-    again = ts.TieredEmbeddingBag.open(path, cache_rows=8, host_rows=64)
+    again = ts.TieredEmbeddingBag.open(
+        ts.SSDConfig(path, host_rows=64), cache=ts.CacheConfig(rows=8)
+    )
     with pytest.raises(ts.CorruptBlockError, match=str(path)):
         again.read_rows(torch.arange(N))

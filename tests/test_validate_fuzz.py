@@ -25,15 +25,15 @@ CASES = 80  # per table; two tables (with and without include_last_offset) per c
 def make_table(config: str, policy: str, include_last_offset: bool, tmp_path):
     opts = dict(
         mode="sum",
-        cache_rows=8,
-        ways=4,
-        policy=policy,
+        cache=ts.CacheConfig(rows=8, ways=4, policy=policy),
         device="cpu",
         optimizer=ts.Adagrad(0.1),
         include_last_offset=include_last_offset,
     )
     if config == "ssd":
-        opts.update(path=tmp_path / f"{policy}{int(include_last_offset)}", host_rows=24)
+        opts.update(
+            ssd=ts.SSDConfig(tmp_path / f"{policy}{int(include_last_offset)}", host_rows=24)
+        )
     return ts.TieredEmbeddingBag(N, D, **opts)
 
 
@@ -221,7 +221,7 @@ def test_write_rows_detaches_values_that_require_grad():
     # training goes on with no graph growing through the table's storage
     emb(torch.tensor([4, 5]), torch.tensor([0])).backward(torch.ones(1, D))
     assert emb.read_rows(torch.tensor([4, 5])).grad_fn is None
-    pre = ts.TieredEmbeddingBag.from_pretrained(values, device="cpu", cache_rows=2)
+    pre = ts.TieredEmbeddingBag.from_pretrained(values, device="cpu", cache=ts.CacheConfig(rows=2))
     assert pre.read_rows(torch.arange(3)).grad_fn is None
     assert torch.equal(pre.read_rows(torch.arange(3)), values.detach())
 

@@ -48,7 +48,12 @@ def bench_ab(quick: bool) -> Table:
     )  # fmt: skip
     offsets = torch.arange(0, B * L + 1, L, device="cuda")
     emb = ts.TieredEmbeddingBag(
-        N, D, mode="sum", cache_rows=N, optimizer=ts.RowWiseAdagrad(lr=0.01), device="cuda"
+        N,
+        D,
+        mode="sum",
+        cache=ts.CacheConfig(rows=N),
+        optimizer=ts.RowWiseAdagrad(lr=0.01),
+        device="cuda",
     )
     store = emb.store
     g = torch.randn(B, D, device="cuda")

@@ -89,7 +89,12 @@ def bench_floor(quick: bool) -> Table:
         "step <= 1.5 ms",
     )
     emb = ts.TieredEmbeddingBag(
-        N, D, mode="sum", cache_rows=N, optimizer=ts.RowWiseAdagrad(lr=0.01), device="cuda"
+        N,
+        D,
+        mode="sum",
+        cache=ts.CacheConfig(rows=N),
+        optimizer=ts.RowWiseAdagrad(lr=0.01),
+        device="cuda",
     )
     g = torch.randn(B, D, device=dev)
     x = ids.view(B, L)

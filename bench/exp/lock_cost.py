@@ -48,8 +48,8 @@ def main() -> None:
     dev = torch.device(args.device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     emb = ts.TieredEmbeddingBag(
-        args.rows, args.dim, mode="sum", cache_rows=args.rows, optimizer=ts.SGD(lr=0.01),
-        device=dev,
+        args.rows, args.dim, mode="sum", cache=ts.CacheConfig(rows=args.rows),
+        optimizer=ts.SGD(lr=0.01), device=dev,
     )  # fmt: skip
     gen = torch.Generator(device=dev).manual_seed(0)
     x = torch.randint(0, args.rows, (args.bags, args.ids), device=dev, generator=gen)

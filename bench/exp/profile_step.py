@@ -28,7 +28,12 @@ def bench_profile(quick: bool) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     emb = ts.TieredEmbeddingBag(
-        N, D, mode="sum", cache_rows=N, optimizer=ts.RowWiseAdagrad(lr=0.01), device="cuda"
+        N,
+        D,
+        mode="sum",
+        cache=ts.CacheConfig(rows=N),
+        optimizer=ts.RowWiseAdagrad(lr=0.01),
+        device="cuda",
     )
     store = emb.store
     g = torch.randn(B, D, device="cuda")
