@@ -363,13 +363,16 @@ def test_max_mode_on_each_backend_and_its_refusals(device):
         ts.TieredEmbeddingBag(num, dim, device="cpu", **kw),
     )
     w0 = ref.read_rows(torch.arange(num))
-    for _ in range(4):
+    for step in range(4):
         idx = torch.randint(0, num, (200,), generator=gen)
         offs = torch.sort(torch.randint(0, 200, (20,), generator=gen)).values
         offs[0] = 0
         g = torch.randn(20, dim, generator=gen)
         y = emb(idx.to(device), offs.to(device))
-        torch.testing.assert_close(y.cpu(), ref(idx, offs).detach(), rtol=0, atol=0)
+        # Max selects, so the outputs are as equal as the rows: bitwise before the first
+        # update, then to float rounding (each backend reduces a row's mean g*g in its order).
+        tol = dict(rtol=0, atol=0) if step == 0 else dict(rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(y.cpu(), ref(idx, offs).detach(), **tol)
         y.backward(g.to(device))
         ref(idx, offs).backward(g)
     torch.testing.assert_close(
