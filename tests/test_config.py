@@ -324,3 +324,39 @@ def test_an_eval_lookup_leaves_the_cache_as_a_train_lookup_and_release(policy):
 def test_the_batch_mode_says_whether_a_backward_follows():
     assert BatchMode.TRAIN.backward and not BatchMode.EVAL.backward
     assert list(BatchMode) == [BatchMode.TRAIN, BatchMode.EVAL]
+
+
+def test_a_collections_flat_keywords_give_the_same_collection_with_a_warning(tmp_path):
+    """The collection's keywords of issue 27 (``cache_rows``, ``ways``, ``policy``,
+    ``host_rows``, ``path``, ``ssd_options``) fold into the configs, with the warning."""
+    tables = [
+        ts.TableConfig(name="a", embedding_dim=8, num_embeddings=200),
+        ts.TableConfig(name="b", embedding_dim=4, num_embeddings=90),
+    ]
+    opts = dict(optimizer=ts.Adagrad(lr=0.2), device="cpu")
+    old, _ = _warned(
+        lambda: ts.TieredEmbeddingBagCollection(
+            tables, cache_rows=20, ways=4, policy="lfu", host_rows=120, path=tmp_path / "old",
+            ssd_options={"block_rows": 4}, **opts,
+        ),
+        "cache_rows", "block_rows", "cache=ts.CacheConfig(",
+    )  # fmt: skip
+    new = ts.TieredEmbeddingBagCollection(
+        tables, cache=ts.CacheConfig(rows=20, ways=4, policy="lfu"),
+        ssd=ts.SSDConfig(tmp_path / "new", host_rows=120, block_rows=4), **opts,
+    )  # fmt: skip
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(5):
+        lengths = torch.randint(0, 4, (2, 12), generator=gen)  # (feature, sample), empty bags too
+        values = torch.cat([torch.randint(0, 200, (int(lengths[0].sum()),), generator=gen),
+                            torch.randint(0, 90, (int(lengths[1].sum()),), generator=gen)])  # fmt: skip
+        lengths = lengths.flatten()
+        for col in (old, new):
+            col(keys=["a", "b"], values=values, lengths=lengths).values().sum().backward()
+    for name, n in (("a", 200), ("b", 90)):
+        assert torch.equal(
+            old.read_rows(name, torch.arange(n)), new.read_rows(name, torch.arange(n))
+        )
+    assert old.stats() == new.stats()
+    old.close()
+    new.close()
