@@ -43,7 +43,7 @@ from .collection_dir import (
     tables_of,
 )
 from .collection_stats import CollectionStats, collection_stats
-from .config import CacheConfig, SSDConfig, from_flat_keywords
+from .config import CacheConfig, SSDConfig, configs_to_open, from_flat_keywords
 from .errors import InvalidInputError, TierstoreError
 from .keyed import KeyedTensor
 from .optim import SGD, Optimizer
@@ -580,13 +580,9 @@ class TieredEmbeddingBagCollection(nn.Module):
                 "construct TieredEmbeddingBagCollection(tables, ssd=ts.SSDConfig(path)) to give "
                 "them"
             )
-        if "path" in deprecated:
-            raise TypeError("open() got multiple values for the collection's path")
-        ssd_config, path = (ssd, None) if isinstance(ssd, SSDConfig) else (None, ssd)
-        cache, ssd_config = from_flat_keywords(
-            "TieredEmbeddingBagCollection.open", deprecated, cache, ssd_config, path
+        cache, ssd_config = configs_to_open(
+            "TieredEmbeddingBagCollection.open", ssd, deprecated, cache
         )
-        ssd_config = ssd_config or SSDConfig(path)
         tables = tables_of(read_manifest(ssd_config.path))
         return cls(tables, cache=cache, ssd=ssd_config, optimizer=None, device=device)
 

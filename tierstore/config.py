@@ -262,6 +262,19 @@ def from_flat_keywords(
     return cache, ssd
 
 
+def configs_to_open(
+    caller: str, ssd: SSDConfig | str | os.PathLike, flat: dict, cache: CacheConfig | None
+) -> tuple[CacheConfig | None, SSDConfig]:
+    """``(cache, ssd)`` for an ``open(ssd, ...)`` of a table or collection: ``ssd`` is its
+    directory or an :class:`SSDConfig` naming it, with the deprecated flat keywords ``flat``
+    folded in (:func:`from_flat_keywords`; ``path`` among them is a ``TypeError``)."""
+    if "path" in flat:
+        raise TypeError(f"{caller}() got multiple values for the path (its first argument)")
+    ssd_config, path = (ssd, None) if isinstance(ssd, SSDConfig) else (None, ssd)
+    cache, ssd_config = from_flat_keywords(caller, flat, cache, ssd_config, path)
+    return cache, ssd_config or SSDConfig(path)
+
+
 # ----------------------------------------------------------------- nn.EmbeddingBag's arguments
 def check_bag_arguments(
     num_embeddings: int | None,

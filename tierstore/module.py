@@ -449,13 +449,9 @@ class TieredEmbeddingBag(nn.Module):
         process that may be writing it: reads only, from the latest completed flush; training,
         ``write_rows`` and ``flush`` are refused. ``**deprecated``: the constructor's flat
         keywords but ``path``, with a ``DeprecationWarning``."""
-        if "path" in deprecated:
-            raise TypeError("TieredEmbeddingBag.open() got multiple values for the table's path")
-        ssd_config, path = (ssd, None) if isinstance(ssd, SSDConfig) else (None, ssd)
-        cache, ssd_config = config.from_flat_keywords(
-            "TieredEmbeddingBag.open", deprecated, cache, ssd_config, path
+        cache, ssd_config = config.configs_to_open(
+            "TieredEmbeddingBag.open", ssd, deprecated, cache
         )
-        ssd_config = ssd_config or SSDConfig(path)
         meta = read_table_meta(ssd_config.path)
         if optimizer is _FROM_TABLE:
             optimizer = optimizer_from_dict(meta.get("optimizer"))
