@@ -11,14 +11,13 @@ import torch
 import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from ssd_rows import W, bitwise_equal, init_rows, random_bits
 
 from tierstore import blocks_compiled, ssd_blockdb
 from tierstore.blocks import seal
 from tierstore.errors import CorruptBlockError
-from tierstore.hashing import initial_weights
 from tierstore.ssd import SSDTier
 
-W = 5  # odd: no row or plane falls on an aligned boundary
 _NO_COMPILED = pytest.mark.skipif(
     not blocks_compiled.AVAILABLE, reason="no numba or no libz/libzstd shared library"
 )
@@ -32,19 +31,6 @@ DECODERS = [
 
 def use(tier: SSDTier, decoder: str) -> None:
     tier._db.compiled = decoder != "codec"
-
-
-def init_rows(ids: torch.Tensor) -> torch.Tensor:
-    return initial_weights(ids, W, 5, 0.1)
-
-
-def random_bits(rng: np.random.Generator, n: int) -> torch.Tensor:
-    """Rows of arbitrary float32 bit patterns (NaNs, infinities, denormals)."""
-    return torch.from_numpy(rng.integers(0, 2**32, (n, W), dtype=np.uint32).view(np.float32))
-
-
-def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape == b.shape and torch.equal(a.view(torch.int32), b.view(torch.int32))
 
 
 def make_table(path, block_rows: int, level: int, io_threads: int, rng, n_flushed: int = 600):

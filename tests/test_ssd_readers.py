@@ -11,29 +11,16 @@ import lmdb
 import numpy as np
 import pytest
 import torch
+from ssd_rows import W, bitwise_equal, init_rows, random_bits
 
 from tierstore import blocks_compiled, ssd_blockdb
 from tierstore.blocks import BlockCodec
 from tierstore.config import SSDConfig
 from tierstore.errors import CorruptBlockError, InvalidInputError
-from tierstore.hashing import initial_weights
 from tierstore.ssd import SSDTier
 from tierstore.ssd_readers import StaleSnapshot
 
-W = 5
 pytestmark = pytest.mark.skipif(not blocks_compiled.AVAILABLE, reason="no compiled decoder")
-
-
-def init_rows(ids: torch.Tensor) -> torch.Tensor:
-    return initial_weights(ids, W, 5, 0.1)
-
-
-def random_bits(rng: np.random.Generator, n: int) -> torch.Tensor:
-    return torch.from_numpy(rng.integers(0, 2**32, (n, W), dtype=np.uint32).view(np.float32))
-
-
-def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape == b.shape and torch.equal(a.view(torch.int32), b.view(torch.int32))
 
 
 @pytest.fixture
