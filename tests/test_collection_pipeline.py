@@ -201,9 +201,9 @@ def test_prefetched_forward_is_not_prepared_again(monkeypatch):
     assert_unlocked(col)
 
 
-def test_a_group_that_cannot_hold_the_batch_undoes_the_others(tmp_path):
-    """With an SSD tier, a prefetch whose batch does not fit one group's L2 raises
-    CapacityError and leaves no entry, and no lock, in any group."""
+def two_groups_over_a_small_l2(tmp_path):
+    """A collection of two groups (dims 8 and 4) whose L2 holds 8 rows in all, and two
+    batches: ``small``, which fits, and ``big``, whose narrow share (20 rows) does not."""
     tables = [
         ts.TableConfig(name="wide", embedding_dim=8, num_embeddings=50),
         ts.TableConfig(name="narrow", embedding_dim=4, num_embeddings=50),
@@ -218,6 +218,13 @@ def test_a_group_that_cannot_hold_the_batch_undoes_the_others(tmp_path):
              "narrow": (torch.tensor([3]), torch.tensor([0]))}  # fmt: skip
     big = {"wide": (torch.tensor([1]), torch.tensor([0])),
            "narrow": (torch.arange(20), torch.tensor([0]))}  # fmt: skip
+    return col, small, big
+
+
+def test_a_group_that_cannot_hold_the_batch_undoes_the_others(tmp_path):
+    """With an SSD tier, a prefetch whose batch does not fit one group's L2 raises
+    CapacityError and leaves no entry, and no lock, in any group."""
+    col, small, big = two_groups_over_a_small_l2(tmp_path)
     with pytest.raises(CapacityError):
         col.prefetch(big)
     assert not col._ahead and all(len(q) == 0 for q in col._queues)
@@ -337,20 +344,7 @@ def test_a_bad_batch_split_later_raises_at_its_forward(monkeypatch):
 
 def test_a_batch_split_later_that_l2_cannot_hold(monkeypatch, tmp_path):
     staged(monkeypatch)
-    tables = [
-        ts.TableConfig(name="wide", embedding_dim=8, num_embeddings=50),
-        ts.TableConfig(name="narrow", embedding_dim=4, num_embeddings=50),
-    ]
-    col = ts.TieredEmbeddingBagCollection(
-        tables,
-        cache=ts.CacheConfig(rows=2, ways=1),
-        ssd=ts.SSDConfig(tmp_path / "c", host_rows=8),
-        device="cpu",
-    )
-    small = {"wide": (torch.tensor([1, 2]), torch.tensor([0])),
-             "narrow": (torch.tensor([3]), torch.tensor([0]))}  # fmt: skip
-    big = {"wide": (torch.tensor([1]), torch.tensor([0])),
-           "narrow": (torch.arange(20), torch.tensor([0]))}  # fmt: skip
+    col, small, big = two_groups_over_a_small_l2(tmp_path)
     col.prefetch(big)
     col.prefetch(small)
     with pytest.raises(CapacityError):
