@@ -39,11 +39,12 @@ def table(device, cache_rows=32, policy="lru", optimizer=None, mode="sum", ways=
     )
 
 
-def snapshot(emb):
-    """Everything a bad call must leave alone: rows, state, cache state and counters."""
+def snapshot(emb, num: int = N):
+    """Everything a bad call must leave alone: the first ``num`` rows and their state, cache
+    state and counters."""
     s = emb.store
     return [
-        emb.read_rows(torch.arange(N), with_state=True).cpu(),
+        emb.read_rows(torch.arange(num), with_state=True).cpu(),
         s.l1.tags.cpu().clone(),
         s.l1.stamps.cpu().clone(),
         s.l1.locks.cpu().clone(),

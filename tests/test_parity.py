@@ -12,6 +12,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_module import snapshot
 
 import tierstore as ts
 from tierstore import graphs
@@ -38,20 +39,6 @@ def bags(draw, num: int, padding_idx: int | None = None, max_bags: int = 8, max_
 def generator(data) -> torch.Generator:
     """torch's random numbers for a hypothesis example, from a drawn seed (replayable)."""
     return torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1), label="seed"))
-
-
-def snapshot(emb, num):
-    """Everything a refused call must leave alone: rows and state, cache state, counters."""
-    s = emb.store
-    return [
-        emb.read_rows(torch.arange(num), with_state=True).cpu(),
-        s.l1.tags.cpu().clone(),
-        s.l1.stamps.cpu().clone(),
-        s.l1.locks.cpu().clone(),
-        s.l1.dirty.cpu().clone(),
-        s.l1.counters.cpu().clone(),
-        torch.tensor(s.l1.step),
-    ]
 
 
 def same(a, b) -> bool:
