@@ -20,7 +20,7 @@ from __future__ import annotations
 import common
 import torch
 import torch.nn.functional as F
-from common import B, D, L, N, Table, free, note, t_ms, t_ms_queued, trace
+from common import B, D, L, N, Table, free, headline_table, note, t_ms, t_ms_queued, trace
 
 import tierstore as ts
 from tierstore.stats import HITS, UNIQUE
@@ -38,9 +38,7 @@ def bench_forward(quick: bool) -> Table:
     table = Table("forward, every row in L1", TYPES, BATCH, "ms")
     offsets = offsets_of_bags()
     weight = torch.randn(N, D, device="cuda")
-    emb = ts.TieredEmbeddingBag(
-        N, D, mode="sum", cache=ts.CacheConfig(rows=N), optimizer=ts.SGD(lr=0.01), device="cuda"
-    )
+    emb = headline_table(ts.SGD(lr=0.01))
     store = emb.store
     for dist in ("uniform", "zipf"):
         ids = trace(dist, B * L)
@@ -93,17 +91,8 @@ def bench_train(quick: bool) -> Table:
     offsets = offsets_of_bags()
     g = torch.randn(B, D, device="cuda")
     tables = {
-        "SGD": ts.TieredEmbeddingBag(
-            N, D, mode="sum", cache=ts.CacheConfig(rows=N), optimizer=ts.SGD(lr=0.01), device="cuda"
-        ),
-        "RowWiseAdagrad": ts.TieredEmbeddingBag(
-            N,
-            D,
-            mode="sum",
-            cache=ts.CacheConfig(rows=N),
-            optimizer=ts.RowWiseAdagrad(lr=0.01),
-            device="cuda",
-        ),
+        "SGD": headline_table(ts.SGD(lr=0.01)),
+        "RowWiseAdagrad": headline_table(ts.RowWiseAdagrad(lr=0.01)),
     }
     for dist in ("uniform", "zipf"):
         ids = trace(dist, B * L)

@@ -95,6 +95,16 @@ def free() -> None:
     torch.cuda.empty_cache()
 
 
+def headline_table(optimizer):
+    """The headline table on CUDA: ``N x D`` fp32, sum pooling, every row in L1, trained by
+    ``optimizer`` (a tierstore rule)."""
+    import tierstore as ts
+
+    return ts.TieredEmbeddingBag(
+        N, D, mode="sum", cache=ts.CacheConfig(rows=N), optimizer=optimizer, device="cuda"
+    )
+
+
 # --- the engine's internals that the benchmarks reach -------------------------------------------
 # The benchmarks time parts of a step (a forward with the slots known, an inference lookup), so
 # they call the store and the CUDA backend below the module. Those calls are gathered here: where

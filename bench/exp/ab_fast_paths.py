@@ -21,7 +21,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/, for common
 
 import common  # noqa: E402
-from common import B, D, L, N, Table, t_ms, trace, wall_ms  # noqa: E402
+from common import B, D, L, N, Table, headline_table, t_ms, trace, wall_ms  # noqa: E402
 
 import tierstore as ts  # noqa: E402
 from tierstore import cuda_unique  # noqa: E402
@@ -47,14 +47,7 @@ def bench_ab(quick: bool) -> Table:
         f"{N:,} x {D} fp32 rows, int64 ids", f"{B} bags x {L} ids", "ms",
     )  # fmt: skip
     offsets = torch.arange(0, B * L + 1, L, device="cuda")
-    emb = ts.TieredEmbeddingBag(
-        N,
-        D,
-        mode="sum",
-        cache=ts.CacheConfig(rows=N),
-        optimizer=ts.RowWiseAdagrad(lr=0.01),
-        device="cuda",
-    )
+    emb = headline_table(ts.RowWiseAdagrad(lr=0.01))
     store = emb.store
     g = torch.randn(B, D, device="cuda")
     weight = torch.randn(N, D, device="cuda")

@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/, for common
 
 import common  # noqa: E402
-from common import B, D, L, N, Table, t_ms, t_ms_queued, trace  # noqa: E402
+from common import B, D, L, N, Table, headline_table, t_ms, t_ms_queued, trace  # noqa: E402
 
 import tierstore as ts  # noqa: E402
 
@@ -88,14 +88,7 @@ def bench_floor(quick: bool) -> Table:
         "",
         "step <= 1.5 ms",
     )
-    emb = ts.TieredEmbeddingBag(
-        N,
-        D,
-        mode="sum",
-        cache=ts.CacheConfig(rows=N),
-        optimizer=ts.RowWiseAdagrad(lr=0.01),
-        device="cuda",
-    )
+    emb = headline_table(ts.RowWiseAdagrad(lr=0.01))
     g = torch.randn(B, D, device=dev)
     x = ids.view(B, L)
     emb(x).backward(g)  # rows in

@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/, for common
 
 import common  # noqa: E402
-from common import B, D, L, N, t_ms, trace, wall_ms  # noqa: E402
+from common import B, D, L, headline_table, t_ms, trace, wall_ms  # noqa: E402
 
 import tierstore as ts  # noqa: E402
 
@@ -27,14 +27,7 @@ import tierstore as ts  # noqa: E402
 def bench_profile(quick: bool) -> None:
     from torch.profiler import ProfilerActivity, profile
 
-    emb = ts.TieredEmbeddingBag(
-        N,
-        D,
-        mode="sum",
-        cache=ts.CacheConfig(rows=N),
-        optimizer=ts.RowWiseAdagrad(lr=0.01),
-        device="cuda",
-    )
+    emb = headline_table(ts.RowWiseAdagrad(lr=0.01))
     store = emb.store
     g = torch.randn(B, D, device="cuda")
     for dist in ("uniform", "zipf"):
