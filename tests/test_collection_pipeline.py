@@ -222,13 +222,20 @@ def two_groups_over_a_small_l2(tmp_path):
 
 
 def test_a_group_that_cannot_hold_the_batch_undoes_the_others(tmp_path):
-    """With an SSD tier, a prefetch whose batch does not fit one group's L2 raises
-    CapacityError and leaves no entry, and no lock, in any group."""
+    """With an SSD tier a prefetch only reads ahead; the forward of a batch that does not fit
+    one group's L2 raises CapacityError and leaves no entry, no lock and no open read ahead in
+    any group, and no row changed."""
     col, small, big = two_groups_over_a_small_l2(tmp_path)
+    before = {name: col.read_rows(name, torch.arange(20), with_state=True)
+              for name in ("wide", "narrow")}  # fmt: skip
+    col.prefetch(big)
     with pytest.raises(CapacityError):
-        col.prefetch(big)
+        col(big)
     assert not col._ahead and all(len(q) == 0 for q in col._queues)
+    assert all(not g.store.host.l3_writes.open for g in col.groups)
     assert_unlocked(col)
+    for name, rows in before.items():
+        assert torch.equal(col.read_rows(name, torch.arange(20), with_state=True), rows)
     col.prefetch(small)  # and the collection goes on
     col(small).values().sum().backward()
     assert_unlocked(col)

@@ -94,9 +94,15 @@ class HostTable:
             for _ in progress(pool.map(fill, starts), "initialising rows", long, len(starts)):
                 pass
 
-    def acquire(self, ids: torch.Tensor) -> torch.Tensor:
+    def acquire(self, ids: torch.Tensor, ahead: None = None) -> torch.Tensor:
         """L2 addresses of a batch's unique rows (every row has one: its id)."""
         return ids
+
+    def read_ahead(self, ids: torch.Tensor) -> None:
+        """Nothing to read ahead: no tier below."""
+
+    def drop_read_ahead(self, ahead: None) -> None:
+        """Nothing was read ahead."""
 
     def release(self, addresses: torch.Tensor) -> None:
         """Nothing to unlock: rows never leave a full table."""

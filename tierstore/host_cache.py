@@ -41,6 +41,7 @@ from .errors import (
 )
 from .host import allocate_rows
 from .optim import Optimizer
+from .read_ahead import ReadAhead, WriteLog, rows_read_ahead
 from .ssd import SSDTier
 
 _FLUSH_CHUNK = 1 << 16  # rows per flush write: bounds the memory a flush needs
@@ -75,10 +76,29 @@ class HostCache:
         # The overflow: rows living in borrowed ways (tag EMPTY, locked), ids ascending.
         self.overflow_ids = torch.empty(0, dtype=torch.int64)  # (V,)
         self.overflow_slots = torch.empty(0, dtype=torch.int64)  # (V,) their ways
+        self.l3_writes = WriteLog()  # what read aheads must not take (read_ahead.py)
+        self.rows_read_ahead = 0  # rows that steps took from read aheads
 
     # -------------------------------------------------------------- the batch step
-    def acquire(self, ids: torch.Tensor) -> torch.Tensor:
+    def read_ahead(self, ids: torch.Tensor) -> ReadAhead | None:
+        """Starts reading, on L3's I/O threads, the rows of a later batch's unique ``ids``
+        (ascending) that L2 does not hold now; :meth:`acquire` of that batch takes them
+        (``tierstore/read_ahead.py``). None if L2 holds every row."""
+        cpu_ids = ids.cpu()
+        missing = cpu_ids[self._find(cpu_ids) < 0]
+        if missing.numel() == 0:
+            return None
+        return self.l3_writes.start(missing, self.ssd.read_async(missing))
+
+    def drop_read_ahead(self, ahead: ReadAhead | None) -> None:
+        """Forgets a read ahead whose batch will not be stepped (its read finishes unused)."""
+        if ahead is not None:
+            self.l3_writes.close(ahead)
+
+    def acquire(self, ids: torch.Tensor, ahead: ReadAhead | None = None) -> torch.Tensor:
         """L2 addresses of a batch's unique rows (ascending), locked until :meth:`release`.
+        Rows it reads from L3 come from ``ahead`` (the batch's :meth:`read_ahead`) where that
+        read them and L3 has not changed them since.
 
         Raises :class:`CapacityError` naming ``host_rows`` if L2 cannot hold every locked row
         (the rule in this module's docstring), and any storage error of L3, before anything
@@ -105,12 +125,20 @@ class HostCache:
         read = conflict.clone()
         read[plan.fill_index] = True
         read_ids = rest[read]  # ascending
+        have = None if ahead is None else self.l3_writes.usable(ahead, read_ids)
+        unread = read_ids if have is None else read_ids[~have]
         # The misses are read on L3's I/O thread while this one stages the dirty victims.
-        reading = self.ssd.read_async(read_ids) if read_ids.numel() else None
+        reading = self.ssd.read_async(unread) if unread.numel() else None
         if bool(victim_dirty.any()):
             victims, order = torch.sort(victim_ids[victim_dirty])
-            self.ssd.write(victims, self.data[victim_slots[victim_dirty][order]])
+            self._write_l3(victims, self.data[victim_slots[victim_dirty][order]])
         rows = reading.result() if reading is not None else None
+        if have is not None and bool(have.any()):  # the rows read ahead, and the others
+            read_rows, rows = rows, torch.empty((read_ids.numel(), self.ssd.row_width))
+            rows[have] = rows_read_ahead(ahead, read_ids[have], self.ssd.read)
+            self.rows_read_ahead += int(have.sum())
+            if read_rows is not None:
+                rows[~have] = read_rows
         self.cache.commit(plan, torch.ones_like(rest))
         if borrowed is not None:
             fills = plan.fill_slots.numel()
@@ -189,12 +217,17 @@ class HostCache:
         slots, ids = self.overflow_slots[idle], self.overflow_ids[idle]
         dirty = by_slot(cache.dirty)[slots]
         if bool(dirty.any()):
-            self.ssd.write(ids[dirty], self.data[slots[dirty]])  # ids stay ascending
+            self._write_l3(ids[dirty], self.data[slots[dirty]])  # ids stay ascending
         by_slot(cache.dirty)[slots] = False
         self.overflow_ids, self.overflow_slots = (
             self.overflow_ids[~idle],
             self.overflow_slots[~idle],
         )
+
+    def _write_l3(self, ids: torch.Tensor, rows: torch.Tensor) -> None:
+        """Stages rows of ``ids`` (ascending) in L3, noting them for the read aheads."""
+        self.l3_writes.wrote(ids)
+        self.ssd.write(ids, rows)
 
     def _find(self, ids: torch.Tensor) -> torch.Tensor:
         """L2 address of each of ``ids`` (in a set's way or in the overflow), -1 if not held."""
@@ -273,7 +306,7 @@ class HostCache:
         cached = slots >= 0
         if not bool(cached.all()):  # first the write that can fail (a full map or disk)
             rest, order = torch.sort(ids[~cached])
-            self.ssd.write(rest, rows[~cached][order])
+            self._write_l3(rest, rows[~cached][order])
         self.write(slots[cached], rows[cached])
 
     def page_lock(self) -> None:
@@ -295,6 +328,7 @@ class HostCache:
             self.flushed_since_mark = torch.unique(
                 torch.cat([self.flushed_since_mark, ids, staged])
             )
+        self.l3_writes.wrote(ids)  # read aheads of these rows may predate their new values
         with self.ssd.flush_begin() as writer:
             for lo in range(0, slots.numel(), _FLUSH_CHUNK):
                 part = slots[lo : lo + _FLUSH_CHUNK]
@@ -318,12 +352,13 @@ class HostCache:
             "l2_writebacks": c[st.WRITEBACKS],
             "bytes_l3_to_l2": c[st.MISSES] * self.row_bytes,
             "bytes_l2_to_l3": (c[st.WRITEBACKS] + self.flushed_rows) * self.row_bytes,
+            "bytes_l3_read_ahead": self.rows_read_ahead * self.row_bytes,
         }
 
     def reset_stats(self) -> None:
         """Zeroes the L2 counters."""
         self.cache.reset_counters()
-        self.flushed_rows = 0
+        self.flushed_rows = self.rows_read_ahead = 0
 
 
 def table_meta(

@@ -270,7 +270,8 @@ class TieredEmbeddingBag(nn.Module):
         """Starts the cache step of a later batch now, so that its ``forward`` finds its rows
         in place. On CUDA the step runs on a side stream while the current batch computes
         (``tierstore/pipeline.py``); its rows are locked until the batch's backward (or its
-        inference forward) releases them. Batches are consumed in the order they were
+        inference forward) releases them. With an SSD tier its L3 reads start now, on L3's
+        I/O threads, and the rest of its step runs at its forward. Batches are consumed in the order they were
         prefetched; :func:`tierstore.prefetching` keeps a loop's next batches prefetched."""
         flat, _, _, checks = self._prepare(input, offsets, None)
         self._queue.push((input, offsets), flat, checks)

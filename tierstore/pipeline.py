@@ -22,8 +22,11 @@ never evict a row in use, and a row that a later step filled from L2 before this
 it there is refreshed. So the rows and outputs are bitwise those of the unpipelined loop; only
 which rows are cached when may differ.
 
-On the CPU backend, and with an SSD tier (whose lookup reads the device on the host), the same
-queue runs every step in order on the current stream.
+On the CPU backend the same queue runs every step in order on the current stream. With an SSD
+tier (whose lookup reads the device on the host) ``push`` only does the batch's unique step and
+starts reading the rows that L2 lacks from L3 on L3's I/O threads (``read_ahead.py``); the rest
+of its step runs at its forward, in the plain loop's order, taking those rows. So the L3 reads
+of the next ``depth`` batches overlap the current batches' work.
 
 A ``TieredEmbeddingBagCollection`` keeps one queue per group of tables (one store each), pushes
 a batch's share to every group's queue under one key, and undoes the pushes already made
@@ -60,6 +63,7 @@ class _Prefetched:
     batch: Batch | None = None
     ready: torch.cuda.Event | None = None
     error: TierstoreError | None = None
+    ahead: object | None = None  # its L3 rows being read (stores that read ahead)
 
 
 def _versions(tensors: tuple[Any, ...]) -> tuple[int, ...]:
@@ -110,6 +114,10 @@ class PrefetchQueue:
         if side is None:
             checks.wait()  # in order: the host reads the checks now, and a bad batch raises
             entry.step = self.store.unique(flat, BatchMode.TRAIN)
+            if self.store.reads_ahead:  # its L3 reads start now, its step at its forward
+                entry.ahead = self.store.read_ahead(entry.step)
+                self.entries.append(entry)
+                return
         else:
             side.wait_stream(torch.cuda.current_stream(self.store.device))
             with torch.cuda.stream(side):
@@ -130,8 +138,8 @@ class PrefetchQueue:
         if not self.entries:
             return
         entry = self.entries[0]
-        if entry.batch is not None or entry.error is not None:
-            return
+        if entry.batch is not None or entry.error is not None or self.store.reads_ahead:
+            return  # (a store that reads ahead places a batch at its forward)
         try:
             entry.checks.wait()
         except TierstoreError as e:
@@ -166,9 +174,7 @@ class PrefetchQueue:
     def drop_newest(self) -> None:
         """Undoes the last :meth:`push` (a caller whose same batch another queue refused: a
         collection's later group), releasing its rows if they were placed."""
-        entry = self.entries.pop()
-        if entry.batch is not None:
-            self.store.release(entry.batch)
+        self._drop(self.entries.pop())
         self.store.join_side()  # its side-stream step read its ids: done before they are freed
 
     def pop(self, key: tuple[Any, ...], flat: torch.Tensor) -> Batch | None:
@@ -187,6 +193,8 @@ class PrefetchQueue:
         self.entries.popleft()
         if entry.error is not None:
             raise entry.error
+        if entry.batch is None:  # read ahead: placed now, in the plain loop's order
+            return self.store.place(entry.step, BatchMode.TRAIN, entry.ahead)
         if entry.ready is not None:
             torch.cuda.current_stream(self.store.device).wait_event(entry.ready)
         return entry.batch
@@ -194,10 +202,15 @@ class PrefetchQueue:
     def clear(self) -> None:
         """Drops every queued batch, releasing the rows of those already placed."""
         while self.entries:
-            entry = self.entries.popleft()
-            if entry.batch is not None:
-                self.store.release(entry.batch)
+            self._drop(self.entries.popleft())
         self.store.join_side()
+
+    def _drop(self, entry: _Prefetched) -> None:
+        """Releases a dropped batch's rows (placed) or forgets its read ahead (not placed)."""
+        if entry.batch is not None:
+            self.store.release(entry.batch)
+        else:
+            self.store.drop_read_ahead(entry.ahead)
 
 
 def prefetching(batches: Iterable[Any], modules: Any, depth: int = 2) -> Iterator[Any]:

@@ -19,7 +19,8 @@ class CacheStats:
     Counts are per lookup step: ``requested`` counts every index, ``unique`` the distinct rows
     of each batch; ``hits + misses == unique``. A conflict miss found no evictable way in its
     set and was served from L2 for that step. The ``*_bytes`` fields count row bytes moved
-    between tiers (weights and optimizer state).
+    between tiers (weights and optimizer state); ``bytes_l3_read_ahead`` is the part of
+    ``bytes_l3_to_l2`` that prefetched batches' steps took from reads started ahead of them.
     """
 
     requested: int = 0
@@ -38,6 +39,7 @@ class CacheStats:
     bytes_l2_read_direct: int = 0
     bytes_l3_to_l2: int = 0
     bytes_l2_to_l3: int = 0
+    bytes_l3_read_ahead: int = 0
 
     @property
     def hit_ratio(self) -> float:

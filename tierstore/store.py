@@ -288,15 +288,21 @@ class TieredStore:
         transpose = mode.backward
         return UniqueStep(*batch_unique(self.backend, indices, self.num_rows, padded, transpose))
 
-    def place(self, step: UniqueStep, mode: BatchMode = BatchMode.TRAIN) -> Batch:
+    def place(
+        self, step: UniqueStep, mode: BatchMode = BatchMode.TRAIN, ahead: object | None = None
+    ) -> Batch:
         """The rest of a lookup, once the batch's checks passed: L2 first, so that a batch too
         large for ``host_rows`` fails before anything changes; then L1: dirty victims go back
         to L2, missed rows come in from L2 in ascending id order. With the whole table in L2
         and a cache whose step runs on the device, the host never waits for the device here
-        (the unique count stays there: ``Batch.count``)."""
+        (the unique count stays there: ``Batch.count``). ``ahead``: the batch's
+        :meth:`read_ahead`, whose rows L2 takes instead of reading them from L3 again."""
         ids, count = step.ids, step.count
         hold = mode.backward  # an EVAL batch is released before any other lookup: no locks
-        addresses = self.host.acquire(ids)
+        try:
+            addresses = self.host.acquire(ids, ahead)
+        finally:
+            self.host.drop_read_ahead(ahead)  # taken, or its batch refused
         if count is None:
             found = self.backend.lookup(self.l1, ids, step.counts, hold=hold)
         else:
@@ -310,6 +316,21 @@ class TieredStore:
         holds = getattr(found, "holds", True)
         return Batch(ids, step.inverse, found.slots, addresses, transpose=step.transpose,
                      count=count, holds=holds, lookup_number=self.l1.step)  # fmt: skip
+
+    @property
+    def reads_ahead(self) -> bool:
+        """Whether a prefetched batch's L3 rows are read ahead of its step (an SSD tier), so
+        that the step itself waits at its forward, in the plain loop's order (``pipeline.py``)."""
+        return self.inclusive_host
+
+    def read_ahead(self, step: UniqueStep) -> object | None:
+        """Starts reading a later batch's rows that L2 does not hold from L3, on L3's I/O
+        threads (``tierstore/read_ahead.py``); what :meth:`place` of that batch takes."""
+        return self.host.read_ahead(step.ids)
+
+    def drop_read_ahead(self, ahead: object | None) -> None:
+        """Forgets a :meth:`read_ahead` whose batch will not be placed."""
+        self.host.drop_read_ahead(ahead)
 
     def count_step(self, step: UniqueStep, found) -> None:
         """Called with each cache step's decisions (a ``Lookup``, or the CUDA backend's

@@ -26,9 +26,18 @@ class HostTier(Protocol):
     #: (rows,) uint8: 1 where the row at that address was ever written, or None (kept by none)
     written: torch.Tensor | None
 
-    def acquire(self, ids: torch.Tensor) -> torch.Tensor:
+    def acquire(self, ids: torch.Tensor, ahead: object | None = None) -> torch.Tensor:
         """(U,) int64 addresses of a batch's unique ``ids`` (ascending), locked until
-        :meth:`release`; raises with nothing changed if the tier cannot hold them."""
+        :meth:`release`; raises with nothing changed if the tier cannot hold them. ``ahead``:
+        the batch's :meth:`read_ahead`."""
+
+    def read_ahead(self, ids: torch.Tensor) -> object | None:
+        """Starts reading what a later batch's ``acquire`` of unique ``ids`` will need from
+        the tier below (on its I/O threads); what :meth:`acquire` takes as ``ahead``, or None
+        (nothing to read; a tier with nothing below always)."""
+
+    def drop_read_ahead(self, ahead: object | None) -> None:
+        """Forgets a :meth:`read_ahead` whose batch will not be acquired."""
 
     def release(self, addresses: torch.Tensor) -> None:
         """Unlocks a batch's ``addresses``."""
