@@ -22,6 +22,7 @@ entries into a single ``TieredEmbeddingBag`` of the same seed, and back.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import pathlib
 from collections import deque
@@ -48,6 +49,7 @@ from .errors import InvalidInputError, TierstoreError
 from .keyed import KeyedTensor
 from .optim import SGD, Optimizer
 from .pipeline import PrefetchQueue
+from .serial import SerialisedCalls, serialised
 from .store import Batch, BatchMode
 from .table_config import TableConfig
 from .table_groups import (
@@ -55,6 +57,7 @@ from .table_groups import (
     TAG_SHIFT,
     TableGroup,
     build_store,
+    check_tables,
     group_tables,
     row_shares,
     split_rows,
@@ -72,7 +75,7 @@ __all__ = [
 ]
 
 
-class TieredEmbeddingBagCollection(nn.Module):
+class TieredEmbeddingBagCollection(nn.Module, SerialisedCalls):
     """Many embedding tables in shared tiers, fed and read as TorchRec's
     ``EmbeddingBagCollection`` (``KeyedJaggedTensor`` in, ``KeyedTensor`` out).
 
@@ -102,6 +105,11 @@ class TieredEmbeddingBagCollection(nn.Module):
     :class:`~tierstore.pipeline.PrefetchQueue` per group: on CUDA its cache steps run on each
     group's side stream while the current batch computes, and its forward recognises it by
     its tensors (the same objects, unchanged) without reading the device.
+
+    Threads: a collection may be used from several threads, as a ``TieredEmbeddingBag``: each
+    call (forward, the backward of its batches, prefetch, read_rows, write_rows, flush, stats,
+    state_dict, close, ...) holds the collection's lock (``tierstore/serial.py``), so calls
+    run one at a time, whole, in the order the threads reach it.
 
     Args:
         tables: the :class:`TableConfig` list; the output's keys are their features, tables in
@@ -144,6 +152,7 @@ class TieredEmbeddingBagCollection(nn.Module):
         **deprecated,
     ):
         super().__init__()
+        self._start_serialising()  # one call at a time (serial.py), backwards included
         tables = list(tables)
         if "ssd_options" in deprecated:  # the SSD keywords of an earlier version, as a dict
             deprecated.update(deprecated.pop("ssd_options") or {})
@@ -151,7 +160,7 @@ class TieredEmbeddingBagCollection(nn.Module):
         cache_rows, ways, policy = dataclasses.astuple(cache or CacheConfig())
         path, host_rows = (ssd.path, ssd.host_rows) if ssd is not None else (None, None)
         ssd_options = ssd.tier_options(fresh=True) if ssd is not None else {}  # the groups'
-        self._check_tables(tables, path)
+        check_tables(tables, path)
         if optimizer is not None and not isinstance(optimizer, Optimizer):
             raise InvalidInputError(
                 f"optimizer must be a tierstore optimizer or None, got {optimizer!r}"
@@ -161,6 +170,7 @@ class TieredEmbeddingBagCollection(nn.Module):
         self.groups: list[TableGroup] = group_tables(tables, optimizer)
         for g in self.groups:
             g.to(self.device)
+            g._lock = self._lock  # which the backward of the group's batches holds
         # Where each feature and table lives, and the output's keys
         self._layout = FeatureLayout(tables, self.groups, self.device)
         self.feature_keys = self._layout.feature_keys
@@ -187,35 +197,12 @@ class TieredEmbeddingBagCollection(nn.Module):
         self._ahead: deque[PreparedBatch] = deque()
 
     @staticmethod
-    def _check_tables(tables: list, path) -> None:
-        if not tables:
-            raise InvalidInputError("tables must hold at least one TableConfig")
-        names, features = set(), {}
-        for t in tables:
-            if not isinstance(t, TableConfig):
-                raise InvalidInputError(f"tables must be TableConfig, got {type(t).__name__}")
-            if t.name in names:
-                raise InvalidInputError(f"two tables are named {t.name!r}: names must be unique")
-            names.add(t.name)
-            for f in t.feature_names:
-                if f in features:
-                    raise InvalidInputError(
-                        f"feature {f!r} of table {t.name!r} is also a feature of table "
-                        f"{features[f]!r}: feature names must be unique across tables"
-                    )
-                features[f] = t.name
-            if t.num_embeddings is None and path is None:
-                raise InvalidInputError(
-                    f"table {t.name!r}: num_embeddings=None (any id) needs an SSD tier: give "
-                    "the collection a path="
-                )
-
-    @staticmethod
     def read_manifest(root: str | os.PathLike) -> dict:
         """The ``collection.json`` of the collection at ``root``."""
         return read_manifest(root)
 
     # ------------------------------------------------------------------ the batch
+    @serialised
     def forward(
         self,
         features=None,
@@ -279,12 +266,13 @@ class TieredEmbeddingBagCollection(nn.Module):
         if batch is None:
             batch = store.lookup(gin.ids, checked, BatchMode.TRAIN if training else BatchMode.EVAL)
         if training:
-            handle = BatchHandle(batch, store.release)
+            handle = BatchHandle(batch, functools.partial(self._release_soon, store.release))
             anchor = torch.empty(0, device=self.device, requires_grad=True)  # see module.py
             return TieredBagFunction.apply(anchor, psw, g, handle, gin.offsets, gin.mode, update)
         held.append((g, batch))
         return store.backend.forward(store, batch, gin.offsets, psw, gin.mode)
 
+    @serialised
     def prefetch(
         self,
         features=None,
@@ -400,12 +388,14 @@ class TieredEmbeddingBagCollection(nn.Module):
             raise failed
         return prep, batches
 
+    @serialised
     def clear_prefetched(self) -> None:
         """Drops every prefetched batch not yet consumed by a forward, releasing its rows."""
         for q in self._queues:
             q.clear()
         self._ahead.clear()
 
+    @serialised
     def set_learning_rate(self, lr: float) -> None:
         """Every group's update uses learning rate ``lr`` from the next backward on (what a
         scheduler does to ``param_groups[0]["lr"]``); the other hyper-parameters are kept."""
@@ -414,38 +404,19 @@ class TieredEmbeddingBagCollection(nn.Module):
                 g.optimizer = dataclasses.replace(g.optimizer, lr=lr)  # validated there
 
     # ------------------------------------------------------------------ rows and tiers
-    def _table(self, name: str) -> tuple[TableGroup, int]:
-        if name not in self._layout.table_at:
-            raise InvalidInputError(
-                f"no table named {name!r}; tables: {list(self._layout.table_at)}"
-            )
-        return self._layout.table_at[name]
-
-    def _row_ids(self, name: str, ids) -> tuple[TableGroup, torch.Tensor]:
-        g, k = self._table(name)
-        if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int32, torch.int64):
-            raise InvalidInputError(f"table {name!r}: ids must be an int32 or int64 tensor")
-        ids = ids.reshape(-1).to(self.device, torch.int64)
-        if ids.numel():
-            lo, hi = torch.stack(list(torch.aminmax(ids))).tolist()
-            if lo < 0 or hi >= g.limits[k]:
-                raise InvalidInputError(
-                    f"table {name!r}: ids must be in [0, {g.limits[k]}), found "
-                    f"{lo if lo < 0 else hi}"
-                )
-        return g, ids + g.bases[k]
-
+    @serialised
     def read_rows(self, table: str, ids: torch.Tensor, with_state: bool = False) -> torch.Tensor:
         """Current weights ``(len(ids), D_t)`` of table ``table``'s rows ``ids`` (its own ids),
         and the optimizer state after them with ``with_state``. Changes nothing."""
-        g, rows = self._row_ids(table, ids)
+        g, rows = self._layout.row_ids(table, ids)
         out = g.store.read_rows(rows)
         return out if with_state else out[:, : g.dim].contiguous()
 
+    @serialised
     def write_rows(self, table: str, ids: torch.Tensor, values: torch.Tensor) -> None:
         """Overwrites the weights of table ``table``'s unique rows ``ids`` with
         ``values (len(ids), D_t)``; their optimizer state is kept."""
-        g, rows = self._row_ids(table, ids)
+        g, rows = self._layout.row_ids(table, ids)
         if not isinstance(values, torch.Tensor) or values.shape != (rows.numel(), g.dim):
             got = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
             raise InvalidInputError(
@@ -459,12 +430,14 @@ class TieredEmbeddingBagCollection(nn.Module):
         whole[:, : g.dim] = values.to(whole.device, torch.float32)
         g.store.write_rows(rows, whole)
 
+    @serialised
     def flush(self) -> None:
         """Writes every dirty row down to the lowest tier: with an SSD tier, one durable
         transaction per group."""
         for g in self.groups:
             g.store.flush()
 
+    @serialised
     def close(self) -> None:
         """Releases prefetched batches and closes every group's SSD tier (without flushing:
         call :meth:`flush` first)."""
@@ -472,10 +445,12 @@ class TieredEmbeddingBagCollection(nn.Module):
         for g in self.groups:
             g.store.host.close()
 
+    @serialised
     def stats(self) -> CollectionStats:
         """Counters per table, per group and overall (see :class:`CollectionStats`)."""
         return collection_stats(self.groups, [t.name for t in self.tables])
 
+    @serialised
     def reset_stats(self) -> None:
         """Zeroes every counter."""
         for g in self.groups:
@@ -498,11 +473,13 @@ class TieredEmbeddingBagCollection(nn.Module):
             out.append((f"tables.{t.name}.", TableView(g, k, listings[g.name])))
         return out
 
+    @serialised
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         for key, view in self.table_views(reading=True):
             checkpoint.save_table(view, destination, prefix + key)
 
+    @serialised
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
@@ -521,6 +498,7 @@ class TieredEmbeddingBagCollection(nn.Module):
             rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 
+    @serialised
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """As ``nn.Module.load_state_dict``; with ``strict``, missing and unexpected keys raise
         before any row changes (torch reports them only after loading the rest)."""
@@ -546,12 +524,14 @@ class TieredEmbeddingBagCollection(nn.Module):
                 )
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
+    @serialised
     def incremental_state_dict(self, prefix: str = "") -> dict:
         """Every table's rows changed since :meth:`mark_checkpoint` or the last incremental
         checkpoint, keyed as ``state_dict`` keys them (sparse form), then flushes; see
         :func:`tierstore.checkpoint.incremental_state_dict`. Needs an SSD tier (``path``)."""
         return checkpoint.incremental_state_dict(self, prefix)
 
+    @serialised
     def mark_checkpoint(self) -> None:
         """Flushes and makes now the base of the next :meth:`incremental_state_dict` (call it
         right after saving a full ``state_dict``). Needs an SSD tier (``path``)."""

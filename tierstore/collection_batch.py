@@ -244,6 +244,25 @@ class FeatureLayout:
             psw = scale if psw is None else psw * scale
         return GroupInput(ids, offsets, psw, mode)
 
+    def row_ids(self, name: str, ids) -> tuple[TableGroup, torch.Tensor]:
+        """Table ``name``'s group and its row ids ``ids`` (any shape, int32 or int64) as group
+        row ids ``(n,)`` int64 on the device; an unknown table, another dtype or an id out of
+        the table's range raises :class:`InvalidInputError` (one device read, for the range)."""
+        if name not in self.table_at:
+            raise InvalidInputError(f"no table named {name!r}; tables: {list(self.table_at)}")
+        g, k = self.table_at[name]
+        if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int32, torch.int64):
+            raise InvalidInputError(f"table {name!r}: ids must be an int32 or int64 tensor")
+        ids = ids.reshape(-1).to(self.device, torch.int64)
+        if ids.numel():
+            lo, hi = torch.stack(list(torch.aminmax(ids))).tolist()
+            if lo < 0 or hi >= g.limits[k]:
+                raise InvalidInputError(
+                    f"table {name!r}: ids must be in [0, {g.limits[k]}), found "
+                    f"{lo if lo < 0 else hi}"
+                )
+        return g, ids + g.bases[k]
+
     def keyed(self, outs: Sequence[torch.Tensor], b: int) -> KeyedTensor:
         """The groups' ``(F_g * B, D_g)`` outputs as one ``(B, sum D)`` tensor in key order: per
         group one transposing copy, then one column gather where the groups' features

@@ -11,9 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import threading
 import warnings
-from collections import deque
 
 import torch
 from torch import nn
@@ -28,28 +26,16 @@ from .fused_optimizer import FusedOptimizer, resolve_optimizer
 from .host_cache import open_host_cache, read_table_meta, table_meta
 from .optim import SGD, Optimizer, optimizer_from_dict
 from .pipeline import PrefetchQueue
+from .serial import SerialisedCalls
+from .serial import serialised as _serialised
 from .stats import CacheStats
-from .store import Batch, BatchMode, RowLayout, TieredStore, initial_rows
+from .store import BatchMode, RowLayout, TieredStore, initial_rows
 from .validate import check_has_data, drop_padding, normalize_batch
 
 _FROM_TABLE = object()  # open(): the optimizer stored with the table; from_pretrained: default
 
 
-def _serialised(method):
-    """Runs ``method`` holding the table's lock (one call at a time per table), after the
-    releases that finalizers left for it (:meth:`TieredEmbeddingBag._release_soon`)."""
-
-    @functools.wraps(method)
-    def locked(self, *args, **kwargs):
-        with self._lock:
-            while self._deferred_releases:
-                self.store.release(self._deferred_releases.popleft())
-            return method(self, *args, **kwargs)
-
-    return locked
-
-
-class TieredEmbeddingBag(nn.Module):
+class TieredEmbeddingBag(nn.Module, SerialisedCalls):
     """An ``nn.EmbeddingBag`` over a table kept in tiers: an L1 cache on the device, L2 in host
     memory and, with ``ssd``, L3 on SSD. The backward pass applies ``optimizer`` to the rows
     where they live (a fused, exact sparse update); the module has no dense weight parameter.
@@ -145,10 +131,7 @@ class TieredEmbeddingBag(nn.Module):
         **deprecated,
     ):
         super().__init__()
-        # One call at a time per table (re-entrant: from_pretrained calls write_rows); batches
-        # whose graphs were freed on another thread while a call ran, released at the next call
-        self._lock = threading.RLock()
-        self._deferred_releases: deque[Batch] = deque()
+        self._start_serialising()  # one call at a time per table (serial.py)
         cache, ssd = config.from_flat_keywords("TieredEmbeddingBag", deprecated, cache, ssd)
         config.check_configs(cache, ssd)
         cache = cache or CacheConfig()
@@ -235,7 +218,7 @@ class TieredEmbeddingBag(nn.Module):
         if captured is not None:
             captured.batch = batch
         if training:
-            handle = BatchHandle(batch, self._release_soon)
+            handle = BatchHandle(batch, functools.partial(self._release_soon, self.store.release))
             # A zero-size leaf that requires grad, so that autograd calls our backward even when
             # nothing else in the batch does; the fused optimizer takes the place of weight
             # grads. A new one per call: a leaf keeps the stream it was first used on, and a
@@ -285,18 +268,6 @@ class TieredEmbeddingBag(nn.Module):
     def clear_prefetched(self) -> None:
         """Drops every prefetched batch not yet consumed by a forward, releasing its rows."""
         self._queue.clear()
-
-    def _release_soon(self, batch: Batch) -> None:
-        """Releases a batch whose graph was freed without a backward: now if this thread may
-        take the lock, else at the table's next call. Finalizers run on whatever thread frees
-        the graph (an SSD I/O thread that a locked call is waiting for, say): never block."""
-        if self._lock.acquire(blocking=False):
-            try:
-                self.store.release(batch)
-            finally:
-                self._lock.release()
-        else:
-            self._deferred_releases.append(batch)
 
     def _prepare(self, input, offsets, per_sample_weights, values: bool = True):
         # the value checks are read back later, while the device starts on the unique step

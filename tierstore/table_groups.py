@@ -90,6 +90,8 @@ class TableGroup:
             [t.pooling == "mean" for t in tables for _ in t.feature_names]
         )
         self.store: GroupStore | None = None
+        # the collection's lock, which the backward of the group's batches holds (autograd.py)
+        self._lock = None
 
     def to(self, device: torch.device) -> None:
         """Moves the per-feature and per-table tensors to ``device``."""
@@ -165,6 +167,33 @@ class GroupStore(TieredStore):
     def reset_stats(self) -> None:
         super().reset_stats()
         self.table_counters.zero_()
+
+
+def check_tables(tables: list, path) -> None:
+    """Refuses a collection's table list (:class:`InvalidInputError`) unless it holds at least
+    one :class:`TableConfig`, names are unique, feature names are unique across tables, and a
+    ``num_embeddings=None`` table comes with an SSD tier (``path``)."""
+    if not tables:
+        raise InvalidInputError("tables must hold at least one TableConfig")
+    names, features = set(), {}
+    for t in tables:
+        if not isinstance(t, TableConfig):
+            raise InvalidInputError(f"tables must be TableConfig, got {type(t).__name__}")
+        if t.name in names:
+            raise InvalidInputError(f"two tables are named {t.name!r}: names must be unique")
+        names.add(t.name)
+        for f in t.feature_names:
+            if f in features:
+                raise InvalidInputError(
+                    f"feature {f!r} of table {t.name!r} is also a feature of table "
+                    f"{features[f]!r}: feature names must be unique across tables"
+                )
+            features[f] = t.name
+        if t.num_embeddings is None and path is None:
+            raise InvalidInputError(
+                f"table {t.name!r}: num_embeddings=None (any id) needs an SSD tier: give "
+                "the collection a path="
+            )
 
 
 def group_tables(tables: list[TableConfig], optimizer: Optimizer | None) -> list[TableGroup]:
