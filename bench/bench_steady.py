@@ -115,6 +115,35 @@ def floor_ms(all_hits_ms: float, fills: float, wbs: float, rates: dict) -> float
     return max(all_hits_ms, pcie)
 
 
+def peak_step_bytes(step, x) -> int:
+    """Device memory a step allocates above what was allocated before it (its peak)."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step(x)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def prefetch_temporaries(emb, train, batches: list) -> int:
+    """The device memory a prefetch adds to a step (issue 23, must-hold 5): the peak of a step
+    that trains batch t while batch t+1 is prefetched, less the peak of the same step alone
+    (medians of 5)."""
+    alone, piped = [], []
+    for k in range(5):
+        x, nxt = batches[2 * k], batches[2 * k + 1]
+        alone.append(peak_step_bytes(train, x))
+
+        def piped_step(x, nxt=nxt):
+            emb.prefetch(x)
+            emb.prefetch(nxt)  # placed at the end of x's forward, beside its compute
+            train(x)
+
+        piped.append(peak_step_bytes(piped_step, x))
+        emb.clear_prefetched()
+    return int(statistics.median(piped) - statistics.median(alone))
+
+
 def torch_baseline(rows: int, batches: list, warm: int, opt: str) -> float:
     emb = torch.nn.EmbeddingBag(rows, D, mode="sum", sparse=True, device="cuda")
     optim = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad}[opt](emb.parameters(), lr=0.01)
@@ -126,6 +155,43 @@ def torch_baseline(rows: int, batches: list, warm: int, opt: str) -> float:
         optim.step()
 
     return stream_ms(step, batches, warm)
+
+
+def uniform_rows(rows: int, warm: int, timed: int, rates: dict) -> list[dict]:
+    """Uniform ids at L1 = 20 % (PCIe-bound): the fills and writebacks' row bytes per second,
+    both directions together, plain and pipelined (issue 23's target: 65 GB/s or more)."""
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    batches = [torch.randint(0, rows, (B, L), device="cuda", generator=gen)
+               for _ in range(warm + timed)]  # fmt: skip
+    g = torch.randn(B, D, device="cuda")
+    out = []
+    for opt_name, opt in (("rowwise", ts.RowWiseAdagrad(lr=0.01)), ("sgd", ts.SGD(lr=0.01))):
+        emb = ts.TieredEmbeddingBag(
+            rows, D, mode="sum", cache=ts.CacheConfig(rows=rows // 5), optimizer=opt,
+            device="cuda",
+        )  # fmt: skip
+
+        def train(x, emb=emb):
+            emb(x).backward(g)
+
+        before = emb.stats()
+        plain = stream_ms(train, batches, warm)
+        fills, wbs = moved(emb, before, len(batches))
+        pipe = pipelined_ms(emb, train, batches, warm)
+        best = min(plain, pipe)
+        both = (fills + wbs) / best / 1e6
+        floor = max(fills / rates["h2d"], wbs / rates["d2h"], (fills + wbs) / rates["both"]) / 1e6
+        print(
+            f"uniform ids, L1 20 %, {opt_name}: plain {plain:.2f} ms, pipelined {pipe:.2f} ms; "
+            f"fills {fills / 1e6:.1f} MB + writebacks {wbs / 1e6:.1f} MB a step: {both:.1f} GB/s "
+            f"both ways together (DMA floor {floor:.2f} ms, target >= 65 GB/s)",
+            flush=True,
+        )
+        out.append(dict(optimizer=opt_name, ids="uniform", l1=0.2, plain=plain, pipelined=pipe,
+                        fill_bytes=fills, wb_bytes=wbs, gbps_both=both, floor=floor))  # fmt: skip
+        del emb, train
+        torch.cuda.empty_cache()
+    return out
 
 
 def main() -> None:
@@ -154,7 +220,7 @@ def main() -> None:
     header = (
         f"{'optimizer':<10} {'L1':>5} {'plain':>7} {'pipelined':>9} "
         f"{'graphed':>8} {'floor':>7} {'hit':>6} {'fill MB':>8} {'wb MB':>7} "
-        f"{'H2D GB/s':>8} {'D2H GB/s':>8}"
+        f"{'H2D GB/s':>8} {'D2H GB/s':>8} {'pf MB':>8} {'bound MB':>8}"
     )
     print(header)
     optimizers = {"rowwise": ts.RowWiseAdagrad(lr=0.01)}
@@ -179,6 +245,8 @@ def main() -> None:
             fills, wbs = moved(emb, before, len(batches))
             hit = emb.stats().unique_hit_ratio
             graphed = stream_ms(ts.GraphedStep(train), batches, warm)
+            extra = prefetch_temporaries(emb, train, batches)
+            bound = 2 * batches[0].numel() * 8 + fills  # 2x the int64 index bytes + the moves
             best = min(queued, pipe, graphed)
             if share == 1.0:
                 all_hits = best
@@ -187,20 +255,25 @@ def main() -> None:
             print(
                 f"{opt_name:<10} {share:>5.0%} {queued:>7.2f} {pipe:>9.2f} {graphed:>8.2f} "
                 f"{floor:>7.2f} {hit:>6.3f} {fills / 1e6:>8.1f} {wbs / 1e6:>7.1f} {h2d:>8.1f} "
-                f"{d2h:>8.1f}   (table made in {made_s:.1f} s)",
+                f"{d2h:>8.1f} {extra / 1e6:>8.1f} {bound / 1e6:>8.1f}"
+                f"   (table made in {made_s:.1f} s)",
                 flush=True,
             )
             results.append(dict(optimizer=opt_name, l1=share, plain=queued,
                                 pipelined=pipe, graphed=graphed,
                                 floor=floor, hit_rate=hit, fill_bytes=fills, wb_bytes=wbs,
-                                create_s=made_s))  # fmt: skip
+                                create_s=made_s, prefetch_bytes=extra,
+                                prefetch_bound=bound))  # fmt: skip
             del emb, train
             torch.cuda.empty_cache()
     print(
         "all mean ms per step, steps queued back to back: plain eager loop; pipelined: "
         "under prefetching(depth=1); graphed: GraphedStep (plain); floor: max(best all-in-L1 "
-        "step, the step's fills and writebacks at the DMA rates); GB/s at the best time"
+        "step, the step's fills and writebacks at the DMA rates); GB/s at the best time; pf MB: "
+        "the device memory a prefetch of the next batch adds to a step's peak, against its bound "
+        "(2x the batch's index bytes plus the rows it moves)"
     )
+    results += uniform_rows(args.rows, warm, timed, rates)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"gpu": props.name, "dma": rates, "rows": results}, f, indent=1)
