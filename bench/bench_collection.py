@@ -203,9 +203,9 @@ def count_kernels(events: Iterable) -> int:
     for e in events:
         if e.device_type != DeviceType.CUDA:
             continue
-        kind = str(getattr(e, "activity_type", None) or "").lower()
-        if kind:
-            n += "kernel" in kind
+        kind = getattr(e, "activity_type", None)  # kineto's name: "kernel", "gpu_memcpy", ...
+        if isinstance(kind, str) and kind:
+            n += "kernel" in kind.lower()
         else:
             n += not e.name.startswith(("Memcpy", "Memset"))
     return n
@@ -218,9 +218,13 @@ def launches_per_step(step: Callable[[torch.Tensor], None], x: torch.Tensor, dev
     from torch.profiler import ProfilerActivity, profile
 
     sync(device)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        step(x)
-        sync(device)
+    try:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            step(x)
+            sync(device)
+    except RuntimeError as e:  # no CUPTI: the step time still counts
+        note(f"launches not counted: torch.profiler failed: {e}")
+        return None
     return count_kernels(prof.events())
 
 
@@ -420,7 +424,7 @@ def speedups(
     baseline's time over ours), beside the target of that baseline where the issue sets one."""
     for label, base in against.items():
         table.row(
-            f"speed-up of the collection (L1 = 10 %) over {label}",
+            f"speed-up of collection L1 = 10 % over {label}",
             base["value"] / ours["value"],
             "x",
             f"{base['value']:.3f} / {ours['value']:.3f} ms",
@@ -525,8 +529,8 @@ def bench_mixed856(run: Run) -> StepTable:
     speedups(table, ours, {"torch + Adagrad": ada, "torch + SGD": sgd}, {})
     del batches
     free(dev)
-    if dev.type != "cuda":
-        note("launches per step: n/a on the CPU (torch.profiler counts CUDA kernels)")
+    if ours["launches"] is None:
+        note("launches per step: n/a (torch.profiler counts CUDA kernels)")
         return table
     at26, where = _launches_26.get("collection"), "criteo26's, this run"
     if at26 is None:  # criteo26 not run: the first 26 of these tables, at this batch

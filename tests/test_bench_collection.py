@@ -33,7 +33,7 @@ MIXED_BASELINES = {
     "torch + SGD": "856 nn.EmbeddingBag(sparse) + torch.optim.SGD",
 }
 MIXED_STEPS = {"collection, RowWiseAdagrad, L1 = 10 %"} | set(MIXED_BASELINES.values())
-SPEEDUP = "speed-up of the collection (L1 = 10 %) over "
+SPEEDUP = "speed-up of collection L1 = 10 % over "
 
 
 def test_zipf_columns_draw_each_table_in_its_range_with_zipf_frequencies():
@@ -83,8 +83,10 @@ def test_count_kernels_counts_device_kernels_alone():
         ev(DeviceType.CUDA, "gpu_memset", "Memset (Device)"),
         ev(DeviceType.CUDA, None, "forward_sum"),  # no activity type: told by its name
         ev(DeviceType.CUDA, None, "Memcpy DtoD (Device -> Device)"),
+        ev(DeviceType.CUDA, 1, "Memset (Device)"),  # a type that is not a name: by its name
+        ev(DeviceType.CUDA, 1, "update_rowwise_adagrad"),
     ]
-    assert bc.count_kernels(events) == 3
+    assert bc.count_kernels(events) == 4
     assert bc.count_kernels([]) == 0
 
 
