@@ -229,10 +229,14 @@ def launches_per_step(step: Callable[[torch.Tensor], None], x: torch.Tensor, dev
 
 
 def free(device: torch.device) -> None:
-    """Returns what the last row's models held (call after they are unreferenced)."""
+    """Returns what the last row's models held (call after they are unreferenced): device
+    memory, and on CUDA the pinned host memory of their L2 (torch caches both)."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+        empty_host_cache = getattr(torch.accelerator, "empty_host_cache", None)
+        if empty_host_cache is not None:  # torch >= 2.9
+            empty_host_cache()
 
 
 # --- the models ---------------------------------------------------------------------------------

@@ -130,6 +130,10 @@ def test_whole_run_at_a_tiny_scale_gives_every_row(tmp_path):
             r = rows[name]
             assert r["unit"] == "ms" and math.isfinite(r["value"]) and r["value"] > 0, r
             assert r["launches"] is None  # n/a on the CPU
+            assert r["made_s"] >= 0
+            cached = "collection" in name or "TieredEmbeddingBag" in name
+            assert (r["hit_ratio"] is not None) == cached, r
+            assert not cached or 0 <= r["hit_ratio"] <= 1, r
         ours = rows["collection, RowWiseAdagrad, L1 = 10 %"]["value"]
         for label, name in baselines.items():
             r = rows[SPEEDUP + label]
