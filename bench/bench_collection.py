@@ -22,15 +22,17 @@ not counted), ``n/a`` on the CPU.
   and with ``torch.optim.SGD``. Targets (issue 27): the collection at L1 = 10 % at least 5x
   faster than the torch tables with Adagrad, at least 1.5x faster than with SGD.
 - ``mixed856``: 856 tables of mixed sizes (:func:`mixed_sizes`: 4 of 10 M rows, 24 of 100 k
-  to 2 M, 828 of 4 to 100 k; about 63 M rows), batch 8 192 (the 856 pooled outputs of 65 536
+  to 2 M, 828 of 4 to 100 k; about 62 M rows), batch 8 192 (the 856 pooled outputs of 65 536
   samples would take 14 GB, their gradient as much again). Rows: the collection at L1 = 10 %
   against 856 torch tables with Adagrad and with SGD; the collection's launches per step at
   856 tables beside those at 26 (target, issue 27: the same count).
 
 ``--scale F`` multiplies every cardinality and both batches (each at least 1), so that
 ``--quick --scale 0.001 --device cpu`` runs in seconds (``tests/test_bench_collection.py``).
-At ``--scale 1`` on an 80 GB card the largest row holds 17 GB (63 M x 64 fp32 and Adagrad's
-state); each row's models are freed before the next row is built.
+At ``--scale 1`` the largest row, 856 torch tables with Adagrad, holds 32 GB on the device
+(62 M x 64 fp32 weights and as much Adagrad state); a tierstore row holds its whole tables in
+pinned host memory (L2: 16 GB for mixed856) and its L1 on the device. Each row's models are
+freed (device and pinned memory) before the next row is built.
 """
 
 from __future__ import annotations
@@ -101,7 +103,7 @@ _launches_26: dict[str, int | None] = {}
 def mixed_sizes(seed: int = 856) -> list[int]:
     """The 856 tables of ``mixed856``, in a fixed order: 4 of 10 M rows, 24 log-uniform in
     [100 k, 2 M) and 828 log-uniform in [4, 100 k), shuffled together (numpy's PCG64 seeded with
-    ``seed``: the same list on every machine). About 63 M rows."""
+    ``seed``: the same list on every machine). 61,692,054 rows."""
     rng = np.random.default_rng(seed)
     mid = np.exp(rng.uniform(math.log(100_000), math.log(2_000_000), 24))
     small = np.exp(rng.uniform(math.log(4), math.log(100_000), 828))

@@ -66,6 +66,7 @@ def test_mixed_sizes_are_fixed_and_shaped_as_documented():
     rest = [n for n in sizes if n != 10_000_000]
     assert all(4 <= n < 2_000_000 for n in rest)
     assert sum(n < 100_000 for n in sizes) == 828
+    assert sum(sizes) == 61_692_054  # as the script's docstring says
     assert sizes.index(10_000_000) > 0  # shuffled: the big tables are not all first
     assert [bc.scaled(n, 0.001) for n in (3, 1499, 10_000_000)] == [1, 1, 10_000]
 
@@ -88,6 +89,20 @@ def test_count_kernels_counts_device_kernels_alone():
     ]
     assert bc.count_kernels(events) == 4
     assert bc.count_kernels([]) == 0
+
+
+def test_count_kernels_reads_real_profiler_events():
+    """The attributes count_kernels reads are those torch.profiler's events have: a CPU-only
+    profile holds ops and no kernel."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        torch.nn.functional.embedding_bag(torch.tensor([[1, 2]]), torch.randn(4, 8))
+    events = prof.events()
+    assert any(e.name == "aten::embedding_bag" for e in events)
+    assert all(isinstance(e.activity_type, str) for e in events)  # kineto's names
+    assert bc.count_kernels(events) == 0
+    assert bc.launches_per_step(lambda x: None, torch.zeros(1), torch.device("cpu")) is None
 
 
 @pytest.mark.parametrize(
