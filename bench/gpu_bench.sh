@@ -16,8 +16,10 @@ if [ -d .wheels ]; then  # lmdb and zstandard (shared/tools/device-prep)
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 # bench_steady.py: steady-state training with prefetch (issue 23), run where present
+# bench_collection.py: 26 Criteo tables and 856 mixed tables in one collection against one
+#   TieredEmbeddingBag / nn.EmbeddingBag per table (issue 27), step times and kernels per step
 # bench_replay_engine.py takes its own arguments (below): the engine's cache replayed on the GPU
-scripts=${SCRIPTS:-bench_step bench_cache_lookup bench_moves bench_sweep bench_steady bench_replay_engine}
+scripts=${SCRIPTS:-bench_step bench_cache_lookup bench_moves bench_sweep bench_steady bench_collection bench_replay_engine}
 rc=0
 for s in $scripts; do
   if [ ! -f "bench/$s.py" ]; then
