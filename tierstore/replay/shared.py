@@ -13,9 +13,9 @@ table's compulsory-miss floor; the tables' hits, lookups and requests add up to 
 Every policy attributes: the engine's from its hit flags (each step's, or each request's at
 batch 1), the reference ones (``opt``, ``fa-lru``, ``s3fifo``, ``wtinylfu``) from whether each
 request hit, which their loops record as they go (``hit_flags``); a table's hits are then one
-``bincount`` of the tables of the requests that hit. OPT's flags are those of one optimal
-schedule (:mod:`~tierstore.replay.bounds`): its hits are unique, their split among tables
-need not be.
+``bincount`` of the requests' tables weighted by those flags. OPT's flags are those of one
+optimal schedule (:mod:`~tierstore.replay.bounds`): its hits are unique, their split among
+tables need not be.
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ from .engine import EngineResult, replay_engine
 from .invariants import check_attribution
 from .keys import key_tables, table_keys
 from .sweep import (
-    _WARM_UP_IDS,
     ENGINE_POLICIES,
     _replay_engine_policy,
     check_policies,
@@ -44,6 +43,7 @@ from .sweep import (
     replay_table,
     steps_per_request,
     warm_up_engine,
+    warm_up_reference,
 )
 
 # Where the per-table rows of a shared replay differ from a whole-cache row (and the columns a
@@ -156,13 +156,20 @@ def _engine(s: SharedTrace, sizes, policy, opts: dict, label: str) -> list[dict]
         )  # fmt: skip
         unique, hits = counts.unique.cpu().numpy(), counts.hits.cpu().numpy()
         if per_request:  # each request a lookup; the flags say which hit
-            unique, hits = s.requested, np.bincount(s.tables[flags], minlength=n_tables)
+            unique, hits = s.requested, _hits_per_table(s, flags)
         check_attribution(r, s.requested, unique, hits)
         row = engine_row(r, size, run["ways"], batch, two_level=bool(run["host_rows"]))
         row.update(table=label, cache="shared", floor_hit_ratio=_floor(s))
         rows.append(row)
         rows += _table_rows(s, {**row, "cache": "shared"}, unique, hits)
     return rows
+
+
+def _hits_per_table(s: SharedTrace, hit: np.ndarray) -> np.ndarray:
+    """``(T,)`` int64: each table's requests of those flagged in ``hit`` (``(n,)`` bool). A
+    weighted count (exact: counts stay far below 2**53) in one pass, some three times faster
+    than gathering the hits' tables first."""
+    return np.bincount(s.tables, weights=hit, minlength=len(s.names)).astype(np.int64)
 
 
 def _floor(s: SharedTrace) -> float:
@@ -175,15 +182,14 @@ def _reference(s: SharedTrace, sizes, policy: str, label: str) -> list[dict]:
     ``req_per_s`` excludes compilation (an untimed replay of the first few thousand keys) and
     the attribution, as :func:`~tierstore.replay.sweep.replay_table`'s."""
     n = s.keys.size
-    if n:
-        reference_hits(policy, s.keys[:_WARM_UP_IDS], [min(sizes)])  # untimed: compiles
+    warm_up_reference(policy, s.keys)
     flags = np.zeros((len(sizes), n), np.bool_)  # (sizes, n): whether each request hit
     t0 = time.perf_counter()
     totals = reference_hits(policy, s.keys, list(sizes), hit_flags=flags)
     per_size = (time.perf_counter() - t0) / max(len(sizes), 1)
     rows = []
     for size, total, hit in zip(sizes, totals.tolist(), flags):
-        hits = np.bincount(s.tables[hit], minlength=len(s.names))
+        hits = _hits_per_table(s, hit)
         whole = EngineResult(policy, size, requests=n, unique=n, hits=total, misses=n - total)
         check_attribution(whole, s.requested, s.requested, hits)  # each request a lookup
         row = reference_row(policy, size, n, total, per_size)
