@@ -169,18 +169,19 @@ def reference_flags(policy: str, keys: list[int], size: int) -> list[bool]:
     return MODELS[policy](keys, size)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=50, deadline=None)
 @given(
     seed=st.integers(0, 2**32 - 1),
     n_tables=st.integers(1, 5),
     skew=st.sampled_from([0.0, 1.0, 2.5]),
-    policy=st.sampled_from(["opt", "fa-lru", "s3fifo", "wtinylfu"]),
+    policy=st.sampled_from(["opt", "fa-lru", "s3fifo", "wtinylfu", "lru", "lfu"]),
+    batch=st.sampled_from([1, 16]),
     sizes=st.lists(st.integers(1, 80), min_size=1, max_size=3, unique=True),
 )
-def test_reference_policies_attribute_each_tables_hits(seed, n_tables, skew, policy, sizes):
-    """Each table's hits under a reference policy are the brute-force model's hits of its
-    requests, replayed with (table, id) keys written out here; the tables add up to the cache
-    (requests, lookups and hits), and each request is a lookup."""
+def test_every_policy_attributes_each_tables_hits(seed, n_tables, skew, policy, batch, sizes):
+    """Each table's lookups and hits are a brute-force model's, replayed with (table, id) keys
+    written out here (the engine's policies: the cache model, ``batch`` ids a step; the
+    reference ones: per request, whatever the batch); the tables add up to the cache."""
     rng = np.random.default_rng(seed)
     n = int(rng.integers(0, 400))
     share = 1.0 / np.arange(1, n_tables + 1) ** skew  # table k gets a share ~ 1 / (k + 1)^skew
@@ -188,26 +189,34 @@ def test_reference_policies_attribute_each_tables_hits(seed, n_tables, skew, pol
     ids = rng.zipf(1.3, n) % rng.integers(5, 200, n_tables)[tables]
     names = [f"t{k}" for k in range(n_tables)]
     trace = Trace.from_requests(tables.astype(np.int64), ids.astype(np.int64), names)
-    got = replay_shared(trace, sizes, [policy])
+    got = replay_shared(trace, sizes, [policy], ways=8, batch=batch)
     keys = [(t << 47) | i if n_tables > 1 else i for t, i in zip(tables.tolist(), ids.tolist())]
+    requested = np.bincount(tables, minlength=n_tables).tolist()
     for size in sizes:
-        mine = [r for r in got if r["policy"] == policy and r["asked_rows"] == size]
+        mine = [r for r in got if r["policy"].split()[0] == policy and r["asked_rows"] == size]
         whole = [r for r in mine if r["table"] == "all"]
         per_table = {r["table"]: r for r in mine if "request_share" in r}
         assert len(whole) == 1 and list(per_table) == names
-        hit = np.array(reference_flags(policy, keys, size), np.bool_)
-        want = np.bincount(tables[hit], minlength=n_tables) if n else np.zeros(n_tables, int)
-        assert [per_table[k]["hits"] for k in names] == want.tolist()
-        assert whole[0]["hits"] == int(hit.sum())
+        if policy in ("lru", "lfu"):
+            c, unique, hits = model_replay(tables, ids, size, 8, policy, batch)
+            want_unique, want_hits = [[d[k] for k in range(n_tables)] for d in (unique, hits)]
+            assert (whole[0]["unique"], whole[0]["hits"]) == (c["unique"], c["hits"])
+        else:  # each request a lookup
+            hit = np.array(reference_flags(policy, keys, size), np.bool_)
+            want_unique = requested
+            want_hits = np.bincount(tables[hit], minlength=n_tables).tolist()
+            assert whole[0]["hits"] == int(hit.sum())
+        assert [per_table[k]["hits"] for k in names] == want_hits
+        assert [per_table[k]["unique"] for k in names] == want_unique
+        assert [per_table[k]["requested"] for k in names] == requested
         for key in ("requested", "unique", "hits", "misses"):
             assert sum(r[key] for r in per_table.values()) == whole[0][key], key
         for k, name in enumerate(names):
             row = per_table[name]
-            assert row["requested"] == row["unique"] == int((tables == k).sum())
-            assert row["misses"] == row["requested"] - row["hits"]
-            if policy == "opt":  # no table hits more than OPT of its requests alone
-                alone = ids[tables == k]
-                assert row["hits"] <= int(opt_hits(alone, [size])[0]) if alone.size else True
+            assert row["misses"] == row["unique"] - row["hits"]
+            alone = ids[tables == k]
+            if policy == "opt" and alone.size:  # no table hits more than OPT of it alone
+                assert row["hits"] <= int(opt_hits(alone, [size])[0])
 
 
 # The shared cache's hits under each reference policy at 10, 40 and 100 rows (whole cache, as

@@ -138,7 +138,8 @@ def opt_hits(
         prev = previous_use(ids)
     gap = np.arange(n) - prev
     reuse = prev >= 0
-    immediate = int(np.count_nonzero(reuse & (gap == 1)))
+    again = reuse & (gap == 1)  # immediate reuses: every cache of a row or more hits them
+    immediate = int(np.count_nonzero(again))
     ends = np.flatnonzero(reuse & (gap >= 2))  # intervals with an inside, by increasing end
     distinct = n - int(np.count_nonzero(reuse))
     # Latest usable slot of each interval, before adding the track count: how many earlier
@@ -164,7 +165,7 @@ def opt_hits(
         tracks = c - 1
         out[j] = immediate + _greedy_kept(latest + tracks, tracks, show, kept)
         if hit_flags is not None:  # the immediate reuses, and the ends of the kept intervals
-            hit_flags[j] = reuse & (gap == 1)
+            hit_flags[j] = again
             hit_flags[j, ends[kept]] = True
     return out
 

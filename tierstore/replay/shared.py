@@ -183,7 +183,7 @@ def _reference(s: SharedTrace, sizes, policy: str, label: str) -> list[dict]:
     the attribution, as :func:`~tierstore.replay.sweep.replay_table`'s."""
     n = s.keys.size
     warm_up_reference(policy, s.keys)
-    flags = np.zeros((len(sizes), n), np.bool_)  # (sizes, n): whether each request hit
+    flags = np.zeros((len(sizes), n), np.bool_)  # whether each request hit: a byte a request
     t0 = time.perf_counter()
     totals = reference_hits(policy, s.keys, list(sizes), hit_flags=flags)
     per_size = (time.perf_counter() - t0) / max(len(sizes), 1)
