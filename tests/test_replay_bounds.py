@@ -73,6 +73,23 @@ def lru_model_hits(ids: list[int], capacity: int) -> int:
     return sum(0 <= d < capacity for d in lru_model_distances(ids))
 
 
+def schedule_fits(ids: list[int], hit: list[bool], capacity: int) -> bool:
+    """Whether a cache of ``capacity`` rows (demand fetch) can hit exactly the requests
+    ``hit``: each hit's id was requested before and stayed cached since, and at every request
+    the cache holds its id plus the ids kept across it, at most ``capacity`` in all."""
+    last: dict[int, int] = {}
+    kept = []  # (previous request, this request) of each hit
+    for i, x in enumerate(ids):
+        if hit[i]:
+            if x not in last:
+                return False
+            kept.append((last[x], i))
+        last[x] = i
+    if capacity == 0:
+        return not kept
+    return all(1 + sum(p < t < i for p, i in kept) <= capacity for t in range(len(ids)))
+
+
 # --- golden --------------------------------------------------------------------------------
 
 
@@ -135,11 +152,43 @@ def test_opt_as_python_equals_compiled(monkeypatch, seed):
     ids = rng.integers(0, 300, 5000)
     sizes = [1, 2, 17, 100, 299]
     expected = opt_hits(ids, sizes).tolist()
+    flags, want = np.zeros((5, ids.size), np.bool_), np.zeros((5, ids.size), np.bool_)
+    opt_hits(ids, sizes, hit_flags=want)
     monkeypatch.setattr(compiled, "COMPILED", False)
     monkeypatch.setattr(bounds, "_best_fit", getattr(bounds._best_fit, "py_func", bounds._best_fit))
     monkeypatch.setattr(bounds, "_STEP", 777)  # chunks continue one run of the union-find
-    assert opt_hits(ids, sizes).tolist() == expected
+    assert opt_hits(ids, sizes, hit_flags=flags).tolist() == expected
     assert expected == [belady_model(ids.tolist(), c) for c in sizes]
+    assert (flags == want).all()  # the decisions come back out of each chunk's buffer
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_opt_hit_flags_are_an_optimal_schedule(seed):
+    """OPT's hit flags (which requests hit) are a schedule that a cache of the size can keep,
+    and hit as often as a literal Belady; fully associative LRU's are those of its stack."""
+    rng = np.random.default_rng(100 + seed)
+    ids = rng.integers(0, int(rng.integers(2, 30)), int(rng.integers(1, 160))).tolist()
+    sizes = [0, 1, 2, 3, 5, 8, 40]
+    flags = np.ones((len(sizes), len(ids)), np.bool_)  # set to whatever they held
+    hits = opt_hits(np.array(ids), sizes, hit_flags=flags)
+    assert hits.tolist() == flags.sum(1).tolist() == [belady_model(ids, c) for c in sizes]
+    repeats = [x in ids[:i] for i, x in enumerate(ids)]
+    for c, hit in zip(sizes, flags.tolist()):
+        assert schedule_fits(ids, hit, c), c
+        # the check itself: hitting every repeat fits exactly where Belady hits them all
+        assert schedule_fits(ids, repeats, c) == (belady_model(ids, c) == sum(repeats)), c
+    dist = lru_model_distances(ids)
+    assert lru_hits(np.array(ids), sizes, hit_flags=flags).tolist() == flags.sum(1).tolist()
+    assert flags.tolist() == [[0 <= d < c for d in dist] for c in sizes]
+
+
+def test_hit_flags_of_the_wrong_shape_are_refused():
+    ids = np.arange(6) % 3
+    for f in (opt_hits, lru_hits):
+        for bad in (np.zeros(6, np.bool_), np.zeros((2, 5), np.bool_), np.zeros((2, 6), int)):
+            with pytest.raises(InvalidInputError, match="hit_flags"):
+                f(ids, [1, 2], hit_flags=bad)
+        assert reference_hits("opt", ids, [1, 2], hit_flags=np.zeros((2, 6), np.bool_)).size == 2
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 16])

@@ -13,10 +13,11 @@ import pytest
 
 from tierstore.cli import main
 from tierstore.job import COLUMNS as RUN_COLUMNS
-from tierstore.replay import sweep
+from tierstore.replay import bounds, shared, sweep
 from tierstore.replay.engine import replay_engine
 from tierstore.stats import CacheStats
 from tierstore.trace import write_trace, zipf_trace
+from tierstore.trace.base import Trace
 
 DATA = Path(__file__).parent / "data"
 
@@ -108,6 +109,35 @@ def test_every_timed_replay_follows_a_warm_up(monkeypatch, trace_file):
     ids = zipf_trace(5000, 500, 1.0, seed=1)
     sweep.replay_table(ids, [10, 20], ["lru", "lfu"], batch=100)
     assert [d == "warm-up" for _, d in calls] == [True, False, False] * 2
+
+
+@pytest.mark.parametrize("multi_table", [False, True])
+def test_opt_loop_runs_first_in_the_warm_up(monkeypatch, multi_table):
+    """OPT's greedy loop (compiled on first use) first runs untimed, in the warm-up, even where
+    the first few thousand ids fit in the smallest cache (and OPT needs no loop for them)."""
+    events = []
+    greedy, hits = bounds._best_fit, sweep.reference_hits
+
+    def spy_greedy(*args):
+        events.append("greedy")
+        return greedy(*args)
+
+    def spy_hits(name, ids, *args, **kw):
+        events.append(len(ids))
+        return hits(name, ids, *args, **kw)
+
+    monkeypatch.setattr(bounds, "_best_fit", spy_greedy)
+    for module in (sweep, shared):  # the warm-up's call, and the timed one's
+        monkeypatch.setattr(module, "reference_hits", spy_hits)
+    rng = np.random.default_rng(4)
+    ids = np.concatenate([rng.integers(0, 100, 5000), rng.integers(0, 3000, 5000)])
+    if multi_table:
+        trace = Trace.from_requests(np.arange(ids.size) % 2, ids, ["a", "b"])
+        shared.replay_shared(trace, [500], ["opt"])
+    else:
+        sweep.replay_table(ids, [500], ["opt"])
+    warm_up = events.index(4096)
+    assert events.index("greedy") == warm_up + 1 and events[warm_up + 2] == ids.size
 
 
 def test_two_level_replay_columns(trace_file, capsys):

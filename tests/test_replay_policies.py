@@ -1,6 +1,7 @@
 """The modern reference policies (S3-FIFO, W-TinyLFU) against hand-worked counts and against
-plain-list models written here from the same description, one request at a time; their hash
-map against a dict; their loops as Python (where numba is missing) against the compiled."""
+plain-list models written from the same description (``replay_models.py``), one request at a
+time, request by request (their hit flags); their hash map against a dict; their loops as
+Python (where numba is missing) against the compiled."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from replay_models import MODELS, model_hits, plain_slots, s3fifo_model
 
 from tierstore import compiled
 from tierstore.errors import InvalidInputError
@@ -18,6 +20,7 @@ from tierstore.replay.policies import (
     POLICIES,
     S3FIFO,
     WTinyLFU,
+    base,
     keymap,
     make_policy,
     policy_hits,
@@ -28,121 +31,6 @@ from tierstore.replay.policies.wtinylfu import sketch_slots
 from tierstore.trace.formats import load_trace
 
 GOLDEN = Path(__file__).parent / "data" / "golden_trace.txt"  # 1 2 3 1 4 2 1 3 2 5 1 2
-M64 = (1 << 64) - 1
-
-
-def s3fifo_model(ids: list[int], cap: int) -> int:
-    """S3-FIFO with lists (index 0 = oldest)."""
-    if cap == 0:
-        return 0
-    small_cap = max(1, round(cap * 0.1))
-    ghost_cap = cap - small_cap
-    small: list[int] = []
-    main: list[int] = []
-    ghost: list[int] = []
-    freq: dict[int, int] = {}
-    hits = 0
-    for x in ids:
-        if x in small or x in main:
-            hits += 1
-            freq[x] = min(freq[x] + 1, 3)
-            continue
-        while len(small) + len(main) >= cap:
-            if len(small) >= small_cap or not main:
-                t = small.pop(0)
-                if freq[t] > 0:  # hit while in the small queue: promote
-                    freq[t] = 0
-                    main.append(t)
-                else:
-                    del freq[t]
-                    if ghost_cap:
-                        ghost.append(t)
-                        if len(ghost) > ghost_cap:
-                            ghost.pop(0)
-            else:
-                t = main.pop(0)
-                if freq[t] > 0:
-                    freq[t] -= 1
-                    main.append(t)
-                else:
-                    del freq[t]
-        if x in ghost:
-            ghost.remove(x)
-            main.append(x)
-        else:
-            small.append(x)
-        freq[x] = 0
-    return hits
-
-
-def _mix64(z: int) -> int:
-    z ^= z >> 30
-    z = (z * 0xBF58476D1CE4E5B9) & M64
-    z ^= z >> 27
-    z = (z * 0x94D049BB133111EB) & M64
-    return z ^ (z >> 31)
-
-
-def _slots(x: int, width: int) -> list[int]:
-    u = x & M64
-    words = [_mix64((u + s) & M64) for s in (0x9E3779B97F4A7C15, 0xD1B54A32D192ED03)]
-    return [((words[j // 2] >> (32 * (j % 2))) & (width - 1)) + j * width for j in range(4)]
-
-
-def wtinylfu_model(ids: list[int], cap: int) -> int:
-    """W-TinyLFU with lists (index 0 = least recently used) and a list sketch."""
-    if cap == 0:
-        return 0
-    wcap = min(cap, max(1, round(cap * 0.01)))
-    mcap = cap - wcap
-    pcap = int(mcap * 0.8)
-    width = 1 << max(4, (cap - 1).bit_length())
-    sketch = [0] * (4 * width)
-    sample, added = 10 * cap, 0
-    window: list[int] = []
-    prob: list[int] = []
-    prot: list[int] = []
-
-    def estimate(y: int) -> int:
-        return min(sketch[s] for s in _slots(y, width))
-
-    hits = 0
-    for x in ids:
-        for s in _slots(x, width):
-            sketch[s] = min(15, sketch[s] + 1)
-        added += 1
-        if added >= sample:
-            sketch = [v >> 1 for v in sketch]
-            added //= 2
-        if x in window:
-            window.remove(x)
-            window.append(x)
-            hits += 1
-        elif x in prot:
-            prot.remove(x)
-            prot.append(x)
-            hits += 1
-        elif x in prob:
-            prob.remove(x)
-            prot.append(x)
-            if len(prot) > pcap:
-                prob.append(prot.pop(0))
-            hits += 1
-        else:
-            window.append(x)
-            if len(window) > wcap:
-                cand = window.pop(0)
-                if len(prob) + len(prot) < mcap:
-                    prob.append(cand)
-                elif mcap > 0:
-                    seg = prob if prob else prot
-                    if estimate(cand) > estimate(seg[0]):
-                        seg.pop(0)
-                        prob.append(cand)
-    return hits
-
-
-MODELS = {"s3fifo": s3fifo_model, "wtinylfu": wtinylfu_model}
 
 
 def test_registry():
@@ -166,19 +54,24 @@ def test_sketch_slots_match_the_plain_hash():
     keys = np.array([0, 1, -1, 2**40 + 3, -(2**63)], np.int64)
     got = sketch_slots(keys, 64)
     for k, key in enumerate(keys.tolist()):
-        assert got[:, k].tolist() == _slots(key, 64)
+        assert got[:, k].tolist() == plain_slots(key, 64)
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_golden_trace_matches_the_model(name):
     ids = load_trace(GOLDEN).tables[0]
     sizes = [0, 1, 2, 3, 4, 5, 6]
-    assert policy_hits(name, ids, sizes).tolist() == [MODELS[name](ids.tolist(), c) for c in sizes]
+    want = [model_hits(name, ids.tolist(), c) for c in sizes]
+    assert policy_hits(name, ids, sizes).tolist() == want
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 @pytest.mark.parametrize("seed", range(12))
-def test_matches_the_model_on_random_traces(name, seed):
+def test_matches_the_model_on_random_traces(monkeypatch, name, seed):
+    """Request by request: the hit flags equal the model's (across the driver's chunks, made
+    tiny for some seeds), and the hits are their count."""
+    if seed % 3 == 0:
+        monkeypatch.setattr(base, "CHUNK", 97)
     rng = np.random.default_rng(seed)
     universe = int(rng.integers(2, 300))
     if seed % 2:  # uniform over a few ids: ghosts come back often
@@ -186,7 +79,11 @@ def test_matches_the_model_on_random_traces(name, seed):
     else:
         ids = (rng.zipf(1.2, 2500) % universe).astype(np.int64)
     sizes = [1, 2, 3, 7, 20, 64, 150]  # small sizes age the sketch many times (10 x capacity)
-    assert policy_hits(name, ids, sizes).tolist() == [MODELS[name](ids.tolist(), c) for c in sizes]
+    flags = np.zeros((len(sizes), ids.size), np.bool_)
+    hits = policy_hits(name, ids, sizes, hit_flags=flags)
+    want = [MODELS[name](ids.tolist(), c) for c in sizes]
+    assert flags.tolist() == want
+    assert hits.tolist() == [sum(w) for w in want]
 
 
 def _as_python(monkeypatch) -> None:
@@ -203,10 +100,11 @@ def test_as_python_equals_compiled(monkeypatch, name):
     rng = np.random.default_rng(7)
     ids = np.concatenate([rng.integers(-5, 40, 1500), rng.zipf(1.1, 1500) % 200])
     sizes = [1, 4, 17, 60]
-    expected = policy_hits(name, ids, sizes).tolist()
+    expected, flags = policy_hits(name, ids, sizes).tolist(), np.zeros((4, ids.size), np.bool_)
     _as_python(monkeypatch)
-    assert policy_hits(name, ids, sizes).tolist() == expected
-    assert expected == [MODELS[name](ids.tolist(), c) for c in sizes]
+    monkeypatch.setattr(base, "CHUNK", 1000)  # flags copied out of the loop's buffer per chunk
+    assert policy_hits(name, ids, sizes, hit_flags=flags).tolist() == expected
+    assert flags.tolist() == [MODELS[name](ids.tolist(), c) for c in sizes]
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -226,7 +124,7 @@ def test_s3fifo_ghost_ring_compacts_and_keeps_order(monkeypatch, seed):
     for universe, cap in ((12, 5), (20, 10), (30, 10)):
         ids = rng.integers(0, universe, 3000)
         before = compactions[0]
-        assert S3FIFO(cap).run(ids, show=False) == s3fifo_model(ids.tolist(), cap)
+        assert S3FIFO(cap).run(ids, show=False) == sum(s3fifo_model(ids.tolist(), cap))
         assert compactions[0] > before
 
 
@@ -259,11 +157,14 @@ def test_keymap_equals_a_dict(ops, entries):
 def test_access_agrees_with_run_and_respects_capacity(name):
     ids = np.random.default_rng(3).integers(0, 40, 800)
     one = make_policy(name, 9)
-    hits = 0
+    hit = []
     for x in ids.tolist():
-        hits += one.access(x)
+        hit.append(one.access(x))
         assert x in one and len(one) <= 9
-    assert hits == make_policy(name, 9).run(ids)
+    flags = np.zeros(ids.size, np.bool_)
+    assert sum(hit) == make_policy(name, 9).run(ids, hit_flags=flags)
+    assert flags.tolist() == hit
+    assert not make_policy(name, 0).access(3)
 
 
 @settings(max_examples=100, deadline=None)
@@ -272,5 +173,21 @@ def test_small_and_huge_caches(ids):
     a = np.array(ids, np.int64)
     distinct = np.unique(a).size if a.size else 0
     immediate = int(np.count_nonzero(a[1:] == a[:-1])) if a.size else 0
+    repeat = np.zeros(a.size, np.bool_)  # every request but an id's first
+    if a.size:
+        repeat[np.unique(a, return_index=True)[1]] = True
+        repeat = ~repeat
     for name in POLICIES:
-        assert policy_hits(name, a, [0, 1, 21]).tolist() == [0, immediate, a.size - distinct]
+        flags = np.ones((3, a.size), np.bool_)  # set to whatever they held
+        got = policy_hits(name, a, [0, 1, 21], hit_flags=flags)
+        assert got.tolist() == [0, immediate, a.size - distinct]
+        assert not flags[0].any() and (flags[2] == repeat).all()
+        assert (flags[1] == np.r_[False, a[1:] == a[:-1]][: a.size]).all()
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_hit_flags_of_the_wrong_shape_or_type_are_refused(name):
+    ids = np.arange(10)
+    for bad in (np.zeros((2, 10), np.bool_), np.zeros((1, 9), np.bool_), np.zeros((1, 10)), [0]):
+        with pytest.raises(InvalidInputError, match="hit_flags"):
+            policy_hits(name, ids, [3], hit_flags=bad)

@@ -4,6 +4,8 @@ and the engine's own set-associative cache (``replay.engine``).
 Every reference function has one shape, so a driver can loop over them::
 
     hits = f(ids, cache_sizes)   # ids: 1-D int64 array; returns int64 hits per size
+    hits = f(ids, cache_sizes, hit_flags=flags)   # and fills flags, (sizes, len(ids)) bool:
+                                                  # whether each request hit at each size
 
 :data:`REFERENCE` maps a name to such a function: ``opt`` (Belady), ``fa-lru`` (fully
 associative LRU, all sizes in one pass) and every registered modern policy.
@@ -30,15 +32,19 @@ REFERENCE: dict[str, HitFunction] = {
 }
 
 
-def reference_hits(name: str, ids, cache_sizes: Sequence[int] | int) -> np.ndarray:
-    """Hits of the reference ``name`` (a key of :data:`REFERENCE`) for each cache size."""
+def reference_hits(
+    name: str, ids, cache_sizes: Sequence[int] | int, *, hit_flags: np.ndarray | None = None
+) -> np.ndarray:
+    """Hits of the reference ``name`` (a key of :data:`REFERENCE`) for each cache size;
+    ``hit_flags``: ``(len(cache_sizes), len(ids))`` bool, where given set to whether each
+    request hit at each size."""
     try:
         f = REFERENCE[name]
     except KeyError:
         raise InvalidInputError(
             f"unknown reference policy {name!r}; known: {sorted(REFERENCE)}"
         ) from None
-    return f(ids, cache_sizes)
+    return f(ids, cache_sizes, hit_flags=hit_flags)
 
 
 __all__ = [

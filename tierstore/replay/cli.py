@@ -30,7 +30,8 @@ NOTES = (
 )
 SHARED_NOTE = (
     "The tables share one cache, a row's key being (table, id); the rows of one table "
-    "attribute its lookups and hits (engine policies and fa-lru). --per-table-cache: each "
+    "attribute its lookups and hits (every policy; OPT's split among tables is that of one "
+    "optimal schedule, its total being the only one). --per-table-cache: each "
     "table in a cache of its own, the size split by distinct ids (asked_rows: the shared "
     "size; cache_rows: what the table's own cache holds)."
 )

@@ -42,6 +42,25 @@ def as_sizes(cache_sizes: Sequence[int] | int) -> np.ndarray:
     return s.astype(np.int64)
 
 
+def check_hit_flags(hit_flags, shape: tuple[int, ...]) -> None:
+    """Raises InvalidInputError unless ``hit_flags`` is a writable bool array of ``shape``: the
+    reference functions' ``hit_flags`` (one row per cache size, one flag per request)."""
+    if (
+        not isinstance(hit_flags, np.ndarray)
+        or hit_flags.dtype != np.bool_
+        or hit_flags.shape != shape
+        or not hit_flags.flags.writeable
+    ):
+        got = (
+            f"{hit_flags.dtype} array of shape {hit_flags.shape}"
+            if isinstance(hit_flags, np.ndarray)
+            else type(hit_flags).__name__
+        )
+        raise InvalidInputError(
+            f"hit_flags must be a writable bool array of shape {shape}, got {got}"
+        )
+
+
 def previous_use(ids) -> np.ndarray:
     """For each request, the index of the previous request to the same id, or -1.
 
@@ -184,6 +203,24 @@ def hits_from_distances(dist: np.ndarray, cache_sizes: Sequence[int] | int) -> n
     return np.where(sizes > 0, cum[np.maximum(idx, 0)], 0).astype(np.int64)
 
 
-def lru_hits(ids, cache_sizes: Sequence[int] | int, *, show: bool = True) -> np.ndarray:
-    """Hits of a fully associative LRU cache of each size in ``cache_sizes`` (one pass)."""
-    return hits_from_distances(lru_stack_distances(ids, show=show), cache_sizes)
+def lru_hits(
+    ids,
+    cache_sizes: Sequence[int] | int,
+    *,
+    show: bool = True,
+    hit_flags: np.ndarray | None = None,
+) -> np.ndarray:
+    """Hits of a fully associative LRU cache of each size in ``cache_sizes`` (one pass).
+
+    ``hit_flags``: ``(len(cache_sizes), len(ids))`` bool, where given set to whether each
+    request hit at each size (its stack distance is below the size).
+    """
+    ids = as_id_array(ids)
+    sizes = as_sizes(cache_sizes)
+    if hit_flags is not None:
+        check_hit_flags(hit_flags, (sizes.size, ids.size))
+    dist = lru_stack_distances(ids, show=show)
+    if hit_flags is not None:
+        for row, c in zip(hit_flags, sizes.tolist()):
+            np.logical_and(dist >= 0, dist < c, out=row)
+    return hits_from_distances(dist, sizes)

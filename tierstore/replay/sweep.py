@@ -120,6 +120,14 @@ def warm_up_engine(ids: np.ndarray, size: int, policy: str, batch: int, **opts) 
         _replay_engine_policy(warm, size, policy, batch=step, desc="warm-up", **opts)
 
 
+def warm_up_reference(policy: str, ids: np.ndarray) -> None:
+    """An untimed replay of the first few thousand ids under the reference ``policy``: compiles
+    its loop (or loads it). At 2 rows, fewer than the distinct ids it sees: at a size that holds
+    them all, OPT answers without its loop, and the timed replay would pay for loading it."""
+    if ids.size:
+        reference_hits(policy, ids[:_WARM_UP_IDS], [2])
+
+
 def engine_row(r, size: int, ways: int, batch: int, two_level: bool = False) -> dict:
     """The result row (:data:`COLUMNS` but ``table`` and ``floor_hit_ratio``) of an engine
     replay's ``EngineResult`` ``r`` at asked size ``size``."""
@@ -182,8 +190,7 @@ def replay_table(
                 r = _replay_engine_policy(ids, size, policy, batch=batch, desc=desc, **opts)
                 rows.append(engine_row(r, size, ways, batch, two_level=bool(host_rows)))
         else:
-            if n:
-                reference_hits(policy, ids[:_WARM_UP_IDS], [min(sizes)])  # untimed: compiles
+            warm_up_reference(policy, ids)
             t0 = time.perf_counter()
             hits = reference_hits(policy, ids, list(sizes))
             per_size = (time.perf_counter() - t0) / max(len(sizes), 1)

@@ -68,19 +68,23 @@ def _remember(key, table, gkeys, gserials, head, length, ghosts, serial, ghost_c
 
 
 @compiled
-def _run(keys, table, small, main, gkeys, gserials, meta, small_cap, ghost_cap):
-    """Feeds ``keys`` in order; returns the hits."""
+def _run(keys, hit, table, small, main, gkeys, gserials, meta, small_cap, ghost_cap):
+    """Feeds ``keys`` in order; returns the hits, and sets ``hit[i]`` to whether ``keys[i]``
+    hit."""
     cap = len(small)
     cached, s_head, s_len, m_head, m_len = meta[0], meta[1], meta[2], meta[3], meta[4]
     g_head, g_len, ghosts, serial = meta[5], meta[6], meta[7], meta[8]
     hits = 0
-    for x in keys:
+    for i in range(len(keys)):
+        x = keys[i]
         s = find(table, x)
         if s >= 0 and table[2 * s + 1] >= 0:  # cached
             hits += 1
+            hit[i] = 1
             if table[2 * s + 1] < MAX_FREQ:
                 table[2 * s + 1] += 1
             continue
+        hit[i] = 0
         while cached >= cap:  # free one row
             if s_len >= small_cap or m_len == 0:
                 t = small[s_head]
@@ -153,10 +157,7 @@ class S3FIFO(ReferencePolicy):
         s = find(self._map, int(key))
         return s >= 0 and self._map[2 * s + 1] >= 0  # not a ghost
 
-    def _run(self, keys: np.ndarray) -> int:
-        if self.capacity == 0:
-            return 0
+    def _run(self, keys: np.ndarray, hit) -> int:
         queues = (*self._rings, *self._ghosts, self._meta)
-        return int(
-            _run(int_buffer(keys), self._map, *queues, self.small_capacity, self.ghost_capacity)
-        )
+        caps = (self.small_capacity, self.ghost_capacity)
+        return int(_run(int_buffer(keys), hit, self._map, *queues, *caps))

@@ -104,9 +104,10 @@ def _drop(nodes, node, table, meta):
 
 
 @compiled
-def _run(keys, s0, s1, s2, s3, table, nodes, lists, sketch, meta, window_cap, main_cap,
+def _run(keys, hit, s0, s1, s2, s3, table, nodes, lists, sketch, meta, window_cap, main_cap,
          protected_cap, sample):  # fmt: skip
-    """Feeds ``keys`` (their sketch slots in ``s0..s3``) in order; returns the hits."""
+    """Feeds ``keys`` (their sketch slots in ``s0..s3``) in order; returns the hits, and sets
+    ``hit[i]`` to whether ``keys[i]`` hit."""
     hits = 0
     for i in range(len(keys)):
         x = keys[i]
@@ -122,6 +123,7 @@ def _run(keys, s0, s1, s2, s3, table, nodes, lists, sketch, meta, window_cap, ma
         s = find(table, x)
         if s >= 0:
             hits += 1
+            hit[i] = 1
             node = table[2 * s + 1]
             which = nodes[_RECORD * node + _LIST]
             _unlink(nodes, node, lists)
@@ -134,6 +136,7 @@ def _run(keys, s0, s1, s2, s3, table, nodes, lists, sketch, meta, window_cap, ma
                 _unlink(nodes, y, lists)
                 _append(nodes, y, lists, PROBATION)
             continue
+        hit[i] = 0
         node = meta[1]  # a miss: into the window
         r = _RECORD * node
         meta[1] = nodes[r + _AFTER]
@@ -196,10 +199,8 @@ class WTinyLFU(ReferencePolicy):
         slots = sketch_slots(np.array([key], np.int64), self.width)[:, 0].tolist()
         return min(self._sketch[s] for s in slots)
 
-    def _run(self, keys: np.ndarray) -> int:
-        if self.capacity == 0:
-            return 0
+    def _run(self, keys: np.ndarray, hit) -> int:
         s0, s1, s2, s3 = (int_buffer(s) for s in sketch_slots(keys, self.width))
         state = (self._map, self._nodes, self._lists, self._sketch, self._meta)
         caps = (self.window_capacity, self.main_capacity, self.protected_capacity)
-        return int(_run(int_buffer(keys), s0, s1, s2, s3, *state, *caps, self.sample))
+        return int(_run(int_buffer(keys), hit, s0, s1, s2, s3, *state, *caps, self.sample))
