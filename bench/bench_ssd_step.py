@@ -31,8 +31,9 @@ Sections (``--only dlrm,big``):
 
     i.e. the SSD tier's extra step time (its L3 reads, the L2 cache's work over L3, the dirty
     L2 victims staged into L3) with the pipeline against without it, each against the same
-    loop without an SSD tier. (The engine's stats count no time; the L3 read time shown is
-    measured by timing the SSD tier's reads, an engine internal.)
+    loop without an SSD tier. (The engine's stats count no time; the time of L3 reads and of
+    the dirty L2 victims' writes to L3 shown beside it is measured by timing the SSD tier's
+    ``read`` and ``write``, engine internals.)
 
 Every step time is the median of per-step wall times, each step synchronised (the pipeline's
 host work, done in the ``prefetching`` iterator's ``next``, counted in the step). After the
@@ -153,34 +154,37 @@ class Zipf:
 
 
 # --- the engine's internals this benchmark reaches ----------------------------------------------
-# The stats count rows, not time: the L3 read time is measured by timing the SSD tier's read
-# (``store.host.ssd``), and the rows L3 held by its found-block counter (one row a block).
+# The stats count rows, not time: the time of L3 reads and writes is measured by timing the SSD
+# tier's ``read`` and ``write`` (``store.host.ssd``), and the rows L3 held by its found-block
+# counter (one row a block).
 
 
 class L3Clock:
-    """Time spent in a table's L3 reads and the rows read, found and not (wraps its SSD tier's
-    ``read``, which the L2 cache calls, on its I/O thread or not)."""
+    """Time spent in a table's L3 reads (misses of L2, on its I/O thread or not) and writes
+    (dirty L2 victims staged into L3), by wrapping its SSD tier's ``read`` and ``write``."""
 
     def __init__(self, emb: ts.TieredEmbeddingBag):
         self.ssd = emb.store.host.ssd
-        self.seconds, self.rows = 0.0, 0
+        self.read_s, self.write_s = 0.0, 0.0
         self._lock = threading.Lock()
-        read = self.ssd.read
+        read, write = self.ssd.read, self.ssd.write
 
-        def timed_read(ids: torch.Tensor) -> torch.Tensor:
-            t0 = time.perf_counter()
-            try:
-                return read(ids)
-            finally:
-                with self._lock:
-                    self.seconds += time.perf_counter() - t0
-                    self.rows += ids.numel()
+        def timed(call, counter: str):
+            def run(*args):
+                t0 = time.perf_counter()
+                try:
+                    return call(*args)
+                finally:
+                    with self._lock:
+                        setattr(self, counter, getattr(self, counter) + time.perf_counter() - t0)
 
-        self.ssd.read = timed_read
+            return run
 
-    def snapshot(self) -> tuple[float, int, int]:
-        """(seconds reading, rows asked for, rows L3 held) so far."""
-        return self.seconds, self.rows, self.ssd.stats["blocks_read"]
+        self.ssd.read, self.ssd.write = timed(read, "read_s"), timed(write, "write_s")
+
+    def snapshot(self) -> tuple[float, float, int]:
+        """(seconds reading, seconds writing, rows L3 held of those read) so far."""
+        return self.read_s, self.write_s, self.ssd.stats["blocks_read"]
 
 
 # --- timing and counting ------------------------------------------------------------------------
@@ -197,6 +201,8 @@ class Counted:
     l3_rows: int = 0  # L2 misses: rows read from L3
     l3_found: int = 0  # of them, rows L3 held (the others were never written)
     l3_read_s: float = 0.0  # time in L3 reads
+    l3_written: int = 0  # dirty L2 victims written (staged) into L3
+    l3_write_s: float = 0.0  # time in those writes
     hits: int = 0  # L1 hits and unique rows looked up
     unique: int = 0
 
@@ -233,11 +239,13 @@ class Counted:
         self.steps += k
         for a, b in zip(stats0, (t.stats() for t in tables)):
             self.l3_rows += b.l2_misses - a.l2_misses
+            self.l3_written += b.l2_writebacks - a.l2_writebacks
             self.hits += b.hits - a.hits
             self.unique += b.unique - a.unique
-        for c, (s0, _, f0) in zip(clocks, clock0):
-            s1, _, f1 = c.snapshot()
-            self.l3_read_s += s1 - s0
+        for c, (r0, w0, f0) in zip(clocks, clock0):
+            r1, w1, f1 = c.snapshot()
+            self.l3_read_s += r1 - r0
+            self.l3_write_s += w1 - w0
             self.l3_found += f1 - f0
 
 
@@ -462,8 +470,8 @@ def dlrm(run: Run) -> Table:
 
 
 def l3_rows(table: Table, what: str, plain: Counted, piped: Counted) -> None:
-    """The rows of a table's L3 reads, plain and pipelined: rows a step, of them rows L3 held,
-    time a step, rate."""
+    """A table's L3 traffic, plain and pipelined: rows read a step, of them rows L3 held, their
+    time and rate; dirty L2 victims written to L3 a step and their time."""
     for mode, c in (("plain", plain), ("prefetching", piped)):
         rows, secs = c.per_step(c.l3_rows), c.per_step(c.l3_read_s)
         table.row(f"{what}, {mode}: L3 rows read a step", rows, "rows")
@@ -475,6 +483,8 @@ def l3_rows(table: Table, what: str, plain: Counted, piped: Counted) -> None:
             "M rows/s",
             target=">= 2 M rows/s",
         )
+        table.row(f"{what}, {mode}: L3 rows written a step", c.per_step(c.l3_written), "rows")
+        table.row(f"{what}, {mode}: L3 write time a step", 1e3 * c.per_step(c.l3_write_s), "ms")
 
 
 # --- section big --------------------------------------------------------------------------------
@@ -562,8 +572,9 @@ def big(run: Run) -> Table:
     note(
         f"L1 unique-row hit ratio {plain.l1_hit:.3f} (no SSD tier: {base.l1_hit:.3f}); "
         f"{warm} warm-up steps; the SSD tier's extra step time: {extra:.2f} ms plain, "
-        f"{piped.ms - base_piped.ms:.2f} ms pipelined; its L3 reads take "
-        f"{1e3 * plain.per_step(plain.l3_read_s):.2f} ms of a plain step"
+        f"{piped.ms - base_piped.ms:.2f} ms pipelined; of a plain step, its L3 reads take "
+        f"{1e3 * plain.per_step(plain.l3_read_s):.2f} ms and its writes to L3 "
+        f"{1e3 * plain.per_step(plain.l3_write_s):.2f} ms"
     )
     return table
 
