@@ -14,7 +14,10 @@ Sections (``--only dlrm,big``):
     rows throughout; each as a plain loop and under ``ts.prefetching(depth=2)`` (one per
     table). Every run trains on the same batches from the same weights in the same order of
     plain and pipelined steps, so its losses must be those of the run without an SSD tier at
-    every step (checked and printed: the pipeline and the tiers are transparent).
+    every step (checked and printed: the pipeline and the tiers are transparent). L2 starts
+    empty (the initial rows go to L3); at full scale the run touches fewer distinct rows than
+    L2 holds, so no dirty row leaves L2 and the SSD tier's cost is the L3 read of each row's
+    first use (the L3 rows written a step show it).
 ``big``: a 20 M x 128 fp32 table trained by RowWiseAdagrad, L1 = 5 % and L2 = 20 % of the
     rows, L3 on this machine's disk; bench_steady's batch (65 536 bags x 32 Zipf(1.05) ids,
     one fixed popularity order; a quarter of the bags with ``--quick``); plain and under
