@@ -47,14 +47,15 @@ both see the caches and L3 in the same state. Per-step counts are over every ste
 blocks. Runs on CUDA where available, else on the CPU.
 
     python3 bench/bench_ssd_step.py [--quick] [--only dlrm,big] [--json out.json]
-    python3 bench/bench_ssd_step.py --quick --scale 0.01 --torch-threads 1   # CPU, < 1 min
+    python3 bench/bench_ssd_step.py --quick --scale 0.01      # CPU, under a minute
 
 ``--scale F`` multiplies every table's rows and the batches (for a small machine; at least
 1 024 rows, 128 DLRM samples and 64 bags); ``--dir PATH`` puts the tables in a fresh
 temporary directory under PATH (default under ``/tmp``), deleted at the end;
-``--io-threads`` and ``--io-processes`` are ``ts.SSDConfig``'s; ``--torch-threads 1`` keeps
-torch's intra-op threads from fighting over a small, loaded CPU (there a step can take 10x
-longer with the default threads).
+``--io-threads`` and ``--io-processes`` are ``ts.SSDConfig``'s; ``--torch-threads N`` is
+torch's intra-op threads (default: 1 on the CPU, where the steps' ops are small and more
+threads fight the SSD tier's I/O threads: on 2 loaded cores a step took 5-20x longer with
+torch's default; torch's own default with CUDA).
 """
 
 from __future__ import annotations
@@ -604,7 +605,7 @@ def main(argv: list[str] | None = None) -> int:
         "--torch-threads",
         type=int,
         default=None,
-        help="torch.set_num_threads (default: torch's own; 1 helps a loaded CPU)",
+        help="torch.set_num_threads (default: 1 on the CPU, torch's own with CUDA)",
     )
     parser.add_argument(
         "--prewrite",
@@ -618,9 +619,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}")
     if not 0 < args.scale <= 1 or not 0 <= args.prewrite <= 1:
         parser.error("--scale must be in (0, 1] and --prewrite in [0, 1]")
-    if args.torch_threads is not None:
-        torch.set_num_threads(args.torch_threads)
+    if args.dir is not None and not Path(args.dir).is_dir():
+        parser.error(f"--dir {args.dir}: not a directory")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.torch_threads is not None or device.type == "cpu":
+        torch.set_num_threads(args.torch_threads or 1)
     where = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(
         f"{where}; torch {torch.__version__} ({torch.get_num_threads()} threads); "
