@@ -50,16 +50,16 @@ class TinyDLRM(nn.Module):
     """Bottom MLP over dense features, one summed bag per table, pairwise dot interactions,
     top MLP to a click probability: DLRM's shape at toy size."""
 
-    def __init__(self, rng: np.random.Generator):
+    def __init__(self, rng: np.random.Generator, rows: tuple[int, ...] = ROWS):
         super().__init__()
         self.bottom = _mlp([DENSE, 8, DIM], rng)
         self.tables = nn.ModuleList()
-        for n in ROWS:
+        for n in rows:
             table = nn.EmbeddingBag(n, DIM, mode="sum", sparse=True)  # what the launcher swaps
             w = rng.uniform(-math.sqrt(1 / n), math.sqrt(1 / n), (n, DIM)).astype(np.float32)
             table.weight.data = torch.tensor(w, requires_grad=True)
             self.tables.append(table)
-        features = len(ROWS) + 1
+        features = len(rows) + 1
         self.register_buffer("pairs", torch.tril_indices(features, features, offset=-1))
         self.top = _mlp([DIM + self.pairs.shape[1], 8, 1], rng, last=nn.Sigmoid())
 
@@ -71,13 +71,13 @@ class TinyDLRM(nn.Module):
         return self.top(torch.cat([x, dots], 1)).squeeze(1)
 
 
-def _batches(seed: int, count: int):
+def _batches(seed: int, count: int, rows: tuple[int, ...] = ROWS):
     gen = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(count):
         dense = torch.rand(BATCH, DENSE, generator=gen)
         offsets, indices = [], []
-        for n in ROWS:
+        for n in rows:
             lengths = torch.randint(1, 4, (BATCH,), generator=gen)
             offsets.append(torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)[:-1]]))
             indices.append(torch.randint(0, n, (int(lengths.sum()),), generator=gen))
@@ -171,6 +171,39 @@ def test_collected_dlrm_trains_as_stock_dlrm(kind):
 
 
 @pytest.mark.parametrize("collect", [False, True])
+def test_dlrm_over_an_ssd_tier_trains_as_stock_dlrm(tmp_path, collect):
+    """``--tierstore-ssd DIR --tierstore-host F``: every table (or the collection) over an SSD
+    tier in DIR whose L2 holds F of its rows; DLRM's initial weights are written to L3 and read
+    back from it, and the losses and trained tables are the stock run's. Tables ten times the
+    other tests' rows: L2 must hold L1's rows and a batch's."""
+    seed, rows = random.randrange(1 << 32), tuple(10 * n for n in ROWS)
+    launch, batches, lr = _launcher(), _batches(seed, 12, rows), 0.5
+    stock = TinyDLRM(np.random.default_rng(seed), rows)
+    stock_losses, _, _ = _train(stock, batches, lr)
+    with launch.swapped("sgd", lr, cache_fraction=0.1, collect=collect, ssd_dir=tmp_path,
+                        host_fraction=0.5):  # fmt: skip
+        swapped = TinyDLRM(np.random.default_rng(seed), rows)
+        losses, _, _ = _train(swapped, batches, lr)
+    if collect:
+        col = swapped.tables[0].collection
+        assert col.path == tmp_path / "collection"
+        l2_misses = col.stats().overall.l2_misses
+    else:
+        for k, (t, n) in enumerate(zip(swapped.tables, rows)):
+            assert t.ssd_config.path == tmp_path / f"table{k}"
+            assert t.ssd_config.host_rows == math.ceil(0.5 * n)
+        l2_misses = sum(t.stats().l2_misses for t in swapped.tables)
+    assert l2_misses > 0  # rows were read from L3
+    for step, (ours, theirs) in enumerate(zip(losses, stock_losses)):
+        torch.testing.assert_close(ours, theirs, msg=f"loss at step {step} (seed {seed})")
+    for k, (ours, theirs) in enumerate(zip(swapped.tables, stock.tables)):
+        torch.testing.assert_close(
+            ours.weight, theirs.weight.detach(), rtol=1e-5, atol=1e-6,
+            msg=lambda m, k=k: f"table {k} (seed {seed}): {m}",
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize("collect", [False, True])
 def test_swapped_dlrm_checkpoint_continues_training(collect):
     """DLRM's --save-model / --load-model: model.state_dict() and the optimizer's, loaded into a
     freshly built model, continue exactly as the uninterrupted run."""
@@ -209,4 +242,11 @@ def test_launcher_refuses_what_it_cannot_run(tmp_path, capsys):
     with launch.swapped("sgd"):
         with pytest.raises(ts.InvalidInputError, match="max_norm"):
             torch.nn.EmbeddingBag(10, 4, max_norm=1.0)
+    with pytest.raises(ts.InvalidInputError, match="only with --tierstore-ssd"):
+        with launch.swapped("sgd", host_fraction=0.5):
+            pass
+    with pytest.raises(ts.InvalidInputError, match="--tierstore-host must be in"):
+        with launch.swapped("sgd", cache_fraction=0.2, ssd_dir=tmp_path, host_fraction=0.2):
+            pass
+    assert torch.nn.EmbeddingBag is not launch.DLRMEmbeddingBag  # nothing left swapped
     assert "tierstore_dlrm_launch" not in sys.modules  # the test loads it by path only

@@ -3,7 +3,8 @@
 Usage::
 
     python examples/dlrm/launch.py /path/to/dlrm [--tierstore-cache 0.2] [--tierstore-policy lru] \\
-        [--tierstore-collection] [any dlrm_s_pytorch.py argument ...]
+        [--tierstore-collection] [--tierstore-ssd DIR [--tierstore-host 0.5]] \\
+        [any dlrm_s_pytorch.py argument ...]
 
 ``/path/to/dlrm`` is your checkout of https://github.com/facebookresearch/dlrm (not shipped
 here). The script runs unmodified; the launcher makes one swap before it starts,
@@ -25,6 +26,12 @@ With ``--tierstore-collection`` the swap is ``torch.nn.EmbeddingBag = CollectedE
 instead: every table DLRM builds becomes one table of a single
 :class:`tierstore.TieredEmbeddingBagCollection` (one L1 and one L2 shared by all of them), built
 at the first use of any of them.
+
+With ``--tierstore-ssd DIR`` every table has an SSD tier (L3) in ``DIR`` (``DIR/table0``, ...;
+``DIR/collection`` with ``--tierstore-collection``), with an L2 in host memory of
+``--tierstore-host F`` of its rows (default: ``ts.SSDConfig``'s). DLRM's initialisation writes
+every row, so L3 holds the whole table; rows trained since the last flush are not kept when
+the run ends (DLRM's ``--save-model`` saves them, as without an SSD tier).
 
 ``--save-model`` / ``--load-model`` save and load ``dlrm.state_dict()``: the tables are in it
 through ``TieredEmbeddingBag.state_dict()``, and the learning rate through DLRM's saved
@@ -66,12 +73,24 @@ class _Settings:
     policy: str = "lru"
     leader: weakref.ref | None = None  # the optimizer DLRM built: its lr reaches the tables
     collect: bool = False  # every table into one collection (CollectedEmbeddingBag)
+    ssd_dir: Path | None = None  # each table's SSD tier under it (None: no SSD tier)
+    host_fraction: float | None = None  # L2 rows as a fraction of the table's (None: default)
+    made: int = 0  # tables made so far (the names of their SSD directories)
     gathering: _Gathering | None = None  # where the tables being built now are gathered
 
 
 def _leader_lr() -> float | None:
     leader = _Settings.leader() if _Settings.leader is not None else None
     return None if leader is None else leader.param_groups[0]["lr"]
+
+
+def _ssd(name: str, rows: int) -> ts.SSDConfig | None:
+    """The SSD tier of a table (or collection) of ``rows`` rows called ``name``, if any."""
+    if _Settings.ssd_dir is None:
+        return None
+    fraction = _Settings.host_fraction
+    host_rows = None if fraction is None else max(1, math.ceil(fraction * rows))
+    return ts.SSDConfig(_Settings.ssd_dir / name, host_rows=host_rows)
 
 
 def _refuse(max_norm, scale_grad_by_freq, _weight, padding_idx, **more) -> None:
@@ -111,6 +130,8 @@ class DLRMEmbeddingBag(ts.TieredEmbeddingBag):
     ):
         _refuse(max_norm, scale_grad_by_freq, _weight, padding_idx)
         n, dim = int(num_embeddings), int(embedding_dim)  # DLRM passes numpy integers
+        ssd = _ssd(f"table{_Settings.made}", n)
+        _Settings.made += 1
         super().__init__(
             n,
             dim,
@@ -121,6 +142,7 @@ class DLRMEmbeddingBag(ts.TieredEmbeddingBag):
             optimizer=_Settings.rule,
             device=device if device is not None else _Settings.device,
             include_last_offset=include_last_offset,
+            ssd=ssd,
         )
 
     def forward(self, input, offsets=None, per_sample_weights=None):
@@ -153,7 +175,7 @@ class _Gathering:
             cache_rows = max(len(configs), math.ceil(_Settings.cache_fraction * rows))
             col = ts.TieredEmbeddingBagCollection(
                 configs, cache=ts.CacheConfig(rows=cache_rows, policy=_Settings.policy),
-                optimizer=_Settings.rule, device=_Settings.device,
+                ssd=_ssd("collection", rows), optimizer=_Settings.rule, device=_Settings.device,
             )  # fmt: skip
             for t in self.tables:
                 if t._pending is not None:
@@ -302,22 +324,36 @@ def swapped(
     cache_fraction: float = 0.2,
     policy: str = "lru",
     collect: bool = False,
+    ssd_dir: str | Path | None = None,
+    host_fraction: float | None = None,
 ) -> Iterator[None]:
     """While active, ``torch.nn.EmbeddingBag`` is :class:`DLRMEmbeddingBag` (tables with the
     fused ``optimizer`` at ``learning_rate``, an L1 of ``cache_fraction`` of their rows), or
     with ``collect`` :class:`CollectedEmbeddingBag` (every table in one collection, whose
     shared L1 holds ``cache_fraction`` of all their rows); ``torch.optim.SGD`` / ``Adagrad``
-    are subclasses that the tables follow for the lr."""
+    are subclasses that the tables follow for the lr. With ``ssd_dir``, each table (or the
+    collection) has an SSD tier there, under its name, whose L2 holds ``host_fraction`` of
+    its rows (default: ``ts.SSDConfig``'s)."""
     if optimizer not in RULES:
         raise InvalidInputError(
             f"--optimizer {optimizer!r}: the tables' fused update supports {sorted(RULES)}"
         )
     if not 0 < cache_fraction <= 1:
         raise InvalidInputError(f"--tierstore-cache must be in (0, 1], got {cache_fraction}")
+    if host_fraction is not None:
+        if ssd_dir is None:
+            raise InvalidInputError("--tierstore-host applies only with --tierstore-ssd DIR")
+        if not cache_fraction < host_fraction <= 1:
+            raise InvalidInputError(
+                f"--tierstore-host must be in (--tierstore-cache, 1], got {host_fraction}: L2 "
+                "holds every row L1 holds, and the rows of the batches in flight"
+            )
     saved = (torch.nn.EmbeddingBag, torch.optim.SGD, torch.optim.Adagrad, vars(_Settings).copy())
     _Settings.rule = RULES[optimizer][1](lr=learning_rate)
     _Settings.device, _Settings.cache_fraction, _Settings.policy = device, cache_fraction, policy
     _Settings.leader, _Settings.collect, _Settings.gathering = None, collect, None
+    _Settings.ssd_dir = None if ssd_dir is None else Path(ssd_dir)
+    _Settings.host_fraction, _Settings.made = host_fraction, 0
     torch.nn.EmbeddingBag = CollectedEmbeddingBag if collect else DLRMEmbeddingBag  # the swap
     torch.optim.SGD, torch.optim.Adagrad = _leading(saved[1]), _leading(saved[2])
     try:
@@ -325,7 +361,7 @@ def swapped(
     finally:
         torch.nn.EmbeddingBag, torch.optim.SGD, torch.optim.Adagrad = saved[:3]
         for key in ("rule", "device", "cache_fraction", "policy", "leader", "collect",
-                    "gathering"):  # fmt: skip
+                    "gathering", "ssd_dir", "host_fraction", "made"):  # fmt: skip
             setattr(_Settings, key, saved[3][key])
 
 
@@ -342,6 +378,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tierstore-collection", action="store_true",
                         help="every table in one collection: one shared L1 and L2 for all "
                         "(--tierstore-cache is then a fraction of all their rows)")  # fmt: skip
+    parser.add_argument("--tierstore-ssd", type=Path, default=None, metavar="DIR",
+                        help="an SSD tier for every table, in DIR (default: none)")  # fmt: skip
+    parser.add_argument("--tierstore-host", type=float, default=None, metavar="F",
+                        help="with --tierstore-ssd: L2 rows per table as a fraction of its rows")  # fmt: skip
     ours, rest = parser.parse_known_args(argv)
     script = ours.dlrm_dir / "dlrm_s_pytorch.py"
     if not script.is_file():
@@ -359,9 +399,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with swapped(dlrm_args.optimizer, dlrm_args.learning_rate, device,
                      ours.tierstore_cache, ours.tierstore_policy,
-                     ours.tierstore_collection):  # fmt: skip
+                     ours.tierstore_collection, ours.tierstore_ssd,
+                     ours.tierstore_host):  # fmt: skip
             runpy.run_path(str(script), run_name="__main__")
-    except InvalidInputError as e:
+    except ts.TierstoreError as e:  # a bad option, a table in DIR of another shape, a full L2
         print(f"launch.py: {e}", file=sys.stderr)
         return 2
     return 0

@@ -1,0 +1,78 @@
+"""``bench/bench_ssd_step.py`` at a tiny scale on the CPU: every row of both sections is in its
+JSON with a finite figure, positive where it is a time, a count or a rate (the writes of dirty
+L2 victims to L3 may be none), and the SSD rows read L3 (rows L3 held among them). Figures are
+not judged: no timing assertion."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "bench_ssd_step.py"
+
+DLRM_ROWS = ["tables in L2 (no SSD tier), plain loop",
+             "tables in L2 (no SSD tier), prefetching(depth=2)",
+             "L3 written: every row (write_rows in chunks), flushed"]  # fmt: skip
+BIG_ROWS = ["whole table in L2 (no SSD tier), plain loop",
+            "whole table in L2 (no SSD tier), prefetching(depth=2)",
+            "SSD tier, plain loop", "SSD tier, prefetching(depth=2)",
+            "SSD tier, step rate, fastest loop",
+            "SSD tier: share of its extra time hidden by prefetching"]  # fmt: skip
+
+
+def _l3_rows(what: str) -> list[str]:
+    return [
+        f"{what}, {mode}: {figure}"
+        for mode in ("plain", "prefetching")
+        for figure in (
+            "L3 rows read a step", "of them, rows L3 held", "L3 read time a step", "L3 read rate",
+            "L3 rows written a step", "L3 write time a step",
+        )
+    ]  # fmt: skip
+
+
+def test_bench_ssd_step_gives_every_figure(tmp_path):
+    out = tmp_path / "figures.json"
+    cmd = [sys.executable, str(SCRIPT), "--quick", "--scale", "0.002", "--torch-threads", "1",
+           "--dir", str(tmp_path), "--json", str(out)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]
+    dlrm = {r["name"]: r for r in results if r["section"].startswith("DLRM")}
+    big = {r["name"]: r for r in results if not r["section"].startswith("DLRM")}
+    expected_dlrm = list(DLRM_ROWS)
+    for share in ("50%", "20%"):
+        what = f"SSD tier, L2 = {share}"
+        expected_dlrm += [f"{what}, plain loop", f"{what}, prefetching(depth=2)",
+                          f"{what} / no SSD tier, fastest loop each",
+                          f"{what}: share of its extra time hidden by prefetching",
+                          *_l3_rows(what)]  # fmt: skip
+    expected_big = BIG_ROWS + _l3_rows("SSD tier")
+    assert sorted(dlrm) == sorted(expected_dlrm)
+    assert sorted(big) == sorted(expected_big)
+    for row in results:
+        value = row["value"]
+        if "L3 rows written" in row["name"] or "L3 write time" in row["name"]:
+            assert math.isfinite(value) and value >= 0, row  # dirty L2 victims: maybe none
+        elif row["unit"] == "share":  # 1 - a ratio of differences of noisy times: any value,
+            assert isinstance(value, float), row  # NaN where the SSD tier cost no time
+        else:
+            assert math.isfinite(value) and value > 0, row
+    # every row of the DLRM tables was written first: every L3 read finds its row
+    for share in ("50%", "20%"):
+        for mode in ("plain", "prefetching"):
+            what = f"SSD tier, L2 = {share}, {mode}"
+            assert dlrm[f"{what}: of them, rows L3 held"]["value"] == pytest.approx(
+                dlrm[f"{what}: L3 rows read a step"]["value"]
+            )
+    # the big table's L3 starts empty; by the timed steps, some of its reads find rows
+    for mode in ("plain", "prefetching"):
+        held = big[f"SSD tier, {mode}: of them, rows L3 held"]["value"]
+        assert 0 < held < big[f"SSD tier, {mode}: L3 rows read a step"]["value"]
+    assert done.stdout.count("losses equal to the no-SSD run's at every step: yes") == 2
+    assert not list(tmp_path.glob("bench_ssd_step.*")), "the tables' directory is left behind"
