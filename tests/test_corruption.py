@@ -28,7 +28,8 @@ import torch
 import tierstore as ts
 from tierstore.errors import CorruptBlockError, StorageError, StorageFullError, TierstoreError
 from tierstore.hashing import initial_weights
-from tierstore.ssd import SSDTier, _StorageErrors
+from tierstore.ssd import SSDTier
+from tierstore.ssd_files import StorageErrors as _StorageErrors
 
 W = 9
 

@@ -4,8 +4,8 @@ Layout of the directory::
 
     data.mdb, lock.mdb   the table: named databases ``meta`` (JSON metadata, flush counter)
                          and ``blocks`` (one entry per block of consecutive ids)
-    staged/              a scratch LMDB environment for rows written between flushes;
-                         never synced, wiped on every open for writing
+    staged/              a scratch LMDB environment for rows written between flushes, stored
+                         raw (no zstd); never synced, wiped on every open for writing
     writer.lock          flock'ed by the one process that has the table open for writing
 
 Rows are grouped into blocks of ``block_rows`` consecutive ids. The key of a block is the
@@ -68,12 +68,12 @@ from tierstore.errors import (
 from tierstore.ssd_blockdb import BlockDB, as_ids, as_rows
 from tierstore.ssd_files import (
     CREATING,
-    STAGED_DIR,
     StorageErrors,
     allocated_bytes,
     fsync_dir,
     lmdb_size_check,
     open_lmdb,
+    open_staged,
     open_table,
     register_open,
     remove_abandoned_creations,
@@ -84,8 +84,6 @@ from tierstore.ssd_flush import FlushWriter
 from tierstore.ssd_meta import FLUSH_KEY, META_KEY, check_meta, refuse_unsealed, seal_value, unseal
 from tierstore.ssd_readers import ReaderPool, check_processes
 
-# Re-exported: the names this module had before it was split.
-_StorageErrors = StorageErrors
 __all__ = ["FlushWriter", "InitRows", "SSDTier"]
 
 InitRows = Callable[[torch.Tensor], torch.Tensor]
@@ -337,6 +335,10 @@ class SSDTier:
         codec = BlockCodec(self.row_width, self.block_rows, self.compression_level, threads)
         readers = ReaderPool(str(self.path), map_size, processes) if processes > 0 else None
         self._db = BlockDB(self.path, codec, threads, self._count, readers)
+        # Staged rows are re-encoded when a flush merges them: stored raw (zstd level 0), the
+        # training thread's writes of evicted rows compress nothing
+        raw = BlockCodec(self.row_width, self.block_rows, 0, threads)
+        self._staged_db = BlockDB(self.path, raw, threads, self._count)
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=max(1, threads), thread_name_prefix="tierstore-ssd"
         )
@@ -345,20 +347,7 @@ class SSDTier:
 
     def _reset_staged(self, map_size: int) -> None:
         """A fresh, empty staged environment: rows staged by a dead process are discarded."""
-        staged = self.path / STAGED_DIR
-        try:
-            if staged.exists():
-                shutil.rmtree(staged)
-            staged.mkdir()
-            # No fsync ever: nothing in it needs to survive a crash.
-            self._staged_env = lmdb.open(
-                str(staged), map_size=map_size, max_dbs=2, sync=False, metasync=False,
-                readahead=False, meminit=False,
-            )  # fmt: skip
-            self._staged_rows = self._staged_env.open_db(b"blocks")
-            self._staged_info = self._staged_env.open_db(b"info")
-        except (OSError, lmdb.Error) as exc:
-            raise StorageError(f"{self.path}: cannot reset the staged rows ({exc})") from exc
+        self._staged_env, self._staged_rows, self._staged_info = open_staged(self.path, map_size)
         self._clear_staged()
 
     def close(self) -> None:
@@ -368,6 +357,7 @@ class SSDTier:
             self._executor.shutdown(wait=True)
             self._executor = None
             self._db.close()
+            self._staged_db.close()
         writer = self._writer
         if writer is not None and writer.on_this_thread():
             writer.abort()
@@ -433,7 +423,8 @@ class SSDTier:
                 for txn, db, flushed in sources:
                     if len(todo) == 0:
                         break
-                    found = self._db.read_into(txn, db, u[todo], out, todo, flushed)
+                    blocks = self._db if flushed else self._staged_db
+                    found = blocks.read_into(txn, db, u[todo], out, todo, flushed)
                     todo = todo[~found]
             finally:
                 main_txn.abort()
@@ -459,14 +450,14 @@ class SSDTier:
             main_txn = self._env.begin()
             staged_txn = self._staged_env.begin() if self._staged_env is not None else None
             try:
-                sources = [(main_txn, self._blocks)] if flushed else []
+                sources = [(main_txn, self._blocks, self._db)] if flushed else []
                 if staged and staged_txn is not None:
                     base = int(staged_txn.get(FLUSH_KEY, db=self._staged_info))
                     stored = main_txn.get(FLUSH_KEY, db=self._meta_db)
                     if base == int(unseal(self.path, FLUSH_KEY, stored)):  # not merged
-                        sources.append((staged_txn, self._staged_rows))
-                for txn, db in sources:
-                    parts += self._db.stored_ids(txn.cursor(db))
+                        sources.append((staged_txn, self._staged_rows, self._staged_db))
+                for txn, db, blocks in sources:
+                    parts += blocks.stored_ids(txn.cursor(db))
             finally:
                 main_txn.abort()
                 if staged_txn is not None:
@@ -498,7 +489,7 @@ class SSDTier:
                 if int(txn.get(FLUSH_KEY, db=self._staged_info)) != self._flush_count:
                     # A flush merged these staged rows but failed to clear them: do it now.
                     self._clear_staged(txn)
-                self._db.merge(txn, self._staged_rows, u, rows_np, flushed=False)
+                self._staged_db.merge(txn, self._staged_rows, u, rows_np, flushed=False)
         self._count(rows_written=len(u))
 
     def flush_begin(self) -> FlushWriter:
@@ -564,7 +555,7 @@ class SSDTier:
     def _merge_staged(self, txn: lmdb.Transaction) -> None:
         """Copies the staged rows into a flush transaction, a bounded chunk at a time."""
         with self._staged_env.begin(db=self._staged_rows) as staged:
-            self._db.merge_all(txn, self._blocks, staged.cursor())
+            self._db.merge_all(txn, self._blocks, staged.cursor(), self._staged_db.decode)
 
     def _clear_staged(self, txn: lmdb.Transaction | None = None) -> None:
         """Empties the staged rows and records the flush they now build on."""

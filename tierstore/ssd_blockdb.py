@@ -384,13 +384,17 @@ class BlockDB:
         cursor.putmulti(list(zip(keys, values)), append=append)
         self._count(blocks_written=len(keys), bytes_written=nbytes)
 
-    def merge_all(self, txn: lmdb.Transaction, db: Any, source: lmdb.Cursor) -> None:
-        """Merges every block of another database (read through the cursor ``source``) into
-        ``db``, a bounded chunk of blocks at a time."""
+    def merge_all(
+        self, txn: lmdb.Transaction, db: Any, source: lmdb.Cursor,
+        decode: Callable[[list[bytes], np.ndarray], DecodedBlocks],
+    ) -> None:  # fmt: skip
+        """Merges every block of another database (read through the cursor ``source``, whose
+        blocks ``decode`` decodes: its :class:`BlockDB`'s) into ``db``, a bounded chunk of
+        blocks at a time."""
         chunk, items = max(1, _LIST_CHUNK_ROWS // self.block_rows), iter(source)
         # One iterator: a new one on the cursor would start again at its current entry.
         while pairs := list(itertools.islice(items, chunk)):
             blocks = np.frombuffer(b"".join([k for k, _ in pairs]), ">u8").astype(np.uint64)
-            decoded = self.decode([v for _, v in pairs], blocks)
+            decoded = decode([v for _, v in pairs], blocks)
             u = (blocks[decoded.block] << self.codec.shift) | decoded.offset.astype(np.uint64)
             self.merge(txn, db, u, decoded.rows(np.arange(len(u))), flushed=True)

@@ -245,3 +245,21 @@ class StorageErrors:
     def _disk_is_full(self) -> bool:
         """LMDB reports a short write as EIO: call it a full disk when little space is left."""
         return 0 <= self._free_bytes() < _FULL_DISK_BYTES
+
+
+def open_staged(path: pathlib.Path, map_size: int) -> tuple[lmdb.Environment, Any, Any]:
+    """A fresh, empty staged environment in ``path``'s ``staged/`` (what was there is deleted):
+    the environment, its ``blocks`` database and its ``info`` database."""
+    staged = path / STAGED_DIR
+    try:
+        if staged.exists():
+            shutil.rmtree(staged)
+        staged.mkdir()
+        # No fsync ever: nothing in it needs to survive a crash.
+        env = lmdb.open(
+            str(staged), map_size=map_size, max_dbs=2, sync=False, metasync=False,
+            readahead=False, meminit=False,
+        )  # fmt: skip
+        return env, env.open_db(b"blocks"), env.open_db(b"info")
+    except (OSError, lmdb.Error) as exc:
+        raise StorageError(f"{path}: cannot reset the staged rows ({exc})") from exc
