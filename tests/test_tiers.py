@@ -78,3 +78,34 @@ def test_page_lock_without_cuda_raises_with_nothing_changed():
         table.page_lock()
     assert table.data is data and table.written is written
     torch.testing.assert_close(table.data, rows, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_a_large_host_tier_is_page_locked_in_place_and_trains_as_on_the_cpu():
+    """A table whose L2 passes the in-place threshold (tierstore.host.pinned) is registered, not
+    copied; the CUDA kernels read it over PCIe and train it as the CPU backend does, and a second
+    table made after the first is freed registers its own memory again."""
+    import gc
+
+    from tierstore.host import _REGISTER_BYTES
+
+    rows, dim = _REGISTER_BYTES // (4 * 17) + 1000, 16  # 16 weights + row-wise state
+    gen = torch.Generator().manual_seed(7)
+    idx = torch.randint(0, rows, (4096,), generator=gen)
+    offs = torch.arange(0, 4096, 8)
+    for _ in range(2):
+        tables = {}
+        for dev in ("cpu", "cuda"):
+            tables[dev] = ts.TieredEmbeddingBag(
+                rows, dim, mode="sum", device=dev, cache=ts.CacheConfig(rows=1024),
+                optimizer=ts.RowWiseAdagrad(lr=0.1), seed=3,
+            )  # fmt: skip
+        host = tables["cuda"].store.host
+        assert host.data.is_pinned() and host.data.numel() * 4 >= _REGISTER_BYTES
+        for dev, emb in tables.items():
+            emb(idx.to(dev), offs.to(dev)).sum().backward()
+        got = tables["cuda"].read_rows(idx.unique().cuda(), True).cpu()
+        want = tables["cpu"].read_rows(idx.unique(), True)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        del tables, host
+        gc.collect()

@@ -39,7 +39,7 @@ from .errors import (
     TableMismatchError,
     TierstoreError,
 )
-from .host import allocate_rows
+from .host import allocate_rows, pinned
 from .optim import Optimizer
 from .read_ahead import ReadAhead, WriteLog, rows_read_ahead
 from .ssd import SSDTier
@@ -310,9 +310,10 @@ class HostCache:
         self.write(slots[cached], rows[cached])
 
     def page_lock(self) -> None:
-        """Page-locks ``data`` (a copy, once); L2 keeps no map of written rows (``written``)."""
+        """Page-locks ``data`` (in place where large: :func:`~tierstore.host.pinned`), once; L2
+        keeps no map of written rows (``written``)."""
         if not self.data.is_pinned():
-            self.data = self.data.pin_memory()
+            self.data = pinned(self.data)
 
     # -------------------------------------------------------------- durability
     def flush(self) -> None:

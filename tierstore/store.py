@@ -198,9 +198,11 @@ class TieredStore:
         # L2 address of the row in each L1 slot (L2 is inclusive of L1, so it stays valid while
         # the row is cached): where a dirty victim is written back.
         self.l1_home = torch.full((self.l1.capacity,), -1, dtype=torch.int64, device=device)
+        cuda, hashed = device.type == "cuda", type(self).init_rows is TieredStore.init_rows
         self.host: HostTier = host or HostTable(
-            num_rows, layout.width, self.init_rows, pin=device.type == "cuda"
-        )
+            num_rows, layout.width, self.init_rows, pin=cuda,
+            init_device=device if cuda and hashed else None,  # the GPU computes the rows
+        )  # fmt: skip
         self.inclusive_host = not isinstance(self.host, HostTable)
         self.flushed_rows = 0
         # Where kernels read and write L2's rows in place: the device address of pinned fp32
@@ -214,7 +216,6 @@ class TieredStore:
         # init_rows is its own, as a collection's group: its fills then read every row)
         written = self.host.written
         self.l2_written = 0
-        hashed = type(self).init_rows is TieredStore.init_rows
         if self.l2_address is not None and written is not None and hashed:
             self.l2_written = interop.device_pointer(written) or 0
         # Prefetched lookups run on a side stream (side_stream); the event of the last one the
@@ -436,7 +437,7 @@ class TieredStore:
             except RuntimeError as e:
                 raise CapacityError(
                     f"moving the table to {device} page-locks its host tier (L2: "
-                    f"{data.numel() * 4 / 2**30:.1f} GiB, copied once), which failed: {e}"
+                    f"{data.numel() * 4 / 2**30:.1f} GiB), which failed: {e}"
                 ) from e
         if self.inclusive_host:  # the old L1's rows leave L2's pins
             cached = by_slot(self.l1.tags) != EMPTY

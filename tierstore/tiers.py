@@ -64,7 +64,7 @@ class HostTier(Protocol):
         """Overwrites the rows of ``ids``, changing no cache state."""
 
     def page_lock(self) -> None:
-        """Page-locks :attr:`data` (and :attr:`written`), a copy each, so that a device reads
+        """Page-locks :attr:`data` (and :attr:`written`), in place or a copy, so that a device reads
         them over PCIe; raises ``RuntimeError`` with nothing changed if the host cannot."""
 
     def flush(self) -> None:
