@@ -326,15 +326,22 @@ class JaggedChecks:
         # range; the check of the sum refuses it)
         ends = counts.cumsum(0)
         feat = torch.searchsorted(ends, torch.arange(n, device=dev), right=True).clamp(max=nf - 1)
-        lo = torch.full((nf,), torch.iinfo(torch.int64).max, dtype=torch.int64, device=dev)
-        hi = torch.full((nf,), -1, dtype=torch.int64, device=dev)
-        if n:
-            lo = lo.scatter_reduce(0, feat, values, "amin")
-            hi = hi.scatter_reduce(0, feat, values, "amax")
+        # The first id outside its table, as (feature, id), or (-1, 0): one pass over the ids
+        # and an argmax (a reduction per feature would contend on a few counters)
+        # The first id outside its table, as (feature, id), after a sentinel (-1, -1) that is
+        # "outside": one pass over the ids and an argmax (a reduction per feature would contend
+        # on a few counters)
+        limit = torch.tensor(self._limits, dtype=torch.int64, device=dev)[feat]
+        sentinel = torch.full((1,), -1, dtype=torch.int64, device=dev)
+        outside = torch.cat([(values < 0) | (values >= limit), sentinel < 0])
+        first = outside.to(torch.uint8).argmax()  # the first one (n: none)
+        bad = torch.stack(
+            [torch.cat([feat, sentinel])[first], torch.cat([values, sentinel])[first]]
+        )
         zero = torch.zeros(nf, dtype=torch.int64, device=dev)
         smallest = lengths.amin(1) if lengths.shape[1] else zero
         starts = [s.to(dev) for _, s in batch.starts]
-        facts = torch.cat([counts, smallest, lo, hi, *starts])
+        facts = torch.cat([counts, smallest, bad, *starts])
         self._facts, self._event = read_back_later(facts)
         self._counts: list[int] | None = None
 
@@ -354,7 +361,7 @@ class JaggedChecks:
         batch, limits, owners = self._batch, self._limits, self._owners
         nf, n = batch.lengths.shape[0], batch.values.numel()
         counts_h, smallest_h = facts[:nf], facts[nf : 2 * nf]
-        lo_h, hi_h, starts_h = facts[2 * nf : 3 * nf], facts[3 * nf : 4 * nf], facts[4 * nf :]
+        (bad_feature, bad_id), starts_h = facts[2 * nf : 2 * nf + 2], facts[2 * nf + 2 :]
         keys = batch.keys
 
         def name(f: int) -> str:
@@ -378,10 +385,9 @@ class JaggedChecks:
                 f"{what} must cover every value exactly: they sum to {sum(counts_h)} ids but "
                 f"values holds {n} (ids per feature: {dict(zip(keys, counts_h, strict=True))})"
             )
-        for f in range(nf):
-            if counts_h[f] and (lo_h[f] < 0 or hi_h[f] >= limits[f]):
-                bad = lo_h[f] if lo_h[f] < 0 else hi_h[f]
-                raise InvalidInputError(f"{name(f)}: ids must be in [0, {limits[f]}), found {bad}")
+        if bad_feature >= 0:
+            f = bad_feature
+            raise InvalidInputError(f"{name(f)}: ids must be in [0, {limits[f]}), found {bad_id}")
         return counts_h
 
 
@@ -399,6 +405,7 @@ def safe_lengths(lengths: torch.Tensor, n: int) -> torch.Tensor:
     does not (refused before anything changes), the ops that use them stay in bounds."""
     if not lengths.numel():
         return lengths
-    ends = torch.cummax(lengths.cumsum(0).clamp(0, n), 0).values
+    # lengths clamped at 0 make the ends non-decreasing (a scan with cummax is slow on CUDA)
+    ends = lengths.clamp(min=0).cumsum(0).clamp(max=n)
     ends[-1] = n
     return torch.diff(ends, prepend=ends.new_zeros(1))

@@ -156,13 +156,19 @@ class GroupStore(TieredStore):
         hit = found.hit if filled is None else (slots >= 0) & (filled == 0)
         table = self._group.table_of(ids).clamp(0, t - 1)
         count = getattr(found, "count", None)
-        if count is not None:  # entries past the batch's unique count go to a spare row
+        if count is not None:  # entries past the batch's unique count go to a spare table
             used = torch.arange(u, device=ids.device) < count.to(torch.int64)
             table = torch.where(used, table, t)
         parts = (step.counts[:u], torch.ones_like(ids), hit, ~hit, slots < 0)
-        per_id = torch.stack([p.to(torch.int64) for p in parts], 1)  # (U, 5)
-        sums = torch.zeros((t + 1, len(TABLE_COUNTERS)), dtype=torch.int64, device=ids.device)
-        self.table_counters += sums.index_add_(0, table, per_id)[:t]
+        per_id = torch.stack([p.to(torch.int64) for p in parts], 0)  # (5, U)
+        # The ids ascend, so their tables do (the spare one last): each table's sums are the
+        # differences of running sums at its ends (an index_add_ would contend on t rows).
+        # Running sums along the inner dim: a scan down the outer dim of a (U, 5) tensor took
+        # 467 ms on an H100 for U = 1 M
+        cum = torch.cat([per_id.new_zeros(per_id.shape[0], 1), per_id.cumsum(1)], 1)
+        ends = torch.searchsorted(table, torch.arange(t, device=ids.device), right=True)
+        at_ends = cum[:, ends]  # (5, t)
+        self.table_counters += (at_ends - torch.cat([cum[:, :1], at_ends[:, : t - 1]], 1)).T
 
     def reset_stats(self) -> None:
         super().reset_stats()

@@ -36,8 +36,10 @@ def main() -> None:
         torch.cuda.synchronize()
     step = time.perf_counter() - start
     hbm = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
-    print(f"{args.rows} x {args.dim} on {args.device}: built in {built:.2f} s, peak host RSS "
-          f"{peak_host:.2f} GiB, torch HBM peak {hbm:.2f} GiB; first 65 536 x 32 step {step:.2f} s")
+    print(
+        f"{args.rows} x {args.dim} on {args.device}: built in {built:.2f} s, peak host RSS "
+        f"{peak_host:.2f} GiB, torch HBM peak {hbm:.2f} GiB; first 65 536 x 32 step {step:.2f} s"
+    )
 
 
 if __name__ == "__main__":
