@@ -90,6 +90,10 @@ def write_weights(store, weight: torch.Tensor, ids: torch.Tensor | None = None) 
         )
     dim = store.layout.dim
     for part_ids, values in parts:
+        values = values.detach()
+        if not store.layout.state_width:  # nothing to keep: no read (with L3, a lookup a row)
+            store.write_rows(part_ids, values.to(store.device, torch.float32))
+            continue
         rows = store.read_rows(part_ids)
-        rows[:, :dim] = values.detach().to(rows.device, torch.float32)
+        rows[:, :dim] = values.to(rows.device, torch.float32)
         store.write_rows(part_ids, rows)
