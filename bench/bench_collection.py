@@ -39,15 +39,12 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import statistics
 import sys
 import time
-import traceback
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import NamedTuple
 
 import common
@@ -586,34 +583,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{device_line(device)}; scale {args.scale:g}; {warm} warm-up + {timed} timed steps",
         flush=True,
     )
-    rows: list[dict] = []
-    failed = []
-    t0 = time.time()
-    for name in names:
-        try:
-            rows.extend(SECTIONS[name](run).rows)
-        except Exception as e:  # keep the other sections' figures
-            traceback.print_exc()
-            print(f"section {name} failed: {e!r}", flush=True)
-            failed.append(name)
-        finally:
-            free(device)
-    print(f"\n{Path(sys.argv[0]).name} took {time.time() - t0:.0f} s")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(
-                {
-                    "gpu": device_name(device),
-                    "device": device.type,
-                    "scale": args.scale,
-                    "warm": warm,
-                    "timed": timed,
-                    "results": rows,
-                },
-                f,
-                indent=1,
-            )
-    return 1 if failed else 0
+    passed = common.run_sections(
+        lambda name: SECTIONS[name](run),
+        names,
+        args.json,
+        lambda: {
+            "gpu": device_name(device),
+            "device": device.type,
+            "scale": args.scale,
+            "warm": warm,
+            "timed": timed,
+        },
+        after=lambda: free(device),
+    )
+    return 0 if passed else 1
 
 
 if __name__ == "__main__":

@@ -61,7 +61,6 @@ torch's default; torch's own default with CUDA).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import shutil
 import statistics
@@ -69,7 +68,6 @@ import sys
 import tempfile
 import threading
 import time
-import traceback
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -79,7 +77,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Table, note  # noqa: E402 (puts the checkout on sys.path)
+import common  # noqa: E402 (puts the checkout on sys.path)
+from common import Table, note  # noqa: E402
 
 import tierstore as ts  # noqa: E402
 
@@ -634,24 +633,16 @@ def main(argv: list[str] | None = None) -> int:
     run = Run(
         device, args.scale, args.quick, root, args.io_threads, args.io_processes, args.prewrite
     )
-    rows: list[dict] = []
-    failed = []
-    t0 = time.time()
     try:
-        for name in args.only.split(","):
-            try:
-                rows.extend(SECTIONS[name](run).rows)
-            except Exception as e:  # keep the other sections' figures
-                traceback.print_exc()
-                print(f"section {name} failed: {e!r}", flush=True)
-                failed.append(name)
+        passed = common.run_sections(
+            lambda name: SECTIONS[name](run),
+            args.only.split(","),
+            args.json,
+            lambda: {"device": where, "scale": args.scale},
+        )
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    print(f"\n{Path(sys.argv[0]).name} took {time.time() - t0:.0f} s")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": where, "scale": args.scale, "results": rows}, f, indent=1)
-    return 1 if failed else 0
+    return 0 if passed else 1
 
 
 if __name__ == "__main__":

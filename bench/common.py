@@ -17,9 +17,10 @@ import json
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -192,10 +193,44 @@ def note(text: str) -> None:
 Section = Callable[[bool], Table | list[Table] | None]
 
 
+def run_sections(
+    run_one: Callable[[str], Any],
+    names: Sequence[str],
+    json_path: str | None,
+    meta: Callable[[], dict],
+    after: Callable[[], None] | None = None,
+) -> bool:
+    """Runs each section ``run_one(name)`` in turn (it returns a :class:`Table`, a list of them
+    or None); one that fails prints its traceback and the others still run; ``after`` (if
+    given) runs after each, failed or not. Prints the time taken and writes ``meta()`` with the
+    rows as ``results`` to ``json_path`` (if given). Returns whether every section passed."""
+    rows: list[dict] = []
+    failed = []
+    t0 = time.time()
+    for name in names:
+        try:
+            out = run_one(name)
+        except Exception as e:  # keep the other sections' figures
+            traceback.print_exc()
+            print(f"section {name} failed: {e!r}", flush=True)
+            failed.append(name)
+            continue
+        finally:
+            if after is not None:
+                after()
+        for table in out if isinstance(out, list) else [out] if out else []:
+            rows.extend(table.rows)
+    print(f"\n{Path(sys.argv[0]).name} took {time.time() - t0:.0f} s")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({**meta(), "results": rows}, f, indent=1)
+    return not failed
+
+
 def main(doc: str, sections: dict[str, Section]) -> None:
     """The command line of a benchmark script: ``--quick`` (fewer repetitions), ``--json PATH``
-    (the figures as JSON), ``--only a,b`` (some sections). Runs each section in turn; one that
-    fails prints its traceback and the others still run. Exits 1 if any failed."""
+    (the figures as JSON), ``--only a,b`` (some sections). Runs each section in turn
+    (:func:`run_sections`). Exits 1 if any failed."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
     parser.add_argument("--json", default=None, help="write the figures here")
@@ -207,24 +242,12 @@ def main(doc: str, sections: dict[str, Section]) -> None:
     if not torch.cuda.is_available():
         sys.exit("this benchmark needs a CUDA device")
     print(gpu_line(), flush=True)
-    rows: list[dict] = []
-    failed = []
-    t0 = time.time()
-    for name in args.only.split(","):
-        try:
-            out = sections[name](args.quick)
-        except Exception as e:  # keep the other sections' figures
-            traceback.print_exc()
-            print(f"section {name} failed: {e!r}", flush=True)
-            failed.append(name)
-            continue
-        finally:
-            free()  # the section's tables are gone: the next one starts with the whole card
-        for table in out if isinstance(out, list) else [out] if out else []:
-            rows.extend(table.rows)
-    print(f"\n{Path(sys.argv[0]).name} took {time.time() - t0:.0f} s")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"gpu": torch.cuda.get_device_name(), "results": rows}, f, indent=1)
-    if failed:
+    passed = run_sections(
+        lambda name: sections[name](args.quick),
+        args.only.split(","),
+        args.json,
+        lambda: {"gpu": torch.cuda.get_device_name()},
+        after=free,  # the section's tables are gone: the next one starts with the whole card
+    )
+    if not passed:
         sys.exit(1)
