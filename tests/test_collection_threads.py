@@ -69,6 +69,12 @@ def all_rows(col) -> list[torch.Tensor]:
     ]
 
 
+def assert_rows(col, want: list[torch.Tensor]) -> None:
+    """Every table's rows (with their state) are bitwise ``want``."""
+    for now, then in zip(all_rows(col), want, strict=True):
+        assert torch.equal(now, then)
+
+
 def assert_unlocked(col) -> None:
     for g in col.groups:  # a group has the ``store`` that the single-table check reads
         assert_no_batch_locks(g)
@@ -131,8 +137,7 @@ def test_two_threads_inference_equals_a_serial_run(config, tmp_path):
                 parts.append(ref(ids, offs))
             torch.testing.assert_close(out, torch.cat(parts, 1), rtol=1e-6, atol=1e-6)
     assert_unlocked(col)
-    for now, then in zip(all_rows(col), before, strict=True):
-        assert torch.equal(now, then)
+    assert_rows(col, before)
     col.flush()
     col.close()
 
@@ -163,8 +168,7 @@ def test_two_threads_training_equals_a_serial_run(config, tmp_path):
     assert watch.most == 1  # no two threads were ever inside a group's store at once
     for out, serial_out in zip(got[0] + got[1], want_out, strict=True):
         assert torch.equal(out, serial_out)
-    for now, then in zip(all_rows(col), want, strict=True):
-        assert torch.equal(now, then)
+    assert_rows(col, want)
     assert_unlocked(col)
     col.flush()
     if config == "ssd":
@@ -172,8 +176,7 @@ def test_two_threads_training_equals_a_serial_run(config, tmp_path):
         col = ts.TieredEmbeddingBagCollection.open(
             tmp_path / "threads", cache=ts.CacheConfig(rows=48), device="cpu"
         )
-    for now, then in zip(all_rows(col), want, strict=True):
-        assert torch.equal(now, then)
+    assert_rows(col, want)
     col.close()
 
 
@@ -267,14 +270,12 @@ def test_flush_stats_and_reads_beside_training(tmp_path):
 
     run_threads(work)
     assert seen == sorted(seen)  # counters only grow
-    for now, then in zip(all_rows(col), want, strict=True):
-        assert torch.equal(now, then)
+    assert_rows(col, want)
     assert_unlocked(col)
     col.flush()
     col.close()
     back = ts.TieredEmbeddingBagCollection.open(
         tmp_path / "busy", cache=ts.CacheConfig(rows=48), device="cpu"
     )
-    for now, then in zip(all_rows(back), want, strict=True):
-        assert torch.equal(now, then)
+    assert_rows(back, want)
     back.close()
