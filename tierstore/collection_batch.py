@@ -102,6 +102,7 @@ class FeatureLayout:
     def __init__(self, tables: list[TableConfig], groups: list[TableGroup], device):
         self.groups, self.device = groups, device
         self.table_at = {t.name: (g, k) for g in groups for k, t in enumerate(g.tables)}
+        self._device_limits: dict[tuple[str, ...], torch.Tensor] = {}  # by the batch's keys
         self.feature_keys = [f for t in tables for f in t.feature_names]
         self.feature_table = {f: t for t in tables for f in t.feature_names}
         self.dims = [self.feature_table[f].embedding_dim for f in self.feature_keys]
@@ -139,7 +140,8 @@ class FeatureLayout:
                              check_keys=self.match_keys)  # fmt: skip
         position = self.match_keys(batch.keys)
         owners = [self.feature_table[k].name for k in batch.keys]
-        checks = JaggedChecks(batch, [self._limit(t) for t in owners], owners)
+        limits = [self._limit(t) for t in owners]
+        checks = JaggedChecks(batch, limits, owners, self._limits_on_device(batch.keys, limits))
         key = batch_key(features, keys, values, lengths, offsets, weights)
         n, bags = batch.values.numel(), batch.lengths.shape[1]
         reads = len(self.groups) > 1 or not (bags or not n)  # (values without bags: refused)
@@ -159,6 +161,17 @@ class FeatureLayout:
         for c in prep.checks.wait():
             starts.append(starts[-1] + c)
         prep.groups = [self._group_input(g, batch, position, starts) for g in self.groups]
+
+    def _limits_on_device(self, keys: Sequence[str], limits: list[int]) -> torch.Tensor:
+        """The id limits of a batch's features on the device, made once per key order (a copy
+        to the device waits for it: never in a steady loop)."""
+        got = self._device_limits.get(tuple(keys))
+        if got is None:
+            if len(self._device_limits) >= 64:  # batches in ever new key orders: start over
+                self._device_limits.clear()
+            got = torch.tensor(limits, dtype=torch.int64, device=self.device)
+            self._device_limits[tuple(keys)] = got
+        return got
 
     def _limit(self, table: str) -> int:
         g, k = self.table_at[table]

@@ -312,10 +312,18 @@ class JaggedChecks:
     may queue work that changes nothing (a unique step) before :meth:`wait` reads it.
 
     ``limits`` holds the id limit of each feature's table (``0 <= id < limit``) and ``owners``
-    the table of each feature (for the messages), in the batch's key order.
+    the table of each feature (for the messages), in the batch's key order;
+    ``limits_on_device``, the same limits as an int64 tensor on the values' device, if the
+    caller keeps one (else it is copied there, which waits for the device).
     """
 
-    def __init__(self, batch: JaggedBatch, limits: Sequence[int], owners: Sequence[str]):
+    def __init__(
+        self,
+        batch: JaggedBatch,
+        limits: Sequence[int],
+        owners: Sequence[str],
+        limits_on_device: torch.Tensor | None = None,
+    ):
         self._batch, self._limits, self._owners = batch, list(limits), list(owners)
         lengths, values = batch.lengths, batch.values
         dev = values.device
@@ -331,13 +339,16 @@ class JaggedChecks:
         # The first id outside its table, as (feature, id), after a sentinel (-1, -1) that is
         # "outside": one pass over the ids and an argmax (a reduction per feature would contend
         # on a few counters)
-        limit = torch.tensor(self._limits, dtype=torch.int64, device=dev)[feat]
+        if limits_on_device is None:  # (a copy to the device: a caller's loop passes its own)
+            limits_on_device = torch.tensor(self._limits, dtype=torch.int64, device=dev)
+        limit = limits_on_device[feat]
         sentinel = torch.full((1,), -1, dtype=torch.int64, device=dev)
         outside = torch.cat([(values < 0) | (values >= limit), sentinel < 0])
-        first = outside.to(torch.uint8).argmax()  # the first one (n: none)
-        bad = torch.stack(
-            [torch.cat([feat, sentinel])[first], torch.cat([values, sentinel])[first]]
-        )
+        # the first one (n: none), as a (1,) tensor: a 0-d index may be read on the host
+        first = outside.to(torch.uint8).argmax().view(1)
+        bad = torch.cat([torch.cat([feat, sentinel]), torch.cat([values, sentinel])])[
+            torch.cat([first, first + n + 1])
+        ]
         zero = torch.zeros(nf, dtype=torch.int64, device=dev)
         smallest = lengths.amin(1) if lengths.shape[1] else zero
         starts = [s.to(dev) for _, s in batch.starts]
