@@ -301,9 +301,10 @@ class TieredStore:
         ids, count = step.ids, step.count
         hold = mode.backward  # an EVAL batch is released before any other lookup: no locks
         try:
-            addresses = self.host.acquire(ids, ahead)
-        finally:
-            self.host.drop_read_ahead(ahead)  # taken, or its batch refused
+            addresses = self.host.acquire(ids, ahead)  # which takes the read ahead
+        except BaseException:
+            self.host.drop_read_ahead(ahead)  # its batch refused before taking it
+            raise
         if count is None:
             found = self.backend.lookup(self.l1, ids, step.counts, hold=hold)
         else:
