@@ -245,32 +245,28 @@ __device__ __forceinline__ void copy_pass(T* const (&dst)[ROWS], T* const (&src)
     }
 }
 
-// Copies ROWS rows' part of `per` elements (their weights, or their optimizer state) between
-// L1 and L2, writebacks first: a slot's old row goes home before the new one lands.
-template <typename T, int ROWS, int K>
-__device__ __forceinline__ void move_part(T* const (&l1)[ROWS], T* const (&back)[ROWS],
-                                          T* const (&fill)[ROWS], const bool (&wb)[ROWS],
-                                          const bool (&in)[ROWS], bool any_wb, int per) {
-  for (int c0 = 0; c0 < per; c0 += 32 * K) {
-    if (any_wb) copy_pass<T, ROWS, K>(back, l1, wb, c0, per);
-    copy_pass<T, ROWS, K>(l1, fill, in, c0, per);
-  }
-}
-
-// Moves the rows of the fills: for fill f (ascending ids), a dirty victim's row goes from its
-// slot back to its L2 address l1_home[slot], then the missed row comes in from L2 and the slot
-// records its L2 address. Where L2 keeps a map of the rows ever written (`written`, a byte per
-// row in pinned host memory, or null; host.py HostTable), a fill whose row was never written is
-// computed here from its id (hashing.initial_weights' rows, bit for bit: the L2 address of such a table
-// is the row id) instead of crossing PCIe, and a writeback marks its row written. A warp moves ROWS fills at once, K elements of type T (float, or
+// A step's row moves, in two launches (cuda_rows.move_rows): first every dirty victim goes back
+// from its slot to its L2 address (`writes_back`), in the order of those addresses (`order`:
+// fill positions ascending by their victim's L1 home, clean victims and unused entries last),
+// then every fill comes in from L2 in ascending id order and its slot records its L2 address.
+// A kernel's reads and writes of pinned host rows reach about 47 and 44 GB/s over PCIe with
+// the host addresses ascending, 19 GB/s in random order (bench/exp/pcie_moves.py, H100); the
+// two directions at once did not beat them one after the other in a training step (rows of
+// 516 B, RowWiseAdagrad: bench/RESULTS.md). Where L2 keeps a map of the rows ever written
+// (`written`, a byte per row in pinned host memory, or null; host.py HostTable), a fill whose
+// row was never written is computed from its id (hashing.initial_weights' rows, bit for bit:
+// the L2 address of such a table is the row id) instead of crossing PCIe, and a writeback
+// marks its row written. A warp moves ROWS rows at once, K elements of type T (float, or
 // float4 when both parts of a row are 16-byte aligned) per lane and row per pass. Victims and
-// fills never share an L2 row (a victim is cached and not in the batch, a fill is in the batch),
-// and each slot belongs to one fill: no ordering across warps.
+// fills never share an L2 row (a victim is cached and not in the batch, a fill is in the
+// batch), and each slot belongs to one fill.
 template <int ROWS, int K, typename T>
 __device__ void move_rows(const i64* __restrict__ fill_index,   // (F,) positions in the batch
                           const i64* __restrict__ fill_slots,   // (F,)
                           const unsigned char* __restrict__ victim_dirty,  // (F,)
                           const int* __restrict__ n_fill,       // (1,) F
+                          const int* __restrict__ order,        // (F,) dirty victims by home
+                          bool writes_back,
                           const i64* __restrict__ addresses,    // (U,) L2 address of each id
                           float* __restrict__ l1_weights,       // (C, dim)
                           float* __restrict__ l1_state,         // (common.cuh Tiers)
@@ -281,57 +277,68 @@ __device__ void move_rows(const i64* __restrict__ fill_index,   // (F,) position
                           unsigned char* __restrict__ written,  // (L2 rows,) pinned host, or null
                           i64 seed_key, float scale, float initial_state) {
   const int lane = ts_lane();
-  const int F = *n_fill;
+  const i64 F = *n_fill;
   constexpr int FLOATS = (int)(sizeof(T) / sizeof(float));
   const int per = (int)(width / FLOATS), split = (int)(dim / FLOATS);  // elements of a row
   const Tiers tiers = {l1_weights, l1_state, state_pitch, l2, dim, width};
-  for (i64 f0 = ts_global_warp() * ROWS; f0 < F; f0 += ts_warp_count() * ROWS) {
-    i64 slot[ROWS], home[ROWS], old_home[ROWS];
-    bool wb[ROWS], in[ROWS], fresh[ROWS];
-    bool any_wb = false;
+  for (i64 i0 = ts_global_warp() * ROWS; i0 < F; i0 += ts_warp_count() * ROWS) {
+    i64 slot[ROWS], home[ROWS];
+    bool go[ROWS], fresh[ROWS];
+    bool any = false;
 #pragma unroll
     for (int r = 0; r < ROWS; r++) {
-      const i64 f = f0 + r;
-      slot[r] = f < F ? fill_slots[f] : -1;
-      home[r] = f < F ? addresses[fill_index[f]] : -1;
-      wb[r] = f < F && victim_dirty[f];
-      old_home[r] = wb[r] ? l1_home[slot[r]] : 0;
+      const i64 i = i0 + r;
+      i64 f = -1;
+      if (writes_back) {  // i: a rank; clean victims and unused entries sort last
+        f = i < F ? order[i] : -1;
+        if (f >= 0 && (f >= F || !victim_dirty[f])) f = -1;
+      } else if (i < F) {  // i: a fill
+        f = i;
+      }
+      slot[r] = f >= 0 ? fill_slots[f] : -1;
+      home[r] = f < 0 ? 0 : writes_back ? l1_home[slot[r]] : addresses[fill_index[f]];
       // a never-written row is computed below, not read (one byte over PCIe, not a row)
-      fresh[r] = slot[r] >= 0 && written != nullptr && written[home[r]] == 0;
-      in[r] = slot[r] >= 0 && !fresh[r];
-      any_wb |= wb[r];
+      fresh[r] = !writes_back && f >= 0 && written != nullptr && written[home[r]] == 0;
+      go[r] = f >= 0 && !fresh[r];
+      any |= f >= 0;
     }
-    // The rows of both moves (row 0 stands in for rows a move skips: never dereferenced):
-    // weights first, then the state (apart in L1, right after the weights in L2)
-    T* l1[ROWS];    // the slot's row
-    T* back[ROWS];  // where a dirty victim goes
-    T* fill[ROWS];  // where a fill comes from
-#pragma unroll
-    for (int r = 0; r < ROWS; r++) {
-      l1[r] = (T*)ts_row(tiers, in[r] || wb[r] ? slot[r] : 0, 0).w;
-      back[r] = (T*)ts_row(tiers, -1, old_home[r]).w;
-      fill[r] = (T*)ts_row(tiers, -1, in[r] ? home[r] : 0).w;
-    }
-    // the new homes first (no other warp reads a fill's slot): fewer registers live through
-    // the copies, so more warps, more rows in flight over PCIe
+    if (!any) continue;
     if (lane == 0) {
 #pragma unroll
       for (int r = 0; r < ROWS; r++) {
-        if (in[r] || fresh[r]) l1_home[slot[r]] = home[r];
-        if (wb[r] && written != nullptr) written[old_home[r]] = 1;
+        if (slot[r] < 0) continue;
+        if (writes_back && written != nullptr) written[home[r]] = 1;
+        if (!writes_back) l1_home[slot[r]] = home[r];  // no other warp reads a fill's slot
       }
     }
-    move_part<T, ROWS, K>(l1, back, fill, wb, in, any_wb, split);
-    if (per > split) {
+    // The rows' two parts: weights first, then the state (apart in L1, right after the weights
+    // in L2). Row 0 stands in for rows a move skips: never dereferenced.
+    T* near[ROWS];  // the slot's row
+    T* far[ROWS];   // its L2 row
 #pragma unroll
-      for (int r = 0; r < ROWS; r++) {
-        l1[r] = (T*)ts_row(tiers, in[r] || wb[r] ? slot[r] : 0, 0).s;
-        back[r] += split;
-        fill[r] += split;
-      }
-      move_part<T, ROWS, K>(l1, back, fill, wb, in, any_wb, per - split);
+    for (int r = 0; r < ROWS; r++) {
+      near[r] = (T*)ts_row(tiers, go[r] ? slot[r] : 0, 0).w;
+      far[r] = (T*)ts_row(tiers, -1, go[r] ? home[r] : 0).w;
     }
-    __syncwarp();  // the victims' rows are read (into their writebacks) before the slots change
+    for (int part = 0; part < 2; part++) {
+      const int c0 = part == 0 ? 0 : split, n = part == 0 ? split : per - split;
+      if (n == 0) break;
+      if (part == 1) {
+#pragma unroll
+        for (int r = 0; r < ROWS; r++) near[r] = (T*)ts_row(tiers, go[r] ? slot[r] : 0, 0).s;
+      }
+      for (int k0 = 0; k0 < n; k0 += 32 * K) {
+        T* src[ROWS];
+        T* dst[ROWS];
+#pragma unroll
+        for (int r = 0; r < ROWS; r++) {
+          src[r] = writes_back ? near[r] : far[r] + c0;
+          dst[r] = writes_back ? far[r] + c0 : near[r];
+        }
+        copy_pass<T, ROWS, K>(dst, src, go, k0, n);
+      }
+    }
+    if (writes_back) continue;
 #pragma unroll
     for (int r = 0; r < ROWS; r++) {
       if (!fresh[r]) continue;
@@ -343,16 +350,18 @@ __device__ void move_rows(const i64* __restrict__ fill_index,   // (F,) position
   }
 }
 
-#define TS_MOVE(NAME, ROWS, K, T)                                                               \
-  extern "C" __global__ void NAME(const i64* fill_index, const i64* fill_slots,                 \
-                                  const unsigned char* victim_dirty, const int* n_fill,         \
-                                  const i64* addresses, float* l1_weights, float* l1_state,     \
-                                  i64 state_pitch, i64* l1_home, float* l2, i64 dim,            \
-                                  i64 width, unsigned char* written, i64 seed_key, float scale, \
-                                  float initial_state) {                                        \
-    move_rows<ROWS, K, T>(fill_index, fill_slots, victim_dirty, n_fill, addresses, l1_weights,  \
-                          l1_state, state_pitch, l1_home, l2, dim, width, written, seed_key,    \
-                          scale, initial_state);                                                \
+#define TS_MOVE(NAME, ROWS, K, T)                                                                \
+  extern "C" __global__ void NAME(const i64* fill_index, const i64* fill_slots,                  \
+                                  const unsigned char* victim_dirty, const int* n_fill,          \
+                                  const int* order, i64 writes_back, const i64* addresses,       \
+                                  float* l1_weights, float* l1_state, i64 state_pitch,           \
+                                  i64* l1_home, float* l2, i64 dim, i64 width,                   \
+                                  unsigned char* written, i64 seed_key, float scale,             \
+                                  float initial_state) {                                         \
+    move_rows<ROWS, K, T>(fill_index, fill_slots, victim_dirty, n_fill, order, writes_back != 0, \
+                           addresses, l1_weights, l1_state, state_pitch, l1_home, l2, dim,      \
+                           width, written, seed_key, scale, initial_state);                     \
   }
 TS_MOVE(move_rows_vec4, 8, 1, float4)
 TS_MOVE(move_rows_scalar, 4, 4, float)
+

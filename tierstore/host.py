@@ -111,7 +111,7 @@ class HostTable:
         self.data = allocate_rows(num_rows, width, pin and on_gpu, "the host tier (L2)")
         # A byte per row, set once the row is written: a row never written still holds its
         # initial value, which the device computes from the id instead of reading it over PCIe
-        # (kernels/insert.cu move_rows). Kept beside the rows in host memory, never in HBM.
+        # (kernels/insert.cu move_round). Kept beside the rows in host memory, never in HBM.
         self.written = torch.zeros(num_rows, dtype=torch.uint8, pin_memory=pin)
         if on_gpu:
             self._fill_on(init_device, init_rows)
