@@ -163,12 +163,14 @@ class GroupStore(TieredStore):
         per_id = torch.stack([p.to(torch.int64) for p in parts], 0)  # (5, U)
         # The ids ascend, so their tables do (the spare one last): each table's sums are the
         # differences of running sums at its ends (an index_add_ would contend on t rows).
-        # Running sums along the inner dim: a scan down the outer dim of a (U, 5) tensor took
-        # 467 ms on an H100 for U = 1 M
-        cum = torch.cat([per_id.new_zeros(per_id.shape[0], 1), per_id.cumsum(1)], 1)
+        # One scan of the flattened (5 U,) sums: torch scans a 1-D tensor with one fast
+        # device-wide kernel, but a (5, U) tensor along its inner dim row by row (3.1 ms on an
+        # H100 for U = 1.7 M) and a (U, 5) one down its outer dim slower still (467 ms, U = 1 M)
+        cum = torch.cat([per_id.new_zeros(1), per_id.reshape(-1).cumsum(0)])  # (5 U + 1,)
         ends = torch.searchsorted(table, torch.arange(t, device=ids.device), right=True)
-        at_ends = cum[:, ends]  # (5, t)
-        self.table_counters += (at_ends - torch.cat([cum[:, :1], at_ends[:, : t - 1]], 1)).T
+        bounds = torch.cat([ends.new_zeros(1), ends])  # (t + 1,) where each table's ids begin
+        at = cum[torch.arange(per_id.shape[0], device=ids.device)[:, None] * u + bounds]
+        self.table_counters += (at[:, 1:] - at[:, :-1]).T  # (t, 5)
 
     def reset_stats(self) -> None:
         super().reset_stats()
