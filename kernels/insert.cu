@@ -222,44 +222,55 @@ extern "C" __global__ void compact_fills(const int* __restrict__ filled,
   }
 }
 
-// One pass of a warp over ROWS rows at once: elements c0 + lane + 32 k (k < K) of row r go
-// from src[r] to dst[r] where go[r]; every load is in flight before the first store.
+// One pass of a warp over ROWS whole rows at once, weights and state together, between their L1
+// slot (weights at near_w, state at near_s: apart) and their L2 row (far: `per` elements, the
+// weights' `split` first): element c = c0 + lane + 32 k - skew[r] (k < K) of row r, where it lies
+// in [0, per) and go[r], from L1 to L2 (`to_far`) or back. Every load is in flight before the
+// first store, so that a row costs one round trip over PCIe, not one for each part. A row's skew
+// (how far its L2 row lies past a 128-byte boundary, in elements) lines the warp's accesses up
+// with host memory's 128-byte segments.
 template <typename T, int ROWS, int K>
-__device__ __forceinline__ void copy_pass(T* const (&dst)[ROWS], T* const (&src)[ROWS],
-                                          const bool (&go)[ROWS], int c0, int per) {
+__device__ __forceinline__ void copy_pass(T* const (&near_w)[ROWS], T* const (&near_s)[ROWS],
+                                          T* const (&far)[ROWS], const bool (&go)[ROWS],
+                                          const int (&skew)[ROWS], bool to_far, int c0,
+                                          int split, int per) {
   const int lane = ts_lane();
   T v[ROWS][K];
 #pragma unroll
   for (int r = 0; r < ROWS; r++)
 #pragma unroll
     for (int k = 0; k < K; k++) {
-      const int c = c0 + lane + 32 * k;
-      if (go[r] && c < per) v[r][k] = src[r][c];
+      const int c = c0 + lane + 32 * k - skew[r];
+      if (!go[r] || c < 0 || c >= per) continue;
+      v[r][k] = to_far ? (c < split ? near_w[r][c] : near_s[r][c - split]) : far[r][c];
     }
 #pragma unroll
   for (int r = 0; r < ROWS; r++)
 #pragma unroll
     for (int k = 0; k < K; k++) {
-      const int c = c0 + lane + 32 * k;
-      if (go[r] && c < per) dst[r][c] = v[r][k];
+      const int c = c0 + lane + 32 * k - skew[r];
+      if (!go[r] || c < 0 || c >= per) continue;
+      if (to_far)
+        far[r][c] = v[r][k];
+      else
+        (c < split ? near_w[r][c] : near_s[r][c - split]) = v[r][k];
     }
 }
 
 // A step's row moves, in two launches (cuda_rows.move_rows): first every dirty victim goes back
-// from its slot to its L2 address (`writes_back`), in the order of those addresses (`order`:
-// fill positions ascending by their victim's L1 home, clean victims and unused entries last),
-// then every fill comes in from L2 in ascending id order and its slot records its L2 address.
-// A kernel's reads and writes of pinned host rows reach about 47 and 44 GB/s over PCIe with
-// the host addresses ascending, 19 GB/s in random order (bench/exp/pcie_moves.py, H100); the
-// two directions at once did not beat them one after the other in a training step (rows of
-// 516 B, RowWiseAdagrad: bench/RESULTS.md). Where L2 keeps a map of the rows ever written
-// (`written`, a byte per row in pinned host memory, or null; host.py HostTable), a fill whose
-// row was never written is computed from its id (hashing.initial_weights' rows, bit for bit:
-// the L2 address of such a table is the row id) instead of crossing PCIe, and a writeback
-// marks its row written. A warp moves ROWS rows at once, K elements of type T (float, or
-// float4 when both parts of a row are 16-byte aligned) per lane and row per pass. Victims and
-// fills never share an L2 row (a victim is cached and not in the batch, a fill is in the
-// batch), and each slot belongs to one fill.
+// from its slot to its L2 address (`writes_back`), in the order of those addresses (`order`: fill
+// positions ascending by their victim's L1 home, clean victims and unused entries last), then every
+// fill comes in from L2 in ascending id order and its slot records its L2 address. A kernel's reads
+// and writes of pinned host rows reach about 47 and 44 GB/s over PCIe with the host addresses
+// ascending, 19 GB/s in random order (bench/exp/pcie_moves.py, H100); the two directions at once
+// did not beat them one after the other in a training step (rows of 516 B, RowWiseAdagrad:
+// bench/RESULTS.md). Where L2 keeps a map of the rows ever written (`written`, a byte per row
+// in pinned host memory, or null; host.py HostTable), a fill whose row was never written is
+// computed from its id (hashing.initial_weights' rows, bit for bit: the L2 address of such a table
+// is the row id) instead of crossing PCIe, and a writeback marks its row written. A warp moves ROWS
+// rows at once, K elements of type T (float, or float4 when both parts of a row are 16-byte
+// aligned) per lane and row per pass. Victims and fills never share an L2 row (a victim is cached
+// and not in the batch, a fill is in the batch), and each slot belongs to one fill.
 template <int ROWS, int K, typename T>
 __device__ void move_rows(const i64* __restrict__ fill_index,   // (F,) positions in the batch
                           const i64* __restrict__ fill_slots,   // (F,)
@@ -311,33 +322,22 @@ __device__ void move_rows(const i64* __restrict__ fill_index,   // (F,) position
         if (!writes_back) l1_home[slot[r]] = home[r];  // no other warp reads a fill's slot
       }
     }
-    // The rows' two parts: weights first, then the state (apart in L1, right after the weights
-    // in L2). Row 0 stands in for rows a move skips: never dereferenced.
-    T* near[ROWS];  // the slot's row
-    T* far[ROWS];   // its L2 row
+    // Row 0 stands in for rows a move skips: never dereferenced
+    constexpr int SEGMENT = 128 / (int)sizeof(T);  // elements of a 128-byte segment
+    T* near_w[ROWS];  // the slot's weights
+    T* near_s[ROWS];  // and its state
+    T* far[ROWS];     // its L2 row
+    int skew[ROWS];
 #pragma unroll
     for (int r = 0; r < ROWS; r++) {
-      near[r] = (T*)ts_row(tiers, go[r] ? slot[r] : 0, 0).w;
+      const RowRef near = ts_row(tiers, go[r] ? slot[r] : 0, 0);
+      near_w[r] = (T*)near.w;
+      near_s[r] = (T*)near.s;
       far[r] = (T*)ts_row(tiers, -1, go[r] ? home[r] : 0).w;
+      skew[r] = (int)(((unsigned long long)far[r] / sizeof(T)) % SEGMENT);
     }
-    for (int part = 0; part < 2; part++) {
-      const int c0 = part == 0 ? 0 : split, n = part == 0 ? split : per - split;
-      if (n == 0) break;
-      if (part == 1) {
-#pragma unroll
-        for (int r = 0; r < ROWS; r++) near[r] = (T*)ts_row(tiers, go[r] ? slot[r] : 0, 0).s;
-      }
-      for (int k0 = 0; k0 < n; k0 += 32 * K) {
-        T* src[ROWS];
-        T* dst[ROWS];
-#pragma unroll
-        for (int r = 0; r < ROWS; r++) {
-          src[r] = writes_back ? near[r] : far[r] + c0;
-          dst[r] = writes_back ? far[r] + c0 : near[r];
-        }
-        copy_pass<T, ROWS, K>(dst, src, go, k0, n);
-      }
-    }
+    for (int c0 = 0; c0 < per + SEGMENT - 1; c0 += 32 * K)
+      copy_pass<T, ROWS, K>(near_w, near_s, far, go, skew, writes_back, c0, split, per);
     if (writes_back) continue;
 #pragma unroll
     for (int r = 0; r < ROWS; r++) {
@@ -363,5 +363,5 @@ __device__ void move_rows(const i64* __restrict__ fill_index,   // (F,) position
                            width, written, seed_key, scale, initial_state);                     \
   }
 TS_MOVE(move_rows_vec4, 8, 1, float4)
-TS_MOVE(move_rows_scalar, 4, 4, float)
+TS_MOVE(move_rows_scalar, 4, 5, float)  // a row of 129 floats at any skew in one pass
 
