@@ -10,7 +10,7 @@ one flat ``values (n,)`` tensor, feature-major (every sample of feature 0, then 
 ``KeyedJaggedTensor`` (duck-typed: ``keys()``, ``values()``, ``lengths()`` or ``offsets()``,
 ``weights_or_none()``; torchrec is not a dependency), or a dict of feature name to
 ``nn.EmbeddingBag`` input (``(indices, offsets)``, ``(indices, offsets, per_sample_weights)``,
-or a 2-D ``(B, L)`` indices tensor). :func:`check_jagged` checks its values in one
+or a 2-D ``(B, L)`` indices tensor). :class:`JaggedChecks` checks its values in one
 device-to-host read.
 
 Output: :class:`KeyedTensor`, TorchRec's ``KeyedTensor`` layout: one ``(B, sum D_f)`` tensor
@@ -157,7 +157,7 @@ def parse_jagged(
     device: torch.device,
     check_keys: Callable[[list[str]], object] | None = None,
 ) -> JaggedBatch:
-    """The batch in one form, checked for form and type (not values: :func:`check_jagged`).
+    """The batch in one form, checked for form and type (not values: :class:`JaggedChecks`).
 
     ``features`` is a ``KeyedJaggedTensor`` (or any object with its methods) or a dict of
     feature name to ``nn.EmbeddingBag`` input; else ``keys``, ``values`` and ``lengths`` or
@@ -400,13 +400,6 @@ class JaggedChecks:
             f = bad_feature
             raise InvalidInputError(f"{name(f)}: ids must be in [0, {limits[f]}), found {bad_id}")
         return counts_h
-
-
-def check_jagged(batch: JaggedBatch, limits: Sequence[int], owners: Sequence[str]) -> list[int]:
-    """Checks a batch's values against its tables, in one device-to-host read, and returns
-    the number of ids of each feature (host ints, in the batch's key order); see
-    :class:`JaggedChecks`."""
-    return JaggedChecks(batch, limits, owners).wait()
 
 
 def safe_lengths(lengths: torch.Tensor, n: int) -> torch.Tensor:
