@@ -15,6 +15,7 @@ from tierstore import cache as cache_module
 from tierstore import compiled
 from tierstore import stats as S
 from tierstore.cache import EMPTY, SetAssociativeCache, cache_shape
+from tierstore.cache_compiled import CompiledCache
 from tierstore.errors import CapacityError, InvalidInputError
 from tierstore.policy import FrequencySketch
 
@@ -31,7 +32,7 @@ def cache_step(request, monkeypatch):
 
 
 def make_pair(rows, ways, policy, device="cpu", sample=40, id_bound=None):
-    cache = SetAssociativeCache(rows, ways, policy, device, id_bound=id_bound)
+    cache = CompiledCache(rows, ways, policy, device, id_bound=id_bound)  # per cache_step
     width = 64
     if policy == "lfu":  # a small sketch that halves often, so aging is exercised
         cache.sketch = FrequencySketch(width, sample, device)
@@ -138,7 +139,7 @@ def test_lru_scores_far_apart_order_victims_the_same(jump):
 
 
 def test_strict_lookup_raises_before_any_change():
-    cache = SetAssociativeCache(4, 4, "lru")
+    cache = CompiledCache(4, 4, "lru")  # per cache_step: a compiled step, then strict ones
     first = cache.lookup(torch.tensor([1, 2, 3, 4]), torch.ones(4, dtype=torch.int64))
     before = [t.clone() for t in (cache.tags, cache.stamps, cache.locks, cache.counters)]
     with pytest.raises(CapacityError, match="unique rows"):

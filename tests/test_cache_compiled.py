@@ -1,11 +1,15 @@
-"""The compiled cache step (``cache_compiled.py``) against the torch step it twins (``cache.py``):
-two identical caches, one forced onto each path, stepped through the same random batches, must
-return the same ``Lookup`` and hold the same state after every step, bit for bit."""
+"""``CompiledCache`` (``cache_compiled.py``) against the torch step it twins (``cache.py``): a
+``SetAssociativeCache`` and a ``CompiledCache`` made alike, stepped through the same random
+batches, must return the same ``Lookup`` and hold the same state after every step, bit for bit;
+and ``cpu.new_cache`` picks the compiled cache exactly where it applies."""
 
 from __future__ import annotations
 
+import ast
+import warnings
 from collections import deque
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,18 +20,21 @@ from hypothesis import strategies as st
 pytest.importorskip("numba")
 
 from tierstore import cache as cache_module  # noqa: E402
-from tierstore import cache_compiled  # noqa: E402
-from tierstore.cache import EMPTY, Lookup, SetAssociativeCache  # noqa: E402
+from tierstore import cache_compiled, cpu  # noqa: E402
+from tierstore.cache import Lookup, SetAssociativeCache  # noqa: E402
+from tierstore.cache_compiled import CompiledCache  # noqa: E402
+from tierstore.errors import FallbackWarning  # noqa: E402
 from tierstore.hashing import set_index  # noqa: E402
-from tierstore.policy import LRU, FrequencySketch  # noqa: E402
+from tierstore.policy import LFU, LRU, FrequencySketch  # noqa: E402
 
 LOOKUP_FIELDS = ("ids", "slots", "fill_index", "fill_slots", "victim_ids", "victim_dirty", "hit")
 STATE = ("tags", "stamps", "dirty", "locks", "counters")
+TWINS = (SetAssociativeCache, CompiledCache)  # the torch specification, the compiled twin
 
 
 @contextmanager
 def torch_step():
-    """Every cache steps and releases with the torch code while inside."""
+    """Every ``CompiledCache`` steps and releases with the torch code while inside."""
     saved = cache_module.COMPILED_STEP
     cache_module.COMPILED_STEP = False
     try:
@@ -37,9 +44,9 @@ def torch_step():
 
 
 def make_twins(rows, ways, policy, id_bound=None, sample=None, width=64):
-    """Two identical caches: the first is stepped on the torch path, the second compiled.
-    ``sample``: LFU gets a small sketch that halves after that many additions."""
-    twins = [SetAssociativeCache(rows, ways, policy, id_bound=id_bound) for _ in range(2)]
+    """Two caches made alike: the torch specification and the compiled twin. ``sample``: LFU
+    gets a small sketch that halves after that many additions."""
+    twins = [cls(rows, ways, policy, id_bound=id_bound) for cls in TWINS]
     if sample is not None and policy == "lfu":
         for cache in twins:
             cache.sketch = FrequencySketch(width, sample)
@@ -74,9 +81,8 @@ def step_twins(twins, ids: np.ndarray) -> tuple[Lookup, Lookup]:
     path really ran."""
     reference, compiled = twins
     uniq, counts = torch.unique(torch.as_tensor(ids, dtype=torch.int64), return_counts=True)
-    with torch_step():
-        want = reference.lookup(uniq, counts)
-    assert cache_compiled.supports(compiled, uniq, counts)
+    want = reference.lookup(uniq, counts)
+    assert compiled.supports(uniq, counts)
     got = compiled.lookup(uniq, counts)
     return want, got
 
@@ -93,16 +99,14 @@ def run_twins(twins, batches, rng, in_flight=1, keep_every=0):
         assert_same_lookup(want, got)
         assert_same_state(reference, compiled)
         dirty = torch.from_numpy(rng.integers(-1, reference.capacity, rng.integers(0, 8)))
-        with torch_step():
-            reference.mark_dirty(dirty)
+        reference.mark_dirty(dirty)
         compiled.mark_dirty(dirty)
         if keep_every and k % keep_every == keep_every - 1:
             continue
         pending.append((want.slots, got.slots))
         while len(pending) > in_flight:
             want_slots, got_slots = pending.popleft()
-            with torch_step():
-                reference.release(want_slots)
+            reference.release(want_slots)
             compiled.release(got_slots)
             assert_same_state(reference, compiled)
     return reference, compiled
@@ -213,20 +217,17 @@ def test_scores_far_apart(low, high):
 def test_empty_batch_and_int32_counts():
     twins = make_twins(32, 4, "lfu", sample=10)
     empty = torch.zeros(0, dtype=torch.int64)
-    with torch_step():
-        want = twins[0].lookup(empty, empty)
-    assert_same_lookup(want, twins[1].lookup(empty, empty))
+    assert_same_lookup(twins[0].lookup(empty, empty), twins[1].lookup(empty, empty))
     ids = torch.tensor([3, 9, 27, 81])
     counts = torch.tensor([4, 1, 2, 9], dtype=torch.int32)
-    with torch_step():
-        want = twins[0].lookup(ids, counts)
-    assert cache_compiled.supports(twins[1], ids, counts)
+    want = twins[0].lookup(ids, counts)
+    assert twins[1].supports(ids, counts)
     assert_same_lookup(want, twins[1].lookup(ids, counts))
     assert_same_state(*twins)
 
 
 def test_id_outside_the_bound_raises_before_any_change():
-    cache = SetAssociativeCache(16, 4, "lfu", id_bound=100)
+    cache = CompiledCache(16, 4, "lfu", id_bound=100)
     before = [t.clone() for t in (cache.tags, cache.locks, cache.sketch.counters)]
     for bad in ([5, 100], [-1, 5]):
         with pytest.raises(IndexError):
@@ -237,7 +238,7 @@ def test_id_outside_the_bound_raises_before_any_change():
 
 
 def test_release_of_a_slot_beyond_the_cache_raises_before_any_change():
-    cache = SetAssociativeCache(16, 4, "lru")
+    cache = CompiledCache(16, 4, "lru")
     found = cache.lookup(torch.tensor([1, 2]), torch.ones(2, dtype=torch.int64))
     locks = cache.locks.clone()
     with pytest.raises(IndexError):
@@ -246,27 +247,32 @@ def test_release_of_a_slot_beyond_the_cache_raises_before_any_change():
 
 
 def test_what_takes_the_torch_step(monkeypatch):
-    """A custom policy, a strict lookup and ``COMPILED_STEP = False`` keep to the torch step."""
+    """A custom policy, a strict lookup and ``COMPILED_STEP = False`` keep a ``CompiledCache`` on
+    the torch step (and the switch on the torch release: a release needs no policy), and the
+    specification never leaves them; LRU and LFU take the compiled ones."""
 
     def refuse(*args):
-        raise AssertionError("the compiled step ran")
+        raise AssertionError("a compiled loop ran")
 
-    monkeypatch.setattr(cache_compiled, "lookup", refuse)
+    monkeypatch.setattr(cache_compiled, "_step", refuse)
+    monkeypatch.setattr(cache_compiled, "_unlock", refuse)
     ids, counts = torch.tensor([1, 2, 3]), torch.ones(3, dtype=torch.int64)
 
     class Custom(LRU):
         name = "custom"
 
-    SetAssociativeCache(8, 4, Custom()).lookup(ids, counts)
-    SetAssociativeCache(8, 4, "lru").lookup(ids, counts, strict=True)
+    CompiledCache(8, 4, Custom()).lookup(ids, counts)
+    CompiledCache(8, 4, "lru").lookup(ids, counts, strict=True)
+    cache = SetAssociativeCache(8, 4, "lfu")
+    cache.release(cache.lookup(ids, counts).slots)
     with torch_step():
-        SetAssociativeCache(8, 4, "lfu").lookup(ids, counts)
-    with pytest.raises(AssertionError, match="compiled step ran"):
-        SetAssociativeCache(8, 4, "lfu").lookup(ids, counts)
-
-
-def test_empty_tag_constant_matches_the_cache():
-    assert cache_compiled._EMPTY == EMPTY
+        cache = CompiledCache(8, 4, "lfu")
+        cache.release(cache.lookup(ids, counts).slots)
+    for policy in ("lru", "lfu"):
+        with pytest.raises(AssertionError, match="compiled loop ran"):
+            CompiledCache(8, 4, policy).lookup(ids, counts)
+        with pytest.raises(AssertionError, match="compiled loop ran"):
+            CompiledCache(8, 4, policy).release(torch.tensor([-1]))
 
 
 def test_a_numba_that_cannot_compile_leaves_the_torch_step(monkeypatch):
@@ -285,13 +291,12 @@ def test_a_numba_that_cannot_compile_leaves_the_torch_step(monkeypatch):
         uniq, counts = torch.unique(
             torch.from_numpy(rng.integers(0, 1000, 300)), return_counts=True
         )
-        with torch_step():
-            want = reference.lookup(uniq, counts)
+        want = reference.lookup(uniq, counts)
         if i == 0:
             with pytest.warns(RuntimeWarning, match="cannot compile the cache step"):
                 got = fallen.lookup(uniq, counts)
         else:
-            assert not cache_compiled.supports(fallen, uniq, counts)
+            assert not fallen.supports(uniq, counts)
             got = fallen.lookup(uniq, counts)
         assert_same_lookup(want, got)
         assert_same_state(reference, fallen)
@@ -317,26 +322,70 @@ def test_scored_ahead_equals_torch_step(shape, policy, indexed, size, sample, se
         *shape, policy, id_bound=universe if indexed else None, sample=sample
     )
     uniques = [torch.unique(torch.from_numpy(b), return_counts=True) for b in batches]
-    scored = [cache_compiled.score(ahead, uniques[0][0].numpy(), uniques[0][1].numpy())]
+    scored = [ahead.score(uniques[0][0].numpy(), uniques[0][1].numpy())]
     for k, (uniq, counts) in enumerate(uniques):
         if k + 1 < len(uniques):
             nxt = uniques[k + 1]
-            scored.append(cache_compiled.score(ahead, nxt[0].numpy(), nxt[1].numpy()))
-        with torch_step():
-            want = reference.lookup(uniq, counts)
-        got = Lookup(uniq, *cache_compiled.place(ahead, scored[k]))
+            scored.append(ahead.score(nxt[0].numpy(), nxt[1].numpy()))
+        want = reference.lookup(uniq, counts)
+        got = Lookup(uniq, *ahead.place(scored[k]))
         assert_same_lookup(want, got)
         assert_same_cache_state(reference, ahead)
         if k % 3:  # the others stay locked: conflict misses
-            with torch_step():
-                reference.release(want.slots)
+            reference.release(want.slots)
             ahead.release(got.slots)
     assert_same_state(reference, ahead)
 
 
 def test_scoring_an_id_outside_the_bound_raises_before_any_change():
-    cache = SetAssociativeCache(16, 4, "lfu", id_bound=100)
+    cache = CompiledCache(16, 4, "lfu", id_bound=100)
     counters = cache.sketch.counters.clone()
     with pytest.raises(IndexError):
-        cache_compiled.score(cache, np.array([5, 100]), np.ones(2, np.int64))
+        cache.score(np.array([5, 100]), np.ones(2, np.int64))
     assert torch.equal(cache.sketch.counters, counters)
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", LRU(), LFU()])
+def test_new_cache_picks_the_compiled_cache_on_the_cpu(policy):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FallbackWarning)
+        cache = cpu.new_cache(40, 4, policy, torch.device("cpu"), id_bound=300)
+    assert type(cache) is CompiledCache
+    assert (cache.capacity, cache.ways, cache._slot_of.numel()) == (40, 4, 300)
+    ids = torch.tensor([3, 17, 299])
+    assert cache.supports(ids, torch.ones(3, dtype=torch.int64))
+
+
+def test_new_cache_keeps_a_policy_without_compiled_score_on_the_specification():
+    class Custom(LRU):  # declares nothing (declarations are not inherited)
+        name = "custom"
+
+    with pytest.warns(FallbackWarning, match="'custom' declares no compiled_score"):
+        cache = cpu.new_cache(16, 4, Custom(), "cpu")
+    assert type(cache) is SetAssociativeCache
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+def test_new_cache_without_numba_or_off_the_cpu_is_the_specification(monkeypatch, policy):
+    """Off the CPU (here the meta device) the compiled loops cannot run; without numba they
+    would run as Python: the torch step instead, and no warning (nothing was lost)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FallbackWarning)
+        assert type(cpu.new_cache(16, 4, policy, "meta")) is SetAssociativeCache
+        monkeypatch.setattr(cpu, "COMPILED", False)
+        assert type(cpu.new_cache(16, 4, policy, "cpu")) is SetAssociativeCache
+
+
+def test_the_specification_does_not_import_its_twin():
+    """``cache.py`` imports no module that imports it back: not ``cache_compiled``, at module
+    level, inside a function or under ``TYPE_CHECKING`` alike."""
+    source = Path(cache_compiled.__file__).with_name("cache.py").read_text()
+    named = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            named.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            named.add(node.module or "")
+            named.update(f"{node.module or ''}.{alias.name}" for alias in node.names)
+    assert "policy" in named  # the imports were seen
+    assert not any("cache_compiled" in name for name in named), named

@@ -14,7 +14,7 @@ import torch
 
 import tierstore as ts
 from tierstore import cache_compiled, cpu
-from tierstore.cache import SetAssociativeCache
+from tierstore.cache_compiled import CompiledCache
 from tierstore.compiled import COMPILED
 from tierstore.errors import FallbackWarning
 from tierstore.policy import LFU, LRU, POLICIES, CompiledScore, Policy, make_policy
@@ -102,13 +102,13 @@ def test_declarations_are_not_inherited():
 @pytest.mark.skipif(not COMPILED, reason="numba is not installed")
 def test_the_compiled_step_runs_exactly_the_policies_that_declare_it(monkeypatch):
     calls = []
-    real = cache_compiled.lookup
-    monkeypatch.setattr(cache_compiled, "lookup", lambda *a: calls.append(1) or real(*a))
+    real = cache_compiled._step
+    monkeypatch.setattr(cache_compiled, "_step", lambda *a: calls.append(1) or real(*a))
     ids, counts = torch.tensor([1, 2, 3]), torch.ones(3, dtype=torch.int64)
     for policy, compiled in [("lru", True), ("lfu", True), (_Declared(), True),
                              (_Renamed(), False), (_Affine(), False)]:  # fmt: skip
         calls.clear()
-        SetAssociativeCache(8, 4, policy).lookup(ids, counts)
+        CompiledCache(8, 4, policy).lookup(ids, counts)
         assert bool(calls) == compiled, policy
 
 

@@ -79,13 +79,13 @@ def test_replay_on_two_threads_equals_the_torch_step(monkeypatch, policy, num_ro
     pytest.importorskip("numba")
     batches = trace(7, steps=80)
     placed = []
-    place = cache_compiled.place
+    place = cache_compiled.CompiledCache.place
 
     def counted_place(*args):
         placed.append(1)
         return place(*args)
 
-    monkeypatch.setattr(cache_compiled, "place", counted_place)
+    monkeypatch.setattr(cache_compiled.CompiledCache, "place", counted_place)
     monkeypatch.setattr(engine, "_cores", lambda: 2)  # whatever this machine has
     ahead = replay_engine(batches, 64, policy, 8, num_rows=num_rows)
     assert len(placed) == len(batches) - 1  # all but the first, which compiles the step

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from tierstore import cache as cache_module
 from tierstore.cache import SetAssociativeCache
+from tierstore.cache_compiled import CompiledCache
 from tierstore.policy import FrequencySketch
 from tierstore.replay import lru_hits
 from tierstore.replay.engine import replay_engine
@@ -23,7 +24,7 @@ STATE = ("tags", "stamps", "locks", "dirty", "counters")
 
 
 def twins(rows, ways, policy, bound, sample):
-    caches = [SetAssociativeCache(rows, ways, policy, id_bound=bound) for _ in range(2)]
+    caches = [CompiledCache(rows, ways, policy, id_bound=bound) for _ in range(2)]
     if sample is not None and policy == "lfu":  # a small sketch that halves often
         for c in caches:
             c.sketch = FrequencySketch(64, sample)

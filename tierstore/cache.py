@@ -1,12 +1,14 @@
 """The set-associative cache: the semantics every backend shares (docs/DESIGN.md, "L1").
 
-This is the CPU backend and the specification: torch ops, vectorised, no Python loop per id.
-The CUDA backend (``tierstore/cuda_cache.py``) keeps the same state in HBM and must end every step in
-the same tags, scores, dirty bits, locks and counters. On the CPU, where numba is installed,
-:meth:`SetAssociativeCache.lookup` runs a compiled twin of this step instead
-(``cache_compiled.py``: the same work in a few passes rather than some thirty), which
-``tests/test_cache_compiled.py`` checks equal to the torch step, state and ``Lookup`` bit for
-bit; ``COMPILED_STEP = False`` keeps every cache on the torch step.
+This is the specification (and the CPU's L1 where numba is missing): torch ops, vectorised, no
+Python loop per id.
+L1 is one class per backend, each a subclass of this one that must end every step in the same
+tags, scores, dirty bits, locks and counters: ``CudaCache`` (``tierstore/cuda_cache.py``) keeps
+the state in HBM and steps it with kernels; ``CompiledCache`` (``tierstore/cache_compiled.py``),
+the CPU's L1 where numba is installed, steps it with compiled loops (the same work in a few
+passes rather than some thirty), which ``tests/test_cache_compiled.py`` checks equal to the
+torch step, state and ``Lookup`` bit for bit. This module imports neither;
+``COMPILED_STEP = False`` keeps every ``CompiledCache`` on the torch step.
 
 State, per set and way (``S`` sets x ``W`` ways):
     tags    (S, W) int64   row id held by the way, ``EMPTY`` when none
@@ -27,7 +29,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import cache_compiled
 from . import stats as st
 from .errors import CapacityError, InvalidInputError
 from .hashing import set_index
@@ -39,8 +40,9 @@ _KEY_LIMIT = 1 << 56  # scores within +-this pack with a way index into one dist
 _KEY_LIMIT_32 = (1 << 25) - 1  # score ranges below this pack into an int32 key the same way
 _NOT_EVICTABLE_32 = (1 << 31) - 1
 _LOOKUP_CHUNK = 1 << 18  # ids compared at once: bounds the (chunk, W) temporary
-# Step (and release) CPU caches with the compiled twin where it applies (cache_compiled.supports);
-# False: always the torch code below (tests and benchmarks compare the two).
+# CompiledCache (cache_compiled.py) steps and releases with its compiled loops where they apply;
+# False: with the torch code below (tests and benchmarks compare the two). Here, beside the
+# specification, so that turning the twin off needs no import of it.
 COMPILED_STEP = True
 
 
@@ -190,14 +192,10 @@ class SetAssociativeCache:
         :meth:`release`. With ``strict``, a conflict miss raises :class:`CapacityError` before
         anything changes (for a tier that must hold every row of a batch).
 
-        This method's torch form is :meth:`plan` then :meth:`commit`; on the CPU with numba,
-        unless ``strict``, the compiled twin in ``cache_compiled.py`` does the same in place
-        (for a policy that declares a ``compiled_score``).
+        This method is :meth:`plan` then :meth:`commit`; ``CompiledCache`` (the CPU's L1 with
+        numba) does the same in compiled loops, for a policy that declares a
+        ``compiled_score``, unless ``strict``.
         """
-        if not strict and COMPILED_STEP and cache_compiled.supports(self, ids, counts):
-            found = cache_compiled.lookup(self, ids, counts)
-            if found is not None:  # None: numba could not compile it (nothing changed)
-                return Lookup(ids, *found)
         return self.commit(self.plan(ids, strict), counts)
 
     def plan(self, ids: torch.Tensor, strict: bool = False) -> Lookup:
@@ -312,9 +310,6 @@ class SetAssociativeCache:
 
     def release(self, slots: torch.Tensor) -> None:
         """Unlocks the slots a finished batch held (-1 entries are ignored)."""
-        if COMPILED_STEP and cache_compiled.can_release(self, slots):
-            cache_compiled.release(self, slots)
-            return
         slots = slots.index_select(0, _positions(slots >= 0))
         by_slot(self.locks).index_add_(0, slots, torch.full_like(slots, -1, dtype=torch.int32))
 

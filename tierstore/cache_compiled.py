@@ -1,10 +1,14 @@
-"""The set-associative cache's step as compiled loops: ``SetAssociativeCache.lookup`` in a few
-passes over the batch instead of some thirty.
+"""The set-associative cache's step as compiled loops: :class:`CompiledCache`, a
+``SetAssociativeCache`` whose ``lookup`` takes a few passes over the batch instead of some
+thirty.
 
-``cache.py``'s torch step is the specification (docs/DESIGN.md, "L1"); this is its twin for the CPU
-where numba is installed, and ``tests/test_cache_compiled.py`` checks that both end every step
-in the same state and return the same ``Lookup``, bit for bit. It works in place on numpy views
-of the cache's tensors (``Tensor.numpy()`` shares their memory).
+``cache.py``'s torch step is the specification (docs/DESIGN.md, "L1"); ``CompiledCache`` is its
+twin for the CPU where numba is installed (``cpu.new_cache`` picks it), a subclass that keeps
+to the torch step it inherits wherever the loops here do not apply (a policy without a
+``compiled_score``, a strict lookup, ``cache.COMPILED_STEP = False``). ``cache.py`` does not
+know of it. ``tests/test_cache_compiled.py`` checks that both end every step in the same state
+and return the same ``Lookup``, bit for bit. The loops work in place on numpy views of the
+cache's tensors (``Tensor.numpy()`` shares their memory).
 
 The step, for the ``n`` unique ids of a batch (ascending) and their counts:
 
@@ -23,9 +27,9 @@ The step, for the ``n`` unique ids of a batch (ascending) and their counts:
    order the filled rows ascend: their entries are written in address order);
 
 then the counters and, when the sketch halved, the scores' halving. Step 1 reads and writes
-only the sketch, and the others never touch it: :func:`score` and :func:`place` take them
-apart, so that the CPU replay scores a batch on a second thread while the one before it is
-placed.
+only the sketch, and the others never touch it: :meth:`CompiledCache.score` and
+:meth:`CompiledCache.place` take them apart, so that the CPU replay scores a batch on a
+second thread while the one before it is placed.
 
 Grouping is for speed only: a fill locks its way, so misses taken one by one in position order
 would choose the same ways; a set's ways are scanned once for all its misses instead.
@@ -43,21 +47,19 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from . import cache as cache_module
 from . import compiled as _compiled
 from . import stats as st
+from .cache import EMPTY, Lookup, SetAssociativeCache
 from .compiled import NumbaError, compiled, prefetch
 from .hashing import mix64_compiled as _mix64  # splitmix64's finalizer (hashing.mix64)
 from .policy import CompiledScore
 
-if TYPE_CHECKING:
-    from .cache import SetAssociativeCache
-
-_EMPTY = np.int64(-(1 << 63))  # cache.EMPTY (cache.py imports this module, not the reverse)
+_EMPTY = np.int64(EMPTY)  # a constant the compiled loops can read
 _LOW32 = np.int64(0xFFFFFFFF)
 _TAKEN = np.int64((1 << 63) - 1)  # above every packed victim key: a way that is no choice
 _PACKED_MAX = np.int64((1 << 57) - 3)  # keys in [-1, this] pack with a way below _TAKEN
@@ -442,92 +444,15 @@ def _unlock(locks, slots):
 _compiles = [_compiled.COMPILED]
 
 
-def supports(cache: SetAssociativeCache, ids: torch.Tensor, counts: torch.Tensor) -> bool:
-    """Whether :func:`lookup` can step ``cache`` with this batch: numba is installed, the cache
-    lives on the CPU, its policy declares a ``compiled_score`` (``STEP`` with no sketch, or
-    ``FREQUENCY`` with its sketch: LRU, LFU), and the ids are int64 and the counts integers,
-    one per id, on the CPU."""
-    rule = cache.policy.compiled_score
-    if not _compiles[0] or rule is None or cache.device.type != "cpu":
-        return False
-    if (cache.sketch is not None) != (rule is CompiledScore.FREQUENCY):
-        return False
-    return (
-        ids.dtype == torch.int64
-        and counts.dtype in (torch.int64, torch.int32)
-        and ids.dim() == 1
-        and counts.shape == ids.shape
-        and ids.device.type == "cpu"
-        and counts.device.type == "cpu"
-    )
-
-
 def _flat(t: torch.Tensor) -> np.ndarray:
     """The numpy view of a state tensor, flat by slot (shares its memory)."""
     return t.view(-1).numpy()
 
 
-def _state(cache: SetAssociativeCache) -> tuple:
-    """The per-way state for :func:`_place`: tags, stamps, dirty bits, locks, by slot."""
-    return _flat(cache.tags), _flat(cache.stamps), _flat(cache.dirty), _flat(cache.locks)
-
-
-def _sketch_state(cache: SetAssociativeCache) -> tuple:
-    """The sketch's arrays for :func:`_step` (placeholders of the same types under LRU)."""
-    sketch = cache.sketch
-    if sketch is None:
-        return np.zeros((1, 1), np.int32), np.zeros(1, np.int64), np.zeros(1, np.int64), 0
-    additions = sketch.additions.view(1).numpy()  # the 0-d tensor's memory, as one element
-    return sketch.counters.numpy(), sketch.salts.numpy(), additions, sketch.sample_size
-
-
-def _check_index_range(cache: SetAssociativeCache, ids: np.ndarray) -> None:
-    """Raises IndexError, as the torch step's gather does, if an id lies outside the slot
-    index (compiled code would read and write outside it)."""
-    bound = cache._slot_of.numel()
-    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= bound):
-        raise IndexError(f"ids must lie in [0, {bound}) (the cache's id_bound)")
-
-
-def lookup(
-    cache: SetAssociativeCache, ids: torch.Tensor, counts: torch.Tensor
-) -> tuple[torch.Tensor, ...] | None:
-    """``cache.lookup(ids, counts)`` (not strict) in compiled code, in place on the cache's
-    tensors: advances ``cache.step`` and returns the ``Lookup`` fields after ``ids``
-    (``slots, fill_index, fill_slots, victim_ids, victim_dirty, hit``) as tensors, or
-    ``None``, with nothing changed, if numba cannot compile the step. Call only where
-    :func:`supports` says so."""
-    ids_np = np.ascontiguousarray(ids.numpy())
-    counts_np = np.ascontiguousarray(counts.numpy(), dtype=np.int64)
-    slot_of = _NO_INDEX
-    if cache._slot_of is not None:
-        _check_index_range(cache, ids_np)
-        slot_of = cache._slot_of.numpy()
-    try:
-        out = _step(
-            ids_np,
-            counts_np,
-            slot_of,
-            _state(cache),
-            cache.counters.numpy(),
-            cache.sets,
-            cache.ways,
-            cache.step + 1,
-            cache.sketch is not None,
-            _sketch_state(cache),
-        )
-    except NumbaError as e:  # raised while compiling, before anything ran: nothing changed
-        _compiles[0] = False
-        msg = f"numba cannot compile the cache step, using the torch step: {e}"
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
-        return None
-    cache.step += 1
-    return tuple(torch.from_numpy(a) for a in out)
-
-
 @dataclass(frozen=True)
 class Scored:
-    """A batch scored ahead of its step (:func:`score`), waiting for the rest (:func:`place`)."""
+    """A batch scored ahead of its step (:meth:`CompiledCache.score`), waiting for the rest
+    (:meth:`CompiledCache.place`)."""
 
     ids: np.ndarray  # the unique ids, ascending (int64)
     counts: np.ndarray  # their counts (int64)
@@ -535,64 +460,130 @@ class Scored:
     aged: bool  # the sketch halved after this batch: the stored scores halve after its placing
 
 
-def score(cache: SetAssociativeCache, ids: np.ndarray, counts: np.ndarray) -> Scored:
-    """The part of ``cache``'s step that reads and writes only its sketch, for the unique
-    ``ids`` (ascending) and ``counts`` of a batch, ahead of the rest (:func:`place`): under
-    LFU adds the batch to the sketch, reads the estimates and halves the sketch when due (as
-    :func:`lookup` would); under LRU nothing. Raises IndexError before any change if an id
-    lies outside the cache's slot index.
+class CompiledCache(SetAssociativeCache):
+    """:class:`~tierstore.cache.SetAssociativeCache` that steps and releases with the compiled
+    loops above where they apply (:meth:`supports`, :meth:`can_release`) and with the torch
+    step it inherits elsewhere: the same state and ``Lookup``, bit for bit. The CPU's L1 where
+    numba is installed (``cpu.new_cache`` picks it); arguments as the base class's."""
 
-    Placing never touches the sketch and scoring touches nothing else, so a replay may score
-    batch ``k + 1`` on one thread while batch ``k`` is placed on another: the same state as
-    :func:`lookup` batch after batch, as long as batches are scored and placed in one order,
-    each once. Call only where :func:`supports` says so, and once :func:`lookup` has stepped
-    the cache: that compiles the step, so that numba cannot fail between a batch's scoring
-    and its placing."""
-    ids = np.ascontiguousarray(ids, dtype=np.int64)
-    counts = np.ascontiguousarray(counts, dtype=np.int64)
-    if cache._slot_of is not None:
-        _check_index_range(cache, ids)
-    if cache.sketch is None:
-        return Scored(ids, counts, None, False)
-    scores, aged = _sketch_step(ids, counts, _sketch_state(cache))
-    return Scored(ids, counts, scores, aged)
+    def supports(self, ids: torch.Tensor, counts: torch.Tensor) -> bool:
+        """Whether :meth:`lookup` steps this batch compiled: ``cache.COMPILED_STEP`` is on,
+        numba is installed (and compiles the step), the cache lives on the CPU, its policy
+        declares a ``compiled_score`` (``STEP`` with no sketch, or ``FREQUENCY`` with its
+        sketch: LRU, LFU), and the ids are int64 and the counts integers, one per id, on the
+        CPU."""
+        rule = self.policy.compiled_score
+        if not (cache_module.COMPILED_STEP and _compiles[0]) or self.device.type != "cpu":
+            return False
+        if rule is None or (self.sketch is not None) != (rule is CompiledScore.FREQUENCY):
+            return False
+        return (
+            ids.dtype == torch.int64
+            and counts.dtype in (torch.int64, torch.int32)
+            and ids.dim() == 1
+            and counts.shape == ids.shape
+            and ids.device.type == "cpu"
+            and counts.device.type == "cpu"
+        )
 
+    def _state(self) -> tuple:
+        """The per-way state for :func:`_place`: tags, stamps, dirty bits, locks, by slot."""
+        return _flat(self.tags), _flat(self.stamps), _flat(self.dirty), _flat(self.locks)
 
-def place(cache: SetAssociativeCache, scored: Scored) -> tuple[torch.Tensor, ...]:
-    """The rest of the step of a batch :func:`score` scored (the next one it scored): what
-    :func:`lookup` does but the sketch's part, and what it returns."""
-    n = scored.ids.size
-    scores = np.full(n, cache.step + 1, np.int64) if scored.scores is None else scored.scores
-    out = _place(
-        scored.ids,
-        scored.counts,
-        scores,
-        scored.aged,
-        _NO_INDEX if cache._slot_of is None else cache._slot_of.numpy(),
-        _state(cache),
-        cache.counters.numpy(),
-        cache.sets,
-        cache.ways,
-    )
-    cache.step += 1
-    return tuple(torch.from_numpy(a) for a in out)
+    def _sketch_state(self) -> tuple:
+        """The sketch's arrays for :func:`_step` (placeholders of the same types under LRU)."""
+        sketch = self.sketch
+        if sketch is None:
+            return np.zeros((1, 1), np.int32), np.zeros(1, np.int64), np.zeros(1, np.int64), 0
+        additions = sketch.additions.view(1).numpy()  # the 0-d tensor's memory, as one element
+        return sketch.counters.numpy(), sketch.salts.numpy(), additions, sketch.sample_size
 
+    def _checked_index(self, ids: np.ndarray) -> np.ndarray:
+        """The slot index's numpy view (empty where the cache keeps none), once ``ids`` are
+        known to lie in it: else IndexError, as the torch step's gather raises, before any
+        change (compiled code would read and write outside it)."""
+        if self._slot_of is None:
+            return _NO_INDEX
+        bound = self._slot_of.numel()
+        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= bound):
+            raise IndexError(f"ids must lie in [0, {bound}) (the cache's id_bound)")
+        return self._slot_of.numpy()
 
-def can_release(cache: SetAssociativeCache, slots: torch.Tensor) -> bool:
-    """Whether :func:`release` can unlock ``slots`` of ``cache``: numba is installed, and the
-    locks and the slots (int64) are on the CPU."""
-    return (
-        _compiles[0]
-        and cache.device.type == "cpu"
-        and slots.dtype == torch.int64
-        and slots.dim() == 1
-        and slots.device.type == "cpu"
-    )
+    def lookup(self, ids: torch.Tensor, counts: torch.Tensor, strict: bool = False) -> Lookup:
+        """:meth:`SetAssociativeCache.lookup`: where :meth:`supports` holds and not ``strict``,
+        in compiled code, in place on the cache's tensors; else, or if numba cannot compile
+        the step (a ``RuntimeWarning``, nothing changed), the torch step."""
+        if strict or not self.supports(ids, counts):
+            return super().lookup(ids, counts, strict)
+        ids_np = np.ascontiguousarray(ids.numpy())
+        counts_np = np.ascontiguousarray(counts.numpy(), dtype=np.int64)
+        slot_of = self._checked_index(ids_np)
+        state, counters, step = self._state(), self.counters.numpy(), self.step + 1
+        frequency = self.sketch is not None
+        try:
+            out = _step(
+                ids_np, counts_np, slot_of, state, counters, self.sets, self.ways, step,
+                frequency, self._sketch_state(),
+            )  # fmt: skip
+        except NumbaError as e:  # raised while compiling, before anything ran: nothing changed
+            _compiles[0] = False
+            msg = f"numba cannot compile the cache step, using the torch step: {e}"
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+            return super().lookup(ids, counts, strict)
+        self.step += 1
+        return Lookup(ids, *(torch.from_numpy(a) for a in out))
 
+    def score(self, ids: np.ndarray, counts: np.ndarray) -> Scored:
+        """The part of the step that reads and writes only the sketch, for the unique ``ids``
+        (ascending) and ``counts`` of a batch, ahead of the rest (:meth:`place`): under LFU
+        adds the batch to the sketch, reads the estimates and halves the sketch when due (as
+        :meth:`lookup` would); under LRU nothing. Raises IndexError before any change if an id
+        lies outside the slot index.
 
-def release(cache: SetAssociativeCache, slots: torch.Tensor) -> None:
-    """``cache.release(slots)`` in one compiled pass (the torch form's index_add_ wakes
-    torch's thread pool for a few microseconds of work). Call only where :func:`can_release`
-    says so."""
-    if not _unlock(_flat(cache.locks), np.ascontiguousarray(slots.numpy())):
-        raise IndexError(f"slots must lie below the cache's {cache.capacity} slots")
+        Placing never touches the sketch and scoring touches nothing else, so a replay may
+        score batch ``k + 1`` on one thread while batch ``k`` is placed on another: the same
+        state as :meth:`lookup` batch after batch, as long as batches are scored and placed in
+        one order, each once. Call only where :meth:`supports` says so, and once
+        :meth:`lookup` has stepped the cache: that compiles the step, so that numba cannot
+        fail between a batch's scoring and its placing."""
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        counts = np.ascontiguousarray(counts, dtype=np.int64)
+        self._checked_index(ids)
+        if self.sketch is None:
+            return Scored(ids, counts, None, False)
+        return Scored(ids, counts, *_sketch_step(ids, counts, self._sketch_state()))
+
+    def place(self, scored: Scored) -> tuple[torch.Tensor, ...]:
+        """The rest of the step of a batch :meth:`score` scored (the next one it scored): what
+        :meth:`lookup` does but the sketch's part; returns the ``Lookup`` fields after ``ids``
+        (``slots, fill_index, fill_slots, victim_ids, victim_dirty, hit``) as tensors."""
+        n = scored.ids.size
+        scores = np.full(n, self.step + 1, np.int64) if scored.scores is None else scored.scores
+        slot_of = _NO_INDEX if self._slot_of is None else self._slot_of.numpy()
+        out = _place(
+            scored.ids, scored.counts, scores, scored.aged, slot_of, self._state(),
+            self.counters.numpy(), self.sets, self.ways,
+        )  # fmt: skip
+        self.step += 1
+        return tuple(torch.from_numpy(a) for a in out)
+
+    def can_release(self, slots: torch.Tensor) -> bool:
+        """Whether :meth:`release` unlocks ``slots`` compiled: ``cache.COMPILED_STEP`` is on,
+        numba is installed, and the locks and the slots (int64) are on the CPU."""
+        return (
+            cache_module.COMPILED_STEP
+            and _compiles[0]
+            and self.device.type == "cpu"
+            and slots.dtype == torch.int64
+            and slots.dim() == 1
+            and slots.device.type == "cpu"
+        )
+
+    def release(self, slots: torch.Tensor) -> None:
+        """:meth:`SetAssociativeCache.release`, in one compiled pass where :meth:`can_release`
+        says so (the torch form's index_add_ wakes torch's thread pool for a few microseconds
+        of work)."""
+        if not self.can_release(slots):
+            return super().release(slots)
+        if not _unlock(_flat(self.locks), np.ascontiguousarray(slots.numpy())):
+            raise IndexError(f"slots must lie below the cache's {self.capacity} slots")

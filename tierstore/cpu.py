@@ -13,9 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from .cache import Lookup, SetAssociativeCache
+from .cache_compiled import CompiledCache
 from .compiled import COMPILED
 from .errors import FallbackWarning
 from .optim import Optimizer
+from .policy import Policy, make_policy
 
 name = "cpu"
 
@@ -30,13 +32,25 @@ def load_hyper(store, optimizer: Optimizer | None) -> None:
     """Nothing: the torch ops read the rule's ``lr`` and ``eps`` at each step."""
 
 
-def new_cache(rows: int, ways: int, policy, device: torch.device) -> SetAssociativeCache:
-    """The L1 cache state on ``device``. On the CPU with numba, a policy that declares no
-    ``compiled_score`` is stepped by the torch specification, with a ``FallbackWarning``."""
-    cache = SetAssociativeCache(rows, ways, policy, device)
-    if COMPILED and cache.device.type == "cpu" and cache.policy.compiled_score is None:
+def new_cache(
+    rows: int,
+    ways: int,
+    policy: str | Policy,
+    device: torch.device | str,
+    id_bound: int | None = None,
+) -> SetAssociativeCache:
+    """The L1 cache state on ``device`` (arguments as :class:`SetAssociativeCache`'s). On the
+    CPU with numba, a :class:`~tierstore.cache_compiled.CompiledCache` for a policy that declares
+    a ``compiled_score``; else the torch specification, :class:`SetAssociativeCache`, with a
+    ``FallbackWarning`` where the compiled step was possible but for the policy."""
+    policy = make_policy(policy)
+    compiled = COMPILED and torch.device(device).type == "cpu"
+    if compiled and policy.compiled_score is not None:
+        return CompiledCache(rows, ways, policy, device, id_bound)
+    cache = SetAssociativeCache(rows, ways, policy, device, id_bound)
+    if compiled:
         warnings.warn(
-            f"the policy {getattr(cache.policy, 'name', type(cache.policy).__name__)!r} declares "
+            f"the policy {getattr(policy, 'name', type(policy).__name__)!r} declares "
             "no compiled_score: the CPU cache steps it with the torch step (slower)",
             FallbackWarning,
             stacklevel=2,

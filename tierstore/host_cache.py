@@ -29,7 +29,8 @@ import pathlib
 import torch
 
 from . import stats as st
-from .cache import EMPTY, SetAssociativeCache, by_slot
+from .cache import EMPTY, by_slot
+from .cache_compiled import CompiledCache
 from .errors import (
     CapacityError,
     CorruptBlockError,
@@ -63,7 +64,8 @@ class HostCache:
         self, ssd: SSDTier, host_rows: int, ways: int, policy, pin: bool, l1_rows: int = 0
     ):
         self.ssd = ssd
-        self.cache = SetAssociativeCache(host_rows, ways, policy, "cpu")
+        # its release compiled where numba is installed (plan and commit are the torch step)
+        self.cache = CompiledCache(host_rows, ways, policy, "cpu")
         self.data = allocate_rows(self.cache.capacity, ssd.row_width, pin, "the host tier (L2)")
         self.row_bytes = 4 * ssd.row_width
         self.flushed_rows = 0

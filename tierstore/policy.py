@@ -13,12 +13,14 @@ them it declares its fast paths, and every backend reads them from it (never fro
 
     cuda_functor     its score functor in ``kernels/policy.cuh``, which the CUDA cache's kernels
                      take as a template argument (``cuda_functor.CudaFunctor``)
-    compiled_score   the score rule of the compiled CPU step (``cache_compiled.py``, and the
-                     replay's ``replay/single.py``) that computes the same scores
+    compiled_score   the score rule of the compiled CPU step (``CompiledCache`` in
+                     ``cache_compiled.py``, and the replay's ``replay/single.py``) that
+                     computes the same scores
 
 ``None`` declares that there is none. Then, explicitly: the CUDA cache steps the policy as
-torch ops (reading the device each step, so no CUDA graph), and the CPU cache takes the torch
-step; a :class:`~tierstore.errors.FallbackWarning` says so when an L1 cache is made with it.
+torch ops (reading the device each step, so no CUDA graph), and on the CPU ``cpu.new_cache``
+makes the torch specification, ``SetAssociativeCache``, rather than ``CompiledCache``; a
+:class:`~tierstore.errors.FallbackWarning` says so when an L1 cache is made with it.
 Declarations are not inherited: a subclass that does not declare its own gets ``None`` (it may
 score differently from its base, and the fast paths would not know), so a user-defined policy
 never runs on kernels it did not name.
@@ -42,8 +44,8 @@ _FAST_PATHS = ("cuda_functor", "compiled_score")
 
 
 class CompiledScore(enum.Enum):
-    """The score rules the compiled CPU step implements (``cache_compiled.py``): a policy that
-    computes the same scores declares one as its ``compiled_score``."""
+    """The score rules the compiled CPU step implements (``cache_compiled.CompiledCache``): a
+    policy that computes the same scores declares one as its ``compiled_score``."""
 
     STEP = "step"  # the step of the last access; scores never age (LRU)
     FREQUENCY = "frequency"  # the sketch's estimate; scores halve with the sketch (LFU)

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .. import cache as cache_module
-from .. import cache_compiled
+from .. import cpu
 from .. import stats as st
 from ..cache import EMPTY, SetAssociativeCache
+from ..cache_compiled import CompiledCache, Scored
 from ..compiled import COMPILED, compiled
 from ..errors import InvalidInputError
 from .invariants import check_replay
@@ -67,8 +67,6 @@ def _backend(device: str):
         if not cuda.available():
             raise InvalidInputError("device cuda: no CUDA device with CuPy is usable here")
         return cuda
-    from .. import cpu
-
     return cpu
 
 
@@ -165,24 +163,22 @@ def _scored_ahead(
 ) -> bool:
     """Steps ``l1`` (a CPU cache, stepped once already) with the rest of ``batches`` on two
     threads: a worker takes each batch's unique step and the sketch's part of its cache step
-    (``cache_compiled.score``) while this thread places the batch before it and releases it
-    (``cache_compiled.place``, which never touches the sketch). Both sides are compiled code
+    (``CompiledCache.score``) while this thread places the batch before it and releases it
+    (``CompiledCache.place``, which never touches the sketch). Both sides are compiled code
     that releases the GIL, so on two cores they overlap (for Zipf 0.8 and LFU, the worker's
     part is nearly half of a step). The same state as stepping batch after batch. Returns
     False, having stepped nothing, where the compiled step does not apply to ``l1`` or one
     core is all there is. ``observe``: as :func:`replay_engine`'s."""
     probe = torch.zeros(0, dtype=torch.int64)
-    if not (cache_module.COMPILED_STEP and cache_compiled.supports(l1, probe, probe)):
-        return False
-    if _cores() < 2:
+    if not (isinstance(l1, CompiledCache) and l1.supports(probe, probe)) or _cores() < 2:
         return False
 
-    def score(batch) -> cache_compiled.Scored:
+    def score(batch) -> Scored:
         ids = torch.as_tensor(batch, dtype=torch.int64).cpu().numpy()
-        return cache_compiled.score(l1, *_unique(ids, narrow))
+        return l1.score(*_unique(ids, narrow))
 
-    def place(ready: cache_compiled.Scored) -> None:
-        out = cache_compiled.place(l1, ready)
+    def place(ready: Scored) -> None:
+        out = l1.place(ready)
         if observe is not None:
             observe(torch.from_numpy(ready.ids), out[-1])  # the last is ``hit``
         l1.release(out[0])
@@ -229,10 +225,10 @@ def replay_engine(
     dev = torch.device(device)
     if backend.name == "cpu":  # ids known to be few: find by a per-id slot index
         bound = num_rows if num_rows is not None and num_rows <= _INDEX_IDS else None
-        l1 = SetAssociativeCache(cache_rows, ways, policy, dev, id_bound=bound)
+        l1 = cpu.new_cache(cache_rows, ways, policy, dev, id_bound=bound)
     else:
         l1 = backend.new_cache(cache_rows, ways, policy, dev)
-    l2 = SetAssociativeCache(host_rows, 32, policy, "cpu") if host_rows else None
+    l2 = cpu.new_cache(host_rows, 32, policy, "cpu") if host_rows else None
     home = torch.full((l1.capacity,), -1, dtype=torch.int64)  # L2 slot of each L1 slot
     res = EngineResult(policy, l1.capacity)
     # One level on the kernels: the training path's sync-free step, the unique count never
