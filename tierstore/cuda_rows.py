@@ -70,7 +70,7 @@ def refresh_conflicts(store, batch, l2) -> None:
 def victim_order(store, found) -> torch.Tensor:
     """``(U,)`` int32: the fill positions ascending by the L2 address their dirty victim goes
     back to (clean victims and the unused entries past ``n_fill`` after them). A kernel's
-    writes over PCIe run 2.4x faster with the host addresses ascending than in random order
+    writes over PCIe run 2.3x faster with the host addresses ascending than in random order
     (bench/exp/pcie_moves.py)."""
     n = found.fill_slots_buffer.numel()
     dev = store.device
