@@ -23,7 +23,7 @@ from tierstore import cache as cache_module  # noqa: E402
 from tierstore import cache_compiled, cpu  # noqa: E402
 from tierstore.cache import Lookup, SetAssociativeCache  # noqa: E402
 from tierstore.cache_compiled import CompiledCache  # noqa: E402
-from tierstore.errors import FallbackWarning  # noqa: E402
+from tierstore.errors import CapacityError, FallbackWarning  # noqa: E402
 from tierstore.hashing import set_index  # noqa: E402
 from tierstore.policy import LFU, LRU, FrequencySketch  # noqa: E402
 
@@ -335,6 +335,72 @@ def test_scored_ahead_equals_torch_step(shape, policy, indexed, size, sample, se
             reference.release(want.slots)
             ahead.release(got.slots)
     assert_same_state(reference, ahead)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    shape=st.sampled_from(SHAPES),
+    policy=st.sampled_from(["lru", "lfu"]),
+    indexed=st.booleans(),
+    hashed=st.booleans(),
+    size=st.integers(1, 200),
+    strict=st.booleans(),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_compiled_plan_equals_torch_plan(shape, policy, indexed, hashed, size, strict, seed):
+    """``plan`` then ``commit``, as L2 over an SSD tier steps (``host_cache.py``): the compiled
+    plan decides what the torch plan decides, and a strict one refuses the same batches with
+    the same message and no change, while batches stay locked in flight and rows go dirty."""
+    rng = np.random.default_rng(seed)
+    universe = int(rng.integers(2, 4 * shape[0] + 50))
+    make = hashed_batches if hashed and not indexed else zipf_batches
+    twins = make_twins(*shape, policy, id_bound=universe if indexed else None, sample=40)
+    reference, compiled = twins
+    held = deque()
+    refused = 0
+    for batch in make(rng, 12, size, universe):
+        uniq, counts = torch.unique(torch.from_numpy(batch), return_counts=True)
+        try:
+            want = reference.plan(uniq, strict)
+        except CapacityError as e:
+            with pytest.raises(CapacityError) as got_error:
+                compiled.plan(uniq, strict)
+            assert str(got_error.value) == str(e)
+            refused += 1
+            continue
+        with count_calls(cache_compiled, "plan_slots") as calls:
+            got = compiled.plan(uniq, strict)
+        assert calls == [1]
+        assert_same_lookup(want, got)
+        assert_same_state(reference, compiled)  # a plan changes nothing
+        reference.commit(want, counts)
+        compiled.commit(got, counts)
+        dirty = torch.from_numpy(rng.integers(-1, reference.capacity, rng.integers(0, 8)))
+        reference.mark_dirty(dirty)
+        compiled.mark_dirty(dirty)
+        held.append((want.slots, got.slots))
+        while len(held) > rng.integers(0, 3):
+            want_slots, got_slots = held.popleft()
+            reference.release(want_slots)
+            compiled.release(got_slots)
+    assert_same_state(reference, compiled)
+
+
+@contextmanager
+def count_calls(module, name):
+    """Counts the calls of ``module.name`` while inside (a list holding the count)."""
+    calls = [0]
+    original = getattr(module, name)
+
+    def counted(*args):
+        calls[0] += 1
+        return original(*args)
+
+    setattr(module, name, counted)
+    try:
+        yield calls
+    finally:
+        setattr(module, name, original)
 
 
 def test_scoring_an_id_outside_the_bound_raises_before_any_change():

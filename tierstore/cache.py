@@ -233,20 +233,28 @@ class SetAssociativeCache:
         n_free = (~busy).sum(1)
         placed = rank < n_free.index_select(0, group)
         if strict and not bool(placed.all()):
-            short = int((per_set - n_free).max())
-            raise CapacityError(
-                f"the batch needs {n} unique rows in a cache of {self.capacity} rows "
-                f"({self.sets} sets x {self.ways} ways) but up to {short} of them find no "
-                "evictable way in their set: make host_rows larger or the batch smaller"
-            )
+            self._refuse(n, int((per_set - n_free).max()))
         at = _positions(placed)  # placed misses, in set order
         way = way_order.view(-1).index_select(
             0, group.index_select(0, at) * W + rank.index_select(0, at)
         )
         slots = cached.clone()
         slots.index_copy_(0, miss.index_select(0, at), miss_sets.index_select(0, at) * W + way)
-        # The fills in ascending id order (the fast order for reading the tier below): the
-        # newly placed positions, in position order.
+        return self._planned(ids, slots, hit)
+
+    def _refuse(self, n: int, short: int) -> None:
+        """Raises the :class:`CapacityError` of a strict plan of ``n`` ids of which up to
+        ``short`` in one set find no evictable way."""
+        raise CapacityError(
+            f"the batch needs {n} unique rows in a cache of {self.capacity} rows "
+            f"({self.sets} sets x {self.ways} ways) but up to {short} of them find no "
+            "evictable way in their set: make host_rows larger or the batch smaller"
+        )
+
+    def _planned(self, ids: torch.Tensor, slots: torch.Tensor, hit: torch.Tensor) -> Lookup:
+        """The plan with each id's slot after the step and whether it hit: its fills in
+        ascending id order (the fast order for reading the tier below: the newly placed
+        positions, in position order) and what each evicts."""
         fill = _positions((slots >= 0) & ~hit)
         fill_slots = slots.index_select(0, fill)
         victim_ids = by_slot(self.tags).index_select(0, fill_slots)

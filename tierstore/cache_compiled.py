@@ -55,8 +55,11 @@ from . import cache as cache_module
 from . import compiled as _compiled
 from . import stats as st
 from .cache import EMPTY, Lookup, SetAssociativeCache
+from .cache_plan import plan_slots
 from .compiled import NumbaError, compiled, prefetch
 from .hashing import mix64_compiled as _mix64  # splitmix64's finalizer (hashing.mix64)
+from .hashing import reduce_range_compiled as _reduce_range
+from .hashing import set_index_compiled as _set_of
 from .policy import CompiledScore
 
 _EMPTY = np.int64(EMPTY)  # a constant the compiled loops can read
@@ -71,19 +74,6 @@ _NO_INDEX = np.empty(0, np.int32)  # stands for the slot index of a cache that k
 # loop's own reads come too late to overlap enough of them.
 _IDS_AHEAD = 64
 _MISSES_AHEAD = 16
-
-
-# ------------------------------------------------------------------------------- hashing
-@compiled
-def _reduce_range(h, n):
-    """hashing.reduce_range of a uint64 hash onto ``[0, n)``, as int64."""
-    return np.int64(((h >> np.uint64(32)) * np.uint64(n)) >> np.uint64(32))
-
-
-@compiled
-def _set_of(row, sets):
-    """hashing.set_index of one int64 row id."""
-    return _reduce_range(_mix64(np.uint64(row)), sets)
 
 
 # --------------------------------------------------------------------------- 1. sketch
@@ -532,6 +522,27 @@ class CompiledCache(SetAssociativeCache):
             return super().lookup(ids, counts, strict)
         self.step += 1
         return Lookup(ids, *(torch.from_numpy(a) for a in out))
+
+    def plan(self, ids: torch.Tensor, strict: bool = False) -> Lookup:
+        """:meth:`SetAssociativeCache.plan` in compiled loops (``cache_plan.py``, any policy)
+        for int64 ids on the CPU; else, or where numba cannot compile them, the torch plan."""
+        usable = cache_module.COMPILED_STEP and _compiles[0] and self.device.type == "cpu"
+        if not (usable and ids.dtype == torch.int64 and ids.dim() == 1 and not ids.is_cuda):
+            return super().plan(ids, strict)
+        ids_np = np.ascontiguousarray(ids.numpy())
+        slot_of = self._checked_index(ids_np)
+        slots, hit = np.empty(ids_np.size, np.int64), np.empty(ids_np.size, np.bool_)
+        state = _flat(self.tags), _flat(self.stamps), _flat(self.locks)
+        try:
+            short = plan_slots(ids_np, slot_of, *state, self.sets, self.ways, slots, hit)
+        except NumbaError as e:  # raised while compiling, before anything ran
+            _compiles[0] = False
+            msg = f"numba cannot compile the cache's plan, using the torch plan: {e}"
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+            return super().plan(ids, strict)
+        if strict and short > 0:
+            self._refuse(ids_np.size, int(short))
+        return self._planned(ids, torch.from_numpy(slots), torch.from_numpy(hit))
 
     def score(self, ids: np.ndarray, counts: np.ndarray) -> Scored:
         """The part of the step that reads and writes only the sketch, for the unique ``ids``

@@ -135,6 +135,18 @@ def mix64_compiled(x):
 
 
 @compiled
+def reduce_range_compiled(h, n):
+    """:func:`reduce_range` of one uint64 hash onto ``[0, n)``, as int64, compiled."""
+    return np.int64(((h >> np.uint64(32)) * np.uint64(n)) >> np.uint64(32))
+
+
+@compiled
+def set_index_compiled(row, sets):
+    """:func:`set_index` of one int64 row id, compiled."""
+    return reduce_range_compiled(mix64_compiled(np.uint64(row)), sets)
+
+
+@compiled
 def _fill_weights(ids, out, key, scale):
     """``out[i, j]`` = the initial weight of row ``ids[i]``, column ``j`` (``ids`` int64,
     ``out`` float32 ``(len(ids), dim)``): :func:`initial_weights`' formula, element for

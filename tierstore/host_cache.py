@@ -64,7 +64,7 @@ class HostCache:
         self, ssd: SSDTier, host_rows: int, ways: int, policy, pin: bool, l1_rows: int = 0
     ):
         self.ssd = ssd
-        # its release compiled where numba is installed (plan and commit are the torch step)
+        # its plan and release compiled where numba is installed (commit is the torch step)
         self.cache = CompiledCache(host_rows, ways, policy, "cpu")
         self.data = allocate_rows(self.cache.capacity, ssd.row_width, pin, "the host tier (L2)")
         self.row_bytes = 4 * ssd.row_width
