@@ -2,13 +2,14 @@
 
 This is the specification (and the CPU's L1 where numba is missing): torch ops, vectorised, no
 Python loop per id.
+
 L1 is one class per backend, each a subclass of this one that must end every step in the same
 tags, scores, dirty bits, locks and counters: ``CudaCache`` (``tierstore/cuda_cache.py``) keeps
 the state in HBM and steps it with kernels; ``CompiledCache`` (``tierstore/cache_compiled.py``),
-the CPU's L1 where numba is installed, steps it with compiled loops (the same work in a few
-passes rather than some thirty), which ``tests/test_cache_compiled.py`` checks equal to the
-torch step, state and ``Lookup`` bit for bit. This module imports neither;
-``COMPILED_STEP = False`` keeps every ``CompiledCache`` on the torch step.
+the CPU's L1 where numba is installed, steps and plans with compiled loops (the same work in a
+few passes rather than some thirty), which ``tests/test_cache_compiled.py`` checks equal to the
+torch step and plan, state and ``Lookup`` bit for bit. This module imports neither;
+``COMPILED_STEP = False`` keeps every ``CompiledCache`` on the torch code.
 
 State, per set and way (``S`` sets x ``W`` ways):
     tags    (S, W) int64   row id held by the way, ``EMPTY`` when none
