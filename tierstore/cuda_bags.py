@@ -157,7 +157,7 @@ def backward(
         # that updates it, in its way record (kernels/backward.cu): the release leaves L1 alone
         # ... unless a later batch's lookup may be choosing victims on the prefetch stream beside
         # this update (pipeline.py): then the locks stay until it is done (the release below)
-        unlock = batch.holds and not store.side_pending
+        unlock = batch.l1_locked and not store.side_pending
         rows = (batch.slots, addresses, *kernel_l1(store), l2, store.l1.way_state, unlock, width,
                 dim)  # fmt: skip
         chunks = (n + group - 1) // group
@@ -188,7 +188,8 @@ def backward(
         )
         main.wait_stream(side)  # partial and the batch's buffers are freed on main: after this
         store.join_side()  # later lookups' fills are done before the refresh reads L1's tags
-        batch.l1_released = unlock
+        if unlock:  # the kernels let the locks go: release leaves L1 alone
+            batch.l1_locked = False
         mark_written(store, batch)
         if store.l1.step != batch.lookup_number:  # another batch's fills may hold stale copies
             refresh_conflicts(store, batch, l2)

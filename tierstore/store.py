@@ -132,9 +132,10 @@ class Batch:
     # U as a (1,) int32 device tensor where the step kept it there (no host sync): then ids,
     # slots and addresses are buffers of n entries, the first U used. None: exactly U.
     count: torch.Tensor | None = None
-    holds: bool = True  # whether the lookup locked the rows in L1 (an EVAL one may not)
-    # Whether the backward's kernels unlocked them in L1 already: release leaves L1 alone
-    l1_released: bool = False
+    # Whether the batch still holds its rows' locks in L1: False for a lookup that took none
+    # (an EVAL one may not), and once they are let go, by release or by the backward's kernels
+    # (which unlock each row they update); one flag, so that the locks are let go once
+    l1_locked: bool = True
     # L1's step number just after this batch's lookup (each lookup is one step): where it is
     # still that at the backward, no other batch can have filled a conflict miss of this one
     # into L1 since
@@ -317,7 +318,7 @@ class TieredStore:
         self.backend.move_rows(self, found, addresses)
         holds = getattr(found, "holds", True)
         return Batch(ids, step.inverse, found.slots, addresses, transpose=step.transpose,
-                     count=count, holds=holds, lookup_number=self.l1.step)  # fmt: skip
+                     count=count, l1_locked=holds, lookup_number=self.l1.step)  # fmt: skip
 
     @property
     def reads_ahead(self) -> bool:
@@ -395,7 +396,8 @@ class TieredStore:
             return
         batch.released = True
         self.join_side()  # a later batch's lookup may still be choosing victims beside us
-        if batch.holds and not batch.l1_released:  # else no L1 locks are left to release
+        if batch.l1_locked:  # else no L1 locks are left to release
+            batch.l1_locked = False
             if batch.count is None:
                 self.l1.release(batch.slots)
             else:
