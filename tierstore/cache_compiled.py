@@ -527,7 +527,7 @@ class CompiledCache(SetAssociativeCache):
         """:meth:`SetAssociativeCache.plan` in compiled loops (``cache_plan.py``, any policy)
         for int64 ids on the CPU; else, or where numba cannot compile them, the torch plan."""
         usable = cache_module.COMPILED_STEP and _compiles[0] and self.device.type == "cpu"
-        if not (usable and ids.dtype == torch.int64 and ids.dim() == 1 and not ids.is_cuda):
+        if not usable or ids.device.type != "cpu" or ids.dtype != torch.int64 or ids.dim() != 1:
             return super().plan(ids, strict)
         ids_np = np.ascontiguousarray(ids.numpy())
         slot_of = self._checked_index(ids_np)
