@@ -55,7 +55,7 @@ from . import cache as cache_module
 from . import compiled as _compiled
 from . import stats as st
 from .cache import EMPTY, Lookup, SetAssociativeCache
-from .cache_plan import plan_slots
+from .cache_plan import IDS_AHEAD, MISSES_AHEAD, group_by_set, plan_slots
 from .compiled import NumbaError, compiled, prefetch
 from .hashing import mix64_compiled as _mix64  # splitmix64's finalizer (hashing.mix64)
 from .hashing import reduce_range_compiled as _reduce_range
@@ -66,14 +66,7 @@ _EMPTY = np.int64(EMPTY)  # a constant the compiled loops can read
 _LOW32 = np.int64(0xFFFFFFFF)
 _TAKEN = np.int64((1 << 63) - 1)  # above every packed victim key: a way that is no choice
 _PACKED_MAX = np.int64((1 << 57) - 3)  # keys in [-1, this] pack with a way below _TAKEN
-# A counting sort of the misses by set costs a pass over the sets: worth it unless the sets
-# outnumber the misses by more than this (then a sort of packed keys is cheaper).
-_SETS_PER_MISS = 8
 _NO_INDEX = np.empty(0, np.int32)  # stands for the slot index of a cache that keeps none
-# Prefetch distances: the passes read memory at random (the sketch, the ways of a set), and a
-# loop's own reads come too late to overlap enough of them.
-_IDS_AHEAD = 64
-_MISSES_AHEAD = 16
 
 
 # --------------------------------------------------------------------------- 1. sketch
@@ -103,12 +96,12 @@ def _sketch_step(ids, counts, sketch_state):
         row = sketch[d]
         _sketch_cells(ids, salts[d], width, cells)
         for i in range(n):
-            if i + _IDS_AHEAD < n:
-                prefetch(row, cells[i + _IDS_AHEAD])
+            if i + IDS_AHEAD < n:
+                prefetch(row, cells[i + IDS_AHEAD])
             row[cells[i]] += np.int32(counts[i])
         for i in range(n):
-            if i + _IDS_AHEAD < n:
-                prefetch(row, cells[i + _IDS_AHEAD])
+            if i + IDS_AHEAD < n:
+                prefetch(row, cells[i + IDS_AHEAD])
             least[i] = min(least[i], row[cells[i]])
     added = np.int64(0)
     for i in range(n):
@@ -134,10 +127,10 @@ def _find_and_lock(ids, slot_of, state, sets, ways, scores, slots, miss_pos, mis
     indexed = slot_of.size > 0
     n_miss = 0
     for i in range(ids.size):
-        if indexed and i + 2 * _IDS_AHEAD < ids.size:  # the index entry, for the line below
-            prefetch(slot_of, ids[i + 2 * _IDS_AHEAD])
-        if i + _IDS_AHEAD < ids.size:  # the lock and score of a hit, or the tags of a set
-            ahead = ids[i + _IDS_AHEAD]
+        if indexed and i + 2 * IDS_AHEAD < ids.size:  # the index entry, for the line below
+            prefetch(slot_of, ids[i + 2 * IDS_AHEAD])
+        if i + IDS_AHEAD < ids.size:  # the lock and score of a hit, or the tags of a set
+            ahead = ids[i + IDS_AHEAD]
             if indexed:
                 prefetch(locks, slot_of[ahead])  # -1 (a miss) is a harmless address
                 prefetch(stamps, slot_of[ahead])
@@ -166,42 +159,6 @@ def _find_and_lock(ids, slot_of, state, sets, ways, scores, slots, miss_pos, mis
             miss_set[n_miss] = _set_of(row, sets) if indexed else s
             n_miss += 1
     return n_miss
-
-
-# ---------------------------------------------------------------------- 3. group by set
-@compiled
-def _group_by_counting(miss_pos, miss_set, sets):
-    """The misses as keys ``set * 2**32 + position`` in ascending order, by a counting sort
-    over the sets (stable: positions already ascend)."""
-    start = np.zeros(sets + 1, np.int64)
-    for s in miss_set:
-        start[s + 1] += 1
-    for s in range(sets):
-        start[s + 1] += start[s]
-    grouped = np.empty(miss_set.size, np.int64)
-    for k in range(miss_set.size):
-        s = miss_set[k]
-        grouped[start[s]] = (s << 32) | miss_pos[k]
-        start[s] += 1
-    return grouped
-
-
-@compiled
-def _group_by_sorting(miss_pos, miss_set):
-    """As :func:`_group_by_counting`, by sorting the keys (distinct: sets are below 2**31,
-    positions below 2**32)."""
-    grouped = (miss_set << 32) | miss_pos
-    grouped.sort()
-    return grouped
-
-
-@compiled
-def _group_by_set(miss_pos, miss_set, sets):
-    """The misses grouped by set, ascending positions within a set, as keys ``set * 2**32 +
-    position`` in ascending order, by the cheaper method."""
-    if sets <= _SETS_PER_MISS * miss_set.size:
-        return _group_by_counting(miss_pos, miss_set, sets)
-    return _group_by_sorting(miss_pos, miss_set)
 
 
 # ----------------------------------------------------------------------- 4. victims, fills
@@ -233,8 +190,8 @@ def _least_pair(tags, stamps, locks, base, ways):
 @compiled
 def _fill_sets(grouped, ids, state, ways, scores, slots, fill_at):
     """Per touched set, fills its evictable ways with its misses (``grouped``, see
-    :func:`_group_by_set`) in ascending position order: the ways unlocked (this step's hits
-    are locked already), ranked by key (-1 when empty, else the score), ties by way index. A
+    ``cache_plan.group_by_set``) in ascending position order: the ways unlocked (this step's
+    hits are locked already), ranked by key (-1 when empty, else the score), ties by way index. A
     miss beyond them stays a conflict miss (slot -1). Each fill notes its victim and whether it
     must be written back (at its position in ``fill_at``), then the way takes the row's tag, a
     clean bit, a lock and its score. Returns the number of fills."""
@@ -247,8 +204,8 @@ def _fill_sets(grouped, ids, state, ways, scores, slots, fill_at):
     placed = 0
     g = 0
     while g < grouped.size:
-        if g + _MISSES_AHEAD < grouped.size:  # the ways of a set some misses ahead
-            first = (grouped[g + _MISSES_AHEAD] >> 32) * ways
+        if g + MISSES_AHEAD < grouped.size:  # the ways of a set some misses ahead
+            first = (grouped[g + MISSES_AHEAD] >> 32) * ways
             for way in range(first, first + ways, 8):  # 8 tags or scores, 16 locks a line
                 prefetch(tags, way)
                 prefetch(stamps, way)
@@ -294,8 +251,8 @@ def _fill_sets(grouped, ids, state, ways, scores, slots, fill_at):
                 keys[way] = _TAKEN
             else:
                 way = _least_pair(tags, stamps, locks, base, ways)
-            if g + r + _IDS_AHEAD < grouped.size:  # a big batch's arrays outgrow the caches
-                ahead = grouped[g + r + _IDS_AHEAD] & _LOW32
+            if g + r + IDS_AHEAD < grouped.size:  # a big batch's arrays outgrow the caches
+                ahead = grouped[g + r + IDS_AHEAD] & _LOW32
                 prefetch(ids, ahead)
                 prefetch(scores, ahead)
                 prefetch(slots, ahead)
@@ -331,8 +288,8 @@ def _list_fills(ids, miss_pos, n_fill, slots, fill_at, slot_of):
     victim_dirty = np.empty(n_fill, np.bool_)
     f = 0
     for k in range(miss_pos.size):
-        if indexed and k + _IDS_AHEAD < miss_pos.size:  # the entries of both rows
-            ahead = miss_pos[k + _IDS_AHEAD]
+        if indexed and k + IDS_AHEAD < miss_pos.size:  # the entries of both rows
+            ahead = miss_pos[k + IDS_AHEAD]
             prefetch(slot_of, ids[ahead])
             if slots[ahead] >= 0 and victim_at[ahead] != _EMPTY:  # (a conflict's: unwritten)
                 prefetch(slot_of, victim_at[ahead])
@@ -393,7 +350,7 @@ def _place(ids, counts, scores, aged, slot_of, state, counters, sets, ways):
     n_miss = _find_and_lock(ids, slot_of, state, sets, ways, scores, slots, miss_pos, miss_set)
     hit = slots >= 0
     miss_pos, miss_set = miss_pos[:n_miss], miss_set[:n_miss]
-    grouped = _group_by_set(miss_pos, miss_set, sets)
+    grouped = group_by_set(miss_pos, miss_set, sets)
     fill_at = np.empty(n, np.int64), np.empty(n, np.bool_)  # victims by position
     n_fill = _fill_sets(grouped, ids, state, ways, scores, slots, fill_at)
     fills = _list_fills(ids, miss_pos, n_fill, slots, fill_at, slot_of)
