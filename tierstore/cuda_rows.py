@@ -79,7 +79,7 @@ def victim_order(store, found) -> torch.Tensor:
     slots = found.fill_slots_buffer.clamp(0, store.l1_home.numel() - 1)  # unused: garbage
     bits = max(store.host.data.shape[0], 1).bit_length()  # (1 << bits) - 1: past every row
     keys = torch.where(dirty, store.l1_home[slots], (1 << bits) - 1)
-    if bits <= 31:
+    if keys.is_cuda and bits <= 31:  # the ids' bits alone (kernels/sort.cu), else torch's
         return radix_sort(keys, bits)[1]
     return torch.sort(keys, stable=True).indices.to(torch.int32)
 

@@ -1,0 +1,70 @@
+"""``cuda_rows.victim_order``, the order in which ``move_rows`` writes dirty victims back: their
+L2 addresses ascending (a kernel's writes over PCIe run 2.3x faster so), against a brute-force
+ordering, on the CPU (torch's stable sort) and on CUDA (the radix sort of kernels/sort.cu)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tierstore.cuda_rows import victim_order
+
+
+def fake_step(n: int, fills: int, l2_rows: int, seed: int, device: str):
+    """A store and a cache step's fill buffers of ``n`` entries, the first ``fills`` used: each
+    fill's slot (distinct), each slot's L2 home (distinct rows of ``l2_rows``), random dirty
+    bits, and garbage past ``fills`` as a sync-free step leaves it."""
+    g = torch.Generator().manual_seed(seed)
+    capacity = n + 3
+    l1_home = torch.randperm(l2_rows, generator=g)[:capacity]
+    slots = torch.randperm(capacity, generator=g)[:n]
+    slots[fills:] = torch.randint(-(1 << 40), 1 << 40, (n - fills,), generator=g)
+    dirty = torch.randint(0, 2, (n,), generator=g).bool()
+    store = SimpleNamespace(
+        device=torch.device(device),
+        l1_home=l1_home.to(device),
+        host=SimpleNamespace(data=torch.empty(l2_rows, 0)),
+    )
+    found = SimpleNamespace(
+        fill_slots_buffer=slots.to(device),
+        victim_dirty_buffer=dirty.to(device),
+        n_fill=torch.tensor([fills], dtype=torch.int32, device=device),
+    )
+    return store, found, l1_home, slots, dirty
+
+
+def expected_order(fills: int, l1_home, slots, dirty) -> list[int]:
+    """The used fills with a dirty victim by their victim's home, then every other entry in
+    position order."""
+    n = slots.numel()
+    written = [f for f in range(fills) if dirty[f]]
+    written.sort(key=lambda f: int(l1_home[slots[f]]))
+    first = set(written)
+    return written + [f for f in range(n) if f not in first]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 300),
+    share=st.floats(0, 1),
+    l2_rows=st.sampled_from([400, 1000, 1 << 20]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_dirty_victims_go_back_in_address_order(n, share, l2_rows, seed):
+    fills = int(share * n)
+    store, found, l1_home, slots, dirty = fake_step(n, fills, l2_rows, seed, "cpu")
+    got = victim_order(store, found)
+    assert got.dtype == torch.int32
+    assert got.tolist() == expected_order(fills, l1_home, slots, dirty)
+
+
+@pytest.mark.gpu
+def test_the_device_radix_sort_gives_the_same_order():
+    for seed, (n, fills) in enumerate([(1, 1), (300, 200), (5000, 4999), (70_000, 30_000)]):
+        store, found, l1_home, slots, dirty = fake_step(n, fills, 1 << 20, seed, "cuda")
+        got = victim_order(store, found).cpu()
+        assert got.tolist() == expected_order(fills, l1_home, slots, dirty)
