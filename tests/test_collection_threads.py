@@ -18,7 +18,7 @@ import time
 
 import pytest
 import torch
-from test_threads import assert_no_batch_locks, run_threads
+from test_threads import assert_no_batch_locks, held_on_another_thread, run_threads
 
 import tierstore as ts
 
@@ -180,17 +180,23 @@ def test_two_threads_training_equals_a_serial_run(config, tmp_path):
     col.close()
 
 
+def serial_rows(run: list, tmp_path, optimizer) -> list:
+    """The rows of every table after ``run`` trained on one thread (an SSD-tier collection)."""
+    serial = make_collection("ssd", tmp_path, optimizer, "serial")
+    for b, grad in run:
+        serial(**b).values().backward(grad)
+    want = all_rows(serial)
+    serial.close()
+    return want
+
+
 def test_backward_on_another_thread_while_forwards_go_on(tmp_path):
     """Forwards on one thread, their backwards (one per group, each taking the lock) on
     another, two batches in flight: no deadlock, and the rows of a serial run up to the order
     in which floats were summed (a forward may read rows before or after an earlier batch's
     update; SGD's update does not depend on them)."""
     run = random_batches(30, 20, None)
-    serial = make_collection("ssd", tmp_path, ts.SGD(0.5), "serial")
-    for b, grad in run:
-        serial(**b).values().backward(grad)
-    want = all_rows(serial)
-    serial.close()
+    want = serial_rows(run, tmp_path, ts.SGD(0.5))
     col = make_collection("ssd", tmp_path, ts.SGD(0.5), "split")
     outputs: list = []
     ready, room = threading.Semaphore(0), threading.Semaphore(2)
@@ -224,21 +230,10 @@ def test_graph_freed_while_another_thread_holds_the_collection():
     b, _ = random_batches(40, 1, None)[0]
     out = col(**b)
     assert all(int(g.store.l1.locks.count_nonzero()) > 0 for g in col.groups)
-    holding, done = threading.Event(), threading.Event()
-
-    def hold():
-        with col._lock:
-            holding.set()
-            done.wait(timeout=60)
-
-    holder = threading.Thread(target=hold)
-    holder.start()
-    assert holding.wait(timeout=60)
-    del out  # the finalizers run here, on this thread, and must not block
-    assert all(int(g.store.l1.locks.count_nonzero()) > 0 for g in col.groups)
-    assert len(col._deferred_releases) == len(col.groups)
-    done.set()
-    holder.join(timeout=60)
+    with held_on_another_thread(col._lock):
+        del out  # the finalizers run here, on this thread, and must not block
+        assert all(int(g.store.l1.locks.count_nonzero()) > 0 for g in col.groups)
+        assert len(col._deferred_releases) == len(col.groups)
     col.stats()  # the next call releases them
     assert not col._deferred_releases
     assert_unlocked(col)
@@ -248,11 +243,7 @@ def test_flush_stats_and_reads_beside_training(tmp_path):
     """One thread trains while another flushes, reads rows and stats: training ends with the
     serial run's rows, and the collection reopened from disk holds them."""
     run = random_batches(50, 20, None)
-    serial = make_collection("ssd", tmp_path, ts.Adagrad(0.1), "serial")
-    for b, grad in run:
-        serial(**b).values().backward(grad)
-    want = all_rows(serial)
-    serial.close()
+    want = serial_rows(run, tmp_path, ts.Adagrad(0.1))
     col = make_collection("ssd", tmp_path, ts.Adagrad(0.1), "busy")
     finished = threading.Event()
     seen = []

@@ -10,6 +10,7 @@ may be left held in L1 or L2 afterwards.
 from __future__ import annotations
 
 import threading
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -64,6 +65,27 @@ def run_threads(work, count: int = 2) -> None:
     if errors:
         raise errors[0]
     assert not any(t.is_alive() for t in threads), "a thread did not finish: deadlock"
+
+
+@contextmanager
+def held_on_another_thread(lock):
+    """``lock`` taken by another thread for the duration of the block (entered once it holds
+    it), as a call of the table on another thread holds the table's lock."""
+    holding, done = threading.Event(), threading.Event()
+
+    def hold():
+        with lock:
+            holding.set()
+            done.wait(timeout=60)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert holding.wait(timeout=60)
+    try:
+        yield
+    finally:
+        done.set()
+        holder.join(timeout=60)
 
 
 def assert_no_batch_locks(emb) -> None:
@@ -178,20 +200,9 @@ def test_graph_freed_while_another_thread_holds_the_table():
     idx, offs, _ = random_batches(40, 1, torch.arange(N))[0]
     out = emb(idx, offs)
     assert int(emb.store.l1.locks.count_nonzero()) > 0  # the batch waits for its backward
-    holding, done = threading.Event(), threading.Event()
-
-    def hold():
-        with emb._lock:
-            holding.set()
-            done.wait(timeout=60)
-
-    holder = threading.Thread(target=hold)
-    holder.start()
-    holding.wait(timeout=60)
-    del out  # the finalizer runs here, on this thread, and must not block
-    assert int(emb.store.l1.locks.count_nonzero()) > 0
-    done.set()
-    holder.join(timeout=60)
+    with held_on_another_thread(emb._lock):
+        del out  # the finalizer runs here, on this thread, and must not block
+        assert int(emb.store.l1.locks.count_nonzero()) > 0
     emb.stats()  # the next call releases it
     assert_no_batch_locks(emb)
 
