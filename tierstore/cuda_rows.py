@@ -104,11 +104,12 @@ def move_rows(store, found, addresses: torch.Tensor) -> None:
     # a never-written row's fill is computed from its id where L2 maps its written rows
     rows = _MOVE_ROWS[vec4]
     fn = "move_rows_vec4" if vec4 else "move_rows_scalar"
-    for writes_back in (True, False):
-        args = (found.fill_index_buffer, found.fill_slots_buffer, found.victim_dirty_buffer,
-                found.n_fill, order, writes_back, int64_on(addresses, dev), *l1, store.l1_home,
-                l2, dim, width, store.l2_written, seed_key(store.seed), float(store.init_scale),
-                float(store.layout.initial_state))  # fmt: skip
+    fills = (found.fill_index_buffer, found.fill_slots_buffer, found.victim_dirty_buffer,
+             found.n_fill, order)  # fmt: skip
+    init = (seed_key(store.seed), float(store.init_scale), float(store.layout.initial_state))
+    rest = (int64_on(addresses, dev), *l1, store.l1_home, l2, dim, width, store.l2_written, *init)
+    for writes_back in (True, False):  # every writeback before the first fill
+        args = (*fills, writes_back, *rest)
         run_kernel("insert.cu", fn, dev, (n + rows - 1) // rows, args, per_warp=True)
 
 
