@@ -15,10 +15,9 @@ import torch
 
 from . import cpu
 from .cuda_launch import cuda_device, int64_on, run_kernel
-from .cuda_rows import kernel_l1, kernel_l2, mark_written, note_l2_written, refresh_conflicts
+from .cuda_rows import kernel_l1, kernel_l2, mark_written, refresh_conflicts
 from .cuda_unique import radix_sort, scan_sorted
 from .errors import FallbackWarning
-from .host import HostTable
 from .optim import Optimizer
 
 REGISTER_COLUMNS = (1, 2, 4, 8, 16)  # backward kernels hold G * K weights of a row per G lanes
@@ -193,8 +192,7 @@ def backward(
         mark_written(store, batch)
         if store.l1.step != batch.lookup_number:  # another batch's fills may hold stale copies
             refresh_conflicts(store, batch, l2)
-        if batch.slots.numel() and not isinstance(store.host, HostTable):
-            note_l2_written(store, addresses, batch.slots < 0)
+        store.conflicts_updated(batch)
     return weight_grad
 
 

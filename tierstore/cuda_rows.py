@@ -14,7 +14,6 @@ from .cuda_cache import DeviceLookup
 from .cuda_launch import int64_on, run_kernel
 from .cuda_unique import radix_sort
 from .hashing import seed_key
-from .host import HostTable
 
 _MOVE_ROWS = {True: 8, False: 4}  # rows per warp of move_rows_vec4 / move_rows_scalar
 
@@ -31,18 +30,6 @@ def kernel_l1(store) -> tuple:
     0 where rows have no state)."""
     pitch = store.l1_state.stride(0) if store.layout.state_width else 0
     return store.l1_weights, store.l1_state, pitch
-
-
-def note_l2_written(store, addresses: torch.Tensor, where: torch.Tensor | None = None) -> None:
-    """Tells an L2 that tracks dirty rows (the SSD tier's host cache) that kernels wrote the rows
-    at ``addresses[where]``; the full host table tracks nothing. (The CPU backend does this
-    through ``host.write``.) Reads the addresses to the host: only on the SSD tier's path."""
-    host = store.host
-    if isinstance(host, HostTable):
-        return
-    if where is not None:
-        addresses = addresses[where]
-    host.mark_dirty(addresses)
 
 
 def mark_written(store, batch) -> None:
@@ -94,9 +81,6 @@ def move_rows(store, found, addresses: torch.Tensor) -> None:
         return cpu.move_rows(store, found, addresses)
     dev = store.device
     n = found.ids.numel()
-    if not isinstance(store.host, HostTable):  # dirty victims dirty their L2 rows
-        t = found.trimmed()
-        note_l2_written(store, store.l1_home[t.fill_slots[t.victim_dirty]])
     dim, width = store.layout.dim, store.layout.width
     l1 = kernel_l1(store)
     vec4 = width % 4 == 0 and dim % 4 == 0 and l1[2] % 4 == 0  # every part 16-byte aligned
@@ -143,5 +127,4 @@ def scatter(store, batch, rows: torch.Tensor) -> None:
     run_kernel("rows.cu", "scatter_rows", dev, n, args, per_warp=True)
     mark_written(store, batch)
     refresh_conflicts(store, batch, l2)
-    if n and not isinstance(store.host, HostTable):
-        note_l2_written(store, batch.addresses, batch.slots < 0)
+    store.conflicts_updated(batch)

@@ -140,6 +140,11 @@ class Batch:
     # still that at the backward, no other batch can have filled a conflict miss of this one
     # into L1 since
     lookup_number: int = 0
+    # An L2 over an SSD tier keeps its state on the host: there, the batch's L2 addresses and
+    # those of its conflict misses (rows the backward updates in L2 in place), read with the
+    # cache step's decisions (L2Record), so that the backward and the release read no device
+    l2_held: torch.Tensor | None = None
+    l2_conflicts: torch.Tensor | None = None
 
     @property
     def inverse(self) -> torch.Tensor:
@@ -157,6 +162,56 @@ class Batch:
         u = int(self.count[0])
         return replace(self, ids=self.ids[:u], slots=self.slots[:u],
                        addresses=self.addresses[:u], count=None)  # fmt: skip
+
+
+class L2Record:
+    """What an L2 that is inclusive of L1 (over an SSD tier) needs of an L1 cache step, copied
+    to the host in one read queued before the step's row moves (which change ``l1_home``):
+    the fills' positions, their victims' L2 addresses and whether each victim was a row and
+    dirty, and which of the batch's rows are conflict misses. On CUDA the host waits for that
+    copy only after the moves are queued (:meth:`apply`).
+
+    Shapes: ``F`` fills (a buffer of ``U`` on the device), ``U`` unique rows.
+    """
+
+    def __init__(self, packed: torch.Tensor, fills: int, ready: torch.cuda.Event | None):
+        self.packed, self.fills, self.ready = packed, fills, ready
+
+    @classmethod
+    def read(cls, store: TieredStore, found) -> L2Record:
+        """Queues the copy of ``found``'s decisions (a ``Lookup`` or a ``DeviceLookup``)."""
+        if hasattr(found, "n_fill"):  # the device's step: buffers, the first n_fill used
+            index, slots = found.fill_index_buffer, found.fill_slots_buffer
+            victims, dirty, used = found.victim_ids_buffer, found.victim_dirty_buffer, found.n_fill
+        else:
+            index, slots, victims, dirty = (found.fill_index, found.fill_slots, found.victim_ids,
+                                            found.victim_dirty)  # fmt: skip
+            used = torch.full((1,), index.numel(), device=index.device)
+        homes = store.l1_home[slots.clamp(0, store.l1_home.numel() - 1)]  # (unused: garbage)
+        kind = (victims != EMPTY).long() + 2 * dirty.long()  # 1: a row left, 3: a dirty one
+        parts = (index, homes, kind, (found.slots < 0).long(), used.long())
+        packed = torch.cat([p.to(store.l1_home.device) for p in parts])
+        if not packed.is_cuda:
+            return cls(packed, index.numel(), None)
+        staged = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+        staged.copy_(packed, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return cls(staged, index.numel(), ready)
+
+    def apply(self, host: HostTier, held: torch.Tensor) -> torch.Tensor:
+        """Unpins the victims' L2 rows, pins the fills' (``held``: the batch's L2 addresses
+        on the host) and marks the dirty victims' rows, which the moves write back, dirty.
+        Returns the host addresses of the batch's conflict misses."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        f, p = self.fills, self.packed
+        used = int(p[-1])
+        index, homes, kind = p[:used], p[f : f + used], p[2 * f : 2 * f + used]
+        host.unpin(homes[kind != 0])
+        host.pin(held[index])
+        host.mark_dirty(homes[kind == 3])
+        return held[p[3 * f : -1] != 0]
 
 
 class TieredStore:
@@ -301,24 +356,27 @@ class TieredStore:
         :meth:`read_ahead`, whose rows L2 takes instead of reading them from L3 again."""
         ids, count = step.ids, step.count
         hold = mode.backward  # an EVAL batch is released before any other lookup: no locks
-        try:
-            addresses = self.host.acquire(ids, ahead)  # which takes the read ahead
+        try:  # an L2 over an SSD tier works on the host: it gets the ids there, once
+            held = self.host.acquire(ids.cpu() if self.inclusive_host else ids, ahead)
         except BaseException:
             self.host.drop_read_ahead(ahead)  # its batch refused before taking it
             raise
+        addresses = held
+        if held.device != self.device:  # from page-locked memory: the host does not wait
+            addresses = held.pin_memory().to(self.device, non_blocking=True)
         if count is None:
             found = self.backend.lookup(self.l1, ids, step.counts, hold=hold)
         else:
             found = self.backend.lookup(self.l1, ids, step.counts, count, hold)
         self.count_step(step, found)
-        if self.inclusive_host:  # L2 keeps what L1 holds: move the pins with the rows
-            evicted = found.victim_ids != EMPTY
-            self.host.unpin(self.l1_home[found.fill_slots[evicted]])
-            self.host.pin(addresses[found.fill_index])
+        decided = L2Record.read(self, found) if self.inclusive_host else None
         self.backend.move_rows(self, found, addresses)
-        holds = getattr(found, "holds", True)
-        return Batch(ids, step.inverse, found.slots, addresses, transpose=step.transpose,
-                     count=count, l1_locked=holds, lookup_number=self.l1.step)  # fmt: skip
+        batch = Batch(ids, step.inverse, found.slots, addresses, transpose=step.transpose,
+                      count=count, l1_locked=getattr(found, "holds", True),
+                      lookup_number=self.l1.step)  # fmt: skip
+        if decided is not None:  # L2 keeps what L1 holds: the pins move with the rows
+            batch.l2_held, batch.l2_conflicts = held, decided.apply(self.host, held)
+        return batch
 
     @property
     def reads_ahead(self) -> bool:
@@ -402,7 +460,13 @@ class TieredStore:
                 self.l1.release(batch.slots)
             else:
                 self.l1.release(batch.slots, batch.count)
-        self.host.release(batch.addresses)
+        self.host.release(batch.addresses if batch.l2_held is None else batch.l2_held)
+
+    def conflicts_updated(self, batch: Batch) -> None:
+        """Kernels updated the batch's conflict misses in L2 in place: an L2 that tracks dirty
+        rows (over an SSD tier) marks them, from the host's copy of their addresses."""
+        if batch.l2_conflicts is not None:
+            self.host.mark_dirty(batch.l2_conflicts)
 
     def flush(self) -> None:
         """Writes every dirty row down to the lowest tier (one transaction with an SSD tier)."""
