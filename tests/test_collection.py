@@ -194,13 +194,19 @@ def test_matches_one_module_per_table(tables, opt, cache_frac, batch_size, weigh
     assert stats.overall.hits + stats.overall.misses == stats.overall.unique
 
 
-def test_uniform_group_is_bitwise_equal():
-    """Tables that pool alike and share one group train bitwise as one module each."""
+@pytest.mark.parametrize("features_per_table", [1, 2])
+def test_uniform_group_is_bitwise_equal(features_per_table):
+    """Tables that pool alike and share one group train bitwise as one module each: with one
+    feature a table, the group's bags are sample-major (its output needs no transposing copy),
+    with two, feature-major."""
     gen = torch.Generator().manual_seed(0)
     tables = [
         ts.TableConfig(
-            name=f"t{i}", embedding_dim=8, num_embeddings=30 + i, feature_names=[f"a{i}", f"b{i}"]
-        )
+            name=f"t{i}",
+            embedding_dim=8,
+            num_embeddings=30 + i,
+            feature_names=[f"a{i}", f"b{i}"][:features_per_table],
+        )  # fmt: skip
         for i in range(3)
     ]
     opt = ts.RowWiseAdagrad(lr=0.1)
@@ -208,6 +214,7 @@ def test_uniform_group_is_bitwise_equal():
         tables, cache=ts.CacheConfig(rows=5, ways=2), optimizer=opt, device="cpu"
     )
     assert len(col.groups) == 1
+    assert col.groups[0].sample_major == (features_per_table == 1)
     refs = reference_modules(tables, opt, cache_rows=3)
     features = [f for t in tables for f in t.feature_names]
     for _ in range(4):

@@ -45,7 +45,7 @@ class PreparedBatch:
 
     batch: JaggedBatch
     position: dict[str, int]  # the input's place of each feature
-    checks: JaggedChecks  # wait() before the first change
+    checks: JaggedChecks | None  # wait() before the first change (None: unchecked, a capture)
     key: tuple[Any, ...] = ()
     grad: tuple[bool, ...] = ()
     # Whether :meth:`FeatureLayout.split` reads the checks (several groups: each group's share
@@ -124,24 +124,31 @@ class FeatureLayout:
             return None
         return torch.tensor(cols, dtype=torch.int64, device=self.device)
 
-    def prepare(self, features, keys, values, lengths, offsets, weights) -> PreparedBatch:
+    def prepare(
+        self, features, keys, values, lengths, offsets, weights, checked: bool = True
+    ) -> PreparedBatch:
         """:meth:`parse` then :meth:`split`."""
-        prep = self.parse(features, keys, values, lengths, offsets, weights)
+        prep = self.parse(features, keys, values, lengths, offsets, weights, checked)
         self.split(prep)
         return prep
 
-    def parse(self, features, keys, values, lengths, offsets, weights) -> PreparedBatch:
+    def parse(
+        self, features, keys, values, lengths, offsets, weights, checked: bool = True
+    ) -> PreparedBatch:
         """The batch checked for form, its value checks started
         (:class:`~tierstore.keyed.JaggedChecks`: their copy to the host is under way, not
         waited for). Bad form raises :class:`InvalidInputError` naming the feature and table,
-        before anything changes."""
+        before anything changes. ``checked=False`` (a step being captured, whose batches
+        ``GraphedStep`` checks at each replay) starts no value checks (``checks`` is None)."""
         batch = parse_jagged(features, keys=keys, values=values, lengths=lengths,
                              offsets=offsets, weights=weights, device=self.device,
                              check_keys=self.match_keys)  # fmt: skip
         position = self.match_keys(batch.keys)
         owners = [self.feature_table[k].name for k in batch.keys]
         limits = [self._limit(t) for t in owners]
-        checks = JaggedChecks(batch, limits, owners, self._limits_on_device(batch.keys, limits))
+        checks = None
+        if checked:
+            checks = JaggedChecks(batch, limits, owners, self._limits_on_device(batch.keys, limits))
         key = batch_key(features, keys, values, lengths, offsets, weights)
         n, bags = batch.values.numel(), batch.lengths.shape[1]
         reads = len(self.groups) > 1 or not (bags or not n)  # (values without bags: refused)
@@ -154,6 +161,8 @@ class FeatureLayout:
         values is sized on the host, so they are read here (raising
         :class:`InvalidInputError` on bad values, before anything changes)."""
         batch, position = prep.batch, prep.position
+        if prep.split_reads and prep.checks is None:  # (a capture: one group, or refused)
+            raise InvalidInputError("GraphedStep: a batch of values in no bag cannot be captured")
         if not prep.split_reads:
             prep.groups = [self._whole_input(self.groups[0], batch, position)]
             return
@@ -237,25 +246,32 @@ class FeatureLayout:
 
     def _finish(self, g: TableGroup, batch: JaggedBatch, src, seg, lengths, n) -> GroupInput:
         """The group's input from ``src`` (where each of its ``n`` values is in the input),
-        ``seg (F_g,)`` (values per group feature) and ``lengths (F_g, B)`` (group order)."""
+        ``seg (F_g,)`` (values per group feature) and ``lengths (F_g, B)`` (group order): its
+        bags feature-major, or sample-major where the group is (``TableGroup.sample_major``)."""
         ids = batch.values[src] + g.feature_base.repeat_interleave(seg, output_size=n)
-        lengths = lengths.reshape(-1)  # (F_g * B,) feature-major
-        offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
         psw = None if batch.weights is None else batch.weights[src]
-        if g.poolings == {"mean"} and psw is None:
-            mode = "mean"
-        elif "mean" not in g.poolings:
-            mode = "sum"
-        else:  # a mean bag as a sum with each id weighted 1/len (times its own weight)
-            mode = "sum"
-            per_bag = torch.where(
-                g.feature_mean.unsqueeze(1),
-                1.0 / lengths.view(len(g.features), batch.batch_size).clamp(min=1).float(),
-                torch.ones((), device=self.device),
-            ).reshape(-1)
-            scale = per_bag.repeat_interleave(lengths, output_size=n)
-            psw = scale if psw is None else psw * scale
+        psw = self._mean_weights(g, batch, lengths, psw, n)
+        mode = "mean" if g.poolings == {"mean"} and psw is None else "sum"
+        if g.sample_major and len(g.features) > 1:
+            at = _sample_major_order(lengths, n)
+            ids, psw, lengths = ids[at], None if psw is None else psw[at], lengths.T
+        lengths = lengths.reshape(-1)
+        offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
         return GroupInput(ids, offsets, psw, mode)
+
+    def _mean_weights(self, g: TableGroup, batch: JaggedBatch, lengths, psw, n):
+        """The weights ``(n,)`` (feature-major) of a group that pools its bags as sums: a group
+        that mixes mean and sum tables, or a mean group given weights, pools a mean bag as a
+        sum with each id weighted ``1 / len`` (times its own weight). Else ``psw`` as given."""
+        if "mean" not in g.poolings or (g.poolings == {"mean"} and psw is None):
+            return psw
+        per_bag = torch.where(
+            g.feature_mean.unsqueeze(1),
+            1.0 / lengths.clamp(min=1).float(),
+            torch.ones((), device=self.device),
+        ).reshape(-1)
+        scale = per_bag.repeat_interleave(lengths.reshape(-1), output_size=n)
+        return scale if psw is None else psw * scale
 
     def row_ids(self, name: str, ids) -> tuple[TableGroup, torch.Tensor]:
         """Table ``name``'s group and its row ids ``ids`` (any shape, int32 or int64) as group
@@ -278,14 +294,30 @@ class FeatureLayout:
 
     def keyed(self, outs: Sequence[torch.Tensor], b: int) -> KeyedTensor:
         """The groups' ``(F_g * B, D_g)`` outputs as one ``(B, sum D)`` tensor in key order: per
-        group one transposing copy, then one column gather where the groups' features
+        group a view where its bags are sample-major, else one transposing copy; then a cat of
+        several groups, and one column gather where the groups' features
         interleave in the key order (a select and a cat per feature would cost a full-size
         gradient per feature in the backward)."""
         parts = [
-            out.view(len(g.features), b, g.dim).transpose(0, 1).reshape(b, len(g.features) * g.dim)
+            out.view(b, len(g.features) * g.dim)
+            if g.sample_major
+            else out.view(len(g.features), b, g.dim)
+            .transpose(0, 1)
+            .reshape(b, len(g.features) * g.dim)
             for g, out in zip(self.groups, outs, strict=True)
         ]
         values = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
         if self.columns is not None:
             values = values.index_select(1, self.columns)
         return KeyedTensor(self.feature_keys, self.dims, values)
+
+
+def _sample_major_order(lengths: torch.Tensor, n: int) -> torch.Tensor:
+    """``(n,)`` int64: the feature-major position of each value in sample-major order, where
+    bag ``(f, b)`` of ``lengths (F, B)`` moves from ``f * B + b`` to ``b * F + f`` (one
+    ``repeat_interleave`` of each bag's shift, whatever the lengths)."""
+    fm = lengths.reshape(-1)
+    sm = lengths.T.reshape(-1)  # (B * F,)
+    fm_start = (fm.cumsum(0) - fm).view(lengths.shape).T.reshape(-1)
+    shift = fm_start - (sm.cumsum(0) - sm)
+    return torch.arange(n, device=lengths.device) + shift.repeat_interleave(sm, output_size=n)

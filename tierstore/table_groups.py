@@ -93,6 +93,16 @@ class TableGroup:
         # the collection's lock, which the backward of the group's batches holds (autograd.py)
         self._lock = None
 
+    @property
+    def sample_major(self) -> bool:
+        """Whether the group lays its bags out sample-major (bag ``(f, b)`` at ``b * F_g + f``,
+        not ``f * B + b``), so that its pooled ``(B * F_g, D)`` is the ``(B, F_g * D)`` block of
+        the collection's output with no transposing copy, forward or backward: where every table
+        has one feature. A row's gradients then add up in the same order either way (rows of
+        two tables never meet); a table with several features keeps its features' bags apart,
+        as one lookup per feature would."""
+        return all(len(t.feature_names) == 1 for t in self.tables)
+
     def to(self, device: torch.device) -> None:
         """Moves the per-feature and per-table tensors to ``device``."""
         self.feature_base = self.feature_base.to(device)
