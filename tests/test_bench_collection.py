@@ -27,6 +27,7 @@ CRITEO_BASELINES = {
     "26 TieredEmbeddingBag": "26 TieredEmbeddingBag, RowWiseAdagrad, L1 = 10 % each",
 }
 CRITEO_STEPS = {"collection, RowWiseAdagrad, L1 = 100 %", "collection, RowWiseAdagrad, L1 = 10 %"}
+CRITEO_STEPS |= {"collection, RowWiseAdagrad, L1 = 10 %, GraphedStep"}
 CRITEO_STEPS |= set(CRITEO_BASELINES.values())
 MIXED_BASELINES = {
     "torch + Adagrad": "856 nn.EmbeddingBag(sparse) + torch.optim.Adagrad",
@@ -150,6 +151,8 @@ def test_whole_run_at_a_tiny_scale_gives_every_row(tmp_path):
             assert (r["hit_ratio"] is not None) == cached, r
             assert not cached or 0 <= r["hit_ratio"] <= 1, r
         ours = rows["collection, RowWiseAdagrad, L1 = 10 %"]["value"]
+        if section == "criteo26":  # the faster of the eager and the graphed step
+            ours = min(ours, rows["collection, RowWiseAdagrad, L1 = 10 %, GraphedStep"]["value"])
         for label, name in baselines.items():
             r = rows[SPEEDUP + label]
             assert r["unit"] == "x" and r["value"] == pytest.approx(rows[name]["value"] / ours), r

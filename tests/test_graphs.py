@@ -291,3 +291,99 @@ def test_what_a_capture_reads_of_a_table_on_the_cpu():
     assert emb.store.l1.step == 8, seed
     assert "not available" in emb.store.graph_unsupported(emb.optimizer)
     emb.store.load_hyper(emb.optimizer)  # nothing to load for torch ops
+
+
+# ---------------------------------------------------------------------------- collections
+def _collections(features_per_table: int, cache_rows: int, device: str = "cuda"):
+    """Two identical one-group collections (three tables of dim 8, RowWiseAdagrad): one trained
+    eagerly (the reference), one through GraphedStep; and their feature keys."""
+    tables = [
+        ts.TableConfig(name=f"t{i}", embedding_dim=8, num_embeddings=ROWS // (i + 1), seed=i,
+                       feature_names=[f"t{i}f{j}" for j in range(features_per_table)])
+        for i in range(3)
+    ]  # fmt: skip
+    kw = dict(cache=ts.CacheConfig(rows=cache_rows, ways=8), device=device,
+              optimizer=ts.RowWiseAdagrad(lr=0.05))  # fmt: skip
+    pair = (
+        ts.TieredEmbeddingBagCollection(tables, **kw),
+        ts.TieredEmbeddingBagCollection(tables, **kw),
+    )
+    return (*pair, [f for t in tables for f in t.feature_names])
+
+
+def _keyed_batch(rng: np.random.Generator, keys: list[str], bags: int):
+    """``(values, lengths)``: each feature's bags of 0 to 4 Zipf ids of its table."""
+    lengths = torch.from_numpy(rng.integers(0, 5, len(keys) * bags)).cuda()
+    per_key = lengths.view(len(keys), bags).sum(1).tolist()
+    limits = [ROWS // (int(k[1]) + 1) for k in keys]  # the table of "t{i}f{j}"
+    values = [torch.from_numpy(rng.zipf(1.1, c) % lim) for c, lim in zip(per_key, limits)]
+    return torch.cat(values).cuda(), lengths
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("features_per_table", [1, 2])  # sample-major bags, feature-major
+@pytest.mark.parametrize("cache_rows", [64, ROWS * 2])  # conflict misses and evictions; all fit
+def test_graphed_collection_equals_eager(features_per_table, cache_rows):
+    seed = random.randrange(1 << 32)
+    rng = np.random.default_rng(seed)
+    eager, graphed, keys = _collections(features_per_table, cache_rows)
+    width = 8 * len(keys)
+
+    def train(values, lengths, g):
+        out = graphed(keys=keys, values=values, lengths=lengths).values()
+        out.backward(g)
+        return out
+
+    step = ts.GraphedStep(train)
+    values, lengths = _keyed_batch(rng, keys, BAGS)
+    n = values.numel()
+    for k in range(8):  # a warm-up call, the capture, then replays (batches of n ids)
+        lengths = lengths[torch.from_numpy(rng.permutation(lengths.numel())).cuda()]
+        limits = torch.tensor([ROWS // (int(key[1]) + 1) for key in keys], device="cuda")
+        feature = torch.repeat_interleave(torch.arange(len(keys), device="cuda"),
+                                          lengths.view(len(keys), BAGS).sum(1), output_size=n)  # fmt: skip
+        values = torch.from_numpy(rng.zipf(1.1, n)).cuda() % limits[feature]
+        g = torch.from_numpy(rng.standard_normal((BAGS, width), dtype=np.float32)).cuda()
+        want = eager(keys=keys, values=values, lengths=lengths).values()
+        want.backward(g)
+        got = step(values, lengths, g)
+        assert torch.equal(got, want), f"output of step {k} differs (seed {seed})"
+    assert step.graph is not None and step.tail is not None
+    bad = values.clone()
+    bad[rng.integers(n)] = ROWS  # past every table
+    with pytest.raises(InvalidInputError, match="table"):
+        step(bad, lengths, g)
+    for t in eager.tables:
+        ids = torch.arange(t.num_embeddings, device="cuda")
+        want = eager.read_rows(t.name, ids, with_state=True)
+        assert torch.equal(graphed.read_rows(t.name, ids, with_state=True), want), (t.name, seed)
+    assert eager.stats() == graphed.stats(), seed
+
+
+@pytest.mark.parametrize("gpu", [pytest.param(False), pytest.param(True, marks=pytest.mark.gpu)])
+def test_collections_that_cannot_run_from_a_graph_are_refused(monkeypatch, gpu):
+    """A collection on the CPU, or one whose tables form several groups (each group's share of
+    a batch is sized on the host): refused by name before the capture records anything."""
+    device = "cuda" if gpu else "cpu"
+    one_group = _collections(1, 64, device)[0]
+    tables = [ts.TableConfig(name="a", embedding_dim=8, num_embeddings=10),
+              ts.TableConfig(name="b", embedding_dim=16, num_embeddings=10)]  # fmt: skip
+    two_groups = ts.TieredEmbeddingBagCollection(tables, device=device)
+    monkeypatch.setattr(graphs._capturing, "forwards", [], raising=False)
+    batch = dict(
+        values=torch.tensor([1, 2], device=device),
+        lengths=torch.ones(2, dtype=torch.int64, device=device),
+    )
+    with pytest.raises(InvalidInputError, match="2 groups"):
+        two_groups(keys=["a", "b"], **batch)
+    if not gpu:
+        with pytest.raises(
+            InvalidInputError,
+            match="TieredEmbeddingBagCollection cannot be captured: it lives on cpu",
+        ):
+            one_group(
+                keys=["t0f0", "t1f0", "t2f0"],
+                values=torch.tensor([1, 2, 3]),
+                lengths=torch.ones(3, dtype=torch.int64),
+            )
+    assert graphs._capturing.forwards == []

@@ -222,18 +222,22 @@ class TieredEmbeddingBagCollection(nn.Module, SerialisedCalls):
         raises :class:`InvalidInputError` naming the feature and table, with nothing changed.
         A batch that was prefetched must come in the order it was prefetched.
         """
-        if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            graphs.refuse_capture()
         given = (features, keys, values, lengths, offsets, weights)
+        captured = None
+        if graphs.capturing():  # GraphedStep checks each batch at its replay instead
+            captured = self._record_capture(given)
+        elif self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            graphs.refuse_capture()
         prep, batches = self._take_prefetched(given)
         if prep is None:
-            prep = self._layout.prepare(*given)
+            prep = self._layout.prepare(*given, checked=captured is None)
+        checked = prep.checks.wait if captured is None else graphs.before_first_change
         outs: list[torch.Tensor] = []
         held: list[tuple[TableGroup, Batch]] = []  # inference batches, released at the end
         try:
             for i, (g, gin) in enumerate(zip(self.groups, prep.groups, strict=True)):
                 batch = batches[i] if batches else None
-                outs.append(self._group_forward(g, gin, batch, held, prep.checks.wait))
+                outs.append(self._group_forward(g, gin, batch, held, checked, captured))
             self._advance()  # the next batches' cache steps, beside this one's compute
         except BaseException:
             if batches:  # the prefetched batches not yet handed to a forward
@@ -245,6 +249,18 @@ class TieredEmbeddingBagCollection(nn.Module, SerialisedCalls):
                 g.store.release(b)
         return self._layout.keyed(outs, prep.batch_size)
 
+    def _record_capture(self, given: tuple) -> graphs.CapturedForward:
+        """Records this forward in the :class:`~tierstore.GraphedStep` capturing it, or raises
+        why it cannot be (a batch split among several groups is sized on the host)."""
+        why = None
+        if len(self.groups) > 1:
+            why = f"its tables form {len(self.groups)} groups (dims or optimizers), whose "
+            why += "shares of a batch are sized on the host"
+        tensors = [t for t in batch_key(*given) if isinstance(t, torch.Tensor)]
+        return graphs.record(self, {f"batch tensor {i}": t for i, t in enumerate(tensors)},
+                             lambda: self._layout.parse(*given).checks,
+                             lambda: [(g.store, g.optimizer) for g in self.groups], why)  # fmt: skip
+
     def _group_forward(
         self,
         g: TableGroup,
@@ -252,6 +268,7 @@ class TieredEmbeddingBagCollection(nn.Module, SerialisedCalls):
         batch: Batch | None,
         held: list[tuple[TableGroup, Batch]],
         checked: Callable[[], object],
+        captured: graphs.CapturedForward | None,
     ) -> torch.Tensor:
         """A group's pooled bags ``(F_g * B, D_g)``, looking the group's rows up unless
         ``batch`` was prefetched (``checked``, the batch's checks, is waited for between the
@@ -265,6 +282,8 @@ class TieredEmbeddingBagCollection(nn.Module, SerialisedCalls):
         store = g.store
         if batch is None:
             batch = store.lookup(gin.ids, checked, BatchMode.TRAIN if training else BatchMode.EVAL)
+        if captured is not None:
+            captured.batches.append(batch)
         if training:
             handle = BatchHandle(batch, functools.partial(self._release_soon, store.release))
             anchor = torch.empty(0, device=self.device, requires_grad=True)  # see module.py
@@ -387,6 +406,11 @@ class TieredEmbeddingBagCollection(nn.Module, SerialisedCalls):
                 g.store.release(b)
             raise failed
         return prep, batches
+
+    @property
+    def prefetched(self) -> int:
+        """Batches prefetched and not yet consumed by a forward."""
+        return len(self._ahead)
 
     @serialised
     def clear_prefetched(self) -> None:

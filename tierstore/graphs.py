@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -39,15 +39,20 @@ _capturing = threading.local()
 
 @dataclass
 class CapturedForward:
-    """One table's forward inside a capture: what to check at each replay."""
+    """One module's forward inside a capture (a ``TieredEmbeddingBag``'s or a
+    ``TieredEmbeddingBagCollection``'s): what to check and bring up to date at each replay."""
 
-    module: Any  # the TieredEmbeddingBag
-    input: torch.Tensor
-    offsets: torch.Tensor | None
-    per_sample_weights: torch.Tensor | None
-    first_step: int  # the table's host step count when the capture reached it
-    batch: Any = None  # the store's Batch, set once looked up
-    training: bool = True  # the table's train()/eval() mode at capture: whether it updates
+    module: Any
+    # its batch's tensors by what they are (views of the step's inputs, or the capture refuses)
+    tensors: dict[str, torch.Tensor | None]
+    # queues the checks of the batch now in those tensors; the result's wait() raises on a bad one
+    checks: Callable[[], Any]
+    # each of its stores with the optimizer its kernels update by (read at each replay: a
+    # scheduler's lr)
+    updates: Callable[[], list[tuple[Any, Any]]]
+    first_steps: list[tuple[Any, int]]  # (store, its host step count when the capture got there)
+    batches: list[Any] = field(default_factory=list)  # the stores' Batches, once looked up
+    training: bool = True  # the module's train()/eval() mode at capture: whether it updates
 
 
 class _Capture:
@@ -94,16 +99,38 @@ def before_first_change() -> None:
 def record_forward(module, input, offsets, per_sample_weights) -> CapturedForward:
     """Called by ``TieredEmbeddingBag.forward`` while a :class:`GraphedStep` captures: records
     the forward, or raises if the table cannot run a step without host reads."""
-    if module.device.type != "cuda":
+
+    def checks() -> BatchChecks:
+        return normalize_batch(
+            input, offsets, per_sample_weights, module.mode, module.include_last_offset,
+            module.device, module.num_embeddings, defer_checks=True,
+        )[3]  # fmt: skip
+
+    tensors = {"indices": input, "offsets": offsets, "per_sample_weights": per_sample_weights}
+    return record(module, tensors, checks, lambda: [(module.store, module.optimizer)])
+
+
+def record(
+    module,
+    tensors: dict[str, torch.Tensor | None],
+    checks: Callable[[], Any],
+    updates: Callable[[], list[tuple[Any, Any]]],
+    why: str | None = None,
+) -> CapturedForward:
+    """Called by a tierstore module's forward while a :class:`GraphedStep` captures: records
+    the forward (:class:`CapturedForward`'s fields), or raises :class:`InvalidInputError` if
+    the module cannot run a step without host reads (``why``, the module's own reason, or its
+    device, a store's, or a prefetched batch waiting)."""
+    if why is None and module.device.type != "cuda":
         why = f"it lives on {module.device}, and a CUDA graph replays device work only"
-    else:
-        why = module.store.graph_unsupported(module.optimizer)
+    for store, optimizer in updates() if why is None else ():
+        why = why or store.graph_unsupported(optimizer)
     if why is None and module.prefetched:
         why = "a prefetched batch is waiting (prefetch does not mix with a captured step)"
     if why is not None:
-        raise InvalidInputError(f"this TieredEmbeddingBag cannot be captured: {why}")
-    entry = CapturedForward(module, input, offsets, per_sample_weights, module.store.step)
-    entry.training = module.training
+        raise InvalidInputError(f"this {type(module).__name__} cannot be captured: {why}")
+    first = [(store, store.step) for store, _ in updates()]
+    entry = CapturedForward(module, tensors, checks, updates, first, training=module.training)
     _capturing.forwards.append(entry)
     return entry
 
@@ -206,29 +233,29 @@ class GraphedStep:
             # it may ever be released eagerly (its buffers belong to the graph).
             first: dict[int, tuple[Any, int]] = {}
             for f in forwards:
-                first.setdefault(id(f.module), (f.module.store, f.first_step))
+                for store, start in f.first_steps:
+                    first.setdefault(id(store), (store, start))
             advance = [(store, store.step - start) for store, start in first.values()]
             for store, start in first.values():
                 store.step = start
-            unreleased = [f for f in forwards if f.batch is not None and not f.batch.released]
-            for f in forwards:
-                if f.batch is not None:
-                    f.batch.released = True
+            batches = [b for f in forwards for b in f.batches]
+            unreleased = any(not b.released for b in batches)
+            for b in batches:
+                b.released = True
         if unreleased:
             raise InvalidInputError(
-                "GraphedStep: a TieredEmbeddingBag output's backward did not run inside the "
+                "GraphedStep: a tierstore module's output's backward did not run inside the "
                 "step; a captured training step must include the backward (or run its forward "
                 "under torch.no_grad())"
             )
         storages = {x.untyped_storage().data_ptr() for x in self.inputs}
         for f in forwards:
-            for what, t in (("indices", f.input), ("offsets", f.offsets),
-                            ("per_sample_weights", f.per_sample_weights)):  # fmt: skip
+            for what, t in f.tensors.items():
                 if t is not None and t.untyped_storage().data_ptr() not in storages:
                     raise InvalidInputError(
-                        f"GraphedStep: a TieredEmbeddingBag's {what} must be one of the step's "
-                        "inputs or a view of one, so that each batch is checked before it "
-                        "changes the table"
+                        f"GraphedStep: a {type(f.module).__name__}'s {what} must be one of the "
+                        "step's inputs or a view of one, so that each batch is checked before "
+                        "it changes the table"
                     )
         self.graph, self.tail, self.outputs = capture.head, capture.tail, outputs
         self.forwards, self.step_advance = forwards, advance
@@ -238,14 +265,14 @@ class GraphedStep:
         graph updates rows or not as captured), and writes each table's current lr and eps
         (a scheduler's) into the device scalars its captured kernels read."""
         for f in self.forwards:
-            m = f.module
-            if m.training != f.training:
+            if f.module.training != f.training:
                 raise InvalidInputError(
-                    "GraphedStep: a TieredEmbeddingBag was captured in "
+                    f"GraphedStep: a {type(f.module).__name__} was captured in "
                     f"{'train' if f.training else 'eval'}() mode and is now in the other; the "
                     "graph would update its rows as captured: capture another GraphedStep"
                 )
-            m.store.load_hyper(m.optimizer)
+            for store, optimizer in f.updates():
+                store.load_hyper(optimizer)
 
     def _load(self, inputs: tuple[torch.Tensor, ...]) -> list[BatchChecks]:
         """Copies a batch into the captured inputs and queues its checks for every table, on a
@@ -271,14 +298,5 @@ class GraphedStep:
                 if x.data_ptr() != buf.data_ptr():
                     buf.copy_(x, non_blocking=True)
         self._check_stream.wait_stream(main)
-        checks = []
         with torch.cuda.stream(self._check_stream):
-            for f in self.forwards:
-                m = f.module
-                checks.append(
-                    normalize_batch(
-                        f.input, f.offsets, f.per_sample_weights, m.mode, m.include_last_offset,
-                        m.device, m.num_embeddings, defer_checks=True,
-                    )[3]
-                )  # fmt: skip
-        return checks
+            return [f.checks() for f in self.forwards]

@@ -216,7 +216,7 @@ class TieredEmbeddingBag(nn.Module, SerialisedCalls):
         else:
             checks.wait()
         if captured is not None:
-            captured.batch = batch
+            captured.batches.append(batch)
         if training:
             handle = BatchHandle(batch, functools.partial(self._release_soon, self.store.release))
             # A zero-size leaf that requires grad, so that autograd calls our backward even when
