@@ -334,8 +334,6 @@ class JaggedChecks:
         # range; the check of the sum refuses it)
         ends = counts.cumsum(0)
         feat = torch.searchsorted(ends, torch.arange(n, device=dev), right=True).clamp(max=nf - 1)
-        # The first id outside its table, as (feature, id), or (-1, 0): one pass over the ids
-        # and an argmax (a reduction per feature would contend on a few counters)
         # The first id outside its table, as (feature, id), after a sentinel (-1, -1) that is
         # "outside": one pass over the ids and an argmax (a reduction per feature would contend
         # on a few counters)

@@ -13,7 +13,9 @@ Perfetto), whose stream rows show what runs beside what.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -61,13 +63,64 @@ def main() -> None:
             train(x)
         torch.cuda.synchronize()
     t = time.perf_counter()
-    if args.trace:
-        prof.export_chrome_trace(args.trace)
+    trace = args.trace or str(Path(tempfile.mkdtemp()) / "steady.json")
+    prof.export_chrome_trace(trace)
+    print_streams(trace)
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25,
                                     max_name_column_width=70))  # fmt: skip
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20,
                                     max_name_column_width=70))  # fmt: skip
     print(f"(tables printed in {time.perf_counter() - t:.1f} s)")
+
+
+def _union(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Disjoint intervals covering ``spans`` (start, end), ascending."""
+    out: list[tuple[float, float]] = []
+    for a, b in sorted(spans):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def _length(spans: list[tuple[float, float]]) -> float:
+    return sum(b - a for a, b in spans)
+
+
+def print_streams(trace: str) -> None:
+    """From a Chrome trace of the profiled steps: each stream's busy time (its kernels and
+    copies, overlaps merged), how much of it ran beside another stream's, and its five
+    longest kernels by total time, so that one sees whether the prefetch stream's moves
+    overlapped the compute stream's forward and backward."""
+    events = json.load(open(trace))["traceEvents"]
+    work = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    if not work:
+        print("no device events in the trace")
+        return
+    by_stream: dict[int, list[dict]] = {}
+    for e in work:
+        by_stream.setdefault(e["args"].get("stream", e.get("tid")), []).append(e)
+    spans = {s: _union([(e["ts"], e["ts"] + e["dur"]) for e in es]) for s, es in by_stream.items()}
+    first = min(e["ts"] for e in work)
+    last = max(e["ts"] + e["dur"] for e in work)
+    print(
+        f"device span of the profiled steps: {(last - first) / 1e3:.2f} ms; busy "
+        f"(any stream) {_length(_union([x for v in spans.values() for x in v])) / 1e3:.2f} ms"
+    )
+    for s, es in sorted(by_stream.items(), key=lambda kv: -_length(spans[kv[0]])):
+        others = _union([x for o, v in spans.items() if o != s for x in v])
+        beside = sum(max(0.0, min(b, d) - max(a, c)) for a, b in spans[s] for c, d in others)
+        totals: dict[str, list[float]] = {}
+        for e in es:
+            totals.setdefault(e["name"][:60], []).append(e["dur"])
+        top = sorted(totals.items(), key=lambda kv: -sum(kv[1]))[:5]
+        print(
+            f"stream {s}: {len(es)} events, busy {_length(spans[s]) / 1e3:.2f} ms, of which "
+            f"{beside / 1e3:.2f} ms beside other streams' work"
+        )
+        for name, d in top:
+            print(f"    {sum(d) / 1e3:8.3f} ms  {len(d):4d} x  {name}")
 
 
 if __name__ == "__main__":
