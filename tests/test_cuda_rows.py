@@ -26,7 +26,7 @@ def fake_step(n: int, fills: int, l2_rows: int, seed: int, device: str):
     dirty = torch.randint(0, 2, (n,), generator=g).bool()
     store = SimpleNamespace(
         device=torch.device(device),
-        l1_home=l1_home.to(device),
+        l1=SimpleNamespace(home=l1_home.to(device)),
         host=SimpleNamespace(data=torch.empty(l2_rows, 0)),
     )
     found = SimpleNamespace(

@@ -542,7 +542,7 @@ def test_to_cuda_and_back_keeps_training_exact():
     emb, num = trained_table("cpu")
     ref, _ = trained_table("cpu")
     model = torch.nn.Sequential(emb).to("cuda")
-    assert emb.device.type == "cuda" and emb.store.l1_weights.is_cuda
+    assert emb.device.type == "cuda" and emb.store.l1.weights.is_cuda
     assert emb.store.host.data.is_pinned()
     gen = torch.Generator().manual_seed(9)
     for step in range(4):

@@ -44,8 +44,7 @@ RUN_ARGS = "--rows 20000 --dim 8 --bags 64 --pooling 8 --steps 3 --cache 1,20"
 # Blocks that do not run as written today: the sha256 of the block's text (first 12 hex
 # digits) -> the defect. Each is reported as a skip naming it; fix the block, and its entry
 # no longer matches.
-KNOWN_DEFECTS: dict[str, str] = {
-}
+KNOWN_DEFECTS: dict[str, str] = {}
 
 _FENCE = re.compile(r"^```(\w*)\s*$")
 _MARKER = re.compile(r"^<!--\s*readme-test:\s*(.*?)\s*-->\s*$")

@@ -97,7 +97,7 @@ def assert_no_batch_locks(emb) -> None:
     if hasattr(host, "cache"):
         cached = by_slot(store.l1.tags) != EMPTY
         pins = torch.zeros(host.cache.capacity, dtype=torch.int32)
-        pins.index_add_(0, store.l1_home[cached], torch.ones(int(cached.sum()), dtype=torch.int32))
+        pins.index_add_(0, store.l1.home[cached], torch.ones(int(cached.sum()), dtype=torch.int32))
         assert torch.equal(by_slot(host.cache.locks), pins)
 
 

@@ -217,7 +217,7 @@ def test_write_rows_detaches_values_that_require_grad():
     got = emb.read_rows(torch.tensor([4, 5, 6]))
     assert not got.requires_grad and got.grad_fn is None
     assert torch.equal(got, values.detach())
-    assert not emb.store.l1_weights.requires_grad and not emb.store.host.data.requires_grad
+    assert not emb.store.l1.weights.requires_grad and not emb.store.host.data.requires_grad
     # training goes on with no graph growing through the table's storage
     emb(torch.tensor([4, 5]), torch.tensor([0])).backward(torch.ones(1, D))
     assert emb.read_rows(torch.tensor([4, 5])).grad_fn is None

@@ -164,6 +164,35 @@ class SetAssociativeCache:
         an array)."""
         return None
 
+    # ----------------------------------------------------------------- a table's rows
+    def hold_rows(self, dim: int, state_width: int) -> None:
+        """Gives the cache the rows of a table's L1 (a replay's caches hold none):
+
+        * ``weights (capacity, dim)``;
+        * ``state (capacity, state_width)``, the optimizer's, apart from the weights (rows of
+          128 weights then fill whole 128-byte lines, which a row and its state together do
+          not: FBGEMM keeps its momentum apart too), in the way records where the cache has
+          room for it (:meth:`row_state`);
+        * ``home (capacity,)`` int64: the L2 address of the row in each slot (-1: none), where
+          a dirty victim goes back (L2 is inclusive of L1, so it stays valid while cached).
+        """
+        self.weights = torch.empty((self.capacity, dim), device=self.device)
+        state = self.row_state(state_width)
+        if state is None:
+            state = torch.empty((self.capacity, state_width), device=self.device)
+        self.state = state
+        self.home = torch.full((self.capacity,), -1, dtype=torch.int64, device=self.device)
+
+    def rows(self, slots: torch.Tensor) -> torch.Tensor:
+        """Whole rows ``(k, dim + state_width)`` (weights, then state) of ``slots``."""
+        return torch.cat([self.weights[slots], self.state[slots]], 1)
+
+    def set_rows(self, slots: torch.Tensor, rows: torch.Tensor) -> None:
+        """Stores whole rows ``(k, dim + state_width)`` in ``slots``."""
+        dim = self.weights.shape[1]
+        self.weights[slots] = rows[:, :dim]
+        self.state[slots] = rows[:, dim:]
+
     # ----------------------------------------------------------------- queries (no change)
     # Gathers and scatters here use index_select / index_copy_ / index_add_ rather than
     # advanced indexing: the same results, about twice as fast on the CPU for these sizes.

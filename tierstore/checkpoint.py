@@ -356,7 +356,7 @@ def _write_whole_l2(store, weight: torch.Tensor, state: torch.Tensor | None) -> 
     tags = by_slot(store.l1.tags)
     slots = (tags != EMPTY).nonzero().squeeze(1)
     # The L1 rows now equal L2's, dirty or not: a later writeback rewrites the same values.
-    store.set_l1_rows(slots, data[tags[slots].cpu()].to(store.device))
+    store.l1.set_rows(slots, data[tags[slots].cpu()].to(store.device))
 
 
 def _reset(store, ids: torch.Tensor) -> None:

@@ -72,12 +72,12 @@ def move_rows(store, found: Lookup, addresses: torch.Tensor) -> None:
     wb = found.victim_dirty
     if bool(wb.any()):
         slots = found.fill_slots[wb]
-        store.host.write(store.l1_home[slots], store.l1_rows(slots))
+        store.host.write(store.l1.home[slots], store.l1.rows(slots))
     if found.fill_slots.numel():
         home = addresses[found.fill_index]
         rows = store.host.read(home)
-        store.set_l1_rows(found.fill_slots, rows.to(store.device, non_blocking=True))
-        store.l1_home[found.fill_slots] = home
+        store.l1.set_rows(found.fill_slots, rows.to(store.device, non_blocking=True))
+        store.l1.home[found.fill_slots] = home
 
 
 def gather(store, batch, cols: int | None = None) -> torch.Tensor:
@@ -87,9 +87,9 @@ def gather(store, batch, cols: int | None = None) -> torch.Tensor:
     rows = torch.empty((batch.ids.numel(), cols), device=store.device)
     slots = batch.slots[cached]
     if cols <= store.layout.dim:  # weights only (the forward's)
-        rows[cached] = store.l1_weights[slots, :cols]
+        rows[cached] = store.l1.weights[slots, :cols]
     else:
-        rows[cached] = store.l1_rows(slots)[:, :cols]
+        rows[cached] = store.l1.rows(slots)[:, :cols]
     if not bool(cached.all()):
         direct = store.host.read(batch.addresses[~cached])[:, :cols]
         rows[~cached] = direct.to(rows.device)
@@ -100,7 +100,7 @@ def scatter(store, batch, rows: torch.Tensor) -> None:
     """Stores updated rows where they live; cached ones become dirty."""
     cached = batch.slots >= 0
     slots = batch.slots[cached]
-    store.set_l1_rows(slots, rows[cached])
+    store.l1.set_rows(slots, rows[cached])
     store.l1.mark_dirty(slots)
     if not bool(cached.all()):
         direct = ~cached
@@ -110,7 +110,7 @@ def scatter(store, batch, rows: torch.Tensor) -> None:
         now = store.l1.find(batch.ids[direct])
         refill = now >= 0
         if bool(refill.any()):
-            store.set_l1_rows(now[refill], rows[direct][refill])
+            store.l1.set_rows(now[refill], rows[direct][refill])
 
 
 def forward(

@@ -56,7 +56,7 @@ def forward(
     fn = "forward_scalar" if dim % 4 else "forward_vec4" if width % 4 == 0 else "forward_vec4_l1"
     places, inverse = _index_rows(batch, dev)
     args = (int64_on(offsets, dev), places, inverse, psw, batch.slots, int64_on(batch.addresses, dev),
-            store.l1_weights, l2, width, dim, bags, mode == "mean", out)  # fmt: skip
+            store.l1.weights, l2, width, dim, bags, mode == "mean", out)  # fmt: skip
     run_kernel("forward.cu", fn, dev, bags, args, True)
     return out
 
@@ -138,7 +138,7 @@ def backward(
     if want_weight_grad:
         weight_grad = torch.empty(n, device=dev)
         places, inverse = _index_rows(batch, dev)  # before a missing transpose is made below
-        args = (offsets, places, inverse, grad_out, batch.slots, addresses, store.l1_weights,
+        args = (offsets, places, inverse, grad_out, batch.slots, addresses, store.l1.weights,
                 l2, width, dim, bags, mean, weight_grad)  # fmt: skip
         run_kernel("backward.cu", "weight_grad", dev, bags, args, per_warp=True)
     if optimizer is not None and n:

@@ -28,8 +28,8 @@ def kernel_l1(store) -> tuple:
     """L1's rows as the kernels take them (common.cuh ``Tiers``): the weights, the state and
     the state's pitch in floats (8 where it lives in the way records: ``CudaCache.row_state``;
     0 where rows have no state)."""
-    pitch = store.l1_state.stride(0) if store.layout.state_width else 0
-    return store.l1_weights, store.l1_state, pitch
+    pitch = store.l1.state.stride(0) if store.layout.state_width else 0
+    return store.l1.weights, store.l1.state, pitch
 
 
 def mark_written(store, batch) -> None:
@@ -63,9 +63,9 @@ def victim_order(store, found) -> torch.Tensor:
     dev = store.device
     used = torch.arange(n, device=dev) < found.n_fill  # the fills' count stays on the device
     dirty = found.victim_dirty_buffer & used
-    slots = found.fill_slots_buffer.clamp(0, store.l1_home.numel() - 1)  # unused: garbage
+    slots = found.fill_slots_buffer.clamp(0, store.l1.home.numel() - 1)  # unused: garbage
     bits = max(store.host.data.shape[0], 1).bit_length()  # (1 << bits) - 1: past every row
-    keys = torch.where(dirty, store.l1_home[slots], (1 << bits) - 1)
+    keys = torch.where(dirty, store.l1.home[slots], (1 << bits) - 1)
     if keys.is_cuda and bits <= 31:  # the ids' bits alone (kernels/sort.cu), else torch's
         return radix_sort(keys, bits)[1]
     return torch.sort(keys, stable=True).indices.to(torch.int32)
@@ -91,7 +91,7 @@ def move_rows(store, found, addresses: torch.Tensor) -> None:
     fills = (found.fill_index_buffer, found.fill_slots_buffer, found.victim_dirty_buffer,
              found.n_fill, order)  # fmt: skip
     init = (seed_key(store.seed), float(store.init_scale), float(store.layout.initial_state))
-    rest = (int64_on(addresses, dev), *l1, store.l1_home, l2, dim, width, store.l2_written, *init)
+    rest = (int64_on(addresses, dev), *l1, store.l1.home, l2, dim, width, store.l2_written, *init)
     for writes_back in (True, False):  # every writeback before the first fill
         args = (*fills, writes_back, *rest)
         run_kernel("insert.cu", fn, dev, (n + rows - 1) // rows, args, per_warp=True)

@@ -166,7 +166,7 @@ class Batch:
 
 class L2Record:
     """What an L2 that is inclusive of L1 (over an SSD tier) needs of an L1 cache step, copied
-    to the host in one read queued before the step's row moves (which change ``l1_home``):
+    to the host in one read queued before the step's row moves (which change ``l1.home``):
     the fills' positions, their victims' L2 addresses and whether each victim was a row and
     dirty, and which of the batch's rows are conflict misses. On CUDA the host waits for that
     copy only after the moves are queued (:meth:`apply`).
@@ -187,10 +187,10 @@ class L2Record:
             index, slots, victims, dirty = (found.fill_index, found.fill_slots, found.victim_ids,
                                             found.victim_dirty)  # fmt: skip
             used = torch.full((1,), index.numel(), device=index.device)
-        homes = store.l1_home[slots.clamp(0, store.l1_home.numel() - 1)]  # (unused: garbage)
+        homes = store.l1.home[slots.clamp(0, store.l1.home.numel() - 1)]  # (unused: garbage)
         kind = (victims != EMPTY).long() + 2 * dirty.long()  # 1: a row left, 3: a dirty one
         parts = (index, homes, kind, (found.slots < 0).long(), used.long())
-        packed = torch.cat([p.to(store.l1_home.device) for p in parts])
+        packed = torch.cat([p.to(store.l1.home.device) for p in parts])
         if not packed.is_cuda:
             return cls(packed, index.numel(), None)
         staged = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
@@ -243,17 +243,7 @@ class TieredStore:
         self.device, self.seed, self.init_scale = device, seed, init_scale
         self.backend = backend
         self.l1 = backend.new_cache(cache_rows, ways, policy, device)
-        # L1's rows, each in two parts: the weights, and apart from them the optimizer state (L2
-        # and L3 keep a row whole). Rows of 128 weights then fill whole 128-byte lines, which a
-        # row and its state together (129 floats: RowWiseAdagrad) do not: FBGEMM keeps its
-        # momentum apart too. The cache may hold the state in its own per-way records.
-        self.l1_weights = torch.empty((self.l1.capacity, layout.dim), device=device)
-        self.l1_state = self.l1.row_state(layout.state_width)
-        if self.l1_state is None:
-            self.l1_state = torch.empty((self.l1.capacity, layout.state_width), device=device)
-        # L2 address of the row in each L1 slot (L2 is inclusive of L1, so it stays valid while
-        # the row is cached): where a dirty victim is written back.
-        self.l1_home = torch.full((self.l1.capacity,), -1, dtype=torch.int64, device=device)
+        self.l1.hold_rows(layout.dim, layout.state_width)  # (L2 and L3 keep a row whole)
         cuda, hashed = device.type == "cuda", type(self).init_rows is TieredStore.init_rows
         self.host: HostTier = host or HostTable(
             num_rows, layout.width, self.init_rows, pin=cuda,
@@ -284,16 +274,6 @@ class TieredStore:
         """Initial rows (weights and optimizer state) of never-written ``ids``."""
         return initial_rows(ids, self.layout, self.seed, self.init_scale, self.device)
 
-    def l1_rows(self, slots: torch.Tensor) -> torch.Tensor:
-        """Whole rows ``(k, width)`` (weights, then state) of L1 ``slots``."""
-        return torch.cat([self.l1_weights[slots], self.l1_state[slots]], 1)
-
-    def set_l1_rows(self, slots: torch.Tensor, rows: torch.Tensor) -> None:
-        """Stores whole rows ``(k, width)`` in L1 ``slots``."""
-        dim = self.layout.dim
-        self.l1_weights[slots] = rows[:, :dim]
-        self.l1_state[slots] = rows[:, dim:]
-
     def read_rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Current rows (weights and state) of ``ids``, wherever they live. Changes nothing."""
         self.join_side()
@@ -301,7 +281,7 @@ class TieredStore:
         slots = self.l1.find(ids)
         rows = self.host.peek(ids).to(self.device)
         cached = slots >= 0
-        rows[cached] = self.l1_rows(slots[cached])
+        rows[cached] = self.l1.rows(slots[cached])
         return rows
 
     def write_rows(self, ids: torch.Tensor, rows: torch.Tensor) -> None:
@@ -310,7 +290,7 @@ class TieredStore:
         ids, rows = ids.to(self.device), rows.to(self.device, torch.float32)
         slots = self.l1.find(ids)
         cached = slots >= 0
-        self.set_l1_rows(slots[cached], rows[cached])
+        self.l1.set_rows(slots[cached], rows[cached])
         self.l1.mark_dirty(slots[cached])
         self.host.poke(ids[~cached], rows[~cached])
 
@@ -473,7 +453,7 @@ class TieredStore:
         self.join_side()
         slots, _ = self.l1.clean()
         if slots.numel():
-            self.host.write(self.l1_home[slots], self.l1_rows(slots))
+            self.host.write(self.l1.home[slots], self.l1.rows(slots))
             self.flushed_rows += slots.numel()
         self.host.flush()
 
@@ -495,7 +475,7 @@ class TieredStore:
         host = self.host
         slots, _ = self.l1.clean()  # L1's dirty rows down to L2 (a step's write-back)
         if slots.numel():
-            host.write(self.l1_home[slots], self.l1_rows(slots))
+            host.write(self.l1.home[slots], self.l1.rows(slots))
             self.flushed_rows += slots.numel()
         data = host.data
         if device.type == "cuda" and not data.is_pinned():
@@ -508,7 +488,7 @@ class TieredStore:
                 ) from e
         if self.inclusive_host:  # the old L1's rows leave L2's pins
             cached = by_slot(self.l1.tags) != EMPTY
-            host.unpin(self.l1_home[cached.to(self.l1_home.device)])
+            host.unpin(self.l1.home[cached.to(self.l1.home.device)])
         new = TieredStore(self.num_rows, self.layout, cache_rows, ways, policy, device,
                           self.seed, self.init_scale, backend, host=host)  # fmt: skip
         new.l1.counters.copy_(self.l1.counters)

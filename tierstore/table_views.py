@@ -55,9 +55,6 @@ class TableRows:
     def write_rows(self, ids: torch.Tensor, rows: torch.Tensor) -> None:
         self.group.store.write_rows(ids.to(torch.int64) + self.base, rows)
 
-    def set_l1_rows(self, slots: torch.Tensor, rows: torch.Tensor) -> None:
-        self.group.store.set_l1_rows(slots, rows)
-
 
 class TableHost:
     """The table's part of its group's L2 and SSD tier (see :class:`TableRows`)."""
@@ -116,6 +113,9 @@ class TableL1:
     def dirty(self) -> torch.Tensor:
         _, mine = self._mine()
         return by_slot(self._rows.group.store.l1.dirty) & mine
+
+    def set_rows(self, slots: torch.Tensor, rows: torch.Tensor) -> None:
+        self._rows.group.store.l1.set_rows(slots, rows)
 
 
 class TableView:
