@@ -10,6 +10,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from test_collection import FakeKJT
 
 import tierstore as ts
 from tierstore import graphs
@@ -362,8 +363,9 @@ def test_graphed_collection_equals_eager(features_per_table, cache_rows):
 
 @pytest.mark.parametrize("gpu", [pytest.param(False), pytest.param(True, marks=pytest.mark.gpu)])
 def test_collections_that_cannot_run_from_a_graph_are_refused(monkeypatch, gpu):
-    """A collection on the CPU, or one whose tables form several groups (each group's share of
-    a batch is sized on the host): refused by name before the capture records anything."""
+    """A collection on the CPU, one whose tables form several groups (each group's share of a
+    batch is sized on the host), or one given a KeyedJaggedTensor (it caches what it derives):
+    refused by name before the capture records anything."""
     device = "cuda" if gpu else "cpu"
     one_group = _collections(1, 64, device)[0]
     tables = [ts.TableConfig(name="a", embedding_dim=8, num_embeddings=10),
@@ -376,6 +378,10 @@ def test_collections_that_cannot_run_from_a_graph_are_refused(monkeypatch, gpu):
     )
     with pytest.raises(InvalidInputError, match="2 groups"):
         two_groups(keys=["a", "b"], **batch)
+    kjt = FakeKJT(["t0f0", "t1f0", "t2f0"], torch.tensor([1, 2, 3], device=device),
+                  torch.ones(3, dtype=torch.int64, device=device))  # fmt: skip
+    with pytest.raises(InvalidInputError, match="KeyedJaggedTensor caches"):
+        one_group(kjt)
     if not gpu:
         with pytest.raises(
             InvalidInputError,

@@ -251,11 +251,8 @@ class TieredEmbeddingBagCollection(nn.Module, SerialisedCalls):
 
     def _record_capture(self, given: tuple) -> graphs.CapturedForward:
         """Records this forward in the :class:`~tierstore.GraphedStep` capturing it, or raises
-        why it cannot be (a batch split among several groups is sized on the host)."""
-        why = None
-        if len(self.groups) > 1:
-            why = f"its tables form {len(self.groups)} groups (dims or optimizers), whose "
-            why += "shares of a batch are sized on the host"
+        why it cannot be (:meth:`FeatureLayout.capture_refusal`)."""
+        why = self._layout.capture_refusal(given[0])
         tensors = [t for t in batch_key(*given) if isinstance(t, torch.Tensor)]
         return graphs.record(self, {f"batch tensor {i}": t for i, t in enumerate(tensors)},
                              lambda: self._layout.parse(*given).checks,

@@ -273,6 +273,22 @@ class FeatureLayout:
         scale = per_bag.repeat_interleave(lengths.reshape(-1), output_size=n)
         return scale if psw is None else psw * scale
 
+    def capture_refusal(self, features) -> str | None:
+        """Why a forward of these features' batches cannot be captured in a CUDA graph, or None:
+        a batch split among several groups is sized on the host, and a ``KeyedJaggedTensor``
+        (``features``) caches what it derives (lengths from offsets), which is no step input."""
+        if len(self.groups) > 1:
+            return (
+                f"its tables form {len(self.groups)} groups (dims or optimizers), whose shares "
+                "of a batch are sized on the host"
+            )
+        if looks_like_keyed_jagged(features):
+            return (
+                "a KeyedJaggedTensor caches what it derives (lengths from offsets): give the "
+                "step its keys=, values=, lengths= (and weights=)"
+            )
+        return None
+
     def row_ids(self, name: str, ids) -> tuple[TableGroup, torch.Tensor]:
         """Table ``name``'s group and its row ids ``ids`` (any shape, int32 or int64) as group
         row ids ``(n,)`` int64 on the device; an unknown table, another dtype or an id out of

@@ -17,8 +17,8 @@ works on the head while the host reads the checks, as in an eager step, instead 
 the round trip. What runs before the check is what an eager step runs before its first table
 raises: the step's own work before that table's forward, and the table's unique step.
 
-``TieredEmbeddingBag`` refuses to be captured by anything else (``torch.cuda.graph`` directly),
-since nothing would check the batches then.
+``TieredEmbeddingBag`` and ``TieredEmbeddingBagCollection`` refuse to be captured by anything
+else (``torch.cuda.graph`` directly), since nothing would check the batches then.
 """
 
 from __future__ import annotations
@@ -145,7 +145,9 @@ class GraphedStep:
     replays (the head of the graph while the checks are read, the rest once they pass: see the
     module's docstring). Every input must be a tensor of the captured shape and dtype; every
     ``TieredEmbeddingBag`` in the step must take its indices, offsets and weights from the
-    inputs (or views of them) and, if it trains, run its backward inside ``step``. Returns what
+    inputs (or views of them) and, if it trains, run its backward inside ``step``; so must a
+    ``TieredEmbeddingBagCollection`` (of one group: one dim and one optimizer) its ``values``,
+    ``lengths`` or ``offsets`` and ``weights``. Returns what
     ``step`` returned at capture: tensors that each call overwrites (clone to keep them).
     A table's current ``lr`` and ``eps`` (a scheduler's) reach every replay, through device
     scalars its kernels read; a table switched between ``train()`` and ``eval()`` since the
