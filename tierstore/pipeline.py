@@ -12,7 +12,9 @@ table's store, ordered against the compute stream by events only:
 * ``advance`` (at the end of the previous batch's ``forward``, when the compute stream has
   that forward's kernels queued and the host may wait without idling the device) waits for the
   next batch's checks and queues the rest of its cache step (probe, victims, writebacks, fills)
-  on the side stream. Only the next batch is placed ahead: at most two batches hold rows.
+  on the side stream. Only the next batch is placed ahead: at most two batches hold rows. The
+  cache step's buffers have the batch's U unique rows, not its n indices: U was copied to the
+  host when the unique step was queued (``_ExactCount``), and has arrived by then.
 * ``pop`` (the batch's own ``forward``) makes the compute stream wait for that batch's step.
 
 While a later batch's step may still run beside the compute stream, the current batch keeps its
@@ -37,6 +39,7 @@ Shapes: ``n`` indices of a batch.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -64,6 +67,29 @@ class _Prefetched:
     ready: torch.cuda.Event | None = None
     error: TierstoreError | None = None
     ahead: object | None = None  # its L3 rows being read (stores that read ahead)
+    # a sync-free unique step's count on its way to the host (_ExactCount)
+    count: _ExactCount | None = None
+
+
+class _ExactCount:
+    """A sync-free unique step's count (U, on the device) copied to the host as soon as the step
+    is queued, so that the batch's cache step, queued a step later, can size its buffers by U
+    rather than by the batch's n indices (a prefetch's temporary device memory: about 82 bytes
+    per entry) without waiting for the device: the copy has long arrived by then."""
+
+    def __init__(self, step: UniqueStep):
+        self.host = torch.empty(1, dtype=step.count.dtype, pin_memory=True)
+        self.host.copy_(step.count, non_blocking=True)
+        self.ready = torch.cuda.Event()
+        self.ready.record()
+
+    def trim(self, step: UniqueStep) -> UniqueStep:
+        """``step`` with exactly its U unique ids (and no device count)."""
+        self.ready.synchronize()
+        u = int(self.host[0])
+        if hasattr(step.transpose, "start"):  # (U + 1,) as the exact unique step leaves it
+            step.transpose.start = step.transpose.start[: u + 1]
+        return dataclasses.replace(step, ids=step.ids[:u], counts=step.counts[:u], count=None)
 
 
 def _versions(tensors: tuple[Any, ...]) -> tuple[int, ...]:
@@ -122,6 +148,8 @@ class PrefetchQueue:
             side.wait_stream(torch.cuda.current_stream(self.store.device))
             with torch.cuda.stream(side):
                 entry.step = self.store.unique(flat, BatchMode.TRAIN)
+                if entry.step.count is not None:
+                    entry.count = _ExactCount(entry.step)
         self.entries.append(entry)
         if side is None:  # in order: the next batch in line is placed at once (a batch that
             self.advance()  # L2 cannot hold raises here, with nothing changed)
@@ -146,12 +174,13 @@ class PrefetchQueue:
             entry.error, entry.step = e, None
             return
         side = self.store.side_stream()
+        step = entry.step if entry.count is None else entry.count.trim(entry.step)
         try:  # a batch that L2 cannot hold is refused before anything changes
             if side is None:
-                entry.batch = self.store.place(entry.step, BatchMode.TRAIN)
+                entry.batch = self.store.place(step, BatchMode.TRAIN)
             else:
                 with torch.cuda.stream(side):
-                    entry.batch = self.store.place(entry.step, BatchMode.TRAIN)
+                    entry.batch = self.store.place(step, BatchMode.TRAIN)
         except TierstoreError as e:
             entry.error, entry.step = e, None
             return
