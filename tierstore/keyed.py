@@ -409,5 +409,6 @@ def safe_lengths(lengths: torch.Tensor, n: int) -> torch.Tensor:
         return lengths
     # lengths clamped at 0 make the ends non-decreasing (a scan with cummax is slow on CUDA)
     ends = lengths.clamp(min=0).cumsum(0).clamp(max=n)
-    ends[-1] = n
+    ends[-1:].fill_(n)  # (a fill kernel: a scalar store would copy from the host, which no
+    # CUDA graph can capture)
     return torch.diff(ends, prepend=ends.new_zeros(1))

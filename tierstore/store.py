@@ -342,7 +342,7 @@ class TieredStore:
             self.host.drop_read_ahead(ahead)  # its batch refused before taking it
             raise
         addresses = held
-        if held.device != self.device:  # from page-locked memory: the host does not wait
+        if self.device.type == "cuda" and not held.is_cuda:  # page-locked: the host won't wait
             addresses = held.pin_memory().to(self.device, non_blocking=True)
         if count is None:
             found = self.backend.lookup(self.l1, ids, step.counts, hold=hold)
