@@ -50,7 +50,7 @@ import torch
 from .errors import InvalidInputError, TierstoreError
 from .keyed import looks_like_keyed_jagged
 from .store import Batch, BatchMode, TieredStore, UniqueStep
-from .validate import BatchChecks
+from .validate import BatchChecks, read_back_later
 
 
 @dataclass
@@ -78,10 +78,7 @@ class _ExactCount:
     per entry) without waiting for the device: the copy has long arrived by then."""
 
     def __init__(self, step: UniqueStep):
-        self.host = torch.empty(1, dtype=step.count.dtype, pin_memory=True)
-        self.host.copy_(step.count, non_blocking=True)
-        self.ready = torch.cuda.Event()
-        self.ready.record()
+        self.host, self.ready = read_back_later(step.count)
 
     def trim(self, step: UniqueStep) -> UniqueStep:
         """``step`` with exactly its U unique ids (and no device count)."""

@@ -23,7 +23,7 @@ from .host import HostTable
 from .optim import Optimizer
 from .policy import Policy
 from .tiers import HostTier
-from .validate import check_id_range
+from .validate import check_id_range, read_back_later
 
 
 class BatchMode(enum.Enum):
@@ -174,8 +174,8 @@ class L2Record:
     Shapes: ``F`` fills (a buffer of ``U`` on the device), ``U`` unique rows.
     """
 
-    def __init__(self, packed: torch.Tensor, fills: int, ready: torch.cuda.Event | None):
-        self.packed, self.fills, self.ready = packed, fills, ready
+    def __init__(self, packed: torch.Tensor, ready: torch.cuda.Event | None, fills: int):
+        self.packed, self.ready, self.fills = packed, ready, fills
 
     @classmethod
     def read(cls, store: TieredStore, found) -> L2Record:
@@ -191,13 +191,7 @@ class L2Record:
         kind = (victims != EMPTY).long() + 2 * dirty.long()  # 1: a row left, 3: a dirty one
         parts = (index, homes, kind, (found.slots < 0).long(), used.long())
         packed = torch.cat([p.to(store.l1.home.device) for p in parts])
-        if not packed.is_cuda:
-            return cls(packed, index.numel(), None)
-        staged = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
-        staged.copy_(packed, non_blocking=True)
-        ready = torch.cuda.Event()
-        ready.record()
-        return cls(staged, index.numel(), ready)
+        return cls(*read_back_later(packed), index.numel())
 
     def apply(self, host: HostTier, held: torch.Tensor) -> torch.Tensor:
         """Unpins the victims' L2 rows, pins the fills' (``held``: the batch's L2 addresses
