@@ -257,46 +257,27 @@ __device__ __forceinline__ void copy_pass(T* const (&near_w)[ROWS], T* const (&n
     }
 }
 
-// A step's row moves (cuda_rows.move_rows), in three phases, one launch each:
-//  MOVE_DIRECT: the dirty victims of ranks >= stage_rows go back from their slot to their L2
-//    address (rank: `order`, fill positions ascending by their victim's L1 home, clean victims and
-//    unused entries last). Nothing to do where the staging buffer holds them all.
-//  MOVE_STAGE: the dirty victims of ranks < stage_rows are copied from their slot into the
-//    staging buffer in HBM (`stage`, row i at i * width), with their L2 address (`stage_home`,
-//    -1 for none), so that their slots are free for the fills.
-//  MOVE_BOTH: half the warps bring every fill in from L2 in ascending id order (its slot records
-//    its L2 address); the other half write the staged victims back in ascending L2 address order.
-// A kernel's reads and writes of pinned host rows reach about 47 and 43 GB/s over PCIe with the
-// host addresses ascending, 19 GB/s in random order, and 71.5 GB/s together when both run at once
-// with ascending addresses (bench/exp/pcie_moves.py, H100): staging through HBM is what lets a
-// fill and the writeback of the row it replaces run at once without either losing its order.
-// Where L2 keeps a map of the rows ever written (`written`, a byte per row in pinned host memory,
-// or null; host.py HostTable), a fill whose row was never written is computed from its id
-// (hashing.initial_weights' rows, bit for bit: the L2 address of such a table is the row id)
-// instead of crossing PCIe, and a writeback marks its row written. A warp moves ROWS rows at once,
-// K elements of type T (float, or float4 when both parts of a row are 16-byte aligned) per lane
-// and row per pass. Victims and fills never share an L2 row (a victim is cached and not in the
-// batch, a fill is in the batch), and each slot belongs to one fill.
-enum MovePhase { MOVE_DIRECT = 0, MOVE_STAGE = 1, MOVE_BOTH = 2 };
-
-// The slot of the dirty victim of rank i (< F), or -1 where that rank is a clean victim or unused.
-__device__ __forceinline__ i64 dirty_victim_slot(i64 i, i64 F, const int* order,
-                                                 const unsigned char* victim_dirty,
-                                                 const i64* fill_slots) {
-  const i64 f = order[i];
-  return f >= 0 && f < F && victim_dirty[f] ? fill_slots[f] : -1;
-}
-
+// A step's row moves, in two launches (cuda_rows.move_rows): first every dirty victim goes back
+// from its slot to its L2 address (`writes_back`), in the order of those addresses (`order`: fill
+// positions ascending by their victim's L1 home, clean victims and unused entries last), then every
+// fill comes in from L2 in ascending id order and its slot records its L2 address. A kernel's reads
+// and writes of pinned host rows reach about 47 and 44 GB/s over PCIe with the host addresses
+// ascending, 19 GB/s in random order (bench/exp/pcie_moves.py, H100); the two directions at once
+// did not beat them one after the other in a training step (rows of 516 B, RowWiseAdagrad:
+// bench/RESULTS.md). Where L2 keeps a map of the rows ever written (`written`, a byte per row
+// in pinned host memory, or null; host.py HostTable), a fill whose row was never written is
+// computed from its id (hashing.initial_weights' rows, bit for bit: the L2 address of such a table
+// is the row id) instead of crossing PCIe, and a writeback marks its row written. A warp moves ROWS
+// rows at once, K elements of type T (float, or float4 when both parts of a row are 16-byte
+// aligned) per lane and row per pass. Victims and fills never share an L2 row (a victim is cached
+// and not in the batch, a fill is in the batch), and each slot belongs to one fill.
 template <int ROWS, int K, typename T>
 __device__ void move_rows(const i64* __restrict__ fill_index,   // (F,) positions in the batch
                           const i64* __restrict__ fill_slots,   // (F,)
                           const unsigned char* __restrict__ victim_dirty,  // (F,)
                           const int* __restrict__ n_fill,       // (1,) F
                           const int* __restrict__ order,        // (F,) dirty victims by home
-                          int phase,                            // MovePhase
-                          float* __restrict__ stage,            // (stage_rows, width) in HBM
-                          i64* __restrict__ stage_home,         // (stage_rows,)
-                          i64 stage_rows,
+                          bool writes_back,
                           const i64* __restrict__ addresses,    // (U,) L2 address of each id
                           float* __restrict__ l1_weights,       // (C, dim)
                           float* __restrict__ l1_state,         // (common.cuh Tiers)
@@ -308,87 +289,56 @@ __device__ void move_rows(const i64* __restrict__ fill_index,   // (F,) position
                           i64 seed_key, float scale, float initial_state) {
   const int lane = ts_lane();
   const i64 F = *n_fill;
-  const i64 staged = F < stage_rows ? F : stage_rows;
-  const Tiers tiers = {l1_weights, l1_state, state_pitch, l2, dim, width};
-  if (phase == MOVE_STAGE) {  // HBM to HBM: a row a warp
-    for (i64 i = ts_global_warp(); i < staged; i += ts_warp_count()) {
-      const i64 slot = dirty_victim_slot(i, F, order, victim_dirty, fill_slots);
-      if (lane == 0) stage_home[i] = slot < 0 ? -1 : l1_home[slot];
-      if (slot < 0) continue;
-      const RowRef src = ts_row(tiers, slot, 0);
-      for (i64 c = lane; c < width; c += 32) stage[i * width + c] = src.at(c, dim);
-    }
-    return;
-  }
-  i64 warp = ts_global_warp(), warps = ts_warp_count();
-  bool fills = false;  // else writebacks: from L1 slots (MOVE_DIRECT) or the staging buffer
-  if (phase == MOVE_BOTH) {
-    fills = (warp & 1) == 0;
-    warp >>= 1;
-    warps >>= 1;
-  }
-  const bool from_stage = phase == MOVE_BOTH && !fills;
-  const i64 begin = phase == MOVE_DIRECT ? staged : 0;
-  const i64 end = fills ? F : from_stage ? staged : F;
   constexpr int FLOATS = (int)(sizeof(T) / sizeof(float));
   const int per = (int)(width / FLOATS), split = (int)(dim / FLOATS);  // elements of a row
-  for (i64 i0 = begin + warp * ROWS; i0 < end; i0 += warps * ROWS) {
+  const Tiers tiers = {l1_weights, l1_state, state_pitch, l2, dim, width};
+  for (i64 i0 = ts_global_warp() * ROWS; i0 < F; i0 += ts_warp_count() * ROWS) {
     i64 slot[ROWS], home[ROWS];
     bool go[ROWS], fresh[ROWS];
     bool any = false;
 #pragma unroll
     for (int r = 0; r < ROWS; r++) {
       const i64 i = i0 + r;
-      slot[r] = -1;
-      home[r] = 0;
-      if (i < end && fills) {
-        slot[r] = fill_slots[i];
-        home[r] = addresses[fill_index[i]];
-      } else if (i < end && from_stage) {
-        home[r] = stage_home[i];
-        slot[r] = home[r] >= 0 ? i : -1;  // here: the staging row
-        home[r] = home[r] >= 0 ? home[r] : 0;
-      } else if (i < end) {
-        slot[r] = dirty_victim_slot(i, F, order, victim_dirty, fill_slots);
-        home[r] = slot[r] >= 0 ? l1_home[slot[r]] : 0;
+      i64 f = -1;
+      if (writes_back) {  // i: a rank; clean victims and unused entries sort last
+        f = i < F ? order[i] : -1;
+        if (f >= 0 && (f >= F || !victim_dirty[f])) f = -1;
+      } else if (i < F) {  // i: a fill
+        f = i;
       }
+      slot[r] = f >= 0 ? fill_slots[f] : -1;
+      home[r] = f < 0 ? 0 : writes_back ? l1_home[slot[r]] : addresses[fill_index[f]];
       // a never-written row is computed below, not read (one byte over PCIe, not a row)
-      fresh[r] = fills && slot[r] >= 0 && written != nullptr && written[home[r]] == 0;
-      go[r] = slot[r] >= 0 && !fresh[r];
-      any |= slot[r] >= 0;
+      fresh[r] = !writes_back && f >= 0 && written != nullptr && written[home[r]] == 0;
+      go[r] = f >= 0 && !fresh[r];
+      any |= f >= 0;
     }
     if (!any) continue;
     if (lane == 0) {
 #pragma unroll
       for (int r = 0; r < ROWS; r++) {
         if (slot[r] < 0) continue;
-        if (!fills && written != nullptr) written[home[r]] = 1;
-        if (fills) l1_home[slot[r]] = home[r];  // no other warp reads a fill's slot
+        if (writes_back && written != nullptr) written[home[r]] = 1;
+        if (!writes_back) l1_home[slot[r]] = home[r];  // no other warp reads a fill's slot
       }
     }
     // Row 0 stands in for rows a move skips: never dereferenced
     constexpr int SEGMENT = 128 / (int)sizeof(T);  // elements of a 128-byte segment
-    T* near_w[ROWS];  // the slot's weights (or the staging row's)
+    T* near_w[ROWS];  // the slot's weights
     T* near_s[ROWS];  // and its state
     T* far[ROWS];     // its L2 row
     int skew[ROWS];
 #pragma unroll
     for (int r = 0; r < ROWS; r++) {
-      if (from_stage) {
-        float* row = stage + (go[r] ? slot[r] : 0) * width;
-        near_w[r] = (T*)row;
-        near_s[r] = (T*)(row + dim);
-      } else {
-        const RowRef near = ts_row(tiers, go[r] ? slot[r] : 0, 0);
-        near_w[r] = (T*)near.w;
-        near_s[r] = (T*)near.s;
-      }
+      const RowRef near = ts_row(tiers, go[r] ? slot[r] : 0, 0);
+      near_w[r] = (T*)near.w;
+      near_s[r] = (T*)near.s;
       far[r] = (T*)ts_row(tiers, -1, go[r] ? home[r] : 0).w;
       skew[r] = (int)(((unsigned long long)far[r] / sizeof(T)) % SEGMENT);
     }
     for (int c0 = 0; c0 < per + SEGMENT - 1; c0 += 32 * K)
-      copy_pass<T, ROWS, K>(near_w, near_s, far, go, skew, !fills, c0, split, per);
-    if (!fills) continue;
+      copy_pass<T, ROWS, K>(near_w, near_s, far, go, skew, writes_back, c0, split, per);
+    if (writes_back) continue;
 #pragma unroll
     for (int r = 0; r < ROWS; r++) {
       if (!fresh[r]) continue;
@@ -403,15 +353,14 @@ __device__ void move_rows(const i64* __restrict__ fill_index,   // (F,) position
 #define TS_MOVE(NAME, ROWS, K, T)                                                                \
   extern "C" __global__ void NAME(const i64* fill_index, const i64* fill_slots,                  \
                                   const unsigned char* victim_dirty, const int* n_fill,          \
-                                  const int* order, i64 phase, float* stage, i64* stage_home,    \
-                                  i64 stage_rows, const i64* addresses, float* l1_weights,       \
-                                  float* l1_state, i64 state_pitch, i64* l1_home, float* l2,     \
-                                  i64 dim, i64 width, unsigned char* written, i64 seed_key,      \
-                                  float scale, float initial_state) {                            \
-    move_rows<ROWS, K, T>(fill_index, fill_slots, victim_dirty, n_fill, order, (int)phase,       \
-                           stage, stage_home, stage_rows, addresses, l1_weights, l1_state,      \
-                           state_pitch, l1_home, l2, dim, width, written, seed_key, scale,      \
-                           initial_state);                                                      \
+                                  const int* order, i64 writes_back, const i64* addresses,       \
+                                  float* l1_weights, float* l1_state, i64 state_pitch,           \
+                                  i64* l1_home, float* l2, i64 dim, i64 width,                   \
+                                  unsigned char* written, i64 seed_key, float scale,             \
+                                  float initial_state) {                                         \
+    move_rows<ROWS, K, T>(fill_index, fill_slots, victim_dirty, n_fill, order, writes_back != 0, \
+                           addresses, l1_weights, l1_state, state_pitch, l1_home, l2, dim,      \
+                           width, written, seed_key, scale, initial_state);                     \
   }
 TS_MOVE(move_rows_vec4, 8, 1, float4)
 TS_MOVE(move_rows_scalar, 4, 5, float)  // a row of 129 floats at any skew in one pass

@@ -341,31 +341,6 @@ def test_module_matches_cpu(opt, mode, cache_rows, policy):
         _same_cache(gpu_emb.store.l1, cpu_emb.store.l1)
 
 
-@pytest.mark.parametrize("staged", [1, 5, None])  # victims staged in HBM; None: the default
-@pytest.mark.parametrize("dim", [24, 31])  # float4 and float moves
-def test_moves_with_a_small_staging_buffer_match_cpu(monkeypatch, staged, dim):
-    """Dirty victims past the staging buffer go back before it is filled (kernels/insert.cu
-    MOVE_DIRECT), the rest beside the fills (MOVE_BOTH): the same rows as the CPU either way."""
-    from tierstore import cuda_rows
-
-    num, opt = 900, ts.RowWiseAdagrad(lr=0.1)
-    cache = ts.CacheConfig(rows=64, ways=8, policy="lru")
-    cpu_emb, gpu_emb = _pair(num, dim, mode="sum", cache=cache, optimizer=opt)
-    if staged is not None:
-        monkeypatch.setattr(cuda_rows, "STAGE_BYTES", staged * gpu_emb.store.layout.row_bytes)
-    rng = np.random.default_rng(staged or 0)
-    for step in range(10):
-        x = _trace(rng, "uniform" if step % 2 else "zipf", num, 32 * 6).view(32, 6)
-        g = torch.randn(32, dim)
-        y_cpu, y_gpu = cpu_emb(x), gpu_emb(x.cuda())
-        assert _rel(y_gpu, y_cpu) <= 1e-6, step
-        y_cpu.backward(g)
-        y_gpu.backward(g.cuda())
-    _check_rows(cpu_emb, gpu_emb, num)
-    assert gpu_emb.stats() == cpu_emb.stats()
-    assert gpu_emb.stats().bytes_l1_to_l2 > 0  # dirty victims went back
-
-
 @pytest.mark.parametrize("dim", [1, 31, 128, 129, 300])
 def test_module_dims_and_offsets(dim):
     """Ragged bags given by offsets (empty bags too), odd dims, psw gradients."""

@@ -131,8 +131,6 @@ class CudaCache(SetAssociativeCache):
         # as 16-byte vectors and reads a way's 8-byte tag only where its digest matches
         stride = -(-self.ways // 16) * 16
         self.digests = torch.zeros((self.sets, stride), dtype=torch.uint8, device=self.device)
-        # the moves' staging rows and their L2 addresses, made at the first step (staging())
-        self._stage: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _way_state(self, shape: tuple[int, int]):
         """Tags, stamps, locks and dirty bits as fields of one 32-byte record per way
@@ -155,20 +153,6 @@ class CudaCache(SetAssociativeCache):
         if width != 1:
             return None
         return self.way_state.view(torch.float32)[..., 6:7].view(-1, 1)
-
-    def staging(self, width: int, limit_bytes: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """HBM where a step's moves stage its dirty victims (``cuda_rows.move_rows``): rows
-        ``(R, width)`` float32 and their L2 addresses ``(R,)`` int64, ``R`` the smaller of the
-        cache's rows (a step evicts no more) and ``limit_bytes`` of rows. Made at the first call
-        and kept, so that no step allocates it (nor a graph captures its allocation); a smaller
-        ``limit_bytes`` later takes the first rows."""
-        rows = min(self.capacity, limit_bytes // (4 * width))
-        have = self._stage
-        if have is None or have[0].shape[0] < rows or have[0].shape[1] != width:
-            have = (torch.empty((rows, width), device=self.device),
-                    torch.empty(rows, dtype=torch.int64, device=self.device))  # fmt: skip
-            self._stage = have
-        return have[0][:rows], have[1][:rows]
 
     def find(self, ids: torch.Tensor, sets: torch.Tensor | None = None) -> torch.Tensor:
         """Slot of each id, or -1 where it is not cached. Changes nothing. (``sets`` is

@@ -16,11 +16,6 @@ from .cuda_unique import radix_sort
 from .hashing import seed_key
 
 _MOVE_ROWS = {True: 8, False: 4}  # rows per warp of move_rows_vec4 / move_rows_scalar
-_DIRECT, _STAGE, _BOTH = 0, 1, 2  # kernels/insert.cu MovePhase
-# The most HBM a step's moves stage its dirty victims in, besides L1's rows (128 MiB: 260 000
-# rows of 516 bytes, more than the 180 000 writebacks of bench_steady.py's L1 = 20 % step; no
-# more than L1's own rows)
-STAGE_BYTES = 128 << 20
 
 
 def kernel_l2(store):
@@ -59,6 +54,11 @@ def refresh_conflicts(store, batch, l2) -> None:
     run_kernel("rows.cu", "refresh_conflict_rows", dev, (n + 31) // 32, args, per_warp=True)
 
 
+def refresh_stale(store, batch) -> None:
+    """The backend's part of ``TieredStore.refresh_stale``: :func:`refresh_conflicts`."""
+    refresh_conflicts(store, batch, kernel_l2(store))
+
+
 def victim_order(store, found) -> torch.Tensor:
     """``(U,)`` int32: the fill positions ascending by the L2 address their dirty victim goes
     back to (clean victims and the unused entries past ``n_fill`` after them). A kernel's
@@ -77,11 +77,9 @@ def victim_order(store, found) -> torch.Tensor:
 
 
 def move_rows(store, found, addresses: torch.Tensor) -> None:
-    """Writes dirty victims back to their L2 address (ascending) and copies the filled rows in
-    from L2 (ascending ids), recording their L2 address: kernels/insert.cu ``move_rows``,
-    zero-copy over PCIe. The victims are staged in HBM first (up to :data:`STAGE_BYTES`), so
-    that the writebacks run beside the fills, both directions of PCIe busy at once; victims past
-    that go back before the staging, one direction at a time."""
+    """Writes dirty victims back to their L2 address (ascending), then copies the filled rows
+    in from L2 (ascending ids) and records their L2 address: two launches of kernels/insert.cu
+    ``move_rows``, zero-copy over PCIe."""
     l2 = kernel_l2(store)
     if not isinstance(found, DeviceLookup) or l2 is None:
         found = found.trimmed() if isinstance(found, DeviceLookup) else found
@@ -92,8 +90,6 @@ def move_rows(store, found, addresses: torch.Tensor) -> None:
     l1 = kernel_l1(store)
     vec4 = width % 4 == 0 and dim % 4 == 0 and l1[2] % 4 == 0  # every part 16-byte aligned
     order = victim_order(store, found)
-    stage, stage_home = store.l1.staging(width, STAGE_BYTES)  # kept by L1: no step allocates it
-    stage_rows = stage.shape[0]
     # a never-written row's fill is computed from its id where L2 maps its written rows
     rows = _MOVE_ROWS[vec4]
     fn = "move_rows_vec4" if vec4 else "move_rows_scalar"
@@ -101,11 +97,9 @@ def move_rows(store, found, addresses: torch.Tensor) -> None:
              found.n_fill, order)  # fmt: skip
     init = (seed_key(store.seed), float(store.init_scale), float(store.layout.initial_state))
     rest = (int64_on(addresses, dev), *l1, store.l1.home, l2, dim, width, store.l2_written, *init)
-    staging = (stage, stage_home, stage_rows)
-    groups = (n + rows - 1) // rows
-    direct = (max(n - stage_rows, 0) + rows - 1) // rows  # victims the staging can't hold
-    for phase, items in ((_DIRECT, direct), (_STAGE, min(n, stage_rows)), (_BOTH, 2 * groups)):
-        run_kernel("insert.cu", fn, dev, items, (*fills, phase, *staging, *rest), per_warp=True)
+    for writes_back in (True, False):  # every writeback before the first fill
+        args = (*fills, writes_back, *rest)
+        run_kernel("insert.cu", fn, dev, (n + rows - 1) // rows, args, per_warp=True)
 
 
 def gather(store, batch, cols: int | None = None) -> torch.Tensor:
