@@ -246,7 +246,7 @@ def main() -> None:
             hit = emb.stats().unique_hit_ratio
             graphed = stream_ms(ts.GraphedStep(train), batches, warm)
             extra = prefetch_temporaries(emb, train, batches)
-            bound = 2 * batches[0].numel() * 8 + fills  # 2x the int64 index bytes + the moves
+            bound = 2 * batches[0].numel() * 8 + fills + wbs  # 2x the index bytes + the moves
             best = min(queued, pipe, graphed)
             if share == 1.0:
                 all_hits = best
