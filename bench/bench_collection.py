@@ -247,10 +247,12 @@ def collection(
     lengths = torch.ones(len(sizes) * batch, dtype=torch.int64, device=device)
     grad = torch.randn(batch, len(sizes) * D, device=device)
 
-    def step(values: torch.Tensor) -> None:
+    def step(values: torch.Tensor, lengths: torch.Tensor) -> None:
         col(keys=keys, values=values, lengths=lengths).values().backward(grad)
 
-    run = ts.GraphedStep(step) if graphed else step
+    # every tensor of the batch is an input of a graphed step: each replay's batch is checked
+    graphed_step = ts.GraphedStep(step)
+    run = (lambda v: graphed_step(v, lengths)) if graphed else (lambda v: step(v, lengths))
     return Runner(run, col.reset_stats, lambda: col.stats().unique_hit_ratio)
 
 

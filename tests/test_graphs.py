@@ -361,6 +361,27 @@ def test_graphed_collection_equals_eager(features_per_table, cache_rows):
     assert eager.stats() == graphed.stats(), seed
 
 
+@pytest.mark.gpu
+def test_a_collection_batch_tensor_held_outside_the_inputs_is_refused_by_name():
+    """``lengths`` kept by the step (not an input): each replay could not check the batch the
+    collection reads, so the capture is refused naming it, and the tables are as before."""
+    rng = np.random.default_rng(random.randrange(1 << 32))
+    eager, graphed, keys = _collections(1, 64)
+    values, lengths = _keyed_batch(rng, keys, BAGS)
+    g = torch.ones(BAGS, 8 * len(keys), device="cuda")
+    step = ts.GraphedStep(
+        lambda v: graphed(keys=keys, values=v, lengths=lengths).values().backward(g)
+    )
+    step(values)  # the warm-up call: an eager step
+    eager(keys=keys, values=values, lengths=lengths).values().backward(g)
+    with pytest.raises(InvalidInputError, match="TieredEmbeddingBagCollection's lengths must be"):
+        step(values)
+    for t in eager.tables:
+        ids = torch.arange(t.num_embeddings, device="cuda")
+        want = eager.read_rows(t.name, ids, with_state=True)
+        assert torch.equal(graphed.read_rows(t.name, ids, with_state=True), want), t.name
+
+
 @pytest.mark.parametrize("gpu", [pytest.param(False), pytest.param(True, marks=pytest.mark.gpu)])
 def test_collections_that_cannot_run_from_a_graph_are_refused(monkeypatch, gpu):
     """A collection on the CPU, one whose tables form several groups (each group's share of a

@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from . import checkpoint, graphs
+from . import checkpoint, collection_batch, graphs
 from .autograd import BatchHandle, TieredBagFunction
 from .backends import backend_for
 from .collection_batch import FeatureLayout, GroupInput, PreparedBatch, batch_key, grad_signature
@@ -253,8 +253,9 @@ class TieredEmbeddingBagCollection(nn.Module, SerialisedCalls):
         """Records this forward in the :class:`~tierstore.GraphedStep` capturing it, or raises
         why it cannot be (:meth:`FeatureLayout.capture_refusal`)."""
         why = self._layout.capture_refusal(given[0])
-        tensors = [t for t in batch_key(*given) if isinstance(t, torch.Tensor)]
-        return graphs.record(self, {f"batch tensor {i}": t for i, t in enumerate(tensors)},
+        parts = collection_batch.named_batch_parts(*given)
+        tensors = {k: t for k, t in parts if isinstance(t, torch.Tensor)}
+        return graphs.record(self, tensors,
                              lambda: self._layout.parse(*given).checks,
                              lambda: [(g.store, g.optimizer) for g in self.groups], why)  # fmt: skip
 

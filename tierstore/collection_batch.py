@@ -65,21 +65,33 @@ def batch_key(features, keys, values, lengths, offsets, weights) -> tuple[Any, .
     """The user's tensors (and feature names) of a batch in any of its forms: what tells a
     forward that its batch is the one prefetched (the same objects, unchanged) with no device
     read."""
+    return tuple(
+        part for _, part in named_batch_parts(features, keys, values, lengths, offsets, weights)
+    )
+
+
+def named_batch_parts(features, keys, values, lengths, offsets, weights) -> list[tuple[str, Any]]:
+    """:func:`batch_key`'s parts, each with what the user calls it (``"lengths"``,
+    ``"feature 'f1' offsets"``, ``"KeyedJaggedTensor.values()"``): what an error names."""
     if features is None:
-        return (tuple(keys or ()), values, lengths, offsets, weights)
+        names = ("keys", "values", "lengths", "offsets", "weights")
+        return list(zip(names, (tuple(keys or ()), values, lengths, offsets, weights), strict=True))
     if isinstance(features, Mapping):
-        out: list[Any] = []
+        out: list[tuple[str, Any]] = []
         for name, item in features.items():
-            out.append(name)
-            out.extend(item if isinstance(item, tuple | list) else (item,))
-        return tuple(out)
+            out.append(("feature names", name))
+            parts = item if isinstance(item, tuple | list) else (item,)
+            for what, part in zip(("indices", "offsets", "weights"), parts):
+                out.append((f"feature {name!r} {what}", part))
+        return out
     if looks_like_keyed_jagged(features):
-        parts = [tuple(features.keys()), features.values()]
+        out = [("KeyedJaggedTensor.keys()", tuple(features.keys()))]
+        out.append(("KeyedJaggedTensor.values()", features.values()))
         for method in ("lengths", "offsets", "weights_or_none"):
             get = getattr(features, method, None)
-            parts.append(get() if callable(get) else None)
-        return tuple(parts)
-    return (features,)  # not a batch: the forward's checks will say so
+            out.append((f"KeyedJaggedTensor.{method}()", get() if callable(get) else None))
+        return out
+    return [("batch", features)]  # not a batch: the forward's checks will say so
 
 
 def grad_signature(key: tuple[Any, ...]) -> tuple[bool, ...]:
