@@ -15,7 +15,7 @@ if [ -d .wheels ]; then  # lmdb and zstandard (shared/tools/device-prep)
     export PYTHONPATH=/tmp/site:$PYTHONPATH
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
-# bench_steady.py: steady-state training with prefetch (issue 23), run where present
+# bench_steady.py: steady-state training with a partial L1 and prefetch (issue 23)
 # bench_collection.py: 26 Criteo tables and 856 mixed tables in one collection against one
 #   TieredEmbeddingBag / nn.EmbeddingBag per table (issue 27), step times and kernels per step
 # bench_replay_engine.py takes its own arguments (below): the engine's cache replayed on the GPU

@@ -38,7 +38,7 @@ from tierstore.ssd_readers import ReaderPool, StaleSnapshot
 # at once ping-pong the GIL and take twice as long as one after the other (measured).
 _GETMULTI_LOCK = threading.Lock()
 # Keys per getmulti call of a read: the blocks of one call are decoded on the I/O threads
-# while the next call runs.
+# while the next call runs (the last call's on the reading thread).
 _READ_CHUNK_BLOCKS = 4096
 # Fewest blocks a read must have to go to the reader processes (and to start them).
 _PROCESS_MIN_BLOCKS = 2048
@@ -171,9 +171,13 @@ class BlockDB:
                     self._decode_with_codec(read, span, values, blocks)
                     continue
                 data = np.frombuffer(b"".join(values), np.uint8)
-                pending.append(self._pool.submit(
-                    self._decode_span, read, span, data, np.cumsum(size) - size, size, blocks
-                ))  # fmt: skip
+                job = (read, span, data, np.cumsum(size) - size, size, blocks)
+                if start + _READ_CHUNK_BLOCKS >= len(todo):
+                    # the last chunk: nothing left to fetch meanwhile, so this thread decodes it
+                    # (a hand-off to the pool and back cost a small read more than its decode)
+                    self._decode_span(*job)
+                else:
+                    pending.append(self._pool.submit(self._decode_span, *job))
         finally:
             _raise_first([f.exception() for f in pending])
         if flushed and not found.all():
