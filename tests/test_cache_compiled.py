@@ -350,7 +350,8 @@ def test_scored_ahead_equals_torch_step(shape, policy, indexed, size, sample, se
 def test_compiled_plan_equals_torch_plan(shape, policy, indexed, hashed, size, strict, seed):
     """``plan`` then ``commit``, as L2 over an SSD tier steps (``host_cache.py``): the compiled
     plan decides what the torch plan decides, and a strict one refuses the same batches with
-    the same message and no change, while batches stay locked in flight and rows go dirty."""
+    the same message and no change; the compiled commit leaves the torch commit's state; while
+    batches stay locked in flight and rows go dirty."""
     rng = np.random.default_rng(seed)
     universe = int(rng.integers(2, 4 * shape[0] + 50))
     make = hashed_batches if hashed and not indexed else zipf_batches
@@ -374,7 +375,10 @@ def test_compiled_plan_equals_torch_plan(shape, policy, indexed, hashed, size, s
         assert_same_lookup(want, got)
         assert_same_state(reference, compiled)  # a plan changes nothing
         reference.commit(want, counts)
-        compiled.commit(got, counts)
+        with count_calls(cache_compiled, "_commit") as calls:
+            compiled.commit(got, counts)
+        assert calls == [1]
+        assert_same_state(reference, compiled)  # the compiled commit did what the torch one did
         dirty = torch.from_numpy(rng.integers(-1, reference.capacity, rng.integers(0, 8)))
         reference.mark_dirty(dirty)
         compiled.mark_dirty(dirty)

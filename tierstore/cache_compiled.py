@@ -2,13 +2,13 @@
 ``SetAssociativeCache`` whose ``lookup`` takes a few passes over the batch instead of some
 thirty.
 
-``cache.py``'s torch step is the specification (docs/DESIGN.md, "L1"); ``CompiledCache`` is its
-twin for the CPU where numba is installed (``cpu.new_cache`` picks it), a subclass that keeps
-to the torch step it inherits wherever the loops here do not apply (a policy without a
-``compiled_score``, a strict lookup, ``cache.COMPILED_STEP = False``). ``cache.py`` does not
-know of it. ``tests/test_cache_compiled.py`` checks that both end every step in the same state
-and return the same ``Lookup``, bit for bit. The loops work in place on numpy views of the
-cache's tensors (``Tensor.numpy()`` shares their memory).
+``cache.py``'s torch step is the specification (docs/DESIGN.md, "L1"), which ``cache.py``
+keeps unaware of this twin: a subclass for the CPU where numba is installed (``cpu.new_cache``
+picks it) that keeps to the torch step wherever the loops here do not apply (a policy without a
+``compiled_score``, a strict lookup, ``cache.COMPILED_STEP = False``), working in place on
+numpy views of the cache's tensors. ``tests/test_cache_compiled.py`` checks that both end
+every step in the same state and return the same ``Lookup``, bit for bit. L2 over an SSD tier
+plans a batch (``cache_plan.py``), reads its misses from L3, then commits it (:func:`_commit`).
 
 The step, for the ``n`` unique ids of a batch (ascending) and their counts:
 
@@ -373,6 +373,36 @@ def _step(ids, counts, slot_of, state, counters, sets, ways, step, frequency, sk
 
 
 @compiled
+def _commit(ids, counts, plan, slot_of, state, counters, step, frequency, sketch_state):
+    """``SetAssociativeCache.commit`` of ``plan`` (``slots, fill_index, fill_slots, victim_ids,
+    victim_dirty, hit``, made on the current state) in place: the scores, a lock and the score
+    of every placed id, the fills' tags, clean bits and index entries, counters, ageing."""
+    slots, fill_index, fill_slots, victims, victim_dirty, hit = plan
+    if frequency:
+        scores, aged = _sketch_step(ids, counts, sketch_state)
+    else:
+        scores, aged = np.full(ids.size, step, np.int64), False
+    tags, stamps, dirty, locks = state
+    n_hit = 0
+    for i in range(ids.size):
+        if slots[i] >= 0:
+            stamps[slots[i]] = scores[i]
+            locks[slots[i]] += 1
+        n_hit += hit[i]
+    for f in range(victims.size):  # the victims leave the index before the fills enter it
+        if slot_of.size > 0 and victims[f] != _EMPTY:
+            slot_of[victims[f]] = -1
+    for f in range(fill_index.size):
+        row, slot = ids[fill_index[f]], fill_slots[f]
+        tags[slot], dirty[slot] = row, False
+        if slot_of.size > 0:
+            slot_of[row] = slot
+    _count(counters, counts, ids.size, ids.size - n_hit, victims, victim_dirty)
+    if aged:
+        _age(stamps)
+
+
+@compiled
 def _unlock(locks, slots):
     """Takes one lock off each slot >= 0; changes nothing and returns False if a slot lies
     beyond the cache."""
@@ -389,6 +419,13 @@ def _unlock(locks, slots):
 # False once numba failed to compile the step (an untested numba or LLVM, say): every cache
 # keeps to the torch step from then on.
 _compiles = [_compiled.COMPILED]
+
+
+def _compile_failed(what: str, instead: str, error: Exception) -> None:
+    """Keeps every cache to the torch step from now on, with a warning saying why."""
+    _compiles[0] = False
+    msg = f"numba cannot compile the {what}, using the {instead}: {error}"
+    warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
 def _flat(t: torch.Tensor) -> np.ndarray:
@@ -424,14 +461,9 @@ class CompiledCache(SetAssociativeCache):
             return False
         if rule is None or (self.sketch is not None) != (rule is CompiledScore.FREQUENCY):
             return False
-        return (
-            ids.dtype == torch.int64
-            and counts.dtype in (torch.int64, torch.int32)
-            and ids.dim() == 1
-            and counts.shape == ids.shape
-            and ids.device.type == "cpu"
-            and counts.device.type == "cpu"
-        )
+        ids_fit = ids.dtype == torch.int64 and ids.dim() == 1 and ids.device.type == "cpu"
+        counts_fit = counts.dtype in (torch.int64, torch.int32) and counts.shape == ids.shape
+        return ids_fit and counts_fit and counts.device.type == "cpu"
 
     def _state(self) -> tuple:
         """The per-way state for :func:`_place`: tags, stamps, dirty bits, locks, by slot."""
@@ -473,9 +505,7 @@ class CompiledCache(SetAssociativeCache):
                 frequency, self._sketch_state(),
             )  # fmt: skip
         except NumbaError as e:  # raised while compiling, before anything ran: nothing changed
-            _compiles[0] = False
-            msg = f"numba cannot compile the cache step, using the torch step: {e}"
-            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+            _compile_failed("cache step", "torch step", e)
             return super().lookup(ids, counts, strict)
         self.step += 1
         return Lookup(ids, *(torch.from_numpy(a) for a in out))
@@ -493,13 +523,30 @@ class CompiledCache(SetAssociativeCache):
         try:
             short = plan_slots(ids_np, slot_of, *state, self.sets, self.ways, slots, hit)
         except NumbaError as e:  # raised while compiling, before anything ran
-            _compiles[0] = False
-            msg = f"numba cannot compile the cache's plan, using the torch plan: {e}"
-            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+            _compile_failed("cache's plan", "torch plan", e)
             return super().plan(ids, strict)
         if strict and short > 0:
             self._refuse(ids_np.size, int(short))
         return self._planned(ids, torch.from_numpy(slots), torch.from_numpy(hit))
+
+    def commit(self, plan: Lookup, counts: torch.Tensor) -> Lookup:
+        """:meth:`SetAssociativeCache.commit` in one compiled pass where :meth:`supports` holds
+        (L2 over an SSD tier commits each plan once its L3 reads are in: the torch form's two
+        dozen small ops cost more than the work); else the torch commit."""
+        if not self.supports(plan.ids, counts):
+            return super().commit(plan, counts)
+        fields = (plan.ids, counts.long(), plan.slots, plan.fill_index, plan.fill_slots,
+                  plan.victim_ids, plan.victim_dirty, plan.hit)  # fmt: skip
+        ids, counts_np, *rest = (np.ascontiguousarray(t.numpy()) for t in fields)
+        slot_of = _NO_INDEX if self._slot_of is None else self._slot_of.numpy()
+        try:
+            _commit(ids, counts_np, tuple(rest), slot_of, self._state(), self.counters.numpy(),
+                    self.step + 1, self.sketch is not None, self._sketch_state())  # fmt: skip
+        except NumbaError as e:  # raised while compiling, before anything ran
+            _compile_failed("cache's commit", "torch commit", e)
+            return super().commit(plan, counts)
+        self.step += 1
+        return plan
 
     def score(self, ids: np.ndarray, counts: np.ndarray) -> Scored:
         """The part of the step that reads and writes only the sketch, for the unique ``ids``
@@ -538,14 +585,9 @@ class CompiledCache(SetAssociativeCache):
     def can_release(self, slots: torch.Tensor) -> bool:
         """Whether :meth:`release` unlocks ``slots`` compiled: ``cache.COMPILED_STEP`` is on,
         numba is installed, and the locks and the slots (int64) are on the CPU."""
-        return (
-            cache_module.COMPILED_STEP
-            and _compiles[0]
-            and self.device.type == "cpu"
-            and slots.dtype == torch.int64
-            and slots.dim() == 1
-            and slots.device.type == "cpu"
-        )
+        usable = cache_module.COMPILED_STEP and _compiles[0] and self.device.type == "cpu"
+        slots_fit = slots.dtype == torch.int64 and slots.dim() == 1
+        return usable and slots_fit and slots.device.type == "cpu"
 
     def release(self, slots: torch.Tensor) -> None:
         """:meth:`SetAssociativeCache.release`, in one compiled pass where :meth:`can_release`
