@@ -250,10 +250,9 @@ def collection(
     def step(values: torch.Tensor, lengths: torch.Tensor) -> None:
         col(keys=keys, values=values, lengths=lengths).values().backward(grad)
 
-    # every tensor of the batch is an input of a graphed step: each replay's batch is checked
-    graphed_step = ts.GraphedStep(step)
-    run = (lambda v: graphed_step(v, lengths)) if graphed else (lambda v: step(v, lengths))
-    return Runner(run, col.reset_stats, lambda: col.stats().unique_hit_ratio)
+    # lengths is an input too: a graphed step checks each replay's batch, all of its tensors
+    run = ts.GraphedStep(step) if graphed else step
+    return Runner(lambda v: run(v, lengths), col.reset_stats, lambda: col.stats().unique_hit_ratio)
 
 
 def tiered_tables(sizes: Sequence[int], l1_share: float, batch: int, device) -> Runner:
