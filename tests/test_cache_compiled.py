@@ -350,8 +350,9 @@ def test_scored_ahead_equals_torch_step(shape, policy, indexed, size, sample, se
 def test_compiled_plan_equals_torch_plan(shape, policy, indexed, hashed, size, strict, seed):
     """``plan`` then ``commit``, as L2 over an SSD tier steps (``host_cache.py``): the compiled
     plan decides what the torch plan decides, and a strict one refuses the same batches with
-    the same message and no change; the compiled commit leaves the torch commit's state; while
-    batches stay locked in flight and rows go dirty."""
+    the same message and no change; the compiled commit leaves the torch commit's state and the
+    compiled find finds what the torch find does; while batches stay locked in flight and rows
+    go dirty."""
     rng = np.random.default_rng(seed)
     universe = int(rng.integers(2, 4 * shape[0] + 50))
     make = hashed_batches if hashed and not indexed else zipf_batches
@@ -379,6 +380,11 @@ def test_compiled_plan_equals_torch_plan(shape, policy, indexed, hashed, size, s
             compiled.commit(got, counts)
         assert calls == [1]
         assert_same_state(reference, compiled)  # the compiled commit did what the torch one did
+        asked = torch.from_numpy(rng.integers(0, universe, rng.integers(0, 40)))  # any, repeats
+        with count_calls(cache_compiled, "find_slots") as calls:
+            found = compiled.find(asked)
+        assert calls == [0 if indexed else 1]  # (the slot index is one gather either way)
+        assert torch.equal(found, reference.find(asked))
         dirty = torch.from_numpy(rng.integers(-1, reference.capacity, rng.integers(0, 8)))
         reference.mark_dirty(dirty)
         compiled.mark_dirty(dirty)

@@ -55,7 +55,7 @@ from . import cache as cache_module
 from . import compiled as _compiled
 from . import stats as st
 from .cache import EMPTY, Lookup, SetAssociativeCache
-from .cache_plan import IDS_AHEAD, MISSES_AHEAD, group_by_set, plan_slots
+from .cache_plan import IDS_AHEAD, MISSES_AHEAD, find_slots, group_by_set, plan_slots
 from .compiled import NumbaError, compiled, prefetch
 from .hashing import mix64_compiled as _mix64  # splitmix64's finalizer (hashing.mix64)
 from .hashing import reduce_range_compiled as _reduce_range
@@ -446,24 +446,19 @@ class Scored:
 
 class CompiledCache(SetAssociativeCache):
     """:class:`~tierstore.cache.SetAssociativeCache` that steps and releases with the compiled
-    loops above where they apply (:meth:`supports`, :meth:`can_release`) and with the torch
+    loops above where they apply (:meth:`supports`, :meth:`takes`) and with the torch
     step it inherits elsewhere: the same state and ``Lookup``, bit for bit. The CPU's L1 where
     numba is installed (``cpu.new_cache`` picks it); arguments as the base class's."""
 
     def supports(self, ids: torch.Tensor, counts: torch.Tensor) -> bool:
-        """Whether :meth:`lookup` steps this batch compiled: ``cache.COMPILED_STEP`` is on,
-        numba is installed (and compiles the step), the cache lives on the CPU, its policy
-        declares a ``compiled_score`` (``STEP`` with no sketch, or ``FREQUENCY`` with its
-        sketch: LRU, LFU), and the ids are int64 and the counts integers, one per id, on the
-        CPU."""
+        """Whether :meth:`lookup` (and :meth:`commit`) steps this batch compiled: :meth:`takes`
+        the ids, its policy declares a ``compiled_score`` (``STEP`` with no sketch, or
+        ``FREQUENCY`` with its sketch: LRU, LFU), and the counts are integers on the CPU."""
         rule = self.policy.compiled_score
-        if not (cache_module.COMPILED_STEP and _compiles[0]) or self.device.type != "cpu":
-            return False
         if rule is None or (self.sketch is not None) != (rule is CompiledScore.FREQUENCY):
             return False
-        ids_fit = ids.dtype == torch.int64 and ids.dim() == 1 and ids.device.type == "cpu"
         counts_fit = counts.dtype in (torch.int64, torch.int32) and counts.shape == ids.shape
-        return ids_fit and counts_fit and counts.device.type == "cpu"
+        return self.takes(ids) and counts_fit and counts.device.type == "cpu"
 
     def _state(self) -> tuple:
         """The per-way state for :func:`_place`: tags, stamps, dirty bits, locks, by slot."""
@@ -496,14 +491,10 @@ class CompiledCache(SetAssociativeCache):
             return super().lookup(ids, counts, strict)
         ids_np = np.ascontiguousarray(ids.numpy())
         counts_np = np.ascontiguousarray(counts.numpy(), dtype=np.int64)
-        slot_of = self._checked_index(ids_np)
-        state, counters, step = self._state(), self.counters.numpy(), self.step + 1
-        frequency = self.sketch is not None
         try:
-            out = _step(
-                ids_np, counts_np, slot_of, state, counters, self.sets, self.ways, step,
-                frequency, self._sketch_state(),
-            )  # fmt: skip
+            out = _step(ids_np, counts_np, self._checked_index(ids_np), self._state(),
+                        self.counters.numpy(), self.sets, self.ways, self.step + 1,
+                        self.sketch is not None, self._sketch_state())  # fmt: skip
         except NumbaError as e:  # raised while compiling, before anything ran: nothing changed
             _compile_failed("cache step", "torch step", e)
             return super().lookup(ids, counts, strict)
@@ -513,8 +504,7 @@ class CompiledCache(SetAssociativeCache):
     def plan(self, ids: torch.Tensor, strict: bool = False) -> Lookup:
         """:meth:`SetAssociativeCache.plan` in compiled loops (``cache_plan.py``, any policy)
         for int64 ids on the CPU; else, or where numba cannot compile them, the torch plan."""
-        usable = cache_module.COMPILED_STEP and _compiles[0] and self.device.type == "cpu"
-        if not usable or ids.device.type != "cpu" or ids.dtype != torch.int64 or ids.dim() != 1:
+        if not self.takes(ids):
             return super().plan(ids, strict)
         ids_np = np.ascontiguousarray(ids.numpy())
         slot_of = self._checked_index(ids_np)
@@ -529,10 +519,23 @@ class CompiledCache(SetAssociativeCache):
             self._refuse(ids_np.size, int(short))
         return self._planned(ids, torch.from_numpy(slots), torch.from_numpy(hit))
 
+    def find(self, ids: torch.Tensor, sets: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`SetAssociativeCache.find` in one compiled pass (``cache_plan.find_slots``)
+        for a cache without a slot index, where :meth:`takes` ``ids``."""
+        if self._slot_of is not None or not self.takes(ids):
+            return super().find(ids, sets)
+        slots = np.empty(ids.numel(), np.int64)
+        try:
+            find_slots(np.ascontiguousarray(ids.numpy()), _flat(self.tags), self.sets,
+                       self.ways, slots)  # fmt: skip
+        except NumbaError as e:  # raised while compiling, before anything ran
+            _compile_failed("cache's find", "torch find", e)
+            return super().find(ids, sets)
+        return torch.from_numpy(slots)
+
     def commit(self, plan: Lookup, counts: torch.Tensor) -> Lookup:
         """:meth:`SetAssociativeCache.commit` in one compiled pass where :meth:`supports` holds
-        (L2 over an SSD tier commits each plan once its L3 reads are in: the torch form's two
-        dozen small ops cost more than the work); else the torch commit."""
+        (the torch form's two dozen small ops cost L2 over an SSD tier more than the work)."""
         if not self.supports(plan.ids, counts):
             return super().commit(plan, counts)
         fields = (plan.ids, counts.long(), plan.slots, plan.fill_index, plan.fill_slots,
@@ -549,18 +552,16 @@ class CompiledCache(SetAssociativeCache):
         return plan
 
     def score(self, ids: np.ndarray, counts: np.ndarray) -> Scored:
-        """The part of the step that reads and writes only the sketch, for the unique ``ids``
-        (ascending) and ``counts`` of a batch, ahead of the rest (:meth:`place`): under LFU
-        adds the batch to the sketch, reads the estimates and halves the sketch when due (as
-        :meth:`lookup` would); under LRU nothing. Raises IndexError before any change if an id
-        lies outside the slot index.
+        """The step's sketch part for a batch's unique ``ids`` (ascending) and ``counts``,
+        ahead of the rest (:meth:`place`): under LFU adds the batch to the sketch, reads the
+        estimates and halves the sketch when due (as :meth:`lookup`); under LRU nothing.
+        Raises IndexError before any change if an id lies outside the slot index.
 
-        Placing never touches the sketch and scoring touches nothing else, so a replay may
-        score batch ``k + 1`` on one thread while batch ``k`` is placed on another: the same
-        state as :meth:`lookup` batch after batch, as long as batches are scored and placed in
-        one order, each once. Call only where :meth:`supports` says so, and once
-        :meth:`lookup` has stepped the cache: that compiles the step, so that numba cannot
-        fail between a batch's scoring and its placing."""
+        Placing never touches the sketch and scoring nothing else, so a replay may score batch
+        ``k + 1`` on one thread while batch ``k`` is placed on another: the state of
+        :meth:`lookup` batch after batch, if batches are scored and placed in one order, each
+        once. Call only where :meth:`supports` holds, after a :meth:`lookup` has compiled the
+        step (so that numba cannot fail between a batch's scoring and its placing)."""
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         counts = np.ascontiguousarray(counts, dtype=np.int64)
         self._checked_index(ids)
@@ -582,18 +583,18 @@ class CompiledCache(SetAssociativeCache):
         self.step += 1
         return tuple(torch.from_numpy(a) for a in out)
 
-    def can_release(self, slots: torch.Tensor) -> bool:
-        """Whether :meth:`release` unlocks ``slots`` compiled: ``cache.COMPILED_STEP`` is on,
-        numba is installed, and the locks and the slots (int64) are on the CPU."""
+    def takes(self, ids: torch.Tensor) -> bool:
+        """Whether :meth:`plan`, :meth:`find` and :meth:`release` run compiled for ``ids`` (or
+        slots): ``cache.COMPILED_STEP`` is on, numba is installed, and the cache and ``ids``
+        (int64, 1-D) are on the CPU."""
         usable = cache_module.COMPILED_STEP and _compiles[0] and self.device.type == "cpu"
-        slots_fit = slots.dtype == torch.int64 and slots.dim() == 1
-        return usable and slots_fit and slots.device.type == "cpu"
+        return usable and ids.dtype == torch.int64 and ids.dim() == 1 and ids.device.type == "cpu"
 
     def release(self, slots: torch.Tensor) -> None:
-        """:meth:`SetAssociativeCache.release`, in one compiled pass where :meth:`can_release`
-        says so (the torch form's index_add_ wakes torch's thread pool for a few microseconds
-        of work)."""
-        if not self.can_release(slots):
+        """:meth:`SetAssociativeCache.release`, in one compiled pass where :meth:`takes` the
+        slots (the torch form's index_add_ wakes torch's thread pool for a few microseconds of
+        work)."""
+        if not self.takes(slots):
             return super().release(slots)
         if not _unlock(_flat(self.locks), np.ascontiguousarray(slots.numpy())):
             raise IndexError(f"slots must lie below the cache's {self.capacity} slots")

@@ -1,7 +1,8 @@
 """Compiled loops that find a batch's ways without changing the cache: the misses grouped by set
 (for the compiled step, ``cache_compiled.py``, and for the plan below), and the plan of a step
 (:meth:`SetAssociativeCache.plan`: which ids hit, which way each miss takes, and so what it
-evicts, changing nothing) for ``CompiledCache.plan``.
+evicts, changing nothing) for ``CompiledCache.plan``, and the slots of cached ids for
+``CompiledCache.find``.
 
 L2 over an SSD tier plans each batch, reads its misses from L3, then commits
 (``host_cache.py``): the torch plan's thirty-odd passes were the largest part of that tier's
@@ -71,6 +72,24 @@ def group_by_set(pos, sets_of, sets):
     if sets <= _SETS_PER_MISS * sets_of.size:
         return _group_by_counting(pos, sets_of, sets)
     return _group_by_sorting(pos, sets_of)
+
+
+@compiled
+def find_slots(ids, tags, sets, ways, slots):
+    """Fills ``slots`` (n,) with the slot of each of ``ids`` (n,) among the per-slot ``tags``
+    of its set, -1 where it is not cached (:meth:`SetAssociativeCache.find` of a cache
+    without a slot index). Changes nothing."""
+    for i in range(ids.size):
+        if i + IDS_AHEAD < ids.size:  # the tags of a set
+            first = _set_of(ids[i + IDS_AHEAD], sets) * ways
+            for way in range(first, first + ways, 8):  # 8 tags a 64-byte line
+                prefetch(tags, way)
+        base = _set_of(ids[i], sets) * ways
+        slots[i] = -1
+        for w in range(ways):
+            if tags[base + w] == ids[i]:
+                slots[i] = base + w
+                break
 
 
 @compiled
