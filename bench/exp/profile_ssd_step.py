@@ -71,6 +71,12 @@ def _device_busy_ms(prof: torch.profiler.profile) -> float:
     return busy / 1e3
 
 
+def debug_syncs(cuda: bool, mode: int | str) -> None:
+    """``torch.cuda.set_sync_debug_mode(mode)`` where there is CUDA."""
+    if cuda:
+        torch.cuda.set_sync_debug_mode(mode)
+
+
 def profile(run: bss.Run, tables: list, steps: int, depth: int, top: int) -> None:
     """Warm-up steps, then the loop (``depth`` 0: plain) timed, counted and profiled."""
     model = bss.DLRMShaped(tables, bss.DLRM_DIM, run.device)
@@ -95,31 +101,28 @@ def profile(run: bss.Run, tables: list, steps: int, depth: int, top: int) -> Non
         step(b)
     cuda = run.device.type == "cuda"
     times: list[float] = []
-    syncs = 0
     host = cProfile.Profile()
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     device_trace = torch.profiler.profile(activities=activities) if cuda else None
     with device_trace or contextlib.nullcontext(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        if cuda:
-            torch.cuda.set_sync_debug_mode("warn")
-        try:
-            it = loop(batches(steps))
-            run.sync()
-            while True:
-                t0 = time.perf_counter()
-                host.enable()
+        it = loop(batches(steps))
+        run.sync()
+        while True:
+            t0 = time.perf_counter()
+            debug_syncs(cuda, "warn")  # the step's own synchronisations, not the timing's
+            host.enable()
+            try:
                 b = next(it, None)
                 if b is not None:
                     step(b)
+            finally:
                 host.disable()
-                run.sync()
-                if b is None:
-                    break
-                times.append(1e3 * (time.perf_counter() - t0))
-        finally:
-            if cuda:
-                torch.cuda.set_sync_debug_mode(0)
+                debug_syncs(cuda, 0)
+            run.sync()
+            if b is None:
+                break
+            times.append(1e3 * (time.perf_counter() - t0))
     syncs = sum("synchroniz" in str(w.message) for w in caught)
     what = "plain" if not depth else f"prefetching(depth={depth})"
     wall = statistics.median(times)
