@@ -113,20 +113,21 @@ def test_a_batch_of_many_getmulti_chunks_matches_the_codec(tmp_path, monkeypatch
         tier.close()
 
 
-def _damaged_table(path, level: int, edit) -> tuple[torch.Tensor, int]:
-    """A flushed table whose block holding id 1000 is replaced by ``edit(key, value)``;
-    returns every id stored and that block's key."""
+def _damaged_table(path, level: int, edit, at=(1000,)) -> tuple[torch.Tensor, int]:
+    """A flushed table of the even ids below 3000 whose blocks holding the ids ``at`` are
+    replaced by ``edit(key, value)``; returns every id stored and the first such block's key."""
     tier = SSDTier.create(path, {"row_width": W}, init_rows, block_rows=1, compression_level=level)
     ids = torch.arange(0, 3000, 2)
     tier.flush(ids, random_bits(np.random.default_rng(1), len(ids)))
     tier.close()
-    key = np.array([1000 ^ (1 << 63)], ">u8").tobytes()
+    keys = [np.array([i ^ (1 << 63)], ">u8").tobytes() for i in at]
     env = lmdb.open(str(path), max_dbs=4)
     with env.begin(write=True) as txn:
         db = env.open_db(b"blocks", txn=txn)
-        txn.put(key, edit(key, txn.get(key, db=db)), db=db)
+        for key in keys:
+            txn.put(key, edit(key, txn.get(key, db=db)), db=db)
     env.close()
-    return ids, int.from_bytes(key, "big")
+    return ids, int.from_bytes(keys[0], "big")
 
 
 def _reseal(key: bytes, body: bytes) -> bytes:
@@ -175,6 +176,30 @@ def test_damaged_blocks_are_refused_by_both_decoders(tmp_path, compiled, edit):
         assert f"{block:#x}" in str(info.value) and str(tmp_path / "t") in str(info.value)
         good = ids[ids != 1000]
         assert tier.read(good).shape == (len(good), W)  # the other blocks still read
+    finally:
+        tier.close()
+
+
+def test_the_first_damaged_block_of_a_read_of_many_chunks_is_named(tmp_path, monkeypatch):
+    """A read of many getmulti chunks, its earlier chunks decoded on the I/O threads and its
+    last on the reading thread: the first damaged block in id order is the one refused,
+    wherever it was decoded, and a read without the damaged blocks is whole."""
+    if not blocks_compiled.AVAILABLE:
+        pytest.skip("no compiled decoder here")
+    monkeypatch.setattr(ssd_blockdb, "_READ_CHUNK_BLOCKS", 97)  # 1 500 blocks: 16 chunks
+    flip = EDITS["flipped byte"][0]
+    ids, first = _damaged_table(tmp_path / "t", 3, flip, at=(1000, 2990))  # chunks 6 and 16
+    tier = SSDTier.open(tmp_path / "t", init_rows, io_threads=3)
+    try:
+        with pytest.raises(CorruptBlockError, match="checksum") as info:
+            tier.read(ids)
+        assert f"{first:#x}" in str(info.value)
+        with pytest.raises(CorruptBlockError, match="checksum") as info:
+            tier.read(ids[ids != 1000])  # the last chunk's block, decoded on this thread
+        assert f"{2990 ^ (1 << 63):#x}" in str(info.value)
+        keep = (ids != 1000) & (ids != 2990)
+        rows = random_bits(np.random.default_rng(1), len(ids))  # as _damaged_table wrote them
+        assert bitwise_equal(tier.read(ids[keep]), rows[keep])
     finally:
         tier.close()
 
