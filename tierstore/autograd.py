@@ -44,7 +44,7 @@ class TieredBagFunction(torch.autograd.Function):
         if mode == "max":  # the kernels pool by sum and mean: max takes the generic path
             out, ctx.max_graph = bag_max.forward(store, handle.batch, offsets, keep_graph=True)
             return out
-        return store.backend.forward(store, handle.batch, offsets, per_sample_weights, mode)
+        return store.forward(handle.batch, offsets, per_sample_weights, mode)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -67,10 +67,8 @@ class TieredBagFunction(torch.autograd.Function):
             if ctx.mode == "max":
                 bag_max.backward(store, batch, ctx.max_graph, grad_out, optimizer)
             else:
-                psw_grad = store.backend.backward(
-                    store, batch, grad_out.contiguous(), ctx.offsets, psw, ctx.mode, optimizer,
-                    ctx.needs_input_grad[1],
-                )  # fmt: skip
+                psw_grad = store.backward(batch, grad_out.contiguous(), ctx.offsets, psw,
+                                          ctx.mode, optimizer, ctx.needs_input_grad[1])  # fmt: skip
             if ctx.update:
                 owner._unflushed = True
         finally:

@@ -32,7 +32,7 @@ def forward(store, batch, offsets: torch.Tensor, keep_graph: bool):
     """``(pooled (B, D), graph)``: each bag's element-wise maximum over its rows (zeros for an
     empty bag, as torch); ``graph`` is a :class:`MaxGraph` for :func:`backward` with
     ``keep_graph``, else ``None``. ``offsets`` has ``B + 1`` entries, the last one ``n``."""
-    weights = store.backend.gather(store, batch, store.layout.dim)
+    weights = store.gather(batch, store.layout.dim)
     inverse = batch.inverse.to(weights.device)
     if not keep_graph:
         pooled = F.embedding_bag(inverse, weights, offsets, mode="max", include_last_offset=True)
@@ -49,6 +49,5 @@ def backward(store, batch, graph: MaxGraph, grad_out: torch.Tensor, optimizer: O
     if optimizer is None or batch.ids.numel() == 0:
         return
     (grad,) = torch.autograd.grad(graph.pooled, graph.weights, grad_out.to(graph.pooled.device))
-    backend = store.backend
-    rows = backend.gather(store, batch)  # (U, width): weights and optimizer state
-    backend.scatter(store, batch, optimizer.update(rows, grad.to(rows.device)))
+    rows = store.gather(batch)  # (U, width): weights and optimizer state
+    store.scatter(batch, optimizer.update(rows, grad.to(rows.device)))

@@ -287,7 +287,7 @@ class TieredEmbeddingBagCollection(nn.Module, SerialisedCalls):
             anchor = torch.empty(0, device=self.device, requires_grad=True)  # see module.py
             return TieredBagFunction.apply(anchor, psw, g, handle, gin.offsets, gin.mode, update)
         held.append((g, batch))
-        return store.backend.forward(store, batch, gin.offsets, psw, gin.mode)
+        return store.forward(batch, gin.offsets, psw, gin.mode)
 
     @serialised
     def prefetch(

@@ -231,7 +231,7 @@ class TieredEmbeddingBag(nn.Module, SerialisedCalls):
             if self.mode == "max":
                 out = bag_max.forward(self.store, batch, offs, keep_graph=False)[0]
             else:
-                out = self.store.backend.forward(self.store, batch, offs, psw, self.mode)
+                out = self.store.forward(batch, offs, psw, self.mode)
             self._queue.advance()
             return out
         finally:

@@ -422,6 +422,32 @@ class TieredStore:
         """Whether lookups queued on the side stream may still run beside the current stream."""
         return self._side_tail is not None
 
+    # ------------------------------------------------- a placed batch's rows, by the kernels
+    def forward(self, batch: Batch, offsets: torch.Tensor, per_sample_weights, mode: str):
+        """Pooled bags ``(B, D)`` of a placed batch, ``mode`` sum or mean (``offsets``: ``B + 1``
+        entries, the last ``n``; ``per_sample_weights``: ``(n,)`` or None)."""
+        return self.backend.forward(self, batch, offsets, per_sample_weights, mode)
+
+    def backward(
+        self, batch: Batch, grad_out: torch.Tensor, offsets: torch.Tensor, per_sample_weights,
+        mode: str, optimizer: Optimizer | None, want_weight_grad: bool,
+    ) -> torch.Tensor | None:  # fmt: skip
+        """A placed batch's backward from ``grad_out`` ``(B, D)``: each unique row's gradient,
+        summed in index order, applied by the fused ``optimizer`` where the row lives (None:
+        no update); returns the per-sample weights' gradient ``(n,)`` if ``want_weight_grad``."""
+        return self.backend.backward(self, batch, grad_out, offsets, per_sample_weights, mode,
+                                     optimizer, want_weight_grad)  # fmt: skip
+
+    def gather(self, batch: Batch, cols: int | None = None) -> torch.Tensor:
+        """A placed batch's rows ``(U, cols)`` (weights then state; all columns by default)
+        from where they live: L1 slots, else L2 addresses."""
+        return self.backend.gather(self, batch, cols)
+
+    def scatter(self, batch: Batch, rows: torch.Tensor) -> None:
+        """Stores a placed batch's updated rows ``(U, width)`` where they live (cached ones
+        become dirty)."""
+        self.backend.scatter(self, batch, rows)
+
     def release(self, batch: Batch) -> None:
         """Unlocks a batch's rows in L1 and L2 (once)."""
         if batch.released:
