@@ -423,14 +423,18 @@ class TieredStore:
         return self._side_tail is not None
 
     # ------------------------------------------------- a placed batch's rows, by the kernels
-    def forward(self, batch: Batch, offsets: torch.Tensor, per_sample_weights, mode: str):
+    def forward(
+        self, batch: Batch, offsets: torch.Tensor, per_sample_weights: torch.Tensor | None,
+        mode: str,
+    ) -> torch.Tensor:  # fmt: skip
         """Pooled bags ``(B, D)`` of a placed batch, ``mode`` sum or mean (``offsets``: ``B + 1``
         entries, the last ``n``; ``per_sample_weights``: ``(n,)`` or None)."""
         return self.backend.forward(self, batch, offsets, per_sample_weights, mode)
 
     def backward(
-        self, batch: Batch, grad_out: torch.Tensor, offsets: torch.Tensor, per_sample_weights,
-        mode: str, optimizer: Optimizer | None, want_weight_grad: bool,
+        self, batch: Batch, grad_out: torch.Tensor, offsets: torch.Tensor,
+        per_sample_weights: torch.Tensor | None, mode: str, optimizer: Optimizer | None,
+        want_weight_grad: bool,
     ) -> torch.Tensor | None:  # fmt: skip
         """A placed batch's backward from ``grad_out`` ``(B, D)``: each unique row's gradient,
         summed in index order, applied by the fused ``optimizer`` where the row lives (None:
