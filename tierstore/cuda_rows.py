@@ -54,11 +54,6 @@ def refresh_conflicts(store, batch, l2) -> None:
     run_kernel("rows.cu", "refresh_conflict_rows", dev, (n + 31) // 32, args, per_warp=True)
 
 
-def refresh_stale(store, batch) -> None:
-    """The backend's part of ``TieredStore.refresh_stale``: :func:`refresh_conflicts`."""
-    refresh_conflicts(store, batch, kernel_l2(store))
-
-
 def victim_order(store, found) -> torch.Tensor:
     """``(U,)`` int32: the fill positions ascending by the L2 address their dirty victim goes
     back to (clean victims and the unused entries past ``n_fill`` after them). A kernel's
