@@ -103,26 +103,17 @@ def plan_slots(ids, slot_of, tags, stamps, locks, sets, ways, slots, hit):
     indexed = slot_of.size > 0
     pos = np.empty(n, np.int64)  # the misses' positions, then the hits' ways
     pos_set = np.empty(n, np.int64)  # their sets
+    if indexed:
+        for i in range(n):
+            if i + 2 * IDS_AHEAD < n:  # the index entry, for the line below
+                prefetch(slot_of, ids[i + 2 * IDS_AHEAD])
+            slots[i] = slot_of[ids[i]]
+    else:
+        find_slots(ids, tags, sets, ways, slots)
     n_miss = 0
     for i in range(n):
-        if indexed and i + 2 * IDS_AHEAD < n:  # the index entry, for the line below
-            prefetch(slot_of, ids[i + 2 * IDS_AHEAD])
-        if not indexed and i + IDS_AHEAD < n:  # the tags of a set
-            first = _set_of(ids[i + IDS_AHEAD], sets) * ways
-            for way in range(first, first + ways, 8):  # 8 tags a 64-byte line
-                prefetch(tags, way)
-        s = np.int64(-1)
-        if indexed:
-            s = np.int64(slot_of[ids[i]])
-        else:
-            base = _set_of(ids[i], sets) * ways
-            for w in range(ways):
-                if tags[base + w] == ids[i]:
-                    s = base + w
-                    break
-        slots[i] = s
-        hit[i] = s >= 0
-        if s < 0:
+        hit[i] = slots[i] >= 0
+        if slots[i] < 0:
             pos[n_miss] = i
             pos_set[n_miss] = _set_of(ids[i], sets)
             n_miss += 1
