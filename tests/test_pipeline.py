@@ -117,10 +117,18 @@ def test_an_update_is_seen_by_the_next_prefetched_forward(device):
     assert torch.equal(ref.read_rows(torch.tensor([7])), emb.read_rows(torch.tensor([7])))
 
 
-def test_inference_loops_release_every_lock(device):
-    emb = make(device, 16)
+def with_tier(device, tier, tmp_path, name):
+    """A 16-row-L1 table all in L2 (``tier`` None) or over an SSD tier."""
+    if tier is None:
+        return make(device, 16)
+    return make(device, 16, ssd=ts.SSDConfig(tmp_path / name, host_rows=160))
+
+
+@pytest.mark.parametrize("tier", [None, "ssd"])
+def test_inference_loops_release_every_lock(device, tier, tmp_path):
+    emb = with_tier(device, tier, tmp_path, "emb")
     batches = [to(b, device) for b in zipf_batches(3, 40)]
-    ref = make(device, 16)
+    ref = with_tier(device, tier, tmp_path, "ref")
     with torch.no_grad():
         want = [ref(*b) for b in batches]
         got = [emb(*b) for b in ts.prefetching(batches, emb, depth=2)]
@@ -133,8 +141,9 @@ def test_inference_loops_release_every_lock(device):
     assert no_locks(emb)
 
 
-def test_unconsumed_batches_are_released(device):
-    emb = make(device, 16)
+@pytest.mark.parametrize("tier", [None, "ssd"])
+def test_unconsumed_batches_are_released(device, tier, tmp_path):
+    emb = with_tier(device, tier, tmp_path, "emb")
     batches = [to(b, device) for b in zipf_batches(4, 6)]
     for idx, offs in batches[:3]:
         emb.prefetch(idx, offs)
