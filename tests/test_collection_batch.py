@@ -8,7 +8,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_collection import FakeKJT
 
-from tierstore.collection_batch import _sample_major_order, batch_key, named_batch_parts
+from tierstore.collection_batch import (
+    _per_value,
+    _sample_major_order,
+    batch_key,
+    named_batch_parts,
+)
 
 
 @settings(max_examples=60, deadline=None)
@@ -32,6 +37,21 @@ def test_sample_major_order_moves_each_bag_whole(features, samples, data):
             bag = f * samples + b
             want.extend(range(int(starts[bag]), int(starts[bag + 1])))
     assert _sample_major_order(lengths, n).tolist() == want
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    segments=st.lists(
+        st.tuples(st.integers(-(2**40), 2**40), st.integers(0, 4)), min_size=1, max_size=12
+    )
+)
+def test_per_value_repeats_each_entry_over_its_segment(segments):
+    """Empty segments anywhere (first, last, in runs) and entries of any sign: the values of
+    ``repeat_interleave``, brute force."""
+    per = torch.tensor([v for v, _ in segments], dtype=torch.int64)
+    seg = torch.tensor([k for _, k in segments], dtype=torch.int64)
+    want = [v for v, k in segments for _ in range(k)]
+    assert _per_value(per, seg, len(want)).tolist() == want
 
 
 def test_named_batch_parts_name_each_tensor_as_the_user_gave_it():

@@ -1,13 +1,15 @@
 """Where a collection's training step goes (issue 27): the 26 Criteo tables of
 ``bench_collection.py`` in one collection, a few warm-up steps, then one step under
-``torch.profiler`` (the CUDA time by kernel and the host time by op) and its wall time.
+``torch.profiler`` (the CUDA time by kernel and the host time by op) and its wall time;
+``--graphed``: the step through ``ts.GraphedStep``, as ``bench_collection.py``'s graphed row.
 
-    python3 bench/exp/profile_collection.py [--scale 1.0] [--l1 0.1]
+    python3 bench/exp/profile_collection.py [--scale 1.0] [--l1 0.1] [--graphed]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -22,24 +24,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", type=float, default=1.0)
     parser.add_argument("--l1", type=float, default=0.1)
+    parser.add_argument("--graphed", action="store_true", help="the step as a GraphedStep")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sizes = [bc.scaled(n, args.scale) for n in bc.CRITEO_ROWS]
     batch = bc.scaled(bc.CRITEO_BATCH, args.scale)
-    run = bc.collection(sizes, args.l1, batch, device)
-    batches = bc.draw_batches(sizes, batch, 12, device)
+    run = bc.collection(sizes, args.l1, batch, device, graphed=args.graphed)
+    batches = bc.draw_batches(sizes, batch, 16, device)
     for x in batches[:10]:
         run.step(x)
-    bc.sync(device)
-    t = time.perf_counter()
-    run.step(batches[10])
-    bc.sync(device)
-    print(f"one step: {1e3 * (time.perf_counter() - t):.2f} ms wall")
+    walls = []
+    for x in batches[10:15]:
+        bc.sync(device)
+        t = time.perf_counter()
+        run.step(x)
+        bc.sync(device)
+        walls.append(1e3 * (time.perf_counter() - t))
+    print(f"a step: {statistics.median(walls):.2f} ms wall (median of 5, synchronised)")
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
-        run.step(batches[11])
+        run.step(batches[15])
         bc.sync(device)
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=sort, row_limit=18, max_name_column_width=60))
