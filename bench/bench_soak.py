@@ -15,8 +15,8 @@ steps run in blocks of ``--block``, each block one of three inference loops in t
 * ``prefetching``: ``ts.prefetching(batches, emb, depth=2)`` under ``torch.no_grad()``.
 
 After each block the locks are counted (L1's, and with ``--ssd`` L2's beyond its pins of L1's
-rows) and the process's memory read: resident memory on the CPU (``/proc/self/statm``), the
-caching allocator's allocated bytes on CUDA. Printed: the locks found (target 0 after every
+rows); the process's resident memory (``/proc/self/statm``) and, on CUDA, the caching
+allocator's allocated bytes are read after the first round and at the end. Printed: the locks found (target 0 after every
 block) and the growth of memory from the end of the first round of the three loops to the end
 (target: none beyond the allocator's noise, 4 MiB).
 """
@@ -63,13 +63,14 @@ def locked(emb: ts.TieredEmbeddingBag) -> int:
     return count
 
 
-def memory_mib(device: torch.device) -> float:
-    """The process's resident memory (CPU) or the caching allocator's allocated bytes (CUDA)."""
+def memory_mib(device: torch.device) -> dict[str, float]:
+    """The process's resident memory and, on CUDA, the caching allocator's allocated bytes."""
+    with open("/proc/self/statm") as f:
+        got = {"resident": int(f.read().split()[1]) * resource.getpagesize() / 2**20}
     if device.type == "cuda":
         torch.cuda.synchronize()
-        return torch.cuda.memory_allocated(device) / 2**20
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+        got["CUDA allocated"] = torch.cuda.memory_allocated(device) / 2**20
+    return got
 
 
 def run_block(emb, loop: str, pool, start: int, steps: int) -> None:
@@ -115,13 +116,13 @@ def soak(steps: int, block: int, device: torch.device, ssd_dir: str | None) -> T
         if b == len(LOOPS) - 1 or (baseline is None and b == blocks - 1):
             baseline = memory_mib(device)  # every loop has run once: pools are sized
     seconds = time.perf_counter() - t0
-    growth = memory_mib(device) - baseline
     table.row("locks held after a block, most", worst_locks, "locks", target="0")
-    table.row("memory growth after the first round", growth, "MiB", target=f"<= {GROWTH_LIMIT_MIB}")
+    for what, mib in memory_mib(device).items():
+        table.row(f"{what} memory growth after the first round", mib - baseline[what], "MiB",
+                  target=f"<= {GROWTH_LIMIT_MIB}")  # fmt: skip
     note(
-        f"{done:,} steps in {seconds:.1f} s ({1e6 * seconds / done:.0f} us a step); memory: "
-        + ("CUDA allocated" if device.type == "cuda" else "resident")
-        + f" {baseline:.1f} MiB after the first round"
+        f"{done:,} steps in {seconds:.1f} s ({1e6 * seconds / done:.0f} us a step); after the "
+        "first round: " + ", ".join(f"{k} {v:.1f} MiB" for k, v in baseline.items())
     )
     emb.close(flush=False)
     return table
