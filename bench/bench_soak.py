@@ -16,9 +16,9 @@ steps run in blocks of ``--block``, each block one of three inference loops in t
 
 After each block the locks are counted (L1's, and with ``--ssd`` L2's beyond its pins of L1's
 rows); the process's resident memory (``/proc/self/statm``) and, on CUDA, the caching
-allocator's allocated bytes are read after the first round and at the end. Printed: the locks found (target 0 after every
-block) and the growth of memory from the end of the first round of the three loops to the end
-(target: none beyond the allocator's noise, 4 MiB).
+allocator's allocated bytes are read after the first round of the three loops and at the end.
+Printed: the most locks found after a block (target 0) and each memory's growth from the end
+of the first round to the end (target: none beyond the allocators' noise, 4 MiB).
 """
 
 from __future__ import annotations
