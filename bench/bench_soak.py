@@ -108,6 +108,7 @@ def soak(steps: int, block: int, device: torch.device, ssd_dir: str | None) -> T
     pool = batches(device)
     blocks = -(-steps // block)
     baseline, worst_locks, done, t0 = None, 0, 0, time.perf_counter()
+    timeline: list[str] = []  # the resident memory's growth at each tenth of the run
     for b in progress(range(blocks), "soak", total=blocks):
         n = min(block, steps - done)
         run_block(emb, LOOPS[b % len(LOOPS)], pool, done, n)
@@ -115,6 +116,9 @@ def soak(steps: int, block: int, device: torch.device, ssd_dir: str | None) -> T
         worst_locks = max(worst_locks, locked(emb))
         if b == len(LOOPS) - 1 or (baseline is None and b == blocks - 1):
             baseline = memory_mib(device)  # every loop has run once: pools are sized
+        elif baseline is not None and (10 * (b + 1)) // blocks > (10 * b) // blocks:
+            grown = memory_mib(device)["resident"] - baseline["resident"]
+            timeline.append(f"{done:,}: {grown:+.2f}")
     seconds = time.perf_counter() - t0
     table.row("locks held after a block, most", worst_locks, "locks", target="0")
     for what, mib in memory_mib(device).items():
@@ -124,6 +128,8 @@ def soak(steps: int, block: int, device: torch.device, ssd_dir: str | None) -> T
         f"{done:,} steps in {seconds:.1f} s ({1e6 * seconds / done:.0f} us a step); after the "
         "first round: " + ", ".join(f"{k} {v:.1f} MiB" for k, v in baseline.items())
     )
+    if timeline:
+        note("resident growth (MiB) after steps " + "; ".join(timeline))
     emb.close(flush=False)
     return table
 
