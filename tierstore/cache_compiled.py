@@ -361,14 +361,20 @@ def _place(ids, counts, scores, aged, slot_of, state, counters, sets, ways):
 
 
 @compiled
+def _scores(ids, counts, step, frequency, sketch_state):
+    """``(scores, aged)`` of a step's ids: FREQUENCY (LFU), the sketch's estimates once the
+    batch is in it and whether it halved; STEP (LRU), the step."""
+    if frequency:
+        return _sketch_step(ids, counts, sketch_state)
+    return np.full(ids.size, step, np.int64), False
+
+
+@compiled
 def _step(ids, counts, slot_of, state, counters, sets, ways, step, frequency, sketch_state):
     """The whole step in place (see the module docstring); returns what :func:`_place` does.
     (The sketch halves before the ways are placed rather than after, as the torch step does:
     the same, as neither part reads what the other writes.)"""
-    if frequency:  # FREQUENCY (LFU): the estimates once the whole batch is in the sketch
-        scores, aged = _sketch_step(ids, counts, sketch_state)
-    else:  # STEP (LRU): the step
-        scores, aged = np.full(ids.size, step, np.int64), False
+    scores, aged = _scores(ids, counts, step, frequency, sketch_state)
     return _place(ids, counts, scores, aged, slot_of, state, counters, sets, ways)
 
 
@@ -378,17 +384,12 @@ def _commit(ids, counts, plan, slot_of, state, counters, step, frequency, sketch
     victim_dirty, hit``, made on the current state) in place: the scores, a lock and the score
     of every placed id, the fills' tags, clean bits and index entries, counters, ageing."""
     slots, fill_index, fill_slots, victims, victim_dirty, hit = plan
-    if frequency:
-        scores, aged = _sketch_step(ids, counts, sketch_state)
-    else:
-        scores, aged = np.full(ids.size, step, np.int64), False
+    scores, aged = _scores(ids, counts, step, frequency, sketch_state)
     tags, stamps, dirty, locks = state
-    n_hit = 0
     for i in range(ids.size):
         if slots[i] >= 0:
             stamps[slots[i]] = scores[i]
             locks[slots[i]] += 1
-        n_hit += hit[i]
     for f in range(victims.size):  # the victims leave the index before the fills enter it
         if slot_of.size > 0 and victims[f] != _EMPTY:
             slot_of[victims[f]] = -1
@@ -397,7 +398,7 @@ def _commit(ids, counts, plan, slot_of, state, counters, step, frequency, sketch
         tags[slot], dirty[slot] = row, False
         if slot_of.size > 0:
             slot_of[row] = slot
-    _count(counters, counts, ids.size, ids.size - n_hit, victims, victim_dirty)
+    _count(counters, counts, ids.size, ids.size - np.count_nonzero(hit), victims, victim_dirty)
     if aged:
         _age(stamps)
 
@@ -576,10 +577,8 @@ class CompiledCache(SetAssociativeCache):
         n = scored.ids.size
         scores = np.full(n, self.step + 1, np.int64) if scored.scores is None else scored.scores
         slot_of = _NO_INDEX if self._slot_of is None else self._slot_of.numpy()
-        out = _place(
-            scored.ids, scored.counts, scores, scored.aged, slot_of, self._state(),
-            self.counters.numpy(), self.sets, self.ways,
-        )  # fmt: skip
+        out = _place(scored.ids, scored.counts, scores, scored.aged, slot_of, self._state(),
+                     self.counters.numpy(), self.sets, self.ways)  # fmt: skip
         self.step += 1
         return tuple(torch.from_numpy(a) for a in out)
 
