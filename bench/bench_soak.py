@@ -52,17 +52,6 @@ def batches(device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
     ]
 
 
-def locked(emb: ts.TieredEmbeddingBag) -> int:
-    """Locks held now: L1's, plus L2's beyond its one pin of each row L1 holds."""
-    store = emb.store
-    count = int(store.l1.locks.abs().sum())
-    l2 = getattr(store.host, "cache", None)
-    if l2 is not None:
-        pins = int((store.l1.tags.cpu() != ts.cache.EMPTY).sum())
-        count += abs(int(l2.locks.sum()) - pins)
-    return count
-
-
 def memory_mib(device: torch.device) -> dict[str, float]:
     """The process's resident memory and, on CUDA, the caching allocator's allocated bytes."""
     with open("/proc/self/statm") as f:
@@ -113,7 +102,7 @@ def soak(steps: int, block: int, device: torch.device, ssd_dir: str | None) -> T
         n = min(block, steps - done)
         run_block(emb, LOOPS[b % len(LOOPS)], pool, done, n)
         done += n
-        worst_locks = max(worst_locks, locked(emb))
+        worst_locks = max(worst_locks, emb.store.held_locks())
         if b == len(LOOPS) - 1 or (baseline is None and b == blocks - 1):
             baseline = memory_mib(device)  # every loop has run once: pools are sized
         elif baseline is not None and (10 * (b + 1)) // blocks > (10 * b) // blocks:

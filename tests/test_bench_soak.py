@@ -41,7 +41,7 @@ def test_inference_loops_hold_nothing_after_a_round(device, tier, tmp_path):
         for _ in range(count):
             for loop in bs.LOOPS:
                 bs.run_block(emb, loop, pool, 40 * next(blocks), 40)
-                assert bs.locked(emb) == 0, loop
+                assert emb.store.held_locks() == 0, loop
 
     rounds(2)  # the warm-up: caches, pools and lazily made state settle
     tracemalloc.start()  # what the next rounds allocate and keep

@@ -54,10 +54,7 @@ def train(emb, batches, device, depth=None):
 
 def no_locks(emb) -> bool:
     """No batch holds a row: L1 unlocked; an SSD tier's L2 holds only its pins of L1's rows."""
-    s = emb.store
-    l2 = getattr(s.host, "cache", None)
-    pins = int((s.l1.tags.cpu() != ts.cache.EMPTY).sum())
-    return int(s.l1.locks.abs().sum()) == 0 and (l2 is None or int(l2.locks.sum()) == pins)
+    return emb.store.held_locks() == 0
 
 
 @pytest.mark.parametrize("depth", [0, 1, 2, 3])

@@ -542,6 +542,17 @@ class TieredStore:
             setattr(out, k, v)
         return out
 
+    def held_locks(self) -> int:
+        """Locks that batches hold now, 0 when none is in flight: L1's, plus those of an L2
+        over an SSD tier beyond its one pin of each row L1 holds. Reads the device."""
+        self.join_side()
+        held = int(self.l1.locks.abs().sum())
+        l2 = getattr(self.host, "cache", None)  # HostCache's (HostTable locks nothing)
+        if l2 is not None:
+            pins = int((by_slot(self.l1.tags) != EMPTY).sum())
+            held += abs(int(l2.locks.sum()) - pins)
+        return held
+
     def reset_stats(self) -> None:
         """Zeroes every counter."""
         self.join_side()
