@@ -21,43 +21,11 @@ import statistics
 import time
 
 import torch
+from common import dma_rates, floor_ms
 
 import tierstore as ts
 
 B, L, D = 65_536, 32, 128
-
-
-def dma_rates(mib: int = 256) -> dict[str, float]:
-    """Pinned host <-> device copy rates in GB/s: each way alone, and both at once on two
-    streams (their bytes together over the time both take)."""
-    n = mib << 18  # fp32 elements
-    host_a = torch.empty(n, pin_memory=True).uniform_()
-    host_b = torch.empty(n, pin_memory=True)
-    dev_a = torch.empty(n, device="cuda").uniform_()
-    dev_b = torch.empty(n, device="cuda")
-    s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
-    nbytes = 4 * n
-
-    def timed(fn) -> float:
-        ts_ = []
-        for _ in range(7):
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            fn()
-            torch.cuda.synchronize()
-            ts_.append(time.perf_counter() - t)
-        return statistics.median(ts_[2:])
-
-    def both():
-        with torch.cuda.stream(s1):
-            dev_b.copy_(host_a, non_blocking=True)
-        with torch.cuda.stream(s2):
-            host_b.copy_(dev_a, non_blocking=True)
-
-    h2d = nbytes / timed(lambda: dev_b.copy_(host_a, non_blocking=True)) / 1e9
-    d2h = nbytes / timed(lambda: host_b.copy_(dev_a, non_blocking=True)) / 1e9
-    bidir = 2 * nbytes / timed(both) / 1e9
-    return {"h2d": h2d, "d2h": d2h, "both": bidir}
 
 
 class ZipfBatches:
@@ -107,12 +75,6 @@ def moved(emb, before: ts.CacheStats, steps: int) -> tuple[float, float]:
     fills = (now.bytes_l2_to_l1 - before.bytes_l2_to_l1) / steps
     wbs = (now.bytes_l1_to_l2 - before.bytes_l1_to_l2) / steps
     return fills, wbs
-
-
-def floor_ms(all_hits_ms: float, fills: float, wbs: float, rates: dict) -> float:
-    """The larger of the all-in-L1 step and the step's moves at the measured DMA rates."""
-    pcie = max(fills / rates["h2d"], wbs / rates["d2h"], (fills + wbs) / rates["both"]) / 1e6
-    return max(all_hits_ms, pcie)
 
 
 def peak_step_bytes(step, x) -> int:

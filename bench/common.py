@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import statistics
 import sys
 import time
 import traceback
@@ -34,6 +35,45 @@ N, D, B, L = 10_000_000, 128, 65536, 32
 
 
 # --- timing -------------------------------------------------------------------------------------
+
+
+def dma_rates(mib: int = 256) -> dict[str, float]:
+    """Pinned host <-> device copy rates in GB/s: each way alone, and both at once on two
+    streams (their bytes together over the time both take)."""
+    n = mib << 18  # fp32 elements
+    host_a = torch.empty(n, pin_memory=True).uniform_()
+    host_b = torch.empty(n, pin_memory=True)
+    dev_a = torch.empty(n, device="cuda").uniform_()
+    dev_b = torch.empty(n, device="cuda")
+    s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
+    nbytes = 4 * n
+
+    def timed(fn) -> float:
+        ts_ = []
+        for _ in range(7):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            ts_.append(time.perf_counter() - t)
+        return statistics.median(ts_[2:])
+
+    def both():
+        with torch.cuda.stream(s1):
+            dev_b.copy_(host_a, non_blocking=True)
+        with torch.cuda.stream(s2):
+            host_b.copy_(dev_a, non_blocking=True)
+
+    h2d = nbytes / timed(lambda: dev_b.copy_(host_a, non_blocking=True)) / 1e9
+    d2h = nbytes / timed(lambda: host_b.copy_(dev_a, non_blocking=True)) / 1e9
+    bidir = 2 * nbytes / timed(both) / 1e9
+    return {"h2d": h2d, "d2h": d2h, "both": bidir}
+
+
+def floor_ms(all_hits_ms: float, fills: float, wbs: float, rates: dict) -> float:
+    """The larger of the all-in-L1 step and the step's moves at the measured DMA rates."""
+    pcie = max(fills / rates["h2d"], wbs / rates["d2h"], (fills + wbs) / rates["both"]) / 1e6
+    return max(all_hits_ms, pcie)
 
 
 def t_ms_queued(fn: Callable[[], object], it: int = 20, reps: int = 5, warm: int = 3) -> float:

@@ -28,6 +28,7 @@ CRITEO_BASELINES = {
 }
 CRITEO_STEPS = {"collection, RowWiseAdagrad, L1 = 100 %", "collection, RowWiseAdagrad, L1 = 10 %"}
 CRITEO_STEPS |= {"collection, RowWiseAdagrad, L1 = 10 %, GraphedStep"}
+CRITEO_STEPS |= {"collection, RowWiseAdagrad, L1 = 100 %, GraphedStep"}
 CRITEO_STEPS |= set(CRITEO_BASELINES.values())
 MIXED_BASELINES = {
     "torch + Adagrad": "856 nn.EmbeddingBag(sparse) + torch.optim.Adagrad",
@@ -150,6 +151,11 @@ def test_whole_run_at_a_tiny_scale_gives_every_row(tmp_path):
             cached = "collection" in name or "TieredEmbeddingBag" in name
             assert (r["hit_ratio"] is not None) == cached, r
             assert not cached or 0 <= r["hit_ratio"] <= 1, r
+            collection = name.startswith("collection")
+            assert (r["moved_bytes"] is not None) == collection, r
+            assert not collection or min(r["moved_bytes"]) >= 0, r
+        # a tenth of the rows in L1 under Zipf ids: every timed step fills some
+        assert rows["collection, RowWiseAdagrad, L1 = 10 %"]["moved_bytes"][0] > 0
         ours = rows["collection, RowWiseAdagrad, L1 = 10 %"]["value"]
         if section == "criteo26":  # the faster of the eager and the graphed step
             ours = min(ours, rows["collection, RowWiseAdagrad, L1 = 10 %, GraphedStep"]["value"])
