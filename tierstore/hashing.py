@@ -9,6 +9,7 @@ same functions in CUDA; ``tests/test_hashing.py`` checks both against numpy's ui
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import numpy as np
@@ -72,8 +73,10 @@ def tag_digest(rows: torch.Tensor) -> torch.Tensor:
     return (mix64(rows.to(torch.int64)) & 0xFF).to(torch.uint8)
 
 
+@functools.lru_cache(maxsize=256)
 def seed_key(seed: int) -> int:
-    """The per-table key that decorrelates tables with different seeds."""
+    """The per-table key that decorrelates tables with different seeds (memoized: every row
+    move and every never-written row asks for it, and it costs a few torch ops)."""
     word = (seed * _GOLDEN + 1) & ((1 << 64) - 1)
     word -= (word >> 63) << 64  # as int64
     return int(mix64(torch.tensor([word], dtype=torch.int64))[0])
