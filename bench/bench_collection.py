@@ -6,13 +6,17 @@ id per feature); each step draws a fresh batch of Zipf(1.05) ids per table from 
 popularity order per table (a random permutation of its rows: the hot rows are scattered and
 stay hot from step to step, as ``bench_steady.py`` draws them). A step is the forward, the
 backward of a fixed random gradient of the ``(B, T x 64)`` output, and the optimizer's update.
+Before a model with a partial L1 is timed, it is stepped on fresh batches until a step writes
+dirty rows back from L1 (at most ``--fill-steps``): its cache is full, the steady state the
+targets are about (at ``--scale 1`` the 26 tables' L1 of 10 % fills after about 50 steps; before
+this fill, the warm-up steps alone left it filling, not evicting).
 The figure is the median host wall time of a step, the device synchronised before and after
 each step, after warm-up steps; launches per step are the CUDA kernels ``torch.profiler``
 records in one more step (CuPy's kernels included: CUPTI sees every kernel; copies and memsets
 not counted), ``n/a`` on the CPU.
 
     python3 bench/bench_collection.py [--quick] [--scale 1.0] [--device cuda|cpu]
-                                      [--steps WARM,TIMED] [--json out.json]
+                                      [--steps WARM,TIMED] [--fill-steps 300] [--json out.json]
                                       [--only criteo26,mixed856]
 
 - ``criteo26``: 26 tables with the Criteo Kaggle cardinalities (3 to 10.1 M rows, 33.8 M rows
@@ -230,6 +234,8 @@ class Runner(NamedTuple):
     hit_ratio: Callable[[], float] | None = None
     # bytes filled into L1 and written back from it since the last reset
     moved: Callable[[], tuple[int, int]] | None = None
+    # the step on any batch, outside a pipeline (None: ``step``), for filling the cache
+    plain: Callable[[torch.Tensor], None] | None = None
 
 
 class Jagged(NamedTuple):
@@ -302,6 +308,7 @@ def collection(
         col.reset_stats,
         lambda: col.stats().unique_hit_ratio,
         moved,
+        lambda v: step(v, lengths),
     )
 
 
@@ -333,7 +340,11 @@ def tiered_tables(sizes: Sequence[int], l1_share: float, batch: int, device) -> 
         for m in mods:
             m.reset_stats()
 
-    return Runner(step, reset, hit_ratio)
+    def moved() -> tuple[int, int]:
+        every = [m.stats() for m in mods]
+        return sum(s.bytes_l2_to_l1 for s in every), sum(s.bytes_l1_to_l2 for s in every)
+
+    return Runner(step, reset, hit_ratio, moved)
 
 
 def torch_tables(sizes: Sequence[int], batch: int, device, optimizer: str) -> Runner:
@@ -426,13 +437,20 @@ class Run:
     warm: int
     timed: int
     scale: float
+    fill_steps: int = 300
+    _ids: ZipfColumns | None = None  # the section's id distributions (fresh batches)
+    _batch: int = 0
 
-    def time_row(self, table: StepTable, name: str, build: Callable[[], Runner], batches) -> dict:
-        """Builds a model, times its steps over ``batches`` (the last one kept for the launch
-        count), prints its row, and frees it before returning."""
+    def time_row(
+        self, table: StepTable, name: str, build: Callable[[], Runner], batches, fill: bool = True
+    ) -> dict:
+        """Builds a model, fills its cache (:meth:`fill`; not where ``fill`` is False: an L1 of
+        every row), times its steps over ``batches`` (the last one kept for the launch count),
+        prints its row, and frees it before returning."""
         t0 = time.perf_counter()
         runner = build()
         made = time.perf_counter() - t0
+        filled, evicting = self.fill(runner) if fill else (0, False)
         ms = median_step_ms(runner.step, batches[:-1], self.warm, self.device, runner.reset)
         hit = runner.hit_ratio() if runner.hit_ratio is not None else None
         steps = len(batches) - 1 - self.warm
@@ -442,7 +460,11 @@ class Run:
         entry["made_s"] = made
         entry["hit_ratio"] = hit
         entry["moved_bytes"] = moved  # [filled, written back] a timed step, or None
+        entry["fill_steps"], entry["evicting"] = filled, evicting
         hit_text = "" if hit is None else f", unique-id hit ratio {hit:.3f} after warm-up"
+        if runner.moved is not None and fill:
+            state = "writing rows back" if evicting else "NOT yet writing rows back"
+            hit_text += f", {filled} fill steps (L1 {state})"
         if moved is not None:
             hit_text += (
                 f", {moved[0] / 1e6:.1f} MB filled and {moved[1] / 1e6:.1f} MB written back a step"
@@ -453,10 +475,30 @@ class Run:
         return entry
 
     def batches(self, sizes: Sequence[int], batch: int) -> list[torch.Tensor]:
-        """``warm + timed`` batches and one more (the launch count's)."""
-        out = draw_batches(sizes, batch, self.warm + self.timed + 1, self.device)
-        free(self.device)  # the distributions
-        return out
+        """``warm + timed`` batches and one more (the launch count's); the distributions are
+        kept for :meth:`fill`'s fresh batches (:meth:`done` frees them)."""
+        self._ids, self._batch = ZipfColumns(sizes, self.device), batch
+        return [self._ids(batch) for _ in range(self.warm + self.timed + 1)]
+
+    def done(self) -> None:
+        """Frees the section's distributions."""
+        self._ids = None
+        free(self.device)
+
+    def fill(self, runner: Runner) -> tuple[int, bool]:
+        """Steps a model with a cache on fresh batches until a step writes dirty rows back
+        from L1 (its cache is full: the steady state the targets are about), at most
+        ``fill_steps`` of them; returns the steps taken and whether L1 was writing back. A
+        model without a cache is not stepped."""
+        if runner.moved is None or self._ids is None:
+            return 0, False
+        step = runner.plain or runner.step
+        for k in range(self.fill_steps):
+            before = runner.moved()[1]
+            step(self._ids(self._batch))
+            if runner.moved()[1] > before:
+                return k + 1, True
+        return self.fill_steps, False
 
 
 def speedups(
@@ -522,12 +564,14 @@ def bench_criteo26(run: Run) -> StepTable:
         "collection, RowWiseAdagrad, L1 = 100 %",
         lambda: collection(sizes, 1.0, b, dev),
         batches,
+        fill=False,
     )
     full_graphed = run.time_row(
         table,
         "collection, RowWiseAdagrad, L1 = 100 %, GraphedStep",
         lambda: collection(sizes, 1.0, b, dev, graphed=True),
         batches,
+        fill=False,
     )
     ours = run.time_row(
         table,
@@ -574,6 +618,7 @@ def bench_criteo26(run: Run) -> StepTable:
         {"torch + Adagrad": ada, "torch + SGD": sgd, "26 TieredEmbeddingBag": sep},
         {"torch + Adagrad": ">= 5x", "torch + SGD": ">= 1.5x"},
     )
+    run.done()  # the distributions, before the DMA rates' buffers
     if dev.type == "cuda":
         floor_row(table, min(full, full_graphed, key=lambda r: r["value"]), ours, sgd)
     note(
@@ -615,7 +660,7 @@ def bench_mixed856(run: Run) -> StepTable:
     )
     speedups(table, ours, {"torch + Adagrad": ada, "torch + SGD": sgd}, {})
     del batches
-    free(dev)
+    run.done()
     if ours["launches"] is None:
         note("launches per step: n/a (torch.profiler counts CUDA kernels)")
         return table
@@ -629,7 +674,7 @@ def bench_mixed856(run: Run) -> StepTable:
             runner.step(x)
         at26 = launches_per_step(runner.step, small[-1], dev)
         del runner, small
-        free(dev)
+        run.done()
     table.row(
         "collection launches per step at 856 tables",
         float(ours["launches"]),
@@ -658,6 +703,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--steps", default=None, help="WARM,TIMED steps per row (default 10,20; --quick 3,5)"
     )
     parser.add_argument("--json", default=None, help="write the figures here")
+    parser.add_argument(
+        "--fill-steps",
+        type=int,
+        default=300,
+        help="at most this many steps on fresh batches before a cached model's warm-up, until "
+        "its L1 writes rows back (full: the steady state); 0: none (default 300)",
+    )
     parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
     parser.add_argument(
         "--scale",
@@ -686,7 +738,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--steps takes WARM,TIMED (two ints), got {args.steps!r}")
         if warm < 0 or timed < 1:
             parser.error(f"--steps needs WARM >= 0 and TIMED >= 1, got {args.steps!r}")
-    run = Run(device, warm, timed, args.scale)
+    if args.fill_steps < 0:
+        parser.error(f"--fill-steps must be >= 0, got {args.fill_steps}")
+    run = Run(device, warm, timed, args.scale, args.fill_steps)
     print(
         f"{device_line(device)}; scale {args.scale:g}; {warm} warm-up + {timed} timed steps",
         flush=True,
@@ -701,6 +755,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "scale": args.scale,
             "warm": warm,
             "timed": timed,
+            "fill_steps": args.fill_steps,
         },
         after=lambda: free(device),
     )

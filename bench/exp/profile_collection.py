@@ -2,6 +2,7 @@
 ``bench_collection.py`` in one collection, a few warm-up steps, then one step under
 ``torch.profiler`` (the CUDA time by kernel and the host time by op) and its wall time;
 ``--graphed``: the step through ``ts.GraphedStep``, as ``bench_collection.py``'s graphed row.
+With a partial L1, the cache is first filled until it writes rows back (the steady state).
 
     python3 bench/exp/profile_collection.py [--scale 1.0] [--l1 0.1] [--graphed]
 """
@@ -30,9 +31,14 @@ def main() -> None:
     sizes = [bc.scaled(n, args.scale) for n in bc.CRITEO_ROWS]
     batch = bc.scaled(bc.CRITEO_BATCH, args.scale)
     run = bc.collection(sizes, args.l1, batch, device, graphed=args.graphed)
-    batches = bc.draw_batches(sizes, batch, 16, device)
+    bench = bc.Run(device, warm=10, timed=5, scale=args.scale)  # 16 batches, fresh ones to fill
+    batches = bench.batches(sizes, batch)
+    if args.l1 < 1:  # the steady state: L1 full, evicting (bench_collection.py's fill)
+        filled, evicting = bench.fill(run)
+        print(f"{filled} fill steps; L1 {'writing back' if evicting else 'NOT writing back yet'}")
     for x in batches[:10]:
         run.step(x)
+    run.reset()
     walls = []
     for x in batches[10:15]:
         bc.sync(device)
@@ -40,7 +46,9 @@ def main() -> None:
         run.step(x)
         bc.sync(device)
         walls.append(1e3 * (time.perf_counter() - t))
-    print(f"a step: {statistics.median(walls):.2f} ms wall (median of 5, synchronised)")
+    fills, wbs = (b / len(walls) / 1e6 for b in run.moved())
+    print(f"a step: {statistics.median(walls):.2f} ms wall (median of 5, synchronised); "
+          f"{fills:.1f} MB filled, {wbs:.1f} MB written back a step")  # fmt: skip
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
