@@ -1,7 +1,8 @@
 """Research: where the host's time goes in the eager training step, every row in L1 (the
 headline table of ``bench_step.py``: 10 M x 128 fp32, 65 536 bags x 32 uniform ids), so that two
 trees can be compared on one machine: the step's wall time back to back, the CUDA kernels it
-launches, and tierstore's functions by own and cumulative host time (``cProfile``).
+launches, the synchronising torch calls it makes, and the functions by own and cumulative host
+time (``cProfile``: a wait for the device shows as the own time of the call that waits).
 
 It imports ``tierstore`` from ``sys.path`` as given (no checkout is put first), so that
 ``PYTHONPATH=<another tree> python3 bench/exp/host_step.py`` profiles that tree's package:
@@ -16,6 +17,7 @@ import cProfile
 import pstats
 import statistics
 import time
+import warnings
 
 import torch
 
@@ -60,6 +62,12 @@ def main() -> None:
         torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     print(f"{len(kernels)} device activities a step (kernels, copies, sets)")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")  # the waits torch sees (not CuPy's or events')
+        step(1)
+        torch.cuda.set_sync_debug_mode(0)
+    print(f"{sum('synchroniz' in str(w.message) for w in caught)} synchronising torch calls")
     host = cProfile.Profile()
     host.enable()
     for k in range(args.steps):
