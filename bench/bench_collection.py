@@ -7,9 +7,10 @@ popularity order per table (a random permutation of its rows: the hot rows are s
 stay hot from step to step, as ``bench_steady.py`` draws them). A step is the forward, the
 backward of a fixed random gradient of the ``(B, T x 64)`` output, and the optimizer's update.
 Before a model with a partial L1 is timed, it is stepped on fresh batches until a step writes
-dirty rows back from L1 (at most ``--fill-steps``): its cache is full, the steady state the
-targets are about (at ``--scale 1`` the 26 tables' L1 of 10 % fills after about 50 steps; before
-this fill, the warm-up steps alone left it filling, not evicting).
+back at least half the bytes it fills (at most ``--fill-steps``): its cache is full and evicts,
+the steady state the targets are about (at ``--scale 1`` the 26 tables' 3.4 M distinct rows of
+an L1 of 10 % are first reached after about 50 steps; without this fill, the warm-up steps alone
+left it filling, not evicting).
 The figure is the median host wall time of a step, the device synchronised before and after
 each step, after warm-up steps; launches per step are the CUDA kernels ``torch.profiler``
 records in one more step (CuPy's kernels included: CUPTI sees every kernel; copies and memsets
@@ -486,17 +487,19 @@ class Run:
         free(self.device)
 
     def fill(self, runner: Runner) -> tuple[int, bool]:
-        """Steps a model with a cache on fresh batches until a step writes dirty rows back
-        from L1 (its cache is full: the steady state the targets are about), at most
-        ``fill_steps`` of them; returns the steps taken and whether L1 was writing back. A
-        model without a cache is not stepped."""
+        """Steps a model with a cache on fresh batches until a step writes back at least half
+        as many bytes as it fills (its L1 is full and evicts about what it takes in, dirty:
+        the steady state the targets are about; a first writeback comes earlier, from the
+        first full set), at most ``fill_steps`` of them; returns the steps taken and whether
+        that point was reached. A model without a cache is not stepped."""
         if runner.moved is None or self._ids is None:
             return 0, False
         step = runner.plain or runner.step
         for k in range(self.fill_steps):
-            before = runner.moved()[1]
+            filled, written = runner.moved()
             step(self._ids(self._batch))
-            if runner.moved()[1] > before:
+            now_filled, now_written = runner.moved()
+            if 0 < now_filled - filled <= 2 * (now_written - written):
                 return k + 1, True
         return self.fill_steps, False
 
@@ -708,7 +711,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=int,
         default=300,
         help="at most this many steps on fresh batches before a cached model's warm-up, until "
-        "its L1 writes rows back (full: the steady state); 0: none (default 300)",
+        "its L1 writes back half what it fills (full: the steady state); 0: none (default 300)",
     )
     parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
     parser.add_argument(
