@@ -2,7 +2,7 @@
 ``bench_collection.py`` in one collection, a few warm-up steps, then one step under
 ``torch.profiler`` (the CUDA time by kernel and the host time by op) and its wall time;
 ``--graphed``: the step through ``ts.GraphedStep``, as ``bench_collection.py``'s graphed row.
-With a partial L1, the cache is first filled until it writes rows back (the steady state).
+With a partial L1, the cache is first filled until a step writes back half what it fills.
 
     python3 bench/exp/profile_collection.py [--scale 1.0] [--l1 0.1] [--graphed]
 """
