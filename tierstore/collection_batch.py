@@ -232,8 +232,9 @@ class FeatureLayout:
             src = slice(starts[sel[0]], starts[sel[0]] + n)
         else:  # value j of the group comes from input value src[j]
             begin = torch.tensor([starts[i] for i in sel], dtype=torch.int64, device=dev)
-            shift = begin - (seg.cumsum(0) - seg)  # input start minus group start, per feature
-            src = torch.arange(n, device=dev) + _per_value(shift, seg, n)
+            seg_start = seg.cumsum(0) - seg
+            shift = begin - seg_start  # input start minus group start, per feature
+            src = torch.arange(n, device=dev) + _per_value(shift, seg, n, seg_start)
         return self._finish(g, batch, src, seg, batch.lengths[sel], n)
 
     def _whole_input(self, g: TableGroup, batch: JaggedBatch, position) -> GroupInput:
@@ -252,8 +253,9 @@ class FeatureLayout:
         counts = lengths.sum(1)
         seg = counts.index_select(0, at)  # (F_g,) ids per group feature
         begin = (counts.cumsum(0) - counts).index_select(0, at)
-        shift = begin - (seg.cumsum(0) - seg)  # input start minus group start, per feature
-        src = torch.arange(n, device=dev) + _per_value(shift, seg, n)
+        seg_start = seg.cumsum(0) - seg
+        shift = begin - seg_start  # input start minus group start, per feature
+        src = torch.arange(n, device=dev) + _per_value(shift, seg, n, seg_start)
         return self._finish(g, batch, src, seg, lengths.index_select(0, at), n)
 
     def _finish(self, g: TableGroup, batch: JaggedBatch, src, seg, lengths, n) -> GroupInput:
@@ -340,14 +342,18 @@ class FeatureLayout:
         return KeyedTensor(self.feature_keys, self.dims, values)
 
 
-def _per_value(per_segment: torch.Tensor, seg: torch.Tensor, n: int) -> torch.Tensor:
+def _per_value(
+    per_segment: torch.Tensor, seg: torch.Tensor, n: int, starts: torch.Tensor | None = None
+) -> torch.Tensor:
     """``(n,)`` int64: ``per_segment (S,)``'s (int64) entry of each of ``n`` values laid out
     segment by segment, ``seg (S,)`` values each: ``per_segment.repeat_interleave(seg)``, as a
     running sum of the entries' steps placed where each segment starts (empty segments add
     theirs where the next one starts): a few passes of a thread per entry, where torch's CUDA
     ``repeat_interleave`` gives each segment one warp (its two calls in the 26-table step took
-    0.26 ms on an H100, bench/RESULTS.md)."""
-    starts = seg.cumsum(0) - seg
+    0.26 ms on an H100, bench/RESULTS.md). ``starts``: ``seg``'s exclusive running sum, where
+    the caller has it already."""
+    if starts is None:
+        starts = seg.cumsum(0) - seg
     steps = per_segment.clone()
     steps[1:] -= per_segment[:-1]
     # a bad batch's lengths (checked later) may start a segment past n: kept in bounds
@@ -362,5 +368,6 @@ def _sample_major_order(lengths: torch.Tensor, n: int) -> torch.Tensor:
     fm = lengths.reshape(-1)
     sm = lengths.T.reshape(-1)  # (B * F,)
     fm_start = (fm.cumsum(0) - fm).view(lengths.shape).T.reshape(-1)
-    shift = fm_start - (sm.cumsum(0) - sm)
-    return torch.arange(n, device=lengths.device) + _per_value(shift, sm, n)
+    sm_start = sm.cumsum(0) - sm
+    shift = fm_start - sm_start
+    return torch.arange(n, device=lengths.device) + _per_value(shift, sm, n, sm_start)
