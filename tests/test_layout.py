@@ -1,4 +1,6 @@
-"""The package's layout: its import graph has no cycle, and no module is over 600 lines.
+"""The package's layout: its import graph has no cycle, no module is over 600 lines, and the
+README's Layout table names every module and, for each, the test files that check it (every
+test file named, every name a file).
 
 Every ``import`` of a module of ``tierstore/`` by another counts, at module level or inside a
 function (a function-level import only hides a cycle until the function runs); imports under
@@ -10,9 +12,11 @@ function (a function-level import only hides a cycle until the function runs); i
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "tierstore"
+TESTS = Path(__file__).resolve().parent
 
 
 def _modules(package: Path) -> dict[str, tuple[Path, bool]]:
@@ -166,3 +170,35 @@ def test_no_module_of_the_package_is_over_600_lines():
     assert len(sizes) > 40 and max(sizes.values()) > 100  # the files were read
     over = {name: n for name, n in sorted(sizes.items()) if n > MAX_MODULE_LINES}
     assert not over, f"modules over {MAX_MODULE_LINES} lines: {over}"
+
+
+def layout_table(readme: str) -> list[tuple[str, str, str]]:
+    """The README's Layout table: (path, what, tested in) of each row."""
+    section = readme.split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    return [tuple(cell.strip() for cell in row.strip().strip("|").split(" | ")) for row in rows]
+
+
+def named(cell: str) -> set[str]:
+    """The names in backticks of a table cell."""
+    return set(re.findall(r"`([^`]+)`", cell))
+
+
+def test_the_readme_layout_names_every_module_and_its_tests():
+    rows = layout_table((PACKAGE.parent / "README.md").read_text())
+    assert len(rows) > 25 and all(len(row) == 3 for row in rows), "a row without three cells"
+    names = set().union(*(named(path) | named(what) for path, what, _ in rows))
+    folders = {n for n in names if n.endswith("/")}
+    unnamed = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE.parent).as_posix()  # tierstore/replay/cli.py
+        if path.stem.startswith("__") or rel in names or path.name in names:
+            continue
+        if not any(rel.startswith(folder) for folder in folders):
+            unnamed.append(rel)
+    assert not unnamed, f"modules the README's Layout table does not name: {unnamed}"
+    tests = set().union(*(named(cell) for _, _, cell in rows))
+    files = {path.name for path in TESTS.glob("test_*.py")}
+    assert len(files) > 40
+    assert not tests - files, f"Layout names test files that do not exist: {tests - files}"
+    assert not files - tests, f"test files the Layout table does not name: {files - tests}"
