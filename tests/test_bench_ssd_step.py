@@ -80,3 +80,33 @@ def test_bench_ssd_step_gives_every_figure(tmp_path):
         assert 0 < held < big[f"SSD tier, {mode}: L3 rows read a step"]["value"]
     assert done.stdout.count("losses equal to the no-SSD run's at every step: yes") == 2
     assert not list(tmp_path.glob("bench_ssd_step.*")), "the tables' directory is left behind"
+
+
+def test_fill_l2_leaves_l2_full_and_dirty_and_every_value_as_it_was(tmp_path):
+    """``fill_l2`` (what each DLRM SSD run does before its warm-up): L2 ends full of rows that
+    are dirty there or in L1 (so every later L2 miss writes a victim to L3), and no row's value
+    changed (the runs' losses must still equal the run without an SSD tier's)."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import bench_ssd_step as bs
+    import torch
+
+    import tierstore as ts
+    from tierstore.cache import EMPTY
+
+    run = bs.Run(torch.device("cpu"), 1.0, True, tmp_path)
+    rows, l2_rows = 3000, 1000
+    table = ts.TieredEmbeddingBag(rows, 8, mode="sum", cache=ts.CacheConfig(rows=100),
+                                  ssd=run.ssd("t", l2_rows), optimizer=ts.SGD(lr=0.5))  # fmt: skip
+    every = torch.arange(rows)
+    table.write_rows(every, torch.randn(rows, 8))
+    table.flush()
+    before = table.read_rows(every)
+    assert int((table.store.host.cache.tags != EMPTY).sum()) == 0  # written rows go to L3
+    bs.fill_l2(run, [table], l2_rows)
+    host, l1 = table.store.host.cache, table.store.l1
+    held = host.tags[host.tags != EMPTY]
+    dirty = set(host.tags[host.dirty].tolist()) | set(l1.tags[l1.dirty].tolist())
+    assert held.numel() >= 0.9 * l2_rows  # full but for set conflicts
+    assert set(held.tolist()) <= dirty
+    assert torch.equal(table.read_rows(every), before)
+    table.close(flush=True)
