@@ -82,11 +82,11 @@ def test_bench_ssd_step_gives_every_figure(tmp_path):
     assert not list(tmp_path.glob("bench_ssd_step.*")), "the tables' directory is left behind"
 
 
-def test_fill_l2_leaves_l2_full_and_dirty_and_every_value_as_it_was(tmp_path):
+def test_fill_l2_leaves_l2_full_and_dirty_and_every_value_as_it_was(tmp_path, monkeypatch):
     """``fill_l2`` (what each DLRM SSD run does before its warm-up): L2 ends full of rows that
     are dirty there or in L1 (so every later L2 miss writes a victim to L3), and no row's value
     changed (the runs' losses must still equal the run without an SSD tier's)."""
-    sys.path.insert(0, str(SCRIPT.parent))
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
     import bench_ssd_step as bs
     import torch
 
