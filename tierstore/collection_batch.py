@@ -229,13 +229,11 @@ class FeatureLayout:
         dev = self.device
         seg = torch.tensor(counts, dtype=torch.int64, device=dev)
         if sel == list(range(sel[0], sel[0] + len(sel))):  # in input order, one slice
-            src = slice(starts[sel[0]], starts[sel[0]] + n)
+            src, seg_start = slice(starts[sel[0]], starts[sel[0]] + n), None
         else:  # value j of the group comes from input value src[j]
             begin = torch.tensor([starts[i] for i in sel], dtype=torch.int64, device=dev)
-            seg_start = seg.cumsum(0) - seg
-            shift = begin - seg_start  # input start minus group start, per feature
-            src = torch.arange(n, device=dev) + _per_value(shift, seg, n, seg_start)
-        return self._finish(g, batch, src, seg, batch.lengths[sel], n)
+            src, seg_start = _moved_positions(begin, seg, n)
+        return self._finish(g, batch, src, seg, batch.lengths[sel], n, seg_start)
 
     def _whole_input(self, g: TableGroup, batch: JaggedBatch, position) -> GroupInput:
         """The batch of a collection of one group (every feature is the group's) with no read
@@ -253,16 +251,24 @@ class FeatureLayout:
         counts = lengths.sum(1)
         seg = counts.index_select(0, at)  # (F_g,) ids per group feature
         begin = (counts.cumsum(0) - counts).index_select(0, at)
-        seg_start = seg.cumsum(0) - seg
-        shift = begin - seg_start  # input start minus group start, per feature
-        src = torch.arange(n, device=dev) + _per_value(shift, seg, n, seg_start)
-        return self._finish(g, batch, src, seg, lengths.index_select(0, at), n)
+        src, seg_start = _moved_positions(begin, seg, n)
+        return self._finish(g, batch, src, seg, lengths.index_select(0, at), n, seg_start)
 
-    def _finish(self, g: TableGroup, batch: JaggedBatch, src, seg, lengths, n) -> GroupInput:
+    def _finish(
+        self,
+        g: TableGroup,
+        batch: JaggedBatch,
+        src,
+        seg,
+        lengths,
+        n,
+        seg_start: torch.Tensor | None = None,
+    ) -> GroupInput:
         """The group's input from ``src`` (where each of its ``n`` values is in the input),
-        ``seg (F_g,)`` (values per group feature) and ``lengths (F_g, B)`` (group order): its
-        bags feature-major, or sample-major where the group is (``TableGroup.sample_major``)."""
-        ids = batch.values[src] + _per_value(g.feature_base, seg, n)
+        ``seg (F_g,)`` (values per group feature, ``seg_start`` their starts where the caller
+        has them) and ``lengths (F_g, B)`` (group order): its bags feature-major, or
+        sample-major where the group is (``TableGroup.sample_major``)."""
+        ids = batch.values[src] + _per_value(g.feature_base, seg, n, seg_start)
         psw = None if batch.weights is None else batch.weights[src]
         psw = self._mean_weights(g, batch, lengths, psw, n)
         mode = "mean" if g.poolings == {"mean"} and psw is None else "sum"
@@ -342,6 +348,17 @@ class FeatureLayout:
         return KeyedTensor(self.feature_keys, self.dims, values)
 
 
+def _moved_positions(
+    begin: torch.Tensor, seg: torch.Tensor, n: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(src (n,), starts (S,))``: where each of ``n`` values laid out segment by segment,
+    ``seg (S,)`` values each, comes from when segment ``s`` starts at ``begin[s]`` in the
+    source; and the segments' starts in the new layout (``seg``'s exclusive running sum)."""
+    starts = seg.cumsum(0) - seg
+    shift = begin - starts  # source start minus new start, per segment
+    return torch.arange(n, device=seg.device) + _per_value(shift, seg, n, starts), starts
+
+
 def _per_value(
     per_segment: torch.Tensor, seg: torch.Tensor, n: int, starts: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -368,6 +385,4 @@ def _sample_major_order(lengths: torch.Tensor, n: int) -> torch.Tensor:
     fm = lengths.reshape(-1)
     sm = lengths.T.reshape(-1)  # (B * F,)
     fm_start = (fm.cumsum(0) - fm).view(lengths.shape).T.reshape(-1)
-    sm_start = sm.cumsum(0) - sm
-    shift = fm_start - sm_start
-    return torch.arange(n, device=lengths.device) + _per_value(shift, sm, n, sm_start)
+    return _moved_positions(fm_start, sm, n)[0]
