@@ -489,12 +489,13 @@ class Run:
         if runner.moved is None or self._ids is None:
             return 0, False
         step = runner.plain or runner.step
+        filled, written = runner.moved()  # one read of the counters a step (it syncs)
         for k in range(self.fill_steps):
-            filled, written = runner.moved()
             step(self._ids(self._batch))
             now_filled, now_written = runner.moved()
             if 0 < now_filled - filled <= 2 * (now_written - written):
                 return k + 1, True
+            filled, written = now_filled, now_written
         return self.fill_steps, False
 
 
