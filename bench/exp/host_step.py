@@ -7,7 +7,7 @@ time (``cProfile``: a wait for the device shows as the own time of the call that
 It imports ``tierstore`` from ``sys.path`` as given (no checkout is put first), so that
 ``PYTHONPATH=<another tree> python3 bench/exp/host_step.py`` profiles that tree's package:
 
-    python3 bench/exp/host_step.py [--optimizer sgd|rowwise] [--steps 20] [--top 25]
+    python3 bench/exp/host_step.py [--optimizer sgd|rowwise] [--steps 20] [--top 25] [--batches 8]
 """
 
 from __future__ import annotations
@@ -31,6 +31,10 @@ def main() -> None:
     parser.add_argument("--optimizer", choices=("sgd", "rowwise"), default="sgd")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument(
+        "--batches", type=int, default=8,
+        help="distinct batches stepped in turn (1: bench_step.py's case, every row a hit)",
+    )  # fmt: skip
     args = parser.parse_args()
     print(f"tierstore from {ts.__file__}")
     rule = ts.SGD(lr=0.01) if args.optimizer == "sgd" else ts.RowWiseAdagrad(lr=0.01)
@@ -40,7 +44,9 @@ def main() -> None:
         cache = {"cache_rows": N}
     emb = ts.TieredEmbeddingBag(N, D, mode="sum", optimizer=rule, device="cuda", **cache)
     gen = torch.Generator(device="cuda").manual_seed(0)
-    batches = [torch.randint(0, N, (B, L), device="cuda", generator=gen) for _ in range(8)]
+    batches = [
+        torch.randint(0, N, (B, L), device="cuda", generator=gen) for _ in range(args.batches)
+    ]
     grad = torch.randn(B, D, device="cuda")
 
     def step(k: int) -> None:
