@@ -257,6 +257,20 @@ __device__ __forceinline__ void copy_pass(T* const (&near_w)[ROWS], T* const (&n
     }
 }
 
+// The table that holds store row `row`: the last k with starts[k] <= row (starts ascending,
+// starts[0] = 0; one table: 0 at once).
+__device__ __forceinline__ int table_of(const i64* __restrict__ starts, int tables, i64 row) {
+  int lo = 0, hi = tables - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (starts[mid] <= row)
+      lo = mid;
+    else
+      hi = mid - 1;
+  }
+  return lo;
+}
+
 // A step's row moves, in two launches (cuda_rows.move_rows): first every dirty victim goes back
 // from its slot to its L2 address (`writes_back`), in the order of those addresses (`order`: fill
 // positions ascending by their victim's L1 home, clean victims and unused entries last), then every
@@ -266,11 +280,13 @@ __device__ __forceinline__ void copy_pass(T* const (&near_w)[ROWS], T* const (&n
 // did not beat them one after the other in a training step (rows of 516 B, RowWiseAdagrad:
 // bench/RESULTS.md). Where L2 keeps a map of the rows ever written (`written`, a byte per row
 // in pinned host memory, or null; host.py HostTable), a fill whose row was never written is
-// computed from its id (hashing.initial_weights' rows, bit for bit: the L2 address of such a table
-// is the row id) instead of crossing PCIe, and a writeback marks its row written. A warp moves ROWS
-// rows at once, K elements of type T (float, or float4 when both parts of a row are 16-byte
-// aligned) per lane and row per pass. Victims and fills never share an L2 row (a victim is cached
-// and not in the batch, a fill is in the batch), and each slot belongs to one fill.
+// computed from its id instead of crossing PCIe (the L2 address of such a table is the row id),
+// and a writeback marks its row written. Its value is hashing.initial_weights' bit for bit, at
+// the row's table-local id with its table's seed and scale: a store holds `tables` tables, table
+// k from row `table_starts[k]` on (store.RowSeeds: a collection's group holds several). A warp
+// moves ROWS rows at once, K elements of type T (float, or float4 when both parts of a row are
+// 16-byte aligned) per lane and row per pass. Victims and fills never share an L2 row (a victim
+// is cached and not in the batch, a fill is in the batch), and each slot belongs to one fill.
 template <int ROWS, int K, typename T>
 __device__ void move_rows(const i64* __restrict__ fill_index,   // (F,) positions in the batch
                           const i64* __restrict__ fill_slots,   // (F,)
@@ -286,7 +302,10 @@ __device__ void move_rows(const i64* __restrict__ fill_index,   // (F,) position
                           float* __restrict__ l2,               // (L2 rows, width), pinned host
                           i64 dim, i64 width,
                           unsigned char* __restrict__ written,  // (L2 rows,) pinned host, or null
-                          i64 seed_key, float scale, float initial_state) {
+                          const i64* __restrict__ table_starts,  // (T,) ascending, [0] = 0
+                          const i64* __restrict__ table_keys,    // (T,) hashing.seed_key
+                          const float* __restrict__ table_scales,  // (T,)
+                          int tables, float initial_state) {
   const int lane = ts_lane();
   const i64 F = *n_fill;
   constexpr int FLOATS = (int)(sizeof(T) / sizeof(float));
@@ -342,7 +361,9 @@ __device__ void move_rows(const i64* __restrict__ fill_index,   // (F,) position
 #pragma unroll
     for (int r = 0; r < ROWS; r++) {
       if (!fresh[r]) continue;
-      const u64 key = ts_row_key(home[r], seed_key);
+      const int k = table_of(table_starts, tables, home[r]);
+      const u64 key = ts_row_key(home[r] - table_starts[k], table_keys[k]);
+      const float scale = table_scales[k];
       const RowRef dst = ts_row(tiers, slot[r], 0);
       for (i64 c = lane; c < width; c += 32)
         dst.at(c, dim) = c < dim ? ts_initial_value(key, (int)c, scale) : initial_state;
@@ -356,11 +377,13 @@ __device__ void move_rows(const i64* __restrict__ fill_index,   // (F,) position
                                   const int* order, i64 writes_back, const i64* addresses,       \
                                   float* l1_weights, float* l1_state, i64 state_pitch,           \
                                   i64* l1_home, float* l2, i64 dim, i64 width,                   \
-                                  unsigned char* written, i64 seed_key, float scale,             \
+                                  unsigned char* written, const i64* table_starts,               \
+                                  const i64* table_keys, const float* table_scales, i64 tables,  \
                                   float initial_state) {                                         \
     move_rows<ROWS, K, T>(fill_index, fill_slots, victim_dirty, n_fill, order, writes_back != 0, \
                            addresses, l1_weights, l1_state, state_pitch, l1_home, l2, dim,      \
-                           width, written, seed_key, scale, initial_state);                     \
+                           width, written, table_starts, table_keys, table_scales, (int)tables, \
+                           initial_state);                                                       \
   }
 TS_MOVE(move_rows_vec4, 8, 1, float4)
 TS_MOVE(move_rows_scalar, 4, 5, float)  // a row of 129 floats at any skew in one pass

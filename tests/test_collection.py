@@ -737,6 +737,56 @@ def test_mixed_collection_on_device(device):
         )
 
 
+@pytest.mark.gpu
+def test_group_fills_compute_never_written_rows():
+    """A group's CUDA fills compute a never-written row from its own table's seed, init scale
+    and table-local id (store.RowSeeds, kernels/insert.cu) instead of reading it from L2: the
+    rows a forward fills into L1 equal the CPU collection's bit for bit, and after training
+    with evictions every L2 row that left its initial value is marked written."""
+    gen = torch.Generator().manual_seed(21)
+    sizes = [37, 50, 23]
+    tables = [ts.TableConfig(name=f"t{k}", embedding_dim=8, num_embeddings=n, seed=5 * k + 2,
+                             init_scale=0.1 * (k + 1)) for k, n in enumerate(sizes)]  # fmt: skip
+    opt = ts.RowWiseAdagrad(lr=0.2)
+    cols = {
+        dev: ts.TieredEmbeddingBagCollection(
+            tables, cache=ts.CacheConfig(rows=16, ways=4), optimizer=opt, device=dev
+        )
+        for dev in ("cuda", "cpu")
+    }
+    store = cols["cuda"].groups[0].store
+    assert len(cols["cuda"].groups) == 1 and store.l2_written
+    bags = max(sizes)  # every feature has as many bags; the others' are empty
+    order = cols["cpu"].feature_keys
+    for t in tables:  # every row of the table through L1 once (eval: nothing is written)
+        n = t.num_embeddings
+        one = {f: (torch.empty(0, dtype=torch.int64), torch.zeros(bags, dtype=torch.int64), None)
+               for f in order}  # fmt: skip
+        lengths = (torch.arange(bags) < n).long()  # bag k holds row k of the table
+        one[t.feature_names[0]] = (torch.arange(n), lengths, None)
+        with torch.no_grad():
+            got = cols["cuda"](**as_keyword({f: (i.cuda(), m.cuda(), w) for f, (i, m, w)
+                                             in one.items()}, order))  # fmt: skip
+            want = cols["cpu"](**as_keyword(one, order))
+        assert torch.equal(got.values().cpu(), want.values())
+    assert not bool(store.host.written.any())
+    for _ in range(6):
+        batch = make_batch(gen, tables, 24, max_len=5)
+        for dev, col in cols.items():
+            kw = as_keyword({f: tuple(x.to(dev) for x in v[:2]) + (None,)
+                             for f, v in batch.items()}, order)  # fmt: skip
+            col(**kw).values().sum().backward()
+    for t in tables:
+        ids = torch.arange(t.num_embeddings)
+        torch.testing.assert_close(cols["cuda"].read_rows(t.name, ids.cuda(), True).cpu(),
+                                   cols["cpu"].read_rows(t.name, ids, True), rtol=1e-5,
+                                   atol=1e-6)  # fmt: skip
+    initial = store.init_rows(torch.arange(store.num_rows, device="cuda")).cpu()
+    changed = (store.host.data != initial).any(1)
+    assert bool(changed.any())  # evictions wrote trained rows back
+    assert not bool((changed & (store.host.written == 0)).any())
+
+
 # ---------------------------------------------------------------------------- README
 def test_readme_collection_example_runs(tmp_path, monkeypatch):
     readme = (pathlib.Path(__file__).parent.parent / "README.md").read_text()

@@ -13,7 +13,6 @@ from . import cpu
 from .cuda_cache import DeviceLookup
 from .cuda_launch import int64_on, run_kernel
 from .cuda_unique import radix_sort
-from .hashing import seed_key
 
 _MOVE_ROWS = {True: 8, False: 4}  # rows per warp of move_rows_vec4 / move_rows_scalar
 
@@ -90,7 +89,8 @@ def move_rows(store, found, addresses: torch.Tensor) -> None:
     fn = "move_rows_vec4" if vec4 else "move_rows_scalar"
     fills = (found.fill_index_buffer, found.fill_slots_buffer, found.victim_dirty_buffer,
              found.n_fill, order)  # fmt: skip
-    init = (seed_key(store.seed), float(store.init_scale), float(store.layout.initial_state))
+    seeds = store.row_seeds
+    init = (*seeds, seeds.starts.numel(), float(store.layout.initial_state))
     rest = (int64_on(addresses, dev), *l1, store.l1.home, l2, dim, width, store.l2_written, *init)
     for writes_back in (True, False):  # every writeback before the first fill
         args = (*fills, writes_back, *rest)

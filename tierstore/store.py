@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 
@@ -18,7 +19,7 @@ from . import interop
 from . import stats as st
 from .cache import EMPTY, by_slot
 from .errors import CapacityError, InvalidInputError
-from .hashing import initial_weights
+from .hashing import initial_weights, seed_key
 from .host import HostTable
 from .optim import Optimizer
 from .policy import Policy
@@ -66,6 +67,18 @@ class RowLayout:
     def row_bytes(self) -> int:
         """Bytes per stored row."""
         return 4 * self.width
+
+
+class RowSeeds(NamedTuple):
+    """What never-written rows are made from, as the CUDA fills compute them
+    (kernels/insert.cu ``move_rows``): store row ``r`` belongs to table ``k``, the last with
+    ``starts[k] <= r``, and its value is :func:`initial_rows` of table-local id
+    ``r - starts[k]`` with that table's seed and scale. ``(T,)`` tensors on the store's device;
+    a single table is ``T = 1``, a collection's group one entry per table."""
+
+    starts: torch.Tensor  # int64, ascending, starts[0] == 0
+    keys: torch.Tensor  # int64: hashing.seed_key of each table's seed
+    scales: torch.Tensor  # float32: each table's init_scale
 
 
 def initial_rows(
@@ -238,10 +251,10 @@ class TieredStore:
         self.backend = backend
         self.l1 = backend.new_cache(cache_rows, ways, policy, device)
         self.l1.hold_rows(layout.dim, layout.state_width)  # (L2 and L3 keep a row whole)
-        cuda, hashed = device.type == "cuda", type(self).init_rows is TieredStore.init_rows
+        cuda = device.type == "cuda"
         self.host: HostTier = host or HostTable(
             num_rows, layout.width, self.init_rows, pin=cuda,
-            init_device=device if cuda and hashed else None,  # the GPU computes the rows
+            init_device=device if cuda else None,  # the GPU computes the rows
         )  # fmt: skip
         self.inclusive_host = not isinstance(self.host, HostTable)
         self.flushed_rows = 0
@@ -251,13 +264,14 @@ class TieredStore:
         data = self.host.data
         in_place = data.dtype == torch.float32 and data.is_contiguous()
         self.l2_address = interop.device_pointer(data) if in_place else None
-        # and of L2's map of rows ever written (HostTable.written), 0 where it keeps none or
-        # where the initial rows are not the kernels' hash of (seed, id) (a store whose
-        # init_rows is its own, as a collection's group: its fills then read every row)
+        # and of L2's map of rows ever written (HostTable.written), 0 where it keeps none: the
+        # fills then compute a never-written row from its table's seed (row_seeds) instead of
+        # reading it
         written = self.host.written
         self.l2_written = 0
-        if self.l2_address is not None and written is not None and hashed:
+        if self.l2_address is not None and written is not None:
             self.l2_written = interop.device_pointer(written) or 0
+        self.row_seeds = self.seeds() if cuda else None
         # Prefetched lookups run on a side stream (side_stream); the event of the last one the
         # current stream has not been ordered after yet (join_side)
         self._side: torch.cuda.Stream | None = None
@@ -267,6 +281,14 @@ class TieredStore:
     def init_rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Initial rows (weights and optimizer state) of never-written ``ids``."""
         return initial_rows(ids, self.layout, self.seed, self.init_scale, self.device)
+
+    def seeds(self) -> RowSeeds:
+        """The seeds behind :meth:`init_rows` as the CUDA fills take them (a subclass with its
+        own ``init_rows`` gives its own)."""
+        dev = self.device
+        return RowSeeds(torch.zeros(1, dtype=torch.int64, device=dev),
+                        torch.tensor([seed_key(self.seed)], dtype=torch.int64, device=dev),
+                        torch.tensor([self.init_scale], dtype=torch.float32, device=dev))  # fmt: skip
 
     def read_rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Current rows (weights and state) of ``ids``, wherever they live. Changes nothing."""

@@ -25,8 +25,9 @@ import torch
 
 from .cache import cache_shape
 from .errors import InvalidInputError
+from .hashing import seed_key
 from .optim import Optimizer
-from .store import RowLayout, TieredStore, UniqueStep, initial_rows
+from .store import RowLayout, RowSeeds, TieredStore, UniqueStep, initial_rows
 from .table_config import TableConfig
 
 TAG_SHIFT = 47  # ids of a table in a group with an unbounded table: [0, 2**47)
@@ -155,6 +156,15 @@ class GroupStore(TieredStore):
 
     def init_rows(self, ids: torch.Tensor) -> torch.Tensor:
         return self._group.initial_rows(ids, self.layout, self.device)
+
+    def seeds(self) -> RowSeeds:
+        """Each table's base, seed key and init scale (:meth:`TableGroup.initial_rows`)."""
+        tables, dev = self._group.tables, self.device
+        return RowSeeds(torch.tensor(self._group.bases, dtype=torch.int64, device=dev),
+                        torch.tensor([seed_key(t.seed) for t in tables], dtype=torch.int64,
+                                     device=dev),
+                        torch.tensor([t.init_scale for t in tables], dtype=torch.float32,
+                                     device=dev))  # fmt: skip
 
     def count_step(self, step: UniqueStep, found) -> None:
         """Adds a step's requests, unique rows, hits, misses and conflict misses to the
