@@ -19,6 +19,9 @@
 // low bits only: garbage order, but the positions are still a permutation, so every later
 // kernel stays in bounds.
 //
+// A count on the device (`count`, or null) sorts only the first *count entries: a step's row
+// moves sort a buffer sized for the batch of which the device alone knows the used part.
+//
 // Launches: 256-thread blocks (one thread per digit), a block per tile, block-stride. A warp
 // reads its run of the tile with every load in flight at once, then ranks it.
 #include "common.cuh"
@@ -76,16 +79,28 @@ __device__ __forceinline__ void ts_load_run(const Key* __restrict__ keys,
   }
 }
 
+// The entries a pass sorts: the first n, or the first *count where the count is on the device
+// (null: n). Entries past it are left out: their tiles count nothing and scatter nothing, so
+// a sort of a buffer that a step filled only in part costs what its used part does.
+__device__ __forceinline__ i64 ts_radix_length(i64 n, const int* count) {
+  return count == nullptr ? n : min(n, (i64)max(*count, 0));
+}
+
 // counts[d * tiles + t + 1] = entries of tile t whose digit at `shift` is d, and counts[0] = 0,
 // so that an inclusive prefix sum of counts is exclusive per (digit, tile).
 template <class Key>
-__device__ void radix_counts(const Key* __restrict__ keys, i64 n, i64 shift, i64 tiles,
-                             int* __restrict__ counts) {
+__device__ void radix_counts(const Key* __restrict__ keys, i64 n, const int* __restrict__ count,
+                             i64 shift, i64 tiles, int* __restrict__ counts) {
   __shared__ int hist[TS_RADIX_DIGITS];
   const int lane = ts_lane();
   const i64 first = (i64)(threadIdx.x >> 5) * TS_RADIX_RUN + lane;  // in the tile
+  n = ts_radix_length(n, count);
   if (blockIdx.x == 0 && threadIdx.x == 0) counts[0] = 0;
   for (i64 t = blockIdx.x; t < tiles; t += gridDim.x) {
+    if (t * TS_RADIX_TILE >= n) {  // past the sorted entries: a column of zeros, no loads
+      counts[threadIdx.x * tiles + t + 1] = 0;
+      continue;
+    }
     hist[threadIdx.x] = 0;
     u32 key[TS_RADIX_ITEMS];
     ts_load_run<Key>(keys, nullptr, n, t, key, nullptr);
@@ -108,8 +123,9 @@ __device__ void radix_counts(const Key* __restrict__ keys, i64 n, i64 shift, i64
 // runs of consecutive places (a digit's entries of the tile) instead of one entry at a time.
 template <class Key>
 __device__ void radix_scatter(const Key* __restrict__ keys, const int* __restrict__ values,
-                              i64 n, i64 shift, i64 tiles, const int* __restrict__ starts,
-                              u32* __restrict__ keys_out, int* __restrict__ values_out) {
+                              i64 n, const int* __restrict__ count, i64 shift, i64 tiles,
+                              const int* __restrict__ starts, u32* __restrict__ keys_out,
+                              int* __restrict__ values_out) {
   __shared__ int warp_place[TS_RADIX_WARPS][TS_RADIX_DIGITS];  // counts, then tile places
   __shared__ int out_offset[TS_RADIX_DIGITS];  // output place minus tile place, per digit
   __shared__ u32 tile_keys[TS_RADIX_TILE];
@@ -117,7 +133,8 @@ __device__ void radix_scatter(const Key* __restrict__ keys, const int* __restric
   const int lane = ts_lane(), warp = threadIdx.x >> 5;
   const u32 lanes_before = (1u << lane) - 1;
   const i64 first = (i64)warp * TS_RADIX_RUN + lane;  // this thread's first entry in the tile
-  for (i64 t = blockIdx.x; t < tiles; t += gridDim.x) {
+  n = ts_radix_length(n, count);
+  for (i64 t = blockIdx.x; t * TS_RADIX_TILE < n && t < tiles; t += gridDim.x) {
 #pragma unroll
     for (int w = 0; w < TS_RADIX_WARPS; w++) warp_place[w][threadIdx.x] = 0;
     u32 key[TS_RADIX_ITEMS];
@@ -172,14 +189,15 @@ __device__ void radix_scatter(const Key* __restrict__ keys, const int* __restric
 }
 
 #define TS_RADIX_KERNELS(SUFFIX, KEY)                                                          \
-  extern "C" __global__ void radix_counts_##SUFFIX(const KEY* keys, i64 n, i64 shift,         \
-                                                   i64 tiles, int* counts) {                  \
-    radix_counts<KEY>(keys, n, shift, tiles, counts);                                          \
+  extern "C" __global__ void radix_counts_##SUFFIX(const KEY* keys, i64 n, const int* count,  \
+                                                   i64 shift, i64 tiles, int* counts) {       \
+    radix_counts<KEY>(keys, n, count, shift, tiles, counts);                                   \
   }                                                                                            \
   extern "C" __global__ void radix_scatter_##SUFFIX(const KEY* keys, const int* values, i64 n, \
-                                                    i64 shift, i64 tiles, const int* starts,   \
-                                                    u32* keys_out, int* values_out) {          \
-    radix_scatter<KEY>(keys, values, n, shift, tiles, starts, keys_out, values_out);           \
+                                                    const int* count, i64 shift, i64 tiles,    \
+                                                    const int* starts, u32* keys_out,          \
+                                                    int* values_out) {                         \
+    radix_scatter<KEY>(keys, values, n, count, shift, tiles, starts, keys_out, values_out);    \
   }
 TS_RADIX_KERNELS(i64, i64)  // the first pass: the batch's ids
 TS_RADIX_KERNELS(u32, u32)  // later passes: the keys the pass before wrote

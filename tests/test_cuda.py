@@ -436,7 +436,8 @@ def test_radix_sort_is_torchs_stable_sort(bits, n):
     """cuda.radix_sort against torch.sort(stable=True) on fresh random keys: uniform over
     [0, 2**bits), and skewed (a few hot keys: long runs of equal keys in a warp and a tile,
     where a rank out of position order would show). Keys outside the range, as in a batch the
-    checks will reject, still give a permutation."""
+    checks will reject, still give a permutation. With a device count, the first keys alone
+    are sorted."""
     cuda = _cuda()
     seed = random.randrange(1 << 32)
     rng = np.random.default_rng(seed)
@@ -450,6 +451,12 @@ def test_radix_sort_is_torchs_stable_sort(bits, n):
     bad = torch.from_numpy(rng.integers(-(1 << 40), 1 << 40, n)).cuda()
     _, order = cuda.radix_sort(bad, bits)
     assert torch.equal(order.long().sort().values, torch.arange(n, device="cuda")), seed
+    used = int(rng.integers(0, n + 1))  # a count on the device: only the first keys sorted
+    count = torch.tensor([used], dtype=torch.int32, device="cuda")
+    got, got_order = cuda.radix_sort(k, bits, count=count)
+    want, want_order = torch.sort(k[:used], stable=True)
+    assert torch.equal(got[:used].long(), want), f"keys of the first {used} (seed {seed})"
+    assert torch.equal(got_order[:used].long(), want_order), f"order (seed {seed})"
 
 
 @pytest.mark.parametrize("num_rows", [1000, 1 << 31, None])

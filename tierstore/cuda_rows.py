@@ -54,10 +54,11 @@ def refresh_conflicts(store, batch, l2) -> None:
 
 
 def victim_order(store, found) -> torch.Tensor:
-    """``(U,)`` int32: the fill positions ascending by the L2 address their dirty victim goes
-    back to (clean victims and the unused entries past ``n_fill`` after them). A kernel's
-    writes over PCIe run 2.3x faster with the host addresses ascending than in random order
-    (bench/exp/pcie_moves.py)."""
+    """``(U,)`` int32 whose first ``n_fill`` entries are the fill positions ascending by the L2
+    address their dirty victim goes back to, clean victims after them; the entries past
+    ``n_fill`` are unused (garbage on CUDA, where the sort stops at the count the device holds:
+    a step of all hits sorts nothing). A kernel's writes over PCIe run 2.3x faster with the
+    host addresses ascending than in random order (bench/exp/pcie_moves.py)."""
     n = found.fill_slots_buffer.numel()
     dev = store.device
     used = torch.arange(n, device=dev) < found.n_fill  # the fills' count stays on the device
@@ -66,7 +67,7 @@ def victim_order(store, found) -> torch.Tensor:
     bits = max(store.host.data.shape[0], 1).bit_length()  # (1 << bits) - 1: past every row
     keys = torch.where(dirty, store.l1.home[slots], (1 << bits) - 1)
     if keys.is_cuda and bits <= 31:  # the ids' bits alone (kernels/sort.cu), else torch's
-        return radix_sort(keys, bits)[1]
+        return radix_sort(keys, bits, count=found.n_fill)[1]
     return torch.sort(keys, stable=True).indices.to(torch.int32)
 
 

@@ -55,11 +55,17 @@ class Transpose:
 _RADIX_TILE = 4096  # entries per tile of kernels/sort.cu (TS_RADIX_TILE)
 
 
-def radix_sort(keys: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+def radix_sort(
+    keys: torch.Tensor, bits: int, count: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(sorted, order)``: ``torch.sort(keys, stable=True)`` for int64 ``keys`` in
     ``[0, 2**bits)``, ``bits <= 31``, both as int32 (kernels/sort.cu): one 8-bit pass per byte
     of ``bits``, where torch sorts all 32 bits and carries int64 positions. Keys outside that
-    range sort as garbage (by their low bits), but ``order`` is still a permutation."""
+    range sort as garbage (by their low bits), but ``order`` is still a permutation.
+
+    ``count``, a ``(1,)`` int32 device tensor, sorts only the first ``count`` keys, without the
+    host reading it: the first ``count`` entries of both outputs are those keys' sort, the rest
+    are garbage, and the passes skip the tiles past it (a step's partly used buffer)."""
     n = keys.numel()
     dev = cuda_device(keys.device)
     keys = int64_on(keys, dev)
@@ -71,11 +77,11 @@ def radix_sort(keys: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tenso
     source, values = keys, None
     for k, shift in enumerate(range(0, max(bits, 1), 8)):
         suffix = "i64" if k == 0 else "u32"
-        args = (source, n, shift, tiles, counts)
+        args = (source, n, count, shift, tiles, counts)
         run_kernel("sort.cu", f"radix_counts_{suffix}", dev, tiles * 256, args, per_warp=False)
         torch.cumsum(counts, 0, dtype=torch.int32, out=starts)  # where each (digit, tile) begins
         out_keys, out_values = buffers[k % 2]
-        args = (source, values, n, shift, tiles, starts, out_keys, out_values)
+        args = (source, values, n, count, shift, tiles, starts, out_keys, out_values)
         run_kernel("sort.cu", f"radix_scatter_{suffix}", dev, tiles * 256, args, per_warp=False)
         source, values = out_keys, out_values
     return source, values
