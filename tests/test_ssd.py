@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 import zlib
 
@@ -338,6 +339,46 @@ def crash_child(path, out_fd: int) -> None:
             writer.write(b, rows_b)
         os.write(out_fd, f"{step}\n".encode())
         step += 1
+
+
+class _FlushOnFirstRead:
+    """The staged environment with a hook: the first read transaction begun on it first runs
+    ``flush`` to its commit on another thread (a flush that commits between the two snapshots
+    a listing takes, whichever it takes first)."""
+
+    def __init__(self, env, flush):
+        self._env, self._flush = env, flush
+
+    def begin(self, *args, **kwargs):
+        if not kwargs.get("write") and self._flush is not None:
+            flush, self._flush = self._flush, None
+            thread = threading.Thread(target=flush)
+            thread.start()
+            thread.join()
+        return self._env.begin(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._env, name)
+
+
+def test_stored_ids_keep_the_rows_a_concurrent_flush_merges(tmp_path):
+    """``stored_ids`` takes the staged snapshot before the flushed one (as ``read`` does): a
+    flush that commits between them has merged the staged rows into the flushed snapshot, so
+    every row written is listed (taken the other way round, the staged rows were in neither)."""
+    rng = random.Random()
+    tier = SSDTier.create(tmp_path / "t", meta(), init_rows, block_rows=rng.choice([1, 4]))
+    flushed = ids_of(rng.sample(range(-500, 500), 40))
+    staged = ids_of(rng.sample(range(500, 900), 30))
+    tier.flush(flushed, random_bits(rng.randrange(1 << 30), len(flushed)))
+    tier.write(staged, random_bits(rng.randrange(1 << 30), len(staged)))
+    tier._staged_env = _FlushOnFirstRead(
+        tier._staged_env, lambda: tier.flush(ids_of([]), torch.empty(0, W))
+    )
+    listed = tier.stored_ids()
+    assert tier._flush_count == 2  # the flush did commit during the listing
+    assert torch.equal(listed, torch.cat([flushed, staged]))
+    tier._staged_env = tier._staged_env._env
+    tier.close()
 
 
 def test_kill_9_loses_nothing_flushed(tmp_path):

@@ -447,8 +447,10 @@ class SSDTier:
         self._check_usable()
         parts = [np.empty(0, np.uint64)]
         with self._storage_errors("list rows"):
-            main_txn = self._env.begin()
+            # Staged before main, as in read: a flush committing in between must find its rows
+            # in main's snapshot (begun later), not lost from both
             staged_txn = self._staged_env.begin() if self._staged_env is not None else None
+            main_txn = self._env.begin()
             try:
                 sources = [(main_txn, self._blocks, self._db)] if flushed else []
                 if staged and staged_txn is not None:
