@@ -264,12 +264,15 @@ class TieredStore:
         data = self.host.data
         in_place = data.dtype == torch.float32 and data.is_contiguous()
         self.l2_address = interop.device_pointer(data) if in_place else None
-        # and of L2's map of rows ever written (HostTable.written), 0 where it keeps none: the
-        # fills then compute a never-written row from its table's seed (row_seeds) instead of
-        # reading it
+        # and of L2's map of rows ever written (HostTable.written): with it, a fill computes a
+        # never-written row from its table's seed (row_seeds) instead of reading it; 0 where L2
+        # keeps none, or where a subclass's own init_rows comes without seeds to say how
+        # (GroupStore gives them), and the fills read every row
         written = self.host.written
         self.l2_written = 0
-        if self.l2_address is not None and written is not None:
+        own_rows = type(self).init_rows is not TieredStore.init_rows
+        seeded = not own_rows or type(self).seeds is not TieredStore.seeds
+        if self.l2_address is not None and written is not None and seeded:
             self.l2_written = interop.device_pointer(written) or 0
         self.row_seeds = self.seeds() if cuda else None
         # Prefetched lookups run on a side stream (side_stream); the event of the last one the
