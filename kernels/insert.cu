@@ -272,8 +272,8 @@ __device__ __forceinline__ int table_of(const i64* __restrict__ starts, int tabl
 }
 
 // A step's row moves, in two launches (cuda_rows.move_rows): first every dirty victim goes back
-// from its slot to its L2 address (`writes_back`), in the order of those addresses (`order`: fill
-// positions ascending by their victim's L1 home, clean victims and unused entries last), then every
+// from its slot to its L2 address (`writes_back`), in the order of those addresses (`order`: the
+// first F fill positions ascending by their victim's L1 home, clean victims last), then every
 // fill comes in from L2 in ascending id order and its slot records its L2 address. A kernel's reads
 // and writes of pinned host rows reach about 47 and 44 GB/s over PCIe with the host addresses
 // ascending, 19 GB/s in random order (bench/exp/pcie_moves.py, H100); the two directions at once
