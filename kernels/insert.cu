@@ -273,9 +273,10 @@ __device__ __forceinline__ int table_of(const i64* __restrict__ starts, int tabl
 
 // A step's row moves, in two launches (cuda_rows.move_rows): first every dirty victim goes back
 // from its slot to its L2 address (`writes_back`), in the order of those addresses (`order`: the
-// first F fill positions ascending by their victim's L1 home, clean victims last), then every
-// fill comes in from L2 in ascending id order and its slot records its L2 address. A kernel's reads
-// and writes of pinned host rows reach about 47 and 44 GB/s over PCIe with the host addresses
+// first F fill positions ascending by their victim's L1 home, clean victims last; null: fill
+// order, where no victim was dirty lately and the host skipped the sort: CudaCache.writebacks),
+// then every fill comes in from L2 in ascending id order and its slot records its L2 address. A
+// kernel's reads and writes of pinned host rows reach about 47 and 44 GB/s over PCIe with the host addresses
 // ascending, 19 GB/s in random order (bench/exp/pcie_moves.py, H100); the two directions at once
 // did not beat them one after the other in a training step (rows of 516 B, RowWiseAdagrad:
 // bench/RESULTS.md). Where L2 keeps a map of the rows ever written (`written`, a byte per row
@@ -292,7 +293,7 @@ __device__ void move_rows(const i64* __restrict__ fill_index,   // (F,) position
                           const i64* __restrict__ fill_slots,   // (F,)
                           const unsigned char* __restrict__ victim_dirty,  // (F,)
                           const int* __restrict__ n_fill,       // (1,) F
-                          const int* __restrict__ order,        // (F,) dirty victims by home
+                          const int* __restrict__ order,        // (F,) by victim home, or null
                           bool writes_back,
                           const i64* __restrict__ addresses,    // (U,) L2 address of each id
                           float* __restrict__ l1_weights,       // (C, dim)
@@ -320,7 +321,7 @@ __device__ void move_rows(const i64* __restrict__ fill_index,   // (F,) position
       const i64 i = i0 + r;
       i64 f = -1;
       if (writes_back) {  // i: a rank; clean victims and unused entries sort last
-        f = i < F ? order[i] : -1;
+        f = i >= F ? -1 : order != nullptr ? order[i] : i;
         if (f >= 0 && (f >= F || !victim_dirty[f])) f = -1;
       } else if (i < F) {  // i: a fill
         f = i;

@@ -10,6 +10,7 @@ import warnings
 
 import torch
 
+from . import stats as st
 from .cache import EMPTY, Lookup, SetAssociativeCache
 from .cuda_launch import cuda_device, int64_on, run_kernel
 from .errors import FallbackWarning, InvalidInputError
@@ -131,6 +132,7 @@ class CudaCache(SetAssociativeCache):
         # as 16-byte vectors and reads a way's 8-byte tag only where its digest matches
         stride = -(-self.ways // 16) * 16
         self.digests = torch.zeros((self.sets, stride), dtype=torch.uint8, device=self.device)
+        self.writebacks = WritebackWatch(self.counters)
 
     def _way_state(self, shape: tuple[int, int]):
         """Tags, stamps, locks and dirty bits as fields of one 32-byte record per way
@@ -290,3 +292,37 @@ def lookup(
     """One cache step (see :meth:`SetAssociativeCache.lookup`); ``count`` and ``hold``: see
     :meth:`CudaCache.lookup`."""
     return cache.lookup(ids, counts, count=count, hold=hold)
+
+
+class WritebackWatch:
+    """Whether a CUDA cache wrote dirty victims back lately, known on the host without a wait.
+
+    Each eager call queues a copy of the cache's writeback counter (``stats`` ``WRITEBACKS``,
+    counted by the cache step's kernel) to page-locked memory and reads the last copy that has
+    landed (an event's query, never a wait). The row moves sort their writebacks by L2 address
+    (``cuda_rows.victim_order``: a radix sort and its masks, 15 launches) only while the
+    counter moves: a step of all hits, or of fills into empty ways, has nothing to sort and
+    the eager step is bound by the host's launches. The order changes only the speed of the
+    writes (any order writes the same rows), so a reading one or two steps old is safe. A CUDA
+    graph being captured always sorts (its replays cost no launches)."""
+
+    def __init__(self, counters: torch.Tensor):
+        self._counter = counters[st.WRITEBACKS : st.WRITEBACKS + 1]  # (1,) int64, device
+        self._copy = torch.zeros(1, dtype=torch.int64, pin_memory=True)
+        self._landed: torch.cuda.Event | None = None
+        self._seen = 0  # the counter at the last reading
+        self._moving = True  # whether it moved between the last two readings (True until one)
+
+    def lately(self) -> bool:
+        """Whether the writeback counter moved between the last two readings of it."""
+        if torch.cuda.is_current_stream_capturing():
+            return True
+        if self._landed is not None and self._landed.query():
+            count = int(self._copy[0])
+            self._moving, self._seen = count != self._seen, count
+            self._landed = None
+        if self._landed is None:  # the next reading
+            self._copy.copy_(self._counter, non_blocking=True)
+            self._landed = torch.cuda.Event()
+            self._landed.record()
+        return self._moving

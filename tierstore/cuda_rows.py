@@ -84,7 +84,8 @@ def move_rows(store, found, addresses: torch.Tensor) -> None:
     dim, width = store.layout.dim, store.layout.width
     l1 = kernel_l1(store)
     vec4 = width % 4 == 0 and dim % 4 == 0 and l1[2] % 4 == 0  # every part 16-byte aligned
-    order = victim_order(store, found)
+    # null: no dirty victim lately, the writebacks (if any) go in fill order without a sort
+    order = victim_order(store, found) if store.l1.writebacks.lately() else None
     # a never-written row's fill is computed from its id where L2 maps its written rows
     rows = _MOVE_ROWS[vec4]
     fn = "move_rows_vec4" if vec4 else "move_rows_scalar"
