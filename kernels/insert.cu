@@ -273,21 +273,21 @@ __device__ __forceinline__ int table_of(const i64* __restrict__ starts, int tabl
 
 // A step's row moves, in two launches (cuda_rows.move_rows): first every dirty victim goes back
 // from its slot to its L2 address (`writes_back`), in the order of those addresses (`order`: the
-// first F fill positions ascending by their victim's L1 home, clean victims last; null: fill
-// order, where no victim was dirty lately and the host skipped the sort: CudaCache.writebacks),
-// then every fill comes in from L2 in ascending id order and its slot records its L2 address. A
-// kernel's reads and writes of pinned host rows reach about 47 and 44 GB/s over PCIe with the host addresses
+// first F fill positions ascending by their victim's L1 home, clean victims last; null: fill order,
+// where no victim was dirty lately and the host skipped the sort: CudaCache.writebacks), then every
+// fill comes in from L2 in ascending id order and its slot records its L2 address. A kernel's reads
+// and writes of pinned host rows reach about 47 and 44 GB/s over PCIe with the host addresses
 // ascending, 19 GB/s in random order (bench/exp/pcie_moves.py, H100); the two directions at once
 // did not beat them one after the other in a training step (rows of 516 B, RowWiseAdagrad:
-// bench/RESULTS.md). Where L2 keeps a map of the rows ever written (`written`, a byte per row
-// in pinned host memory, or null; host.py HostTable), a fill whose row was never written is
-// computed from its id instead of crossing PCIe (the L2 address of such a table is the row id),
-// and a writeback marks its row written. Its value is hashing.initial_weights' bit for bit, at
-// the row's table-local id with its table's seed and scale: a store holds `tables` tables, table
-// k from row `table_starts[k]` on (store.RowSeeds: a collection's group holds several). A warp
-// moves ROWS rows at once, K elements of type T (float, or float4 when both parts of a row are
-// 16-byte aligned) per lane and row per pass. Victims and fills never share an L2 row (a victim
-// is cached and not in the batch, a fill is in the batch), and each slot belongs to one fill.
+// bench/RESULTS.md). Where L2 keeps a map of the rows ever written (`written`, a byte per row in
+// pinned host memory, or null; host.py HostTable), a fill whose row was never written is computed
+// from its id instead of crossing PCIe (the L2 address of such a table is the row id), and a
+// writeback marks its row written. Its value is hashing.initial_weights' bit for bit, at the row's
+// table-local id with its table's seed and scale: a store holds `tables` tables, table k from row
+// `table_starts[k]` on (store.RowSeeds: a collection's group holds several). A warp moves ROWS rows
+// at once, K elements of type T (float, or float4 when both parts of a row are 16-byte aligned) per
+// lane and row per pass. Victims and fills never share an L2 row (a victim is cached and not in the
+// batch, a fill is in the batch), and each slot belongs to one fill.
 template <int ROWS, int K, typename T>
 __device__ void move_rows(const i64* __restrict__ fill_index,   // (F,) positions in the batch
                           const i64* __restrict__ fill_slots,   // (F,)
