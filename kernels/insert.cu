@@ -222,6 +222,21 @@ extern "C" __global__ void compact_fills(const int* __restrict__ filled,
   }
 }
 
+// The keys the writeback order sorts (cuda_rows.victim_order): for each of the first F fills,
+// its victim's L1 home (the L2 address it goes back to) where the victim is dirty, else `past`
+// (beyond every L2 row: clean victims sort last). The entries past F are left as they are: the
+// sort reads the first F alone. One launch in place of the torch masks over the whole buffer.
+extern "C" __global__ void victim_keys(const i64* __restrict__ fill_slots,  // (F,)
+                                       const unsigned char* __restrict__ victim_dirty,  // (F,)
+                                       const int* __restrict__ n_fill,      // (1,) F
+                                       const i64* __restrict__ l1_home,     // (C,)
+                                       i64 n, i64 past,
+                                       i64* __restrict__ keys) {            // (n,) out
+  const i64 F = min(n, (i64)*n_fill);
+  for (i64 i = ts_global_thread(); i < F; i += ts_thread_count())
+    keys[i] = victim_dirty[i] ? l1_home[fill_slots[i]] : past;
+}
+
 // One pass of a warp over ROWS whole rows at once, weights and state together, between their L1
 // slot (weights at near_w, state at near_s: apart) and their L2 row (far: `per` elements, the
 // weights' `split` first): element c = c0 + lane + 32 k - skew[r] (k < K) of row r, where it lies

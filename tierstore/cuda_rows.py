@@ -61,13 +61,17 @@ def victim_order(store, found) -> torch.Tensor:
     host addresses ascending than in random order (bench/exp/pcie_moves.py)."""
     n = found.fill_slots_buffer.numel()
     dev = store.device
+    bits = max(store.host.data.shape[0], 1).bit_length()  # (1 << bits) - 1: past every row
+    if dev.type == "cuda" and bits <= 31:  # one kernel for the keys, sorted over their bits
+        keys = torch.empty(n, dtype=torch.int64, device=dev)  # the first n_fill written
+        args = (found.fill_slots_buffer, found.victim_dirty_buffer, found.n_fill, store.l1.home,
+                n, (1 << bits) - 1, keys)  # fmt: skip
+        run_kernel("insert.cu", "victim_keys", dev, n, args, per_warp=False)
+        return radix_sort(keys, bits, count=found.n_fill)[1]
     used = torch.arange(n, device=dev) < found.n_fill  # the fills' count stays on the device
     dirty = found.victim_dirty_buffer & used
     slots = found.fill_slots_buffer.clamp(0, store.l1.home.numel() - 1)  # unused: garbage
-    bits = max(store.host.data.shape[0], 1).bit_length()  # (1 << bits) - 1: past every row
     keys = torch.where(dirty, store.l1.home[slots], (1 << bits) - 1)
-    if keys.is_cuda and bits <= 31:  # the ids' bits alone (kernels/sort.cu), else torch's
-        return radix_sort(keys, bits, count=found.n_fill)[1]
     return torch.sort(keys, stable=True).indices.to(torch.int32)
 
 
