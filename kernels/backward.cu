@@ -23,11 +23,26 @@
 // multi list (M <= n), P = ceil(n / G) chunks at most.
 #include "common.cuh"
 
-// The bag of each index. One warp per bag.
+// The bag of each index. A warp per 32 bags, a lane per bag: a short bag's indices are written
+// by its lane, a longer bag's by the whole warp (one warp per bag waited for each bag's offsets
+// in turn: a batch of one index a bag took as long as its forward).
+#define TS_SHORT_BAG 4  // indices a lane writes alone
 extern "C" __global__ void bag_of_index(const i64* __restrict__ offsets,  // (B + 1,)
                                         i64 bags, int* __restrict__ bag) {  // (n,) out
-  for (i64 b = ts_global_warp(); b < bags; b += ts_warp_count())
-    for (i64 j = offsets[b] + ts_lane(); j < offsets[b + 1]; j += 32) bag[j] = (int)b;
+  const int lane = ts_lane();
+  for (i64 b0 = ts_global_warp() * 32; b0 < bags; b0 += ts_warp_count() * 32) {
+    const i64 b = b0 + lane;
+    i64 first = 0, last = 0;
+    if (b < bags) first = offsets[b], last = offsets[b + 1];
+    const bool alone = last - first <= TS_SHORT_BAG;
+    if (alone)
+      for (i64 j = first; j < last; j++) bag[j] = (int)b;
+    for (unsigned todo = __ballot_sync(TS_FULL_MASK, !alone); todo; todo &= todo - 1) {
+      const int src = __ffs(todo) - 1;
+      const i64 f = __shfl_sync(TS_FULL_MASK, first, src), l = __shfl_sync(TS_FULL_MASK, last, src);
+      for (i64 j = f + lane; j < l; j += 32) bag[j] = (int)(b0 + src);
+    }
+  }
 }
 
 // The gradient of the per-sample weights: dot(grad_out[b] (/ len for mean), row(j)[:D]) for
@@ -241,6 +256,52 @@ struct Rows {
   }
 };
 
+// The singles among a warp's 32 lanes (`todo`: a bit per lane whose index reads a row no
+// other index does; `slot`, `addr`, `w`: that lane's row and weight), ROWS at a time, their
+// rows' loads (and the gradients' that `grad(lane, used, g)` reads) in flight together. The sum
+// of a single's one gradient is reduce_chunks' for a one-entry row: the same bits.
+template <int ROWS, int K, class Opt, class Grad>
+__device__ __forceinline__ void ts_update_singles(unsigned todo, i64 slot, i64 addr, float w,
+                                                  bool weighted, const Grad& grad,
+                                                  const Rows& rows, const Opt& opt) {
+  const Group<32> grp;
+  const int dim = rows.dim;
+  while (todo) {
+    int e[ROWS];  // the next ROWS singles (lane numbers), -1 past the last
+#pragma unroll
+    for (int q = 0; q < ROWS; q++) {
+      e[q] = todo ? __ffs(todo) - 1 : -1;
+      todo &= todo - 1;
+    }
+    RowRef row[ROWS];
+    i64 s[ROWS];
+    RowState<K> st[ROWS];
+    float g[ROWS][K];
+#pragma unroll
+    for (int q = 0; q < ROWS; q++) {
+      const int src = e[q] < 0 ? e[0] : e[q];
+      s[q] = grp.shfl(slot, src);
+      row[q] = rows.row(s[q], grp.shfl(addr, src));
+      if (e[q] >= 0) opt.template load<32, K>(row[q], st[q], dim, grp);
+      grad(src, e[q] >= 0, g[q]);
+    }
+#pragma unroll
+    for (int q = 0; q < ROWS; q++) {
+      const float we = grp.shfl(w, e[q] < 0 ? e[0] : e[q]);
+      if (e[q] < 0) break;
+      float acc[K];
+#pragma unroll
+      for (int k = 0; k < K; k++) {
+        float t = g[q][k];
+        if (weighted) t = __fmul_rn(t, we);
+        acc[k] = __fadd_rn(0.f, t);
+      }
+      opt.template apply<32, K>(row[q], st[q], acc, dim, grp);
+      rows.done(s[q], grp);
+    }
+  }
+}
+
 // Rows read by one index of the batch (most rows of a uniform batch): their gradient is one
 // bag's, so they are updated bag by bag, a warp per bag reading the bag's gradient row once,
 // instead of once per index (a 32-index bag re-reads it 32 times from all over the table's
@@ -251,74 +312,110 @@ struct Rows {
 // rows' loads in flight together. The arithmetic is reduce_chunks' for a one-entry row, so
 // results are bit for bit the same as summing it there.
 template <int K, class Opt>
-__device__ void update_singles(const i64* __restrict__ offsets,    // (B + 1,)
-                               i64 bags,
-                               const i64* __restrict__ places,     // (n,) common.cuh ts_place
-                               const float* __restrict__ psw,      // (n,) or null
-                               const float* __restrict__ grad_out, // (B, D)
-                               i64 mean, const Rows rows, const Opt opt) {
+__device__ void update_singles_bag(i64 b, const i64* __restrict__ offsets,  // (B + 1,)
+                                   const i64* __restrict__ places,  // (n,) common.cuh ts_place
+                                   const float* __restrict__ psw,   // (n,) or null
+                                   const float* __restrict__ grad_out,  // (B, D)
+                                   i64 mean, const Rows& rows, const Opt& opt) {
   // Rows in flight at once. Two (56 registers at K = 4) ran as fast as four (84) on the
   // H200, and 15 % faster with Zipf ids (bench/RESULTS.md).
   constexpr int ROWS = K <= 8 ? 2 : 1;
   const Group<32> grp;
   const int lane = ts_lane();
   const int dim = rows.dim;
-  for (i64 b = ts_global_warp(); b < bags; b += ts_warp_count()) {
-    const i64 first = offsets[b], last = offsets[b + 1];
-    if (first == last) continue;
-    float g[K];
+  const i64 first = offsets[b], last = offsets[b + 1];
+  if (first == last) return;
+  float g[K];
 #pragma unroll
-    for (int k = 0; k < K; k++) {
-      const int c = lane + 32 * k;
-      g[k] = c < dim ? grad_out[b * dim + c] : 0.f;
-      if (mean) g[k] = __fdiv_rn(g[k], (float)(last - first));
+  for (int k = 0; k < K; k++) {
+    const int c = lane + 32 * k;
+    g[k] = c < dim ? grad_out[b * dim + c] : 0.f;
+    if (mean) g[k] = __fdiv_rn(g[k], (float)(last - first));
+  }
+  for (i64 j0 = first; j0 < last; j0 += 32) {
+    const i64 j = j0 + lane;
+    i64 slot = -1, addr = 0;
+    float w = 1.f;
+    bool single = false;
+    if (j < last) {
+      const i64 p = places[j];
+      single = ts_place_single(p);
+      slot = ts_place_slot(p);
+      addr = ts_place_address(p);
+      if (single && psw != nullptr) w = psw[j];
     }
-    for (i64 j0 = first; j0 < last; j0 += 32) {
-      const i64 j = j0 + lane;
-      i64 slot = -1, addr = 0;
-      float w = 1.f;
-      bool single = false;
-      if (j < last) {
-        const i64 p = places[j];
-        single = ts_place_single(p);
-        slot = ts_place_slot(p);
-        addr = ts_place_address(p);
-        if (single && psw != nullptr) w = psw[j];
-      }
-      unsigned todo = __ballot_sync(TS_FULL_MASK, single);
-      while (todo) {
-        int e[ROWS];  // the next ROWS singles (lane numbers), -1 past the last
+    const unsigned todo = __ballot_sync(TS_FULL_MASK, single);
+    const auto bag_grad = [&](int, bool, float(&out)[K]) {
 #pragma unroll
-        for (int q = 0; q < ROWS; q++) {
-          e[q] = todo ? __ffs(todo) - 1 : -1;
-          todo &= todo - 1;
-        }
-        RowRef row[ROWS];
-        i64 s[ROWS];
-        RowState<K> st[ROWS];
-#pragma unroll
-        for (int q = 0; q < ROWS; q++) {
-          const int src = e[q] < 0 ? e[0] : e[q];
-          s[q] = grp.shfl(slot, src);
-          row[q] = rows.row(s[q], grp.shfl(addr, src));
-          if (e[q] >= 0) opt.template load<32, K>(row[q], st[q], dim, grp);
-        }
-#pragma unroll
-        for (int q = 0; q < ROWS; q++) {
-          const float we = grp.shfl(w, e[q] < 0 ? e[0] : e[q]);
-          if (e[q] < 0) break;
-          float acc[K];
-#pragma unroll
-          for (int k = 0; k < K; k++) {
-            float t = g[k];
-            if (psw != nullptr) t = __fmul_rn(t, we);
-            acc[k] = __fadd_rn(0.f, t);
-          }
-          opt.template apply<32, K>(row[q], st[q], acc, dim, grp);
-          rows.done(s[q], grp);
-        }
-      }
+      for (int k = 0; k < K; k++) out[k] = g[k];
+    };
+    ts_update_singles<ROWS, K>(todo, slot, addr, w, psw != nullptr, bag_grad, rows, opt);
+  }
+}
+
+// The same for short bags (about one index a bag), as the forward's pool_short: a warp per tile
+// of `tile` consecutive bags (at most 32), whose lanes read the tile's offsets one bag each and,
+// where the tile holds at most 32 indices, the places of all of them at once, one index each;
+// each index finds its bag among the lanes' by a binary search of shuffles. Then the warp
+// updates the singles a few at a time, each with its own bag's gradient row, the rows' and the
+// gradients' loads in flight together. A tile of more indices goes bag by bag. The arithmetic
+// is update_singles_bag's: the same bits.
+template <int K, class Opt>
+__device__ void update_singles_short(const i64* __restrict__ offsets, i64 bags, i64 tile,
+                                     const i64* __restrict__ places,
+                                     const float* __restrict__ psw,
+                                     const float* __restrict__ grad_out, i64 mean,
+                                     const Rows& rows, const Opt& opt) {
+  constexpr int ROWS = K <= 2 ? 4 : K <= 8 ? 2 : 1;  // rows in flight
+  const Group<32> grp;
+  const int lane = ts_lane();
+  const int dim = rows.dim;
+  const i64 tiles = (bags + tile - 1) / tile;
+  for (i64 t = ts_global_warp(); t < tiles; t += ts_warp_count()) {
+    const i64 b0 = t * tile;
+    const int nb = (int)min(tile, bags - b0);
+    const i64 last = offsets[b0 + nb];  // every lane: one broadcast load
+    const i64 start = lane < nb ? offsets[b0 + lane] : last;  // lane i: bag b0 + i's
+    const i64 base = __shfl_sync(TS_FULL_MASK, start, 0);
+    i64 end = __shfl_down_sync(TS_FULL_MASK, start, 1);
+    if (lane >= nb - 1) end = last;
+    if (last - base > 32) {
+      for (int i = 0; i < nb; i++)
+        update_singles_bag<K, Opt>(b0 + i, offsets, places, psw, grad_out, mean, rows, opt);
+      continue;
     }
+    const int rel_end = (int)(end - base), len = (int)(end - start);  // of lane i's bag
+    int bag = 0;  // index base + lane's bag in the tile: the first whose end is past it
+    for (int lo = 0, hi = nb - 1, step = 0; step < 5; step++) {
+      const int mid = (lo + hi) >> 1;
+      if (__shfl_sync(TS_FULL_MASK, rel_end, mid) > lane)
+        hi = mid;
+      else
+        lo = min(mid + 1, hi);
+      bag = lo;
+    }
+    i64 slot = -1, addr = 0;
+    float w = 1.f;
+    bool single = false;
+    if (lane < last - base) {
+      const i64 p = places[base + lane];
+      single = ts_place_single(p);
+      slot = ts_place_slot(p);
+      addr = ts_place_address(p);
+      if (single && psw != nullptr) w = psw[base + lane];
+    }
+    const unsigned todo = __ballot_sync(TS_FULL_MASK, single);
+    const auto own_grad = [&](int src, bool used, float(&out)[K]) {  // its own bag's gradient
+      const int bq = __shfl_sync(TS_FULL_MASK, bag, src);
+      const int lq = __shfl_sync(TS_FULL_MASK, len, bq);
+#pragma unroll
+      for (int k = 0; k < K; k++) {
+        const int c = lane + 32 * k;
+        out[k] = (used && c < dim) ? grad_out[(b0 + bq) * dim + c] : 0.f;
+        if (mean) out[k] = __fdiv_rn(out[k], (float)lq);
+      }
+    };
+    ts_update_singles<ROWS, K>(todo, slot, addr, w, psw != nullptr, own_grad, rows, opt);
   }
 }
 
@@ -542,13 +639,23 @@ __device__ void finish_crossing(const int* __restrict__ list_u,      // (M,)
     finish_crossing<K, OPT>(list_u, list_first, start, n, count, chunk, rows, opt, partial);    \
   }
 
+// The singles' update has two kernels: a warp per bag, and a warp per tile of short bags
+// (update_singles_short; tile from cuda_bags.bag_tile), each with its own registers.
 #define TS_SINGLES(SUFFIX, K, OPT)                                                              \
   extern "C" __global__ void update_singles_##SUFFIX##_k##K(                                    \
       const i64* offsets, i64 bags, const i64* places, const float* psw,                        \
       const float* grad_out, i64 mean, TS_ROWS_PARAMS, const float* hyper) {                    \
     const Rows rows = TS_ROWS;                                                                  \
     const OPT opt = {hyper[0], hyper[1]};  /* lr, eps */                                        \
-    update_singles<K, OPT>(offsets, bags, places, psw, grad_out, mean, rows, opt);              \
+    for (i64 b = ts_global_warp(); b < bags; b += ts_warp_count())                              \
+      update_singles_bag<K, OPT>(b, offsets, places, psw, grad_out, mean, rows, opt);          \
+  }                                                                                             \
+  extern "C" __global__ void update_singles_short_##SUFFIX##_k##K(                              \
+      const i64* offsets, i64 bags, i64 tile, const i64* places, const float* psw,              \
+      const float* grad_out, i64 mean, TS_ROWS_PARAMS, const float* hyper) {                    \
+    const Rows rows = TS_ROWS;                                                                  \
+    const OPT opt = {hyper[0], hyper[1]};  /* lr, eps */                                        \
+    update_singles_short<K, OPT>(offsets, bags, tile, places, psw, grad_out, mean, rows, opt);  \
   }
 
 #define TS_SUM_GROUPS(K)                                                                        \

@@ -34,6 +34,17 @@ def register_columns(dim: int) -> int | None:
     return next((k for k in REGISTER_COLUMNS if 32 * k >= dim), None)
 
 
+def bag_tile(n: int, bags: int) -> int:
+    """Bags a warp takes at once in the forward and the singles' update (kernels/forward.cu
+    ``pool_short``), 0 for a warp per bag: a tile's indices (``tile * n / bags`` on average)
+    should fit a warp's 32 lanes with room to spare, so tiles of 32, 16 or 8 bags where a bag
+    holds at most a half, one or two indices on average (``n`` indices in ``B = bags``)."""
+    for tile in (32, 16, 8):
+        if tile * n <= 16 * bags:
+            return tile
+    return 0
+
+
 def forward(
     store,
     batch,
@@ -56,8 +67,12 @@ def forward(
     fn = "forward_scalar" if dim % 4 else "forward_vec4" if width % 4 == 0 else "forward_vec4_l1"
     places, inverse = _index_rows(batch, dev)
     args = (int64_on(offsets, dev), places, inverse, psw, batch.slots, int64_on(batch.addresses, dev),
-            store.l1.weights, l2, width, dim, bags, mode == "mean", out)  # fmt: skip
-    run_kernel("forward.cu", fn, dev, bags, args, True)
+            store.l1.weights, l2, width, dim, bags, mode == "mean")  # fmt: skip
+    tile = bag_tile(_batch_length(batch), bags)
+    if tile:  # short bags: a warp per tile of them (kernels/forward.cu pool_short)
+        run_kernel("forward.cu", f"{fn}_short", dev, -(-bags // tile), (*args, tile, out), True)
+    else:
+        run_kernel("forward.cu", fn, dev, bags, (*args, out), True)
     return out
 
 
@@ -150,7 +165,8 @@ def backward(
             tr = scan_sorted(sorted_u, order, transpose=True)[-1]
             batch.transpose = tr  # a batch without one has no places yet: _places writes them
         bag = torch.empty(n, dtype=torch.int32, device=dev)  # the multi list's entries' bags
-        run_kernel("backward.cu", "bag_of_index", dev, bags, (offsets, bags, bag), per_warp=True)
+        args = (offsets, bags, bag)  # a warp per 32 bags
+        run_kernel("backward.cu", "bag_of_index", dev, -(-bags // 32), args, per_warp=True)
         hyper = _hyper(store, optimizer, dev)  # (lr, eps) on the device: see load_hyper
         # each L1 row is marked dirty and, where the batch holds locks, unlocked by the kernel
         # that updates it, in its way record (kernels/backward.cu): the release leaves L1 alone
@@ -181,10 +197,14 @@ def backward(
             fn = f"finish_crossing_{functor.suffix}_k{k}"
             run_kernel("backward.cu", fn, dev, chunks, args, per_warp=True)
         # rows read by one index, bag by bag (each bag's gradient read once)
-        args = (offsets, bags, _places(batch, dev), psw, grad_out, mean, *rows, hyper)
-        run_kernel(
-            "backward.cu", f"update_singles_{functor.suffix}_k{k}", dev, bags, args, per_warp=True
-        )
+        rest = (_places(batch, dev), psw, grad_out, mean, *rows, hyper)
+        tile = bag_tile(n, bags)
+        if tile:  # short bags: a warp per tile of them (update_singles_short)
+            fn = f"update_singles_short_{functor.suffix}_k{k}"
+            run_kernel("backward.cu", fn, dev, -(-bags // tile), (offsets, bags, tile, *rest), True)
+        else:
+            fn = f"update_singles_{functor.suffix}_k{k}"
+            run_kernel("backward.cu", fn, dev, bags, (offsets, bags, *rest), per_warp=True)
         main.wait_stream(side)  # partial and the batch's buffers are freed on main: after this
         store.join_side()  # later lookups' fills are done before the refresh reads L1's tags
         if unlock:  # the kernels let the locks go: release leaves L1 alone
