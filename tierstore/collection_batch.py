@@ -276,7 +276,9 @@ class FeatureLayout:
             at = _sample_major_order(lengths, n)
             ids, psw, lengths = ids[at], None if psw is None else psw[at], lengths.T
         lengths = lengths.reshape(-1)
-        offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+        offsets = lengths.new_empty(lengths.numel() + 1)  # a scan into place: no copy by a cat
+        offsets[:1].zero_()
+        torch.cumsum(lengths, 0, out=offsets[1:])
         return GroupInput(ids, offsets, psw, mode)
 
     def _mean_weights(self, g: TableGroup, batch: JaggedBatch, lengths, psw, n):

@@ -334,19 +334,19 @@ class JaggedChecks:
         # range; the check of the sum refuses it)
         ends = counts.cumsum(0)
         feat = torch.searchsorted(ends, torch.arange(n, device=dev), right=True).clamp(max=nf - 1)
-        # The first id outside its table, as (feature, id), after a sentinel (-1, -1) that is
-        # "outside": one pass over the ids and an argmax (a reduction per feature would contend
-        # on a few counters)
+        # The first id outside its table, as (feature, id), or (-1, -1): one pass over the ids
+        # and an argmax (a reduction per feature would contend on a few counters), then a few
+        # one-element ops (no copy of the batch-sized tensors)
         if limits_on_device is None:  # (a copy to the device: a caller's loop passes its own)
             limits_on_device = torch.tensor(self._limits, dtype=torch.int64, device=dev)
-        limit = limits_on_device[feat]
-        sentinel = torch.full((1,), -1, dtype=torch.int64, device=dev)
-        outside = torch.cat([(values < 0) | (values >= limit), sentinel < 0])
-        # the first one (n: none), as a (1,) tensor: a 0-d index may be read on the host
-        first = outside.to(torch.uint8).argmax().view(1)
-        bad = torch.cat([torch.cat([feat, sentinel]), torch.cat([values, sentinel])])[
-            torch.cat([first, first + n + 1])
-        ]
+        bad = torch.full((2,), -1, dtype=torch.int64, device=dev)
+        if n:
+            outside = (values < 0) | (values >= limits_on_device[feat])
+            # the first one (0 where none is), as a (1,) tensor: a 0-d index may be read on
+            # the host
+            first = outside.view(torch.uint8).argmax().view(1)
+            pair = torch.cat([feat.index_select(0, first), values.index_select(0, first)])
+            bad = torch.where(outside.index_select(0, first), pair, bad)
         zero = torch.zeros(nf, dtype=torch.int64, device=dev)
         smallest = lengths.amin(1) if lengths.shape[1] else zero
         starts = [s.to(dev) for _, s in batch.starts]
