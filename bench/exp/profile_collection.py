@@ -59,6 +59,10 @@ def main() -> None:
     print(prof.key_averages().table(sort_by=sort, row_limit=18, max_name_column_width=60))
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18,
                                     max_name_column_width=60))  # fmt: skip
+    # each launch of the row moves on its own: the writebacks' launch, then the fills'
+    moves = [e for e in prof.events() if e.name.startswith("move_rows")]
+    for e in moves:
+        print(f"{e.name}: {e.device_time_total:.1f} us")
 
 
 if __name__ == "__main__":
