@@ -320,7 +320,6 @@ __device__ void update_singles_bag(i64 b, const i64* __restrict__ offsets,  // (
   // Rows in flight at once. Two (56 registers at K = 4) ran as fast as four (84) on the
   // H200, and 15 % faster with Zipf ids (bench/RESULTS.md).
   constexpr int ROWS = K <= 8 ? 2 : 1;
-  const Group<32> grp;
   const int lane = ts_lane();
   const int dim = rows.dim;
   const i64 first = offsets[b], last = offsets[b + 1];
@@ -367,7 +366,6 @@ __device__ void update_singles_short(const i64* __restrict__ offsets, i64 bags, 
                                      const float* __restrict__ grad_out, i64 mean,
                                      const Rows& rows, const Opt& opt) {
   constexpr int ROWS = K <= 2 ? 4 : K <= 8 ? 2 : 1;  // rows in flight
-  const Group<32> grp;
   const int lane = ts_lane();
   const int dim = rows.dim;
   const i64 tiles = (bags + tile - 1) / tile;
