@@ -37,89 +37,87 @@ __device__ void pool_bag(const PoolArgs& a, i64 b) {
   const int lane = ts_lane();
   const i64 dim = a.dim;
   const int per = VEC4 ? (int)(dim >> 2) : (int)dim;
-  {
-    const i64 start = a.offsets[b], end = a.offsets[b + 1];
-    for (int c0 = 0; c0 < per; c0 += 32 * K) {
-      float acc[K][VEC4 ? 4 : 1];
+  const i64 start = __ldg(a.offsets + b), end = __ldg(a.offsets + b + 1);
+  for (int c0 = 0; c0 < per; c0 += 32 * K) {
+    float acc[K][VEC4 ? 4 : 1];
 #pragma unroll
-      for (int k = 0; k < K; k++)
+    for (int k = 0; k < K; k++)
 #pragma unroll
-        for (int q = 0; q < (VEC4 ? 4 : 1); q++) acc[k][q] = 0.f;
-      for (i64 j0 = start; j0 < end; j0 += 32) {
-        const i64 j = j0 + lane;
-        const float* row = nullptr;
-        float w = 1.f;
-        if (j < end) {
-          row = ts_index_weights(a.tiers, a.places, a.inverse, a.slots, a.addresses, j);
-          if (a.psw != nullptr) w = a.psw[j];
+      for (int q = 0; q < (VEC4 ? 4 : 1); q++) acc[k][q] = 0.f;
+    for (i64 j0 = start; j0 < end; j0 += 32) {
+      const i64 j = j0 + lane;
+      const float* row = nullptr;
+      float w = 1.f;
+      if (j < end) {
+        row = ts_index_weights(a.tiers, a.places, a.inverse, a.slots, a.addresses, j);
+        if (a.psw != nullptr) w = a.psw[j];
+      }
+      const int cnt = (int)min((i64)32, end - j0);
+      for (int e0 = 0; e0 < cnt; e0 += TS_POOL_ROWS) {
+        const float* r[TS_POOL_ROWS];
+        float we[TS_POOL_ROWS];
+#pragma unroll
+        for (int e = 0; e < TS_POOL_ROWS; e++) {
+          r[e] = (const float*)__shfl_sync(TS_FULL_MASK, (u64)row, e0 + e);
+          we[e] = __shfl_sync(TS_FULL_MASK, w, e0 + e);
         }
-        const int cnt = (int)min((i64)32, end - j0);
-        for (int e0 = 0; e0 < cnt; e0 += TS_POOL_ROWS) {
-          const float* r[TS_POOL_ROWS];
-          float we[TS_POOL_ROWS];
+        if (VEC4) {
+          float4 v[TS_POOL_ROWS][K];
 #pragma unroll
-          for (int e = 0; e < TS_POOL_ROWS; e++) {
-            r[e] = (const float*)__shfl_sync(TS_FULL_MASK, (u64)row, e0 + e);
-            we[e] = __shfl_sync(TS_FULL_MASK, w, e0 + e);
-          }
-          if (VEC4) {
-            float4 v[TS_POOL_ROWS][K];
+          for (int e = 0; e < TS_POOL_ROWS; e++)
 #pragma unroll
-            for (int e = 0; e < TS_POOL_ROWS; e++)
-#pragma unroll
-              for (int k = 0; k < K; k++) {
-                const int c = c0 + lane + 32 * k;
-                if (e0 + e < cnt && c < per) {
-                  if (L2_VEC4 || ((u64)r[e] & 15) == 0)
-                    v[e][k] = ((const float4*)r[e])[c];
-                  else  // an L2 row of an odd width
-                    v[e][k] = make_float4(r[e][4 * c], r[e][4 * c + 1], r[e][4 * c + 2],
-                                          r[e][4 * c + 3]);
-                }
+            for (int k = 0; k < K; k++) {
+              const int c = c0 + lane + 32 * k;
+              if (e0 + e < cnt && c < per) {
+                if (L2_VEC4 || ((u64)r[e] & 15) == 0)
+                  v[e][k] = ((const float4*)r[e])[c];
+                else  // an L2 row of an odd width
+                  v[e][k] = make_float4(r[e][4 * c], r[e][4 * c + 1], r[e][4 * c + 2],
+                                        r[e][4 * c + 3]);
               }
+            }
 #pragma unroll
-            for (int e = 0; e < TS_POOL_ROWS; e++)
+          for (int e = 0; e < TS_POOL_ROWS; e++)
 #pragma unroll
-              for (int k = 0; k < K; k++)
-                if (e0 + e < cnt) {
-                  acc[k][0] = fmaf(we[e], v[e][k].x, acc[k][0]);
-                  acc[k][1] = fmaf(we[e], v[e][k].y, acc[k][1]);
-                  acc[k][2] = fmaf(we[e], v[e][k].z, acc[k][2]);
-                  acc[k][3] = fmaf(we[e], v[e][k].w, acc[k][3]);
-                }
-          } else {
-            float v[TS_POOL_ROWS][K];
-#pragma unroll
-            for (int e = 0; e < TS_POOL_ROWS; e++)
-#pragma unroll
-              for (int k = 0; k < K; k++) {
-                const int c = c0 + lane + 32 * k;
-                if (e0 + e < cnt && c < per) v[e][k] = r[e][c];
+            for (int k = 0; k < K; k++)
+              if (e0 + e < cnt) {
+                acc[k][0] = fmaf(we[e], v[e][k].x, acc[k][0]);
+                acc[k][1] = fmaf(we[e], v[e][k].y, acc[k][1]);
+                acc[k][2] = fmaf(we[e], v[e][k].z, acc[k][2]);
+                acc[k][3] = fmaf(we[e], v[e][k].w, acc[k][3]);
               }
+        } else {
+          float v[TS_POOL_ROWS][K];
 #pragma unroll
-            for (int e = 0; e < TS_POOL_ROWS; e++)
+          for (int e = 0; e < TS_POOL_ROWS; e++)
 #pragma unroll
-              for (int k = 0; k < K; k++)
-                if (e0 + e < cnt) acc[k][0] = fmaf(we[e], v[e][k], acc[k][0]);
-          }
+            for (int k = 0; k < K; k++) {
+              const int c = c0 + lane + 32 * k;
+              if (e0 + e < cnt && c < per) v[e][k] = r[e][c];
+            }
+#pragma unroll
+          for (int e = 0; e < TS_POOL_ROWS; e++)
+#pragma unroll
+            for (int k = 0; k < K; k++)
+              if (e0 + e < cnt) acc[k][0] = fmaf(we[e], v[e][k], acc[k][0]);
         }
       }
-      const float len = (float)(end - start);
+    }
+    const float len = (float)(end - start);
 #pragma unroll
-      for (int k = 0; k < K; k++) {
-        const int c = c0 + lane + 32 * k;
-        if (c >= per) continue;
-        if (VEC4) {
-          float4 o = make_float4(acc[k][0], acc[k][1], acc[k][2], acc[k][3]);
-          if (a.mean && end > start) {
-            o.x /= len; o.y /= len; o.z /= len; o.w /= len;
-          }
-          ((float4*)(a.out + b * dim))[c] = o;
-        } else {
-          float o = acc[k][0];
-          if (a.mean && end > start) o /= len;
-          a.out[b * dim + c] = o;
+    for (int k = 0; k < K; k++) {
+      const int c = c0 + lane + 32 * k;
+      if (c >= per) continue;
+      if (VEC4) {
+        float4 o = make_float4(acc[k][0], acc[k][1], acc[k][2], acc[k][3]);
+        if (a.mean && end > start) {
+          o.x /= len; o.y /= len; o.z /= len; o.w /= len;
         }
+        ((float4*)(a.out + b * dim))[c] = o;
+      } else {
+        float o = acc[k][0];
+        if (a.mean && end > start) o /= len;
+        a.out[b * dim + c] = o;
       }
     }
   }
