@@ -370,14 +370,10 @@ __device__ void update_singles_short(const i64* __restrict__ offsets, i64 bags, 
   const int dim = rows.dim;
   const i64 tiles = (bags + tile - 1) / tile;
   for (i64 t = ts_global_warp(); t < tiles; t += ts_warp_count()) {
-    const i64 b0 = t * tile;
-    const int nb = (int)min(tile, bags - b0);
-    const i64 last = offsets[b0 + nb];  // every lane: one broadcast load
-    const i64 start = lane < nb ? offsets[b0 + lane] : last;  // lane i: bag b0 + i's
-    const i64 base = __shfl_sync(TS_FULL_MASK, start, 0);
-    i64 end = __shfl_down_sync(TS_FULL_MASK, start, 1);
-    if (lane >= nb - 1) end = last;
-    if (last - base > 32) {
+    const BagTile tl(offsets, bags, tile, t);
+    const i64 b0 = tl.b0, base = tl.base, last = tl.last, start = tl.start, end = tl.end;
+    const int nb = tl.nb;
+    if (!tl.fits()) {
       for (int i = 0; i < nb; i++)
         update_singles_bag<K, Opt>(b0 + i, offsets, places, psw, grad_out, mean, rows, opt);
       continue;

@@ -155,6 +155,27 @@ __device__ __forceinline__ const float* ts_index_weights(const Tiers& t, const i
   return ts_weights(t, s, s >= 0 ? 0 : addresses[u]);
 }
 
+// A warp's tile of `tile` (at most 32) consecutive bags from b0 (the short-bag kernels:
+// forward.cu pool_short, backward.cu update_singles_short): lane i holds bag b0 + i's bounds
+// (lanes past the tile: empty at its end). `fits`: its indices, from `base` on, fit one per lane.
+struct BagTile {
+  i64 b0, base, last;  // the tile's first bag, first index, and end
+  i64 start, end;      // this lane's bag's
+  int nb;              // bags in the tile
+  __device__ __forceinline__ BagTile(const i64* __restrict__ offsets, i64 bags, i64 tile,
+                                     i64 t) {
+    const int lane = ts_lane();
+    b0 = t * tile;
+    nb = (int)min(tile, bags - b0);
+    last = offsets[b0 + nb];  // every lane: one broadcast load
+    start = lane < nb ? offsets[b0 + lane] : last;
+    base = __shfl_sync(TS_FULL_MASK, start, 0);
+    end = __shfl_down_sync(TS_FULL_MASK, start, 1);
+    if (lane >= nb - 1) end = last;
+  }
+  __device__ __forceinline__ bool fits() const { return last - base <= 32; }
+};
+
 // Inclusive prefix sum of `v` over the warp's lanes (every lane must call it).
 __device__ __forceinline__ int ts_warp_inclusive_scan(int v) {
   const int lane = ts_lane();

@@ -153,24 +153,20 @@ __device__ void pool_short(const PoolArgs& a, i64 tile) {
   const int groups = 32 / lanes, group = lane / lanes, rank = lane % lanes;
   const i64 tiles = (a.bags + tile - 1) / tile;
   for (i64 t = ts_global_warp(); t < tiles; t += ts_warp_count()) {
-    const i64 b0 = t * tile;
-    const int nb = (int)min(tile, a.bags - b0);
-    const i64 last = a.offsets[b0 + nb];  // every lane: one broadcast load
-    const i64 start = lane < nb ? a.offsets[b0 + lane] : last;  // lane i: bag b0 + i's
-    const i64 base = __shfl_sync(TS_FULL_MASK, start, 0);
-    i64 end = __shfl_down_sync(TS_FULL_MASK, start, 1);
-    if (lane >= nb - 1) end = last;
-    if (last - base > 32) {
+    const BagTile tl(a.offsets, a.bags, tile, t);
+    const i64 b0 = tl.b0, base = tl.base;
+    const int nb = tl.nb;
+    if (!tl.fits()) {
       for (int i = 0; i < nb; i++) pool_bag<K, VEC4, L2_VEC4>(a, b0 + i);
       continue;
     }
     const float* row = nullptr;  // lane x: index base + x's row and weight
     float w = 1.f;
-    if (lane < last - base) {
+    if (lane < tl.last - base) {
       row = ts_index_weights(a.tiers, a.places, a.inverse, a.slots, a.addresses, base + lane);
       if (a.psw != nullptr) w = a.psw[base + lane];
     }
-    const int first = (int)(start - base), len = (int)(end - start);  // of lane i's bag
+    const int first = (int)(tl.start - base), len = (int)(tl.end - tl.start);  // lane i's bag
     for (int i0 = 0; i0 < nb; i0 += groups * TS_SHORT_BAGS) {
       int bf[TS_SHORT_BAGS], bl[TS_SHORT_BAGS], most = 0;  // this group's bags: first, length
 #pragma unroll
