@@ -58,12 +58,10 @@ def test_short_bags_pool_and_train_as_a_warp_per_bag(dim, mode, opt, monkeypatch
         psw = torch.rand(n) if mode == "sum" and step % 2 else None
         grad = torch.randn(bags, dim)
         outs, psw_grads = [], []
-        for emb, tile in ((per_bag, None), (tiled, real_tile), (cpu, None)):
+        no_tile = lambda n, bags: 0  # noqa: E731  (a warp per bag)
+        for emb, tile in ((per_bag, no_tile), (tiled, real_tile), (cpu, no_tile)):
             dev = "cpu" if emb is cpu else "cuda"
-            if tile is None:
-                monkeypatch.setattr(cuda_bags, "bag_tile", lambda n, bags: 0)
-            else:
-                monkeypatch.setattr(cuda_bags, "bag_tile", tile)
+            monkeypatch.setattr(cuda_bags, "bag_tile", tile)
             w = None if psw is None else psw.to(dev).requires_grad_()
             y = emb(ids.to(dev), offsets.to(dev), per_sample_weights=w)
             y.backward(grad.to(dev))
