@@ -80,6 +80,56 @@ def test_page_lock_without_cuda_raises_with_nothing_changed():
     torch.testing.assert_close(table.data, rows, rtol=0, atol=0)
 
 
+def _huge_page_bytes(address: int) -> int:
+    """Bytes of transparent huge pages backing the mapping of this process that holds
+    ``address`` (``/proc/self/smaps``' AnonHugePages), 0 if none."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(" ", 1)[0]
+            if "-" in head and ":" not in head:  # a mapping's first line: lo-hi perms ...
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and line.startswith("AnonHugePages:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _thp_mode() -> str:
+    """The kernel's transparent huge page mode, the bracketed word (``never`` if none)."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return f.read().split("[", 1)[1].split("]", 1)[0]
+    except (OSError, IndexError):
+        return "never"
+
+
+@pytest.mark.skipif(_thp_mode() == "never", reason="no transparent huge pages on this host")
+def test_a_large_host_tier_lives_in_huge_pages_and_trains_as_a_small_one(monkeypatch):
+    """L2 of a huge page or more sits in a mapping of its own advised to use huge pages
+    (tierstore.host.host_memory): the kernel backs it with some, and the table trains exactly
+    as one in ordinary memory (the same rows after a step)."""
+    from tierstore import host
+
+    rows, dim = 8 * host._HUGE_BYTES // (4 * 17), 16  # 16 weights + row-wise state
+    gen = torch.Generator().manual_seed(11)
+    idx = torch.randint(0, rows, (4096,), generator=gen)
+    offs = torch.arange(0, 4096, 8)
+    kw = dict(mode="sum", cache=ts.CacheConfig(rows=1024), optimizer=ts.RowWiseAdagrad(lr=0.1),
+              seed=3)  # fmt: skip
+    huge = ts.TieredEmbeddingBag(rows, dim, **kw)
+    data = huge.store.host.data
+    assert data.shape == (rows, dim + 1) and _huge_page_bytes(data.data_ptr()) > 0
+    monkeypatch.setattr(host, "_HUGE_BYTES", 1 << 62)  # every size from torch.empty
+    plain = ts.TieredEmbeddingBag(rows, dim, **kw)
+    if _thp_mode() == "madvise":  # ordinary memory gets none unless advised
+        assert _huge_page_bytes(plain.store.host.data.data_ptr()) == 0
+    for emb in (huge, plain):
+        emb(idx, offs).sum().backward()
+    ids = torch.cat([idx.unique(), torch.randint(0, rows, (64,), generator=gen)])
+    assert torch.equal(huge.read_rows(ids, True), plain.read_rows(ids, True))
+
+
 @pytest.mark.gpu
 def test_a_large_host_tier_is_page_locked_in_place_and_trains_as_on_the_cpu():
     """A table whose L2 passes the in-place threshold (tierstore.host.pinned) is registered, not

@@ -8,6 +8,8 @@ valid until the batch is released; the kernels read and update rows there direct
 
 from __future__ import annotations
 
+import math
+import mmap
 import os
 import weakref
 from collections.abc import Callable
@@ -42,15 +44,16 @@ def available_host_memory() -> int:
 _REGISTER_BYTES = 64 << 20
 
 
-def pinned(t: torch.Tensor) -> torch.Tensor:
-    """``t`` in page-locked memory: a large contiguous tensor is locked in place
-    (``cudaHostRegister`` of exactly its bytes, until ``t`` is freed), a small one is copied.
+def pinned(t: torch.Tensor, own_pages: bool = False) -> torch.Tensor:
+    """``t`` in page-locked memory: a large contiguous tensor, or one whose pages hold nothing
+    else (``own_pages``: :func:`host_memory`'s), is locked in place (``cudaHostRegister`` of
+    exactly its bytes, until ``t`` is freed), a small one is copied.
     torch's pinned allocator rounds a size up to a power of two and takes seconds to lock a
     table of GiBs (issue 24: 2.9 s and 8.6 GiB for a 4.8 GiB table on an H100 machine, where
     registering the same memory, already touched, took 0.23 s). Raises ``RuntimeError`` with
     nothing changed if CUDA refuses."""
     nbytes = t.numel() * t.element_size()
-    if nbytes < _REGISTER_BYTES or not t.is_contiguous():
+    if not t.is_contiguous() or (nbytes < _REGISTER_BYTES and not own_pages):
         return t.pin_memory()
     cudart = torch.cuda.cudart()
     ptr = t.data_ptr()
@@ -61,10 +64,11 @@ def pinned(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def allocate_rows(rows: int, width: int, pin: bool, what: str) -> torch.Tensor:
+def allocate_rows(rows: int, width: int, pin: bool, what: str) -> tuple[torch.Tensor, bool]:
     """An uninitialised ``(rows, width)`` float32 host tensor, page-locked if asked (zeroed
-    first: locking touched memory is fast, see :func:`pinned`); refuses, with a clear error,
-    one that would not fit in the host's available memory."""
+    first: locking touched memory is fast, see :func:`pinned`), and whether its pages are its
+    own (:func:`host_memory`); refuses, with a clear error, one that would not fit in the
+    host's available memory."""
     need = rows * width * 4
     have = available_host_memory()
     if need > have:
@@ -73,8 +77,29 @@ def allocate_rows(rows: int, width: int, pin: bool, what: str) -> torch.Tensor:
             f"but only {have / 2**30:.1f} GiB is available: give the table an SSD tier "
             "(ssd=ts.SSDConfig(path, host_rows=...) with a smaller host_rows; a collection's path=)"
         )
-    data = torch.empty((rows, width), dtype=torch.float32)
-    return pinned(data.zero_()) if pin else data
+    data, own = host_memory((rows, width), torch.float32)
+    return (pinned(data.zero_(), own) if pin else data), own
+
+
+# Host tensors at least this large get a mapping of their own (host_memory): one huge page
+_HUGE_BYTES = 2 << 20
+
+
+def host_memory(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, bool]:
+    """An uninitialised host tensor of ``shape`` and ``dtype``, and whether it has pages of its
+    own: one of at least ``_HUGE_BYTES`` lives in an anonymous mapping advised to use
+    transparent huge pages (2 MiB, where Linux offers them: THP mode ``madvise`` or
+    ``always``). A step's fills and writebacks touch L2 rows spread over the whole table, a
+    few to a 4 KiB page, and the device translates every host page it reaches: huge pages
+    cover L2 with far fewer translations. Faulting the pages in is faster too."""
+    numel = math.prod(shape)
+    nbytes = numel * dtype.itemsize
+    if nbytes < _HUGE_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return torch.empty(shape, dtype=dtype), False
+    area = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    area.madvise(mmap.MADV_HUGEPAGE)  # advice only: the kernel may still give 4 KiB pages
+    # the tensor's storage holds the mapping (unmapped with the last view of it)
+    return torch.frombuffer(area, dtype=dtype, count=numel).view(shape), True
 
 
 class HostTable:
@@ -108,11 +133,14 @@ class HostTable:
         on_gpu = init_device is not None and init_device.type == "cuda"
         # page-locked before a GPU fill (its copies then run at DMA speed), else once filled
         # (the fill touches every page on several threads)
-        self.data = allocate_rows(num_rows, width, pin and on_gpu, "the host tier (L2)")
+        self.data, self._data_own = allocate_rows(
+            num_rows, width, pin and on_gpu, "the host tier (L2)"
+        )
         # A byte per row, set once the row is written: a row never written still holds its
         # initial value, which the device computes from the id instead of reading it over PCIe
         # (kernels/insert.cu move_round). Kept beside the rows in host memory, never in HBM.
-        self.written = torch.zeros(num_rows, dtype=torch.uint8, pin_memory=pin)
+        written, self._written_own = host_memory((num_rows,), torch.uint8)
+        self.written = pinned(written.zero_(), self._written_own) if pin else written.zero_()
         if on_gpu:
             self._fill_on(init_device, init_rows)
             return
@@ -132,7 +160,7 @@ class HostTable:
                 for _ in progress(pool.map(fill, starts), "initialising rows", long, len(starts)):
                     pass
         if pin:
-            self.data = pinned(self.data)
+            self.data = pinned(self.data, self._data_own)
 
     def _fill_on(self, device: torch.device, init_rows) -> None:
         """Fills ``data`` with rows computed on ``device``, copied back a chunk at a time on
@@ -189,8 +217,9 @@ class HostTable:
         """Page-locks the rows (in place where large: :func:`pinned`) and the map of written
         rows, once."""
         if not self.data.is_pinned():
-            written = self.written.pin_memory()  # the copy first: nothing changed if it fails
-            self.data, self.written = pinned(self.data), written
+            # the map first, in place or as a copy: nothing changed if it fails
+            written = pinned(self.written, self._written_own)
+            self.data, self.written = pinned(self.data, self._data_own), written
 
     def flush(self) -> None:
         """Nothing below a full table."""

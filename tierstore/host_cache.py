@@ -66,7 +66,9 @@ class HostCache:
         self.ssd = ssd
         # its plan and release compiled where numba is installed (commit is the torch step)
         self.cache = CompiledCache(host_rows, ways, policy, "cpu")
-        self.data = allocate_rows(self.cache.capacity, ssd.row_width, pin, "the host tier (L2)")
+        self.data, self._data_own = allocate_rows(
+            self.cache.capacity, ssd.row_width, pin, "the host tier (L2)"
+        )
         self.row_bytes = 4 * ssd.row_width
         self.flushed_rows = 0
         # Ids flushed since the last incremental checkpoint's base (checkpoint.py), ascending;
@@ -315,7 +317,7 @@ class HostCache:
         """Page-locks ``data`` (in place where large: :func:`~tierstore.host.pinned`), once; L2
         keeps no map of written rows (``written``)."""
         if not self.data.is_pinned():
-            self.data = pinned(self.data)
+            self.data = pinned(self.data, self._data_own)
 
     # -------------------------------------------------------------- durability
     def flush(self) -> None:
