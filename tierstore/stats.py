@@ -18,9 +18,12 @@ class CacheStats:
 
     Counts are per lookup step: ``requested`` counts every index, ``unique`` the distinct rows
     of each batch; ``hits + misses == unique``. A conflict miss found no evictable way in its
-    set and was served from L2 for that step. The ``*_bytes`` fields count row bytes moved
+    set and was served from L2 for that step. The ``bytes_*`` fields count row bytes moved
     between tiers (weights and optimizer state); ``bytes_l3_read_ahead`` is the part of
     ``bytes_l3_to_l2`` that prefetched batches' steps took from reads started ahead of them.
+    ``bytes_l2_to_l1`` counts every fill's row, including those the CUDA backend computes from
+    the id instead of reading (a never-written row of a table in host memory): an upper bound
+    on what crossed PCIe, equal on both backends.
     """
 
     requested: int = 0
