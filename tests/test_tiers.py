@@ -69,12 +69,13 @@ def test_both_host_tiers_implement_it(tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="page-locking works with CUDA")
-def test_page_lock_without_cuda_raises_with_nothing_changed():
+@pytest.mark.parametrize("n", [16, 3 << 20])  # copied when locked; in mappings of their own
+def test_page_lock_without_cuda_raises_with_nothing_changed(n):
     gen = torch.Generator().manual_seed(0)
-    rows = torch.randn(16, 3, generator=gen)
-    table = HostTable(16, 3, lambda ids: rows[ids])
+    rows = torch.randn(n, 3, generator=gen)
+    table = HostTable(n, 3, lambda ids: rows[ids])
     data, written = table.data, table.written
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="CUDA|accelerator"):
         table.page_lock()
     assert table.data is data and table.written is written
     torch.testing.assert_close(table.data, rows, rtol=0, atol=0)

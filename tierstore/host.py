@@ -52,6 +52,8 @@ def pinned(t: torch.Tensor, own_pages: bool = False) -> torch.Tensor:
     table of GiBs (issue 24: 2.9 s and 8.6 GiB for a 4.8 GiB table on an H100 machine, where
     registering the same memory, already touched, took 0.23 s). Raises ``RuntimeError`` with
     nothing changed if CUDA refuses."""
+    if not torch.cuda.is_available():  # (torch.cuda.cudart would fail an assertion)
+        raise RuntimeError("page-locking host memory needs CUDA, which this process lacks")
     nbytes = t.numel() * t.element_size()
     if not t.is_contiguous() or (nbytes < _REGISTER_BYTES and not own_pages):
         return t.pin_memory()
@@ -217,9 +219,14 @@ class HostTable:
         """Page-locks the rows (in place where large: :func:`pinned`) and the map of written
         rows, once."""
         if not self.data.is_pinned():
-            # the map first, in place or as a copy: nothing changed if it fails
-            written = pinned(self.written, self._written_own)
-            self.data, self.written = pinned(self.data, self._data_own), written
+            written = pinned(self.written, self._written_own)  # in place or as a copy
+            try:
+                data = pinned(self.data, self._data_own)
+            except RuntimeError:  # nothing changed: a map locked in place is unlocked again
+                if written is self.written:
+                    torch.cuda.cudart().cudaHostUnregister(written.data_ptr())
+                raise
+            self.data, self.written = data, written
 
     def flush(self) -> None:
         """Nothing below a full table."""
