@@ -96,10 +96,10 @@ def _huge_page_bytes(address: int) -> int:
     return 0
 
 
-def _thp_mode() -> str:
-    """The kernel's transparent huge page mode, the bracketed word (``never`` if none)."""
+def _thp_mode(setting: str = "enabled") -> str:
+    """The kernel's transparent huge page ``setting``, its bracketed word (``never`` if none)."""
     try:
-        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+        with open(f"/sys/kernel/mm/transparent_hugepage/{setting}") as f:
             return f.read().split("[", 1)[1].split("]", 1)[0]
     except (OSError, IndexError):
         return "never"
@@ -120,7 +120,10 @@ def test_a_large_host_tier_lives_in_huge_pages_and_trains_as_a_small_one(monkeyp
               seed=3)  # fmt: skip
     huge = ts.TieredEmbeddingBag(rows, dim, **kw)
     data = huge.store.host.data
-    assert data.shape == (rows, dim + 1) and _huge_page_bytes(data.data_ptr()) > 0
+    assert data.shape == (rows, dim + 1)
+    # where a fault in an advised mapping may compact memory for a huge page, it gets some
+    if _thp_mode("defrag") in ("always", "madvise", "defer+madvise"):
+        assert _huge_page_bytes(data.data_ptr()) > 0
     monkeypatch.setattr(host, "_HUGE_BYTES", 1 << 62)  # every size from torch.empty
     plain = ts.TieredEmbeddingBag(rows, dim, **kw)
     if _thp_mode() == "madvise":  # ordinary memory gets none unless advised
