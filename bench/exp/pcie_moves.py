@@ -6,9 +6,9 @@ both ways together where two moves run at once) against the DMA copies of the sa
 
 ``--row-floats 64 --rows 33800000 --moves 48000`` is near the criteo26 collection's L1 = 10 %
 step (issue 27: about 48 000 rows of 65 floats each way a step, spread over 33.8 M rows, where
-the step's kernel reached 17 GB/s); ``--huge`` asks the kernel for 2 MiB pages under the host
-table (``madvise(MADV_HUGEPAGE)`` before it is touched), to tell whether the device's
-translations of host pages, not the bytes, bound such sparse reads.
+the step's kernel reached 17 GB/s); ``--huge`` puts the host table in transparent huge pages as
+L2 now is (``host.host_memory``; without it, ordinary memory as L2 was before), to tell whether
+the device's translations of host pages, not the bytes, bound such sparse reads.
 
     python3 bench/exp/pcie_moves.py [--rows 10000000] [--moves 180000] [--row-floats 128]
         [--huge]
@@ -17,7 +17,6 @@ translations of host pages, not the bytes, bound such sparse reads.
 from __future__ import annotations
 
 import argparse
-import mmap
 import sys
 from pathlib import Path
 
@@ -26,22 +25,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import t_ms  # noqa: E402
 
-from tierstore.host import pinned  # noqa: E402
+from tierstore.host import host_memory, pinned  # noqa: E402
 
 
 def host_table(rows: int, floats: int, huge: bool) -> torch.Tensor:
     """A random ``(rows, floats)`` float32 table, page-locked in place (``host.pinned``); with
-    ``huge``, in an anonymous mapping advised to use transparent huge pages before it is
-    touched."""
-    if not huge:
-        return pinned(torch.randn(rows, floats))
-    nbytes = rows * floats * 4
-    area = mmap.mmap(-1, nbytes + (2 << 20), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    area.madvise(mmap.MADV_HUGEPAGE)
-    t = torch.frombuffer(area, dtype=torch.float32, count=rows * floats).view(rows, floats)
-    t.normal_()
-    t._area = area  # the mapping lives as long as the tensor
-    return pinned(t)
+    ``huge``, in transparent huge pages as L2 is (``host.host_memory``), else in ordinary
+    memory."""
+    t, own = (
+        host_memory((rows, floats), torch.float32) if huge else (torch.empty(rows, floats), False)
+    )
+    return pinned(t.normal_(), own)
 
 
 def thp_setting() -> str:
