@@ -24,6 +24,7 @@ from .keyed import (
 )
 from .table_config import TableConfig
 from .table_groups import TableGroup
+from .validate import prefix_sums
 
 
 @dataclass
@@ -276,10 +277,7 @@ class FeatureLayout:
             at = _sample_major_order(lengths, n)
             ids, psw, lengths = ids[at], None if psw is None else psw[at], lengths.T
         lengths = lengths.reshape(-1)
-        offsets = lengths.new_empty(lengths.numel() + 1)  # a scan into place: no copy by a cat
-        offsets[:1].zero_()
-        torch.cumsum(lengths, 0, out=offsets[1:])
-        return GroupInput(ids, offsets, psw, mode)
+        return GroupInput(ids, prefix_sums(lengths), psw, mode)
 
     def _mean_weights(self, g: TableGroup, batch: JaggedBatch, lengths, psw, n):
         """The weights ``(n,)`` (feature-major) of a group that pools its bags as sums: a group

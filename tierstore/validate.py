@@ -195,6 +195,16 @@ def normalize_batch(
     return flat, offs, psw, checks
 
 
+def prefix_sums(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``(n + 1,)`` the sums of the 1-D ``x (n,)`` before each position, then its total (in
+    ``dtype``, default ``x``'s): one scan into place after a zero, where a ``cat`` of a zero
+    and ``x.cumsum(0)`` would copy the scan."""
+    out = x.new_empty(x.numel() + 1, dtype=dtype or x.dtype)
+    out[:1].zero_()
+    torch.cumsum(x, 0, out=out[1:])
+    return out
+
+
 def drop_padding(
     flat: torch.Tensor,
     offsets: torch.Tensor,
@@ -207,8 +217,7 @@ def drop_padding(
     ``(m,)`` and ``(B+1,)`` ending at ``m``; ``per_sample_weights (n,)`` becomes ``(m,)``
     (through autograd: a dropped entry's weight gets a zero gradient, as in torch)."""
     keep = flat != padding_idx
-    kept_before = torch.zeros(flat.numel() + 1, dtype=torch.int64, device=flat.device)
-    torch.cumsum(keep, 0, out=kept_before[1:])  # entries kept before each position
+    kept_before = prefix_sums(keep, torch.int64)  # entries kept before each position
     psw = None if per_sample_weights is None else per_sample_weights[keep]
     return flat[keep], kept_before[offsets], psw
 
